@@ -1,0 +1,262 @@
+//! Types shared by netdrop's kernel programs (`netdrop-ebpf`) and its userspace (`netdrop`).
+//!
+//! Everything here crosses the kernel/user boundary byte for byte: `#[repr(C)]`, fixed-width
+//! integers, explicit padding, no `bool` (its bit patterns are not all valid). Events carry the
+//! kernel's raw values (reason number, location address, raw header bytes); names and decoding
+//! are attached in userspace.
+#![no_std]
+
+/// How many bytes of a dropped packet, starting at its network header, each event carries.
+///
+/// 128 covers an IPv6 header (40) plus a TCP header with options (60), or IPv4 with options plus
+/// TCP; it is what the decoder needs and what a postmortem capture keeps per packet.
+pub const HEADER_BYTES: usize = 128;
+
+/// Length of a kernel interface name (`IFNAMSIZ`).
+pub const IFNAMSIZ: usize = 16;
+
+/// Drop reasons below this number have a bit in [`Config::emit_reasons`]; higher ones (and the
+/// subsystem-encoded ones, `subsys << 16 | code`) follow [`Config::emit_other_reasons`].
+///
+/// Linux 6.18 defines about 130 core reasons, so 512 leaves room for years of growth.
+pub const REASON_BITMAP_BITS: usize = 512;
+
+/// Key of the exact per-CPU drop counters: one count per (reason, location, netns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DropKey {
+    /// Kernel text address that freed the skb (the tracepoint's `location`).
+    pub location: u64,
+    /// Raw `enum skb_drop_reason` value (0 when the kernel has no reasons).
+    pub reason: u32,
+    /// Inode number of the network namespace the drop happened in (0 when unknown).
+    pub netns: u32,
+}
+
+/// One dropped packet, as sent through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DropEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel text address that freed the skb.
+    pub location: u64,
+    /// The skb's kernel address: joins this drop with other programs' per-skb marks.
+    pub skb_addr: u64,
+    /// Raw `enum skb_drop_reason` value.
+    pub reason: u32,
+    /// Network namespace inode.
+    pub netns: u32,
+    /// `skb->dev->ifindex`, else `skb->skb_iif`, else 0.
+    pub ifindex: u32,
+    /// `skb->len`.
+    pub skb_len: u32,
+    /// `skb->protocol` in host byte order (an ethertype: 0x0800 IPv4, 0x86dd IPv6).
+    pub l3_proto: u16,
+    /// Valid bytes in [`DropEvent::headers`]; 0 when the skb has no network header.
+    pub header_len: u16,
+    /// CPU the drop happened on.
+    pub cpu: u32,
+    /// `skb->dev->name`, NUL-padded; empty when the skb has no device.
+    pub ifname: [u8; IFNAMSIZ],
+    /// The packet from its network (L3) header on.
+    pub headers: [u8; HEADER_BYTES],
+}
+
+/// Indexes of the per-CPU `STATS` array: what happened to drops that did not become events.
+pub mod stat {
+    /// Events written to the ring buffer.
+    pub const EVENTS_SENT: u32 = 0;
+    /// Events lost because the ring buffer was full (reserve failed).
+    pub const EVENTS_LOST: u32 = 1;
+    /// Events not sent because of the event-rate limit (their drops are still counted).
+    pub const EVENTS_RATE_LIMITED: u32 = 2;
+    /// Drops whose (reason, location, netns) counter could not be inserted (counter map full).
+    pub const COUNTER_MAP_FULL: u32 = 3;
+    /// Drops that matched the packet filters.
+    pub const DROPS_MATCHED: u32 = 4;
+    /// Drops seen before any filter.
+    pub const DROPS_SEEN: u32 = 5;
+    /// Number of slots.
+    pub const COUNT: u32 = 8;
+}
+
+/// Where each `sk_buff`/`net_device`/... field sits in the running kernel, read from its BTF.
+///
+/// Rust eBPF cannot emit CO-RE relocations, so the loader fills this in at start-up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub skb_dev: u32,
+    pub skb_sk: u32,
+    pub skb_len: u32,
+    pub skb_iif: u32,
+    pub skb_protocol: u32,
+    pub skb_transport_header: u32,
+    pub skb_network_header: u32,
+    pub skb_tail: u32,
+    pub skb_head: u32,
+    pub dev_ifindex: u32,
+    pub dev_name: u32,
+    pub dev_nd_net: u32,
+    pub sk_net: u32,
+    pub net_ns_inum: u32,
+}
+
+/// Fields of the classic `skb/kfree_skb` tracepoint record, from its tracefs `format` file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TracepointLayout {
+    pub skbaddr: u32,
+    pub location: u32,
+    /// [`ABSENT`] before Linux 5.17 (no drop reasons).
+    pub reason: u32,
+    pub _pad: u32,
+}
+
+/// Marks a field the running kernel does not have.
+pub const ABSENT: u32 = u32::MAX;
+
+/// Settings of one run, handed to the kernel programs as a read-only global (`.rodata`).
+///
+/// Zero in a filter field means "any".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub offsets: KernelOffsets,
+    pub tracepoint: TracepointLayout,
+    /// 1 when the `tp_btf` program may read the `reason` argument (Linux 5.17+).
+    pub btf_has_reason: u32,
+    /// Only drops in this network namespace (inode).
+    pub netns: u32,
+    /// Only drops with this IP protocol number; [`ANY_PROTO`] for any.
+    pub l4_proto: u32,
+    /// Only drops whose source or destination port is this (host byte order).
+    pub port: u16,
+    /// 0: no address filter; 4 or 6: match `ip_addr`/`ip_mask` against source or destination.
+    pub ip_family: u8,
+    pub _pad0: u8,
+    /// Network address of the filter, as on the wire; IPv4 in the first 4 bytes, rest zero.
+    pub ip_addr: [u8; 16],
+    /// Netmask of the address filter, same layout as `ip_addr` (one loop serves both families).
+    pub ip_mask: [u8; 16],
+    /// Bit `r` set: drops with reason `r` become events (all drops are counted).
+    pub emit_reasons: [u64; REASON_BITMAP_BITS / 64],
+    /// 1: reasons outside the bitmap become events.
+    pub emit_other_reasons: u32,
+    /// Most events per second per CPU; 0 for no limit.
+    pub events_per_cpu_sec: u32,
+    /// Wake the reader only once this many bytes wait in the ring buffer (it also drains on a
+    /// timer): one wakeup per event would cost more than the event itself during a drop storm.
+    pub wakeup_bytes: u32,
+    pub _pad1: u32,
+}
+
+/// `Config::l4_proto` value that matches every protocol (IP protocol numbers stop at 255).
+pub const ANY_PROTO: u32 = u32::MAX;
+
+impl Config {
+    /// A configuration that matches and emits every drop; offsets must still be filled in.
+    pub const DEFAULT: Self = Self {
+        offsets: KernelOffsets {
+            skb_dev: 0,
+            skb_sk: 0,
+            skb_len: 0,
+            skb_iif: 0,
+            skb_protocol: 0,
+            skb_transport_header: 0,
+            skb_network_header: 0,
+            skb_tail: 0,
+            skb_head: 0,
+            dev_ifindex: 0,
+            dev_name: 0,
+            dev_nd_net: 0,
+            sk_net: 0,
+            net_ns_inum: 0,
+        },
+        tracepoint: TracepointLayout { skbaddr: 0, location: 0, reason: ABSENT, _pad: 0 },
+        btf_has_reason: 0,
+        netns: 0,
+        l4_proto: ANY_PROTO,
+        port: 0,
+        ip_family: 0,
+        _pad0: 0,
+        ip_addr: [0; 16],
+        ip_mask: [0; 16],
+        emit_reasons: [u64::MAX; REASON_BITMAP_BITS / 64],
+        emit_other_reasons: 1,
+        events_per_cpu_sec: 0,
+        wakeup_bytes: 0,
+        _pad1: 0,
+    };
+
+    /// Whether a drop with `reason` becomes an event.
+    #[inline(always)]
+    pub fn emits(&self, reason: u32) -> bool {
+        let r = reason as usize;
+        if r < REASON_BITMAP_BITS {
+            self.emit_reasons[r / 64] & (1u64 << (r % 64)) != 0
+        } else {
+            self.emit_other_reasons != 0
+        }
+    }
+
+    /// Sets whether drops with `reason` become events.
+    pub fn set_emit(&mut self, reason: u32, on: bool) {
+        let r = reason as usize;
+        if r < REASON_BITMAP_BITS {
+            let bit = 1u64 << (r % 64);
+            if on {
+                self.emit_reasons[r / 64] |= bit;
+            } else {
+                self.emit_reasons[r / 64] &= !bit;
+            }
+        }
+    }
+}
+
+/// Per-CPU state of the event-rate limiter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RateWindow {
+    pub window_start_ns: u64,
+    pub events: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY (all impls): #[repr(C)], only integers and arrays of integers, padding explicit.
+    unsafe impl aya::Pod for super::DropKey {}
+    unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::RateWindow {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use core::mem::size_of;
+
+    use super::*;
+
+    /// Layouts must have no implicit padding: the kernel and userspace read the same bytes.
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<DropKey>(), 16);
+        assert_eq!(size_of::<DropEvent>(), 8 * 3 + 4 * 4 + 2 * 2 + 4 + IFNAMSIZ + HEADER_BYTES);
+        assert_eq!(size_of::<KernelOffsets>(), 14 * 4);
+        assert_eq!(size_of::<Config>(), 200);
+    }
+
+    #[test]
+    fn emit_bitmap_round_trips() {
+        let mut c = Config::DEFAULT;
+        assert!(c.emits(2));
+        c.set_emit(2, false);
+        assert!(!c.emits(2));
+        assert!(c.emits(3));
+        assert!(c.emits(0x0003_0001), "subsystem reasons follow emit_other_reasons");
+        c.emit_other_reasons = 0;
+        assert!(!c.emits(0x0003_0001));
+    }
+}

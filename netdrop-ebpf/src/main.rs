@@ -1,0 +1,333 @@
+//! netdrop's kernel programs.
+//!
+//! One job, kept small for the verifier: at every `kfree_skb`, count the drop exactly in a per-CPU
+//! map keyed by (reason, location, netns), and, when the reason is one the user wants to see and
+//! the rate limit allows, send the packet's detail through a ring buffer. Every event that cannot
+//! be sent is counted. Struct offsets come from the loader (read from the kernel's BTF), because
+//! Rust eBPF cannot emit CO-RE relocations.
+#![no_std]
+#![no_main]
+
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+    },
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+use netdrop_common::{
+    ABSENT, ANY_PROTO, Config, DropEvent, DropKey, HEADER_BYTES, IFNAMSIZ, REASON_BITMAP_BITS,
+    RateWindow, stat,
+};
+
+/// Settings of this run; the loader overrides it before loading (`.rodata`, frozen).
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config::DEFAULT;
+
+/// Exact drop counts. 16k distinct (reason, location, netns) triples is far more than a node
+/// produces; an insert that fails anyway is counted in `STATS[COUNTER_MAP_FULL]`.
+#[map]
+static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(16384, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[map]
+static RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-event detail. The loader may resize it (`--ring-size`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Reads one field of the run's configuration. Volatile, so the compiler keeps the load and the
+/// verifier (not rustc) sees the frozen value.
+macro_rules! conf {
+    ($($field:tt)+) => {
+        vread(&raw const CONFIG.$($field)+)
+    };
+}
+
+#[inline(always)]
+fn vread<T: Copy>(p: *const T) -> T {
+    // SAFETY: only called on fields of the CONFIG static: aligned, in bounds, initialised.
+    unsafe { read_volatile(p) }
+}
+
+/// `skb/kfree_skb` as a BTF-typed tracepoint (Linux 5.5+): arguments are the tracepoint's own
+/// `(skb, location, reason, rx_sk)`, with `reason` from 5.17 on.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb_btf(ctx: BtfTracePointContext) -> i32 {
+    let skb: *const u8 = ctx.arg(0);
+    let location: u64 = ctx.arg(1);
+    // The verifier rejects reading an argument the kernel's prototype lacks; with the frozen
+    // config it prunes this branch on kernels without reasons.
+    let reason: u32 = if conf!(btf_has_reason) != 0 { ctx.arg(2) } else { 0 };
+    let _ = on_drop(skb, location, reason);
+    0
+}
+
+/// `skb/kfree_skb` as a classic tracepoint, the fallback where `tp_btf` cannot load. Field
+/// offsets come from the tracepoint's tracefs `format` file.
+#[tracepoint(category = "skb", name = "kfree_skb")]
+pub fn kfree_skb_tp(ctx: TracePointContext) -> u32 {
+    let _ = try_kfree_skb_tp(&ctx);
+    0
+}
+
+fn try_kfree_skb_tp(ctx: &TracePointContext) -> Result<(), i64> {
+    // SAFETY: offsets come from this tracepoint's format file; read_at bounds-checks via the helper.
+    let skb: u64 = unsafe { ctx.read_at(conf!(tracepoint.skbaddr) as usize) }.map_err(i64::from)?;
+    let location: u64 =
+        unsafe { ctx.read_at(conf!(tracepoint.location) as usize) }.map_err(i64::from)?;
+    let reason_off = conf!(tracepoint.reason);
+    let reason: u32 = if reason_off == ABSENT {
+        0
+    } else {
+        unsafe { ctx.read_at(reason_off as usize) }.map_err(i64::from)?
+    };
+    on_drop(skb as *const u8, location, reason)
+}
+
+#[inline(always)]
+fn read<T>(base: *const u8, off: u32) -> Result<T, i64> {
+    // SAFETY: bpf_probe_read_kernel tolerates any address; a fault returns an error.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize).cast::<T>()) }.map_err(i64::from)
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// What the packet filter needs from the headers.
+struct Packet {
+    proto: u32,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+}
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+/// `skb->network_header` value of an skb whose network header was never set (`(u16)~0U`).
+const HEADER_UNSET: u16 = 0xffff;
+
+fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
+    bump(stat::DROPS_SEEN);
+
+    let dev: *const u8 = read(skb, conf!(offsets.skb_dev))?;
+    let netns = netns_of(skb, dev);
+    let want_netns = conf!(netns);
+    if want_netns != 0 && netns != want_netns {
+        return Ok(());
+    }
+
+    let head: *const u8 = read(skb, conf!(offsets.skb_head))?;
+    let nh: u16 = read(skb, conf!(offsets.skb_network_header))?;
+    let th: u16 = read(skb, conf!(offsets.skb_transport_header))?;
+    let l3_proto = u16::from_be(read(skb, conf!(offsets.skb_protocol))?);
+    let has_l3 = nh != HEADER_UNSET && (l3_proto == ETH_P_IP || l3_proto == ETH_P_IPV6);
+
+    let want_proto = conf!(l4_proto);
+    let want_port = conf!(port);
+    let want_family = conf!(ip_family);
+    if want_proto != ANY_PROTO || want_port != 0 || want_family != 0 {
+        if !has_l3 {
+            return Ok(());
+        }
+        let pkt = parse(head, nh, th, l3_proto)?;
+        if want_proto != ANY_PROTO && pkt.proto != want_proto {
+            return Ok(());
+        }
+        if want_port != 0 && pkt.sport != want_port && pkt.dport != want_port {
+            return Ok(());
+        }
+        if want_family != 0 {
+            let family = if l3_proto == ETH_P_IP { 4 } else { 6 };
+            if family != want_family || !(in_net(&pkt.saddr) || in_net(&pkt.daddr)) {
+                return Ok(());
+            }
+        }
+    }
+    bump(stat::DROPS_MATCHED);
+
+    let key = DropKey { location, reason, netns };
+    match DROPS.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value, only this CPU writes it while we run.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            if DROPS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err() {
+                bump(stat::COUNTER_MAP_FULL);
+            }
+        }
+    }
+
+    if !emits(reason) || !rate_allows() {
+        return Ok(());
+    }
+
+    // Decide the wakeup before reserving: below the threshold the reader drains on its timer.
+    let wake = if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= u64::from(conf!(wakeup_bytes)) {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    let Some(mut entry) = EVENTS.reserve::<DropEvent>(0) else {
+        bump(stat::EVENTS_LOST);
+        return Ok(());
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points to a reserved, exclusively owned DropEvent in the ring buffer. Every
+    // field is written before submit. Arrays are filled in place: a 128-byte stack copy would
+    // overflow the 512-byte BPF stack.
+    let ev = unsafe { &mut *ev };
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    ev.location = location;
+    ev.skb_addr = skb as u64;
+    ev.reason = reason;
+    ev.netns = netns;
+    ev.skb_len = read(skb, conf!(offsets.skb_len)).unwrap_or(0);
+    ev.l3_proto = l3_proto;
+    ev.cpu = unsafe { bpf_get_smp_processor_id() };
+    if dev.is_null() {
+        ev.ifindex = read(skb, conf!(offsets.skb_iif)).unwrap_or(0);
+        ev.ifname = [0; IFNAMSIZ];
+    } else {
+        ev.ifindex = read(dev, conf!(offsets.dev_ifindex)).unwrap_or(0);
+        let name = dev.wrapping_add(conf!(offsets.dev_name) as usize);
+        if unsafe { bpf_probe_read_kernel_buf(name, &mut ev.ifname) }.is_err() {
+            ev.ifname = [0; IFNAMSIZ];
+        }
+    }
+    ev.header_len = 0;
+    // A fixed-size read keeps the verifier simple; bytes past `tail` are still inside the skb's
+    // data buffer (skb_shared_info follows it) and header_len leaves them out.
+    let l3 = head.wrapping_add(usize::from(nh));
+    if has_l3 && unsafe { bpf_probe_read_kernel_buf(l3, &mut ev.headers) }.is_ok() {
+        let tail: u32 = read(skb, conf!(offsets.skb_tail)).unwrap_or(0);
+        let avail = tail.saturating_sub(u32::from(nh));
+        ev.header_len = if avail > HEADER_BYTES as u32 { HEADER_BYTES as u16 } else { avail as u16 };
+    } else {
+        ev.headers = [0; HEADER_BYTES];
+    }
+    entry.submit(u64::from(wake));
+    bump(stat::EVENTS_SENT);
+    Ok(())
+}
+
+/// The drop's network namespace: the device's, else the socket's (locally generated packets
+/// freed before they reach a device), else 0.
+#[inline(always)]
+fn netns_of(skb: *const u8, dev: *const u8) -> u32 {
+    let net: Result<*const u8, i64> = if dev.is_null() {
+        match read::<*const u8>(skb, conf!(offsets.skb_sk)) {
+            Ok(sk) if !sk.is_null() => read(sk, conf!(offsets.sk_net)),
+            _ => return 0,
+        }
+    } else {
+        read(dev, conf!(offsets.dev_nd_net))
+    };
+    match net {
+        Ok(net) if !net.is_null() => read(net, conf!(offsets.net_ns_inum)).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+#[inline(always)]
+fn parse(head: *const u8, nh: u16, th: u16, l3_proto: u16) -> Result<Packet, i64> {
+    let mut pkt = Packet { proto: 0, saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0 };
+    let l4_off: u32;
+    let mut first_fragment = true;
+    if l3_proto == ETH_P_IP {
+        let ip: [u8; 20] = read(head, u32::from(nh))?;
+        pkt.proto = u32::from(ip[9]);
+        pkt.saddr[..4].copy_from_slice(&ip[12..16]);
+        pkt.daddr[..4].copy_from_slice(&ip[16..20]);
+        // Only the first fragment (offset 0) carries the L4 header.
+        first_fragment = (u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff) == 0;
+        l4_off = if th != HEADER_UNSET && th > nh {
+            u32::from(th)
+        } else {
+            u32::from(nh) + u32::from(ip[0] & 0x0f) * 4
+        };
+    } else {
+        // IPv6: the first next-header only. A packet with extension headers reports that
+        // header's number and matches no port filter (decoded fully in userspace).
+        let ip: [u8; 40] = read(head, u32::from(nh))?;
+        pkt.proto = u32::from(ip[6]);
+        pkt.saddr.copy_from_slice(&ip[8..24]);
+        pkt.daddr.copy_from_slice(&ip[24..40]);
+        l4_off = u32::from(nh) + 40;
+    }
+    // TCP, UDP, SCTP and UDP-Lite start with the two ports.
+    if first_fragment && matches!(pkt.proto, 6 | 17 | 132 | 136) {
+        let ports: [u8; 4] = read(head, l4_off)?;
+        pkt.sport = u16::from_be_bytes([ports[0], ports[1]]);
+        pkt.dport = u16::from_be_bytes([ports[2], ports[3]]);
+    }
+    Ok(pkt)
+}
+
+#[inline(always)]
+fn in_net(addr: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if addr[i] & conf!(ip_mask[i]) != conf!(ip_addr[i]) {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+#[inline(always)]
+fn emits(reason: u32) -> bool {
+    let r = reason as usize;
+    if r < REASON_BITMAP_BITS {
+        conf!(emit_reasons[r / 64]) & (1u64 << (r % 64)) != 0
+    } else {
+        conf!(emit_other_reasons) != 0
+    }
+}
+
+/// Per-CPU one-second windows: at most `events_per_cpu_sec` events each.
+#[inline(always)]
+fn rate_allows() -> bool {
+    let limit = conf!(events_per_cpu_sec);
+    if limit == 0 {
+        return true;
+    }
+    let Some(w) = RATE.get_ptr_mut(0) else { return true };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: per-CPU slot, only this CPU writes it while we run.
+    unsafe {
+        if now.wrapping_sub((*w).window_start_ns) >= 1_000_000_000 {
+            (*w).window_start_ns = now;
+            (*w).events = 0;
+        }
+        if (*w).events >= u64::from(limit) {
+            bump(stat::EVENTS_RATE_LIMITED);
+            return false;
+        }
+        (*w).events += 1;
+    }
+    true
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

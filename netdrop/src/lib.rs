@@ -1,0 +1,1 @@
+//! netdrop: an eBPF packet-drop tracer for Kubernetes.
