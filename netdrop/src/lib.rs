@@ -1,1 +1,2 @@
 //! netdrop: an eBPF packet-drop tracer for Kubernetes.
+pub mod resolve;

@@ -1,0 +1,1 @@
+//! Kubernetes resolution: IP/port → pod, Service, backend, node (being written).
