@@ -31,6 +31,10 @@ pub struct DropKey {
     pub reason: u32,
     /// Inode number of the network namespace the drop happened in (0 when unknown).
     pub netns: u32,
+    /// 4 or 6 when the skb had an IPv4/IPv6 network header, else 0: the summary tells socket
+    /// teardown frees (no IP header) from packet drops with the same reason.
+    pub ip_version: u32,
+    pub _pad: u32,
 }
 
 /// One dropped packet, as sent through the ring buffer.
@@ -149,6 +153,12 @@ pub struct Config {
     /// Wake the reader only once this many bytes wait in the ring buffer (it also drains on a
     /// timer): one wakeup per event would cost more than the event itself during a drop storm.
     pub wakeup_bytes: u32,
+    /// 0: the kernel has no usable BTF, offsets are unknown and the programs must not read the
+    /// skb (counting by reason and location still works).
+    pub read_skb: u32,
+    /// Drops with this reason and no IP header (netlink, unix and other socket teardown frees)
+    /// are counted but not sent as events; [`ABSENT`] to send them.
+    pub quiet_reason_without_ip: u32,
     pub _pad1: u32,
 }
 
@@ -187,6 +197,8 @@ impl Config {
         emit_other_reasons: 1,
         events_per_cpu_sec: 0,
         wakeup_bytes: 0,
+        read_skb: 0,
+        quiet_reason_without_ip: ABSENT,
         _pad1: 0,
     };
 
@@ -242,10 +254,10 @@ mod tests {
     /// Layouts must have no implicit padding: the kernel and userspace read the same bytes.
     #[test]
     fn layouts_have_no_hidden_padding() {
-        assert_eq!(size_of::<DropKey>(), 16);
+        assert_eq!(size_of::<DropKey>(), 24);
         assert_eq!(size_of::<DropEvent>(), 8 * 3 + 4 * 4 + 2 * 2 + 4 + IFNAMSIZ + HEADER_BYTES);
         assert_eq!(size_of::<KernelOffsets>(), 14 * 4);
-        assert_eq!(size_of::<Config>(), 200);
+        assert_eq!(size_of::<Config>(), 208);
     }
 
     #[test]

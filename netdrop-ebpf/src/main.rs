@@ -123,6 +123,11 @@ const HEADER_UNSET: u16 = 0xffff;
 fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
     bump(stat::DROPS_SEEN);
 
+    if conf!(read_skb) == 0 {
+        // No BTF, so no offsets: the "counts only" mode counts by (reason, location), no events.
+        count(DropKey { location, reason, netns: 0, ip_version: 0, _pad: 0 });
+        return Ok(());
+    }
     let dev: *const u8 = read(skb, conf!(offsets.skb_dev))?;
     let netns = netns_of(skb, dev);
     let want_netns = conf!(netns);
@@ -159,18 +164,14 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
     }
     bump(stat::DROPS_MATCHED);
 
-    let key = DropKey { location, reason, netns };
-    match DROPS.get_ptr_mut(&key) {
-        // SAFETY: per-CPU value, only this CPU writes it while we run.
-        Some(count) => unsafe { *count += 1 },
-        None => {
-            if DROPS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err() {
-                bump(stat::COUNTER_MAP_FULL);
-            }
-        }
-    }
+    let ip_version = match (has_l3, l3_proto) {
+        (false, _) => 0,
+        (true, ETH_P_IP) => 4,
+        (true, _) => 6,
+    };
+    count(DropKey { location, reason, netns, ip_version, _pad: 0 });
 
-    if !emits(reason) || !rate_allows() {
+    if !emits(reason) || (!has_l3 && reason == conf!(quiet_reason_without_ip)) || !rate_allows() {
         return Ok(());
     }
 
@@ -221,6 +222,24 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
     entry.submit(u64::from(wake));
     bump(stat::EVENTS_SENT);
     Ok(())
+}
+
+#[inline(always)]
+fn count(key: DropKey) {
+    match DROPS.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value, only this CPU writes it while we run.
+        Some(count) => unsafe { *count += 1 },
+        None => {
+            // Another CPU may insert the same key first (EEXIST): its copy is per-CPU too, so
+            // look ours up again rather than count the drop as lost.
+            if DROPS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err() {
+                match DROPS.get_ptr_mut(&key) {
+                    Some(count) => unsafe { *count += 1 },
+                    None => bump(stat::COUNTER_MAP_FULL),
+                }
+            }
+        }
+    }
 }
 
 /// The drop's network namespace: the device's, else the socket's (locally generated packets
@@ -290,12 +309,13 @@ fn in_net(addr: &[u8; 16]) -> bool {
 
 #[inline(always)]
 fn emits(reason: u32) -> bool {
-    let r = reason as usize;
-    if r < REASON_BITMAP_BITS {
-        conf!(emit_reasons[r / 64]) & (1u64 << (r % 64)) != 0
-    } else {
-        conf!(emit_other_reasons) != 0
+    // Bound the word index itself (not `reason`): the verifier must see the bound on the very
+    // register used for the map-value offset.
+    let word = core::hint::black_box(reason >> 6) as usize;
+    if word >= REASON_BITMAP_BITS / 64 {
+        return conf!(emit_other_reasons) != 0;
     }
+    conf!(emit_reasons[word]) & (1u64 << (reason & 63)) != 0
 }
 
 /// Per-CPU one-second windows: at most `events_per_cpu_sec` events each.

@@ -1,0 +1,53 @@
+//! Classification: which kernel frees are drops a user wants to see, and (with the conntrack
+//! work) why a NETFILTER_DROP happened.
+//!
+//! ## Benign frees (hidden by default, always counted; `--all-reasons` shows them)
+//! `kfree_skb` fires for every skb freed with a reason other than `SKB_CONSUMED`, and several
+//! reasons are ordinary end-of-life frees, not network drops. Measured on Linux 6.18 (this
+//! project's test machine) with netdrop `--all-reasons` over an idle minute and over the test
+//! suite (TCP/UDP traffic, closing sockets, `ip`/`iptables` netlink traffic):
+//! - `SOCKET_CLOSE`: a socket closed with unread data (`tcp_close`, `__unix_...`): the
+//!   application chose not to read it.
+//! - `QUEUE_PURGE`: queues emptied at teardown (`__skb_queue_purge` on socket/device close).
+//! - `UNIX_DISCONNECT`, `UNIX_SKIP_OOB`: AF_UNIX bookkeeping, no network involved.
+//! - `NOT_DROPPED_YET`, `CONSUMED`: never real drops (the kernel routes `CONSUMED` to
+//!   `consume_skb`; listed for kernels that might not).
+//! - `NOT_SPECIFIED` *without an IP header*: netlink and other non-IP socket skbs freed with a
+//!   plain `kfree_skb()`. With an IP header, `NOT_SPECIFIED` stays visible: many real drop
+//!   sites (drivers, older protocol code) still pass no reason.
+
+use crate::reasons::ReasonTable;
+
+/// Reasons that are end-of-life frees, never network drops.
+pub const BENIGN_REASONS: &[&str] =
+    &["NOT_DROPPED_YET", "CONSUMED", "SOCKET_CLOSE", "QUEUE_PURGE", "UNIX_DISCONNECT", "UNIX_SKIP_OOB"];
+
+/// Hidden only when the skb carries no IP header.
+pub const BENIGN_WITHOUT_IP: &str = "NOT_SPECIFIED";
+
+/// Whether a reason (by name) is a benign free.
+pub fn is_benign(name: &str) -> bool {
+    BENIGN_REASONS.contains(&name)
+}
+
+/// The reason numbers of [`BENIGN_REASONS`] on this kernel.
+pub fn benign_codes(reasons: &ReasonTable) -> Vec<u32> {
+    BENIGN_REASONS.iter().filter_map(|n| reasons.lookup(n)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn benign_names_resolve_on_a_6_18_style_table() {
+        let t = ReasonTable::from_print_fmt(
+            r#"__print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 3, "NO_SOCKET" }, { 4, "SOCKET_CLOSE" }, { 7, "UNIX_DISCONNECT" }, { 80, "QUEUE_PURGE" })"#,
+        )
+        .expect("table");
+        let mut codes = benign_codes(&t);
+        codes.sort_unstable();
+        assert_eq!(codes, vec![4, 7, 80]);
+        assert!(!is_benign("NO_SOCKET"));
+    }
+}

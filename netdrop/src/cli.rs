@@ -1,0 +1,117 @@
+//! Command-line types (clap only; no logic).
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+
+use crate::{filter, output::Format, probe::Hook};
+
+/// netdrop: every dropped packet with the kernel's own reason, location, and the pods and
+/// Services it belongs to.
+#[derive(Debug, Parser)]
+#[command(name = "netdrop", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log level for netdrop's own diagnostics on stderr (error, warn, info, debug).
+    #[arg(long, global = true, env = "NETDROP_LOG", default_value = "warn")]
+    pub log: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream packet drops as they happen, then print a summary.
+    Trace(TraceArgs),
+    /// List the drop reasons this kernel knows, with their numbers.
+    Reasons(ReasonsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+
+    /// Stop after this long, e.g. `30s`, `5m` (default: until Ctrl-C).
+    #[arg(long, value_parser = humantime::parse_duration, help_heading = "Output")]
+    pub duration: Option<Duration>,
+
+    /// Output format: `text` for people, `json` for one object per line.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text, help_heading = "Output")]
+    pub output: Format,
+
+    /// At most this many drop events per second are sent to userspace, e.g. `--event-rate 0`
+    /// for no limit. Counts stay exact either way; the summary says how many events were not sent.
+    #[arg(long, default_value_t = 10_000, help_heading = "Output")]
+    pub event_rate: u32,
+
+    /// Ring buffer size in KiB (a power of two), e.g. `--ring-kib 16384` for long bursts.
+    #[arg(long, default_value_t = 4096, value_parser = parse_ring_kib, help_heading = "Output")]
+    pub ring_kib: u32,
+
+    /// Use this hook instead of probing: `tp-btf` or `tracepoint`.
+    #[arg(long, value_enum, help_heading = "Kernel")]
+    pub hook: Option<Hook>,
+
+    /// Name of this node in events (default: $NODE_NAME, else the hostname).
+    #[arg(long, env = "NODE_NAME", help_heading = "Output")]
+    pub node_name: Option<String>,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Filters")]
+pub struct FilterArgs {
+    /// Only these drop reasons, e.g. `--reason NO_SOCKET --reason NETFILTER_DROP` (see
+    /// `netdrop reasons`).
+    #[arg(long = "reason", value_name = "REASON")]
+    pub reasons: Vec<String>,
+
+    /// Only packets from or to this port, e.g. `--port 53`.
+    #[arg(long)]
+    pub port: Option<u16>,
+
+    /// Only this protocol: `tcp`, `udp`, `icmp`, `icmpv6`, `sctp` or a number.
+    #[arg(long, value_parser = filter::parse_proto)]
+    pub proto: Option<u8>,
+
+    /// Only packets from or to this network, e.g. `--ip 10.244.0.0/16` or `--ip fd00::1`.
+    #[arg(long, value_name = "CIDR", value_parser = filter::parse_cidr)]
+    pub ip: Option<IpNet>,
+
+    /// Only drops in this network namespace: an inode, a path (`/proc/PID/ns/net`,
+    /// `/run/netns/NAME`) or a name from `ip netns list`.
+    #[arg(long, value_name = "INODE|PATH", value_parser = filter::parse_netns)]
+    pub netns: Option<u32>,
+
+    /// Also show benign frees (SOCKET_CLOSE, QUEUE_PURGE, non-IP NOT_SPECIFIED, ...).
+    #[arg(long)]
+    pub all_reasons: bool,
+}
+
+impl FilterArgs {
+    pub fn to_spec(&self) -> filter::FilterSpec {
+        filter::FilterSpec {
+            reasons: self.reasons.clone(),
+            port: self.port,
+            proto: self.proto,
+            ip: self.ip,
+            netns: self.netns,
+            all_reasons: self.all_reasons,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ReasonsArgs {
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+}
+
+fn parse_ring_kib(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|_| format!("{s:?} is not a number of KiB"))?;
+    if !v.is_power_of_two() || !(4..=1 << 20).contains(&v) {
+        return Err("must be a power of two between 4 and 1048576".into());
+    }
+    Ok(v)
+}

@@ -1,0 +1,261 @@
+//! Ring-buffer bytes → [`DropRecord`]. No syscalls: everything the decoder needs (reason table,
+//! symbols, clock offset, node name) is handed to it.
+
+use std::{
+    mem::size_of,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use etherparse::{LaxNetSlice, LaxSlicedPacket, TransportSlice};
+use netdrop_common::DropEvent;
+
+use crate::{
+    event::{DropRecord, Endpoint, Icmp, RawDetail},
+    reasons::ReasonTable,
+    symbols::KernelSymbols,
+};
+
+/// A ring-buffer record shorter than a [`DropEvent`]: a kernel/user version mismatch.
+#[derive(Debug, thiserror::Error)]
+#[error("ring buffer record of {got} bytes, expected {want}: kernel programs and netdrop disagree")]
+pub struct ShortRecord {
+    pub got: usize,
+    pub want: usize,
+}
+
+/// Reads a [`DropEvent`] out of a ring-buffer record.
+pub fn parse_event(bytes: &[u8]) -> Result<DropEvent, ShortRecord> {
+    if bytes.len() < size_of::<DropEvent>() {
+        return Err(ShortRecord { got: bytes.len(), want: size_of::<DropEvent>() });
+    }
+    // SAFETY: length checked; DropEvent is plain old data (integers and byte arrays), any bit
+    // pattern is valid; read_unaligned because ring-buffer records are only 8-byte aligned.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DropEvent>()) })
+}
+
+/// Turns kernel events into records.
+#[derive(Clone)]
+pub struct Decoder {
+    pub reasons: Arc<ReasonTable>,
+    pub symbols: Arc<KernelSymbols>,
+    /// CLOCK_REALTIME − CLOCK_MONOTONIC, nanoseconds.
+    pub clock_offset_ns: i128,
+    pub node: String,
+}
+
+impl Decoder {
+    pub fn decode(&self, ev: &DropEvent) -> DropRecord {
+        let header_len = usize::from(ev.header_len).min(ev.headers.len());
+        let headers = &ev.headers[..header_len];
+        let pkt = decode_headers(ev.l3_proto, headers);
+        DropRecord {
+            kind: "drop",
+            time: self.wall_time(ev.ts_ns),
+            node: self.node.clone(),
+            reason: self.reasons.display(ev.reason).to_string(),
+            reason_code: ev.reason,
+            location: self.symbols.symbolize(ev.location),
+            protocol: pkt.protocol,
+            src: pkt.src,
+            dst: pkt.dst,
+            ifindex: ev.ifindex,
+            ifname: ifname(&ev.ifname),
+            netns: ev.netns,
+            len: ev.skb_len,
+            tcp_flags: pkt.tcp_flags,
+            icmp: pkt.icmp,
+            raw: RawDetail {
+                ts_ns: ev.ts_ns,
+                location: ev.location,
+                skb_addr: ev.skb_addr,
+                cpu: ev.cpu,
+                l3_proto: ev.l3_proto,
+                headers: headers.to_vec(),
+            },
+        }
+    }
+
+    fn wall_time(&self, mono_ns: u64) -> String {
+        let ns = i128::from(mono_ns) + self.clock_offset_ns;
+        let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64);
+        humantime::format_rfc3339_nanos(t).to_string()
+    }
+}
+
+/// CLOCK_REALTIME − CLOCK_MONOTONIC now, to date `bpf_ktime_get_ns()` stamps.
+pub fn clock_offset_ns() -> i128 {
+    let now = |clock| {
+        nix::time::clock_gettime(clock)
+            .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
+            .unwrap_or(0)
+    };
+    now(nix::time::ClockId::CLOCK_REALTIME) - now(nix::time::ClockId::CLOCK_MONOTONIC)
+}
+
+fn ifname(raw: &[u8]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// What the headers say.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Headers {
+    pub protocol: String,
+    pub src: Option<Endpoint>,
+    pub dst: Option<Endpoint>,
+    pub tcp_flags: Option<String>,
+    pub icmp: Option<Icmp>,
+}
+
+/// Decodes captured L3+L4 headers. Truncated captures are expected (we keep 128 bytes), so the
+/// lax etherparse slicer is used: it decodes what is there.
+pub fn decode_headers(l3_proto: u16, headers: &[u8]) -> Headers {
+    let mut out = Headers { protocol: l3_name(l3_proto), ..Headers::default() };
+    if headers.is_empty() {
+        return out;
+    }
+    let Ok(pkt) = LaxSlicedPacket::from_ip(headers) else { return out };
+    let (src, dst, proto) = match &pkt.net {
+        Some(LaxNetSlice::Ipv4(ip)) => {
+            let h = ip.header();
+            (IpAddr::V4(h.source_addr()), IpAddr::V4(h.destination_addr()), ip.payload().ip_number)
+        }
+        Some(LaxNetSlice::Ipv6(ip)) => {
+            let h = ip.header();
+            (IpAddr::V6(h.source_addr()), IpAddr::V6(h.destination_addr()), ip.payload().ip_number)
+        }
+        _ => return out,
+    };
+    out.protocol = l4_name(proto.0);
+    let (mut sport, mut dport) = (None, None);
+    match &pkt.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            sport = Some(t.source_port());
+            dport = Some(t.destination_port());
+            out.tcp_flags = Some(tcp_flags(t));
+        }
+        Some(TransportSlice::Udp(u)) => {
+            sport = Some(u.source_port());
+            dport = Some(u.destination_port());
+        }
+        Some(TransportSlice::Icmpv4(i)) => {
+            out.icmp = Some(Icmp { kind: i.type_u8(), code: i.code_u8() });
+        }
+        Some(TransportSlice::Icmpv6(i)) => {
+            out.icmp = Some(Icmp { kind: i.type_u8(), code: i.code_u8() });
+        }
+        _ => {}
+    }
+    out.src = Some(Endpoint { ip: src, port: sport });
+    out.dst = Some(Endpoint { ip: dst, port: dport });
+    out
+}
+
+fn tcp_flags(t: &etherparse::TcpSlice<'_>) -> String {
+    let flags = [
+        (t.syn(), "SYN"),
+        (t.ack(), "ACK"),
+        (t.fin(), "FIN"),
+        (t.rst(), "RST"),
+        (t.psh(), "PSH"),
+        (t.urg(), "URG"),
+        (t.ece(), "ECE"),
+        (t.cwr(), "CWR"),
+    ];
+    let set: Vec<&str> = flags.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
+    set.join("|")
+}
+
+fn l3_name(ethertype: u16) -> String {
+    match ethertype {
+        0x0800 => "ipv4".into(),
+        0x86dd => "ipv6".into(),
+        0x0806 => "arp".into(),
+        0 => "unknown".into(),
+        other => format!("{other:#06x}"),
+    }
+}
+
+/// IP protocol number → name, for the protocols a drop tracer meets; others print as numbers.
+pub fn l4_name(proto: u8) -> String {
+    match proto {
+        1 => "icmp".into(),
+        2 => "igmp".into(),
+        4 => "ipip".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        41 => "ipv6".into(),
+        47 => "gre".into(),
+        50 => "esp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        136 => "udplite".into(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use etherparse::PacketBuilder;
+
+    use super::*;
+
+    fn udp4() -> Vec<u8> {
+        let b = PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64).udp(40000, 53);
+        let mut v = Vec::new();
+        b.write(&mut v, &[0u8; 300]).expect("build");
+        v.truncate(netdrop_common::HEADER_BYTES);
+        v
+    }
+
+    #[test]
+    fn decodes_truncated_udp4() {
+        let h = decode_headers(0x0800, &udp4());
+        assert_eq!(h.protocol, "udp");
+        assert_eq!(h.src, Some(Endpoint { ip: "10.0.0.1".parse().expect("ip"), port: Some(40000) }));
+        assert_eq!(h.dst, Some(Endpoint { ip: "10.0.0.2".parse().expect("ip"), port: Some(53) }));
+    }
+
+    #[test]
+    fn decodes_tcp6_syn() {
+        let b = PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64).tcp(1234, 80, 1, 1000).syn();
+        let mut v = Vec::new();
+        b.write(&mut v, &[]).expect("build");
+        let h = decode_headers(0x86dd, &v);
+        assert_eq!(h.protocol, "tcp");
+        assert_eq!(h.tcp_flags.as_deref(), Some("SYN"));
+        assert_eq!(h.dst.expect("dst").port, Some(80));
+    }
+
+    #[test]
+    fn decodes_icmp_echo() {
+        let b = PacketBuilder::ipv4([1, 1, 1, 1], [2, 2, 2, 2], 64).icmpv4_echo_request(1, 2);
+        let mut v = Vec::new();
+        b.write(&mut v, &[0; 8]).expect("build");
+        let h = decode_headers(0x0800, &v);
+        assert_eq!((h.protocol.as_str(), h.icmp), ("icmp", Some(Icmp { kind: 8, code: 0 })));
+        assert_eq!(h.src.expect("src").port, None);
+    }
+
+    #[test]
+    fn no_headers_names_l3() {
+        assert_eq!(decode_headers(0x0806, &[]).protocol, "arp");
+        assert_eq!(decode_headers(0x88cc, &[]).protocol, "0x88cc");
+    }
+
+    #[test]
+    fn garbage_does_not_panic() {
+        for n in 0..64 {
+            let junk: Vec<u8> = (0..n).map(|i| (i * 37 + 11) as u8).collect();
+            let _ = decode_headers(0x0800, &junk);
+            let _ = decode_headers(0x86dd, &junk);
+        }
+    }
+
+    #[test]
+    fn short_record_is_an_error() {
+        assert!(parse_event(&[0u8; 10]).is_err());
+    }
+}

@@ -1,0 +1,70 @@
+//! The event model every stage after decoding shares, and every sink (terminal, JSON lines,
+//! metrics, capture files) consumes. Field names here are the JSON schema: keep them stable.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+/// One dropped packet.
+#[derive(Debug, Clone, Serialize)]
+pub struct DropRecord {
+    /// Always `"drop"`: JSON lines mix drops and summaries.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// RFC 3339, nanoseconds, UTC.
+    pub time: String,
+    /// The node (host) the drop happened on.
+    pub node: String,
+    /// Kernel drop reason name (`NO_SOCKET`), or the number when this kernel has no name for it.
+    pub reason: String,
+    /// The raw `enum skb_drop_reason` value on this kernel (numbers differ between kernels).
+    pub reason_code: u32,
+    /// Where the kernel freed the packet: `symbol+0xoff`.
+    pub location: String,
+    /// `tcp`, `udp`, `icmp`, `icmpv6`, ... or the L3 protocol (`arp`, `0x88cc`) without IP.
+    pub protocol: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub src: Option<Endpoint>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dst: Option<Endpoint>,
+    pub ifindex: u32,
+    pub ifname: String,
+    /// Network namespace inode (as in `ls -l /proc/PID/ns/net`).
+    pub netns: u32,
+    /// `skb->len`.
+    pub len: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_flags: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp: Option<Icmp>,
+    /// Kernel-side detail kept for sinks that need it (captures), not serialised.
+    #[serde(skip)]
+    pub raw: RawDetail,
+}
+
+/// One end of a packet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Icmp {
+    #[serde(rename = "type")]
+    pub kind: u8,
+    pub code: u8,
+}
+
+/// What the kernel sent beyond the decoded fields.
+#[derive(Debug, Clone, Default)]
+pub struct RawDetail {
+    pub ts_ns: u64,
+    pub location: u64,
+    pub skb_addr: u64,
+    pub cpu: u32,
+    pub l3_proto: u16,
+    /// The packet from its network header, as captured (at most `HEADER_BYTES`).
+    pub headers: Vec<u8>,
+}

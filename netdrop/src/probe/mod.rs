@@ -1,0 +1,329 @@
+//! Loading and attaching the kernel programs: feature probing, the preferred hook, and named
+//! fallbacks. Everything that needs privileges or a particular kernel lives here.
+
+pub mod offsets;
+pub mod tracefs;
+
+use std::{fs, io};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{BtfTracePoint, ProgramError, TracePoint},
+};
+use btf_rs::{Btf, Type};
+use netdrop_common::{Config, DropKey, KernelOffsets, TracepointLayout, stat};
+use tracing::{debug, info, warn};
+
+use crate::reasons::ReasonTable;
+
+/// The kernel programs, built by build.rs and embedded in the binary.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netdrop"));
+
+/// Which hook carries `kfree_skb`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hook {
+    /// BTF-typed tracepoint (`tp_btf/kfree_skb`, Linux 5.5+): typed arguments, no record copy.
+    TpBtf,
+    /// Classic tracepoint (`tracepoint/skb/kfree_skb`): any kernel with tracefs.
+    Tracepoint,
+}
+
+impl Hook {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::TpBtf => "tp_btf/kfree_skb",
+            Self::Tracepoint => "tracepoint/skb/kfree_skb",
+        }
+    }
+}
+
+/// Errors a user can hit while loading; each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("netdrop needs root, or CAP_BPF and CAP_PERFMON (CAP_SYS_ADMIN before Linux 5.8): run it with sudo")]
+    NoPermission,
+    #[error("the kernel programs are missing from this build (built with AYA_BUILD_SKIP=1): rebuild without it")]
+    NoPrograms,
+    #[error("loading the kernel programs failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("kernel program {program}: {source}")]
+    Program { program: &'static str, #[source] source: ProgramError },
+    #[error("no hook for kfree_skb works here: tp_btf ({tp_btf}); tracepoint ({tracepoint})")]
+    NoHook { tp_btf: String, tracepoint: String },
+    #[error("map {0} missing from the kernel programs")]
+    Map(&'static str),
+    #[error("map {name}: {source}")]
+    MapType { name: &'static str, #[source] source: aya::maps::MapError },
+    #[error(transparent)]
+    Reasons(#[from] crate::reasons::ReasonError),
+    #[error(transparent)]
+    Tracefs(#[from] tracefs::TracefsError),
+}
+
+/// What the running kernel offers, found out once at start-up.
+pub struct KernelInfo {
+    /// `uname -r`.
+    pub release: String,
+    /// The kernel's BTF, when /sys/kernel/btf/vmlinux is readable.
+    pub btf: Option<Btf>,
+    /// Why there is no BTF, when there is none.
+    pub btf_error: Option<String>,
+    /// Offsets for the skb reads; `None` without BTF (counts-only mode).
+    pub offsets: Option<KernelOffsets>,
+    /// The classic tracepoint's layout, when tracefs is readable.
+    pub tracepoint: Option<TracepointLayout>,
+    pub tracepoint_error: Option<String>,
+    /// `tp_btf/kfree_skb` passes a `reason` argument (Linux 5.17+).
+    pub btf_has_reason: bool,
+    pub reasons: ReasonTable,
+}
+
+impl KernelInfo {
+    /// Reads BTF, tracefs and the reason table. Fails only when neither BTF nor tracefs work.
+    pub fn discover() -> Result<Self, ProbeError> {
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (btf, btf_error) = match crate::reasons::kernel_btf() {
+            Ok(b) => (Some(b), None),
+            Err(e) => (None, Some(format!("/sys/kernel/btf/vmlinux: {e}"))),
+        };
+        let format = tracefs::kfree_skb_format();
+        let (tracepoint, format_text, tracepoint_error) = match &format {
+            Ok((path, text)) => match tracefs::kfree_skb_layout(path, text) {
+                Ok(l) => (Some(l), Some(text.as_str()), None),
+                Err(e) => (None, Some(text.as_str()), Some(e.to_string())),
+            },
+            Err(e) => (None, None, Some(e.to_string())),
+        };
+        let mut reasons = ReasonTable::load(btf.as_ref(), format_text)?;
+        let mut offsets = None;
+        let mut btf_has_reason = false;
+        let mut btf_error = btf_error;
+        if let Some(b) = &btf {
+            match offsets::kernel_offsets(b) {
+                Ok(o) => offsets = Some(o),
+                Err(e) => btf_error = Some(e.to_string()),
+            }
+            btf_has_reason = tracepoint_arg_count(b, "btf_trace_kfree_skb").is_some_and(|n| n >= 4);
+            for module in loaded_btf_modules() {
+                if let Some(m) = crate::reasons::module_btf(b, &module) {
+                    reasons.add_module_btf(&m);
+                }
+            }
+        }
+        Ok(Self { release, btf, btf_error, offsets, tracepoint, tracepoint_error, btf_has_reason, reasons })
+    }
+}
+
+/// Modules with BTF whose enums may hold subsystem drop reasons.
+fn loaded_btf_modules() -> Vec<String> {
+    ["openvswitch", "mac80211"]
+        .into_iter()
+        .filter(|m| fs::metadata(format!("/sys/kernel/btf/{m}")).is_ok())
+        .map(String::from)
+        .collect()
+}
+
+/// Parameters of a `btf_trace_<tp>` typedef (the first is the context pointer).
+fn tracepoint_arg_count(btf: &Btf, typedef: &str) -> Option<usize> {
+    let t = btf.resolve_types_by_name(typedef).ok()?.into_iter().next()?;
+    let Type::Typedef(td) = t else { return None };
+    let Type::Ptr(p) = btf.resolve_chained_type(&td).ok()? else { return None };
+    let Type::FuncProto(fp) = btf.resolve_chained_type(&p).ok()? else { return None };
+    Some(fp.parameters.len())
+}
+
+/// Whether this process may load BPF programs: root, or CAP_BPF+CAP_PERFMON, or CAP_SYS_ADMIN.
+pub fn check_permission() -> Result<(), ProbeError> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| eff & (1u64 << cap) != 0;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        Ok(())
+    } else {
+        Err(ProbeError::NoPermission)
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it. Newer kernels charge the
+/// memory cgroup instead, so a refusal there (some sandboxes refuse even root) is harmless.
+pub fn raise_memlock(release: &str) {
+    let rl = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer to a local.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rl) } != 0 {
+        let mut v = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+        let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+        if (major, minor) >= (5, 11) {
+            debug!("RLIMIT_MEMLOCK not lifted ({}); not needed on {release}", io::Error::last_os_error());
+            return;
+        }
+        warn!(
+            "could not lift RLIMIT_MEMLOCK ({}); on kernels before 5.11 loading may fail: run as root or raise `ulimit -l`",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Options for [`attach`].
+#[derive(Clone, Copy, Debug)]
+pub struct AttachOptions {
+    /// Force one hook instead of probing.
+    pub hook: Option<Hook>,
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    pub ring_bytes: u32,
+}
+
+/// The loaded, attached drop programs and their maps.
+pub struct DropProbe {
+    /// Keeps programs and links alive; dropping it detaches everything.
+    _ebpf: Ebpf,
+    pub hook: Hook,
+    /// Why the preferred hook was not used, when it was not.
+    pub fallback: Option<String>,
+    /// Taken by the reader (it needs ownership to register the fd with tokio).
+    pub events: Option<RingBuf<MapData>>,
+    drops: PerCpuHashMap<MapData, DropKey, u64>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// Loads the programs with `config` and attaches `kfree_skb`: `tp_btf` first, the classic
+/// tracepoint as the named fallback.
+pub fn attach(kernel: &KernelInfo, config: &Config, opts: AttachOptions) -> Result<DropProbe, ProbeError> {
+    if PROGRAMS.is_empty() {
+        return Err(ProbeError::NoPrograms);
+    }
+    check_permission()?;
+    raise_memlock(&kernel.release);
+    let mut ebpf = EbpfLoader::new()
+        .override_global("CONFIG", config, true)
+        .map_max_entries("EVENTS", opts.ring_bytes)
+        .load(PROGRAMS)
+        .map_err(|e| match &e {
+            aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
+                if io_error.kind() == io::ErrorKind::PermissionDenied =>
+            {
+                ProbeError::NoPermission
+            }
+            _ => ProbeError::Load(e),
+        })?;
+
+    let try_btf = opts.hook.is_none_or(|h| h == Hook::TpBtf);
+    let mut tp_btf_error = String::from("not tried (--hook tracepoint)");
+    if try_btf {
+        match attach_tp_btf(&mut ebpf, kernel) {
+            Ok(()) => return finish(ebpf, Hook::TpBtf, None),
+            Err(e) => {
+                tp_btf_error = describe(&e);
+                if opts.hook == Some(Hook::TpBtf) {
+                    return Err(e);
+                }
+                info!("tp_btf/kfree_skb unavailable ({tp_btf_error}); falling back to tracepoint/skb/kfree_skb");
+            }
+        }
+    }
+    match attach_tracepoint(&mut ebpf, kernel) {
+        Ok(()) => finish(ebpf, Hook::Tracepoint, try_btf.then_some(tp_btf_error)),
+        Err(e) => Err(ProbeError::NoHook { tp_btf: tp_btf_error, tracepoint: describe(&e) }),
+    }
+}
+
+fn attach_tp_btf(ebpf: &mut Ebpf, kernel: &KernelInfo) -> Result<(), ProbeError> {
+    const NAME: &str = "kfree_skb_btf";
+    if kernel.btf.is_none() {
+        return Err(ProbeError::Program {
+            program: NAME,
+            source: ProgramError::Btf(aya::BtfError::FileError {
+                path: "/sys/kernel/btf/vmlinux".into(),
+                error: io::Error::from(io::ErrorKind::NotFound),
+            }),
+        });
+    }
+    let err = |source| ProbeError::Program { program: NAME, source };
+    let btf = aya::Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
+    let prog: &mut BtfTracePoint =
+        ebpf.program_mut(NAME).ok_or(ProbeError::Map(NAME))?.try_into().map_err(err)?;
+    prog.load("kfree_skb", &btf).map_err(err)?;
+    prog.attach().map_err(err)?;
+    Ok(())
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, kernel: &KernelInfo) -> Result<(), ProbeError> {
+    const NAME: &str = "kfree_skb_tp";
+    if kernel.tracepoint.is_none() {
+        return Err(ProbeError::Tracefs(tracefs::TracefsError::MissingField {
+            path: "events/skb/kfree_skb/format".into(),
+            field: "skbaddr",
+        }));
+    }
+    let err = |source| ProbeError::Program { program: NAME, source };
+    let prog: &mut TracePoint = ebpf.program_mut(NAME).ok_or(ProbeError::Map(NAME))?.try_into().map_err(err)?;
+    prog.load().map_err(err)?;
+    prog.attach("skb", "kfree_skb").map_err(err)?;
+    Ok(())
+}
+
+/// One line for a load/attach failure; the verifier log goes to debug output.
+fn describe(e: &ProbeError) -> String {
+    if let ProbeError::Program { source: ProgramError::LoadError { io_error, verifier_log }, .. } = e {
+        debug!("verifier log:\n{verifier_log}");
+        return format!("load refused: {io_error}");
+    }
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+fn finish(mut ebpf: Ebpf, hook: Hook, fallback: Option<String>) -> Result<DropProbe, ProbeError> {
+    let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(ProbeError::Map("EVENTS"))?)
+        .map_err(|source| ProbeError::MapType { name: "EVENTS", source })?;
+    let drops = PerCpuHashMap::try_from(ebpf.take_map("DROPS").ok_or(ProbeError::Map("DROPS"))?)
+        .map_err(|source| ProbeError::MapType { name: "DROPS", source })?;
+    let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or(ProbeError::Map("STATS"))?)
+        .map_err(|source| ProbeError::MapType { name: "STATS", source })?;
+    Ok(DropProbe { _ebpf: ebpf, hook, fallback, events: Some(events), drops, stats })
+}
+
+/// Kernel-side totals: exact drop counts and what happened to events.
+#[derive(Clone, Debug, Default)]
+pub struct KernelCounts {
+    /// (key, count summed over CPUs).
+    pub drops: Vec<(DropKey, u64)>,
+    pub stats: [u64; stat::COUNT as usize],
+}
+
+impl DropProbe {
+    /// Reads every counter, summing per-CPU values.
+    pub fn counts(&self) -> KernelCounts {
+        let mut out = KernelCounts::default();
+        for item in self.drops.iter() {
+            match item {
+                Ok((key, values)) => out.drops.push((key, values.iter().sum())),
+                Err(e) => warn!("reading drop counters: {e}"),
+            }
+        }
+        for (i, slot) in out.stats.iter_mut().enumerate() {
+            if let Ok(values) = self.stats.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+}

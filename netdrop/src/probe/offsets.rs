@@ -1,0 +1,112 @@
+//! Kernel struct member offsets, read from the running kernel's BTF.
+//!
+//! Rust eBPF programs cannot carry CO-RE relocations, so the loader resolves every field the
+//! programs read here, once at start-up, and hands the numbers over in `Config`.
+
+use btf_rs::{Btf, BtfType, Type};
+use netdrop_common::KernelOffsets;
+
+/// A member the programs need is missing or unreadable in this kernel's BTF.
+#[derive(Debug, thiserror::Error)]
+pub enum OffsetError {
+    #[error("kernel BTF has no struct {0}")]
+    NoStruct(String),
+    #[error("kernel BTF: struct {strukt} has no member {path}")]
+    NoMember { strukt: String, path: String },
+    #[error("kernel BTF: {strukt}.{path} is a bitfield")]
+    Bitfield { strukt: String, path: String },
+    #[error("reading kernel BTF")]
+    Btf(#[source] btf_rs::Error),
+}
+
+/// Every offset the drop programs read.
+pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetError> {
+    let skb = |path: &[&str]| member_offset(btf, "sk_buff", path);
+    let dev = |path: &[&str]| member_offset(btf, "net_device", path);
+    Ok(KernelOffsets {
+        skb_dev: skb(&["dev"])?,
+        skb_sk: skb(&["sk"])?,
+        skb_len: skb(&["len"])?,
+        skb_iif: skb(&["skb_iif"])?,
+        skb_protocol: skb(&["protocol"])?,
+        skb_transport_header: skb(&["transport_header"])?,
+        skb_network_header: skb(&["network_header"])?,
+        skb_tail: skb(&["tail"])?,
+        skb_head: skb(&["head"])?,
+        dev_ifindex: dev(&["ifindex"])?,
+        dev_name: dev(&["name"])?,
+        // possible_net_t { struct net *net; }
+        dev_nd_net: dev(&["nd_net", "net"])?,
+        sk_net: member_offset(btf, "sock", &["__sk_common", "skc_net", "net"])?,
+        net_ns_inum: member_offset(btf, "net", &["ns", "inum"])?,
+    })
+}
+
+/// Byte offset of `strukt.path[0].path[1]...`, looking through anonymous structs and unions
+/// the way C does (`skb->dev` lives in an anonymous union inside an anonymous struct).
+pub fn member_offset(btf: &Btf, strukt: &str, path: &[&str]) -> Result<u32, OffsetError> {
+    let mut ty = find_struct(btf, strukt)?;
+    let mut bits = 0u32;
+    for (i, name) in path.iter().enumerate() {
+        let not_found = || OffsetError::NoMember { strukt: strukt.into(), path: path.join(".") };
+        let Some((off, member)) = find_member(btf, &ty, name)? else { return Err(not_found()) };
+        if member.bitfield_size().is_some_and(|s| s != 0) {
+            return Err(OffsetError::Bitfield { strukt: strukt.into(), path: path.join(".") });
+        }
+        bits += off;
+        if i + 1 < path.len() {
+            ty = strip_modifiers(btf, btf.resolve_chained_type(&member).map_err(OffsetError::Btf)?)?;
+        }
+    }
+    Ok(bits / 8)
+}
+
+fn find_struct(btf: &Btf, name: &str) -> Result<Type, OffsetError> {
+    btf.resolve_types_by_name(name)
+        .map_err(|_| OffsetError::NoStruct(name.into()))?
+        .into_iter()
+        .find(|t| matches!(t, Type::Struct(_)))
+        .ok_or_else(|| OffsetError::NoStruct(name.into()))
+}
+
+/// Typedefs, const and volatile do not change layout: look through them.
+fn strip_modifiers(btf: &Btf, mut ty: Type) -> Result<Type, OffsetError> {
+    loop {
+        ty = match &ty {
+            Type::Typedef(t) => btf.resolve_chained_type(t),
+            Type::Const(t) | Type::Volatile(t) | Type::Restrict(t) => btf.resolve_chained_type(t),
+            Type::TypeTag(t) => btf.resolve_chained_type(t),
+            _ => return Ok(ty),
+        }
+        .map_err(OffsetError::Btf)?;
+    }
+}
+
+/// Finds `name` among the members of a struct/union, descending into anonymous members.
+/// Returns its bit offset relative to `ty`.
+fn find_member(
+    btf: &Btf,
+    ty: &Type,
+    name: &str,
+) -> Result<Option<(u32, btf_rs::Member)>, OffsetError> {
+    let members = match ty {
+        Type::Struct(s) | Type::Union(s) => &s.members,
+        _ => return Ok(None),
+    };
+    for m in members {
+        let mname = match m.get_name_offset() {
+            Some(0) | None => String::new(),
+            Some(_) => btf.resolve_name(m).map_err(OffsetError::Btf)?,
+        };
+        if mname == name {
+            return Ok(Some((m.bit_offset(), m.clone())));
+        }
+        if mname.is_empty() {
+            let inner = strip_modifiers(btf, btf.resolve_chained_type(m).map_err(OffsetError::Btf)?)?;
+            if let Some((off, found)) = find_member(btf, &inner, name)? {
+                return Ok(Some((m.bit_offset() + off, found)));
+            }
+        }
+    }
+    Ok(None)
+}
