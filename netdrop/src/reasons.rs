@@ -74,8 +74,8 @@ impl ReasonTable {
         let Some(core) = enum_members(btf, "skb_drop_reason")? else { return Ok(None) };
         let mut t = Self::empty(ReasonSource::Btf);
         for (name, value) in core {
-            // Markers, not reasons: the count of reasons and the subsystem mask.
-            if name == "SKB_DROP_REASON_MAX" || name == "SKB_DROP_REASON_SUBSYS_MASK" {
+            // A mask, not a reason. (`MAX` stays: the tracepoint's own list names it too.)
+            if name == "SKB_DROP_REASON_SUBSYS_MASK" {
                 continue;
             }
             t.names.insert(value, short_name(&name).to_string());

@@ -1,1 +1,309 @@
-//! Support for netdrop integration tests.
+//! Support for netdrop's integration tests: RAII guards for network namespaces, sysctls and
+//! tracer processes (so a failing test still cleans up), traffic from inside a namespace, the
+//! kernel's own counters, and the skip protocol.
+//!
+//! Skips: a test that cannot run here calls [`skip`], which prints `skipping: <test>: <why>` and
+//! appends the test to `$NETDROP_SKIP_FILE`; `cargo xtask test` subtracts those from libtest's
+//! passes, so a skip is never counted as a pass.
+
+use std::{
+    collections::HashMap,
+    fs::{self, OpenOptions},
+    io::{BufRead, BufReader, Write as _},
+    net::{SocketAddr, UdpSocket},
+    os::fd::AsFd as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// Records a skip and says why. The caller returns right after.
+pub fn skip(test: &str, why: &str) {
+    println!("skipping: {test}: {why}");
+    eprintln!("skipping: {test}: {why}");
+    if let Ok(path) = std::env::var("NETDROP_SKIP_FILE")
+        && let Ok(mut f) = OpenOptions::new().create(true).append(true).open(path)
+    {
+        let _ = writeln!(f, "{test}\t{why}");
+    }
+}
+
+/// Why this process cannot run root-only tests, if it cannot.
+pub fn needs_root() -> Option<String> {
+    (!nix::unistd::geteuid().is_root()).then(|| "needs root (network namespaces, BPF)".to_string())
+}
+
+/// Skips the calling test unless running as root. Use: `require_root!("name");`
+#[macro_export]
+macro_rules! require_root {
+    ($test:expr) => {
+        if let Some(why) = $crate::needs_root() {
+            $crate::skip($test, &why);
+            return;
+        }
+    };
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether a program is on PATH.
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+static NS_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace made for one test, deleted on drop (also when the test panics).
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// Creates `nd-<tag>-<pid>-<seq>` with loopback up.
+    pub fn new(tag: &str) -> Self {
+        let name = format!("nd-{tag}-{}-{}", std::process::id(), NS_SEQ.fetch_add(1, Ordering::Relaxed));
+        run("ip", &["netns", "add", &name]);
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n <ns> ...`
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut a = vec!["-n", self.name.as_str()];
+        a.extend_from_slice(args);
+        run("ip", &a)
+    }
+
+    /// Runs a program inside the namespace.
+    pub fn exec(&self, cmd: &str, args: &[&str]) -> String {
+        let mut a = vec!["netns", "exec", self.name.as_str(), cmd];
+        a.extend_from_slice(args);
+        run("ip", &a)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// The namespace's inode, as netdrop reports it.
+    pub fn inode(&self) -> u32 {
+        use std::os::unix::fs::MetadataExt as _;
+        fs::metadata(self.path()).expect("netns file").ino() as u32
+    }
+
+    /// Runs `f` on a thread that has entered this namespace: sockets it opens live there.
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let file = fs::File::open(self.path()).expect("open netns");
+        thread::spawn(move || {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("thread in netns panicked")
+    }
+
+    /// A counter from the namespace's /proc/net/snmp (or snmp6), e.g. `("Udp", "NoPorts")`.
+    pub fn snmp(&self, table: &str, field: &str) -> u64 {
+        let text = self.exec("cat", &["/proc/net/snmp"]);
+        parse_snmp(&text).get(table).and_then(|t| t.get(field)).copied().unwrap_or_else(|| panic!("no {table}:{field}"))
+    }
+
+    /// A counter from /proc/net/snmp6 (`Udp6NoPorts`).
+    pub fn snmp6(&self, field: &str) -> u64 {
+        let text = self.exec("cat", &["/proc/net/snmp6"]);
+        text.lines()
+            .filter_map(|l| l.split_once(char::is_whitespace))
+            .find(|(k, _)| *k == field)
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in snmp6"))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Parses /proc/net/snmp's header/value line pairs.
+pub fn parse_snmp(text: &str) -> HashMap<String, HashMap<String, u64>> {
+    let mut out: HashMap<String, HashMap<String, u64>> = HashMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        let [head, vals] = pair else { continue };
+        let (Some((t, names)), Some((_, values))) = (head.split_once(':'), vals.split_once(':')) else { continue };
+        let table = out.entry(t.to_string()).or_default();
+        for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
+            if let Ok(v) = v.parse() {
+                table.insert(n.to_string(), v);
+            }
+        }
+    }
+    out
+}
+
+/// Sends `count` UDP datagrams from `from` (port 0: any) to `to`. Returns how many were sent.
+pub fn send_udp(from: SocketAddr, to: SocketAddr, count: usize) -> usize {
+    let s = UdpSocket::bind(from).expect("bind udp");
+    let mut sent = 0;
+    for _ in 0..count {
+        // ICMP port-unreachable replies can surface as ECONNREFUSED on later sends of a
+        // connected socket; this one is unconnected, so every send either works or errs loudly.
+        if s.send_to(b"netdrop-test", to).is_ok() {
+            sent += 1;
+        }
+    }
+    sent
+}
+
+/// The netdrop binary under test: `$NETDROP_BIN`, else `target/<profile>/netdrop` next to the
+/// test executable's `deps/` directory.
+pub fn netdrop_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NETDROP_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    dir.join("netdrop")
+}
+
+/// Runs netdrop with `args`; returns (exit success, stdout, stderr).
+pub fn netdrop(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(netdrop_bin()).args(args).output().expect("run netdrop");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A running `netdrop trace -o json`, stopped (SIGINT) and parsed by [`Tracer::stop`], killed on
+/// drop if still running.
+pub struct Tracer {
+    child: Option<Child>,
+    stderr: std::sync::Arc<Mutex<Vec<String>>>,
+}
+
+/// What a tracer printed.
+#[derive(Debug, Default)]
+pub struct TraceOutput {
+    pub drops: Vec<Value>,
+    pub summary: Value,
+    pub stderr: Vec<String>,
+}
+
+impl Tracer {
+    /// Starts `netdrop trace -o json <args>` and waits until it says it is attached.
+    pub fn start(args: &[&str]) -> Self {
+        let mut cmd = Command::new(netdrop_bin());
+        cmd.args(["trace", "-o", "json"]).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", netdrop_bin().display()));
+        let stderr = child.stderr.take().expect("stderr");
+        let lines = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let keep = lines.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.starts_with("netdrop: attached") {
+                    let _ = tx.send(true);
+                }
+                keep.lock().expect("lock").push(line);
+            }
+            let _ = tx.send(false);
+        });
+        let mut t = Self { child: Some(child), stderr: lines };
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(true) => t,
+            _ => {
+                let err = t.stderr.lock().expect("lock").join("\n");
+                t.kill();
+                panic!("netdrop did not attach:\n{err}");
+            }
+        }
+    }
+
+    /// SIGINT, wait, parse the JSON lines.
+    pub fn stop(mut self) -> TraceOutput {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().expect("wait").is_none() {
+            assert!(Instant::now() < deadline, "netdrop did not exit after SIGINT");
+            thread::sleep(Duration::from_millis(20));
+        }
+        let status = child.wait().expect("wait");
+        let mut stdout = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut stdout).expect("read stdout");
+        // Let the stderr reader catch up.
+        thread::sleep(Duration::from_millis(50));
+        let stderr = self.stderr.lock().expect("lock").clone();
+        assert!(status.success(), "netdrop exited with {status}: {}", stderr.join("\n"));
+        let mut out = TraceOutput { stderr, ..TraceOutput::default() };
+        for line in stdout.lines() {
+            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            match v["type"].as_str() {
+                Some("drop") => out.drops.push(v),
+                Some("summary") => out.summary = v,
+                other => panic!("unexpected line type {other:?}: {line}"),
+            }
+        }
+        assert!(out.summary.is_object(), "no summary line; stderr: {}", out.stderr.join("\n"));
+        out
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl TraceOutput {
+    /// Summary count for a reason in one netns (all locations).
+    pub fn count(&self, reason: &str, netns: u32) -> u64 {
+        self.summary["drops"]
+            .as_array()
+            .expect("drops array")
+            .iter()
+            .filter(|r| r["reason"] == reason && r["netns"] == netns)
+            .map(|r| r["count"].as_u64().expect("count"))
+            .sum()
+    }
+
+    /// Drop events with this reason.
+    pub fn events(&self, reason: &str) -> Vec<&Value> {
+        self.drops.iter().filter(|d| d["reason"] == reason).collect()
+    }
+}
+
+/// Waits until events have surely been drained: netdrop drains every 100 ms.
+pub fn settle() {
+    thread::sleep(Duration::from_millis(300));
+}

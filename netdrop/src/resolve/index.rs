@@ -74,43 +74,19 @@ fn looks_like_template_hash(s: &str) -> bool {
 /// The workload a pod belongs to, as `Kind/name`: ReplicaSets named `<deployment>-<hash>` are
 /// reported as their Deployment, Jobs named `<cronjob>-<minutes since epoch>` as their CronJob
 /// (the CronJob controller's naming: pkg/controller/cronjob/utils.go `getJobName`).
-pub(crate) fn workload_of(owners: &[OwnerRef]) -> Option<(&'static str, &str)> {
+pub(crate) fn workload_of(owners: &[OwnerRef]) -> Option<(&str, &str)> {
     let o = owners
         .iter()
         .find(|o| o.controller == Some(true))
         .or_else(|| owners.first())?;
-    let split = |name: &str| name.rsplit_once('-').map(|(a, b)| (a.len(), b.to_owned()));
+    let (prefix, suffix) = o.name.rsplit_once('-').unwrap_or(("", ""));
     Some(match o.kind.as_str() {
-        "ReplicaSet" => match split(&o.name) {
-            Some((n, hash)) if n > 0 && looks_like_template_hash(&hash) => ("Deployment", &o.name[..n]),
-            _ => ("ReplicaSet", o.name.as_str()),
-        },
-        "Job" => match split(&o.name) {
-            Some((n, t)) if n > 0 && t.len() >= 8 && t.bytes().all(|c| c.is_ascii_digit()) => {
-                ("CronJob", &o.name[..n])
-            }
-            _ => ("Job", o.name.as_str()),
-        },
-        "StatefulSet" => ("StatefulSet", o.name.as_str()),
-        "DaemonSet" => ("DaemonSet", o.name.as_str()),
-        "Node" => ("Node", o.name.as_str()), // static (mirror) pods
-        _ => return Some((leak_kind(&o.kind), o.name.as_str())),
+        "ReplicaSet" if !prefix.is_empty() && looks_like_template_hash(suffix) => ("Deployment", prefix),
+        "Job" if !prefix.is_empty() && suffix.len() >= 8 && suffix.bytes().all(|c| c.is_ascii_digit()) => {
+            ("CronJob", prefix)
+        }
+        kind => (kind, o.name.as_str()),
     })
-}
-
-/// Kinds outside the built-in set (custom controllers): a small, bounded set in practice.
-fn leak_kind(kind: &str) -> &'static str {
-    static KINDS: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
-    let mut kinds = KINDS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(k) = kinds.iter().find(|k| **k == kind) {
-        return k;
-    }
-    if kinds.len() >= 256 {
-        return "Owner";
-    }
-    let k: &'static str = Box::leak(kind.to_owned().into_boxed_str());
-    kinds.push(k);
-    k
 }
 
 #[derive(Default)]

@@ -1,0 +1,313 @@
+//! `netdrop trace` against real drops in real network namespaces, checked against the kernel's
+//! own counters (/proc/net/snmp, iptables rule counters) and the traffic we generated.
+
+use std::{
+    io::{ErrorKind, Read as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use netdrop_tests::{NetNs, Tracer, have, netdrop, require_root, send_udp, settle, skip};
+
+const N: usize = 200;
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+#[test]
+fn udp4_closed_port_counts_match_snmp_noports() {
+    require_root!("udp4_closed_port_counts_match_snmp_noports");
+    let ns = NetNs::new("udp4");
+    let before = ns.snmp("Udp", "NoPorts");
+    let tracer = Tracer::start(&["--netns", &ns.path().display().to_string()]);
+    let sent = ns.within(|| send_udp(addr("127.0.0.1:0"), addr("127.0.0.1:9"), N));
+    settle();
+    let out = tracer.stop();
+    let delta = ns.snmp("Udp", "NoPorts") - before;
+    assert_eq!(sent, N);
+    assert_eq!(delta, N as u64, "kernel NoPorts delta");
+    assert_eq!(out.count("NO_SOCKET", ns.inode()), delta, "summary NO_SOCKET vs Udp NoPorts");
+    let ev = out.events("NO_SOCKET");
+    assert_eq!(ev.len(), N, "one event per drop");
+    for e in ev {
+        assert_eq!(e["protocol"], "udp");
+        assert_eq!(e["dst"]["ip"], "127.0.0.1");
+        assert_eq!(e["dst"]["port"], 9);
+        assert_eq!(e["src"]["ip"], "127.0.0.1");
+        assert_eq!(e["netns"], ns.inode());
+        assert_eq!(e["ifname"], "lo");
+        assert!(e["location"].as_str().expect("location").starts_with("__udp4_lib_rcv+0x"), "{e}");
+        assert!(e["reason_code"].as_u64().is_some());
+    }
+    assert_eq!(out.summary["lost_events"], 0);
+}
+
+#[test]
+fn udp6_closed_port_counts_match_snmp6() {
+    require_root!("udp6_closed_port_counts_match_snmp6");
+    let ns = NetNs::new("udp6");
+    let before = ns.snmp6("Udp6NoPorts");
+    let tracer = Tracer::start(&["--netns", &ns.name]);
+    let sent = ns.within(|| send_udp(addr("[::1]:0"), addr("[::1]:9"), N));
+    settle();
+    let out = tracer.stop();
+    let delta = ns.snmp6("Udp6NoPorts") - before;
+    assert_eq!((sent, delta), (N, N as u64));
+    assert_eq!(out.count("NO_SOCKET", ns.inode()), delta);
+    let ev = out.events("NO_SOCKET");
+    assert_eq!(ev.len(), N);
+    assert!(ev.iter().all(|e| e["dst"]["ip"] == "::1" && e["dst"]["port"] == 9 && e["protocol"] == "udp"));
+}
+
+/// TCP SYNs to a closed port: the kernel answers RST and frees the SYN with NO_SOCKET.
+fn tcp_closed(test: &str, target: &'static str, loc_prefix: &str) {
+    require_root!(test);
+    let ns = NetNs::new("tcp");
+    let tracer = Tracer::start(&["--netns", &ns.name, "--proto", "tcp"]);
+    let refused = ns.within(move || {
+        (0..20)
+            .filter(|_| {
+                TcpStream::connect_timeout(&addr(target), Duration::from_secs(2))
+                    .is_err_and(|e| e.kind() == ErrorKind::ConnectionRefused)
+            })
+            .count()
+    });
+    settle();
+    let out = tracer.stop();
+    assert_eq!(refused, 20, "every connect refused");
+    let ev = out.events("NO_SOCKET");
+    assert_eq!(ev.len(), 20, "{:?}", out.summary);
+    for e in ev {
+        assert_eq!(e["protocol"], "tcp");
+        assert_eq!(e["tcp_flags"], "SYN");
+        assert_eq!(e["dst"]["port"], 7);
+        assert!(e["location"].as_str().expect("loc").starts_with(loc_prefix), "{e}");
+    }
+    assert_eq!(out.count("NO_SOCKET", ns.inode()), 20);
+}
+
+#[test]
+fn tcp4_closed_port_is_no_socket_with_syn() {
+    tcp_closed("tcp4_closed_port_is_no_socket_with_syn", "127.0.0.1:7", "tcp_v4_rcv");
+}
+
+#[test]
+fn tcp6_closed_port_is_no_socket_with_syn() {
+    tcp_closed("tcp6_closed_port_is_no_socket_with_syn", "[::1]:7", "tcp_v6_rcv");
+}
+
+/// An iptables DROP rule in INPUT; the rule's own packet counter is the reference.
+fn iptables_drop(test: &str, iptables: &str, loc_prefix: &str) {
+    require_root!(test);
+    if !have(iptables) {
+        skip(test, &format!("{iptables} is not installed (cargo xtask setup installs it)"));
+        return;
+    }
+    let ns = NetNs::new("ipt");
+    ns.exec(iptables, &["-A", "INPUT", "-p", "udp", "--dport", "5555", "-j", "DROP"]);
+    let tracer = Tracer::start(&["--netns", &ns.name]);
+    let sent = ns.within(|| send_udp(addr("127.0.0.1:0"), addr("127.0.0.1:5555"), N));
+    settle();
+    let out = tracer.stop();
+    let rules = ns.exec(iptables, &["-L", "INPUT", "-v", "-x", "-n"]);
+    let rule_pkts: u64 = rules
+        .lines()
+        .find(|l| l.contains("dpt:5555"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no rule counter in:\n{rules}"));
+    assert_eq!((sent, rule_pkts), (N, N as u64));
+    assert_eq!(out.count("NETFILTER_DROP", ns.inode()), rule_pkts, "summary vs the rule's counter");
+    let ev = out.events("NETFILTER_DROP");
+    assert_eq!(ev.len(), N);
+    for e in ev {
+        assert!(e["location"].as_str().expect("loc").starts_with(loc_prefix), "{e}");
+        assert_eq!(e["dst"]["port"], 5555);
+    }
+}
+
+#[test]
+fn iptables_nft_drop_is_netfilter_drop_at_nft_do_chain() {
+    iptables_drop("iptables_nft_drop_is_netfilter_drop_at_nft_do_chain", "iptables-nft", "nft_do_chain");
+}
+
+#[test]
+fn iptables_legacy_drop_is_netfilter_drop_at_nf_hook_slow() {
+    iptables_drop("iptables_legacy_drop_is_netfilter_drop_at_nf_hook_slow", "iptables-legacy", "nf_hook_slow");
+}
+
+#[test]
+fn port_filter_selects_exactly() {
+    require_root!("port_filter_selects_exactly");
+    let ns = NetNs::new("port");
+    let tracer = Tracer::start(&["--netns", &ns.name, "--port", "9001"]);
+    ns.within(|| {
+        send_udp(addr("127.0.0.1:0"), addr("127.0.0.1:9001"), 30);
+        send_udp(addr("127.0.0.1:0"), addr("127.0.0.1:9002"), 50);
+    });
+    settle();
+    let out = tracer.stop();
+    assert_eq!(out.drops.len(), 30);
+    assert!(out.drops.iter().all(|d| d["dst"]["port"] == 9001));
+    assert_eq!(out.count("NO_SOCKET", ns.inode()), 30, "kernel counters honour the filter too");
+}
+
+#[test]
+fn ip_filter_selects_exactly() {
+    require_root!("ip_filter_selects_exactly");
+    let ns = NetNs::new("ip");
+    ns.ip(&["addr", "add", "10.99.0.1/32", "dev", "lo"]);
+    ns.ip(&["addr", "add", "10.99.0.2/32", "dev", "lo"]);
+    let tracer = Tracer::start(&["--netns", &ns.name, "--ip", "10.99.0.2/32"]);
+    ns.within(|| {
+        send_udp(addr("10.99.0.1:0"), addr("10.99.0.1:9"), 25);
+        send_udp(addr("10.99.0.1:0"), addr("10.99.0.2:9"), 40);
+        send_udp(addr("127.0.0.1:0"), addr("127.0.0.1:9"), 10);
+    });
+    settle();
+    let out = tracer.stop();
+    assert_eq!(out.drops.len(), 40);
+    assert!(out.drops.iter().all(|d| d["dst"]["ip"] == "10.99.0.2"));
+}
+
+#[test]
+fn reason_filter_selects_exactly() {
+    require_root!("reason_filter_selects_exactly");
+    let ns = NetNs::new("reason");
+    ns.exec("iptables", &["-A", "INPUT", "-p", "udp", "--dport", "5555", "-j", "DROP"]);
+    let tracer = Tracer::start(&["--netns", &ns.name, "--reason", "NETFILTER_DROP"]);
+    ns.within(|| {
+        send_udp(addr("127.0.0.1:0"), addr("127.0.0.1:5555"), 15);
+        send_udp(addr("127.0.0.1:0"), addr("127.0.0.1:9"), 35);
+    });
+    settle();
+    let out = tracer.stop();
+    assert_eq!(out.drops.len(), 15);
+    assert!(out.drops.iter().all(|d| d["reason"] == "NETFILTER_DROP"));
+    assert_eq!(out.summary["by_reason"]["NETFILTER_DROP"], 15);
+    assert_eq!(out.summary["hidden_by_reason"]["NO_SOCKET"], 35, "other reasons counted as hidden");
+}
+
+#[test]
+fn netns_filter_ignores_other_namespaces() {
+    require_root!("netns_filter_ignores_other_namespaces");
+    let a = NetNs::new("nsa");
+    let b = NetNs::new("nsb");
+    let tracer = Tracer::start(&["--netns", &a.name]);
+    b.within(|| send_udp(addr("127.0.0.1:0"), addr("127.0.0.1:9"), 40));
+    a.within(|| send_udp(addr("127.0.0.1:0"), addr("127.0.0.1:9"), 12));
+    settle();
+    let out = tracer.stop();
+    assert_eq!(out.drops.len(), 12);
+    assert!(out.drops.iter().all(|d| d["netns"] == a.inode()));
+    assert_eq!(out.count("NO_SOCKET", b.inode()), 0);
+}
+
+#[test]
+fn classic_tracepoint_fallback_counts_the_same() {
+    require_root!("classic_tracepoint_fallback_counts_the_same");
+    let ns = NetNs::new("tp");
+    let before = ns.snmp("Udp", "NoPorts");
+    let tracer = Tracer::start(&["--netns", &ns.name, "--hook", "tracepoint"]);
+    ns.within(|| send_udp(addr("127.0.0.1:0"), addr("127.0.0.1:9"), N));
+    settle();
+    let out = tracer.stop();
+    assert_eq!(out.summary["hook"], "tracepoint/skb/kfree_skb");
+    let delta = ns.snmp("Udp", "NoPorts") - before;
+    assert_eq!(out.count("NO_SOCKET", ns.inode()), delta);
+    assert_eq!(out.events("NO_SOCKET").len(), N);
+}
+
+#[test]
+fn event_rate_limit_keeps_counts_exact() {
+    require_root!("event_rate_limit_keeps_counts_exact");
+    let ns = NetNs::new("rate");
+    let before = ns.snmp("Udp", "NoPorts");
+    // 1 event/s per CPU at most: nearly all events are suppressed, counts must not be.
+    let tracer = Tracer::start(&["--netns", &ns.name, "--event-rate", "1"]);
+    ns.within(|| send_udp(addr("127.0.0.1:0"), addr("127.0.0.1:9"), 500));
+    settle();
+    let out = tracer.stop();
+    let delta = ns.snmp("Udp", "NoPorts") - before;
+    assert_eq!(out.count("NO_SOCKET", ns.inode()), delta);
+    let shown = out.summary["events_shown"].as_u64().expect("shown");
+    let limited = out.summary["rate_limited_events"].as_u64().expect("limited");
+    assert_eq!(shown as usize, out.drops.len());
+    assert_eq!(shown + limited, delta, "every drop is an event or a counted suppression");
+    assert!(limited > 0);
+}
+
+/// The reason table netdrop reads from BTF equals the tracepoint's own print_fmt list.
+#[test]
+fn reason_table_matches_tracefs_print_fmt() {
+    require_root!("reason_table_matches_tracefs_print_fmt");
+    // netdrop mounts tracefs when it is not mounted; run it first so the format file exists.
+    let (ok, stdout, stderr) = netdrop(&["reasons", "-o", "json"]);
+    assert!(ok, "{stderr}");
+    let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .find_map(|r| std::fs::read_to_string(format!("{r}/events/skb/kfree_skb/format")).ok())
+        .expect("tracefs kfree_skb format");
+    let Some(list) = format.split("__print_symbolic(REC->reason,").nth(1) else {
+        skip("reason_table_matches_tracefs_print_fmt", "this kernel's kfree_skb has no reason list (before 5.17)");
+        return;
+    };
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    let ours: std::collections::HashMap<u64, String> = doc["reasons"]
+        .as_array()
+        .expect("reasons")
+        .iter()
+        .map(|r| (r["code"].as_u64().expect("code"), r["name"].as_str().expect("name").to_string()))
+        .collect();
+    let mut compared = 0;
+    for entry in list.split('{').skip(1) {
+        let Some((num, rest)) = entry.split_once(',') else { continue };
+        let Ok(num) = num.trim().parse::<u64>() else { continue };
+        let name = rest.split('"').nth(1).expect("quoted name");
+        assert_eq!(ours.get(&num).map(String::as_str), Some(name), "reason {num}");
+        compared += 1;
+    }
+    assert!(compared > 50, "compared only {compared} reasons");
+}
+
+#[test]
+fn bad_flags_give_one_clear_line() {
+    let (ok, _, err) = netdrop(&["trace", "--ip", "10.0.0.0/33"]);
+    assert!(!ok);
+    assert!(err.contains("prefix length 33 is longer than 32"), "{err}");
+    let (ok, _, err) = netdrop(&["trace", "--proto", "bogus"]);
+    assert!(!ok);
+    assert!(err.contains("is not tcp, udp"), "{err}");
+}
+
+#[test]
+fn unknown_reason_lists_close_matches() {
+    require_root!("unknown_reason_lists_close_matches");
+    let (ok, _, err) = netdrop(&["trace", "--reason", "NO_SOCKT", "--duration", "1s"]);
+    assert!(!ok);
+    assert_eq!(err.trim().lines().last().expect("a line"), "netdrop: --reason NO_SOCKT: this kernel has no such drop reason (did you mean NO_SOCKET?)");
+}
+
+#[test]
+fn unprivileged_user_gets_a_permission_message() {
+    require_root!("unprivileged_user_gets_a_permission_message");
+    if !have("setpriv") {
+        skip("unprivileged_user_gets_a_permission_message", "setpriv (util-linux) is not installed");
+        return;
+    }
+    let bin = netdrop_tests::netdrop_bin();
+    let mut child = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .arg(&bin)
+        .args(["trace", "--duration", "1s"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv");
+    let mut err = String::new();
+    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("read");
+    let status = child.wait().expect("wait");
+    assert!(!status.success());
+    assert!(err.contains("netdrop needs root, or CAP_BPF and CAP_PERFMON"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
