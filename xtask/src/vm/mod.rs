@@ -1,7 +1,432 @@
-//! `cargo xtask vm-test`: the kernel matrix (being written).
-#[derive(clap::Args)]
-pub struct Args {}
+//! `cargo xtask vm-test`: the kernel matrix. Boots Debian cloud kernels (5.10, 6.1, 6.12, 7.2)
+//! under qemu with an initramfs holding busybox, iproute2/iptables/nft/conntrack, the kernel
+//! modules the tests need, netdrop and the `netdrop-tests` integration tests; reads each guest's
+//! result from its serial console and prints a table per kernel.
+//!
+//! Submodules: `kernel` (packages, cache, modules), `initramfs` (cpio archives and host files),
+//! `payload` (cargo builds), `guest` (`/init`, qemu, console markers), `probe` (kernel features).
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
-pub fn run(_args: &Args) -> anyhow::Result<()> {
-    anyhow::bail!("vm-test is not written yet")
+use anyhow::{Context as _, bail};
+
+mod guest;
+mod initramfs;
+mod kernel;
+mod payload;
+mod probe;
+
+use guest::Status;
+use initramfs::Tree;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Kernels to boot, repeatable or comma-separated: `--kernel 5.10,7.2`, `--kernel all`.
+    #[arg(long, value_delimiter = ',', default_value = "all", value_parser = ["5.10", "6.1", "6.12", "7.2", "all"])]
+    kernel: Vec<String>,
+    /// Kill a guest that has not powered off after this long, e.g. `--timeout 10m`.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Keep the work dir (initramfs, /init, serial console logs) and print its path.
+    #[arg(long)]
+    keep: bool,
+    /// Run only the tests whose name contains this (libtest's filter), e.g. `--filter veth`.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Show the tests' own output for passing tests too (libtest's --nocapture).
+    #[arg(long)]
+    nocapture: bool,
+    /// Stream each guest's serial console to the terminal.
+    #[arg(long)]
+    console: bool,
+    /// Guest memory (qemu `-m`), e.g. `--memory 2G`.
+    #[arg(long, default_value = "1G")]
+    memory: String,
+    /// Print which eBPF hooks the running kernel accepts (tp_btf, fexit on module functions,
+    /// kprobes, TCX, clsact, drop reasons) and exit. The guests run this; it works on a host too.
+    #[arg(long)]
+    probe_here: bool,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    if args.probe_here {
+        return probe::run_here();
+    }
+    let names: Vec<&str> = if args.kernel.iter().any(|k| k == "all") {
+        kernel::MATRIX.iter().map(|s| s.name).collect()
+    } else {
+        let mut v: Vec<&str> = Vec::new();
+        for k in &args.kernel {
+            if !v.contains(&k.as_str()) {
+                v.push(k);
+            }
+        }
+        v
+    };
+    let mut libtest = Vec::new();
+    if args.nocapture {
+        libtest.push("--nocapture".to_owned());
+    }
+    if let Some(f) = &args.filter {
+        libtest.push(f.clone());
+    }
+    run_matrix(&names, &Options {
+        timeout: args.timeout,
+        keep: args.keep,
+        libtest_args: libtest,
+        console: args.console,
+        memory: args.memory.clone(),
+    })
+}
+
+/// For `cargo xtask test` (CI): boots `kernels` (e.g. `&["6.1"]`) with the defaults and all
+/// tests; errors when any kernel failed, hung or could not be fetched.
+#[expect(dead_code, reason = "for `cargo xtask test`, which the main developer is writing")]
+pub fn run_kernels(kernels: &[&str]) -> anyhow::Result<()> {
+    for k in kernels {
+        if kernel::spec(k).is_none() {
+            bail!("unknown kernel {k:?}; the matrix has 5.10, 6.1, 6.12, 7.2");
+        }
+    }
+    run_matrix(kernels, &Options {
+        timeout: Duration::from_secs(300),
+        keep: false,
+        libtest_args: Vec::new(),
+        console: false,
+        memory: "1G".to_owned(),
+    })
+}
+
+struct Options {
+    timeout: Duration,
+    keep: bool,
+    libtest_args: Vec<String>,
+    console: bool,
+    memory: String,
+}
+
+/// Modules the tests may need; whatever a kernel has built in or lacks is skipped (the missing
+/// ones are listed in the work dir's `modules-<kernel>.txt`).
+const MODULES: &[&str] = &[
+    "veth", "dummy", "bridge", "br_netfilter", "vxlan", "macvlan", "ipvlan",
+    "nf_conntrack", "nf_conntrack_netlink", "nf_nat", "nf_defrag_ipv4", "nf_defrag_ipv6",
+    "nf_reject_ipv4", "nf_reject_ipv6", "nfnetlink", "nfnetlink_queue", "nf_log_syslog",
+    "nf_tables", "nft_ct", "nft_nat", "nft_chain_nat", "nft_masq", "nft_redir", "nft_compat",
+    "nft_counter", "nft_reject", "nft_reject_inet", "nft_reject_ipv4", "nft_fib", "nft_fib_inet",
+    "nft_fib_ipv4", "nft_limit", "nft_log",
+    "x_tables", "ip_tables", "ip6_tables", "iptable_filter", "iptable_nat", "iptable_mangle",
+    "iptable_raw", "ip6table_filter", "ip6table_nat", "ipt_REJECT", "ip6t_REJECT",
+    "xt_conntrack", "xt_state", "xt_comment", "xt_mark", "xt_multiport", "xt_addrtype",
+    "xt_MASQUERADE", "xt_nat", "xt_REDIRECT", "xt_tcpudp", "xt_limit", "xt_statistic", "xt_LOG",
+    "xt_CT", "xt_physdev",
+    "sch_ingress", "sch_netem", "sch_htb", "sch_tbf", "cls_bpf", "act_bpf", "act_gact", "cls_u32",
+    "cls_matchall", "act_mirred",
+];
+
+/// Host programs in the guest, with the Debian package that has them. Missing required ones stop
+/// the run; optional ones are left out.
+const PROGRAMS: &[(&str, &str, bool)] = &[
+    ("ip", "iproute2", true),
+    ("tc", "iproute2", true),
+    ("ss", "iproute2", true),
+    ("nstat", "iproute2", true),
+    ("bridge", "iproute2", true),
+    ("iptables", "iptables", true),
+    ("iptables-save", "iptables", true),
+    ("iptables-restore", "iptables", true),
+    ("ip6tables", "iptables", true),
+    ("iptables-nft", "iptables", true),
+    ("iptables-nft-save", "iptables", true),
+    ("iptables-nft-restore", "iptables", true),
+    ("iptables-legacy", "iptables", true),
+    ("iptables-legacy-save", "iptables", true),
+    ("iptables-legacy-restore", "iptables", true),
+    ("ip6tables-legacy", "iptables", true),
+    ("nft", "nftables", true),
+    ("conntrack", "conntrack", true),
+    ("ping", "iputils-ping", false),
+    ("socat", "socat", false),
+    ("hping3", "hping3", false),
+    ("iperf3", "iperf3", false),
+    ("bpftool", "bpftool", false),
+    ("tcpdump", "tcpdump", false),
+];
+
+/// Everything but the kernel modules and the payload: busybox, host tools and their libraries.
+fn base_tree() -> anyhow::Result<Tree> {
+    let mut tree = Tree::default();
+    initramfs::merged_usr(&mut tree)?;
+    for (name, package, required) in PROGRAMS {
+        match initramfs::find_program(name) {
+            Some(path) => tree.host(&path).with_context(|| format!("adding {name} to the initramfs"))?,
+            None if *required => bail!("{name} is not installed on this host (Debian: apt-get install {package})"),
+            None => {}
+        }
+    }
+    // iptables loads its matches and targets with dlopen(): ldd cannot see them.
+    for dir in glob_dirs("/usr/lib", "xtables") {
+        tree.host_dir_files(&dir)?;
+    }
+    for etc in ["/etc/protocols", "/etc/services", "/etc/ethertypes", "/etc/iproute2"] {
+        if Path::new(etc).is_dir() {
+            tree.host_dir_files(Path::new(etc))?;
+        } else if Path::new(etc).exists() {
+            tree.host(Path::new(etc))?;
+        }
+    }
+    initramfs::busybox(&mut tree)?;
+    tree.data("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644);
+    tree.data("/etc/group", "root:x:0:\n", 0o644);
+    tree.data("/etc/hosts", "127.0.0.1 localhost\n::1 localhost\n", 0o644);
+    tree.data("/etc/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\nprotocols: files\nservices: files\n", 0o644);
+    for d in ["/proc", "/sys", "/dev", "/run", "/tmp", "/root", "/var/tmp"] {
+        tree.dir(d);
+    }
+    tree.symlink("/var/run", "../run");
+    // The kernel opens /dev/console for init's stdio before /init can mount devtmpfs.
+    tree.char_dev("/dev/console", 5, 1);
+    Ok(tree)
+}
+
+/// `/usr/lib/<triplet>/<name>` directories.
+fn glob_dirs(root: &str, name: &str) -> Vec<PathBuf> {
+    fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path().join(name))
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+/// The payload archive: /init, netdrop, the test binaries and the probe (this xtask binary).
+fn payload_tree(payload: &payload::Payload, work: &Path, libtest_args: &[String]) -> anyhow::Result<Tree> {
+    let mut tree = Tree::default();
+    tree.data("/init", guest::init_script(libtest_args), 0o755);
+    let stripped = work.join("stripped");
+    fs::create_dir_all(&stripped)?;
+    let xtask = std::env::current_exe().context("finding the xtask binary")?;
+    tree.file_as(guest::XTASK_BIN, &strip(&xtask, &stripped.join("xtask"))?, 0o755)?;
+    tree.file_as(guest::NETDROP_BIN, &strip(&payload.netdrop, &stripped.join("netdrop"))?, 0o755)?;
+    for (name, exe) in &payload.tests {
+        let dst = stripped.join(format!("test-{name}"));
+        tree.file_as(&format!("{}/{name}", guest::TESTS_DIR), &strip(exe, &dst)?, 0o755)?;
+    }
+    Ok(tree)
+}
+
+/// Debug info is most of a debug binary and the guest keeps its initramfs in RAM: drop it
+/// (backtraces keep function names). Without `strip` on the host the binary goes as it is.
+fn strip(src: &Path, dst: &Path) -> anyhow::Result<PathBuf> {
+    let ok = std::process::Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(dst)
+        .arg(src)
+        .status()
+        .is_ok_and(|s| s.success());
+    Ok(if ok { dst.to_owned() } else { src.to_owned() })
+}
+
+fn modules_tree(k: &kernel::Kernel, work: &Path) -> anyhow::Result<Tree> {
+    let (order, missing) = k.modules(MODULES)?;
+    fs::write(work.join(format!("modules-{}.txt", k.spec.name)), kernel::Kernel::describe(&order, &missing))?;
+    let mut tree = Tree::default();
+    tree.dir(guest::MODULES_DIR);
+    for (i, (name, ko)) in order.iter().enumerate() {
+        tree.file_as(&format!("{}/{i:03}-{name}.ko", guest::MODULES_DIR), ko, 0o644)?;
+    }
+    Ok(tree)
+}
+
+/// One row of the result table.
+struct Row {
+    kernel: &'static str,
+    release: String,
+    outcome: Result<guest::Outcome, String>,
+    log: PathBuf,
+}
+
+/// Removes the work dir on drop unless it is to be kept.
+struct WorkDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("vm-test: work dir kept at {}", self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn run_matrix(names: &[&str], opts: &Options) -> anyhow::Result<()> {
+    let specs: Vec<kernel::Spec> = names
+        .iter()
+        .map(|n| kernel::spec(n).with_context(|| format!("unknown kernel {n:?}")))
+        .collect::<anyhow::Result<_>>()?;
+    if initramfs::find_program("qemu-system-x86_64").is_none() {
+        bail!("qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)");
+    }
+    let cache = kernel::cache_dir()?;
+    fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let mut work = WorkDir { path: std::env::temp_dir().join(format!("netdrop-vm-{}", std::process::id())), keep: opts.keep };
+    let _ = fs::remove_dir_all(&work.path);
+    fs::create_dir_all(&work.path)?;
+
+    // Fetch first: a missing package should not cost a build.
+    let t = Instant::now();
+    let kernels: Vec<(kernel::Spec, Result<kernel::Kernel, String>)> =
+        specs.iter().map(|s| (*s, kernel::fetch(*s, &cache).map_err(|e| format!("{e:#}")))).collect();
+    let fetch_time = t.elapsed();
+
+    let t = Instant::now();
+    let payload = payload::build()?;
+    let build_time = t.elapsed();
+
+    let t = Instant::now();
+    let base = work.path.join("base.cpio");
+    base_tree()?.write_cpio(fs::File::create(&base)?)?;
+    let tests = work.path.join("payload.cpio");
+    payload_tree(&payload, &work.path, &opts.libtest_args)?.write_cpio(fs::File::create(&tests)?)?;
+    let archive_time = t.elapsed();
+    eprintln!(
+        "vm-test: kernels ready in {:.1}s, build {:.1}s, initramfs {:.1}s ({} MB base + {} MB payload)",
+        fetch_time.as_secs_f64(),
+        build_time.as_secs_f64(),
+        archive_time.as_secs_f64(),
+        fs::metadata(&base)?.len() >> 20,
+        fs::metadata(&tests)?.len() >> 20,
+    );
+
+    let mut rows = Vec::new();
+    for (spec, k) in kernels {
+        let log = work.path.join(format!("console-{}.log", spec.name));
+        let k = match k {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("vm-test: {}: {e}", spec.name);
+                rows.push(Row { kernel: spec.name, release: "-".into(), outcome: Err(e), log });
+                continue;
+            }
+        };
+        let outcome = boot_one(&k, &work.path, &base, &tests, &log, opts).map_err(|e| format!("{e:#}"));
+        rows.push(Row { kernel: spec.name, release: k.release.clone(), outcome, log });
+    }
+    let ok = print_table(&rows);
+    if !ok {
+        work.keep = true;
+        bail!("vm-test: not every kernel passed (console logs are in {})", work.path.display());
+    }
+    Ok(())
+}
+
+fn boot_one(k: &kernel::Kernel, work: &Path, base: &Path, tests: &Path, log: &Path, opts: &Options) -> anyhow::Result<guest::Outcome> {
+    // Three archives back to back; the kernel unpacks each in turn over the same rootfs.
+    let initrd = work.join(format!("initramfs-{}.cpio", k.spec.name));
+    {
+        let mut out = fs::File::create(&initrd)?;
+        std::io::copy(&mut fs::File::open(base)?, &mut out)?;
+        modules_tree(k, work)?.write_cpio(&mut out)?;
+        std::io::copy(&mut fs::File::open(tests)?, &mut out)?;
+    }
+    eprintln!("vm-test: {}: booting {} (Debian {})", k.spec.name, k.release, k.package_version);
+    let outcome = guest::boot(&guest::Boot {
+        vmlinuz: &k.vmlinuz,
+        initrd: &initrd,
+        memory: &opts.memory,
+        timeout: opts.timeout,
+        log,
+        echo: opts.console,
+    })?;
+    if outcome.status != Status::Passed && !opts.console {
+        eprintln!("vm-test: {}: last console lines:", k.spec.name);
+        for l in &outcome.tail {
+            eprintln!("  | {l}");
+        }
+    }
+    let _ = fs::remove_file(&initrd);
+    Ok(outcome)
+}
+
+/// Prints the per-kernel table, the skips with their reasons and the feature matrix; returns
+/// whether every kernel passed.
+fn print_table(rows: &[Row]) -> bool {
+    let mut all_ok = true;
+    println!();
+    println!("{:<6} {:<28} {:<9} {:>6} {:>6} {:>7} {:>8}", "kernel", "release", "result", "passed", "failed", "skipped", "time");
+    for r in rows {
+        match &r.outcome {
+            Err(e) => {
+                all_ok = false;
+                println!("{:<6} {:<28} {:<9} {e}", r.kernel, r.release, "ERROR");
+            }
+            Ok(o) => {
+                let result = match o.status {
+                    Status::Passed => "ok",
+                    Status::Failed => "FAILED",
+                    Status::Hung => "HUNG",
+                    Status::NoResult => "NO RESULT",
+                };
+                all_ok &= o.status == Status::Passed;
+                let release = o.release.clone().unwrap_or_else(|| r.release.clone());
+                println!(
+                    "{:<6} {:<28} {:<9} {:>6} {:>6} {:>7} {:>7.1}s",
+                    r.kernel,
+                    release,
+                    result,
+                    o.passed,
+                    o.failed,
+                    o.skips.len(),
+                    o.duration.as_secs_f64()
+                );
+                if matches!(o.status, Status::Hung | Status::NoResult) {
+                    println!("       console log: {}", r.log.display());
+                }
+            }
+        }
+    }
+    let skips: Vec<String> = rows
+        .iter()
+        .filter_map(|r| Some((r.kernel, r.outcome.as_ref().ok()?)))
+        .flat_map(|(k, o)| o.skips.iter().map(move |(t, why)| format!("  {k:<6} {t}: {why}")))
+        .collect();
+    if !skips.is_empty() {
+        println!("\nskipped (not counted as passed):");
+        for s in skips {
+            println!("{s}");
+        }
+    }
+    let probed: Vec<(&str, &guest::Outcome)> =
+        rows.iter().filter_map(|r| Some((r.kernel, r.outcome.as_ref().ok()?))).filter(|(_, o)| !o.features.is_empty()).collect();
+    if let Some((_, first)) = probed.first() {
+        println!("\nkernel features (cargo xtask vm-test --probe-here):");
+        print!("  {:<32}", "");
+        for (k, _) in &probed {
+            print!(" {k:<6}");
+        }
+        println!();
+        for (name, _, _) in first.features.iter().filter(|(n, _, _)| n != "kernel") {
+            print!("  {name:<32}");
+            for (_, o) in &probed {
+                let v = o.features.iter().find(|(n, _, _)| n == name).map_or("?", |(_, v, _)| v.as_str());
+                print!(" {v:<6}");
+            }
+            println!();
+        }
+    }
+    for r in rows {
+        if let Ok(o) = &r.outcome
+            && !o.modules_failed.is_empty()
+        {
+            println!("\n{}: modules that did not load: {}", r.kernel, o.modules_failed);
+        }
+    }
+    all_ok
 }
