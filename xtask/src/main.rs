@@ -1,7 +1,10 @@
 //! netdrop's developer commands. `cargo xtask --help` lists them.
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod bench_kube;
+mod setup;
+mod test;
 mod vm;
 
 #[derive(Parser)]
@@ -13,21 +16,52 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Install what building and testing netdrop needs (Debian packages, rust-src, bpf-linker).
+    Setup,
+    /// THE test command: set-up, unit tests, root-only integration tests, the CI kernel under qemu.
+    Test(test::Args),
+    /// Build netdrop and run `netdrop trace` on this machine (arguments after `--` go to it).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Run netdrop's integration tests on Debian kernels under qemu.
     VmTest(vm::Args),
-    /// Benchmarks; `kube`: the resolver against a synthetic cluster.
+    /// Benchmarks: `drop-storm` (kfree_skb overhead and exactness), `kube` (the resolver).
     Bench {
-        /// Which benchmark: kube.
+        /// Which benchmark: drop-storm, kube.
         which: String,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Test(args) => test::run(&args),
+        Cmd::Run { args } => run(&args),
         Cmd::VmTest(args) => vm::run(&args),
         Cmd::Bench { which } => match which.as_str() {
+            "drop-storm" => bench::drop_storm(),
             "kube" => bench_kube::run(),
-            other => anyhow::bail!("unknown benchmark {other:?}"),
+            other => anyhow::bail!("unknown benchmark {other:?}: drop-storm, kube"),
         },
     }
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    setup::run()?;
+    let root = setup::workspace_root();
+    let status = std::process::Command::new("cargo")
+        .args(["build", "-p", "netdrop"])
+        .current_dir(&root)
+        .status()?;
+    anyhow::ensure!(status.success(), "building netdrop failed");
+    let mut cmd = std::process::Command::new(root.join("target/debug/netdrop"));
+    if args.is_empty() {
+        cmd.arg("trace");
+    } else {
+        cmd.args(args);
+    }
+    let status = cmd.status()?;
+    std::process::exit(status.code().unwrap_or(1));
 }

@@ -1,0 +1,221 @@
+//! `cargo xtask bench drop-storm`: what tracing every drop costs, and whether the counts are
+//! exact. Two sender threads in a namespace blast UDP at a closed port for a fixed time, with no
+//! tracer, under netdrop (default settings, and with `--event-rate 0`), and under bpftrace
+//! counting the same tracepoint; the same run, back to back. Exactness is netdrop's NO_SOCKET
+//! count against the namespace's `Udp: NoPorts` delta.
+
+use std::{
+    fs,
+    net::UdpSocket,
+    os::fd::AsFd as _,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::setup;
+
+const SECONDS: u64 = 10;
+const SENDERS: usize = 2;
+const NS: &str = "nd-bench-storm";
+
+struct Ns;
+
+impl Ns {
+    fn new() -> anyhow::Result<Self> {
+        let _ = Command::new("ip").args(["netns", "del", NS]).status();
+        sh("ip", &["netns", "add", NS])?;
+        let ns = Self;
+        sh("ip", &["-n", NS, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", NS]).status();
+    }
+}
+
+fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn noports() -> anyhow::Result<u64> {
+    let text = sh("ip", &["netns", "exec", NS, "cat", "/proc/net/snmp"])?;
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("Udp:")).collect();
+    let [names, values] = lines[..] else { bail!("no Udp lines in snmp") };
+    let idx = names.split_whitespace().position(|n| n == "NoPorts").context("NoPorts")?;
+    Ok(values.split_whitespace().nth(idx).context("value")?.parse()?)
+}
+
+/// Packets per second over `SENDERS` threads for `SECONDS`.
+fn storm() -> anyhow::Result<(f64, u64)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for _ in 0..SENDERS {
+        let stop = stop.clone();
+        let nsfile = fs::File::open(format!("/run/netns/{NS}"))?;
+        handles.push(thread::spawn(move || -> u64 {
+            nix::sched::setns(nsfile.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let s = UdpSocket::bind("127.0.0.1:0").expect("bind");
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..64 {
+                    if s.send_to(b"storm", "127.0.0.1:9").is_ok() {
+                        n += 1;
+                    }
+                }
+            }
+            n
+        }));
+    }
+    let start = Instant::now();
+    thread::sleep(Duration::from_secs(SECONDS));
+    stop.store(true, Ordering::Relaxed);
+    let total: u64 = handles.into_iter().map(|h| h.join().expect("sender")).sum();
+    Ok((total as f64 / start.elapsed().as_secs_f64(), total))
+}
+
+/// utime+stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn wait_attached(child: &mut Child, marker: &str) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let stderr = child.stderr.take().context("stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let marker = marker.to_string();
+    thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(&marker) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60)).context("tracer did not attach")?;
+    Ok(())
+}
+
+struct Phase {
+    name: String,
+    rate: f64,
+    sent: u64,
+    noports: u64,
+    counted: Option<u64>,
+    events: Option<u64>,
+    cpu: Option<f64>,
+}
+
+fn netdrop_phase(bin: &str, name: &str, extra: &[&str]) -> anyhow::Result<Phase> {
+    let out = std::env::temp_dir().join("netdrop-bench.json");
+    let mut child = Command::new(bin)
+        .args(["trace", "-o", "json", "--netns", NS])
+        .args(extra)
+        .stdout(fs::File::create(&out)?)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    wait_attached(&mut child, "netdrop: attached")?;
+    let before = noports()?;
+    let cpu0 = cpu_seconds(child.id());
+    let (rate, sent) = storm()?;
+    thread::sleep(Duration::from_millis(300));
+    let cpu = (cpu_seconds(child.id()) - cpu0) / SECONDS as f64;
+    let noports = noports()? - before;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)?;
+    child.wait()?;
+    let text = fs::read_to_string(&out)?;
+    let summary: serde_json::Value = serde_json::from_str(text.lines().last().context("no summary")?)?;
+    let counted = summary["by_reason"]["NO_SOCKET"].as_u64().unwrap_or(0);
+    let events = summary["events_shown"].as_u64().unwrap_or(0);
+    Ok(Phase { name: name.into(), rate, sent, noports, counted: Some(counted), events: Some(events), cpu: Some(cpu) })
+}
+
+pub fn drop_storm() -> anyhow::Result<()> {
+    setup::run()?;
+    let root = setup::workspace_root();
+    let status = Command::new("cargo").args(["build", "--release", "-p", "netdrop"]).current_dir(&root).status()?;
+    anyhow::ensure!(status.success(), "building netdrop failed");
+    let bin = root.join("target/release/netdrop").display().to_string();
+    let _ns = Ns::new()?;
+    let kernel = sh("uname", &["-r"])?.trim().to_string();
+    let mut phases = Vec::new();
+
+    let base = |name: &str| -> anyhow::Result<Phase> {
+        let before = noports()?;
+        let (rate, sent) = storm()?;
+        Ok(Phase { name: name.into(), rate, sent, noports: noports()? - before, counted: None, events: None, cpu: None })
+    };
+    phases.push(base("no tracer")?);
+    phases.push(netdrop_phase(&bin, "netdrop (defaults: --event-rate 10000)", &[])?);
+    phases.push(netdrop_phase(&bin, "netdrop --event-rate 0 (every event)", &["--event-rate", "0"])?);
+    if which::which("bpftrace").is_ok() {
+        let mut child = Command::new("bpftrace")
+            .args(["-e", "BEGIN { printf(\"attached\\n\"); } tracepoint:skb:kfree_skb { @[args->reason] = count(); }"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        // bpftrace prints "Attaching N probes..." then our BEGIN line on stdout.
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            use std::io::BufRead as _;
+            for l in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if l.contains("attached") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(60)).context("bpftrace did not start")?;
+        let cpu0 = cpu_seconds(child.id());
+        let mut p = base("bpftrace (count by reason)")?;
+        p.cpu = Some((cpu_seconds(child.id()) - cpu0) / SECONDS as f64);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT);
+        let _ = child.wait();
+        phases.push(p);
+    }
+    phases.push(base("no tracer (again)")?);
+
+    let baseline = (phases[0].rate + phases[phases.len() - 1].rate) / 2.0;
+    println!("\ndrop storm: {SENDERS} senders → closed UDP port, {SECONDS} s per phase, kernel {kernel}");
+    println!("| phase | sender rate (pkt/s) | vs no tracer | NoPorts delta | netdrop count | exact | events shown | tracer CPU (cores) |");
+    println!("|---|---:|---:|---:|---:|---|---:|---:|");
+    let mut json = Vec::new();
+    for p in &phases {
+        let exact = p.counted.map_or("-".to_string(), |c| if c == p.noports { "yes".into() } else { format!("no ({c} vs {})", p.noports) });
+        println!(
+            "| {} | {:.0} | {:.1}% | {} | {} | {} | {} | {} |",
+            p.name,
+            p.rate,
+            100.0 * p.rate / baseline,
+            p.noports,
+            p.counted.map_or("-".into(), |c| c.to_string()),
+            exact,
+            p.events.map_or("-".into(), |c| c.to_string()),
+            p.cpu.map_or("-".into(), |c| format!("{c:.3}")),
+        );
+        json.push(serde_json::json!({"phase": p.name, "rate": p.rate, "ratio": p.rate / baseline, "sent": p.sent,
+            "noports": p.noports, "counted": p.counted, "events": p.events, "cpu_cores": p.cpu}));
+    }
+    let dir = root.join("target/bench");
+    fs::create_dir_all(&dir)?;
+    fs::write(dir.join("drop-storm.json"), serde_json::to_string_pretty(&serde_json::json!({"kernel": kernel, "phases": json}))?)?;
+    println!("(also in target/bench/drop-storm.json)");
+    Ok(())
+}
