@@ -34,7 +34,7 @@ impl Interner {
     }
 }
 
-fn key_of(ns: Option<&str>, name: Option<&str>) -> Option<(&str, &str)> {
+fn key_of<'a>(ns: Option<&'a str>, name: Option<&'a str>) -> Option<(&'a str, &'a str)> {
     Some((ns.unwrap_or(""), name.filter(|n| !n.is_empty())?))
 }
 
@@ -340,6 +340,19 @@ struct BackendRef {
     port: u32,
 }
 
+impl BackendRef {
+    fn ready(&self) -> bool {
+        self.slice.endpoints[self.ep as usize].ready
+    }
+
+    /// When Services share a backend the packet alone cannot say which one it came through (the
+    /// conntrack original destination can): answer deterministically, ready endpoints first, then
+    /// by Service name.
+    fn order(a: &Self, b: &Self) -> std::cmp::Ordering {
+        (!a.ready(), &a.slice.service_full).cmp(&(!b.ready(), &b.slice.service_full))
+    }
+}
+
 /// Most backend addresses belong to one Service; several Services selecting the same pods share it.
 enum Refs {
     One(BackendRef),
@@ -436,12 +449,17 @@ impl SliceTable {
                 None => {
                     self.by_backend.insert(k, Refs::One(r));
                 }
-                Some(Refs::Many(v)) => v.push(r),
+                Some(Refs::Many(v)) => {
+                    v.push(r);
+                    v.sort_by(BackendRef::order);
+                }
                 Some(slot @ Refs::One(_)) => {
                     let Refs::One(first) = std::mem::replace(slot, Refs::Many(Vec::new())) else {
                         unreachable!("matched One")
                     };
-                    *slot = Refs::Many(vec![first, r]);
+                    let mut v = vec![first, r];
+                    v.sort_by(BackendRef::order);
+                    *slot = Refs::Many(v);
                 }
             }
         }
