@@ -51,22 +51,26 @@ pub struct Summary {
     pub uncounted_drops: u64,
 }
 
-/// Decides whether a counter row is shown or hidden, as the kernel's emit decision did.
+/// Decides whether a drop is shown or hidden: the kernel's emit decision (reasons, non-IP
+/// `NOT_SPECIFIED`), plus benign teardown locations, which only userspace can name.
 pub struct Visibility {
-    /// Reason → shown.
-    pub shown: Box<dyn Fn(u32) -> bool + Send + Sync>,
-    /// This reason without an IP header is hidden.
-    pub quiet_without_ip: u32,
+    config: netdrop_common::Config,
+    /// Hide drops at socket-teardown functions ([`crate::classify::BENIGN_LOCATIONS`]).
+    pub hide_benign_locations: bool,
+    symbols: std::sync::Arc<KernelSymbols>,
 }
 
 impl Visibility {
-    pub fn from_config(cfg: &netdrop_common::Config) -> Self {
-        let c = *cfg;
-        Self { shown: Box::new(move |r| c.emits(r)), quiet_without_ip: c.quiet_reason_without_ip }
+    pub fn new(config: &netdrop_common::Config, hide_benign_locations: bool, symbols: std::sync::Arc<KernelSymbols>) -> Self {
+        Self { config: *config, hide_benign_locations, symbols }
     }
 
-    pub fn is_hidden(&self, reason: u32, ip_version: u32) -> bool {
-        !(self.shown)(reason) || (ip_version == 0 && reason == self.quiet_without_ip && reason != ABSENT)
+    pub fn is_hidden(&self, reason: u32, ip_version: u32, location: u64) -> bool {
+        let quiet = self.config.quiet_reason_without_ip;
+        !self.config.emits(reason)
+            || (ip_version == 0 && reason == quiet && quiet != ABSENT)
+            || (self.hide_benign_locations
+                && self.symbols.function(location).is_some_and(crate::classify::is_benign_location))
     }
 }
 
@@ -95,7 +99,7 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
                 _ => "none",
             },
             count: *n,
-            hidden: ctx.visibility.is_hidden(k.reason, k.ip_version),
+            hidden: ctx.visibility.is_hidden(k.reason, k.ip_version, k.location),
         })
         .collect();
     rows.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.reason.cmp(&b.reason)));
@@ -142,21 +146,26 @@ mod tests {
         .expect("table");
         let mut cfg = Config::DEFAULT;
         crate::filter::FilterSpec::default().apply(&mut cfg, &reasons).expect("apply");
-        let vis = Visibility::from_config(&cfg);
-        let key = |reason, ip_version| DropKey { location: 0x10, reason, netns: 7, ip_version, _pad: 0 };
+        let syms = std::sync::Arc::new(KernelSymbols::parse(
+            "0000000000001000 t udp_rcv\n0000000000002000 t udp_destruct_common\n",
+        ));
+        let vis = Visibility::new(&cfg, true, syms.clone());
+        let key = |reason, ip_version| DropKey { location: 0x1010, reason, netns: 7, ip_version, _pad: 0 };
+        let teardown = DropKey { location: 0x20b9, ..key(2, 4) };
         let mut counts = KernelCounts::default();
-        counts.drops = vec![(key(3, 4), 40), (key(4, 4), 5), (key(2, 0), 9), (key(2, 6), 2), (key(3, 6), 0)];
+        counts.drops =
+            vec![(key(3, 4), 40), (key(4, 4), 5), (key(2, 0), 9), (key(2, 6), 2), (key(3, 6), 0), (teardown, 20)];
         counts.stats[stat::EVENTS_LOST as usize] = 3;
-        let syms = KernelSymbols::default();
         let ctx = SummaryContext { reasons: &reasons, symbols: &syms, visibility: &vis, node: "n1", hook: "tp_btf/kfree_skb" };
         let s = summarize(&counts, &ctx, 1.0, 10);
         assert_eq!(s.drops_total, 42);
         assert_eq!(s.by_reason["NO_SOCKET"], 40);
         assert_eq!(s.by_reason["NOT_SPECIFIED"], 2);
-        assert_eq!(s.hidden_drops, 14);
+        assert_eq!(s.hidden_drops, 34);
         assert_eq!(s.hidden_by_reason["SOCKET_CLOSE"], 5);
+        assert_eq!(s.hidden_by_reason["NOT_SPECIFIED"], 29, "non-IP and teardown-location frees");
         assert_eq!(s.lost_events, 3);
-        assert_eq!(s.drops.len(), 4, "zero rows are left out");
+        assert_eq!(s.drops.len(), 5, "zero rows are left out");
         assert_eq!(s.drops[0].count, 40);
     }
 }

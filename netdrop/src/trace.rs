@@ -91,6 +91,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     );
 
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    let hide_teardown = !spec.all_reasons && spec.reasons.is_empty();
+    let visibility = Visibility::new(&config, hide_teardown, symbols.clone());
     let mut sinks: Vec<Box<dyn Sink>> = vec![match args.output {
         Format::Text => Box::new(TextSink::new(stdout)),
         Format::Json => Box::new(JsonSink::new(stdout)),
@@ -119,21 +121,20 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                shown += drain(guard.get_inner_mut(), &decoder, &mut sinks)?;
+                shown += drain(guard.get_inner_mut(), &decoder, &visibility, &mut sinks)?;
                 guard.clear_ready();
             }
             _ = tick.tick() => {
-                shown += drain(ring.get_mut(), &decoder, &mut sinks)?;
+                shown += drain(ring.get_mut(), &decoder, &visibility, &mut sinks)?;
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             () = &mut deadline => break,
         }
     }
-    shown += drain(ring.get_mut(), &decoder, &mut sinks)?;
+    shown += drain(ring.get_mut(), &decoder, &visibility, &mut sinks)?;
 
     let counts = probe.counts();
-    let visibility = Visibility::from_config(&config);
     let ctx = SummaryContext {
         reasons: &reasons,
         symbols: &symbols,
@@ -149,11 +150,24 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
 }
 
 /// Reads every waiting event. Returns how many were shown.
-fn drain(ring: &mut RingBuf<MapData>, decoder: &Decoder, sinks: &mut [Box<dyn Sink>]) -> anyhow::Result<u64> {
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    decoder: &Decoder,
+    visibility: &Visibility,
+    sinks: &mut [Box<dyn Sink>],
+) -> anyhow::Result<u64> {
     let mut n = 0;
     while let Some(item) = ring.next() {
         let ev = decode::parse_event(&item)?;
         drop(item);
+        let ip_version = match (ev.header_len, ev.l3_proto) {
+            (0, _) => 0,
+            (_, 0x0800) => 4,
+            _ => 6,
+        };
+        if visibility.is_hidden(ev.reason, ip_version, ev.location) {
+            continue;
+        }
         let record = decoder.decode(&ev);
         for s in sinks.iter_mut() {
             s.on_drop(&record)?;
