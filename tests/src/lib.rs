@@ -6,6 +6,8 @@
 //! appends the test to `$NETDROP_SKIP_FILE`; `cargo xtask test` subtracts those from libtest's
 //! passes, so a skip is never counted as a pass.
 
+pub mod apiserver;
+
 use std::{
     collections::HashMap,
     fs::{self, OpenOptions},

@@ -71,9 +71,9 @@ fn looks_like_template_hash(s: &str) -> bool {
     (1..=10).contains(&s.len()) && s.bytes().all(|c| b"bcdfghjklmnpqrstvwxz2456789".contains(&c))
 }
 
-/// The workload a pod belongs to, as `Kind/name`: ReplicaSets named `<deployment>-<hash>` are
-/// reported as their Deployment, Jobs named `<cronjob>-<minutes since epoch>` as their CronJob
-/// (the CronJob controller's naming: pkg/controller/cronjob/utils.go `getJobName`).
+/// The workload a pod belongs to, as `Kind/name`: `ReplicaSets` named `<deployment>-<hash>` are
+/// reported as their Deployment, Jobs named `<cronjob>-<minutes since epoch>` as their `CronJob`
+/// (the `CronJob` controller's naming: `pkg/controller/cronjob/utils.go` `getJobName`).
 pub(crate) fn workload_of(owners: &[OwnerRef]) -> Option<(&str, &str)> {
     let o = owners
         .iter()

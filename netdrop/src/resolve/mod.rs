@@ -1,7 +1,7 @@
 //! Kubernetes resolution: IP/port → pod, Service, backend, node.
 //!
 //! This module owns everything netdrop knows about the cluster: the reflectors that watch Pods,
-//! Services, EndpointSlices and Nodes through the API (or a `--kube-snapshot` file), the compact
+//! Services, `EndpointSlices` and Nodes through the API (or a `--kube-snapshot` file), the compact
 //! indexes they maintain, and the lookups the tracer calls for every drop event.
 //!
 //! Lookups take a read lock on one index and clone interned names: no allocation, well under a

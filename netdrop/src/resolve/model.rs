@@ -119,9 +119,9 @@ impl FromStr for Proto {
 pub enum PeerKind {
     /// A pod's own IP (not hostNetwork).
     Pod,
-    /// A node address, including hostNetwork pods and NodePorts.
+    /// A node address, including `hostNetwork` pods and `NodePorts`.
     Node,
-    /// A Service virtual IP: ClusterIP, externalIP or load-balancer ingress IP.
+    /// A Service virtual IP: `ClusterIP`, `externalIP` or load-balancer ingress IP.
     Service,
     /// Known to the cluster state and not part of it (the resolver is synced for the kinds asked).
     External,
@@ -235,7 +235,7 @@ pub struct ServicePort {
     pub node_port: Option<u16>,
 }
 
-/// One backend endpoint of a Service (from its EndpointSlices).
+/// One backend endpoint of a Service (from its `EndpointSlices`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Backend {
     #[serde(skip_serializing_if = "Option::is_none")]

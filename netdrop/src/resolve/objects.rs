@@ -19,7 +19,7 @@ use serde::{
     de::{IgnoredAny, MapAccess, Visitor},
 };
 
-/// Label that ties an EndpointSlice to its Service
+/// Label that ties an `EndpointSlice` to its Service
 /// (<https://kubernetes.io/docs/concepts/services-networking/endpoint-slices/#ownership>).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -243,7 +243,7 @@ impl fmt::Display for TargetPort {
 pub struct SlimService {
     pub metadata: ObjectMeta,
     pub type_: Option<String>,
-    /// ClusterIPs (dual-stack); `None`/headless Services have none.
+    /// `ClusterIPs` (dual-stack); `None`/headless Services have none.
     pub cluster_ips: Vec<IpAddr>,
     /// `spec.externalIPs` and `status.loadBalancer.ingress[].ip`.
     pub external_ips: Vec<IpAddr>,
@@ -329,11 +329,11 @@ impl From<ServiceWire> for SlimService {
     }
 }
 
-/// One endpoint of an EndpointSlice.
+/// One endpoint of an `EndpointSlice`.
 #[derive(Debug, Clone)]
 pub struct SlimEndpoint {
     pub addresses: Vec<IpAddr>,
-    /// `conditions.ready`; absent means ready (per the EndpointSlice API).
+    /// `conditions.ready`; absent means ready (per the `EndpointSlice` API).
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -342,7 +342,7 @@ pub struct SlimEndpoint {
     pub pod: Option<(Option<String>, String)>,
 }
 
-/// An EndpointSlice port.
+/// An `EndpointSlice` port.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct SlicePortWire {
     #[serde(default)]
@@ -353,7 +353,7 @@ pub struct SlicePortWire {
     pub protocol: Option<String>,
 }
 
-/// A discovery.k8s.io/v1 EndpointSlice.
+/// A `discovery.k8s.io/v1` `EndpointSlice`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(from = "SliceWire")]
 pub struct SlimEndpointSlice {

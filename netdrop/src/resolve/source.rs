@@ -36,7 +36,7 @@ pub struct KubeArgs {
     pub no_kube: bool,
 
     /// The node this runs on, named as the drop's location, e.g. `--node-name worker-2`
-    /// [default: $NODE_NAME, else the hostname]
+    /// [default: `$NODE_NAME`, else the hostname]
     #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     pub node_name: Option<String>,
 

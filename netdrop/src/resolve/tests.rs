@@ -17,6 +17,7 @@ fn index() -> Index {
     snapshot::parse(CLUSTER.as_bytes()).expect("fixture parses")
 }
 
+#[expect(clippy::unnecessary_wraps, reason = "Peer fields are Options")]
 fn n(s: &str) -> Option<Name> {
     Some(Name::new(s))
 }
@@ -61,6 +62,9 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("test IP")
 }
 
+/// (case name, address, port and protocol, expected result)
+type Case = (&'static str, &'static str, Option<(u16, Proto)>, Peer);
+
 #[test]
 fn resolution_table() {
     let ix = index();
@@ -68,7 +72,7 @@ fn resolution_table() {
     let web_b = || pod("default", "web-7d4b9c8f6d-fghij", "node-b", Some("Deployment/web"));
     let web_c = || pod("default", "web-7d4b9c8f6d-klmno", "node-b", Some("Deployment/web"));
     let tcp = |p| Some((p, Proto::Tcp));
-    let cases: Vec<(&str, &str, Option<(u16, Proto)>, Peer)> = vec![
+    let cases: Vec<Case> = vec![
         ("pod IPv4", "10.244.1.7", None, web_a()),
         ("pod IPv6", "fd00:10:244:1::7", None, web_a()),
         ("backend IPv4, named port", "10.244.2.13", tcp(8080), backend(web_b(), "default/web", "http", true)),

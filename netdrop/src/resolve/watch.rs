@@ -142,18 +142,22 @@ fn on_error(shared: &Shared, kind: Kind, e: &watcher::Error) {
         E::InitialListFailed(c) | E::WatchStartFailed(c) | E::WatchFailed(c) => Some(c),
         E::WatchError(_) | E::NoResourceVersion => None,
     };
-    let new = match (e, client_err) {
-        (E::WatchError(s), _) if s.code == 410 => {
+    let status = match e {
+        E::WatchError(s) => Some(s.as_ref()),
+        _ => match client_err {
+            Some(kube::Error::Api(s)) => Some(s.as_ref()),
+            _ => None,
+        },
+    };
+    let new = match (status, client_err) {
+        (Some(s), _) if s.code == 410 => {
             debug!(kind = kind.resource(), "resourceVersion expired (410 Gone): relisting");
             return;
         }
-        (E::WatchError(s), _) if s.code == 403 || s.code == 401 => forbidden_reason(kind, &s.message),
-        (_, Some(kube::Error::Api(s))) if s.code == 403 || s.code == 401 => forbidden_reason(kind, &s.message),
-        (_, Some(kube::Error::Api(s))) => format!("API error {} on {}: {}", s.code, kind.resource(), s.message),
-        (E::WatchError(s), _) => format!("API error {} on {}: {}", s.code, kind.resource(), s.message),
-        (_, Some(c)) => format!("API unreachable: {}", root_cause(c)),
-        (E::NoResourceVersion, None) => format!("API sent {} without a resourceVersion", kind.resource()),
-        _ => e.to_string(),
+        (Some(s), _) if s.code == 403 || s.code == 401 => forbidden_reason(kind, &s.message),
+        (Some(s), _) => format!("API error {} on {}: {}", s.code, kind.resource(), s.message),
+        (None, Some(c)) => format!("API unreachable: {}", root_cause(c)),
+        (None, None) => format!("API sent {} without a resourceVersion", kind.resource()),
     };
     let forbidden = new.starts_with("cannot list/watch");
     let cur = shared.state(kind);
