@@ -44,7 +44,7 @@ use status::{KindState, Slot};
 #[derive(Debug, thiserror::Error)]
 pub enum ResolveError {
     /// The kubeconfig could not be read or used.
-    #[error("cannot use {what}: {source}; fix it, or pass --kubeconfig FILE, --kube-snapshot FILE or --no-kube")]
+    #[error("cannot use {what}: {}; fix it, or pass --kubeconfig FILE, --kube-snapshot FILE or --no-kube", one_line(.source))]
     Kubeconfig {
         what: String,
         #[source]
@@ -79,6 +79,13 @@ pub enum ResolveError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+/// Errors from YAML parsers span several lines; a user-facing error is one.
+fn one_line(e: &dyn std::error::Error) -> String {
+    let s = e.to_string();
+    let mut parts = s.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("-->") && !l.starts_with('|'));
+    parts.next().unwrap_or_default().to_owned()
 }
 
 /// State shared between the reflector tasks and the lookups.

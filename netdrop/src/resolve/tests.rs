@@ -235,3 +235,14 @@ fn unsynced_kinds_mean_unresolved_not_external() {
     let ix = Index::default();
     assert_eq!(ix.lookup(ip("10.1.2.3"), None).kind, PeerKind::Unresolved);
 }
+
+#[test]
+fn real_kubectl_output_loads_the_same() {
+    // `kubectl get pods,services,endpointslices,nodes -A -o json` run against the stand-in serving
+    // cluster.json (kubectl 1.32).
+    let from_kubectl = snapshot::parse(include_bytes!("../../../tests/fixtures/kube/kubectl-snapshot.json"))
+        .expect("kubectl output parses");
+    let ix = index();
+    assert_eq!(from_kubectl.stats(), ix.stats());
+    assert_eq!(from_kubectl.service_info("default", "web"), ix.service_info("default", "web"));
+}
