@@ -33,8 +33,56 @@ pub struct DropKey {
     pub netns: u32,
     /// 4 or 6 when the skb had an IPv4/IPv6 network header, else 0: the summary tells socket
     /// teardown frees (no IP header) from packet drops with the same reason.
-    pub ip_version: u32,
-    pub _pad: u32,
+    pub ip_version: u8,
+    /// The skb's conntrack state, [`ct`] bits: none/unconfirmed/confirmed/untracked plus the
+    /// NAT-done bits. Classifies NETFILTER_DROP without the precise hooks.
+    pub ct_state: u8,
+    /// A classification the precise hooks established for this skb ([`class`]), else 0.
+    pub exact_class: u8,
+    pub _pad: [u8; 5],
+}
+
+/// `DropKey::ct_state` / `DropEvent::ct_state` encoding.
+pub mod ct {
+    /// Low two bits: the skb's conntrack entry.
+    pub const STATE_MASK: u8 = 0b11;
+    /// No conntrack entry attached (conntrack off, invalid packet, or allocation failed).
+    pub const NONE: u8 = 0;
+    /// An entry not yet in the table: a new flow before its confirm hook.
+    pub const UNCONFIRMED: u8 = 1;
+    /// An entry in the table.
+    pub const CONFIRMED: u8 = 2;
+    /// Explicitly untracked (`NOTRACK`/`notrack`), or a template.
+    pub const UNTRACKED: u8 = 3;
+    /// `IPS_SRC_NAT_DONE`: the source-NAT hook (POSTROUTING/INPUT) has run.
+    pub const SRC_NAT_DONE: u8 = 1 << 2;
+    /// `IPS_DST_NAT_DONE`: the destination-NAT hook (PREROUTING/OUTPUT) has run.
+    pub const DST_NAT_DONE: u8 = 1 << 3;
+    /// `IPS_SRC_NAT`: the source address/port was rewritten.
+    pub const SRC_NAT: u8 = 1 << 4;
+    /// `IPS_DST_NAT`: the destination address/port was rewritten.
+    pub const DST_NAT: u8 = 1 << 5;
+
+    /// UAPI `enum ip_conntrack_status` bits (include/uapi/linux/netfilter/nf_conntrack_common.h),
+    /// stable across kernels.
+    pub const IPS_CONFIRMED: u64 = 1 << 3;
+    pub const IPS_SRC_NAT: u64 = 1 << 4;
+    pub const IPS_DST_NAT: u64 = 1 << 5;
+    pub const IPS_SRC_NAT_DONE: u64 = 1 << 7;
+    pub const IPS_DST_NAT_DONE: u64 = 1 << 8;
+    pub const IPS_TEMPLATE: u64 = 1 << 11;
+    pub const IPS_UNTRACKED: u64 = 1 << 12;
+    /// `IP_CT_UNTRACKED`: the ctinfo of untracked packets (`skb->_nfct == 7`, no entry).
+    pub const IP_CT_UNTRACKED: u64 = 7;
+}
+
+/// Classifications the precise conntrack hooks (fexit/kprobe) can establish per skb.
+pub mod class {
+    /// `__nf_conntrack_confirm` returned NF_DROP: the entry could not be inserted (clash).
+    pub const INSERT_FAILED: u8 = 1;
+    /// `nf_conntrack_in` returned NF_DROP without attaching an entry: allocation failed
+    /// (table full).
+    pub const TABLE_FULL: u8 = 2;
 }
 
 /// One dropped packet, as sent through the ring buffer.
@@ -63,8 +111,36 @@ pub struct DropEvent {
     pub cpu: u32,
     /// `skb->dev->name`, NUL-padded; empty when the skb has no device.
     pub ifname: [u8; IFNAMSIZ],
+    /// `nf_conn.status` (low 32 bits), 0 without an entry.
+    pub ct_status: u32,
+    /// [`ct`] encoding, as in [`DropKey::ct_state`].
+    pub ct_state: u8,
+    /// `skb->_nfct & 7`: the packet's `enum ip_conntrack_info` (direction/state).
+    pub ct_info: u8,
+    /// [`class`] established by the precise hooks, else 0.
+    pub exact_class: u8,
+    pub _pad: u8,
+    /// The entry's original-direction tuple (before NAT), valid when `ct_state` is
+    /// unconfirmed or confirmed.
+    pub ct_orig: ConntrackTuple,
     /// The packet from its network (L3) header on.
     pub headers: [u8; HEADER_BYTES],
+}
+
+/// A conntrack tuple as netdrop carries it: addresses as on the wire (IPv4 in the first 4
+/// bytes), ports in network byte order as the kernel stores them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackTuple {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Network byte order (`__be16`).
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// `AF_INET` (2) or `AF_INET6` (10).
+    pub l3num: u16,
+    pub protonum: u8,
+    pub _pad: u8,
 }
 
 /// Indexes of the per-CPU `STATS` array: what happened to drops that did not become events.
@@ -105,6 +181,21 @@ pub struct KernelOffsets {
     pub dev_nd_net: u32,
     pub sk_net: u32,
     pub net_ns_inum: u32,
+    /// `sk_buff._nfct`.
+    pub skb_nfct: u32,
+    /// `nf_conn.status`.
+    pub ct_status: u32,
+    /// `nf_conn.tuplehash[IP_CT_DIR_ORIGINAL].tuple`.
+    pub ct_orig_tuple: u32,
+    /// Within `struct nf_conntrack_tuple`: `src.u3`, `src.u.all`, `src.l3num`, `dst.u3`,
+    /// `dst.u.all`, `dst.protonum`.
+    pub tuple_src_u3: u32,
+    pub tuple_src_port: u32,
+    pub tuple_src_l3num: u32,
+    pub tuple_dst_u3: u32,
+    pub tuple_dst_port: u32,
+    pub tuple_dst_protonum: u32,
+    pub _pad: u32,
 }
 
 /// Fields of the classic `skb/kfree_skb` tracepoint record, from its tracefs `format` file.
@@ -159,7 +250,12 @@ pub struct Config {
     /// Drops with this reason and no IP header (netlink, unix and other socket teardown frees)
     /// are counted but not sent as events; [`ABSENT`] to send them.
     pub quiet_reason_without_ip: u32,
-    pub _pad1: u32,
+    /// 1: read the skb's conntrack entry (the kernel has `struct nf_conn` in its BTF).
+    pub conntrack: u32,
+    /// 1: the precise conntrack hooks are attached; consult `SKB_CLASS` on NETFILTER_DROP.
+    pub precise_conntrack: u32,
+    /// This kernel's NETFILTER_DROP reason number ([`ABSENT`] without reasons).
+    pub netfilter_drop_reason: u32,
 }
 
 /// `Config::l4_proto` value that matches every protocol (IP protocol numbers stop at 255).
@@ -183,6 +279,16 @@ impl Config {
             dev_nd_net: 0,
             sk_net: 0,
             net_ns_inum: 0,
+            skb_nfct: 0,
+            ct_status: 0,
+            ct_orig_tuple: 0,
+            tuple_src_u3: 0,
+            tuple_src_port: 0,
+            tuple_src_l3num: 0,
+            tuple_dst_u3: 0,
+            tuple_dst_port: 0,
+            tuple_dst_protonum: 0,
+            _pad: 0,
         },
         tracepoint: TracepointLayout { skbaddr: 0, location: 0, reason: ABSENT, _pad: 0 },
         btf_has_reason: 0,
@@ -199,7 +305,9 @@ impl Config {
         wakeup_bytes: 0,
         read_skb: 0,
         quiet_reason_without_ip: ABSENT,
-        _pad1: 0,
+        conntrack: 0,
+        precise_conntrack: 0,
+        netfilter_drop_reason: ABSENT,
     };
 
     /// Whether a drop with `reason` becomes an event.
@@ -242,6 +350,7 @@ mod user {
     unsafe impl aya::Pod for super::DropEvent {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::RateWindow {}
+    unsafe impl aya::Pod for super::ConntrackTuple {}
 }
 
 #[cfg(test)]
@@ -255,9 +364,10 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<DropKey>(), 24);
-        assert_eq!(size_of::<DropEvent>(), 8 * 3 + 4 * 4 + 2 * 2 + 4 + IFNAMSIZ + HEADER_BYTES);
-        assert_eq!(size_of::<KernelOffsets>(), 14 * 4);
-        assert_eq!(size_of::<Config>(), 208);
+        assert_eq!(size_of::<ConntrackTuple>(), 40);
+        assert_eq!(size_of::<DropEvent>(), 8 * 3 + 4 * 4 + 2 * 2 + 4 + IFNAMSIZ + 8 + 40 + HEADER_BYTES);
+        assert_eq!(size_of::<KernelOffsets>(), 24 * 4);
+        assert_eq!(size_of::<Config>(), 256);
     }
 
     #[test]
@@ -270,5 +380,140 @@ mod tests {
         assert!(c.emits(0x0003_0001), "subsystem reasons follow emit_other_reasons");
         c.emit_other_reasons = 0;
         assert!(!c.emits(0x0003_0001));
+    }
+}
+
+// ---- tc accounting ----
+//
+// Passive tc programs on the host side of workload veths (`cali*`) count what each pod sends and
+// receives. On the host-side veth, tc *ingress* sees the packets the pod sends and tc *egress*
+// the packets delivered to the pod; [`TC_DIR_FROM_POD`] and [`TC_DIR_TO_POD`] name them so.
+
+/// Direction index: tc ingress on the host-side veth = packets the pod sends.
+pub const TC_DIR_FROM_POD: u32 = 0;
+/// Direction index: tc egress on the host-side veth = packets delivered to the pod.
+pub const TC_DIR_TO_POD: u32 = 1;
+
+/// Key of the exact per-CPU interface counters (`TC_COUNTERS`). Userspace inserts one zeroed
+/// entry per watched interface and direction before attaching, and removes it when the
+/// interface goes; the programs only update existing entries, so the map never leaks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TcKey {
+    /// `skb->ifindex` of the host-side interface, in its own network namespace.
+    pub ifindex: u32,
+    /// Inode of that network namespace ([`TcConfig::netns`] of the program instance).
+    pub netns: u32,
+    /// [`TC_DIR_FROM_POD`] or [`TC_DIR_TO_POD`].
+    pub direction: u32,
+    pub _pad: u32,
+}
+
+/// Per-CPU counters of one interface and direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcCounters {
+    pub packets: u64,
+    /// `skb->len` at tc, which includes the Ethernet header (as the interface statistics do).
+    pub bytes: u64,
+    /// TCP segments with SYN set and ACK clear (every SYN, retransmissions included).
+    pub tcp_syn: u64,
+    /// First UDP packet of a flow (see [`TcFlowKey`]).
+    pub udp_new: u64,
+}
+
+/// Key of the destinations whose connection attempts are counted (`TC_DESTS`), e.g. the
+/// backends of a Service. Userspace inserts the entries; the programs only update them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TcDestKey {
+    /// Destination address as on the wire; IPv4 in the first 4 bytes, the rest zero.
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// IP protocol (6 TCP, 17 UDP).
+    pub proto: u8,
+    /// 4 or 6.
+    pub family: u8,
+}
+
+/// Per-CPU attempt counts of one destination, indexed by direction ([`TC_DIR_FROM_POD`]: a pod
+/// on a watched interface opened it; [`TC_DIR_TO_POD`]: it was delivered to a watched pod).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcDestCounters {
+    pub attempts: [u64; 2],
+}
+
+/// Key of the recent-UDP-flow LRU map (`TC_UDP_FLOWS`): the flow's endpoints in a fixed order
+/// (lower address/port first), so a reply finds its request's entry and is not a new flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TcFlowKey {
+    pub ifindex: u32,
+    pub family: u8,
+    pub proto: u8,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub _pad: u16,
+    pub addr_lo: [u8; 16],
+    pub addr_hi: [u8; 16],
+}
+
+/// Settings of one tc program instance (one per watched network namespace), handed over as the
+/// read-only global `TC_CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcConfig {
+    /// Inode of the network namespace this instance's interfaces live in (goes into [`TcKey`]).
+    pub netns: u32,
+    /// 1: count the first packet of each UDP flow ([`TcCounters::udp_new`]).
+    pub udp_flows: u32,
+    /// A UDP flow idle this long starts anew (conntrack's own UDP timeout is 30 s).
+    pub udp_flow_timeout_ns: u64,
+}
+
+impl TcConfig {
+    pub const DEFAULT: Self = Self { netns: 0, udp_flows: 1, udp_flow_timeout_ns: 30_000_000_000 };
+}
+
+/// Indexes of the per-CPU `TC_STATS` array.
+pub mod tc_stat {
+    /// Packets on an interface that has no counter entry (attached but not registered: should
+    /// stay 0).
+    pub const UNREGISTERED: u32 = 0;
+    /// UDP flows that could not be recorded (LRU insert failed for a reason other than a race).
+    pub const FLOW_INSERT_FAILED: u32 = 1;
+    /// IP packets whose headers could not be read (truncated).
+    pub const SHORT_PACKETS: u32 = 2;
+    /// Number of slots.
+    pub const COUNT: u32 = 4;
+}
+
+#[cfg(feature = "user")]
+mod tc_user {
+    // SAFETY (all impls): #[repr(C)], only integers and arrays of integers, padding explicit.
+    unsafe impl aya::Pod for super::TcKey {}
+    unsafe impl aya::Pod for super::TcCounters {}
+    unsafe impl aya::Pod for super::TcDestKey {}
+    unsafe impl aya::Pod for super::TcDestCounters {}
+    unsafe impl aya::Pod for super::TcFlowKey {}
+    unsafe impl aya::Pod for super::TcConfig {}
+}
+
+#[cfg(test)]
+mod tc_tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn tc_layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<TcKey>(), 16);
+        assert_eq!(size_of::<TcCounters>(), 32);
+        assert_eq!(size_of::<TcDestKey>(), 20);
+        assert_eq!(size_of::<TcDestCounters>(), 16);
+        assert_eq!(size_of::<TcFlowKey>(), 4 + 1 + 1 + 2 + 2 + 2 + 32);
+        assert_eq!(size_of::<TcConfig>(), 16);
     }
 }

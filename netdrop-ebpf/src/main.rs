@@ -15,14 +15,16 @@ use aya_ebpf::{
     helpers::{
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
     },
-    macros::{btf_tracepoint, map, tracepoint},
-    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{BtfTracePointContext, TracePointContext},
+    macros::{btf_tracepoint, fexit, kprobe, kretprobe, map, tracepoint},
+    maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{BtfTracePointContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext},
 };
 use netdrop_common::{
-    ABSENT, ANY_PROTO, Config, DropEvent, DropKey, HEADER_BYTES, IFNAMSIZ, REASON_BITMAP_BITS,
-    RateWindow, stat,
+    ABSENT, ANY_PROTO, Config, ConntrackTuple, DropEvent, DropKey, HEADER_BYTES, IFNAMSIZ,
+    REASON_BITMAP_BITS, RateWindow, class, ct, stat,
 };
+
+mod tc;
 
 /// Settings of this run; the loader overrides it before loading (`.rodata`, frozen).
 #[unsafe(no_mangle)]
@@ -42,6 +44,22 @@ static RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
 /// Per-event detail. The loader may resize it (`--ring-size`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// skb address → (mark time << 8 | [`class`]) set by the precise conntrack hooks and consumed
+/// by the kfree_skb program. The time bounds a stale mark: an skb the hook marked always reaches
+/// `kfree_skb(NETFILTER_DROP)` within the same hook traversal, far below 10 ms.
+#[map]
+static SKB_CLASS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(8192, 0);
+
+/// The skb a kprobe'd conntrack function was entered with, per CPU, for its kretprobe. Slot 0:
+/// `__nf_conntrack_confirm`, slot 1: `nf_conntrack_in`. Both run with bottom halves disabled or
+/// from softirq, so the CPU does not switch to another call in between.
+#[map]
+static KPROBE_SKB: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+const MARK_MAX_AGE_NS: u64 = 10_000_000;
+/// `NF_DROP` verdict.
+const NF_DROP: i64 = 0;
 
 /// Reads one field of the run's configuration. Volatile, so the compiler keeps the load and the
 /// verifier (not rustc) sees the frozen value.
@@ -125,7 +143,7 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
 
     if conf!(read_skb) == 0 {
         // No BTF, so no offsets: the "counts only" mode counts by (reason, location), no events.
-        count(DropKey { location, reason, netns: 0, ip_version: 0, _pad: 0 });
+        count(DropKey { location, reason, netns: 0, ip_version: 0, ct_state: 0, exact_class: 0, _pad: [0; 5] });
         return Ok(());
     }
     let dev: *const u8 = read(skb, conf!(offsets.skb_dev))?;
@@ -169,7 +187,13 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
         (true, ETH_P_IP) => 4,
         (true, _) => 6,
     };
-    count(DropKey { location, reason, netns, ip_version, _pad: 0 });
+    let (ct_ptr, ct_info, ct_status, ct_state) = conntrack_of(skb);
+    let exact_class = if conf!(precise_conntrack) != 0 && reason == conf!(netfilter_drop_reason) {
+        take_mark(skb as u64)
+    } else {
+        0
+    };
+    count(DropKey { location, reason, netns, ip_version, ct_state, exact_class, _pad: [0; 5] });
 
     if !emits(reason) || (!has_l3 && reason == conf!(quiet_reason_without_ip)) || !rate_allows() {
         return Ok(());
@@ -208,6 +232,15 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
             ev.ifname = [0; IFNAMSIZ];
         }
     }
+    ev.ct_status = ct_status;
+    ev.ct_state = ct_state;
+    ev.ct_info = ct_info;
+    ev.exact_class = exact_class;
+    ev._pad = 0;
+    ev.ct_orig = ConntrackTuple::default();
+    if !ct_ptr.is_null() {
+        read_tuple(ct_ptr, &mut ev.ct_orig);
+    }
     ev.header_len = 0;
     // A fixed-size read keeps the verifier simple; bytes past `tail` are still inside the skb's
     // data buffer (skb_shared_info follows it) and header_len leaves them out.
@@ -240,6 +273,166 @@ fn count(key: DropKey) {
             }
         }
     }
+}
+
+/// The skb's conntrack entry: (entry, ctinfo, status, [`ct`] encoding). The entry pointer is null
+/// unless it is a real (unconfirmed or confirmed) entry whose tuple can be read.
+#[inline(always)]
+fn conntrack_of(skb: *const u8) -> (*const u8, u8, u32, u8) {
+    if conf!(conntrack) == 0 {
+        return (core::ptr::null(), 0, 0, ct::NONE);
+    }
+    // skb->_nfct = entry pointer | ctinfo (NFCT_INFOMASK = 7).
+    let nfct: u64 = read(skb, conf!(offsets.skb_nfct)).unwrap_or(0);
+    let info = (nfct & 7) as u8;
+    let entry = (nfct & !7) as *const u8;
+    if entry.is_null() {
+        let state = if nfct == ct::IP_CT_UNTRACKED { ct::UNTRACKED } else { ct::NONE };
+        return (core::ptr::null(), info, 0, state);
+    }
+    let status: u64 = read(entry, conf!(offsets.ct_status)).unwrap_or(0);
+    let mut state = if status & (ct::IPS_UNTRACKED | ct::IPS_TEMPLATE) != 0 {
+        return (core::ptr::null(), info, status as u32, ct::UNTRACKED);
+    } else if status & ct::IPS_CONFIRMED != 0 {
+        ct::CONFIRMED
+    } else {
+        ct::UNCONFIRMED
+    };
+    if status & ct::IPS_SRC_NAT_DONE != 0 {
+        state |= ct::SRC_NAT_DONE;
+    }
+    if status & ct::IPS_DST_NAT_DONE != 0 {
+        state |= ct::DST_NAT_DONE;
+    }
+    if status & ct::IPS_SRC_NAT != 0 {
+        state |= ct::SRC_NAT;
+    }
+    if status & ct::IPS_DST_NAT != 0 {
+        state |= ct::DST_NAT;
+    }
+    (entry, info, status as u32, state)
+}
+
+/// The entry's original-direction tuple: the addresses before NAT (a ClusterIP, a pod's own IP).
+#[inline(always)]
+fn read_tuple(entry: *const u8, out: &mut ConntrackTuple) {
+    let t = entry.wrapping_add(conf!(offsets.ct_orig_tuple) as usize);
+    let ok = unsafe {
+        bpf_probe_read_kernel_buf(t.wrapping_add(conf!(offsets.tuple_src_u3) as usize), &mut out.src).is_ok()
+            && bpf_probe_read_kernel_buf(t.wrapping_add(conf!(offsets.tuple_dst_u3) as usize), &mut out.dst).is_ok()
+    };
+    if !ok {
+        return;
+    }
+    let base = t as *const u8;
+    out.src_port = read(base, conf!(offsets.tuple_src_port)).unwrap_or(0);
+    out.dst_port = read(base, conf!(offsets.tuple_dst_port)).unwrap_or(0);
+    out.l3num = read(base, conf!(offsets.tuple_src_l3num)).unwrap_or(0);
+    out.protonum = read(base, conf!(offsets.tuple_dst_protonum)).unwrap_or(0);
+}
+
+/// The precise hooks' mark for this skb, if fresh; consumed.
+#[inline(always)]
+fn take_mark(skb: u64) -> u8 {
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(mark) = (unsafe { SKB_CLASS.get(&skb) }).copied() else { return 0 };
+    let _ = SKB_CLASS.remove(&skb);
+    let now = unsafe { bpf_ktime_get_ns() };
+    if now.wrapping_sub(mark >> 8) > MARK_MAX_AGE_NS {
+        return 0;
+    }
+    (mark & 0xff) as u8
+}
+
+#[inline(always)]
+fn mark(skb: u64, class: u8) {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let _ = SKB_CLASS.insert(&skb, &((now << 8) | u64::from(class)), 0);
+}
+
+/// Precise path (fexit, Linux 5.5+ with BTF for the function): `__nf_conntrack_confirm(skb)`
+/// returning NF_DROP means the new entry could not be inserted: a clash that could not be
+/// resolved (the SNAT/DNS race) or a dying entry. Both bump `insert_failed`.
+/// <https://github.com/torvalds/linux/blob/v6.18/net/netfilter/nf_conntrack_core.c> (`__nf_conntrack_confirm`)
+#[fexit(function = "__nf_conntrack_confirm")]
+pub fn ct_confirm_exit(ctx: FExitContext) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    let ret: i64 = ctx.arg::<i32>(1).into();
+    if ret == NF_DROP {
+        mark(skb, class::INSERT_FAILED);
+    }
+    0
+}
+
+/// `nf_conntrack_in(skb, state)` returning NF_DROP with no entry attached: `resolve_normal_ct`
+/// failed to allocate one (table full, `drop` stat), per the same file.
+#[fexit(function = "nf_conntrack_in")]
+pub fn ct_in_exit(ctx: FExitContext) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    let ret: i64 = ctx.arg::<i32>(2).into();
+    if ret == NF_DROP && no_entry(skb as *const u8) {
+        mark(skb, class::TABLE_FULL);
+    }
+    0
+}
+
+#[inline(always)]
+fn no_entry(skb: *const u8) -> bool {
+    read::<u64>(skb, conf!(offsets.skb_nfct)).is_ok_and(|n| n & !7 == 0)
+}
+
+/// kprobe fallback of [`ct_confirm_exit`] (kernels or modules without fexit): the entry probe
+/// remembers the skb, the return probe reads the verdict.
+#[kprobe]
+pub fn ct_confirm_entry(ctx: ProbeContext) -> u32 {
+    remember_skb(&ctx, 0);
+    0
+}
+
+#[kretprobe]
+pub fn ct_confirm_return(ctx: RetProbeContext) -> u32 {
+    let ret: i64 = ctx.ret::<i32>().into();
+    if let Some(skb) = recall_skb(0)
+        && ret == NF_DROP
+    {
+        mark(skb, class::INSERT_FAILED);
+    }
+    0
+}
+
+#[kprobe]
+pub fn ct_in_entry(ctx: ProbeContext) -> u32 {
+    remember_skb(&ctx, 1);
+    0
+}
+
+#[kretprobe]
+pub fn ct_in_return(ctx: RetProbeContext) -> u32 {
+    let ret: i64 = ctx.ret::<i32>().into();
+    if let Some(skb) = recall_skb(1)
+        && ret == NF_DROP
+        && no_entry(skb as *const u8)
+    {
+        mark(skb, class::TABLE_FULL);
+    }
+    0
+}
+
+#[inline(always)]
+fn remember_skb(ctx: &ProbeContext, slot: u32) {
+    let skb: u64 = ctx.arg(0).unwrap_or(0);
+    if let Some(p) = KPROBE_SKB.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot.
+        unsafe { *p = skb };
+    }
+}
+
+#[inline(always)]
+fn recall_skb(slot: u32) -> Option<u64> {
+    let p = KPROBE_SKB.get_ptr_mut(slot)?;
+    // SAFETY: per-CPU slot.
+    let skb = unsafe { core::mem::replace(&mut *p, 0) };
+    (skb != 0).then_some(skb)
 }
 
 /// The drop's network namespace: the device's, else the socket's (locally generated packets

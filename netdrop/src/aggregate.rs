@@ -3,10 +3,16 @@
 
 use std::collections::BTreeMap;
 
-use netdrop_common::{ABSENT, stat};
+use netdrop_common::{ABSENT, DropKey, stat};
 use serde::Serialize;
 
-use crate::{probe::KernelCounts, reasons::ReasonTable, symbols::KernelSymbols};
+use crate::{
+    classify::{self, Certainty},
+    conntrack::CtStats,
+    probe::KernelCounts,
+    reasons::ReasonTable,
+    symbols::KernelSymbols,
+};
 
 /// One (reason, location, netns) row.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -20,6 +26,29 @@ pub struct ReasonRow {
     pub count: u64,
     /// Benign or not selected: counted, not shown as events.
     pub hidden: bool,
+    /// As for events: `no_socket`, `netfilter_rule`, `conntrack_insert_failed`, ...
+    pub classification: String,
+    pub certainty: Certainty,
+    /// The packets' conntrack state (`none`, `unconfirmed`, ...).
+    pub conntrack: &'static str,
+}
+
+/// One namespace's conntrack statistics over the run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConntrackReport {
+    pub netns: u32,
+    /// Entries at the end, and the limit.
+    pub count: u64,
+    pub max: u64,
+    /// Rises over the run.
+    pub insert_failed: u64,
+    pub drop: u64,
+    pub early_drop: u64,
+    pub invalid: u64,
+    pub clash_resolve: u64,
+    /// The same, per second of the run.
+    pub insert_failed_per_s: f64,
+    pub drop_per_s: f64,
 }
 
 /// The end-of-run (or periodic) summary. JSON: `{"type":"summary",...}`.
@@ -36,6 +65,8 @@ pub struct Summary {
     pub drops_total: u64,
     /// Shown drops per reason name.
     pub by_reason: BTreeMap<String, u64>,
+    /// Shown drops per classification.
+    pub by_classification: BTreeMap<String, u64>,
     /// Hidden (benign or not selected) drops, counted all the same.
     pub hidden_drops: u64,
     pub hidden_by_reason: BTreeMap<String, u64>,
@@ -49,6 +80,12 @@ pub struct Summary {
     pub rate_limited_events: u64,
     /// Drops that could not be counted because the counter map was full (should be 0).
     pub uncounted_drops: u64,
+    /// How conntrack verdicts were observed: `fexit`, `kprobe`, `inferred`, or `off`.
+    pub conntrack_hook: &'static str,
+    /// Conntrack statistics of the namespaces drops were seen in.
+    pub conntrack: Vec<ConntrackReport>,
+    /// What to check next, one line per finding.
+    pub hints: Vec<String>,
 }
 
 /// Decides whether a drop is shown or hidden: the kernel's emit decision (reasons, non-IP
@@ -70,7 +107,7 @@ impl Visibility {
         !self.config.emits(reason)
             || (ip_version == 0 && reason == quiet && quiet != ABSENT)
             || (self.hide_benign_locations
-                && self.symbols.function(location).is_some_and(crate::classify::is_benign_location))
+                && self.symbols.function(location).is_some_and(classify::is_benign_location))
     }
 }
 
@@ -81,6 +118,10 @@ pub struct SummaryContext<'a> {
     pub visibility: &'a Visibility,
     pub node: &'a str,
     pub hook: &'static str,
+    pub conntrack_hook: &'static str,
+    /// Classification of a counter row (its key carries the conntrack state and marks).
+    pub classify: &'a dyn Fn(&DropKey) -> (String, Certainty),
+    pub conntrack: Vec<(u32, CtStats)>,
 }
 
 pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f64, events_shown: u64) -> Summary {
@@ -88,7 +129,8 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
         .drops
         .iter()
         .filter(|(_, n)| *n > 0)
-        .map(|(k, n)| ReasonRow {
+        .map(|(k, n)| (k, n, (ctx.classify)(k)))
+        .map(|(k, n, (classification, certainty))| ReasonRow {
             reason: ctx.reasons.display(k.reason).to_string(),
             reason_code: k.reason,
             location: ctx.symbols.symbolize(k.location),
@@ -99,7 +141,10 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
                 _ => "none",
             },
             count: *n,
-            hidden: ctx.visibility.is_hidden(k.reason, k.ip_version, k.location),
+            hidden: ctx.visibility.is_hidden(k.reason, u32::from(k.ip_version), k.location),
+            classification,
+            certainty,
+            conntrack: classify::ct_state_name(k.ct_state),
         })
         .collect();
     rows.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.reason.cmp(&b.reason)));
@@ -111,6 +156,7 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
         hook: ctx.hook,
         drops_total: 0,
         by_reason: BTreeMap::new(),
+        by_classification: BTreeMap::new(),
         hidden_drops: 0,
         hidden_by_reason: BTreeMap::new(),
         drops: Vec::new(),
@@ -118,6 +164,9 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
         lost_events: counts.stats[stat::EVENTS_LOST as usize],
         rate_limited_events: counts.stats[stat::EVENTS_RATE_LIMITED as usize],
         uncounted_drops: counts.stats[stat::COUNTER_MAP_FULL as usize],
+        conntrack_hook: ctx.conntrack_hook,
+        conntrack: Vec::new(),
+        hints: Vec::new(),
     };
     for r in &rows {
         if r.hidden {
@@ -126,15 +175,57 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
         } else {
             s.drops_total += r.count;
             *s.by_reason.entry(r.reason.clone()).or_default() += r.count;
+            *s.by_classification.entry(r.classification.clone()).or_default() += r.count;
         }
     }
     s.drops = rows;
+    let secs = duration_s.max(0.001);
+    for (netns, d) in &ctx.conntrack {
+        s.conntrack.push(ConntrackReport {
+            netns: *netns,
+            count: d.count,
+            max: d.max,
+            insert_failed: d.insert_failed,
+            drop: d.drop,
+            early_drop: d.early_drop,
+            invalid: d.invalid,
+            clash_resolve: d.clash_resolve,
+            insert_failed_per_s: d.insert_failed as f64 / secs,
+            drop_per_s: d.drop as f64 / secs,
+        });
+        if d.near_full() {
+            s.hints.push(format!(
+                "netns {netns}: conntrack table {}/{} ({}%): {}",
+                d.count,
+                d.max,
+                d.count * 100 / d.max.max(1),
+                classify::hint(classify::TABLE_FULL).unwrap_or_default()
+            ));
+        }
+        if d.insert_failed > 0 {
+            s.hints.push(format!(
+                "netns {netns}: {} conntrack insert failures ({:.0}/s): {}",
+                d.insert_failed,
+                d.insert_failed as f64 / secs,
+                classify::hint(classify::INSERT_FAILED).unwrap_or_default()
+            ));
+        }
+    }
+    let mut by_class: Vec<(&String, &u64)> = s.by_classification.iter().collect();
+    by_class.sort_by(|a, b| b.1.cmp(a.1));
+    for (c, n) in by_class.into_iter().take(3) {
+        if let Some(h) = classify::hint(c)
+            && !s.hints.iter().any(|x| x.ends_with(h))
+        {
+            s.hints.push(format!("{n} {c}: {h}"));
+        }
+    }
     s
 }
 
 #[cfg(test)]
 mod tests {
-    use netdrop_common::{Config, DropKey};
+    use netdrop_common::Config;
 
     use super::*;
 
@@ -150,13 +241,31 @@ mod tests {
             "0000000000001000 t udp_rcv\n0000000000002000 t udp_destruct_common\n",
         ));
         let vis = Visibility::new(&cfg, true, syms.clone());
-        let key = |reason, ip_version| DropKey { location: 0x1010, reason, netns: 7, ip_version, _pad: 0 };
+        let key = |reason, ip_version| DropKey {
+            location: 0x1010,
+            reason,
+            netns: 7,
+            ip_version,
+            ct_state: 0,
+            exact_class: 0,
+            _pad: [0; 5],
+        };
         let teardown = DropKey { location: 0x20b9, ..key(2, 4) };
         let mut counts = KernelCounts::default();
         counts.drops =
             vec![(key(3, 4), 40), (key(4, 4), 5), (key(2, 0), 9), (key(2, 6), 2), (key(3, 6), 0), (teardown, 20)];
         counts.stats[stat::EVENTS_LOST as usize] = 3;
-        let ctx = SummaryContext { reasons: &reasons, symbols: &syms, visibility: &vis, node: "n1", hook: "tp_btf/kfree_skb" };
+        let classify = |k: &DropKey| (k.reason.to_string(), Certainty::Exact);
+        let ctx = SummaryContext {
+            reasons: &reasons,
+            symbols: &syms,
+            visibility: &vis,
+            node: "n1",
+            hook: "tp_btf/kfree_skb",
+            conntrack_hook: "off",
+            classify: &classify,
+            conntrack: vec![],
+        };
         let s = summarize(&counts, &ctx, 1.0, 10);
         assert_eq!(s.drops_total, 42);
         assert_eq!(s.by_reason["NO_SOCKET"], 40);

@@ -22,7 +22,10 @@
 //! Seen in the same measurement and kept visible: `TCP_OLD_DATA` at `tcp_rcv_established`
 //! (duplicate segments: a symptom of retransmissions, which an SRE wants to see).
 
-use crate::reasons::ReasonTable;
+use netdrop_common::{class, ct};
+use serde::Serialize;
+
+use crate::{conntrack::Evidence, reasons::ReasonTable};
 
 /// Reasons that are end-of-life frees, never network drops.
 pub const BENIGN_REASONS: &[&str] =
@@ -70,5 +73,140 @@ mod tests {
         codes.sort_unstable();
         assert_eq!(codes, vec![4, 7, 80]);
         assert!(!is_benign("NO_SOCKET"));
+    }
+}
+
+// ---- NETFILTER_DROP classification ----
+
+
+/// How a classification was reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Certainty {
+    /// Established by the kernel for this packet: its reason, the function that freed it, or a
+    /// precise conntrack hook that saw the verdict.
+    Exact,
+    /// Deduced from the packet's conntrack state and the namespace's conntrack statistics.
+    Inferred,
+}
+
+/// Functions that evaluate rules and free the packets their rules drop.
+pub const RULE_ENGINES: &[&str] =
+    &["nft_do_chain", "ipt_do_table", "ip6t_do_table", "arpt_do_table", "ebt_do_table", "nft_do_chain_ipv4", "nft_do_chain_inet"];
+
+pub const NETFILTER_RULE: &str = "netfilter_rule";
+pub const INSERT_FAILED: &str = "conntrack_insert_failed";
+pub const TABLE_FULL: &str = "conntrack_table_full";
+pub const INVALID: &str = "conntrack_invalid";
+
+/// What a drop is, in the words the summary and hints use.
+///
+/// Non-netfilter reasons classify as themselves (`NO_SOCKET` → `no_socket`, exact). A
+/// NETFILTER_DROP is one of `netfilter_rule`, `conntrack_insert_failed`,
+/// `conntrack_table_full`, `conntrack_invalid`:
+/// 1. a precise hook's mark decides (exact);
+/// 2. freed inside a rule engine (`nft_do_chain`, `ipt_do_table`...) → a rule (exact), or
+///    `conntrack_invalid` (inferred) when the packet has no entry and `invalid` rose;
+/// 3. freed by `nf_hook_slow` (legacy iptables rules, conntrack's own verdicts):
+///    - new entry, not confirmed, and the source-NAT hook already ran (only the confirm hook
+///      comes after it) or `insert_failed` rose → `conntrack_insert_failed`;
+///    - no entry and allocation drops rose (`drop` beyond `insert_failed`, `early_drop`, or a
+///      nearly full table) → `conntrack_table_full`; `invalid` rose → `conntrack_invalid`;
+///    - otherwise a rule (legacy iptables drops here too).
+pub fn classify(
+    reason: &str,
+    function: Option<&str>,
+    ct_state: u8,
+    exact_class: u8,
+    evidence: &Evidence,
+) -> (String, Certainty) {
+    if reason != "NETFILTER_DROP" {
+        return (reason.to_ascii_lowercase(), Certainty::Exact);
+    }
+    match exact_class {
+        class::INSERT_FAILED => return (INSERT_FAILED.into(), Certainty::Exact),
+        class::TABLE_FULL => return (TABLE_FULL.into(), Certainty::Exact),
+        _ => {}
+    }
+    let state = ct_state & ct::STATE_MASK;
+    if function.is_some_and(|f| RULE_ENGINES.contains(&f)) {
+        if state == ct::NONE && evidence.invalid {
+            return (INVALID.into(), Certainty::Inferred);
+        }
+        return (NETFILTER_RULE.into(), Certainty::Exact);
+    }
+    let c = match state {
+        ct::UNCONFIRMED if ct_state & ct::SRC_NAT_DONE != 0 || evidence.insert_failed => INSERT_FAILED,
+        ct::NONE if evidence.table_full => TABLE_FULL,
+        ct::NONE if evidence.invalid => INVALID,
+        _ => NETFILTER_RULE,
+    };
+    (c.into(), Certainty::Inferred)
+}
+
+/// `none`, `unconfirmed`, `confirmed`, `untracked`.
+pub fn ct_state_name(ct_state: u8) -> &'static str {
+    match ct_state & ct::STATE_MASK {
+        ct::UNCONFIRMED => "unconfirmed",
+        ct::CONFIRMED => "confirmed",
+        ct::UNTRACKED => "untracked",
+        _ => "none",
+    }
+}
+
+/// What to check next, per classification (from the on-call field notes this tool grew from).
+pub fn hint(classification: &str) -> Option<&'static str> {
+    Some(match classification {
+        NETFILTER_RULE => "a firewall rule dropped it: find the chain with `iptables-save -c | grep -- '-j DROP'` or `nft list ruleset` (NetworkPolicy: `kubectl get networkpolicy -A`, Calico: `calicoctl get networkpolicy`)",
+        INSERT_FAILED => "conntrack insert failures: the SNAT/DNAT race on new flows (classic with DNS over UDP): spread source ports (`--random-fully` on MASQUERADE), use TCP or NodeLocal DNSCache for DNS, and watch `conntrack -S` insert_failed",
+        TABLE_FULL => "the conntrack table is full: raise net.netfilter.nf_conntrack_max (and hashsize), shorten nf_conntrack_tcp_timeout_established/time_wait, find who opens so many flows (`conntrack -L | awk ...`)",
+        INVALID => "conntrack marked the packets INVALID and a rule dropped them: asymmetric routing, out-of-window TCP, or a too-short timeout; check `conntrack -S` invalid and net.netfilter.nf_conntrack_tcp_be_liberal",
+        "no_socket" => "nothing listens on that port: the backend is not listening on targetPort, or the process is down",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod class_tests {
+    use super::*;
+
+    const NO_EVIDENCE: Evidence = Evidence { known: true, insert_failed: false, table_full: false, invalid: false };
+
+    #[test]
+    fn rule_engine_locations_are_exact_rules() {
+        let (c, k) = classify("NETFILTER_DROP", Some("nft_do_chain"), ct::UNCONFIRMED, 0, &NO_EVIDENCE);
+        assert_eq!((c.as_str(), k), (NETFILTER_RULE, Certainty::Exact));
+    }
+
+    #[test]
+    fn precise_marks_win() {
+        let (c, k) = classify("NETFILTER_DROP", Some("nf_hook_slow"), ct::NONE, class::TABLE_FULL, &NO_EVIDENCE);
+        assert_eq!((c.as_str(), k), (TABLE_FULL, Certainty::Exact));
+    }
+
+    #[test]
+    fn unconfirmed_after_snat_is_an_insert_failure() {
+        let st = ct::UNCONFIRMED | ct::SRC_NAT_DONE | ct::DST_NAT_DONE;
+        let (c, _) = classify("NETFILTER_DROP", Some("nf_hook_slow"), st, 0, &NO_EVIDENCE);
+        assert_eq!(c, INSERT_FAILED);
+    }
+
+    #[test]
+    fn legacy_rule_on_a_new_flow_is_a_rule() {
+        let (c, k) = classify("NETFILTER_DROP", Some("nf_hook_slow"), ct::UNCONFIRMED | ct::DST_NAT_DONE, 0, &NO_EVIDENCE);
+        assert_eq!((c.as_str(), k), (NETFILTER_RULE, Certainty::Inferred));
+    }
+
+    #[test]
+    fn no_entry_with_allocation_drops_is_table_full() {
+        let ev = Evidence { table_full: true, ..NO_EVIDENCE };
+        assert_eq!(classify("NETFILTER_DROP", Some("nf_hook_slow"), ct::NONE, 0, &ev).0, TABLE_FULL);
+        let ev = Evidence { invalid: true, ..NO_EVIDENCE };
+        assert_eq!(classify("NETFILTER_DROP", Some("nf_hook_slow"), ct::NONE, 0, &ev).0, INVALID);
+    }
+
+    #[test]
+    fn other_reasons_classify_as_themselves() {
+        assert_eq!(classify("NO_SOCKET", None, 0, 0, &NO_EVIDENCE), ("no_socket".into(), Certainty::Exact));
     }
 }

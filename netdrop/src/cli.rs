@@ -53,9 +53,34 @@ pub struct TraceArgs {
     #[arg(long, value_enum, help_heading = "Kernel")]
     pub hook: Option<Hook>,
 
+    /// How to observe conntrack verdicts: `fexit`, `kprobe`, `inferred` (from conntrack state
+    /// and statistics), `off`. Default: the best that works here.
+    #[arg(long, value_enum, help_heading = "Kernel")]
+    pub ct_hook: Option<CtHookArg>,
+
     /// Name of this node in events (default: $NODE_NAME, else the hostname).
     #[arg(long, env = "NODE_NAME", help_heading = "Output")]
     pub node_name: Option<String>,
+}
+
+/// `--ct-hook`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CtHookArg {
+    Fexit,
+    Kprobe,
+    Inferred,
+    Off,
+}
+
+impl CtHookArg {
+    pub fn hook(self) -> Option<crate::probe::CtHook> {
+        match self {
+            Self::Fexit => Some(crate::probe::CtHook::Fexit),
+            Self::Kprobe => Some(crate::probe::CtHook::Kprobe),
+            Self::Inferred => Some(crate::probe::CtHook::Inferred),
+            Self::Off => None,
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone, Default)]

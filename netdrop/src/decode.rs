@@ -9,9 +9,10 @@ use std::{
 };
 
 use etherparse::{LaxNetSlice, LaxSlicedPacket, TransportSlice};
-use netdrop_common::DropEvent;
+use netdrop_common::{DropEvent, ct};
 
 use crate::{
+    classify::{self, Certainty},
     event::{DropRecord, Endpoint, Icmp, RawDetail},
     reasons::ReasonTable,
     symbols::KernelSymbols,
@@ -43,6 +44,8 @@ pub struct Decoder {
     /// CLOCK_REALTIME − CLOCK_MONOTONIC, nanoseconds.
     pub clock_offset_ns: i128,
     pub node: String,
+    /// The kernel programs read conntrack entries (so `conntrack` is meaningful).
+    pub conntrack: bool,
 }
 
 impl Decoder {
@@ -50,6 +53,7 @@ impl Decoder {
         let header_len = usize::from(ev.header_len).min(ev.headers.len());
         let headers = &ev.headers[..header_len];
         let pkt = decode_headers(ev.l3_proto, headers);
+        let (orig_src, orig_dst) = pre_nat(ev, pkt.src.as_ref(), pkt.dst.as_ref());
         DropRecord {
             kind: "drop",
             time: self.wall_time(ev.ts_ns),
@@ -66,12 +70,21 @@ impl Decoder {
             len: ev.skb_len,
             tcp_flags: pkt.tcp_flags,
             icmp: pkt.icmp,
+            // The classify stage fills these in.
+            classification: String::new(),
+            certainty: Certainty::Exact,
+            conntrack: self.conntrack.then(|| classify::ct_state_name(ev.ct_state)),
+            orig_dst,
+            orig_src,
             raw: RawDetail {
                 ts_ns: ev.ts_ns,
                 location: ev.location,
                 skb_addr: ev.skb_addr,
                 cpu: ev.cpu,
                 l3_proto: ev.l3_proto,
+                ct_state: ev.ct_state,
+                ct_info: ev.ct_info,
+                exact_class: ev.exact_class,
                 headers: headers.to_vec(),
             },
         }
@@ -82,6 +95,37 @@ impl Decoder {
         let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64);
         humantime::format_rfc3339_nanos(t).to_string()
     }
+}
+
+/// The flow's pre-NAT source and destination, where NAT changed them. Only for packets in the
+/// original direction (`ctinfo` < `IP_CT_IS_REPLY`): for those, the entry's original tuple is
+/// what the sender addressed.
+pub fn pre_nat(ev: &DropEvent, src: Option<&Endpoint>, dst: Option<&Endpoint>) -> (Option<Endpoint>, Option<Endpoint>) {
+    const IP_CT_IS_REPLY: u8 = 3;
+    let state = ev.ct_state & ct::STATE_MASK;
+    if !(state == ct::UNCONFIRMED || state == ct::CONFIRMED) || ev.ct_info >= IP_CT_IS_REPLY {
+        return (None, None);
+    }
+    let t = &ev.ct_orig;
+    let ip = |raw: &[u8; 16]| -> Option<IpAddr> {
+        match t.l3num {
+            2 => Some(IpAddr::from([raw[0], raw[1], raw[2], raw[3]])),
+            10 => Some(IpAddr::from(*raw)),
+            _ => None,
+        }
+    };
+    let has_ports = matches!(t.protonum, 6 | 17 | 132 | 136 | 33);
+    let ep = |raw: &[u8; 16], port: u16| {
+        ip(raw).map(|ip| Endpoint { ip, port: has_ports.then_some(u16::from_be(port)) })
+    };
+    let differs = |orig: &Option<Endpoint>, now: Option<&Endpoint>| match (orig, now) {
+        (Some(o), Some(n)) => o.ip != n.ip || (o.port.is_some() && o.port != n.port),
+        _ => false,
+    };
+    let (os, od) = (ep(&t.src, t.src_port), ep(&t.dst, t.dst_port));
+    let os = if differs(&os, src) { os } else { None };
+    let od = if differs(&od, dst) { od } else { None };
+    (os, od)
 }
 
 /// CLOCK_REALTIME − CLOCK_MONOTONIC now, to date `bpf_ktime_get_ns()` stamps.

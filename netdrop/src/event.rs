@@ -5,6 +5,8 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
+use crate::classify::Certainty;
+
 /// One dropped packet.
 #[derive(Debug, Clone, Serialize)]
 pub struct DropRecord {
@@ -37,6 +39,22 @@ pub struct DropRecord {
     pub tcp_flags: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub icmp: Option<Icmp>,
+    /// What the drop is: the reason in lower case (`no_socket`), or for NETFILTER_DROP one of
+    /// `netfilter_rule`, `conntrack_insert_failed`, `conntrack_table_full`, `conntrack_invalid`.
+    pub classification: String,
+    /// `exact` or `inferred`.
+    pub certainty: Certainty,
+    /// The packet's conntrack entry: `none`, `unconfirmed`, `confirmed`, `untracked` (absent
+    /// when the kernel has no conntrack).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<&'static str>,
+    /// Where the flow was addressed to before NAT (a Service's ClusterIP:port), when NAT
+    /// changed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orig_dst: Option<Endpoint>,
+    /// Where the flow came from before NAT (a pod's own address under SNAT), when NAT changed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orig_src: Option<Endpoint>,
     /// Kernel-side detail kept for sinks that need it (captures), not serialised.
     #[serde(skip)]
     pub raw: RawDetail,
@@ -65,6 +83,9 @@ pub struct RawDetail {
     pub skb_addr: u64,
     pub cpu: u32,
     pub l3_proto: u16,
+    pub ct_state: u8,
+    pub ct_info: u8,
+    pub exact_class: u8,
     /// The packet from its network header, as captured (at most `HEADER_BYTES`).
     pub headers: Vec<u8>,
 }

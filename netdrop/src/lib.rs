@@ -8,6 +8,7 @@
 pub mod aggregate;
 pub mod classify;
 pub mod cli;
+pub mod conntrack;
 pub mod decode;
 pub mod event;
 pub mod filter;

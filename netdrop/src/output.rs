@@ -84,6 +84,16 @@ pub fn text_line(d: &DropRecord) -> String {
     } else if let Some(i) = d.icmp {
         detail = format!(" [type {} code {}]", i.kind, i.code);
     }
+    if d.classification != d.reason.to_ascii_lowercase() {
+        let mark = if d.certainty == crate::classify::Certainty::Inferred { "?" } else { "" };
+        detail.push_str(&format!(" ({}{mark})", d.classification));
+    }
+    if let Some(o) = &d.orig_dst {
+        detail.push_str(&format!(" orig-dst={}", endpoint(Some(o))));
+    }
+    if let Some(o) = &d.orig_src {
+        detail.push_str(&format!(" orig-src={}", endpoint(Some(o))));
+    }
     let iface = if d.ifname.is_empty() { "-".to_string() } else { d.ifname.clone() };
     format!(
         "{time} {:<16} {:<6} {} → {}{detail}  if={iface} netns={}  at {}",
@@ -112,9 +122,13 @@ impl<W: Write + Send> Sink for TextSink<W> {
         if s.drops_total == 0 {
             writeln!(o, "no drops matched")?;
         } else {
-            writeln!(o, "{:>10}  {:<24} {:<5} {:<12} LOCATION", "COUNT", "REASON", "IP", "NETNS")?;
+            writeln!(o, "{:>10}  {:<20} {:<26} {:<5} {:<12} LOCATION", "COUNT", "REASON", "CLASSIFICATION", "IP", "NETNS")?;
             for r in s.drops.iter().filter(|r| !r.hidden).take(20) {
-                writeln!(o, "{:>10}  {:<24} {:<5} {:<12} {}", r.count, r.reason, r.ip, r.netns, r.location)?;
+                let class = match r.certainty {
+                    crate::classify::Certainty::Exact => r.classification.clone(),
+                    crate::classify::Certainty::Inferred => format!("{} (inferred)", r.classification),
+                };
+                writeln!(o, "{:>10}  {:<20} {:<26} {:<5} {:<12} {}", r.count, r.reason, class, r.ip, r.netns, r.location)?;
             }
             let rows = s.drops.iter().filter(|r| !r.hidden).count();
             if rows > 20 {
@@ -125,6 +139,16 @@ impl<W: Write + Send> Sink for TextSink<W> {
         if s.hidden_drops > 0 {
             let parts: Vec<String> = s.hidden_by_reason.iter().map(|(r, n)| format!("{r} {n}")).collect();
             writeln!(o, "hidden (benign or not selected; --all-reasons shows them): {} ({})", s.hidden_drops, parts.join(", "))?;
+        }
+        for c in &s.conntrack {
+            writeln!(
+                o,
+                "conntrack netns {}: {}/{} entries; over the run: insert_failed +{} ({:.0}/s), drop +{}, early_drop +{}, invalid +{}, clash_resolve +{}",
+                c.netns, c.count, c.max, c.insert_failed, c.insert_failed_per_s, c.drop, c.early_drop, c.invalid, c.clash_resolve
+            )?;
+        }
+        for h in &s.hints {
+            writeln!(o, "hint: {h}")?;
         }
         let mut events = format!("{} events shown, {} lost", s.events_shown, s.lost_events);
         if s.rate_limited_events > 0 {

@@ -14,12 +14,17 @@ use tokio::{
 };
 use tracing::warn;
 
+use netdrop_common::ct;
+
 use crate::{
     aggregate::{self, SummaryContext, Visibility},
-    cli::TraceArgs,
+    classify,
+    cli::{CtHookArg, TraceArgs},
+    conntrack::{CtMonitor, Evidence},
+    event::DropRecord,
     decode::{self, Decoder},
     output::{Format, JsonSink, Sink, TextSink},
-    probe::{self, AttachOptions, KernelInfo},
+    probe::{self, AttachOptions, CtHook, KernelInfo},
     symbols::KernelSymbols,
 };
 
@@ -57,6 +62,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         config.tracepoint = tp;
     }
     config.btf_has_reason = u32::from(kernel.btf_has_reason);
+    let conntrack_on = config.read_skb == 1 && kernel.conntrack.is_ok() && args.ct_hook != Some(CtHookArg::Off);
+    config.conntrack = u32::from(conntrack_on);
+    config.netfilter_drop_reason = kernel.reasons.lookup("NETFILTER_DROP").unwrap_or(netdrop_common::ABSENT);
+    // The kfree_skb program consults the precise hooks' marks only for NETFILTER_DROP.
+    config.precise_conntrack = config.conntrack;
     let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
     config.events_per_cpu_sec = if args.event_rate == 0 { 0 } else { args.event_rate.div_ceil(cpus) };
     config.wakeup_bytes = WAKEUP_BYTES.min(args.ring_kib * 1024 / 4);
@@ -66,6 +76,30 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         &config,
         AttachOptions { hook: args.hook, ring_bytes: args.ring_kib * 1024 },
     )?;
+    let ct_hook = match (&kernel.conntrack, conntrack_on) {
+        (Err(why), _) => {
+            eprintln!("netdrop: conntrack classification off: {why}");
+            "off"
+        }
+        (Ok(()), false) => "off",
+        (Ok(()), true) => {
+            let want = args.ct_hook.and_then(CtHookArg::hook);
+            let (hook, why) = probe::attach_conntrack(&mut probe, want);
+            match hook {
+                CtHook::Fexit => eprintln!("netdrop: conntrack verdicts via fexit (exact)"),
+                CtHook::Kprobe => eprintln!("netdrop: conntrack verdicts via kprobe (exact; {})", why.unwrap_or_default()),
+                CtHook::Inferred => eprintln!(
+                    "netdrop: conntrack classification inferred from conntrack state and statistics ({})",
+                    why.unwrap_or_else(|| "--ct-hook inferred".into())
+                ),
+            }
+            match hook {
+                CtHook::Fexit => "fexit",
+                CtHook::Kprobe => "kprobe",
+                CtHook::Inferred => "inferred",
+            }
+        }
+    };
     let node = node_name(args.node_name.as_deref());
     let symbols = Arc::new(KernelSymbols::load().unwrap_or_else(|e| {
         warn!("cannot read /proc/kallsyms ({e}): locations print as addresses");
@@ -77,6 +111,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         symbols: symbols.clone(),
         clock_offset_ns: decode::clock_offset_ns(),
         node: node.clone(),
+        conntrack: conntrack_on,
     };
     if let Some(why) = &probe.fallback {
         eprintln!("netdrop: tp_btf/kfree_skb not usable ({why}); using the tracepoint fallback");
@@ -92,11 +127,22 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
 
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
     let hide_teardown = !spec.all_reasons && spec.reasons.is_empty();
-    let visibility = Visibility::new(&config, hide_teardown, symbols.clone());
-    let mut sinks: Vec<Box<dyn Sink>> = vec![match args.output {
-        Format::Text => Box::new(TextSink::new(stdout)),
-        Format::Json => Box::new(JsonSink::new(stdout)),
-    }];
+    let mut monitor = CtMonitor::new();
+    if conntrack_on {
+        // Baselines before the first drop: the summary reports rises over the whole run.
+        monitor.track(spec.netns.unwrap_or_else(crate::conntrack::own_netns));
+    }
+    let mut pipe = Pipeline {
+        decoder,
+        visibility: Visibility::new(&config, hide_teardown, symbols.clone()),
+        monitor,
+        conntrack: conntrack_on,
+        sinks: vec![match args.output {
+            Format::Text => Box::new(TextSink::new(stdout)),
+            Format::Json => Box::new(JsonSink::new(stdout)),
+        }],
+        shown: 0,
+    };
 
     let ring = probe.events.take().context("ring buffer already taken")?;
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is dropped,
@@ -104,7 +150,6 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut ring = unsafe { AsyncFd::register(ring) }
         .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
     let started = Instant::now();
-    let mut shown = 0u64;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let deadline = async {
@@ -116,70 +161,106 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(DRAIN_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut second = tokio::time::interval(Duration::from_secs(1));
+    second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
-                shown += drain(guard.get_inner_mut(), &decoder, &visibility, &mut sinks)?;
+                pipe.drain(guard.get_inner_mut())?;
                 guard.clear_ready();
             }
-            _ = tick.tick() => {
-                shown += drain(ring.get_mut(), &decoder, &visibility, &mut sinks)?;
-            }
+            _ = tick.tick() => pipe.drain(ring.get_mut())?,
+            _ = second.tick() => pipe.monitor.sample_all(),
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             () = &mut deadline => break,
         }
     }
-    shown += drain(ring.get_mut(), &decoder, &visibility, &mut sinks)?;
+    pipe.drain(ring.get_mut())?;
 
     let counts = probe.counts();
+    for (key, _) in &counts.drops {
+        if conntrack_on && key.reason == config.netfilter_drop_reason {
+            pipe.monitor.track(key.netns);
+        }
+    }
+    let ct_report = if conntrack_on { pipe.monitor.report() } else { Vec::new() };
+    let monitor = &pipe.monitor;
+    let classify_row = |k: &netdrop_common::DropKey| {
+        let reason = reasons.display(k.reason).to_string();
+        let function = symbols.function(k.location);
+        classify::classify(&reason, function, k.ct_state, k.exact_class, &monitor.over_run(k.netns))
+    };
     let ctx = SummaryContext {
         reasons: &reasons,
         symbols: &symbols,
-        visibility: &visibility,
+        visibility: &pipe.visibility,
         node: &node,
         hook: probe.hook.name(),
+        conntrack_hook: ct_hook,
+        classify: &classify_row,
+        conntrack: ct_report,
     };
-    let summary = aggregate::summarize(&counts, &ctx, started.elapsed().as_secs_f64(), shown);
-    for s in &mut sinks {
+    let summary = aggregate::summarize(&counts, &ctx, started.elapsed().as_secs_f64(), pipe.shown);
+    for s in &mut pipe.sinks {
         s.on_summary(&summary)?;
     }
     Ok(())
 }
 
-/// Reads every waiting event. Returns how many were shown.
-fn drain(
-    ring: &mut RingBuf<MapData>,
-    decoder: &Decoder,
-    visibility: &Visibility,
-    sinks: &mut [Box<dyn Sink>],
-) -> anyhow::Result<u64> {
-    let mut n = 0;
-    while let Some(item) = ring.next() {
-        let ev = decode::parse_event(&item)?;
-        drop(item);
-        let ip_version = match (ev.header_len, ev.l3_proto) {
-            (0, _) => 0,
-            (_, 0x0800) => 4,
-            _ => 6,
-        };
-        if visibility.is_hidden(ev.reason, ip_version, ev.location) {
-            continue;
+/// decode → classify → sinks, for each event the kernel sent.
+struct Pipeline {
+    decoder: Decoder,
+    visibility: Visibility,
+    monitor: CtMonitor,
+    conntrack: bool,
+    sinks: Vec<Box<dyn Sink>>,
+    shown: u64,
+}
+
+impl Pipeline {
+    /// Reads every waiting event.
+    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            let ev = decode::parse_event(&item)?;
+            drop(item);
+            let ip_version = match (ev.header_len, ev.l3_proto) {
+                (0, _) => 0,
+                (_, 0x0800) => 4,
+                _ => 6,
+            };
+            if self.visibility.is_hidden(ev.reason, ip_version, ev.location) {
+                continue;
+            }
+            let mut record = self.decoder.decode(&ev);
+            self.classify(&mut record, ev.netns);
+            for s in &mut self.sinks {
+                s.on_drop(&record)?;
+            }
+            n += 1;
         }
-        let record = decoder.decode(&ev);
-        for s in sinks.iter_mut() {
-            s.on_drop(&record)?;
+        if n > 0 {
+            for s in &mut self.sinks {
+                s.flush()?;
+            }
         }
-        n += 1;
+        self.shown += n;
+        Ok(())
     }
-    if n > 0 {
-        for s in sinks.iter_mut() {
-            s.flush()?;
-        }
+
+    fn classify(&mut self, r: &mut DropRecord, netns: u32) {
+        let function = self.decoder.symbols.function(r.raw.location);
+        // Statistics are read only when the packet itself cannot tell.
+        let needs_evidence = self.conntrack
+            && r.reason == "NETFILTER_DROP"
+            && r.raw.exact_class == 0
+            && !function.is_some_and(|f| classify::RULE_ENGINES.contains(&f) && r.raw.ct_state & ct::STATE_MASK != ct::NONE);
+        let evidence = if needs_evidence { self.monitor.recent(netns) } else { Evidence::default() };
+        (r.classification, r.certainty) = classify::classify(&r.reason, function, r.raw.ct_state, r.raw.exact_class, &evidence);
     }
-    Ok(n)
 }
 
 /// `netdrop reasons`.
@@ -193,7 +274,7 @@ pub fn reasons(args: &crate::cli::ReasonsArgs) -> anyhow::Result<()> {
             let list: Vec<_> = t
                 .iter()
                 .map(|(code, name)| {
-                    serde_json::json!({"code": code, "name": name, "hidden_by_default": crate::classify::is_benign(name)})
+                    serde_json::json!({"code": code, "name": name, "hidden_by_default": classify::is_benign(name)})
                 })
                 .collect();
             let doc = serde_json::json!({"kernel": kernel.release, "source": t.source(), "reasons": list});
@@ -202,7 +283,7 @@ pub fn reasons(args: &crate::cli::ReasonsArgs) -> anyhow::Result<()> {
         Format::Text => {
             writeln!(out, "drop reasons of kernel {} (from {:?}); * = benign, hidden by default", kernel.release, t.source())?;
             for (code, name) in t.iter() {
-                let mark = if crate::classify::is_benign(name) { "*" } else { " " };
+                let mark = if classify::is_benign(name) { "*" } else { " " };
                 writeln!(out, "{code:>8} {mark} {name}")?;
             }
         }

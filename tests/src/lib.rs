@@ -203,6 +203,8 @@ pub fn netdrop(args: &[&str]) -> (bool, String, String) {
 pub struct Tracer {
     child: Option<Child>,
     stderr: std::sync::Arc<Mutex<Vec<String>>>,
+    /// Reads stdout while netdrop runs (a full pipe would block it).
+    stdout: Option<thread::JoinHandle<String>>,
 }
 
 /// What a tracer printed.
@@ -232,7 +234,13 @@ impl Tracer {
             }
             let _ = tx.send(false);
         });
-        let mut t = Self { child: Some(child), stderr: lines };
+        let mut out = child.stdout.take().expect("stdout");
+        let stdout = thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut out, &mut s);
+            s
+        });
+        let mut t = Self { child: Some(child), stderr: lines, stdout: Some(stdout) };
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(true) => t,
             _ => {
@@ -254,8 +262,7 @@ impl Tracer {
             thread::sleep(Duration::from_millis(20));
         }
         let status = child.wait().expect("wait");
-        let mut stdout = String::new();
-        std::io::Read::read_to_string(&mut child.stdout.take().expect("stdout"), &mut stdout).expect("read stdout");
+        let stdout = self.stdout.take().expect("reader").join().expect("stdout reader");
         // Let the stderr reader catch up.
         thread::sleep(Duration::from_millis(50));
         let stderr = self.stderr.lock().expect("lock").clone();

@@ -78,6 +78,8 @@ pub struct KernelInfo {
     /// `tp_btf/kfree_skb` passes a `reason` argument (Linux 5.17+).
     pub btf_has_reason: bool,
     pub reasons: ReasonTable,
+    /// Conntrack offsets are in `offsets` (Ok), or why not.
+    pub conntrack: Result<(), String>,
 }
 
 impl KernelInfo {
@@ -102,9 +104,13 @@ impl KernelInfo {
         let mut offsets = None;
         let mut btf_has_reason = false;
         let mut btf_error = btf_error;
+        let mut conntrack = Err("no kernel BTF".to_string());
         if let Some(b) = &btf {
             match offsets::kernel_offsets(b) {
-                Ok(o) => offsets = Some(o),
+                Ok(mut o) => {
+                    conntrack = conntrack_offsets(b, &mut o);
+                    offsets = Some(o);
+                }
                 Err(e) => btf_error = Some(e.to_string()),
             }
             btf_has_reason = tracepoint_arg_count(b, "btf_trace_kfree_skb").is_some_and(|n| n >= 4);
@@ -114,8 +120,20 @@ impl KernelInfo {
                 }
             }
         }
-        Ok(Self { release, btf, btf_error, offsets, tracepoint, tracepoint_error, btf_has_reason, reasons })
+        Ok(Self { release, btf, btf_error, offsets, tracepoint, tracepoint_error, btf_has_reason, reasons, conntrack })
     }
+}
+
+/// `struct nf_conn` lives in vmlinux's BTF when conntrack is built in, in the nf_conntrack
+/// module's BTF when it is a module (most distribution kernels).
+fn conntrack_offsets(vmlinux: &Btf, into: &mut KernelOffsets) -> Result<(), String> {
+    if offsets::conntrack_offsets(vmlinux, vmlinux, into).is_ok() {
+        return Ok(());
+    }
+    let Some(module) = crate::reasons::module_btf(vmlinux, "nf_conntrack") else {
+        return Err("nf_conntrack is not loaded (no /sys/kernel/btf/nf_conntrack); restart netdrop once conntrack is in use".into());
+    };
+    offsets::conntrack_offsets(vmlinux, &module, into).map_err(|e| e.to_string())
 }
 
 /// Modules with BTF whose enums may hold subsystem drop reasons.
@@ -189,7 +207,7 @@ pub struct AttachOptions {
 /// The loaded, attached drop programs and their maps.
 pub struct DropProbe {
     /// Keeps programs and links alive; dropping it detaches everything.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     pub hook: Hook,
     /// Why the preferred hook was not used, when it was not.
     pub fallback: Option<String>,
@@ -291,6 +309,71 @@ fn describe(e: &ProbeError) -> String {
     s
 }
 
+/// How conntrack verdicts are observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CtHook {
+    /// fexit on `__nf_conntrack_confirm` and `nf_conntrack_in` (5.5+, BTF for the functions).
+    Fexit,
+    /// kprobe + kretprobe on the same functions.
+    Kprobe,
+    /// No hook: classify from the skb's conntrack entry and the conntrack statistics.
+    Inferred,
+}
+
+/// Attaches the precise conntrack hooks, fexit first, kprobes as the fallback. Returns the hook
+/// used and, when it is not fexit, why the better ones failed. Never fails: without hooks the
+/// classification is inferred.
+pub fn attach_conntrack(probe: &mut DropProbe, want: Option<CtHook>) -> (CtHook, Option<String>) {
+    let mut why = Vec::new();
+    if want.is_none_or(|w| w == CtHook::Fexit) {
+        match attach_ct_fexit(&mut probe.ebpf) {
+            Ok(()) => return (CtHook::Fexit, None),
+            Err(e) => why.push(format!("fexit: {}", describe(&e))),
+        }
+    }
+    if want.is_none_or(|w| w == CtHook::Kprobe) {
+        match attach_ct_kprobe(&mut probe.ebpf) {
+            Ok(()) => return (CtHook::Kprobe, Some(why.join("; "))),
+            Err(e) => why.push(format!("kprobe: {}", describe(&e))),
+        }
+    }
+    (CtHook::Inferred, (!why.is_empty()).then(|| why.join("; ")))
+}
+
+const CT_FUNCTIONS: [(&str, &str, &str); 2] = [
+    ("__nf_conntrack_confirm", "ct_confirm_exit", "ct_confirm_entry"),
+    ("nf_conntrack_in", "ct_in_exit", "ct_in_entry"),
+];
+
+fn attach_ct_fexit(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    use aya::programs::FExit;
+    let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Program { program: "ct_confirm_exit", source: ProgramError::Btf(e) })?;
+    for (function, prog_name, _) in CT_FUNCTIONS {
+        let program: &'static str = prog_name;
+        let err = |source| ProbeError::Program { program, source };
+        let prog: &mut FExit = ebpf.program_mut(prog_name).ok_or(ProbeError::Map(program))?.try_into().map_err(err)?;
+        prog.load(function, &btf).map_err(err)?;
+        prog.attach().map_err(err)?;
+    }
+    Ok(())
+}
+
+fn attach_ct_kprobe(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    use aya::programs::KProbe;
+    for (function, _, entry) in CT_FUNCTIONS {
+        let ret = if entry == "ct_confirm_entry" { "ct_confirm_return" } else { "ct_in_return" };
+        for prog_name in [entry, ret] {
+            let program: &'static str = prog_name;
+            let err = |source| ProbeError::Program { program, source };
+            let prog: &mut KProbe = ebpf.program_mut(prog_name).ok_or(ProbeError::Map(program))?.try_into().map_err(err)?;
+            prog.load().map_err(err)?;
+            prog.attach(function, 0).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
 fn finish(mut ebpf: Ebpf, hook: Hook, fallback: Option<String>) -> Result<DropProbe, ProbeError> {
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(ProbeError::Map("EVENTS"))?)
         .map_err(|source| ProbeError::MapType { name: "EVENTS", source })?;
@@ -298,7 +381,7 @@ fn finish(mut ebpf: Ebpf, hook: Hook, fallback: Option<String>) -> Result<DropPr
         .map_err(|source| ProbeError::MapType { name: "DROPS", source })?;
     let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or(ProbeError::Map("STATS"))?)
         .map_err(|source| ProbeError::MapType { name: "STATS", source })?;
-    Ok(DropProbe { _ebpf: ebpf, hook, fallback, events: Some(events), drops, stats })
+    Ok(DropProbe { ebpf, hook, fallback, events: Some(events), drops, stats })
 }
 
 /// Kernel-side totals: exact drop counts and what happened to events.

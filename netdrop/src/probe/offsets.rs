@@ -39,7 +39,28 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetError> {
         dev_nd_net: dev(&["nd_net", "net"])?,
         sk_net: member_offset(btf, "sock", &["__sk_common", "skc_net", "net"])?,
         net_ns_inum: member_offset(btf, "net", &["ns", "inum"])?,
+        ..KernelOffsets::default()
     })
+}
+
+/// Offsets of the conntrack fields: `skb->_nfct` and `struct nf_conn`/`nf_conntrack_tuple`.
+/// `btf` is vmlinux's, or nf_conntrack's module BTF (split on top of vmlinux) when conntrack
+/// is a module. Fails when the kernel has no conntrack (`CONFIG_NF_CONNTRACK=n`) or the module
+/// is not loaded.
+pub fn conntrack_offsets(vmlinux: &Btf, ct_btf: &Btf, into: &mut KernelOffsets) -> Result<(), OffsetError> {
+    let tuple = |path: &[&str]| member_offset(ct_btf, "nf_conntrack_tuple", path);
+    into.skb_nfct = member_offset(vmlinux, "sk_buff", &["_nfct"])?;
+    into.ct_status = member_offset(ct_btf, "nf_conn", &["status"])?;
+    // tuplehash[IP_CT_DIR_ORIGINAL] is element 0: the array's own offset.
+    into.ct_orig_tuple = member_offset(ct_btf, "nf_conn", &["tuplehash"])?
+        + member_offset(ct_btf, "nf_conntrack_tuple_hash", &["tuple"])?;
+    into.tuple_src_u3 = tuple(&["src", "u3"])?;
+    into.tuple_src_port = tuple(&["src", "u", "all"])?;
+    into.tuple_src_l3num = tuple(&["src", "l3num"])?;
+    into.tuple_dst_u3 = tuple(&["dst", "u3"])?;
+    into.tuple_dst_port = tuple(&["dst", "u", "all"])?;
+    into.tuple_dst_protonum = tuple(&["dst", "protonum"])?;
+    Ok(())
 }
 
 /// Byte offset of `strukt.path[0].path[1]...`, looking through anonymous structs and unions
