@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
+    fmt::Write as _,
     io::{self, BufWriter, Write},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
@@ -191,7 +192,7 @@ impl<W: Write> Cpio<W> {
         self.ino += 1;
         let mut header = String::from("070701");
         for f in fields {
-            header.push_str(&format!("{f:08x}"));
+            let _ = write!(header, "{f:08x}");
         }
         self.out.write_all(header.as_bytes())?;
         self.out.write_all(name.as_bytes())?;
@@ -218,13 +219,12 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
 
 /// Mirrors the host's merged-/usr symlinks (`/bin -> usr/bin`), so binaries' interpreter path
 /// (`/lib64/ld-linux-x86-64.so.2`) and absolute symlinks resolve in the guest as on the host.
-pub fn merged_usr(tree: &mut Tree) -> anyhow::Result<()> {
+pub fn merged_usr(tree: &mut Tree) {
     for top in ["/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"] {
         if let Ok(target) = fs::read_link(top) {
             tree.symlink(top, &target.to_string_lossy());
         }
     }
-    Ok(())
 }
 
 /// busybox (Debian's busybox-static) with a symlink per applet, where the host does not provide

@@ -71,6 +71,9 @@ pub fn spec(name: &str) -> Option<Spec> {
     MATRIX.iter().copied().find(|s| s.name == name)
 }
 
+/// Module name and decompressed `.ko` file, in load order.
+pub type ModuleList = Vec<(String, PathBuf)>;
+
 /// A fetched and unpacked kernel.
 pub struct Kernel {
     pub spec: Spec,
@@ -94,7 +97,7 @@ pub fn cache_dir() -> anyhow::Result<PathBuf> {
 }
 
 /// Package lists younger than this are used as they are, so warm runs need no network.
-const LISTS_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+const LISTS_MAX_AGE: Duration = Duration::from_hours(24);
 
 struct Apt {
     suite: Suite,
@@ -328,7 +331,7 @@ impl Kernel {
 
     /// The modules to insmod, dependencies first, decompressed into the cache; and the wanted
     /// modules this kernel has neither as a file nor built in.
-    pub fn modules(&self, wanted: &[&str]) -> anyhow::Result<(Vec<(String, PathBuf)>, Vec<String>)> {
+    pub fn modules(&self, wanted: &[&str]) -> anyhow::Result<(ModuleList, Vec<String>)> {
         let mut files = BTreeMap::new();
         index_modules(&self.modules_dir.join("kernel"), &mut files)?;
         let builtin: BTreeSet<String> = fs::read_to_string(self.modules_dir.join("modules.builtin"))
@@ -382,7 +385,7 @@ struct Resolver<'k> {
     kernel: &'k Kernel,
     files: BTreeMap<String, PathBuf>,
     builtin: BTreeSet<String>,
-    order: Vec<(String, PathBuf)>,
+    order: ModuleList,
     seen: BTreeSet<String>,
     missing: Vec<String>,
 }

@@ -23,6 +23,7 @@ use guest::Status;
 use initramfs::Tree;
 
 #[derive(clap::Args, Debug)]
+#[expect(clippy::struct_excessive_bools, reason = "independent clap flags")]
 pub struct Args {
     /// Kernels to boot, repeatable or comma-separated: `--kernel 5.10,7.2`, `--kernel all`.
     #[arg(long, value_delimiter = ',', default_value = "all", value_parser = ["5.10", "6.1", "6.12", "7.2", "all"])]
@@ -45,7 +46,7 @@ pub struct Args {
     /// Guest memory (qemu `-m`), e.g. `--memory 2G`.
     #[arg(long, default_value = "1G")]
     memory: String,
-    /// Print which eBPF hooks the running kernel accepts (tp_btf, fexit on module functions,
+    /// Print which eBPF hooks the running kernel accepts (`tp_btf`, fexit on module functions,
     /// kprobes, TCX, clsact, drop reasons) and exit. The guests run this; it works on a host too.
     #[arg(long)]
     probe_here: bool,
@@ -84,7 +85,6 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
 /// For `cargo xtask test` (CI): boots `kernels` (e.g. `&["6.1"]`) with the defaults and all
 /// tests; errors when any kernel failed, hung or could not be fetched.
-#[expect(dead_code, reason = "for `cargo xtask test`, which the main developer is writing")]
 pub fn run_kernels(kernels: &[&str]) -> anyhow::Result<()> {
     for k in kernels {
         if kernel::spec(k).is_none() {
@@ -92,7 +92,7 @@ pub fn run_kernels(kernels: &[&str]) -> anyhow::Result<()> {
         }
     }
     run_matrix(kernels, &Options {
-        timeout: Duration::from_secs(300),
+        timeout: Duration::from_mins(5),
         keep: false,
         libtest_args: Vec::new(),
         console: false,
@@ -113,7 +113,7 @@ struct Options {
 const MODULES: &[&str] = &[
     "veth", "dummy", "bridge", "br_netfilter", "vxlan", "macvlan", "ipvlan",
     "nf_conntrack", "nf_conntrack_netlink", "nf_nat", "nf_defrag_ipv4", "nf_defrag_ipv6",
-    "nf_reject_ipv4", "nf_reject_ipv6", "nfnetlink", "nfnetlink_queue", "nf_log_syslog",
+    "nf_reject_ipv4", "nf_reject_ipv6", "nfnetlink", "nfnetlink_queue", "nf_log_syslog", "nf_log_ipv4", "nf_log_ipv6",
     "nf_tables", "nft_ct", "nft_nat", "nft_chain_nat", "nft_masq", "nft_redir", "nft_compat",
     "nft_counter", "nft_reject", "nft_reject_inet", "nft_reject_ipv4", "nft_fib", "nft_fib_inet",
     "nft_fib_ipv4", "nft_limit", "nft_log",
@@ -147,6 +147,10 @@ const PROGRAMS: &[(&str, &str, bool)] = &[
     ("ip6tables-legacy", "iptables", true),
     ("nft", "nftables", true),
     ("conntrack", "conntrack", true),
+    // util-linux's, not busybox's (tests drop privileges with `setpriv --reuid`).
+    ("setpriv", "util-linux", false),
+    ("unshare", "util-linux", false),
+    ("nsenter", "util-linux", false),
     ("ping", "iputils-ping", false),
     ("socat", "socat", false),
     ("hping3", "hping3", false),
@@ -158,7 +162,7 @@ const PROGRAMS: &[(&str, &str, bool)] = &[
 /// Everything but the kernel modules and the payload: busybox, host tools and their libraries.
 fn base_tree() -> anyhow::Result<Tree> {
     let mut tree = Tree::default();
-    initramfs::merged_usr(&mut tree)?;
+    initramfs::merged_usr(&mut tree);
     for (name, package, required) in PROGRAMS {
         match initramfs::find_program(name) {
             Some(path) => tree.host(&path).with_context(|| format!("adding {name} to the initramfs"))?,
@@ -178,8 +182,8 @@ fn base_tree() -> anyhow::Result<Tree> {
         }
     }
     initramfs::busybox(&mut tree)?;
-    tree.data("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644);
-    tree.data("/etc/group", "root:x:0:\n", 0o644);
+    tree.data("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n", 0o644);
+    tree.data("/etc/group", "root:x:0:\nnogroup:x:65534:\n", 0o644);
     tree.data("/etc/hosts", "127.0.0.1 localhost\n::1 localhost\n", 0o644);
     tree.data("/etc/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\nprotocols: files\nservices: files\n", 0o644);
     for d in ["/proc", "/sys", "/dev", "/run", "/tmp", "/root", "/var/tmp"] {
@@ -209,18 +213,18 @@ fn payload_tree(payload: &payload::Payload, work: &Path, libtest_args: &[String]
     let stripped = work.join("stripped");
     fs::create_dir_all(&stripped)?;
     let xtask = std::env::current_exe().context("finding the xtask binary")?;
-    tree.file_as(guest::XTASK_BIN, &strip(&xtask, &stripped.join("xtask"))?, 0o755)?;
-    tree.file_as(guest::NETDROP_BIN, &strip(&payload.netdrop, &stripped.join("netdrop"))?, 0o755)?;
+    tree.file_as(guest::XTASK_BIN, &strip(&xtask, &stripped.join("xtask")), 0o755)?;
+    tree.file_as(guest::NETDROP_BIN, &strip(&payload.netdrop, &stripped.join("netdrop")), 0o755)?;
     for (name, exe) in &payload.tests {
         let dst = stripped.join(format!("test-{name}"));
-        tree.file_as(&format!("{}/{name}", guest::TESTS_DIR), &strip(exe, &dst)?, 0o755)?;
+        tree.file_as(&format!("{}/{name}", guest::TESTS_DIR), &strip(exe, &dst), 0o755)?;
     }
     Ok(tree)
 }
 
 /// Debug info is most of a debug binary and the guest keeps its initramfs in RAM: drop it
 /// (backtraces keep function names). Without `strip` on the host the binary goes as it is.
-fn strip(src: &Path, dst: &Path) -> anyhow::Result<PathBuf> {
+fn strip(src: &Path, dst: &Path) -> PathBuf {
     let ok = std::process::Command::new("strip")
         .arg("--strip-debug")
         .arg("-o")
@@ -228,7 +232,7 @@ fn strip(src: &Path, dst: &Path) -> anyhow::Result<PathBuf> {
         .arg(src)
         .status()
         .is_ok_and(|s| s.success());
-    Ok(if ok { dst.to_owned() } else { src.to_owned() })
+    if ok { dst.to_owned() } else { src.to_owned() }
 }
 
 fn modules_tree(k: &kernel::Kernel, work: &Path) -> anyhow::Result<Tree> {
@@ -240,6 +244,15 @@ fn modules_tree(k: &kernel::Kernel, work: &Path) -> anyhow::Result<Tree> {
         tree.file_as(&format!("{}/{i:03}-{name}.ko", guest::MODULES_DIR), ko, 0o644)?;
     }
     Ok(tree)
+}
+
+/// The errors here are for people (a package that cannot be fetched, a tool to install):
+/// one line each, without the stack trace anyhow adds when `RUST_BACKTRACE` is set.
+fn quiet_errors() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: called before this process starts any thread.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
 }
 
 /// One row of the result table.
@@ -267,6 +280,7 @@ impl Drop for WorkDir {
 }
 
 fn run_matrix(names: &[&str], opts: &Options) -> anyhow::Result<()> {
+    quiet_errors();
     let specs: Vec<kernel::Spec> = names
         .iter()
         .map(|n| kernel::spec(n).with_context(|| format!("unknown kernel {n:?}")))
@@ -344,6 +358,7 @@ fn boot_one(k: &kernel::Kernel, work: &Path, base: &Path, tests: &Path, log: &Pa
         timeout: opts.timeout,
         log,
         echo: opts.console,
+        label: k.spec.name,
     })?;
     if outcome.status != Status::Passed && !opts.console {
         eprintln!("vm-test: {}: last console lines:", k.spec.name);

@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 
 pub struct Payload {
     pub netdrop: PathBuf,
-    /// (test target name, executable), e.g. ("vm_smoke", target/debug/deps/vm_smoke-0123abcd).
+    /// (test target name, executable), e.g. (`vm_smoke`, `target/debug/deps/vm_smoke-0123abcd`).
     pub tests: Vec<(String, PathBuf)>,
 }
 

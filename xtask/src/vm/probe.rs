@@ -28,7 +28,7 @@ use object::{
     write::{Object, Symbol, SymbolSection},
 };
 
-/// The conntrack function netdrop wants for conntrack-table drops; lives in the nf_conntrack module.
+/// The conntrack function netdrop wants for conntrack-table drops; lives in the `nf_conntrack` module.
 const CT_CONFIRM: &str = "__nf_conntrack_confirm";
 
 fn report(name: &str, result: Result<String, String>) {
@@ -92,18 +92,25 @@ pub fn run_here() -> anyhow::Result<()> {
                 p.load("kfree_skb", btf)?;
                 p.attach().map(drop)
             }));
-            // fexit on a vmlinux function: whether fexit works at all on this kernel.
-            report("fexit_vmlinux_kfree_skb", attach(&mut bpf, "fexit_vmlinux", |p: &mut FExit| {
-                p.load("kfree_skb", btf)?;
-                p.attach().map(drop)
-            }));
+            // fexit on a vmlinux function: whether fexit works at all on this kernel. The
+            // freeing function was renamed twice (5.17 kfree_skb_reason, 6.10 sk_skb_reason_drop).
+            let target = vmlinux_func(&["sk_skb_reason_drop", "kfree_skb_reason", "kfree_skb"]);
+            report("fexit_vmlinux", match target {
+                Some(f) => attach(&mut bpf, "fexit_vmlinux", |p: &mut FExit| {
+                    p.load(f, btf)?;
+                    p.attach().map(drop)
+                })
+                .map(|d| format!("{d} to {f}"))
+                .map_err(|e| format!("{f}: {e}")),
+                None => Err("no kfree_skb function in BTF".into()),
+            });
             report("fexit_aya_vmlinux_btf", attach(&mut bpf, "fexit_vmbtf", |p: &mut FExit| {
                 p.load(CT_CONFIRM, btf)?;
                 p.attach().map(drop)
             }));
         }
         Err(_) => {
-            for f in ["tp_btf_kfree_skb", "fexit_vmlinux_kfree_skb", "fexit_aya_vmlinux_btf"] {
+            for f in ["tp_btf_kfree_skb", "fexit_vmlinux", "fexit_aya_vmlinux_btf"] {
                 report(f, Err("no vmlinux BTF".into()));
             }
         }
@@ -146,6 +153,14 @@ where
     f(program).map(|()| "attached".to_owned()).map_err(|e| chain(&e))
 }
 
+/// The first of `names` that is a function in vmlinux's BTF.
+fn vmlinux_func(names: &[&'static str]) -> Option<&'static str> {
+    let btf = btf_rs::Btf::from_file("/sys/kernel/btf/vmlinux").ok()?;
+    names.iter().copied().find(|n| {
+        btf.resolve_types_by_name(n).unwrap_or_default().iter().any(|t| matches!(t, btf_rs::Type::Func(_)))
+    })
+}
+
 /// Drop reasons: the `reason` field of the `skb:kfree_skb` tracepoint and the BTF enum naming
 /// them (both arrived in 5.17).
 fn drop_reason() -> Result<String, String> {
@@ -171,7 +186,7 @@ fn drop_reason() -> Result<String, String> {
     })
 }
 
-/// aya 0.14's FExit with a `Btf` parsed from the module's split BTF file.
+/// aya 0.14's `FExit` with a `Btf` parsed from the module's split BTF file.
 fn fexit_aya_module_btf(bpf: &mut Ebpf, module_btf: &Path) -> Result<String, String> {
     if !module_btf.exists() {
         return Err("no module BTF".into());
@@ -316,7 +331,7 @@ fn module_btf_fd(module: &str) -> anyhow::Result<OwnedFd> {
         open_flags: u32,
     }
     #[repr(C)]
-    struct Info {
+    struct GetInfoAttr {
         bpf_fd: u32,
         info_len: u32,
         info: u64,
@@ -340,7 +355,7 @@ fn module_btf_fd(module: &str) -> anyhow::Result<OwnedFd> {
         let Ok(fd) = bpf(BPF_BTF_GET_FD_BY_ID, &mut get) else { continue };
         let mut name = [0u8; 64];
         let mut info = BtfInfo { name: name.as_mut_ptr() as u64, name_len: name.len() as u32, ..BtfInfo::default() };
-        let mut attr = Info { bpf_fd: fd.as_raw_fd() as u32, info_len: size_of::<BtfInfo>() as u32, info: std::ptr::from_mut(&mut info) as u64 };
+        let mut attr = GetInfoAttr { bpf_fd: fd.as_raw_fd() as u32, info_len: size_of::<BtfInfo>() as u32, info: std::ptr::from_mut(&mut info) as u64 };
         if bpf_plain(BPF_OBJ_GET_INFO_BY_FD, &mut attr).is_ok() {
             let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
             if &name[..end] == module.as_bytes() {
@@ -350,7 +365,7 @@ fn module_btf_fd(module: &str) -> anyhow::Result<OwnedFd> {
     }
 }
 
-/// `r0 = 0; exit`: valid for every program type probed (0 is TC_ACT_OK for classifiers).
+/// `r0 = 0; exit`: valid for every program type probed (0 is `TC_ACT_OK` for classifiers).
 const INSNS: [u8; 16] = [0xb7, 0, 0, 0, 0, 0, 0, 0, 0x95, 0, 0, 0, 0, 0, 0, 0];
 
 /// A BPF ELF object with one program per (section, name), as aya-obj reads them.
