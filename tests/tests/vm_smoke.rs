@@ -17,7 +17,11 @@ use nix::sched::{CloneFlags, setns};
 fn skip(test: &str, reason: &str) {
     println!("skipping: {reason}");
     if let Some(path) = std::env::var_os("NETDROP_SKIP_FILE") {
-        let mut f = fs::OpenOptions::new().create(true).append(true).open(path).expect("open NETDROP_SKIP_FILE");
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("open NETDROP_SKIP_FILE");
         writeln!(f, "{test}\t{reason}").expect("write NETDROP_SKIP_FILE");
     }
 }
@@ -36,8 +40,14 @@ fn ip() -> Command {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -57,7 +67,8 @@ impl Netns {
     fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = PathBuf::from("/run/netns").join(&self.name);
         std::thread::spawn(move || {
-            let ns = fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            let ns =
+                fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
             setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns into the test namespace");
             f()
         })
@@ -83,16 +94,30 @@ fn link_stats(ns: &Netns, dev: &str) -> (u64, u64) {
     let out = run(ns.ip().args(["-s", "-j", "link", "show", "dev", dev]));
     let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j output is JSON");
     let s = &v[0]["stats64"];
-    (s["rx"]["packets"].as_u64().expect("rx packets"), s["tx"]["packets"].as_u64().expect("tx packets"))
+    (
+        s["rx"]["packets"].as_u64().expect("rx packets"),
+        s["tx"]["packets"].as_u64().expect("tx packets"),
+    )
 }
 
 /// `Udp: NoPorts` from /proc/net/snmp of the calling thread's namespace.
 fn udp_no_ports() -> u64 {
-    let snmp = fs::read_to_string("/proc/thread-self/net/snmp").expect("read /proc/thread-self/net/snmp");
+    let snmp =
+        fs::read_to_string("/proc/thread-self/net/snmp").expect("read /proc/thread-self/net/snmp");
     let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
-    let (names, values) = (udp.next().expect("Udp header"), udp.next().expect("Udp values"));
-    let i = names.split_whitespace().position(|n| n == "NoPorts").expect("NoPorts column");
-    values.split_whitespace().nth(i).and_then(|v| v.parse().ok()).expect("NoPorts value")
+    let (names, values) = (
+        udp.next().expect("Udp header"),
+        udp.next().expect("Udp values"),
+    );
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "NoPorts")
+        .expect("NoPorts column");
+    values
+        .split_whitespace()
+        .nth(i)
+        .and_then(|v| v.parse().ok())
+        .expect("NoPorts value")
 }
 
 /// Two namespaces joined by a veth pair: UDP datagrams cross it and show up in both ends'
@@ -100,7 +125,10 @@ fn udp_no_ports() -> u64 {
 #[test]
 fn veth_pair_carries_and_drops() {
     if !is_root() {
-        skip("veth_pair_carries_and_drops", "needs root for network namespaces");
+        skip(
+            "veth_pair_carries_and_drops",
+            "needs root for network namespaces",
+        );
         return;
     }
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
@@ -108,7 +136,9 @@ fn veth_pair_carries_and_drops() {
 
     let a = Netns::new("a");
     let b = Netns::new("b");
-    run(a.ip().args(["link", "add", "nd-a", "type", "veth", "peer", "name", "nd-b", "netns", &b.name]));
+    run(a.ip().args([
+        "link", "add", "nd-a", "type", "veth", "peer", "name", "nd-b", "netns", &b.name,
+    ]));
     run(a.ip().args(["addr", "add", "10.213.0.1/30", "dev", "nd-a"]));
     run(b.ip().args(["addr", "add", "10.213.0.2/30", "dev", "nd-b"]));
     for (ns, dev) in [(&a, "nd-a"), (&b, "nd-b")] {
@@ -119,35 +149,64 @@ fn veth_pair_carries_and_drops() {
     let (b_rx0, _) = link_stats(&b, "nd-b");
 
     // Receiver in b: bound before the sender starts, so no datagram races the bind.
-    let receiver = b.run(|| UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::new(10, 213, 0, 2), 0)).expect("bind in b"));
+    let receiver = b.run(|| {
+        UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::new(10, 213, 0, 2), 0)).expect("bind in b")
+    });
     let port = receiver.local_addr().expect("local addr").port();
-    receiver.set_read_timeout(Some(Duration::from_secs(10))).expect("read timeout");
+    receiver
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
     let no_ports_before = b.run(udp_no_ports);
 
     const SENT: u64 = 5;
     const TO_CLOSED: u64 = 3;
     a.run(move || {
-        let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::new(10, 213, 0, 1), 0)).expect("bind in a");
+        let s =
+            UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::new(10, 213, 0, 1), 0)).expect("bind in a");
         for i in 0..SENT {
-            s.send_to(format!("netdrop smoke {i}").as_bytes(), (Ipv4Addr::new(10, 213, 0, 2), port)).expect("send");
+            s.send_to(
+                format!("netdrop smoke {i}").as_bytes(),
+                (Ipv4Addr::new(10, 213, 0, 2), port),
+            )
+            .expect("send");
         }
         // Port 9 (discard) has no listener in b: the kernel drops these and answers ICMP.
         for _ in 0..TO_CLOSED {
-            s.send_to(b"to a closed port", (Ipv4Addr::new(10, 213, 0, 2), 9)).expect("send to closed port");
+            s.send_to(b"to a closed port", (Ipv4Addr::new(10, 213, 0, 2), 9))
+                .expect("send to closed port");
         }
     });
     let mut buf = [0u8; 64];
     for i in 0..SENT {
-        let n = receiver.recv(&mut buf).unwrap_or_else(|e| panic!("datagram {i} did not arrive: {e}"));
-        assert!(buf[..n].starts_with(b"netdrop smoke"), "unexpected payload {:?}", &buf[..n]);
+        let n = receiver
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("datagram {i} did not arrive: {e}"));
+        assert!(
+            buf[..n].starts_with(b"netdrop smoke"),
+            "unexpected payload {:?}",
+            &buf[..n]
+        );
     }
 
     // The kernel's counters agree: a sent everything (plus ARP), b received it.
     let (a_rx1, a_tx1) = link_stats(&a, "nd-a");
     let (b_rx1, _) = link_stats(&b, "nd-b");
-    assert!(a_tx1 - a_tx0 >= SENT + TO_CLOSED, "nd-a tx grew by {} (< {})", a_tx1 - a_tx0, SENT + TO_CLOSED);
-    assert!(b_rx1 - b_rx0 >= SENT + TO_CLOSED, "nd-b rx grew by {} (< {})", b_rx1 - b_rx0, SENT + TO_CLOSED);
-    assert!(a_rx1 > a_rx0, "nd-a received nothing (no ARP reply, no ICMP port unreachable)");
+    assert!(
+        a_tx1 - a_tx0 >= SENT + TO_CLOSED,
+        "nd-a tx grew by {} (< {})",
+        a_tx1 - a_tx0,
+        SENT + TO_CLOSED
+    );
+    assert!(
+        b_rx1 - b_rx0 >= SENT + TO_CLOSED,
+        "nd-b rx grew by {} (< {})",
+        b_rx1 - b_rx0,
+        SENT + TO_CLOSED
+    );
+    assert!(
+        a_rx1 > a_rx0,
+        "nd-a received nothing (no ARP reply, no ICMP port unreachable)"
+    );
     // The receive path may still be in softirq when the last send returns: give it a moment.
     let mut no_ports = 0;
     for _ in 0..50 {
@@ -168,12 +227,20 @@ fn netdrop_lists_reasons() {
         skip("netdrop_lists_reasons", "NETDROP_BIN is not set");
         return;
     };
-    let out = Command::new(&bin).arg("reasons").output().unwrap_or_else(|e| panic!("running {bin:?}: {e}"));
+    let out = Command::new(&bin)
+        .arg("reasons")
+        .output()
+        .unwrap_or_else(|e| panic!("running {bin:?}: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}{stderr}");
-    if stderr.contains("unrecognized subcommand") || (out.status.success() && stdout.trim().is_empty() && stderr.trim().is_empty()) {
-        skip("netdrop_lists_reasons", "this netdrop has no `reasons` subcommand yet");
+    if stderr.contains("unrecognized subcommand")
+        || (out.status.success() && stdout.trim().is_empty() && stderr.trim().is_empty())
+    {
+        skip(
+            "netdrop_lists_reasons",
+            "this netdrop has no `reasons` subcommand yet",
+        );
         return;
     }
     assert!(out.status.success(), "netdrop reasons failed: {stderr}");
@@ -183,7 +250,10 @@ fn netdrop_lists_reasons() {
     if has_reasons {
         // Every kernel with drop reasons has these two (include/net/dropreason-core.h).
         let upper = stdout.to_uppercase();
-        assert!(upper.contains("NOT_SPECIFIED"), "no NOT_SPECIFIED in:\n{stdout}");
+        assert!(
+            upper.contains("NOT_SPECIFIED"),
+            "no NOT_SPECIFIED in:\n{stdout}"
+        );
         assert!(upper.contains("NO_SOCKET"), "no NO_SOCKET in:\n{stdout}");
     }
 }

@@ -3,8 +3,8 @@
 //! nor virtiofs, so the test payload travels as a second archive appended to the first.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
     fmt::Write as _,
+    fs,
     io::{self, BufWriter, Write},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
@@ -55,7 +55,13 @@ impl Tree {
     }
 
     pub fn data(&mut self, guest: &str, data: impl Into<Vec<u8>>, mode: u32) {
-        self.insert(guest, Entry::Data { data: data.into(), mode });
+        self.insert(
+            guest,
+            Entry::Data {
+                data: data.into(),
+                mode,
+            },
+        );
     }
 
     pub fn char_dev(&mut self, guest: &str, major: u32, minor: u32) {
@@ -64,7 +70,13 @@ impl Tree {
 
     /// A host file at a guest path of our choosing, with the libraries it links.
     pub fn file_as(&mut self, guest: &str, src: &Path, mode: u32) -> anyhow::Result<()> {
-        self.insert(guest, Entry::File { src: src.to_owned(), mode });
+        self.insert(
+            guest,
+            Entry::File {
+                src: src.to_owned(),
+                mode,
+            },
+        );
         self.libraries_of(src)
     }
 
@@ -75,10 +87,12 @@ impl Tree {
         let mut path = path.to_owned();
         for _ in 0..16 {
             let parent = path.parent().context("host path has no parent")?;
-            let parent = fs::canonicalize(parent).with_context(|| format!("resolving {}", parent.display()))?;
+            let parent = fs::canonicalize(parent)
+                .with_context(|| format!("resolving {}", parent.display()))?;
             let real = parent.join(path.file_name().context("host path has no file name")?);
             let guest = real.to_string_lossy().into_owned();
-            let meta = fs::symlink_metadata(&real).with_context(|| format!("reading {}", real.display()))?;
+            let meta = fs::symlink_metadata(&real)
+                .with_context(|| format!("reading {}", real.display()))?;
             if meta.file_type().is_symlink() {
                 let target = fs::read_link(&real)?;
                 self.symlink(&guest, &target.to_string_lossy());
@@ -91,7 +105,13 @@ impl Tree {
             }
             let mode = meta.permissions().mode() & 0o7777;
             let new = !self.contains(&guest);
-            self.insert(&guest, Entry::File { src: real.clone(), mode });
+            self.insert(
+                &guest,
+                Entry::File {
+                    src: real.clone(),
+                    mode,
+                },
+            );
             if new && (mode & 0o111 != 0 || real.to_string_lossy().contains(".so")) {
                 self.libraries_of(&real)?;
             }
@@ -117,19 +137,28 @@ impl Tree {
             return Ok(());
         }
         let mut magic = [0u8; 4];
-        let is_elf = fs::File::open(elf).and_then(|mut f| io::Read::read_exact(&mut f, &mut magic)).is_ok()
+        let is_elf = fs::File::open(elf)
+            .and_then(|mut f| io::Read::read_exact(&mut f, &mut magic))
+            .is_ok()
             && magic == *b"\x7fELF";
         if !is_elf {
             return Ok(());
         }
-        let out = Command::new("ldd").arg(elf).output().context("running ldd")?;
+        let out = Command::new("ldd")
+            .arg(elf)
+            .output()
+            .context("running ldd")?;
         // ldd fails for static executables ("not a dynamic executable"): nothing to add.
         if !out.status.success() {
             return Ok(());
         }
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             if line.contains("not found") {
-                bail!("{} needs a library the host lacks: {}", elf.display(), line.trim());
+                bail!(
+                    "{} needs a library the host lacks: {}",
+                    elf.display(),
+                    line.trim()
+                );
             }
             let lib = match line.split_once("=>") {
                 Some((_, rest)) => rest.split_whitespace().next(),
@@ -144,7 +173,10 @@ impl Tree {
 
     /// Writes the tree as one `newc` archive to `out`.
     pub fn write_cpio(&self, out: impl Write) -> anyhow::Result<()> {
-        let mut w = Cpio { out: BufWriter::new(out), ino: 1 };
+        let mut w = Cpio {
+            out: BufWriter::new(out),
+            ino: 1,
+        };
         for (path, entry) in &self.entries {
             let name = path.trim_start_matches('/');
             match entry {
@@ -153,7 +185,8 @@ impl Tree {
                 Entry::CharDev { major, minor } => w.entry(name, 0o020_600, *major, *minor, &[])?,
                 Entry::Data { data, mode } => w.entry(name, 0o100_000 | mode, 0, 0, data)?,
                 Entry::File { src, mode } => {
-                    let data = fs::read(src).with_context(|| format!("reading {}", src.display()))?;
+                    let data =
+                        fs::read(src).with_context(|| format!("reading {}", src.display()))?;
                     w.entry(name, 0o100_000 | mode, 0, 0, &data)?;
                 }
             }
@@ -172,7 +205,14 @@ struct Cpio<W: Write> {
 }
 
 impl<W: Write> Cpio<W> {
-    fn entry(&mut self, name: &str, mode: u32, rdev_major: u32, rdev_minor: u32, data: &[u8]) -> io::Result<()> {
+    fn entry(
+        &mut self,
+        name: &str,
+        mode: u32,
+        rdev_major: u32,
+        rdev_minor: u32,
+        data: &[u8],
+    ) -> io::Result<()> {
         let name_len = name.len() + 1;
         let fields = [
             self.ino,
@@ -230,13 +270,23 @@ pub fn merged_usr(tree: &mut Tree) {
 /// busybox (Debian's busybox-static) with a symlink per applet, where the host does not provide
 /// the real program: the real iproute2/iptables must win over the applets for the tests.
 pub fn busybox(tree: &mut Tree) -> anyhow::Result<()> {
-    let bb = find_program("busybox").context("busybox is not installed (Debian: apt-get install busybox-static)")?;
+    let bb = find_program("busybox")
+        .context("busybox is not installed (Debian: apt-get install busybox-static)")?;
     tree.host(&bb)?;
     let bb_guest = fs::canonicalize(&bb)?.to_string_lossy().into_owned();
-    let out = Command::new(&bb).arg("--list").output().context("running busybox --list")?;
+    let out = Command::new(&bb)
+        .arg("--list")
+        .output()
+        .context("running busybox --list")?;
     let applets = String::from_utf8_lossy(&out.stdout).into_owned();
-    for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty() && *a != "busybox") {
-        let taken = ["/usr/bin", "/usr/sbin"].iter().any(|d| tree.contains(&format!("{d}/{applet}")));
+    for applet in applets
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty() && *a != "busybox")
+    {
+        let taken = ["/usr/bin", "/usr/sbin"]
+            .iter()
+            .any(|d| tree.contains(&format!("{d}/{applet}")));
         if !taken {
             tree.symlink(&format!("/usr/bin/{applet}"), &bb_guest);
         }

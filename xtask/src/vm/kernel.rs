@@ -61,10 +61,26 @@ pub struct Spec {
 /// The matrix, oldest first: bullseye's 5.10 (no drop reasons, no module BTF), bookworm's 6.1 and
 /// backported 6.12 (before and after TCX and kprobe.multi), and sid's newest.
 pub const MATRIX: [Spec; 4] = [
-    Spec { name: "5.10", suite: Suite::Bullseye, meta: "linux-image-cloud-amd64" },
-    Spec { name: "6.1", suite: Suite::Bookworm, meta: "linux-image-cloud-amd64" },
-    Spec { name: "6.12", suite: Suite::Bookworm, meta: "linux-image-6.12-cloud-amd64" },
-    Spec { name: "7.2", suite: Suite::Sid, meta: "linux-image-cloud-amd64" },
+    Spec {
+        name: "5.10",
+        suite: Suite::Bullseye,
+        meta: "linux-image-cloud-amd64",
+    },
+    Spec {
+        name: "6.1",
+        suite: Suite::Bookworm,
+        meta: "linux-image-cloud-amd64",
+    },
+    Spec {
+        name: "6.12",
+        suite: Suite::Bookworm,
+        meta: "linux-image-6.12-cloud-amd64",
+    },
+    Spec {
+        name: "7.2",
+        suite: Suite::Sid,
+        meta: "linux-image-cloud-amd64",
+    },
 ];
 
 pub fn spec(name: &str) -> Option<Spec> {
@@ -90,8 +106,10 @@ pub struct Kernel {
 pub fn cache_dir() -> anyhow::Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => PathBuf::from(std::env::var_os("HOME").context("HOME is not set; cannot place the kernel cache")?)
-            .join(".cache"),
+        _ => PathBuf::from(
+            std::env::var_os("HOME").context("HOME is not set; cannot place the kernel cache")?,
+        )
+        .join(".cache"),
     };
     Ok(base.join("netdrop").join("vm"))
 }
@@ -108,7 +126,8 @@ impl Apt {
     fn new(cache: &Path, suite: Suite) -> anyhow::Result<Self> {
         let dir = cache.join("apt").join(suite.name());
         for sub in ["parts", "lists/partial", "cache/archives/partial"] {
-            fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.join(sub).display()))?;
+            fs::create_dir_all(dir.join(sub))
+                .with_context(|| format!("creating {}", dir.join(sub).display()))?;
         }
         let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
         let sources: String = suite
@@ -163,16 +182,32 @@ impl Apt {
         if age.is_some_and(|a| a < LISTS_MAX_AGE) {
             return Ok(());
         }
-        eprintln!("vm-test: refreshing the {} package lists", self.suite.name());
-        let out = self.command("apt-get").args(["-q", "update"]).output().context("running apt-get update")?;
+        eprintln!(
+            "vm-test: refreshing the {} package lists",
+            self.suite.name()
+        );
+        let out = self
+            .command("apt-get")
+            .args(["-q", "update"])
+            .output()
+            .context("running apt-get update")?;
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let failed = !out.status.success() || stderr.lines().any(|l| l.starts_with("W: Failed") || l.starts_with("E:"));
+        let failed = !out.status.success()
+            || stderr
+                .lines()
+                .any(|l| l.starts_with("W: Failed") || l.starts_with("E:"));
         if failed {
             let why = apt_error(&stderr);
             if age.is_some() {
-                eprintln!("vm-test: warning: could not refresh the {} package lists ({why}); using the old ones", self.suite.name());
+                eprintln!(
+                    "vm-test: warning: could not refresh the {} package lists ({why}); using the old ones",
+                    self.suite.name()
+                );
             } else {
-                bail!("cannot download the {} package lists from deb.debian.org: {why}", self.suite.name());
+                bail!(
+                    "cannot download the {} package lists from deb.debian.org: {why}",
+                    self.suite.name()
+                );
             }
         }
         Ok(())
@@ -247,7 +282,13 @@ pub fn fetch(spec: Spec, cache: &Path) -> anyhow::Result<Kernel> {
     let image = meta_deps
         .into_iter()
         .find(|d| d.starts_with("linux-image-") && d.ends_with("-cloud-amd64"))
-        .with_context(|| format!("{} in {} names no linux-image-*-cloud-amd64 package", spec.meta, spec.suite.name()))?;
+        .with_context(|| {
+            format!(
+                "{} in {} names no linux-image-*-cloud-amd64 package",
+                spec.meta,
+                spec.suite.name()
+            )
+        })?;
     if !image.starts_with(&format!("linux-image-{}.", spec.name)) {
         bail!(
             "{} in {} now points to {image}, not a {} kernel; update the matrix in xtask/src/vm/kernel.rs",
@@ -282,8 +323,9 @@ pub fn fetch(spec: Spec, cache: &Path) -> anyhow::Result<Kernel> {
         let _ = fs::remove_dir_all(&tree);
         fs::create_dir_all(&tree)?;
         for p in &packages {
-            let deb = deb_path(&debs, p, &version)
-                .with_context(|| format!("cannot fetch kernel package {p}: apt-get download left no .deb"))?;
+            let deb = deb_path(&debs, p, &version).with_context(|| {
+                format!("cannot fetch kernel package {p}: apt-get download left no .deb")
+            })?;
             let status = Command::new("dpkg")
                 .arg("-x")
                 .arg(&deb)
@@ -291,7 +333,10 @@ pub fn fetch(spec: Spec, cache: &Path) -> anyhow::Result<Kernel> {
                 .status()
                 .context("running dpkg -x")?;
             if !status.success() {
-                bail!("cannot unpack kernel package {p} ({}): dpkg -x failed", deb.display());
+                bail!(
+                    "cannot unpack kernel package {p} ({}): dpkg -x failed",
+                    deb.display()
+                );
             }
         }
         fs::write(&stamp, "")?;
@@ -307,7 +352,12 @@ fn deb_path(dir: &Path, package: &str, version: &str) -> Option<PathBuf> {
 }
 
 impl Kernel {
-    fn from_tree(spec: Spec, tree: &Path, package_version: String, cache: &Path) -> anyhow::Result<Self> {
+    fn from_tree(
+        spec: Spec,
+        tree: &Path,
+        package_version: String,
+        cache: &Path,
+    ) -> anyhow::Result<Self> {
         // Older packages install into /lib/modules and /boot, newer ones into /usr/lib/modules
         // with vmlinuz next to the modules.
         let modules_root = ["usr/lib/modules", "lib/modules"]
@@ -320,13 +370,27 @@ impl Kernel {
             .map(|e| e.path())
             .find(|p| p.join("kernel").is_dir())
             .with_context(|| format!("{} holds no kernel release", modules_root.display()))?;
-        let release = modules_dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let vmlinuz = [modules_dir.join("vmlinuz"), tree.join("boot").join(format!("vmlinuz-{release}"))]
-            .into_iter()
-            .find(|p| p.exists())
-            .with_context(|| format!("no vmlinuz for {release} in {}", tree.display()))?;
+        let release = modules_dir
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let vmlinuz = [
+            modules_dir.join("vmlinuz"),
+            tree.join("boot").join(format!("vmlinuz-{release}")),
+        ]
+        .into_iter()
+        .find(|p| p.exists())
+        .with_context(|| format!("no vmlinuz for {release} in {}", tree.display()))?;
         let module_cache = cache.join("modules").join(&release);
-        Ok(Self { spec, release, package_version, vmlinuz, modules_dir, module_cache })
+        Ok(Self {
+            spec,
+            release,
+            package_version,
+            vmlinuz,
+            modules_dir,
+            module_cache,
+        })
     }
 
     /// The modules to insmod, dependencies first, decompressed into the cache; and the wanted
@@ -334,14 +398,22 @@ impl Kernel {
     pub fn modules(&self, wanted: &[&str]) -> anyhow::Result<(ModuleList, Vec<String>)> {
         let mut files = BTreeMap::new();
         index_modules(&self.modules_dir.join("kernel"), &mut files)?;
-        let builtin: BTreeSet<String> = fs::read_to_string(self.modules_dir.join("modules.builtin"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| Path::new(l).file_name())
-            .map(|f| module_name(&f.to_string_lossy()))
-            .collect();
+        let builtin: BTreeSet<String> =
+            fs::read_to_string(self.modules_dir.join("modules.builtin"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| Path::new(l).file_name())
+                .map(|f| module_name(&f.to_string_lossy()))
+                .collect();
         fs::create_dir_all(&self.module_cache)?;
-        let mut resolver = Resolver { kernel: self, files, builtin, order: Vec::new(), seen: BTreeSet::new(), missing: Vec::new() };
+        let mut resolver = Resolver {
+            kernel: self,
+            files,
+            builtin,
+            order: Vec::new(),
+            seen: BTreeSet::new(),
+            missing: Vec::new(),
+        };
         for name in wanted {
             resolver.visit(&module_name(name))?;
         }
@@ -433,7 +505,12 @@ impl Resolver<'_> {
                     .args(["-dc"])
                     .arg(src)
                     .output()
-                    .with_context(|| format!("running {tool} to decompress {} (is {tool} installed?)", src.display()))?;
+                    .with_context(|| {
+                        format!(
+                            "running {tool} to decompress {} (is {tool} installed?)",
+                            src.display()
+                        )
+                    })?;
                 if !out.status.success() {
                     bail!("{tool} could not decompress {}", src.display());
                 }
@@ -457,7 +534,12 @@ fn depends(ko: &Path) -> anyhow::Result<Vec<String>> {
     Ok(info
         .split(|b| *b == 0)
         .filter_map(|kv| kv.strip_prefix(b"depends="))
-        .flat_map(|v| String::from_utf8_lossy(v).split(',').map(str::to_owned).collect::<Vec<_>>())
+        .flat_map(|v| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
         .filter(|d| !d.is_empty())
         .map(|d| module_name(&d))
         .collect())

@@ -74,13 +74,16 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if let Some(f) = &args.filter {
         libtest.push(f.clone());
     }
-    run_matrix(&names, &Options {
-        timeout: args.timeout,
-        keep: args.keep,
-        libtest_args: libtest,
-        console: args.console,
-        memory: args.memory.clone(),
-    })
+    run_matrix(
+        &names,
+        &Options {
+            timeout: args.timeout,
+            keep: args.keep,
+            libtest_args: libtest,
+            console: args.console,
+            memory: args.memory.clone(),
+        },
+    )
 }
 
 /// For `cargo xtask test` (CI): boots `kernels` (e.g. `&["6.1"]`) with the defaults and all
@@ -91,13 +94,16 @@ pub fn run_kernels(kernels: &[&str]) -> anyhow::Result<()> {
             bail!("unknown kernel {k:?}; the matrix has 5.10, 6.1, 6.12, 7.2");
         }
     }
-    run_matrix(kernels, &Options {
-        timeout: Duration::from_mins(5),
-        keep: false,
-        libtest_args: Vec::new(),
-        console: false,
-        memory: "1G".to_owned(),
-    })
+    run_matrix(
+        kernels,
+        &Options {
+            timeout: Duration::from_mins(5),
+            keep: false,
+            libtest_args: Vec::new(),
+            console: false,
+            memory: "1G".to_owned(),
+        },
+    )
 }
 
 struct Options {
@@ -111,19 +117,77 @@ struct Options {
 /// Modules the tests may need; whatever a kernel has built in or lacks is skipped (the missing
 /// ones are listed in the work dir's `modules-<kernel>.txt`).
 const MODULES: &[&str] = &[
-    "veth", "dummy", "bridge", "br_netfilter", "vxlan", "macvlan", "ipvlan",
-    "nf_conntrack", "nf_conntrack_netlink", "nf_nat", "nf_defrag_ipv4", "nf_defrag_ipv6",
-    "nf_reject_ipv4", "nf_reject_ipv6", "nfnetlink", "nfnetlink_queue", "nf_log_syslog", "nf_log_ipv4", "nf_log_ipv6",
-    "nf_tables", "nft_ct", "nft_nat", "nft_chain_nat", "nft_masq", "nft_redir", "nft_compat",
-    "nft_counter", "nft_reject", "nft_reject_inet", "nft_reject_ipv4", "nft_fib", "nft_fib_inet",
-    "nft_fib_ipv4", "nft_limit", "nft_log",
-    "x_tables", "ip_tables", "ip6_tables", "iptable_filter", "iptable_nat", "iptable_mangle",
-    "iptable_raw", "ip6table_filter", "ip6table_nat", "ipt_REJECT", "ip6t_REJECT",
-    "xt_conntrack", "xt_state", "xt_comment", "xt_mark", "xt_multiport", "xt_addrtype",
-    "xt_MASQUERADE", "xt_nat", "xt_REDIRECT", "xt_tcpudp", "xt_limit", "xt_statistic", "xt_LOG",
-    "xt_CT", "xt_physdev",
-    "sch_ingress", "sch_netem", "sch_htb", "sch_tbf", "cls_bpf", "act_bpf", "act_gact", "cls_u32",
-    "cls_matchall", "act_mirred",
+    "veth",
+    "dummy",
+    "bridge",
+    "br_netfilter",
+    "vxlan",
+    "macvlan",
+    "ipvlan",
+    "nf_conntrack",
+    "nf_conntrack_netlink",
+    "nf_nat",
+    "nf_defrag_ipv4",
+    "nf_defrag_ipv6",
+    "nf_reject_ipv4",
+    "nf_reject_ipv6",
+    "nfnetlink",
+    "nfnetlink_queue",
+    "nf_log_syslog",
+    "nf_log_ipv4",
+    "nf_log_ipv6",
+    "nf_tables",
+    "nft_ct",
+    "nft_nat",
+    "nft_chain_nat",
+    "nft_masq",
+    "nft_redir",
+    "nft_compat",
+    "nft_counter",
+    "nft_reject",
+    "nft_reject_inet",
+    "nft_reject_ipv4",
+    "nft_fib",
+    "nft_fib_inet",
+    "nft_fib_ipv4",
+    "nft_limit",
+    "nft_log",
+    "x_tables",
+    "ip_tables",
+    "ip6_tables",
+    "iptable_filter",
+    "iptable_nat",
+    "iptable_mangle",
+    "iptable_raw",
+    "ip6table_filter",
+    "ip6table_nat",
+    "ipt_REJECT",
+    "ip6t_REJECT",
+    "xt_conntrack",
+    "xt_state",
+    "xt_comment",
+    "xt_mark",
+    "xt_multiport",
+    "xt_addrtype",
+    "xt_MASQUERADE",
+    "xt_nat",
+    "xt_REDIRECT",
+    "xt_tcpudp",
+    "xt_limit",
+    "xt_statistic",
+    "xt_LOG",
+    "xt_CT",
+    "xt_physdev",
+    "sch_ingress",
+    "sch_netem",
+    "sch_htb",
+    "sch_tbf",
+    "cls_bpf",
+    "act_bpf",
+    "act_gact",
+    "cls_u32",
+    "cls_matchall",
+    "act_mirred",
 ];
 
 /// Host programs in the guest, with the Debian package that has them. Missing required ones stop
@@ -165,8 +229,12 @@ fn base_tree() -> anyhow::Result<Tree> {
     initramfs::merged_usr(&mut tree);
     for (name, package, required) in PROGRAMS {
         match initramfs::find_program(name) {
-            Some(path) => tree.host(&path).with_context(|| format!("adding {name} to the initramfs"))?,
-            None if *required => bail!("{name} is not installed on this host (Debian: apt-get install {package})"),
+            Some(path) => tree
+                .host(&path)
+                .with_context(|| format!("adding {name} to the initramfs"))?,
+            None if *required => {
+                bail!("{name} is not installed on this host (Debian: apt-get install {package})")
+            }
             None => {}
         }
     }
@@ -174,7 +242,12 @@ fn base_tree() -> anyhow::Result<Tree> {
     for dir in glob_dirs("/usr/lib", "xtables") {
         tree.host_dir_files(&dir)?;
     }
-    for etc in ["/etc/protocols", "/etc/services", "/etc/ethertypes", "/etc/iproute2"] {
+    for etc in [
+        "/etc/protocols",
+        "/etc/services",
+        "/etc/ethertypes",
+        "/etc/iproute2",
+    ] {
         if Path::new(etc).is_dir() {
             tree.host_dir_files(Path::new(etc))?;
         } else if Path::new(etc).exists() {
@@ -182,10 +255,18 @@ fn base_tree() -> anyhow::Result<Tree> {
         }
     }
     initramfs::busybox(&mut tree)?;
-    tree.data("/etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n", 0o644);
+    tree.data(
+        "/etc/passwd",
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        0o644,
+    );
     tree.data("/etc/group", "root:x:0:\nnogroup:x:65534:\n", 0o644);
     tree.data("/etc/hosts", "127.0.0.1 localhost\n::1 localhost\n", 0o644);
-    tree.data("/etc/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\nprotocols: files\nservices: files\n", 0o644);
+    tree.data(
+        "/etc/nsswitch.conf",
+        "passwd: files\ngroup: files\nhosts: files\nprotocols: files\nservices: files\n",
+        0o644,
+    );
     for d in ["/proc", "/sys", "/dev", "/run", "/tmp", "/root", "/var/tmp"] {
         tree.dir(d);
     }
@@ -207,17 +288,33 @@ fn glob_dirs(root: &str, name: &str) -> Vec<PathBuf> {
 }
 
 /// The payload archive: /init, netdrop, the test binaries and the probe (this xtask binary).
-fn payload_tree(payload: &payload::Payload, work: &Path, libtest_args: &[String]) -> anyhow::Result<Tree> {
+fn payload_tree(
+    payload: &payload::Payload,
+    work: &Path,
+    libtest_args: &[String],
+) -> anyhow::Result<Tree> {
     let mut tree = Tree::default();
     tree.data("/init", guest::init_script(libtest_args), 0o755);
     let stripped = work.join("stripped");
     fs::create_dir_all(&stripped)?;
     let xtask = std::env::current_exe().context("finding the xtask binary")?;
-    tree.file_as(guest::XTASK_BIN, &strip(&xtask, &stripped.join("xtask")), 0o755)?;
-    tree.file_as(guest::NETDROP_BIN, &strip(&payload.netdrop, &stripped.join("netdrop")), 0o755)?;
+    tree.file_as(
+        guest::XTASK_BIN,
+        &strip(&xtask, &stripped.join("xtask")),
+        0o755,
+    )?;
+    tree.file_as(
+        guest::NETDROP_BIN,
+        &strip(&payload.netdrop, &stripped.join("netdrop")),
+        0o755,
+    )?;
     for (name, exe) in &payload.tests {
         let dst = stripped.join(format!("test-{name}"));
-        tree.file_as(&format!("{}/{name}", guest::TESTS_DIR), &strip(exe, &dst), 0o755)?;
+        tree.file_as(
+            &format!("{}/{name}", guest::TESTS_DIR),
+            &strip(exe, &dst),
+            0o755,
+        )?;
     }
     Ok(tree)
 }
@@ -237,11 +334,18 @@ fn strip(src: &Path, dst: &Path) -> PathBuf {
 
 fn modules_tree(k: &kernel::Kernel, work: &Path) -> anyhow::Result<Tree> {
     let (order, missing) = k.modules(MODULES)?;
-    fs::write(work.join(format!("modules-{}.txt", k.spec.name)), kernel::Kernel::describe(&order, &missing))?;
+    fs::write(
+        work.join(format!("modules-{}.txt", k.spec.name)),
+        kernel::Kernel::describe(&order, &missing),
+    )?;
     let mut tree = Tree::default();
     tree.dir(guest::MODULES_DIR);
     for (i, (name, ko)) in order.iter().enumerate() {
-        tree.file_as(&format!("{}/{i:03}-{name}.ko", guest::MODULES_DIR), ko, 0o644)?;
+        tree.file_as(
+            &format!("{}/{i:03}-{name}.ko", guest::MODULES_DIR),
+            ko,
+            0o644,
+        )?;
     }
     Ok(tree)
 }
@@ -290,14 +394,19 @@ fn run_matrix(names: &[&str], opts: &Options) -> anyhow::Result<()> {
     }
     let cache = kernel::cache_dir()?;
     fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
-    let mut work = WorkDir { path: std::env::temp_dir().join(format!("netdrop-vm-{}", std::process::id())), keep: opts.keep };
+    let mut work = WorkDir {
+        path: std::env::temp_dir().join(format!("netdrop-vm-{}", std::process::id())),
+        keep: opts.keep,
+    };
     let _ = fs::remove_dir_all(&work.path);
     fs::create_dir_all(&work.path)?;
 
     // Fetch first: a missing package should not cost a build.
     let t = Instant::now();
-    let kernels: Vec<(kernel::Spec, Result<kernel::Kernel, String>)> =
-        specs.iter().map(|s| (*s, kernel::fetch(*s, &cache).map_err(|e| format!("{e:#}")))).collect();
+    let kernels: Vec<(kernel::Spec, Result<kernel::Kernel, String>)> = specs
+        .iter()
+        .map(|s| (*s, kernel::fetch(*s, &cache).map_err(|e| format!("{e:#}"))))
+        .collect();
     let fetch_time = t.elapsed();
 
     let t = Instant::now();
@@ -308,7 +417,8 @@ fn run_matrix(names: &[&str], opts: &Options) -> anyhow::Result<()> {
     let base = work.path.join("base.cpio");
     base_tree()?.write_cpio(fs::File::create(&base)?)?;
     let tests = work.path.join("payload.cpio");
-    payload_tree(&payload, &work.path, &opts.libtest_args)?.write_cpio(fs::File::create(&tests)?)?;
+    payload_tree(&payload, &work.path, &opts.libtest_args)?
+        .write_cpio(fs::File::create(&tests)?)?;
     let archive_time = t.elapsed();
     eprintln!(
         "vm-test: kernels ready in {:.1}s, build {:.1}s, initramfs {:.1}s ({} MB base + {} MB payload)",
@@ -326,22 +436,43 @@ fn run_matrix(names: &[&str], opts: &Options) -> anyhow::Result<()> {
             Ok(k) => k,
             Err(e) => {
                 eprintln!("vm-test: {}: {e}", spec.name);
-                rows.push(Row { kernel: spec.name, release: "-".into(), outcome: Err(e), log });
+                rows.push(Row {
+                    kernel: spec.name,
+                    release: "-".into(),
+                    outcome: Err(e),
+                    log,
+                });
                 continue;
             }
         };
-        let outcome = boot_one(&k, &work.path, &base, &tests, &log, opts).map_err(|e| format!("{e:#}"));
-        rows.push(Row { kernel: spec.name, release: k.release.clone(), outcome, log });
+        let outcome =
+            boot_one(&k, &work.path, &base, &tests, &log, opts).map_err(|e| format!("{e:#}"));
+        rows.push(Row {
+            kernel: spec.name,
+            release: k.release.clone(),
+            outcome,
+            log,
+        });
     }
     let ok = print_table(&rows);
     if !ok {
         work.keep = true;
-        bail!("vm-test: not every kernel passed (console logs are in {})", work.path.display());
+        bail!(
+            "vm-test: not every kernel passed (console logs are in {})",
+            work.path.display()
+        );
     }
     Ok(())
 }
 
-fn boot_one(k: &kernel::Kernel, work: &Path, base: &Path, tests: &Path, log: &Path, opts: &Options) -> anyhow::Result<guest::Outcome> {
+fn boot_one(
+    k: &kernel::Kernel,
+    work: &Path,
+    base: &Path,
+    tests: &Path,
+    log: &Path,
+    opts: &Options,
+) -> anyhow::Result<guest::Outcome> {
     // Three archives back to back; the kernel unpacks each in turn over the same rootfs.
     let initrd = work.join(format!("initramfs-{}.cpio", k.spec.name));
     {
@@ -350,7 +481,10 @@ fn boot_one(k: &kernel::Kernel, work: &Path, base: &Path, tests: &Path, log: &Pa
         modules_tree(k, work)?.write_cpio(&mut out)?;
         std::io::copy(&mut fs::File::open(tests)?, &mut out)?;
     }
-    eprintln!("vm-test: {}: booting {} (Debian {})", k.spec.name, k.release, k.package_version);
+    eprintln!(
+        "vm-test: {}: booting {} (Debian {})",
+        k.spec.name, k.release, k.package_version
+    );
     let outcome = guest::boot(&guest::Boot {
         vmlinuz: &k.vmlinuz,
         initrd: &initrd,
@@ -375,7 +509,10 @@ fn boot_one(k: &kernel::Kernel, work: &Path, base: &Path, tests: &Path, log: &Pa
 fn print_table(rows: &[Row]) -> bool {
     let mut all_ok = true;
     println!();
-    println!("{:<6} {:<28} {:<9} {:>6} {:>6} {:>7} {:>8}", "kernel", "release", "result", "passed", "failed", "skipped", "time");
+    println!(
+        "{:<6} {:<28} {:<9} {:>6} {:>6} {:>7} {:>8}",
+        "kernel", "release", "result", "passed", "failed", "skipped", "time"
+    );
     for r in rows {
         match &r.outcome {
             Err(e) => {
@@ -410,7 +547,11 @@ fn print_table(rows: &[Row]) -> bool {
     let skips: Vec<String> = rows
         .iter()
         .filter_map(|r| Some((r.kernel, r.outcome.as_ref().ok()?)))
-        .flat_map(|(k, o)| o.skips.iter().map(move |(t, why)| format!("  {k:<6} {t}: {why}")))
+        .flat_map(|(k, o)| {
+            o.skips
+                .iter()
+                .map(move |(t, why)| format!("  {k:<6} {t}: {why}"))
+        })
         .collect();
     if !skips.is_empty() {
         println!("\nskipped (not counted as passed):");
@@ -418,8 +559,11 @@ fn print_table(rows: &[Row]) -> bool {
             println!("{s}");
         }
     }
-    let probed: Vec<(&str, &guest::Outcome)> =
-        rows.iter().filter_map(|r| Some((r.kernel, r.outcome.as_ref().ok()?))).filter(|(_, o)| !o.features.is_empty()).collect();
+    let probed: Vec<(&str, &guest::Outcome)> = rows
+        .iter()
+        .filter_map(|r| Some((r.kernel, r.outcome.as_ref().ok()?)))
+        .filter(|(_, o)| !o.features.is_empty())
+        .collect();
     if let Some((_, first)) = probed.first() {
         println!("\nkernel features (cargo xtask vm-test --probe-here):");
         print!("  {:<32}", "");
@@ -430,7 +574,11 @@ fn print_table(rows: &[Row]) -> bool {
         for (name, _, _) in first.features.iter().filter(|(n, _, _)| n != "kernel") {
             print!("  {name:<32}");
             for (_, o) in &probed {
-                let v = o.features.iter().find(|(n, _, _)| n == name).map_or("?", |(_, v, _)| v.as_str());
+                let v = o
+                    .features
+                    .iter()
+                    .find(|(n, _, _)| n == name)
+                    .map_or("?", |(_, v, _)| v.as_str());
                 print!(" {v:<6}");
             }
             println!();
@@ -440,7 +588,10 @@ fn print_table(rows: &[Row]) -> bool {
         if let Ok(o) = &r.outcome
             && !o.modules_failed.is_empty()
         {
-            println!("\n{}: modules that did not load: {}", r.kernel, o.modules_failed);
+            println!(
+                "\n{}: modules that did not load: {}",
+                r.kernel, o.modules_failed
+            );
         }
     }
     all_ok

@@ -15,7 +15,9 @@ pub struct Payload {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_owned)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_owned)
 }
 
 /// Builds netdrop and the integration tests the way `cargo test` would (same profile and target
@@ -26,12 +28,13 @@ pub fn build() -> anyhow::Result<Payload> {
         .find(|a| a.kind == "bin" && a.name == "netdrop")
         .map(|a| a.executable)
         .context("cargo built no netdrop binary")?;
-    let mut tests: Vec<(String, PathBuf)> = cargo_artifacts(&["test", "-p", "netdrop-tests", "--no-run"])?
-        .into_iter()
-        // `kind == "test"`: the tests/*.rs integration tests, not the support library's unit tests.
-        .filter(|a| a.kind == "test" && a.is_test)
-        .map(|a| (a.name, a.executable))
-        .collect();
+    let mut tests: Vec<(String, PathBuf)> =
+        cargo_artifacts(&["test", "-p", "netdrop-tests", "--no-run"])?
+            .into_iter()
+            // `kind == "test"`: the tests/*.rs integration tests, not the support library's unit tests.
+            .filter(|a| a.kind == "test" && a.is_test)
+            .map(|a| (a.name, a.executable))
+            .collect();
     tests.sort();
     if tests.is_empty() {
         bail!("netdrop-tests has no integration tests (tests/tests/*.rs)");
@@ -60,14 +63,24 @@ fn cargo_artifacts(args: &[&str]) -> anyhow::Result<Vec<Artifact>> {
     let mut artifacts = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let line = line?;
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
         if msg["reason"] != "compiler-artifact" {
             continue;
         }
-        let Some(executable) = msg["executable"].as_str() else { continue };
+        let Some(executable) = msg["executable"].as_str() else {
+            continue;
+        };
         artifacts.push(Artifact {
-            name: msg["target"]["name"].as_str().unwrap_or_default().to_owned(),
-            kind: msg["target"]["kind"][0].as_str().unwrap_or_default().to_owned(),
+            name: msg["target"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            kind: msg["target"]["kind"][0]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
             is_test: msg["profile"]["test"].as_bool().unwrap_or(false),
             executable: executable.into(),
         });

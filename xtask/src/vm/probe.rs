@@ -58,14 +58,22 @@ pub fn run_here() -> anyhow::Result<()> {
         if libc::unshare(libc::CLONE_NEWNET) != 0 {
             anyhow::bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
         }
-        let inf = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        let inf = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
         libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const inf);
     }
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     report("kernel", Ok(release.trim().to_owned()));
 
     let btf = Btf::from_sys_fs();
-    report("btf_vmlinux", btf.as_ref().map(|_| "/sys/kernel/btf/vmlinux".to_owned()).map_err(|e| chain(e)));
+    report(
+        "btf_vmlinux",
+        btf.as_ref()
+            .map(|_| "/sys/kernel/btf/vmlinux".to_owned())
+            .map_err(|e| chain(e)),
+    );
     report("drop_reason", drop_reason());
     report("ringbuf", ringbuf());
 
@@ -82,32 +90,44 @@ pub fn run_here() -> anyhow::Result<()> {
     ])?;
     let mut bpf = Ebpf::load(&object).context("loading the probe object")?;
 
-    report("tracepoint_kfree_skb", attach(&mut bpf, "tp", |p: &mut TracePoint| {
-        p.load()?;
-        p.attach("skb", "kfree_skb").map(drop)
-    }));
+    report(
+        "tracepoint_kfree_skb",
+        attach(&mut bpf, "tp", |p: &mut TracePoint| {
+            p.load()?;
+            p.attach("skb", "kfree_skb").map(drop)
+        }),
+    );
     match &btf {
         Ok(btf) => {
-            report("tp_btf_kfree_skb", attach(&mut bpf, "tpbtf", |p: &mut BtfTracePoint| {
-                p.load("kfree_skb", btf)?;
-                p.attach().map(drop)
-            }));
+            report(
+                "tp_btf_kfree_skb",
+                attach(&mut bpf, "tpbtf", |p: &mut BtfTracePoint| {
+                    p.load("kfree_skb", btf)?;
+                    p.attach().map(drop)
+                }),
+            );
             // fexit on a vmlinux function: whether fexit works at all on this kernel. The
             // freeing function was renamed twice (5.17 kfree_skb_reason, 6.10 sk_skb_reason_drop).
             let target = vmlinux_func(&["sk_skb_reason_drop", "kfree_skb_reason", "kfree_skb"]);
-            report("fexit_vmlinux", match target {
-                Some(f) => attach(&mut bpf, "fexit_vmlinux", |p: &mut FExit| {
-                    p.load(f, btf)?;
+            report(
+                "fexit_vmlinux",
+                match target {
+                    Some(f) => attach(&mut bpf, "fexit_vmlinux", |p: &mut FExit| {
+                        p.load(f, btf)?;
+                        p.attach().map(drop)
+                    })
+                    .map(|d| format!("{d} to {f}"))
+                    .map_err(|e| format!("{f}: {e}")),
+                    None => Err("no kfree_skb function in BTF".into()),
+                },
+            );
+            report(
+                "fexit_aya_vmlinux_btf",
+                attach(&mut bpf, "fexit_vmbtf", |p: &mut FExit| {
+                    p.load(CT_CONFIRM, btf)?;
                     p.attach().map(drop)
-                })
-                .map(|d| format!("{d} to {f}"))
-                .map_err(|e| format!("{f}: {e}")),
-                None => Err("no kfree_skb function in BTF".into()),
-            });
-            report("fexit_aya_vmlinux_btf", attach(&mut bpf, "fexit_vmbtf", |p: &mut FExit| {
-                p.load(CT_CONFIRM, btf)?;
-                p.attach().map(drop)
-            }));
+                }),
+            );
         }
         Err(_) => {
             for f in ["tp_btf_kfree_skb", "fexit_vmlinux", "fexit_aya_vmlinux_btf"] {
@@ -118,46 +138,88 @@ pub fn run_here() -> anyhow::Result<()> {
     let module_btf = Path::new("/sys/kernel/btf/nf_conntrack");
     report(
         "module_btf_nf_conntrack",
-        if module_btf.exists() { Ok(module_btf.display().to_string()) } else { Err(format!("no {}", module_btf.display())) },
+        if module_btf.exists() {
+            Ok(module_btf.display().to_string())
+        } else {
+            Err(format!("no {}", module_btf.display()))
+        },
     );
-    report("fexit_aya_module_btf", fexit_aya_module_btf(&mut bpf, module_btf));
+    report(
+        "fexit_aya_module_btf",
+        fexit_aya_module_btf(&mut bpf, module_btf),
+    );
     report("fexit_raw_module_btf", fexit_raw_module_btf(module_btf));
-    report("kprobe_nf_conntrack_confirm", attach(&mut bpf, "kp", |p: &mut KProbe| {
-        p.load()?;
-        p.attach(CT_CONFIRM, 0).map(drop)
-    }));
-    report("kretprobe_nf_conntrack_confirm", attach(&mut bpf, "krp", |p: &mut KProbe| {
-        p.load()?;
-        p.attach(CT_CONFIRM, 0).map(drop)
-    }));
-    report("tcx", attach(&mut bpf, "tcx", |p: &mut SchedClassifier| {
-        p.load()?;
-        p.attach_with_options("lo", TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default())).map(drop)
-    }));
-    report("clsact", attach(&mut bpf, "clsact", |p: &mut SchedClassifier| {
-        // The qdisc may exist already (EEXIST); attaching tells whether it is usable.
-        let _ = tc::qdisc_add_clsact("lo");
-        p.load()?;
-        p.attach_with_options("lo", TcAttachType::Ingress, TcAttachOptions::Netlink(NlOptions::default())).map(drop)
-    }));
+    report(
+        "kprobe_nf_conntrack_confirm",
+        attach(&mut bpf, "kp", |p: &mut KProbe| {
+            p.load()?;
+            p.attach(CT_CONFIRM, 0).map(drop)
+        }),
+    );
+    report(
+        "kretprobe_nf_conntrack_confirm",
+        attach(&mut bpf, "krp", |p: &mut KProbe| {
+            p.load()?;
+            p.attach(CT_CONFIRM, 0).map(drop)
+        }),
+    );
+    report(
+        "tcx",
+        attach(&mut bpf, "tcx", |p: &mut SchedClassifier| {
+            p.load()?;
+            p.attach_with_options(
+                "lo",
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map(drop)
+        }),
+    );
+    report(
+        "clsact",
+        attach(&mut bpf, "clsact", |p: &mut SchedClassifier| {
+            // The qdisc may exist already (EEXIST); attaching tells whether it is usable.
+            let _ = tc::qdisc_add_clsact("lo");
+            p.load()?;
+            p.attach_with_options(
+                "lo",
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )
+            .map(drop)
+        }),
+    );
     Ok(())
 }
 
 /// Loads and attaches program `name` with `f`; the link lives until `bpf` is dropped.
-fn attach<P>(bpf: &mut Ebpf, name: &str, f: impl FnOnce(&mut P) -> Result<(), aya::programs::ProgramError>) -> Result<String, String>
+fn attach<P>(
+    bpf: &mut Ebpf,
+    name: &str,
+    f: impl FnOnce(&mut P) -> Result<(), aya::programs::ProgramError>,
+) -> Result<String, String>
 where
     for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let program = bpf.program_mut(name).ok_or_else(|| format!("probe object has no program {name}"))?;
-    let program: &mut P = program.try_into().map_err(|e: aya::programs::ProgramError| chain(&e))?;
-    f(program).map(|()| "attached".to_owned()).map_err(|e| chain(&e))
+    let program = bpf
+        .program_mut(name)
+        .ok_or_else(|| format!("probe object has no program {name}"))?;
+    let program: &mut P = program
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| chain(&e))?;
+    f(program)
+        .map(|()| "attached".to_owned())
+        .map_err(|e| chain(&e))
 }
 
 /// The first of `names` that is a function in vmlinux's BTF.
 fn vmlinux_func(names: &[&'static str]) -> Option<&'static str> {
     let btf = btf_rs::Btf::from_file("/sys/kernel/btf/vmlinux").ok()?;
     names.iter().copied().find(|n| {
-        btf.resolve_types_by_name(n).unwrap_or_default().iter().any(|t| matches!(t, btf_rs::Type::Func(_)))
+        btf.resolve_types_by_name(n)
+            .unwrap_or_default()
+            .iter()
+            .any(|t| matches!(t, btf_rs::Type::Func(_)))
     })
 }
 
@@ -191,8 +253,11 @@ fn fexit_aya_module_btf(bpf: &mut Ebpf, module_btf: &Path) -> Result<String, Str
     if !module_btf.exists() {
         return Err("no module BTF".into());
     }
-    let btf = Btf::parse_file(module_btf, Endianness::default()).map_err(|e| format!("Btf::parse_file: {}", chain(&e)))?;
-    let aya_id = btf.id_by_type_name_kind(CT_CONFIRM, aya_obj::btf::BtfKind::Func).map_err(|e| chain(&e))?;
+    let btf = Btf::parse_file(module_btf, Endianness::default())
+        .map_err(|e| format!("Btf::parse_file: {}", chain(&e)))?;
+    let aya_id = btf
+        .id_by_type_name_kind(CT_CONFIRM, aya_obj::btf::BtfKind::Func)
+        .map_err(|e| chain(&e))?;
     let real_id = module_func_id(module_btf).map_err(|e| format!("{e:#}"))?;
     let attached = attach(bpf, "fexit_modbtf", |p: &mut FExit| {
         p.load(CT_CONFIRM, &btf)?;
@@ -231,7 +296,8 @@ const BPF_TRACE_FEXIT: u32 = 25;
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
     // SAFETY: attr is a live, fully initialised bpf_attr prefix of the size passed.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    let ret =
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
     if ret < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -241,8 +307,13 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
 
 fn bpf_plain<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
     // SAFETY: as above; these commands return 0, not a descriptor.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
-    if ret < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    let ret =
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Ring buffer maps (5.8); netdrop sends per-drop events through one.
@@ -254,8 +325,15 @@ fn ringbuf() -> Result<String, String> {
         value_size: u32,
         max_entries: u32,
     }
-    let mut attr = MapCreate { map_type: BPF_MAP_TYPE_RINGBUF, key_size: 0, value_size: 0, max_entries: 4096 };
-    bpf(BPF_MAP_CREATE, &mut attr).map(|_| "BPF_MAP_TYPE_RINGBUF".to_owned()).map_err(|e| e.to_string())
+    let mut attr = MapCreate {
+        map_type: BPF_MAP_TYPE_RINGBUF,
+        key_size: 0,
+        value_size: 0,
+        max_entries: 4096,
+    };
+    bpf(BPF_MAP_CREATE, &mut attr)
+        .map(|_| "BPF_MAP_TYPE_RINGBUF".to_owned())
+        .map_err(|e| e.to_string())
 }
 
 /// fexit on the module function the way libbpf does it: the module's BTF object fd in
@@ -315,11 +393,20 @@ fn fexit_raw_module_btf(module_btf: &Path) -> Result<String, String> {
     };
     let prog = bpf(BPF_PROG_LOAD, &mut attr).map_err(|e| {
         let log = String::from_utf8_lossy(&log);
-        format!("BPF_PROG_LOAD: {e}; verifier: {}", log.trim_matches('\0').trim().replace('\n', " | "))
+        format!(
+            "BPF_PROG_LOAD: {e}; verifier: {}",
+            log.trim_matches('\0').trim().replace('\n', " | ")
+        )
     })?;
-    let mut open = RawTpOpen { name: 0, prog_fd: prog.as_raw_fd() as u32, _pad: 0 };
+    let mut open = RawTpOpen {
+        name: 0,
+        prog_fd: prog.as_raw_fd() as u32,
+        _pad: 0,
+    };
     let _link = bpf(BPF_RAW_TRACEPOINT_OPEN, &mut open).map_err(|e| format!("attach: {e}"))?;
-    Ok(format!("attached (split-BTF id {id} in the nf_conntrack BTF object)"))
+    Ok(format!(
+        "attached (split-BTF id {id} in the nf_conntrack BTF object)"
+    ))
 }
 
 /// The kernel's BTF object for `module` (5.11+ exposes module BTF objects with their names).
@@ -348,14 +435,33 @@ fn module_btf_fd(module: &str) -> anyhow::Result<OwnedFd> {
     }
     let mut id = 0;
     loop {
-        let mut next = GetId { id, next_id: 0, open_flags: 0 };
-        bpf_plain(BPF_BTF_GET_NEXT_ID, &mut next).with_context(|| format!("no BTF object named {module}"))?;
+        let mut next = GetId {
+            id,
+            next_id: 0,
+            open_flags: 0,
+        };
+        bpf_plain(BPF_BTF_GET_NEXT_ID, &mut next)
+            .with_context(|| format!("no BTF object named {module}"))?;
         id = next.next_id;
-        let mut get = GetId { id, next_id: 0, open_flags: 0 };
-        let Ok(fd) = bpf(BPF_BTF_GET_FD_BY_ID, &mut get) else { continue };
+        let mut get = GetId {
+            id,
+            next_id: 0,
+            open_flags: 0,
+        };
+        let Ok(fd) = bpf(BPF_BTF_GET_FD_BY_ID, &mut get) else {
+            continue;
+        };
         let mut name = [0u8; 64];
-        let mut info = BtfInfo { name: name.as_mut_ptr() as u64, name_len: name.len() as u32, ..BtfInfo::default() };
-        let mut attr = GetInfoAttr { bpf_fd: fd.as_raw_fd() as u32, info_len: size_of::<BtfInfo>() as u32, info: std::ptr::from_mut(&mut info) as u64 };
+        let mut info = BtfInfo {
+            name: name.as_mut_ptr() as u64,
+            name_len: name.len() as u32,
+            ..BtfInfo::default()
+        };
+        let mut attr = GetInfoAttr {
+            bpf_fd: fd.as_raw_fd() as u32,
+            info_len: size_of::<BtfInfo>() as u32,
+            info: std::ptr::from_mut(&mut info) as u64,
+        };
         if bpf_plain(BPF_OBJ_GET_INFO_BY_FD, &mut attr).is_ok() {
             let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
             if &name[..end] == module.as_bytes() {
