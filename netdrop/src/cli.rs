@@ -25,6 +25,8 @@ pub enum Command {
     Trace(TraceArgs),
     /// List the drop reasons this kernel knows, with their numbers.
     Reasons(ReasonsArgs),
+    /// Count each pod's traffic on its workload interfaces (cali*), following pod churn.
+    Interfaces(crate::interfaces::InterfacesArgs),
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,7 @@ pub mod conntrack;
 pub mod decode;
 pub mod event;
 pub mod filter;
+pub mod interfaces;
 pub mod output;
 pub mod probe;
 pub mod reasons;

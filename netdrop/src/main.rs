@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Trace(args) => netdrop::trace::run(args).await,
             Command::Reasons(args) => netdrop::trace::reasons(&args),
+            Command::Interfaces(args) => netdrop::interfaces::run(args).await,
         }
     });
     match result {

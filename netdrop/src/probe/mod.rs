@@ -2,6 +2,7 @@
 //! fallbacks. Everything that needs privileges or a particular kernel lives here.
 
 pub mod offsets;
+pub mod tc;
 pub mod tracefs;
 
 use std::{fs, io};
