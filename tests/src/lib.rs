@@ -316,3 +316,73 @@ impl TraceOutput {
 pub fn settle() {
     thread::sleep(Duration::from_millis(300));
 }
+
+/// A sysctl set for one test and restored on drop (also when the test panics).
+pub struct Sysctl {
+    path: PathBuf,
+    old: String,
+}
+
+impl Sysctl {
+    /// `key` in dotted form (`net.netfilter.nf_conntrack_max`), in this process's namespace.
+    pub fn set(key: &str, value: &str) -> Self {
+        let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+        let old = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).trim().to_string();
+        fs::write(&path, value).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        Self { path, old }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        if let Err(e) = fs::write(&self.path, &self.old) {
+            eprintln!("could not restore {}: {e}", self.path.display());
+        }
+    }
+}
+
+impl NetNs {
+    /// A column of the namespace's /proc/net/stat/nf_conntrack, summed over CPUs (0 when the
+    /// namespace has no conntrack yet).
+    pub fn ct_stat(&self, column: &str) -> u64 {
+        let text = self.exec("cat", &["/proc/net/stat/nf_conntrack"]);
+        let mut lines = text.lines();
+        let Some(idx) = lines.next().and_then(|h| h.split_whitespace().position(|c| c == column)) else {
+            panic!("no column {column} in nf_conntrack stats")
+        };
+        lines.filter_map(|l| l.split_whitespace().nth(idx)).filter_map(|v| u64::from_str_radix(v, 16).ok()).sum()
+    }
+
+    /// Moves one end of a veth pair into this namespace and configures it.
+    pub fn take_link(&self, link: &str, addr: &str) {
+        run("ip", &["link", "set", link, "netns", &self.name]);
+        self.ip(&["addr", "add", addr, "dev", link]);
+        self.ip(&["link", "set", link, "up"]);
+    }
+}
+
+/// Connects two namespaces with a veth pair: `a_if` (addr `a_addr`) in `a`, `b_if` in `b`.
+pub fn veth(a: &NetNs, a_if: &str, a_addr: &str, b: &NetNs, b_if: &str, b_addr: &str) {
+    run("ip", &["link", "add", a_if, "type", "veth", "peer", "name", b_if]);
+    a.take_link(a_if, a_addr);
+    b.take_link(b_if, b_addr);
+}
+
+impl TraceOutput {
+    /// Summary count of one classification in one netns.
+    pub fn class_count(&self, classification: &str, netns: u32) -> u64 {
+        self.summary["drops"]
+            .as_array()
+            .expect("drops array")
+            .iter()
+            .filter(|r| r["classification"] == classification && r["netns"] == netns)
+            .map(|r| r["count"].as_u64().expect("count"))
+            .sum()
+    }
+}
+
+/// An interface name unique to this test process (≤ 15 bytes).
+pub fn ifname(tag: &str) -> String {
+    let name = format!("v{}{}{tag}", std::process::id() % 10000, NS_SEQ.fetch_add(1, Ordering::Relaxed));
+    name.chars().take(15).collect()
+}
