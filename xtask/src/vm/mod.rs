@@ -29,7 +29,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "all", value_parser = ["5.10", "6.1", "6.12", "7.2", "all"])]
     kernel: Vec<String>,
     /// Kill a guest that has not powered off after this long, e.g. `--timeout 10m`.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     timeout: Duration,
     /// Keep the work dir (initramfs, /init, serial console logs) and print its path.
     #[arg(long)]
@@ -97,7 +97,7 @@ pub fn run_kernels(kernels: &[&str]) -> anyhow::Result<()> {
     run_matrix(
         kernels,
         &Options {
-            timeout: Duration::from_mins(5),
+            timeout: Duration::from_mins(15),
             keep: false,
             libtest_args: Vec::new(),
             console: false,
@@ -408,6 +408,14 @@ fn run_matrix(names: &[&str], opts: &Options) -> anyhow::Result<()> {
         .map(|s| (*s, kernel::fetch(*s, &cache).map_err(|e| format!("{e:#}"))))
         .collect();
     let fetch_time = t.elapsed();
+    if kernels.iter().all(|(_, k)| k.is_err()) {
+        for (spec, k) in &kernels {
+            if let Err(e) = k {
+                eprintln!("vm-test: {}: {e}", spec.name);
+            }
+        }
+        bail!("vm-test: no kernel could be fetched");
+    }
 
     let t = Instant::now();
     let payload = payload::build()?;
