@@ -386,3 +386,310 @@ pub fn ifname(tag: &str) -> String {
     let name = format!("v{}{}{tag}", std::process::id() % 10000, NS_SEQ.fetch_add(1, Ordering::Relaxed));
     name.chars().take(15).collect()
 }
+
+// ---- tc accounting (issue 4): workload veths, `netdrop interfaces`, kernel tc listings ----
+
+/// A "node" namespace with Calico-style workload veths: `cali<11 hex>` on the node side, `eth0`
+/// in a pod namespace, static neighbours and no IPv6 so that only the test's own packets cross.
+pub struct TcNode {
+    pub ns: NetNs,
+}
+
+/// One pod joined to a [`TcNode`].
+pub struct TcPod {
+    pub ns: NetNs,
+    /// Host-side interface name.
+    pub host_if: String,
+    pub node_ip: std::net::Ipv4Addr,
+    pub pod_ip: std::net::Ipv4Addr,
+}
+
+/// Turns IPv6 off in a namespace (no ND/MLD/RS packets to disturb exact counts).
+pub fn no_ipv6(ns: &NetNs) {
+    for key in ["net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"] {
+        ns.exec("sysctl", &["-qw", &format!("{key}=1")]);
+    }
+}
+
+/// `cali` + 11 hex characters, unique per call in this process.
+pub fn cali_name(n: u32) -> String {
+    format!("cali{:05x}{:06x}", std::process::id() & 0xfffff, n & 0xff_ffff)
+}
+
+impl TcNode {
+    pub fn new(tag: &str) -> Self {
+        let ns = NetNs::new(tag);
+        no_ipv6(&ns);
+        Self { ns }
+    }
+
+    /// `--node-netns` value for netdrop.
+    pub fn arg(&self, node: &str) -> String {
+        format!("{node}={}", self.ns.path().display())
+    }
+
+    /// Adds pod number `n` (1..=250) with /24 addressing `10.<subnet>.n.{1,2}`.
+    pub fn add_pod(&self, subnet: u8, n: u8) -> TcPod {
+        let pod = NetNs::new("tcpod");
+        no_ipv6(&pod);
+        let host_if = cali_name(u32::from(subnet) << 8 | u32::from(n));
+        let (hmac, pmac) = (format!("02:00:00:{subnet:02x}:{n:02x}:01"), format!("02:00:00:{subnet:02x}:{n:02x}:02"));
+        self.ns.ip(&["link", "add", &host_if, "address", &hmac, "type", "veth", "peer", "name", "eth0", "address", &pmac, "netns", &pod.name]);
+        let node_ip = std::net::Ipv4Addr::new(10, subnet, n, 1);
+        let pod_ip = std::net::Ipv4Addr::new(10, subnet, n, 2);
+        self.ns.ip(&["addr", "add", &format!("{node_ip}/24"), "dev", &host_if]);
+        self.ns.ip(&["link", "set", &host_if, "up"]);
+        pod.ip(&["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"]);
+        pod.ip(&["link", "set", "eth0", "up"]);
+        self.ns.ip(&["neigh", "replace", &pod_ip.to_string(), "lladdr", &pmac, "dev", &host_if, "nud", "permanent"]);
+        pod.ip(&["neigh", "replace", &node_ip.to_string(), "lladdr", &hmac, "dev", "eth0", "nud", "permanent"]);
+        TcPod { ns: pod, host_if, node_ip, pod_ip }
+    }
+
+    /// `/sys/class/net/<if>/statistics/<stat>` of a node interface.
+    pub fn if_stat(&self, ifname: &str, stat: &str) -> u64 {
+        self.ns
+            .exec("cat", &[&format!("/sys/class/net/{ifname}/statistics/{stat}")])
+            .trim()
+            .parse()
+            .expect("statistics counter")
+    }
+
+    /// Names of the TCX programs on an interface, in chain order (ingress, egress), from the
+    /// kernel's BPF_PROG_QUERY (Debian 12's bpftool 7.1 predates TCX listings).
+    pub fn tcx_programs(&self, ifnames: &[String]) -> HashMap<String, (Vec<String>, Vec<String>)> {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        let names = ifnames.to_vec();
+        self.ns.within(move || {
+            let query = |ifname: &str, t| -> Vec<String> {
+                match SchedClassifier::query_tcx(ifname, t) {
+                    Ok((_, progs)) => progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect(),
+                    Err(_) => Vec::new(),
+                }
+            };
+            names
+                .iter()
+                .map(|n| (n.clone(), (query(n, TcAttachType::Ingress), query(n, TcAttachType::Egress))))
+                .collect()
+        })
+    }
+
+    /// `bpftool -j net show` in the node: (device, kind, name) of every tc program it lists.
+    pub fn bpftool_tc(&self) -> Vec<(String, String, String)> {
+        let text = self.ns.exec("bpftool", &["-j", "net", "show"]);
+        let v: Value = serde_json::from_str(&text).expect("bpftool json");
+        v[0]["tc"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|e| {
+                        (
+                            e["devname"].as_str().unwrap_or("").to_string(),
+                            e["kind"].as_str().unwrap_or("").to_string(),
+                            e["name"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Interfaces of the node whose names start with `cali`.
+    pub fn cali_links(&self) -> Vec<String> {
+        let v: Value = serde_json::from_str(&self.ns.ip(&["-j", "link", "show"])).expect("ip -j");
+        v.as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|l| l["ifname"].as_str())
+            .filter(|n| n.starts_with("cali"))
+            .map(String::from)
+            .collect()
+    }
+}
+
+/// Prog ids of programs called `name` (`bpftool -j prog show`).
+pub fn prog_ids(name: &str) -> Vec<u64> {
+    let v: Value = serde_json::from_str(&run("bpftool", &["-j", "prog", "show"])).expect("bpftool json");
+    v.as_array().expect("array").iter().filter(|p| p["name"] == name).filter_map(|p| p["id"].as_u64()).collect()
+}
+
+/// Links (`bpftool -j link show`) whose program is one of `progs`.
+pub fn links_of(progs: &[u64]) -> usize {
+    let v: Value = serde_json::from_str(&run("bpftool", &["-j", "link", "show"])).expect("bpftool json");
+    v.as_array().expect("array").iter().filter(|l| l["prog_id"].as_u64().is_some_and(|p| progs.contains(&p))).count()
+}
+
+/// Entries of the map called `map` used by program `prog` (`bpftool map dump`).
+pub fn map_entries_of(prog: u64, map: &str) -> usize {
+    let p: Value = serde_json::from_str(&run("bpftool", &["-j", "prog", "show", "id", &prog.to_string()])).expect("json");
+    for id in p["map_ids"].as_array().cloned().unwrap_or_default() {
+        let id = id.as_u64().expect("id").to_string();
+        let m: Value = serde_json::from_str(&run("bpftool", &["-j", "map", "show", "id", &id])).expect("json");
+        if m["name"] == map {
+            let d: Value = serde_json::from_str(&run("bpftool", &["-j", "map", "dump", "id", &id])).expect("json");
+            return d.as_array().map_or(0, Vec::len);
+        }
+    }
+    panic!("program {prog} has no map {map}")
+}
+
+/// A running `netdrop interfaces -o json`: its JSON lines are collected as they come.
+pub struct TcWatch {
+    child: Option<Child>,
+    pub lines: std::sync::Arc<Mutex<Vec<Value>>>,
+    pub stderr: std::sync::Arc<Mutex<Vec<String>>>,
+}
+
+impl TcWatch {
+    /// Starts `netdrop interfaces -o json <args>` and waits until it has attached.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(netdrop_bin())
+            .args(["interfaces", "-o", "json", "--interval", "1h"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", netdrop_bin().display()));
+        let (stdout, stderr) = (child.stdout.take().expect("stdout"), child.stderr.take().expect("stderr"));
+        let lines = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let errs = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let keep = lines.clone();
+        thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let v: Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+                keep.lock().expect("lock").push(v);
+            }
+        });
+        let (tx, rx) = mpsc::channel();
+        let keep = errs.clone();
+        thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if l.starts_with("netdrop: attached") {
+                    let _ = tx.send(true);
+                }
+                keep.lock().expect("lock").push(l);
+            }
+            let _ = tx.send(false);
+        });
+        let mut w = Self { child: Some(child), lines, stderr: errs };
+        if rx.recv_timeout(Duration::from_secs(60)) != Ok(true) {
+            w.kill();
+            panic!("netdrop interfaces did not attach:\n{}", w.stderr.lock().expect("lock").join("\n"));
+        }
+        w
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Live interfaces according to the attach/forget events so far.
+    pub fn attached(&self) -> std::collections::BTreeSet<String> {
+        let mut set = std::collections::BTreeSet::new();
+        for v in self.lines.lock().expect("lock").iter().filter(|v| v["type"] == "interface") {
+            let name = v["name"].as_str().unwrap_or_default().to_string();
+            match v["action"].as_str() {
+                Some("attached") => {
+                    set.insert(name);
+                }
+                Some("forgotten") => {
+                    set.remove(&name);
+                }
+                _ => {}
+            }
+        }
+        set
+    }
+
+    /// Waits until `pred` holds (checked every 50 ms) or panics after `timeout`.
+    pub fn wait_until(&self, what: &str, timeout: Duration, mut pred: impl FnMut(&Self) -> bool) {
+        let end = Instant::now() + timeout;
+        while !pred(self) {
+            assert!(Instant::now() < end, "timed out waiting for {what}; stderr:\n{}", self.stderr.lock().expect("lock").join("\n"));
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `sig` and waits for the exit; returns whether it exited successfully.
+    pub fn signal(&mut self, sig: nix::sys::signal::Signal) -> bool {
+        let mut child = self.child.take().expect("running");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).expect("kill");
+        let status = child.wait().expect("wait");
+        // Let the readers catch up with the last lines.
+        thread::sleep(Duration::from_millis(100));
+        status.success()
+    }
+
+    /// The final `{"type":"summary"}` line (after SIGINT/SIGTERM).
+    pub fn summary(&self) -> Value {
+        self.lines.lock().expect("lock").iter().rev().find(|v| v["type"] == "summary").cloned().expect("no summary line")
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for TcWatch {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A hand-assembled SCHED_CLS program standing in for another dataplane's: drops (TC_ACT_SHOT)
+/// packets whose `skb->len` is `len`, lets every other packet go on (TCX_NEXT / TC_ACT_UNSPEC).
+pub fn load_len_dropper(len: u32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd as _;
+    // (opcode, regs dst|src<<4, off, imm)
+    let insns: [(u8, u8, i16, i32); 6] = [
+        (0x61, 0x10, 0, 0),         // r0 = *(u32 *)(r1 + 0)   (__sk_buff.len)
+        (0x55, 0x00, 2, len as i32), // if r0 != len goto +2
+        (0xb7, 0x00, 0, 2),         // r0 = TC_ACT_SHOT
+        (0x95, 0, 0, 0),            // exit
+        (0xb7, 0x00, 0, -1),        // r0 = TC_ACT_UNSPEC / TCX_NEXT
+        (0x95, 0, 0, 0),            // exit
+    ];
+    let mut code = Vec::new();
+    for (op, regs, off, imm) in insns {
+        code.push(u64::from(op) | u64::from(regs) << 8 | u64::from(off as u16) << 16 | u64::from(imm as u32) << 32);
+    }
+    let license = b"GPL\0";
+    let name = b"test_len_drop\0\0\0";
+    // union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, log_level, log_size,
+    // log_buf, kern_version, prog_flags, prog_name[16].
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&3u32.to_ne_bytes()); // BPF_PROG_TYPE_SCHED_CLS
+    attr[4..8].copy_from_slice(&(code.len() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(code.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    attr[48..64].copy_from_slice(name);
+    // SAFETY: bpf(BPF_PROG_LOAD) with pointers valid for the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len()) };
+    assert!(fd >= 0, "loading the test dropper: {}", std::io::Error::last_os_error());
+    // SAFETY: fresh fd from the kernel.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Attaches `prog` with TCX to `ifname` in `ns` (ingress, appended last); the link lives as long
+/// as the returned fd.
+pub fn tcx_attach_last(ns: &NetNs, prog: &std::os::fd::OwnedFd, ifname: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let prog_fd = prog.as_raw_fd() as u32;
+    let ifname = ifname.to_string();
+    ns.within(move || {
+        let ifindex = nix::net::if_::if_nametoindex(ifname.as_str()).expect("ifindex");
+        let mut attr = [0u8; 32];
+        attr[0..4].copy_from_slice(&prog_fd.to_ne_bytes());
+        attr[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+        attr[8..12].copy_from_slice(&46u32.to_ne_bytes()); // BPF_TCX_INGRESS
+        attr[12..16].copy_from_slice(&(1u32 << 4).to_ne_bytes()); // BPF_F_AFTER: last
+        // SAFETY: bpf(BPF_LINK_CREATE) with a valid attr.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, 28, attr.as_ptr(), attr.len()) };
+        assert!(fd >= 0, "TCX attach of the test dropper: {}", std::io::Error::last_os_error());
+        // SAFETY: fresh fd from the kernel.
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+    })
+}

@@ -1,0 +1,128 @@
+//! tc accounting is exact: a known number of packets, bytes, SYNs and UDP flows from (and to) a
+//! pod namespace appear exactly in the counters, compared with what the test sent and with the
+//! host-side veth's own /sys/class/net statistics. Both attach modes, through the library API
+//! the trace loop uses (`TcAccounting`).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use netdrop::{
+    interfaces::{Destination, NodeNetns, TcAccounting, WatchOptions},
+    probe::tc::TcModeChoice,
+};
+use netdrop_tests::{TcNode, require_root};
+
+const UDP_ONE_FLOW: usize = 300;
+const CLOSED_CONNECTS: usize = 40;
+const OPEN_CONNECTS: usize = 25;
+const UDP_FLOWS: usize = 30;
+const INBOUND_CONNECTS: usize = 10;
+
+fn exact_counts(mode: TcModeChoice, test: &str, subnet: u8) {
+    require_root!(test);
+    let node = TcNode::new("tcnode");
+    let pod = node.add_pod(subnet, 1);
+    let other = node.add_pod(subnet, 2); // attached too, must stay silent
+    let opts = WatchOptions { mode, ..WatchOptions::default() };
+    let acct = TcAccounting::start(&[NodeNetns { node: "n1".into(), path: Some(node.ns.path()) }], "unused", &opts, None)
+        .expect("start tc accounting");
+    let (node_ip, pod_ip) = (pod.node_ip, pod.pod_ip);
+    let listening = Destination { ip: node_ip.into(), port: 9002, proto: 6 };
+    let udp_dest = Destination { ip: node_ip.into(), port: 9003, proto: 17 };
+    let inbound = Destination { ip: pod_ip.into(), port: 9100, proto: 6 };
+    acct.set_destinations(&[listening, udp_dest, inbound]).expect("destinations");
+
+    let rx0 = (node.if_stat(&pod.host_if, "rx_packets"), node.if_stat(&pod.host_if, "rx_bytes"));
+    let tx0 = (node.if_stat(&pod.host_if, "tx_packets"), node.if_stat(&pod.host_if, "tx_bytes"));
+
+    // Listeners: node side (9002) and pod side (9100).
+    let node_listener = node.ns.within(move || TcpListener::bind((node_ip, 9002)).expect("listen 9002"));
+    let pod_listener = pod.ns.within(move || TcpListener::bind((pod_ip, 9100)).expect("listen 9100"));
+    let accept_all = |l: TcpListener, n: usize| {
+        std::thread::spawn(move || {
+            for _ in 0..n {
+                let (mut s, _) = l.accept().expect("accept");
+                let mut b = [0u8; 5];
+                s.read_exact(&mut b).expect("read");
+            }
+        })
+    };
+    let node_acceptor = accept_all(node_listener, OPEN_CONNECTS);
+    let pod_acceptor = accept_all(pod_listener, INBOUND_CONNECTS);
+
+    pod.ns.within(move || {
+        // One UDP flow of UDP_ONE_FLOW datagrams to a closed port.
+        let s = UdpSocket::bind((pod_ip, 0)).expect("bind");
+        for _ in 0..UDP_ONE_FLOW {
+            s.send_to(&[7u8; 100], (node_ip, 9000)).expect("send");
+        }
+        // SYNs answered by RST: exactly one SYN each.
+        for _ in 0..CLOSED_CONNECTS {
+            assert!(TcpStream::connect_timeout(&SocketAddr::from((node_ip, 9001)), Duration::from_secs(2)).is_err());
+        }
+        // Full connections: one SYN each.
+        for _ in 0..OPEN_CONNECTS {
+            let mut c = TcpStream::connect((node_ip, 9002)).expect("connect");
+            c.write_all(b"hello").expect("write");
+        }
+        // UDP_FLOWS flows of three datagrams each: three sockets' worth of packets, one new flow each.
+        for _ in 0..UDP_FLOWS {
+            let s = UdpSocket::bind((pod_ip, 0)).expect("bind");
+            for _ in 0..3 {
+                s.send_to(b"flow", (node_ip, 9003)).expect("send");
+            }
+        }
+    });
+    node.ns.within(move || {
+        for _ in 0..INBOUND_CONNECTS {
+            let mut c = TcpStream::connect((pod_ip, 9100)).expect("connect to pod");
+            c.write_all(b"hello").expect("write");
+        }
+    });
+    node_acceptor.join().expect("node acceptor");
+    pod_acceptor.join().expect("pod acceptor");
+    // FINs and last ACKs of the closed connections.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let snap = acct.snapshot();
+    let rx = (node.if_stat(&pod.host_if, "rx_packets") - rx0.0, node.if_stat(&pod.host_if, "rx_bytes") - rx0.1);
+    let tx = (node.if_stat(&pod.host_if, "tx_packets") - tx0.0, node.if_stat(&pod.host_if, "tx_bytes") - tx0.1);
+    let i = snap.interface("n1", &pod.host_if).expect("pod interface watched");
+    eprintln!("{test}: from pod {:?} (veth rx {rx:?}); to pod {:?} (veth tx {tx:?})", i.from_pod, i.to_pod);
+    assert_eq!((i.from_pod.packets, i.from_pod.bytes), rx, "from-pod packets/bytes = host veth rx statistics");
+    assert_eq!((i.to_pod.packets, i.to_pod.bytes), tx, "to-pod packets/bytes = host veth tx statistics");
+    assert_eq!(i.from_pod.tcp_syn, (CLOSED_CONNECTS + OPEN_CONNECTS) as u64, "SYNs the pod sent");
+    assert_eq!(i.from_pod.udp_new, (1 + UDP_FLOWS) as u64, "UDP flows the pod opened");
+    assert_eq!(i.to_pod.tcp_syn, INBOUND_CONNECTS as u64, "SYNs to the pod (SYN-ACKs are not attempts)");
+    assert_eq!(i.to_pod.udp_new, 0, "no UDP flow towards the pod");
+    assert!(i.from_pod.packets >= (UDP_ONE_FLOW + CLOSED_CONNECTS + 3 * UDP_FLOWS) as u64);
+    assert_eq!(snap.attempts_to(&listening), (OPEN_CONNECTS as u64, 0));
+    assert_eq!(snap.attempts_to(&udp_dest), (UDP_FLOWS as u64, 0));
+    assert_eq!(snap.attempts_to(&inbound), (0, INBOUND_CONNECTS as u64));
+    assert_eq!(i.peer_netns, Some(pod.ns.inode()), "peer (pod) namespace found");
+    assert_eq!(i.netns, node.ns.inode());
+    let quiet = snap.interface("n1", &other.host_if).expect("second pod watched");
+    assert_eq!((quiet.from_pod.packets, quiet.to_pod.packets), (0, 0));
+    assert_eq!(snap.stats.unregistered_packets, 0);
+    assert_eq!(snap.stats.attach_errors, 0);
+
+    // Nothing stays attached after shutdown.
+    let detached = acct.shutdown();
+    assert_eq!(detached, 2);
+    let progs = node.tcx_programs(&[pod.host_if.clone(), other.host_if.clone()]);
+    assert!(progs.values().all(|(i, e)| i.is_empty() && e.is_empty()), "TCX programs left: {progs:?}");
+    assert!(node.bpftool_tc().is_empty(), "tc programs left: {:?}", node.bpftool_tc());
+}
+
+#[test]
+fn tc_counts_are_exact_tcx() {
+    exact_counts(TcModeChoice::Tcx, "tc_counts_are_exact_tcx", 91);
+}
+
+#[test]
+fn tc_counts_are_exact_clsact() {
+    exact_counts(TcModeChoice::Clsact, "tc_counts_are_exact_clsact", 92);
+}
