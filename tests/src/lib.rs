@@ -693,3 +693,99 @@ pub fn tcx_attach_last(ns: &NetNs, prog: &std::os::fd::OwnedFd, ifname: &str) ->
         unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
     })
 }
+
+/// Ids of the tc (`sched_cls`) programs process `pid` holds, from /proc/PID/fdinfo.
+pub fn sched_cls_prog_ids(pid: u32) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for e in fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo").filter_map(Result::ok) {
+        let text = fs::read_to_string(e.path()).unwrap_or_default();
+        let field = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
+        if field("prog_type:") == Some("3") && field("link_id:").is_none()
+            && let Some(id) = field("prog_id:").and_then(|v| v.parse().ok())
+        {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Whether a BPF program with this id still exists.
+pub fn prog_exists(id: u64) -> bool {
+    Command::new("bpftool").args(["prog", "show", "id", &id.to_string()]).output().is_ok_and(|o| o.status.success())
+}
+
+/// Adds another dataplane's clsact filter at `prio` on `ifname`'s ingress: the
+/// [`load_len_dropper`] program in direct-action mode, handed to `tc` through a pin in a
+/// private bpffs mount (unmounted again; the filter keeps its own reference).
+pub fn add_foreign_clsact_dropper(ns: &NetNs, ifname: &str, prio: u16, len: u32) {
+    use std::os::fd::AsRawFd as _;
+    let prog = load_len_dropper(len);
+    let dir = std::env::temp_dir().join(format!("netdrop-bpffs-{}-{}", std::process::id(), NS_SEQ.fetch_add(1, Ordering::Relaxed)));
+    fs::create_dir_all(&dir).expect("bpffs dir");
+    run("mount", &["-t", "bpf", "bpf", dir.to_str().expect("utf-8")]);
+    let pin = dir.join("dropper");
+    let path = std::ffi::CString::new(pin.to_str().expect("utf-8")).expect("path");
+    let mut attr = [0u8; 16];
+    attr[0..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
+    attr[8..12].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    // SAFETY: bpf(BPF_OBJ_PIN) with a valid path and fd.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, attr.as_ptr(), attr.len()) };
+    let result = std::panic::catch_unwind(|| {
+        assert!(rc == 0, "pinning the test dropper: {}", std::io::Error::last_os_error());
+        let _ = Command::new("ip").args(["netns", "exec", &ns.name, "tc", "qdisc", "add", "dev", ifname, "clsact"]).status();
+        ns.exec("tc", &["filter", "add", "dev", ifname, "ingress", "prio", &prio.to_string(), "handle", "7", "bpf", "object-pinned", pin.to_str().expect("utf-8"), "direct-action"]);
+    });
+    let _ = Command::new("umount").arg(&dir).status();
+    let _ = fs::remove_dir(&dir);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+/// Sends `count` UDP datagrams of `payload` bytes from `from` (in `src`) to `to`.
+pub fn udp_burst(src: &NetNs, from: std::net::Ipv4Addr, to: SocketAddr, payload: usize, count: usize) {
+    src.within(move || {
+        let s = UdpSocket::bind((from, 0)).expect("bind");
+        for _ in 0..count {
+            s.send_to(&vec![0x5a; payload], to).expect("send");
+        }
+    });
+}
+
+/// A UDP receiver in `ns` counting datagrams until `stop` is called.
+pub struct UdpCounter {
+    handle: Option<thread::JoinHandle<usize>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl UdpCounter {
+    pub fn start(ns: &NetNs, at: SocketAddr) -> Self {
+        let sock = ns.within(move || UdpSocket::bind(at).expect("bind receiver"));
+        sock.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = thread::spawn(move || {
+            let mut n = 0;
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::Relaxed) {
+                if sock.recv(&mut buf).is_ok() {
+                    n += 1;
+                }
+            }
+            while sock.recv(&mut buf).is_ok() {
+                n += 1;
+            }
+            n
+        });
+        Self { handle: Some(handle), stop }
+    }
+
+    /// Datagrams received.
+    pub fn stop(mut self) -> usize {
+        thread::sleep(Duration::from_millis(200));
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.take().expect("running").join().expect("receiver")
+    }
+}

@@ -1,0 +1,80 @@
+//! SIGTERM and SIGKILL: afterwards no netdrop program is attached to any interface. TCX links
+//! die with a killed process; clsact filters outlive it and the next run removes them, without
+//! touching another dataplane's filter.
+
+use netdrop_tests::{TcNode, TcWatch, add_foreign_clsact_dropper, links_of, prog_exists, require_root, sched_cls_prog_ids};
+use nix::sys::signal::Signal;
+
+/// A node with three pods (the pods must live as long as the test: deleting a pod namespace
+/// deletes its veth pair).
+fn setup() -> (TcNode, Vec<String>, Vec<netdrop_tests::TcPod>) {
+    let node = TcNode::new("tcsig");
+    let pods: Vec<_> = (1..=3).map(|n| node.add_pod(93, n)).collect();
+    let names = pods.iter().map(|p| p.host_if.clone()).collect();
+    (node, names, pods)
+}
+
+fn nothing_attached(node: &TcNode, names: &[String], progs: &[u64]) {
+    let tcx = node.tcx_programs(names);
+    assert!(tcx.values().all(|(i, e)| i.is_empty() && e.is_empty()), "TCX programs left: {tcx:?}");
+    let ours: Vec<_> = node.bpftool_tc().into_iter().filter(|(_, _, n)| n.starts_with("netdrop_")).collect();
+    assert!(ours.is_empty(), "netdrop filters left: {ours:?}");
+    assert_eq!(links_of(progs), 0, "links left");
+    assert!(progs.iter().all(|p| !prog_exists(*p)), "programs left loaded");
+}
+
+fn sigterm(mode: &str, test: &str) {
+    require_root!(test);
+    let (node, names, _pods) = setup();
+    let mut w = TcWatch::start(&["--node-netns", &node.arg("n1"), "--tc-mode", mode]);
+    let progs = sched_cls_prog_ids(w.pid());
+    w.wait_until("3 interfaces attached", std::time::Duration::from_secs(10), |w| w.attached().len() == 3);
+    assert!(w.signal(Signal::SIGTERM), "exit status after SIGTERM");
+    assert!(w.stderr.lock().expect("lock").iter().any(|l| l.contains("detached from 3 interfaces")));
+    nothing_attached(&node, &names, &progs);
+}
+
+#[test]
+fn tc_sigterm_detaches_tcx() {
+    sigterm("tcx", "tc_sigterm_detaches_tcx");
+}
+
+#[test]
+fn tc_sigterm_detaches_clsact() {
+    sigterm("clsact", "tc_sigterm_detaches_clsact");
+}
+
+#[test]
+fn tc_sigkill_tcx_leaves_nothing() {
+    require_root!("tc_sigkill_tcx_leaves_nothing");
+    let (node, names, _pods) = setup();
+    let mut w = TcWatch::start(&["--node-netns", &node.arg("n1"), "--tc-mode", "tcx"]);
+    let progs = sched_cls_prog_ids(w.pid());
+    w.signal(Signal::SIGKILL);
+    nothing_attached(&node, &names, &progs);
+}
+
+#[test]
+fn tc_sigkill_clsact_then_restart_removes_leftovers_only() {
+    require_root!("tc_sigkill_clsact_then_restart_removes_leftovers_only");
+    let (node, names, _pods) = setup();
+    add_foreign_clsact_dropper(&node.ns, &names[0], 7, 1);
+    let mut w = TcWatch::start(&["--node-netns", &node.arg("n1"), "--tc-mode", "clsact"]);
+    w.signal(Signal::SIGKILL);
+    let left: Vec<_> = node.bpftool_tc().into_iter().filter(|(_, _, n)| n.starts_with("netdrop_")).collect();
+    assert_eq!(left.len(), 6, "a killed clsact run leaves its 6 filters (that is why restarts clean up): {left:?}");
+
+    // The restart (auto mode: TCX here) removes them and says so.
+    let mut w = TcWatch::start(&["--node-netns", &node.arg("n1")]);
+    assert!(
+        w.stderr.lock().expect("lock").iter().any(|l| l.contains("removed 6 filters left by killed earlier runs")),
+        "restart reports the clean-up: {:?}",
+        w.stderr.lock().expect("lock")
+    );
+    let progs = sched_cls_prog_ids(w.pid());
+    assert!(w.signal(Signal::SIGINT));
+    nothing_attached(&node, &names, &progs);
+    // The other dataplane's filter is untouched.
+    let filters = node.ns.exec("tc", &["filter", "show", "dev", &names[0], "ingress"]);
+    assert!(filters.contains("pref 7") && filters.contains("handle 0x7"), "foreign filter kept: {filters}");
+}
