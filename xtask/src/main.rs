@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_kube;
+mod bench_tc;
 mod setup;
 mod test;
 mod vm;
@@ -43,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { which } => match which.as_str() {
             "drop-storm" => bench::drop_storm(),
             "kube" => bench_kube::run(),
+            "tc" => bench_tc::run(),
             other => anyhow::bail!("unknown benchmark {other:?}: drop-storm, kube"),
         },
     }
