@@ -60,9 +60,8 @@ pub struct TraceArgs {
     #[arg(long, value_enum, help_heading = "Kernel")]
     pub ct_hook: Option<CtHookArg>,
 
-    /// Name of this node in events (default: $NODE_NAME, else the hostname).
-    #[arg(long, env = "NODE_NAME", help_heading = "Output")]
-    pub node_name: Option<String>,
+    #[command(flatten, next_help_heading = "Kubernetes")]
+    pub kube: crate::resolve::KubeArgs,
 }
 
 /// `--ct-hook`.

@@ -9,7 +9,7 @@
 //! them. Hand-parsed on purpose: a header line and hex columns, no crate reads this file.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     fs,
     io,
     os::{fd::AsFd as _, unix::fs::MetadataExt as _},
@@ -142,9 +142,20 @@ struct Tracked {
     /// None: our own namespace.
     path: Option<PathBuf>,
     first: CtStats,
-    prev: CtStats,
-    last: CtStats,
-    last_read: Instant,
+    /// Recent samples, oldest first, stamped with CLOCK_MONOTONIC ns (the clock of the kernel's
+    /// drop timestamps), so a drop is judged by the samples taken just before and after it.
+    samples: VecDeque<(u64, CtStats)>,
+}
+
+/// Samples kept per namespace: at one a second plus one per drain batch, enough to bracket any
+/// event still in flight.
+const HISTORY: usize = 32;
+
+/// CLOCK_MONOTONIC now, in ns.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
 }
 
 /// Samples the conntrack statistics of every namespace drops were seen in.
@@ -179,9 +190,6 @@ impl Evidence {
     }
 }
 
-/// How old a sample may be before an event's classification reads a fresh one.
-const FRESH: Duration = Duration::from_millis(200);
-
 impl CtMonitor {
     pub fn new() -> Self {
         Self { own: own_netns(), ..Self::default() }
@@ -200,9 +208,10 @@ impl CtMonitor {
             self.unreachable.insert(inode, Instant::now());
             return false;
         }
+        let now = monotonic_ns();
         match read(path.as_deref()) {
             Ok(s) => {
-                self.tracked.insert(inode, Tracked { path, first: s, prev: s, last: s, last_read: Instant::now() });
+                self.tracked.insert(inode, Tracked { path, first: s, samples: VecDeque::from([(now, s)]) });
                 true
             }
             Err(_) => {
@@ -213,11 +222,17 @@ impl CtMonitor {
     }
 
     fn refresh(t: &mut Tracked) {
+        let now = monotonic_ns();
         if let Ok(s) = read(t.path.as_deref()) {
-            t.prev = t.last;
-            t.last = s;
-            t.last_read = Instant::now();
+            if t.samples.len() == HISTORY {
+                t.samples.pop_front();
+            }
+            t.samples.push_back((now, s));
         }
+    }
+
+    fn last(t: &Tracked) -> CtStats {
+        t.samples.back().map_or(t.first, |(_, s)| *s)
     }
 
     /// Reads every tracked namespace (the once-a-second tick).
@@ -227,28 +242,30 @@ impl CtMonitor {
         }
     }
 
-    /// Evidence for an event that just happened in `inode`: reads a fresh sample if the last
-    /// one is older than 200 ms, then looks at what rose between the last two samples.
-    pub fn recent(&mut self, inode: u32) -> Evidence {
+    /// Evidence for a drop at `at_ns` (CLOCK_MONOTONIC) in `inode`: what rose between the last
+    /// sample before the drop and the first one after it (read now if there is none yet).
+    pub fn around(&mut self, inode: u32, at_ns: u64) -> Evidence {
         if !self.track(inode) {
             return Evidence::default();
         }
         let t = self.tracked.get_mut(&inode).expect("tracked above");
-        if t.last_read.elapsed() > FRESH {
+        if t.samples.back().is_none_or(|(ts, _)| *ts <= at_ns) {
             Self::refresh(t);
         }
-        Evidence::from(&t.last.since(&t.prev))
+        let before = t.samples.iter().rev().find(|(ts, _)| *ts <= at_ns).map_or(t.first, |(_, s)| *s);
+        let after = t.samples.iter().find(|(ts, _)| *ts > at_ns).map_or_else(|| Self::last(t), |(_, s)| *s);
+        Evidence::from(&after.since(&before))
     }
 
     /// Evidence over the whole run in `inode` (for the summary's rows).
     pub fn over_run(&self, inode: u32) -> Evidence {
-        self.tracked.get(&inode).map(|t| Evidence::from(&t.last.since(&t.first))).unwrap_or_default()
+        self.tracked.get(&inode).map(|t| Evidence::from(&Self::last(t).since(&t.first))).unwrap_or_default()
     }
 
     /// (namespace, run delta) for every tracked namespace, after a final sample.
     pub fn report(&mut self) -> Vec<(u32, CtStats)> {
         self.sample_all();
-        let mut v: Vec<(u32, CtStats)> = self.tracked.iter().map(|(n, t)| (*n, t.last.since(&t.first))).collect();
+        let mut v: Vec<(u32, CtStats)> = self.tracked.iter().map(|(n, t)| (*n, Self::last(t).since(&t.first))).collect();
         v.sort_by_key(|(n, _)| *n);
         v
     }

@@ -116,7 +116,7 @@ pub fn pre_nat(ev: &DropEvent, src: Option<&Endpoint>, dst: Option<&Endpoint>) -
     };
     let has_ports = matches!(t.protonum, 6 | 17 | 132 | 136 | 33);
     let ep = |raw: &[u8; 16], port: u16| {
-        ip(raw).map(|ip| Endpoint { ip, port: has_ports.then_some(u16::from_be(port)) })
+        ip(raw).map(|ip| Endpoint::new(ip, has_ports.then_some(u16::from_be(port))))
     };
     let differs = |orig: &Option<Endpoint>, now: Option<&Endpoint>| match (orig, now) {
         (Some(o), Some(n)) => o.ip != n.ip || (o.port.is_some() && o.port != n.port),
@@ -192,8 +192,8 @@ pub fn decode_headers(l3_proto: u16, headers: &[u8]) -> Headers {
         }
         _ => {}
     }
-    out.src = Some(Endpoint { ip: src, port: sport });
-    out.dst = Some(Endpoint { ip: dst, port: dport });
+    out.src = Some(Endpoint::new(src, sport));
+    out.dst = Some(Endpoint::new(dst, dport));
     out
 }
 
@@ -258,8 +258,8 @@ mod tests {
     fn decodes_truncated_udp4() {
         let h = decode_headers(0x0800, &udp4());
         assert_eq!(h.protocol, "udp");
-        assert_eq!(h.src, Some(Endpoint { ip: "10.0.0.1".parse().expect("ip"), port: Some(40000) }));
-        assert_eq!(h.dst, Some(Endpoint { ip: "10.0.0.2".parse().expect("ip"), port: Some(53) }));
+        assert_eq!(h.src, Some(Endpoint::new("10.0.0.1".parse().expect("ip"), Some(40000))));
+        assert_eq!(h.dst, Some(Endpoint::new("10.0.0.2".parse().expect("ip"), Some(53))));
     }
 
     #[test]

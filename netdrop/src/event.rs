@@ -60,12 +60,21 @@ pub struct DropRecord {
     pub raw: RawDetail,
 }
 
-/// One end of a packet.
+/// One end of a packet, with what Kubernetes says it is (`kind`, `pod`, `namespace`, `node`,
+/// `service`, `service_port`, `workload`, `ready`) when resolution is on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
     pub ip: IpAddr,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub k8s: Option<crate::resolve::Peer>,
+}
+
+impl Endpoint {
+    pub fn new(ip: IpAddr, port: Option<u16>) -> Self {
+        Self { ip, port, k8s: None }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -22,6 +22,7 @@ use crate::{
     cli::{CtHookArg, TraceArgs},
     conntrack::{CtMonitor, Evidence},
     event::DropRecord,
+    resolve::{Health, Proto, Resolver},
     decode::{self, Decoder},
     output::{Format, JsonSink, Sink, TextSink},
     probe::{self, AttachOptions, CtHook, KernelInfo},
@@ -32,13 +33,6 @@ use crate::{
 /// only once `WAKEUP_BYTES` are waiting): the longest an event waits to be shown.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 const WAKEUP_BYTES: u32 = 256 * 1024;
-
-/// This node's name: the flag, else the hostname.
-pub fn node_name(flag: Option<&str>) -> String {
-    flag.map(String::from).unwrap_or_else(|| {
-        nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default()
-    })
-}
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let kernel = KernelInfo::discover()?;
@@ -100,7 +94,18 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let node = node_name(args.node_name.as_deref());
+    let node = crate::resolve::node_name(&args.kube);
+    let resolver = match Resolver::start(&args.kube).await {
+        Ok(r) => r,
+        Err(e) => return Err(e.into()),
+    };
+    let kube_on = !matches!(resolver.status().health, Health::Off);
+    if kube_on {
+        // Resolve the first drops too: wait briefly for the first lists (the trace runs anyway).
+        if !resolver.wait_synced(Duration::from_secs(5)).await {
+            eprintln!("netdrop: kubernetes not synced yet ({}); tracing anyway, names appear once it is", resolver.status());
+        }
+    }
     let symbols = Arc::new(KernelSymbols::load().unwrap_or_else(|e| {
         warn!("cannot read /proc/kallsyms ({e}): locations print as addresses");
         KernelSymbols::default()
@@ -137,6 +142,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         visibility: Visibility::new(&config, hide_teardown, symbols.clone()),
         monitor,
         conntrack: conntrack_on,
+        resolver: kube_on.then(|| resolver.clone()),
         sinks: vec![match args.output {
             Format::Text => Box::new(TextSink::new(stdout)),
             Format::Json => Box::new(JsonSink::new(stdout)),
@@ -216,6 +222,8 @@ struct Pipeline {
     visibility: Visibility,
     monitor: CtMonitor,
     conntrack: bool,
+    /// Kubernetes names for addresses, when resolution is on.
+    resolver: Option<Resolver>,
     sinks: Vec<Box<dyn Sink>>,
     shown: u64,
 }
@@ -236,7 +244,10 @@ impl Pipeline {
                 continue;
             }
             let mut record = self.decoder.decode(&ev);
-            self.classify(&mut record, ev.netns);
+            self.classify(&mut record, ev.netns, ev.ts_ns);
+            if let Some(r) = &self.resolver {
+                resolve_record(r, &mut record);
+            }
             for s in &mut self.sinks {
                 s.on_drop(&record)?;
             }
@@ -251,15 +262,34 @@ impl Pipeline {
         Ok(())
     }
 
-    fn classify(&mut self, r: &mut DropRecord, netns: u32) {
+    fn classify(&mut self, r: &mut DropRecord, netns: u32, at_ns: u64) {
         let function = self.decoder.symbols.function(r.raw.location);
         // Statistics are read only when the packet itself cannot tell.
         let needs_evidence = self.conntrack
             && r.reason == "NETFILTER_DROP"
             && r.raw.exact_class == 0
             && !function.is_some_and(|f| classify::RULE_ENGINES.contains(&f) && r.raw.ct_state & ct::STATE_MASK != ct::NONE);
-        let evidence = if needs_evidence { self.monitor.recent(netns) } else { Evidence::default() };
+        let evidence = if needs_evidence { self.monitor.around(netns, at_ns) } else { Evidence::default() };
         (r.classification, r.certainty) = classify::classify(&r.reason, function, r.raw.ct_state, r.raw.exact_class, &evidence);
+    }
+}
+
+/// This node's name: `flag` (`--node-name`/`$NODE_NAME`), else the hostname.
+pub fn node_name(flag: Option<&str>) -> String {
+    crate::resolve::node_name(&crate::resolve::KubeArgs { node_name: flag.map(String::from), ..Default::default() })
+}
+
+/// Names both ends (and the pre-NAT ends) of a drop.
+pub fn resolve_record(r: &Resolver, d: &mut DropRecord) {
+    let proto = match d.protocol.as_str() {
+        "tcp" => Some(Proto::Tcp),
+        "udp" => Some(Proto::Udp),
+        "sctp" => Some(Proto::Sctp),
+        _ => None,
+    };
+    for e in [&mut d.src, &mut d.dst, &mut d.orig_src, &mut d.orig_dst].into_iter().flatten() {
+        let port = e.port.zip(proto);
+        e.k8s = Some(r.lookup_opt(e.ip, port));
     }
 }
 
