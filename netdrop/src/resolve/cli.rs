@@ -149,15 +149,23 @@ fn print_service(out: &mut impl Write, s: &ServiceInfo) -> std::io::Result<()> {
     Ok(())
 }
 
-fn rss_kib() -> u64 {
+fn proc_status_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+fn rss_kib() -> u64 {
+    proc_status_kib("VmRSS:")
+}
+
+fn peak_rss_kib() -> u64 {
+    proc_status_kib("VmHWM:")
 }
 
 #[derive(Serialize)]
@@ -216,7 +224,7 @@ async fn serve_stats(r: Resolver, started: Instant, synced: bool) -> anyhow::Res
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(
         &mut out,
-        &serde_json::json!({"type":"synced","synced":synced,"sync_ms":sync_ms,"rss_kib":rss_kib(),
+        &serde_json::json!({"type":"synced","synced":synced,"sync_ms":sync_ms,"rss_kib":rss_kib(),"peak_rss_kib":peak_rss_kib(),
             "stats":r.stats(),"events":r.events_applied(),"lookup":latency,"status":r.status().to_string()}),
     )?;
     writeln!(out)?;
@@ -236,7 +244,7 @@ async fn serve_stats(r: Resolver, started: Instant, synced: bool) -> anyhow::Res
         let v = if line == "quit" {
             break;
         } else if line == "stats" {
-            serde_json::json!({"type":"stats","rss_kib":rss_kib(),"stats":r.stats(),"events":r.events_applied(),
+            serde_json::json!({"type":"stats","rss_kib":rss_kib(),"peak_rss_kib":peak_rss_kib(),"stats":r.stats(),"events":r.events_applied(),
                 "status":r.status().to_string()})
         } else if let Some(t) = line.strip_prefix("lookup ") {
             match t.trim().parse::<Target>() {
