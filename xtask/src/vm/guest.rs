@@ -212,6 +212,27 @@ pub fn boot(b: &Boot) -> anyhow::Result<Outcome> {
         }
     });
 
+    let (mut out, hung) = read_console(b, &rx, start)?;
+    if hung {
+        let _ = child.kill();
+    }
+    child.wait().context("waiting for qemu")?;
+    let _ = reader.join();
+    let _ = err_reader.join();
+    out.duration = start.elapsed();
+    if hung {
+        out.status = Status::Hung;
+    }
+    Ok(out)
+}
+
+/// Reads console lines into the log and the outcome until qemu closes the console (`false`) or
+/// the deadline passes (`true`: hung).
+fn read_console(
+    b: &Boot,
+    rx: &mpsc::Receiver<String>,
+    start: Instant,
+) -> anyhow::Result<(Outcome, bool)> {
     let mut log =
         fs::File::create(b.log).with_context(|| format!("creating {}", b.log.display()))?;
     let mut out = Outcome {
@@ -254,17 +275,7 @@ pub fn boot(b: &Boot) -> anyhow::Result<Outcome> {
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    if hung {
-        let _ = child.kill();
-    }
-    child.wait().context("waiting for qemu")?;
-    let _ = reader.join();
-    let _ = err_reader.join();
-    out.duration = start.elapsed();
-    if hung {
-        out.status = Status::Hung;
-    }
-    Ok(out)
+    Ok((out, hung))
 }
 
 /// A short progress note for the terminal when the console is not shown.

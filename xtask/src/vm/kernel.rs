@@ -262,15 +262,21 @@ impl Apt {
     }
 }
 
-/// apt's own last error line, for one-line messages.
+/// apt's most telling error line, for one-line messages: a failed fetch names the URL and the
+/// cause ("Could not resolve ..."), which the closing summary line does not.
 fn apt_error(stderr: &str) -> String {
-    stderr
+    let lines: Vec<&str> = stderr
         .lines()
-        .rev()
-        .find(|l| l.starts_with("E:") || l.starts_with("W:"))
-        .or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let pick = |p: &str| lines.iter().find(|l| l.starts_with(p)).copied();
+    pick("E: Failed to fetch")
+        .or_else(|| pick("W: Failed to fetch"))
+        .or_else(|| pick("E:"))
+        .or_else(|| pick("W:"))
+        .or_else(|| lines.last().copied())
         .unwrap_or("no output from apt")
-        .trim()
         .to_owned()
 }
 

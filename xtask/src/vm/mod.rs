@@ -43,6 +43,10 @@ pub struct Args {
     /// Stream each guest's serial console to the terminal.
     #[arg(long)]
     console: bool,
+    /// Build netdrop and the tests with `--release`: a longer build, a much faster run under
+    /// emulation (netdrop's start-up dominates each test).
+    #[arg(long)]
+    release: bool,
     /// Guest memory (qemu `-m`), e.g. `--memory 2G`.
     #[arg(long, default_value = "1G")]
     memory: String,
@@ -82,6 +86,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             libtest_args: libtest,
             console: args.console,
             memory: args.memory.clone(),
+            release: args.release,
         },
     )
 }
@@ -102,11 +107,13 @@ pub fn run_kernels(kernels: &[&str]) -> anyhow::Result<()> {
             libtest_args: Vec::new(),
             console: false,
             memory: "1G".to_owned(),
+            release: false,
         },
     )
 }
 
 struct Options {
+    release: bool,
     timeout: Duration,
     keep: bool,
     libtest_args: Vec<String>,
@@ -418,7 +425,7 @@ fn run_matrix(names: &[&str], opts: &Options) -> anyhow::Result<()> {
     }
 
     let t = Instant::now();
-    let payload = payload::build()?;
+    let payload = payload::build(opts.release)?;
     let build_time = t.elapsed();
 
     let t = Instant::now();

@@ -22,14 +22,14 @@ pub fn workspace_root() -> PathBuf {
 
 /// Builds netdrop and the integration tests the way `cargo test` would (same profile and target
 /// dir, so after a host test run nothing is rebuilt).
-pub fn build() -> anyhow::Result<Payload> {
-    let netdrop = cargo_artifacts(&["build", "-p", "netdrop", "--bin", "netdrop"])?
+pub fn build(release: bool) -> anyhow::Result<Payload> {
+    let netdrop = cargo_artifacts(&["build", "-p", "netdrop", "--bin", "netdrop"], release)?
         .into_iter()
         .find(|a| a.kind == "bin" && a.name == "netdrop")
         .map(|a| a.executable)
         .context("cargo built no netdrop binary")?;
     let mut tests: Vec<(String, PathBuf)> =
-        cargo_artifacts(&["test", "-p", "netdrop-tests", "--no-run"])?
+        cargo_artifacts(&["test", "-p", "netdrop-tests", "--no-run"], release)?
             .into_iter()
             // `kind == "test"`: the tests/*.rs integration tests, not the support library's unit tests.
             .filter(|a| a.kind == "test" && a.is_test)
@@ -49,11 +49,16 @@ struct Artifact {
     executable: PathBuf,
 }
 
-fn cargo_artifacts(args: &[&str]) -> anyhow::Result<Vec<Artifact>> {
+fn cargo_artifacts(args: &[&str], release: bool) -> anyhow::Result<Vec<Artifact>> {
+    let args: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(release.then_some("--release"))
+        .collect();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("vm-test: cargo {}", args.join(" "));
     let mut child = Command::new(cargo)
-        .args(args)
+        .args(&args)
         .arg("--message-format=json-render-diagnostics")
         .current_dir(workspace_root())
         .stdout(Stdio::piped())

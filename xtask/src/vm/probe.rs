@@ -97,11 +97,19 @@ pub fn run_here() -> anyhow::Result<()> {
             p.attach("skb", "kfree_skb").map(drop)
         }),
     );
-    match &btf {
-        Ok(btf) => {
+    probe_vmlinux(&mut bpf, btf.as_ref().ok());
+    probe_conntrack(&mut bpf);
+    probe_tc(&mut bpf);
+    Ok(())
+}
+
+/// `tp_btf` and fexit on vmlinux functions, which need vmlinux BTF.
+fn probe_vmlinux(bpf: &mut Ebpf, btf: Option<&Btf>) {
+    match btf {
+        Some(btf) => {
             report(
                 "tp_btf_kfree_skb",
-                attach(&mut bpf, "tpbtf", |p: &mut BtfTracePoint| {
+                attach(bpf, "tpbtf", |p: &mut BtfTracePoint| {
                     p.load("kfree_skb", btf)?;
                     p.attach().map(drop)
                 }),
@@ -112,7 +120,7 @@ pub fn run_here() -> anyhow::Result<()> {
             report(
                 "fexit_vmlinux",
                 match target {
-                    Some(f) => attach(&mut bpf, "fexit_vmlinux", |p: &mut FExit| {
+                    Some(f) => attach(bpf, "fexit_vmlinux", |p: &mut FExit| {
                         p.load(f, btf)?;
                         p.attach().map(drop)
                     })
@@ -123,18 +131,22 @@ pub fn run_here() -> anyhow::Result<()> {
             );
             report(
                 "fexit_aya_vmlinux_btf",
-                attach(&mut bpf, "fexit_vmbtf", |p: &mut FExit| {
+                attach(bpf, "fexit_vmbtf", |p: &mut FExit| {
                     p.load(CT_CONFIRM, btf)?;
                     p.attach().map(drop)
                 }),
             );
         }
-        Err(_) => {
+        None => {
             for f in ["tp_btf_kfree_skb", "fexit_vmlinux", "fexit_aya_vmlinux_btf"] {
                 report(f, Err("no vmlinux BTF".into()));
             }
         }
     }
+}
+
+/// The conntrack confirmation hook, in the `nf_conntrack` module on Debian kernels.
+fn probe_conntrack(bpf: &mut Ebpf) {
     let module_btf = Path::new("/sys/kernel/btf/nf_conntrack");
     report(
         "module_btf_nf_conntrack",
@@ -146,26 +158,30 @@ pub fn run_here() -> anyhow::Result<()> {
     );
     report(
         "fexit_aya_module_btf",
-        fexit_aya_module_btf(&mut bpf, module_btf),
+        fexit_aya_module_btf(bpf, module_btf),
     );
     report("fexit_raw_module_btf", fexit_raw_module_btf(module_btf));
     report(
         "kprobe_nf_conntrack_confirm",
-        attach(&mut bpf, "kp", |p: &mut KProbe| {
+        attach(bpf, "kp", |p: &mut KProbe| {
             p.load()?;
             p.attach(CT_CONFIRM, 0).map(drop)
         }),
     );
     report(
         "kretprobe_nf_conntrack_confirm",
-        attach(&mut bpf, "krp", |p: &mut KProbe| {
+        attach(bpf, "krp", |p: &mut KProbe| {
             p.load()?;
             p.attach(CT_CONFIRM, 0).map(drop)
         }),
     );
+}
+
+/// TCX (6.6+) and the older clsact qdisc with a netlink filter, on this namespace's loopback.
+fn probe_tc(bpf: &mut Ebpf) {
     report(
         "tcx",
-        attach(&mut bpf, "tcx", |p: &mut SchedClassifier| {
+        attach(bpf, "tcx", |p: &mut SchedClassifier| {
             p.load()?;
             p.attach_with_options(
                 "lo",
@@ -177,7 +193,7 @@ pub fn run_here() -> anyhow::Result<()> {
     );
     report(
         "clsact",
-        attach(&mut bpf, "clsact", |p: &mut SchedClassifier| {
+        attach(bpf, "clsact", |p: &mut SchedClassifier| {
             // The qdisc may exist already (EEXIST); attaching tells whether it is usable.
             let _ = tc::qdisc_add_clsact("lo");
             p.load()?;
@@ -189,7 +205,6 @@ pub fn run_here() -> anyhow::Result<()> {
             .map(drop)
         }),
     );
-    Ok(())
 }
 
 /// Loads and attaches program `name` with `f`; the link lives until `bpf` is dropped.
