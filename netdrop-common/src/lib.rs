@@ -39,7 +39,28 @@ pub struct DropKey {
     pub ct_state: u8,
     /// A classification the precise hooks established for this skb ([`class`]), else 0.
     pub exact_class: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// The `ADDR_FILTER` entry the packet matched (a Service backend or frontend), else 0.
+    pub tag: u32,
+}
+
+/// An address the `--svc`-style filters watch: IP (as on the wire, IPv4 in the first 4 bytes),
+/// port (host order) and IP protocol. Port 0 matches any port of the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `ADDR_FILTER` values: which part of a Service an address is.
+pub mod tag {
+    /// Backends are numbered from 1.
+    pub const FIRST_BACKEND: u32 = 1;
+    /// A Service frontend: ClusterIP:port, NodePort, external IP.
+    pub const FRONTEND: u32 = 0x8000_0000;
 }
 
 /// `DropKey::ct_state` / `DropEvent::ct_state` encoding.
@@ -123,6 +144,9 @@ pub struct DropEvent {
     /// The entry's original-direction tuple (before NAT), valid when `ct_state` is
     /// unconfirmed or confirmed.
     pub ct_orig: ConntrackTuple,
+    /// The `ADDR_FILTER` entry the packet matched, else 0.
+    pub tag: u32,
+    pub _pad2: u32,
     /// The packet from its network (L3) header on.
     pub headers: [u8; HEADER_BYTES],
 }
@@ -256,6 +280,9 @@ pub struct Config {
     pub precise_conntrack: u32,
     /// This kernel's NETFILTER_DROP reason number ([`ABSENT`] without reasons).
     pub netfilter_drop_reason: u32,
+    /// 1: only packets from or to an address in `ADDR_FILTER` (the `--svc` set) count.
+    pub addr_filter: u32,
+    pub _pad2: u32,
 }
 
 /// `Config::l4_proto` value that matches every protocol (IP protocol numbers stop at 255).
@@ -308,6 +335,8 @@ impl Config {
         conntrack: 0,
         precise_conntrack: 0,
         netfilter_drop_reason: ABSENT,
+        addr_filter: 0,
+        _pad2: 0,
     };
 
     /// Whether a drop with `reason` becomes an event.
@@ -351,6 +380,7 @@ mod user {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::RateWindow {}
     unsafe impl aya::Pod for super::ConntrackTuple {}
+    unsafe impl aya::Pod for super::AddrKey {}
 }
 
 #[cfg(test)]
@@ -365,9 +395,10 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<DropKey>(), 24);
         assert_eq!(size_of::<ConntrackTuple>(), 40);
-        assert_eq!(size_of::<DropEvent>(), 8 * 3 + 4 * 4 + 2 * 2 + 4 + IFNAMSIZ + 8 + 40 + HEADER_BYTES);
+        assert_eq!(size_of::<DropEvent>(), 8 * 3 + 4 * 4 + 2 * 2 + 4 + IFNAMSIZ + 8 + 40 + 8 + HEADER_BYTES);
         assert_eq!(size_of::<KernelOffsets>(), 24 * 4);
-        assert_eq!(size_of::<Config>(), 256);
+        assert_eq!(size_of::<Config>(), 264);
+        assert_eq!(size_of::<AddrKey>(), 20);
     }
 
     #[test]

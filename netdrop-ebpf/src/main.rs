@@ -16,11 +16,11 @@ use aya_ebpf::{
         bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
     },
     macros::{btf_tracepoint, fexit, kprobe, kretprobe, map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePointContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext},
 };
 use netdrop_common::{
-    ABSENT, ANY_PROTO, Config, ConntrackTuple, DropEvent, DropKey, HEADER_BYTES, IFNAMSIZ,
+    ABSENT, ANY_PROTO, AddrKey, Config, ConntrackTuple, DropEvent, DropKey, HEADER_BYTES, IFNAMSIZ,
     REASON_BITMAP_BITS, RateWindow, class, ct, stat,
 };
 
@@ -44,6 +44,11 @@ static RATE: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
 /// Per-event detail. The loader may resize it (`--ring-size`).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// The addresses a `--svc` trace watches (Service frontends and backends) → their tag.
+/// Userspace keeps it in step with the Service's endpoints.
+#[map]
+static ADDR_FILTER: HashMap<AddrKey, u32> = HashMap::with_max_entries(4096, 0);
 
 /// skb address → (mark time << 8 | [`class`]) set by the precise conntrack hooks and consumed
 /// by the kfree_skb program. The time bounds a stale mark: an skb the hook marked always reaches
@@ -143,7 +148,7 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
 
     if conf!(read_skb) == 0 {
         // No BTF, so no offsets: the "counts only" mode counts by (reason, location), no events.
-        count(DropKey { location, reason, netns: 0, ip_version: 0, ct_state: 0, exact_class: 0, _pad: [0; 5] });
+        count(DropKey { location, reason, netns: 0, ip_version: 0, ct_state: 0, exact_class: 0, _pad: 0, tag: 0 });
         return Ok(());
     }
     let dev: *const u8 = read(skb, conf!(offsets.skb_dev))?;
@@ -162,11 +167,22 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
     let want_proto = conf!(l4_proto);
     let want_port = conf!(port);
     let want_family = conf!(ip_family);
-    if want_proto != ANY_PROTO || want_port != 0 || want_family != 0 {
+    let want_addrs = conf!(addr_filter) != 0;
+    let mut tag = 0u32;
+    if want_proto != ANY_PROTO || want_port != 0 || want_family != 0 || want_addrs {
         if !has_l3 {
             return Ok(());
         }
         let pkt = parse(head, nh, th, l3_proto)?;
+        if want_addrs {
+            tag = addr_tag(&pkt.daddr, pkt.dport, pkt.proto);
+            if tag == 0 {
+                tag = addr_tag(&pkt.saddr, pkt.sport, pkt.proto);
+            }
+            if tag == 0 {
+                return Ok(());
+            }
+        }
         if want_proto != ANY_PROTO && pkt.proto != want_proto {
             return Ok(());
         }
@@ -193,7 +209,7 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
     } else {
         0
     };
-    count(DropKey { location, reason, netns, ip_version, ct_state, exact_class, _pad: [0; 5] });
+    count(DropKey { location, reason, netns, ip_version, ct_state, exact_class, _pad: 0, tag });
 
     if !emits(reason) || (!has_l3 && reason == conf!(quiet_reason_without_ip)) || !rate_allows() {
         return Ok(());
@@ -238,6 +254,8 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
     ev.exact_class = exact_class;
     ev._pad = 0;
     ev.ct_orig = ConntrackTuple::default();
+    ev.tag = tag;
+    ev._pad2 = 0;
     if !ct_ptr.is_null() {
         read_tuple(ct_ptr, &mut ev.ct_orig);
     }
@@ -486,6 +504,18 @@ fn parse(head: *const u8, nh: u16, th: u16, l3_proto: u16) -> Result<Packet, i64
         pkt.dport = u16::from_be_bytes([ports[2], ports[3]]);
     }
     Ok(pkt)
+}
+
+/// The tag of (address, port, protocol), or of (address, any port); 0 when not watched.
+#[inline(always)]
+fn addr_tag(addr: &[u8; 16], port: u16, proto: u32) -> u32 {
+    let mut key = AddrKey { addr: *addr, port, proto: proto as u8, _pad: 0 };
+    // SAFETY: values are plain u32s copied out at once.
+    if let Some(t) = unsafe { ADDR_FILTER.get(&key) } {
+        return *t;
+    }
+    key.port = 0;
+    unsafe { ADDR_FILTER.get(&key) }.copied().unwrap_or(0)
 }
 
 #[inline(always)]

@@ -31,6 +31,13 @@ pub struct ReasonRow {
     pub certainty: Certainty,
     /// The packets' conntrack state (`none`, `unconfirmed`, ...).
     pub conntrack: &'static str,
+    /// The watched address the packets matched (`--svc`: a backend, or the frontend), else 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub tag: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// One namespace's conntrack statistics over the run.
@@ -145,6 +152,7 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
             classification,
             certainty,
             conntrack: classify::ct_state_name(k.ct_state),
+            tag: k.tag,
         })
         .collect();
     rows.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.reason.cmp(&b.reason)));
@@ -248,7 +256,8 @@ mod tests {
             ip_version,
             ct_state: 0,
             exact_class: 0,
-            _pad: [0; 5],
+            _pad: 0,
+            tag: 0,
         };
         let teardown = DropKey { location: 0x20b9, ..key(2, 4) };
         let mut counts = KernelCounts::default();

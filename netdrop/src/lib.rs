@@ -17,5 +17,6 @@ pub mod output;
 pub mod probe;
 pub mod reasons;
 pub mod resolve;
+pub mod svc;
 pub mod symbols;
 pub mod trace;
