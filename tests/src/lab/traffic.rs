@@ -1,0 +1,233 @@
+//! The traffic generator: from inside the client pod, `rate` new requests per second to a
+//! Service's ClusterIP:port for `duration`, each a new flow (TCP: connect, one request line, one
+//! reply, server closes; UDP: a new socket, one datagram, one reply) with a short timeout. Its
+//! counts are the ground truth the end-to-end tests compare netdrop with.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpStream, UdpSocket},
+};
+
+use super::{LabError, net::in_netns, topology::Proto};
+
+/// Below TCP's 1 s initial SYN retransmission timeout (RFC 6298 §2.1): a connection whose SYN is
+/// dropped fails after exactly one SYN, so failures and a DROP rule's packet counter agree.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// What to send.
+#[derive(Clone, Debug)]
+pub struct TrafficOptions {
+    /// Requests per second (new flows).
+    pub rate: u32,
+    pub duration: Duration,
+    pub proto: Proto,
+    /// Per request (connect + request + reply).
+    pub timeout: Duration,
+}
+
+impl Default for TrafficOptions {
+    fn default() -> Self {
+        Self {
+            rate: 200,
+            duration: Duration::from_secs(10),
+            proto: Proto::Tcp,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// Why a request failed, as the client saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// No answer to the connect (TCP SYN) or the datagram within the timeout.
+    Timeout,
+    /// Connected, but no reply within the timeout.
+    ReplyTimeout,
+    /// RST to the SYN, or ICMP port unreachable (REJECT, nobody listening).
+    Refused,
+    /// ICMP host/network unreachable.
+    Unreachable,
+    /// Reset after connecting.
+    Reset,
+    /// Anything else (reply garbled, local errors such as no free port).
+    Other,
+}
+
+/// What the generator measured.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrafficReport {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub service: String,
+    pub target: String,
+    pub proto: String,
+    pub rate: u32,
+    pub duration_s: f64,
+    pub attempts: u64,
+    pub successes: u64,
+    pub failures: u64,
+    pub failure_ratio: f64,
+    pub failures_by_kind: BTreeMap<FailureKind, u64>,
+    /// Successful requests per answering backend (`namespace/pod`), from the replies.
+    pub successes_by_backend: BTreeMap<String, u64>,
+    /// Backend → node, from the replies.
+    pub backend_nodes: BTreeMap<String, String>,
+    /// Attempts actually started per second (lower than `rate` when the machine cannot keep up).
+    pub achieved_rate: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p99: f64,
+}
+
+#[derive(Default)]
+struct Tally {
+    successes: u64,
+    failures: BTreeMap<FailureKind, u64>,
+    by_backend: BTreeMap<String, u64>,
+    nodes: BTreeMap<String, String>,
+    latencies_us: Vec<u64>,
+}
+
+fn kind_of(e: &std::io::Error) -> FailureKind {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ConnectionRefused => FailureKind::Refused,
+        K::HostUnreachable | K::NetworkUnreachable => FailureKind::Unreachable,
+        K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => FailureKind::Reset,
+        K::TimedOut => FailureKind::Timeout,
+        _ => FailureKind::Other,
+    }
+}
+
+async fn tcp_once(target: SocketAddr, seq: u64, timeout: Duration) -> Result<String, FailureKind> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut sock = tokio::time::timeout_at(deadline, TcpStream::connect(target))
+        .await
+        .map_err(|_| FailureKind::Timeout)?
+        .map_err(|e| kind_of(&e))?;
+    let exchange = async {
+        sock.write_all(format!("ndlab {seq}\n").as_bytes()).await?;
+        let mut reply = Vec::with_capacity(128);
+        sock.read_to_end(&mut reply).await?;
+        Ok::<_, std::io::Error>(reply)
+    };
+    let reply = tokio::time::timeout_at(deadline, exchange)
+        .await
+        .map_err(|_| FailureKind::ReplyTimeout)?
+        .map_err(|e| kind_of(&e))?;
+    String::from_utf8(reply).map_err(|_| FailureKind::Other)
+}
+
+async fn udp_once(target: SocketAddr, seq: u64, timeout: Duration) -> Result<String, FailureKind> {
+    let sock = UdpSocket::bind(("0.0.0.0", 0)).await.map_err(|e| kind_of(&e))?;
+    // Connected: an ICMP error for this flow comes back as an error on recv.
+    sock.connect(target).await.map_err(|e| kind_of(&e))?;
+    sock.send(format!("ndlab {seq}\n").as_bytes()).await.map_err(|e| kind_of(&e))?;
+    let mut buf = [0u8; 600];
+    let n = tokio::time::timeout(timeout, sock.recv(&mut buf))
+        .await
+        .map_err(|_| FailureKind::Timeout)?
+        .map_err(|e| kind_of(&e))?;
+    String::from_utf8(buf[..n].to_vec()).map_err(|_| FailureKind::Other)
+}
+
+/// Parses `<ns>/<pod> <node> ndlab <seq>`; checks the sequence number came back.
+fn parse_reply(reply: &str, seq: u64) -> Option<(String, String)> {
+    let mut w = reply.split_whitespace();
+    let (pod, node, tag, s) = (w.next()?, w.next()?, w.next()?, w.next()?);
+    (tag == "ndlab" && s.parse::<u64>().ok()? == seq).then(|| (pod.to_string(), node.to_string()))
+}
+
+/// Runs the generator from inside the namespace at `client_netns` (the client pod's).
+pub fn run(client_netns: PathBuf, service: &str, target: SocketAddr, opts: &TrafficOptions) -> Result<TrafficReport, LabError> {
+    let o = opts.clone();
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let t = tally.clone();
+    let (attempts, elapsed) = in_netns(&client_netns, move || {
+        // A runtime on this thread only: every socket it opens is in the client's namespace.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| LabError::Io { path: "tokio runtime".into(), source })?;
+        Ok(rt.block_on(generate(target, &o, t)))
+    })?;
+    let t = tally.lock().expect("tally");
+    let failures: u64 = t.failures.values().sum();
+    let mut lat = t.latencies_us.clone();
+    lat.sort_unstable();
+    let pct = |q: f64| if lat.is_empty() { 0.0 } else { lat[((lat.len() - 1) as f64 * q) as usize] as f64 / 1000.0 };
+    Ok(TrafficReport {
+        kind: "traffic".into(),
+        service: service.into(),
+        target: target.to_string(),
+        proto: opts.proto.lower().into(),
+        rate: opts.rate,
+        duration_s: opts.duration.as_secs_f64(),
+        attempts,
+        successes: t.successes,
+        failures,
+        failure_ratio: if attempts == 0 { 0.0 } else { failures as f64 / attempts as f64 },
+        failures_by_kind: t.failures.clone(),
+        successes_by_backend: t.by_backend.clone(),
+        backend_nodes: t.nodes.clone(),
+        achieved_rate: attempts as f64 / elapsed.as_secs_f64().max(1e-9),
+        latency_ms_p50: pct(0.5),
+        latency_ms_p99: pct(0.99),
+    })
+}
+
+async fn generate(target: SocketAddr, o: &TrafficOptions, tally: Arc<Mutex<Tally>>) -> (u64, Duration) {
+    let total = (f64::from(o.rate) * o.duration.as_secs_f64()).round() as u64;
+    let period = Duration::from_secs_f64(1.0 / f64::from(o.rate.max(1)));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = tokio::task::JoinSet::new();
+    let start = Instant::now();
+    for seq in 0..total {
+        tick.tick().await;
+        let (proto, timeout, tally) = (o.proto, o.timeout, tally.clone());
+        tasks.spawn(async move {
+            let t0 = Instant::now();
+            let r = match proto {
+                Proto::Tcp => tcp_once(target, seq, timeout).await,
+                Proto::Udp => udp_once(target, seq, timeout).await,
+            };
+            let mut t = tally.lock().expect("tally");
+            match r.and_then(|reply| parse_reply(&reply, seq).ok_or(FailureKind::Other)) {
+                Ok((pod, node)) => {
+                    t.successes += 1;
+                    t.latencies_us.push(t0.elapsed().as_micros() as u64);
+                    *t.by_backend.entry(pod.clone()).or_default() += 1;
+                    t.nodes.insert(pod, node);
+                }
+                Err(k) => *t.failures.entry(k).or_default() += 1,
+            }
+        });
+        // Reap finished requests as we go: the set stays as small as the requests in flight.
+        while tasks.try_join_next().is_some() {}
+    }
+    let sent = start.elapsed();
+    while tasks.join_next().await.is_some() {}
+    (total, sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies() {
+        assert_eq!(parse_reply("default/web-0 node-a ndlab 7\n", 7), Some(("default/web-0".into(), "node-a".into())));
+        assert_eq!(parse_reply("default/web-0 node-a ndlab 8\n", 7), None);
+        assert_eq!(parse_reply("garbage", 7), None);
+    }
+}
