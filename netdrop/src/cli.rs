@@ -34,13 +34,20 @@ pub struct TraceArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
 
+    #[command(flatten)]
+    pub target: TargetArgs,
+
+    #[command(flatten)]
+    pub tc: TcArgs,
+
     /// Stop after this long, e.g. `30s`, `5m` (default: until Ctrl-C).
     #[arg(long, value_parser = humantime::parse_duration, help_heading = "Output")]
     pub duration: Option<Duration>,
 
-    /// Output format: `text` for people, `json` for one object per line.
-    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text, help_heading = "Output")]
-    pub output: Format,
+    /// Output format: `text` for people, `json` for one object per line [default: text; with
+    /// `--svc` and friends a live table in a terminal, JSON lines when piped].
+    #[arg(short = 'o', long, value_enum, help_heading = "Output")]
+    pub output: Option<Format>,
 
     /// At most this many drop events per second are sent to userspace, e.g. `--event-rate 0`
     /// for no limit. Counts stay exact either way; the summary says how many events were not sent.
@@ -62,6 +69,62 @@ pub struct TraceArgs {
 
     #[command(flatten, next_help_heading = "Kubernetes")]
     pub kube: crate::resolve::KubeArgs,
+}
+
+/// What the trace is about, in Kubernetes terms. Each selects a set of addresses the kernel
+/// watches; drops are counted per Service backend or per pod.
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Kubernetes targets")]
+pub struct TargetArgs {
+    /// A Service, `NAMESPACE/NAME` or `NAME` with `-n`: its ClusterIPs, NodePorts and every
+    /// backend; a live per-backend table and a diagnosis, e.g. `--svc default/web`.
+    #[arg(long, value_name = "[NS/]NAME")]
+    pub svc: Option<String>,
+
+    /// A pod, `NAMESPACE/NAME` or `NAME` with `-n`, e.g. `--pod kube-system/coredns-5d78c9869d-x2x9z`.
+    #[arg(long, value_name = "[NS/]NAME", conflicts_with = "svc")]
+    pub pod: Option<String>,
+
+    /// The namespace of `--svc`/`--pod`, or alone: every pod in it, e.g. `-n default`.
+    #[arg(short = 'n', long, value_name = "NS")]
+    pub namespace: Option<String>,
+
+    /// Every pod on this node, and the node's own addresses, e.g. `--node node-b`.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["svc", "pod"])]
+    pub node: Option<String>,
+
+    /// How often the table is refreshed (terminal) or a summary line is printed (JSON), e.g. `5s`.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    pub interval: Duration,
+}
+
+impl TargetArgs {
+    pub fn any(&self) -> bool {
+        self.svc.is_some() || self.pod.is_some() || self.node.is_some() || self.namespace.is_some()
+    }
+}
+
+/// The workload interfaces whose tc counters give attempts (the denominator of drop ratios).
+#[derive(Debug, Args, Clone, Default)]
+#[command(next_help_heading = "Interfaces")]
+pub struct TcArgs {
+    /// Workload interfaces to count traffic on, shell-style, repeatable, e.g.
+    /// `--iface-pattern 'lxc*'` (Cilium) [default: cali*].
+    #[arg(long = "iface-pattern", value_name = "GLOB")]
+    pub iface_patterns: Vec<String>,
+
+    /// How to attach the tc counters: `tcx` (Linux 6.6+), `clsact`, or `auto`.
+    #[arg(long, value_enum)]
+    pub tc_mode: Option<crate::probe::tc::TcModeChoice>,
+
+    /// Also watch this network namespace as node NAME (repeatable): one netdrop for several
+    /// nodes sharing a kernel (kind, k3d, the lab), e.g. `--node-netns node-a=/run/netns/node-a`.
+    #[arg(long = "node-netns", value_name = "NAME=PATH")]
+    pub node_netns: Vec<crate::interfaces::NodeNetns>,
+
+    /// Do not attach tc counters (no attempts, no ratios).
+    #[arg(long)]
+    pub no_tc: bool,
 }
 
 /// `--ct-hook`.

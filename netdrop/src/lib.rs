@@ -19,4 +19,5 @@ pub mod reasons;
 pub mod resolve;
 pub mod svc;
 pub mod symbols;
+pub mod targets;
 pub mod trace;

@@ -3,12 +3,56 @@
 
 use std::io::{self, Write};
 
-use crate::{aggregate::Summary, event::DropRecord};
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+};
+
+use crate::{aggregate::Summary, event::DropRecord, svc::SvcSummary};
+
+/// Keeps the last drops as text lines, for the live table to show under it.
+pub struct RecentSink {
+    lines: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// How many recent drops the live table shows.
+pub const RECENT: usize = 8;
+
+impl RecentSink {
+    pub fn new(lines: Arc<Mutex<VecDeque<String>>>) -> Self {
+        Self { lines }
+    }
+}
+
+impl Sink for RecentSink {
+    fn on_drop(&mut self, drop: &DropRecord) -> io::Result<()> {
+        let mut l = self.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if l.len() == RECENT {
+            l.pop_front();
+        }
+        l.push_back(text_line(drop));
+        Ok(())
+    }
+
+    fn on_summary(&mut self, _: &Summary) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn on_target_summary(&mut self, _: &SvcSummary) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
 
 /// Receives what the pipeline produces.
 pub trait Sink: Send {
     fn on_drop(&mut self, drop: &DropRecord) -> io::Result<()>;
     fn on_summary(&mut self, summary: &Summary) -> io::Result<()>;
+    /// A `--svc`/`--pod`/`--node` summary (periodic and final).
+    fn on_target_summary(&mut self, summary: &SvcSummary) -> io::Result<()>;
     /// Called after each batch of events: a sink that buffers writes them out here.
     fn flush(&mut self) -> io::Result<()>;
 }
@@ -37,6 +81,12 @@ impl<W: Write + Send> Sink for JsonSink<W> {
     fn on_drop(&mut self, drop: &DropRecord) -> io::Result<()> {
         serde_json::to_writer(&mut self.out, drop)?;
         self.out.write_all(b"\n")
+    }
+
+    fn on_target_summary(&mut self, summary: &SvcSummary) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, summary)?;
+        self.out.write_all(b"\n")?;
+        self.out.flush()
     }
 
     fn on_summary(&mut self, summary: &Summary) -> io::Result<()> {
@@ -107,6 +157,20 @@ pub fn text_line(d: &DropRecord) -> String {
 }
 
 impl<W: Write + Send> Sink for TextSink<W> {
+    fn on_target_summary(&mut self, s: &SvcSummary) -> io::Result<()> {
+        writeln!(self.out)?;
+        write!(self.out, "{}", crate::svc::render(s))?;
+        if s.is_final {
+            for line in &s.diagnosis {
+                writeln!(self.out, "diagnosis: {line}")?;
+            }
+            if let Some(d) = &s.detail {
+                self.on_summary(d)?;
+            }
+        }
+        self.out.flush()
+    }
+
     fn on_drop(&mut self, drop: &DropRecord) -> io::Result<()> {
         if !self.header_done {
             writeln!(self.out, "TIME            REASON           PROTO  SOURCE → DESTINATION")?;

@@ -108,11 +108,49 @@ impl SvcTargets {
         Self { service: format!("{}/{}", info.namespace, info.name), frontends, backends }
     }
 
-    /// `ADDR_FILTER` entries.
+    /// Pods as targets (`--pod`, `--namespace`, `--node`): every address of each, any port and
+    /// protocol (port 0).
+    pub fn from_pods(label: String, pods: &[(crate::resolve::Peer, Vec<IpAddr>)]) -> Self {
+        let mut backends = Vec::new();
+        for (peer, ips) in pods {
+            let name = match (&peer.namespace, &peer.pod) {
+                (Some(ns), Some(p)) => format!("{ns}/{p}"),
+                _ => peer.node.as_deref().unwrap_or("?").to_string(),
+            };
+            for ip in ips {
+                backends.push(Target {
+                    label: name.clone(),
+                    node: peer.node.as_deref().map(String::from),
+                    ip: *ip,
+                    port: 0,
+                    proto: Proto::Tcp,
+                    ready: true,
+                    tag: 0,
+                });
+            }
+        }
+        backends.sort_by(|a, b| (&a.label, a.ip).cmp(&(&b.label, b.ip)));
+        for (i, b) in backends.iter_mut().enumerate() {
+            b.tag = tag::FIRST_BACKEND + i as u32;
+        }
+        Self { service: label, frontends: Vec::new(), backends }
+    }
+
+    /// `ADDR_FILTER` entries. A target with port 0 matches any port, for every IP protocol.
     pub fn addr_entries(&self) -> Vec<(AddrKey, u32)> {
         let mut v: Vec<(AddrKey, u32)> =
             self.frontends.iter().map(|(ip, port, proto)| (addr_key(*ip, *port, *proto), tag::FRONTEND)).collect();
-        v.extend(self.backends.iter().map(|b| (addr_key(b.ip, b.port, b.proto), b.tag)));
+        for b in &self.backends {
+            if b.port == 0 {
+                for proto in [1u8, 6, 17, 58, 132] {
+                    let mut k = addr_key(b.ip, 0, b.proto);
+                    k.proto = proto;
+                    v.push((k, b.tag));
+                }
+            } else {
+                v.push((addr_key(b.ip, b.port, b.proto), b.tag));
+            }
+        }
         v
     }
 
@@ -126,7 +164,7 @@ impl SvcTargets {
             .chain(
                 self.backends
                     .iter()
-                    .filter(|b| tcp_udp(b.proto))
+                    .filter(|b| tcp_udp(b.proto) && b.port != 0)
                     .map(|b| Destination { ip: b.ip, port: b.port, proto: ip_proto(b.proto) }),
             )
             .collect()
@@ -190,6 +228,9 @@ pub struct SvcSummary {
     pub lost_events: u64,
     /// Plain-words diagnosis, first line the headline.
     pub diagnosis: Vec<String>,
+    /// The full drop summary (reasons × locations, conntrack), in the final line only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<crate::aggregate::Summary>,
 }
 
 fn ratio(drops: u64, attempts: Option<u64>) -> Option<f64> {
@@ -273,6 +314,7 @@ pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
         unmatched,
         lost_events: o.lost_events,
         diagnosis: Vec::new(),
+        detail: None,
     };
     s.diagnosis = diagnose(&s);
     s

@@ -1,6 +1,8 @@
 //! `netdrop trace`: probe → decode → sinks, until Ctrl-C, SIGTERM or `--duration`.
 
 use std::{
+    collections::HashMap,
+    io::IsTerminal as _,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -26,7 +28,9 @@ use crate::{
     decode::{self, Decoder},
     output::{Format, JsonSink, Sink, TextSink},
     probe::{self, AttachOptions, CtHook, KernelInfo},
+    reasons::ReasonTable,
     symbols::KernelSymbols,
+    targets::TargetMode,
 };
 
 /// How often the reader drains the ring buffer without a wakeup (the kernel wakes it early
@@ -64,6 +68,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
     config.events_per_cpu_sec = if args.event_rate == 0 { 0 } else { args.event_rate.div_ceil(cpus) };
     config.wakeup_bytes = WAKEUP_BYTES.min(args.ring_kib * 1024 / 4);
+    config.addr_filter = u32::from(args.target.any());
 
     let mut probe = probe::attach(
         &kernel,
@@ -106,6 +111,14 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             eprintln!("netdrop: kubernetes not synced yet ({}); tracing anyway, names appear once it is", resolver.status());
         }
     }
+    let mut targets = if args.target.any() {
+        if !kube_on {
+            anyhow::bail!("--svc/--pod/--node/--namespace need Kubernetes: pass --kubeconfig FILE or --kube-snapshot FILE");
+        }
+        Some(TargetMode::start(&args.target, &args.tc, &resolver, &mut probe, &node)?)
+    } else {
+        None
+    };
     let symbols = Arc::new(KernelSymbols::load().unwrap_or_else(|e| {
         warn!("cannot read /proc/kallsyms ({e}): locations print as addresses");
         KernelSymbols::default()
@@ -143,13 +156,32 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         monitor,
         conntrack: conntrack_on,
         resolver: kube_on.then(|| resolver.clone()),
-        sinks: vec![match args.output {
-            Format::Text => Box::new(TextSink::new(stdout)),
-            Format::Json => Box::new(JsonSink::new(stdout)),
-        }],
+        sinks: Vec::new(),
         shown: 0,
+        node_of: HashMap::new(),
     };
+    let live_table = targets.is_some() && std::io::stdout().is_terminal() && args.output != Some(Format::Json);
+    let format = match (args.output, &targets) {
+        (Some(f), _) => f,
+        // A target trace piped somewhere: JSON lines, as the table is for terminals.
+        (None, Some(_)) if !std::io::stdout().is_terminal() => Format::Json,
+        (None, _) => Format::Text,
+    };
+    pipe.sinks.push(match (format, live_table) {
+        (Format::Text, true) => Box::new(crate::output::RecentSink::new(targets.as_ref().map(|t| t.recent.clone()).unwrap_or_default())),
+        (Format::Text, false) => Box::new(TextSink::new(stdout)),
+        (Format::Json, _) => Box::new(JsonSink::new(stdout)),
+    });
 
+    let summarizer = Summarizer {
+        reasons: reasons.clone(),
+        symbols: symbols.clone(),
+        node: node.clone(),
+        hook: probe.hook.name(),
+        ct_hook,
+        conntrack: conntrack_on,
+        netfilter_drop_reason: config.netfilter_drop_reason,
+    };
     let ring = probe.events.take().context("ring buffer already taken")?;
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is dropped,
     // which happens only when the AsyncFd is.
@@ -178,7 +210,24 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                 guard.clear_ready();
             }
             _ = tick.tick() => pipe.drain(ring.get_mut())?,
-            _ = second.tick() => pipe.monitor.sample_all(),
+            _ = second.tick() => {
+                pipe.monitor.sample_all();
+                if let Some(t) = &mut targets {
+                    t.refresh(&resolver, &mut probe);
+                    pipe.node_of = t.node_of();
+                    if t.due() {
+                        let summary = summarizer.summary(&probe, &mut pipe, started);
+                        let svc = t.build(&summary, &pipe.node_of, started, false);
+                        if live_table {
+                            t.redraw(&svc)?;
+                        } else {
+                            for s in &mut pipe.sinks {
+                                s.on_target_summary(&svc)?;
+                            }
+                        }
+                    }
+                }
+            }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             () = &mut deadline => break,
@@ -186,34 +235,66 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     }
     pipe.drain(ring.get_mut())?;
 
-    let counts = probe.counts();
-    for (key, _) in &counts.drops {
-        if conntrack_on && key.reason == config.netfilter_drop_reason {
-            pipe.monitor.track(key.netns);
+    let summary = summarizer.summary(&probe, &mut pipe, started);
+    if let Some(t) = &mut targets {
+        let mut svc = t.build(&summary, &pipe.node_of, started, true);
+        svc.detail = Some(summary);
+        for s in &mut pipe.sinks {
+            s.on_target_summary(&svc)?;
+        }
+        if live_table {
+            // The table is the terminal's; the final one and the diagnosis stay on screen.
+            print!("{}", t.final_text(&svc));
+        }
+        t.shutdown();
+    } else {
+        for s in &mut pipe.sinks {
+            s.on_summary(&summary)?;
         }
     }
-    let ct_report = if conntrack_on { pipe.monitor.report() } else { Vec::new() };
-    let monitor = &pipe.monitor;
-    let classify_row = |k: &netdrop_common::DropKey| {
-        let reason = reasons.display(k.reason).to_string();
-        let function = symbols.function(k.location);
-        classify::classify(&reason, function, k.ct_state, k.exact_class, &monitor.over_run(k.netns))
-    };
-    let ctx = SummaryContext {
-        reasons: &reasons,
-        symbols: &symbols,
-        visibility: &pipe.visibility,
-        node: &node,
-        hook: probe.hook.name(),
-        conntrack_hook: ct_hook,
-        classify: &classify_row,
-        conntrack: ct_report,
-    };
-    let summary = aggregate::summarize(&counts, &ctx, started.elapsed().as_secs_f64(), pipe.shown);
-    for s in &mut pipe.sinks {
-        s.on_summary(&summary)?;
-    }
     Ok(())
+}
+
+/// Builds summaries from the kernel's counters (at exit, and each second for target traces).
+struct Summarizer {
+    reasons: Arc<ReasonTable>,
+    symbols: Arc<KernelSymbols>,
+    node: String,
+    hook: &'static str,
+    ct_hook: &'static str,
+    conntrack: bool,
+    netfilter_drop_reason: u32,
+}
+
+impl Summarizer {
+    fn summary(&self, probe: &probe::DropProbe, pipe: &mut Pipeline, started: Instant) -> aggregate::Summary {
+        let counts = probe.counts();
+        if self.conntrack {
+            for (key, _) in &counts.drops {
+                if key.reason == self.netfilter_drop_reason {
+                    pipe.monitor.track(key.netns);
+                }
+            }
+        }
+        let ct_report = if self.conntrack { pipe.monitor.report() } else { Vec::new() };
+        let monitor = &pipe.monitor;
+        let classify_row = |k: &netdrop_common::DropKey| {
+            let reason = self.reasons.display(k.reason).to_string();
+            let function = self.symbols.function(k.location);
+            classify::classify(&reason, function, k.ct_state, k.exact_class, &monitor.over_run(k.netns))
+        };
+        let ctx = SummaryContext {
+            reasons: &self.reasons,
+            symbols: &self.symbols,
+            visibility: &pipe.visibility,
+            node: &self.node,
+            hook: self.hook,
+            conntrack_hook: self.ct_hook,
+            classify: &classify_row,
+            conntrack: ct_report,
+        };
+        aggregate::summarize(&counts, &ctx, started.elapsed().as_secs_f64(), pipe.shown)
+    }
 }
 
 /// decode → classify → sinks, for each event the kernel sent.
@@ -226,6 +307,8 @@ struct Pipeline {
     resolver: Option<Resolver>,
     sinks: Vec<Box<dyn Sink>>,
     shown: u64,
+    /// Node of each network namespace (node namespaces and their pods'), for multi-node traces.
+    node_of: HashMap<u32, String>,
 }
 
 impl Pipeline {
@@ -244,6 +327,9 @@ impl Pipeline {
                 continue;
             }
             let mut record = self.decoder.decode(&ev);
+            if let Some(n) = self.node_of.get(&ev.netns) {
+                record.node.clone_from(n);
+            }
             self.classify(&mut record, ev.netns, ev.ts_ns);
             if let Some(r) = &self.resolver {
                 resolve_record(r, &mut record);

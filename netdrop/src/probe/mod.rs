@@ -13,7 +13,7 @@ use aya::{
     programs::{BtfTracePoint, ProgramError, TracePoint},
 };
 use btf_rs::{Btf, Type};
-use netdrop_common::{Config, DropKey, KernelOffsets, TracepointLayout, stat};
+use netdrop_common::{AddrKey, Config, DropKey, KernelOffsets, TracepointLayout, stat};
 use tracing::{debug, info, warn};
 
 use crate::reasons::ReasonTable;
@@ -216,6 +216,9 @@ pub struct DropProbe {
     pub events: Option<RingBuf<MapData>>,
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     stats: PerCpuArray<MapData, u64>,
+    addrs: aya::maps::HashMap<MapData, AddrKey, u32>,
+    /// What `addrs` holds now.
+    addr_set: std::collections::HashMap<AddrKey, u32>,
 }
 
 /// Loads the programs with `config` and attaches `kfree_skb`: `tp_btf` first, the classic
@@ -382,7 +385,9 @@ fn finish(mut ebpf: Ebpf, hook: Hook, fallback: Option<String>) -> Result<DropPr
         .map_err(|source| ProbeError::MapType { name: "DROPS", source })?;
     let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or(ProbeError::Map("STATS"))?)
         .map_err(|source| ProbeError::MapType { name: "STATS", source })?;
-    Ok(DropProbe { ebpf, hook, fallback, events: Some(events), drops, stats })
+    let addrs = aya::maps::HashMap::try_from(ebpf.take_map("ADDR_FILTER").ok_or(ProbeError::Map("ADDR_FILTER"))?)
+        .map_err(|source| ProbeError::MapType { name: "ADDR_FILTER", source })?;
+    Ok(DropProbe { ebpf, hook, fallback, events: Some(events), drops, stats, addrs, addr_set: Default::default() })
 }
 
 /// Kernel-side totals: exact drop counts and what happened to events.
@@ -394,6 +399,24 @@ pub struct KernelCounts {
 }
 
 impl DropProbe {
+    /// Makes the kernel's address filter hold exactly `entries` (only changes are written, so
+    /// counters keyed by unchanged tags carry on).
+    pub fn set_addr_filter(&mut self, entries: &[(AddrKey, u32)]) -> Result<(), ProbeError> {
+        let want: std::collections::HashMap<AddrKey, u32> = entries.iter().copied().collect();
+        let stale: Vec<AddrKey> = self.addr_set.keys().filter(|k| !want.contains_key(k)).copied().collect();
+        for k in stale {
+            let _ = self.addrs.remove(&k);
+            self.addr_set.remove(&k);
+        }
+        for (k, v) in &want {
+            if self.addr_set.get(k) != Some(v) {
+                self.addrs.insert(k, v, 0).map_err(|source| ProbeError::MapType { name: "ADDR_FILTER", source })?;
+                self.addr_set.insert(*k, *v);
+            }
+        }
+        Ok(())
+    }
+
     /// Reads every counter, summing per-CPU values.
     pub fn counts(&self) -> KernelCounts {
         let mut out = KernelCounts::default();

@@ -1,0 +1,273 @@
+//! Target traces: `--svc`, `--pod`, `--namespace`, `--node`. Resolves the target through the
+//! resolver, keeps the kernel's address filter and the tc attempt counters in step with it as
+//! endpoints change, attributes drops to nodes, and produces the per-backend summaries.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    io::{self, Write as _},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use tracing::warn;
+
+use crate::{
+    aggregate::Summary,
+    cli::{TargetArgs, TcArgs},
+    interfaces::{IfacePattern, TcAccounting, TcSnapshot, WatchOptions},
+    output,
+    probe::DropProbe,
+    resolve::Resolver,
+    svc::{self, Observed, SvcSummary, SvcTargets},
+};
+
+/// What the user asked about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetSpec {
+    Svc { namespace: String, name: String },
+    Pod { namespace: String, name: String },
+    Namespace(String),
+    Node(String),
+}
+
+/// `ns/name`, or `name` with `-n ns`, or `name` in `default` (kubectl's rule).
+fn ns_name(value: &str, namespace: Option<&str>) -> (String, String) {
+    match value.split_once('/') {
+        Some((ns, name)) => (ns.to_string(), name.to_string()),
+        None => (namespace.unwrap_or("default").to_string(), value.to_string()),
+    }
+}
+
+impl TargetSpec {
+    pub fn from_args(a: &TargetArgs) -> Option<Self> {
+        let ns = a.namespace.as_deref();
+        if let Some(s) = &a.svc {
+            let (namespace, name) = ns_name(s, ns);
+            return Some(Self::Svc { namespace, name });
+        }
+        if let Some(p) = &a.pod {
+            let (namespace, name) = ns_name(p, ns);
+            return Some(Self::Pod { namespace, name });
+        }
+        if let Some(n) = &a.node {
+            return Some(Self::Node(n.clone()));
+        }
+        ns.map(|n| Self::Namespace(n.to_string()))
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Svc { namespace, name } => format!("Service {namespace}/{name}"),
+            Self::Pod { namespace, name } => format!("pod {namespace}/{name}"),
+            Self::Namespace(n) => format!("namespace {n}"),
+            Self::Node(n) => format!("node {n}"),
+        }
+    }
+
+    /// The addresses the target stands for now.
+    pub fn resolve(&self, r: &Resolver) -> Result<SvcTargets, String> {
+        match self {
+            Self::Svc { namespace, name } => {
+                let info = r.service(namespace, name).ok_or_else(|| {
+                    format!("Service {namespace}/{name} not found (check the name and namespace: kubectl get svc -n {namespace})")
+                })?;
+                Ok(SvcTargets::from_service(&info, &|n| r.node_ips(n).unwrap_or_default()))
+            }
+            Self::Pod { namespace, name } => {
+                let pods = r.pods(Some(namespace), None, Some(name));
+                if pods.is_empty() {
+                    return Err(format!("pod {namespace}/{name} not found (kubectl get pods -n {namespace})"));
+                }
+                Ok(SvcTargets::from_pods(self.describe(), &pods))
+            }
+            Self::Namespace(ns) => {
+                let pods = r.pods(Some(ns), None, None);
+                if pods.is_empty() {
+                    return Err(format!("no pods in namespace {ns}"));
+                }
+                Ok(SvcTargets::from_pods(self.describe(), &pods))
+            }
+            Self::Node(node) => {
+                let mut pods = r.pods(None, Some(node), None);
+                let ips = r.node_ips(node).ok_or_else(|| format!("node {node} not found (kubectl get nodes)"))?;
+                pods.push((
+                    crate::resolve::Peer { kind: crate::resolve::PeerKind::Node, node: Some(node.as_str().into()), ..Default::default() },
+                    ips,
+                ));
+                Ok(SvcTargets::from_pods(self.describe(), &pods))
+            }
+        }
+    }
+}
+
+/// A running target trace.
+pub struct TargetMode {
+    spec: TargetSpec,
+    pub targets: SvcTargets,
+    tc: Option<TcAccounting>,
+    snapshot: Option<TcSnapshot>,
+    /// Recent drops as text, for the live table.
+    pub recent: Arc<Mutex<VecDeque<String>>>,
+    interval: Duration,
+    last: Option<Instant>,
+    default_node: String,
+    own_netns: u32,
+}
+
+impl TargetMode {
+    /// Resolves the target, fills the kernel's address filter and starts the tc counters.
+    pub fn start(a: &TargetArgs, tc_args: &TcArgs, r: &Resolver, probe: &mut DropProbe, node: &str) -> anyhow::Result<Self> {
+        let Some(spec) = TargetSpec::from_args(a) else { bail!("no target given") };
+        let targets = match spec.resolve(r) {
+            Ok(t) => t,
+            Err(e) => bail!("{e}"),
+        };
+        probe.set_addr_filter(&targets.addr_entries())?;
+        if matches!(spec, TargetSpec::Svc { .. }) && targets.backends.is_empty() {
+            eprintln!(
+                "netdrop: {} has no endpoints: kube-proxy rejects its packets; tracing anyway (drops show as 'no backend')",
+                spec.describe()
+            );
+        }
+        let tc = if tc_args.no_tc {
+            None
+        } else {
+            let patterns = if tc_args.iface_patterns.is_empty() { vec!["cali*".to_string()] } else { tc_args.iface_patterns.clone() };
+            let opts = WatchOptions {
+                pattern: IfacePattern::new(&patterns),
+                mode: tc_args.tc_mode.unwrap_or_default(),
+                ..WatchOptions::default()
+            };
+            match TcAccounting::start(&tc_args.node_netns, node, &opts, None) {
+                Ok(tc) => {
+                    if let Err(e) = tc.set_destinations(&targets.destinations()) {
+                        warn!("tc attempt counters: {e}");
+                    }
+                    Some(tc)
+                }
+                Err(e) => {
+                    eprintln!("netdrop: no attempt counters ({e}); drops are still exact, ratios are not shown");
+                    None
+                }
+            }
+        };
+        let frontends: Vec<String> = targets.frontends.iter().map(|(ip, port, proto)| format!("{ip}:{port}/{proto}")).collect();
+        eprintln!(
+            "netdrop: tracing {}{}: {} {}{}",
+            spec.describe(),
+            if frontends.is_empty() { String::new() } else { format!(" ({})", frontends.join(", ")) },
+            targets.backends.len(),
+            if matches!(spec, TargetSpec::Svc { .. }) { "backends" } else { "addresses" },
+            tc.as_ref().map_or_else(String::new, |t| format!("; attempts from tc ({}) on {} node namespace(s)", t.mode().name(), t.nodes().len())),
+        );
+        let mut me = Self {
+            spec,
+            targets,
+            tc,
+            snapshot: None,
+            recent: Arc::default(),
+            interval: a.interval,
+            last: None,
+            default_node: node.to_string(),
+            own_netns: crate::conntrack::own_netns(),
+        };
+        me.snapshot = me.tc.as_ref().map(TcAccounting::snapshot);
+        Ok(me)
+    }
+
+    /// Follows endpoint changes (the kernel filter and the tc destinations), reads tc counters.
+    pub fn refresh(&mut self, r: &Resolver, probe: &mut DropProbe) {
+        if let Ok(t) = self.spec.resolve(r)
+            && t != self.targets
+        {
+            if let Err(e) = probe.set_addr_filter(&t.addr_entries()) {
+                warn!("updating the address filter: {e}");
+            }
+            if let Some(tc) = &self.tc
+                && let Err(e) = tc.set_destinations(&t.destinations())
+            {
+                warn!("updating tc destinations: {e}");
+            }
+            eprintln!("netdrop: {} changed: now {} backends/addresses", self.spec.describe(), t.backends.len());
+            self.targets = t;
+        }
+        self.snapshot = self.tc.as_ref().map(TcAccounting::snapshot);
+    }
+
+    /// Network namespace → node: the watched node namespaces and the pods behind their
+    /// interfaces; this process's own namespace is the default node.
+    pub fn node_of(&self) -> HashMap<u32, String> {
+        let mut m = HashMap::new();
+        m.insert(self.own_netns, self.default_node.clone());
+        if let Some(tc) = &self.tc {
+            for (node, netns) in tc.nodes() {
+                m.insert(netns, node);
+            }
+        }
+        if let Some(s) = &self.snapshot {
+            for i in &s.interfaces {
+                if let Some(p) = i.peer_netns {
+                    m.insert(p, i.node.clone());
+                }
+            }
+        }
+        m
+    }
+
+    /// Whether a periodic summary is due.
+    pub fn due(&mut self) -> bool {
+        let due = self.last.is_none_or(|l| l.elapsed() + Duration::from_millis(50) >= self.interval);
+        if due {
+            self.last = Some(Instant::now());
+        }
+        due
+    }
+
+    pub fn build(&self, summary: &Summary, node_of: &HashMap<u32, String>, started: Instant, is_final: bool) -> SvcSummary {
+        let lookup = |n: u32| node_of.get(&n).cloned();
+        svc::build(
+            &self.targets,
+            &Observed {
+                rows: &summary.drops,
+                tc: self.snapshot.as_ref(),
+                node_of: &lookup,
+                lost_events: summary.lost_events,
+                duration_s: started.elapsed().as_secs_f64(),
+                time: summary.time.clone(),
+                is_final,
+            },
+        )
+    }
+
+    /// Redraws the live table in the terminal, with the most recent drops under it.
+    pub fn redraw(&self, s: &SvcSummary) -> io::Result<()> {
+        let mut out = io::stdout().lock();
+        // Home + clear: the table replaces itself.
+        write!(out, "\x1b[H\x1b[2J{}", svc::render(s))?;
+        let recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !recent.is_empty() {
+            writeln!(out, "\nmost recent drops (of the last {}):", output::RECENT)?;
+            for l in recent.iter() {
+                writeln!(out, "  {l}")?;
+            }
+        }
+        out.flush()
+    }
+
+    /// The final table and the diagnosis, as text.
+    pub fn final_text(&self, s: &SvcSummary) -> String {
+        let mut t = format!("\x1b[H\x1b[2J{}\n", svc::render(s));
+        for line in &s.diagnosis {
+            t.push_str(line);
+            t.push('\n');
+        }
+        t
+    }
+
+    pub fn shutdown(&mut self) {
+        if let Some(tc) = self.tc.take() {
+            tc.shutdown();
+        }
+    }
+}
