@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_kube;
+mod lab;
 mod bench_tc;
 mod setup;
 mod test;
@@ -28,6 +29,11 @@ enum Cmd {
     },
     /// Run netdrop's integration tests on Debian kernels under qemu.
     VmTest(vm::Args),
+    /// The lab of issue 7: `lab up|down|status|fault NAME|traffic --svc default/web` (`lab --help`).
+    Lab {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Benchmarks: `drop-storm` (kfree_skb overhead and exactness), `kube` (the resolver).
     Bench {
         /// Which benchmark: drop-storm, kube.
@@ -41,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test(args) => test::run(&args),
         Cmd::Run { args } => run(&args),
         Cmd::VmTest(args) => vm::run(&args),
+        Cmd::Lab { args } => lab::run(&args),
         Cmd::Bench { which } => match which.as_str() {
             "drop-storm" => bench::drop_storm(),
             "kube" => bench_kube::run(),
