@@ -23,15 +23,15 @@ use crate::{
     resolve::{Proto, ServiceInfo},
 };
 
-/// One address the trace watches.
+/// One backend (or pod) the trace watches: an address with its ports.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     /// `namespace/pod`, or the address when the endpoint has no pod.
     pub label: String,
     pub node: Option<String>,
     pub ip: IpAddr,
-    pub port: u16,
-    pub proto: Proto,
+    /// (port, protocol) pairs; port 0 means any port of any protocol.
+    pub ports: Vec<(u16, Proto)>,
     pub ready: bool,
     pub tag: u32,
 }
@@ -84,24 +84,34 @@ impl SvcTargets {
                 }
             }
         }
-        let mut backends: Vec<Target> = info
-            .backends
-            .iter()
-            .map(|b| Target {
+        // One row per endpoint address, whatever the number of ports (a Service with TCP and
+        // UDP ports has one endpoint per port per pod).
+        let mut by_ip: Vec<Target> = Vec::new();
+        for b in &info.backends {
+            if let Some(t) = by_ip.iter_mut().find(|t| t.ip == b.ip) {
+                if !t.ports.contains(&(b.port, b.protocol)) {
+                    t.ports.push((b.port, b.protocol));
+                }
+                t.ready &= b.ready;
+                continue;
+            }
+            by_ip.push(Target {
                 label: match (&b.namespace, &b.pod) {
                     (Some(ns), Some(p)) => format!("{ns}/{p}"),
                     _ => b.ip.to_string(),
                 },
                 node: b.node.as_deref().map(String::from),
                 ip: b.ip,
-                port: b.port,
-                proto: b.protocol,
+                ports: vec![(b.port, b.protocol)],
                 ready: b.ready,
                 tag: 0,
-            })
-            .collect();
-        backends.sort_by(|a, b| (&a.label, a.ip, a.port).cmp(&(&b.label, b.ip, b.port)));
-        backends.dedup_by(|a, b| a.ip == b.ip && a.port == b.port && a.proto == b.proto);
+            });
+        }
+        let mut backends = by_ip;
+        for t in &mut backends {
+            t.ports.sort_unstable_by_key(|(p, proto)| (*p, ip_proto(*proto)));
+        }
+        backends.sort_by(|a, b| (&a.label, a.ip).cmp(&(&b.label, b.ip)));
         for (i, b) in backends.iter_mut().enumerate() {
             b.tag = tag::FIRST_BACKEND + i as u32;
         }
@@ -122,8 +132,7 @@ impl SvcTargets {
                     label: name.clone(),
                     node: peer.node.as_deref().map(String::from),
                     ip: *ip,
-                    port: 0,
-                    proto: Proto::Tcp,
+                    ports: vec![(0, Proto::Tcp)],
                     ready: true,
                     tag: 0,
                 });
@@ -141,14 +150,16 @@ impl SvcTargets {
         let mut v: Vec<(AddrKey, u32)> =
             self.frontends.iter().map(|(ip, port, proto)| (addr_key(*ip, *port, *proto), tag::FRONTEND)).collect();
         for b in &self.backends {
-            if b.port == 0 {
-                for proto in [1u8, 6, 17, 58, 132] {
-                    let mut k = addr_key(b.ip, 0, b.proto);
-                    k.proto = proto;
-                    v.push((k, b.tag));
+            for (port, proto) in &b.ports {
+                if *port == 0 {
+                    for p in [1u8, 6, 17, 58, 132] {
+                        let mut k = addr_key(b.ip, 0, *proto);
+                        k.proto = p;
+                        v.push((k, b.tag));
+                    }
+                } else {
+                    v.push((addr_key(b.ip, *port, *proto), b.tag));
                 }
-            } else {
-                v.push((addr_key(b.ip, b.port, b.proto), b.tag));
             }
         }
         v
@@ -161,12 +172,12 @@ impl SvcTargets {
             .iter()
             .filter(|(_, _, p)| tcp_udp(*p))
             .map(|(ip, port, proto)| Destination { ip: *ip, port: *port, proto: ip_proto(*proto) })
-            .chain(
-                self.backends
+            .chain(self.backends.iter().flat_map(|b| {
+                b.ports
                     .iter()
-                    .filter(|b| tcp_udp(b.proto) && b.port != 0)
-                    .map(|b| Destination { ip: b.ip, port: b.port, proto: ip_proto(b.proto) }),
-            )
+                    .filter(|(port, proto)| tcp_udp(*proto) && *port != 0)
+                    .map(|(port, proto)| Destination { ip: b.ip, port: *port, proto: ip_proto(*proto) })
+            }))
             .collect()
     }
 }
@@ -191,7 +202,8 @@ pub struct BackendRow {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     pub ip: IpAddr,
-    pub port: u16,
+    /// Target ports, e.g. `["8080/tcp", "8081/udp"]`.
+    pub ports: Vec<String>,
     pub ready: bool,
     /// Delivered to the backend plus dropped on the way; `None` without tc counters.
     pub attempts: Option<u64>,
@@ -285,12 +297,14 @@ pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
     for b in &t.backends {
         let rows: Vec<&ReasonRow> = o.rows.iter().filter(|r| r.tag == b.tag && !r.hidden).collect();
         let drops: u64 = rows.iter().map(|r| r.count).sum();
-        let attempts = o.tc.map(|tc| tc.attempts_to(&dest(b.ip, b.port, b.proto)).1 + drops);
+        let attempts = o.tc.map(|tc| {
+            b.ports.iter().map(|(port, proto)| tc.attempts_to(&dest(b.ip, *port, *proto)).1).sum::<u64>() + drops
+        });
         backends.push(BackendRow {
             pod: b.label.clone(),
             node: b.node.clone(),
             ip: b.ip,
-            port: b.port,
+            ports: b.ports.iter().map(|(p, proto)| format!("{p}/{}", proto.as_str().to_ascii_lowercase())).collect(),
             ready: b.ready,
             attempts,
             drops,
@@ -526,7 +540,7 @@ mod tests {
             let b = targets.backends.iter().find(|b| b.tag == *tag).expect("backend");
             destinations.push(DestinationSnapshot {
                 node: b.node.clone().unwrap_or_default(),
-                dest: Destination { ip: b.ip, port: b.port, proto: 6 },
+                dest: Destination { ip: b.ip, port: b.ports[0].0, proto: 6 },
                 from_pod: 0,
                 to_pod: *n,
             });

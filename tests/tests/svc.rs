@@ -1,0 +1,184 @@
+//! `netdrop trace --svc` end to end on the Calico/kube-proxy-style lab: each fault of the field
+//! notes' "a ClusterIP Service drops ~30% of requests", and netdrop's diagnosis checked against
+//! the kernel's own counters (the fault rules' packet counters, conntrack statistics, SNMP) and
+//! the traffic generator's failures.
+//!
+//! One lab at a time (they load the machine and one fault changes a global sysctl).
+
+use std::{sync::Mutex, time::Duration};
+
+use netdrop_tests::{
+    Tracer,
+    lab::{
+        Lab, LabOptions,
+        faults::{FaultKind, FaultRequest},
+        topology::Proto,
+        traffic::{TrafficOptions, TrafficReport},
+    },
+    require_root,
+};
+use serde_json::Value;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn lab() -> Lab {
+    Lab::up(&LabOptions::for_test()).unwrap_or_else(|e| panic!("lab up: {e}"))
+}
+
+/// One netdrop for both nodes, as for a kind cluster on a laptop.
+fn trace(lab: &Lab, svc: &str) -> Tracer {
+    let st = lab.status();
+    let mut args: Vec<String> =
+        vec!["--svc".into(), svc.into(), "--kubeconfig".into(), st.kubeconfig.display().to_string(), "--interval".into(), "1s".into()];
+    for n in &st.nodes {
+        args.push("--node-netns".into());
+        args.push(format!("{}={}", n.name, n.netns_path.display()));
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Tracer::start(&refs)
+}
+
+fn traffic(lab: &Lab, svc: &str, secs: u64) -> TrafficReport {
+    let opts = TrafficOptions {
+        rate: 100,
+        duration: Duration::from_secs(secs),
+        proto: Proto::Tcp,
+        // Below the first SYN retransmission (1 s): one dropped SYN per failed request.
+        timeout: Duration::from_millis(700),
+    };
+    lab.traffic(svc, &opts).unwrap_or_else(|e| panic!("traffic: {e}"))
+}
+
+fn backend<'a>(summary: &'a Value, pod: &str) -> &'a Value {
+    summary["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .find(|b| b["pod"] == pod)
+        .unwrap_or_else(|| panic!("no backend {pod} in {summary}"))
+}
+
+fn drops_elsewhere(summary: &Value, pod: &str) -> u64 {
+    summary["backends"].as_array().expect("backends").iter().filter(|b| b["pod"] != pod).map(|b| b["drops"].as_u64().expect("drops")).sum()
+}
+
+#[test]
+fn policy_drop_on_one_of_three_backends_is_found() {
+    require_root!("policy_drop_on_one_of_three_backends_is_found");
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab();
+    let fault = lab.fault(&FaultRequest::new(FaultKind::PolicyDrop)).expect("fault");
+    let bad = fault.backend.clone().expect("targets a backend");
+    let tracer = trace(&lab, "default/web");
+    let report = traffic(&lab, "default/web", 5);
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = tracer.stop();
+    let s = &out.summary;
+    let rule_packets = lab.fault_packets(&fault).expect("rule counter");
+    println!("generator: {} attempts, {} failures; rule counter {rule_packets}; netdrop: {s}", report.attempts, report.failures);
+    assert_eq!(s["final"], true);
+    let b = backend(s, &bad.pod);
+    assert_eq!(b["node"], bad.node, "the backend's node is named");
+    assert_eq!(b["drops"].as_u64(), Some(rule_packets), "drops on the bad backend = the DROP rule's own counter");
+    assert_eq!(b["top_reasons"][0]["classification"], "netfilter_rule");
+    assert_eq!(b["top_reasons"][0]["node"], fault.node, "where the drops happened");
+    assert_eq!(drops_elsewhere(s, &bad.pod), 0, "healthy backends have no drops");
+    // The share netdrop reports is the generator's failure ratio (one SYN per failed request).
+    let ratio = s["drop_ratio"].as_f64().expect("ratio (tc attempts)");
+    assert!((ratio - report.failure_ratio).abs() < 0.05, "netdrop {ratio:.3} vs generator {:.3}", report.failure_ratio);
+    assert_eq!(s["attempts"].as_u64(), Some(report.attempts), "attempts seen on the client's interface = requests made");
+    let diagnosis = s["diagnosis"].as_array().expect("diagnosis").iter().map(|l| l.as_str().unwrap_or_default()).collect::<Vec<_>>().join("\n");
+    assert!(diagnosis.contains(&format!("{} on {}", bad.pod, bad.node)), "{diagnosis}");
+    assert!(diagnosis.contains("netfilter_rule"), "{diagnosis}");
+}
+
+#[test]
+fn backend_not_listening_is_no_socket_on_that_backend() {
+    require_root!("backend_not_listening_is_no_socket_on_that_backend");
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab();
+    let fault = lab.fault(&FaultRequest::new(FaultKind::NotListening)).expect("fault");
+    let bad = fault.backend.clone().expect("targets a backend");
+    let tracer = trace(&lab, "default/web");
+    let report = traffic(&lab, "default/web", 5);
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = tracer.stop();
+    let s = &out.summary;
+    println!("generator: {report:?}\nnetdrop: {s}");
+    let b = backend(s, &bad.pod);
+    assert_eq!(b["top_reasons"][0]["classification"], "no_socket");
+    // Each refused request is one SYN the backend's kernel found no socket for.
+    assert_eq!(b["drops"].as_u64(), Some(report.failures), "drops vs the generator's failures");
+    assert_eq!(drops_elsewhere(s, &bad.pod), 0);
+}
+
+#[test]
+fn healthy_service_has_no_drops_attributed() {
+    require_root!("healthy_service_has_no_drops_attributed");
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab();
+    let tracer = trace(&lab, "default/healthy");
+    let report = traffic(&lab, "default/healthy", 5);
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = tracer.stop();
+    let s = &out.summary;
+    assert_eq!(report.failures, 0, "{report:?}");
+    assert_eq!(s["drops"], 0, "{s}");
+    assert_eq!(s["attempts"].as_u64(), Some(report.attempts));
+    assert_eq!(s["diagnosis"][0].as_str().map(|l| l.contains("no drops")), Some(true), "{s}");
+}
+
+#[test]
+fn one_bad_backend_of_fifty_is_found() {
+    require_root!("one_bad_backend_of_fifty_is_found");
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab();
+    let fault = lab.fault(&FaultRequest::new(FaultKind::BigOneBad)).expect("fault");
+    let bad = fault.backend.clone().expect("targets a backend");
+    let tracer = trace(&lab, "default/big");
+    let report = traffic(&lab, "default/big", 8);
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = tracer.stop();
+    let s = &out.summary;
+    let rule_packets = lab.fault_packets(&fault).expect("rule counter");
+    println!("generator: {} attempts, {} failures; rule {rule_packets}", report.attempts, report.failures);
+    assert_eq!(s["backends"].as_array().map(Vec::len), Some(50));
+    assert!(rule_packets > 0, "traffic reached the bad backend");
+    assert_eq!(backend(s, &bad.pod)["drops"].as_u64(), Some(rule_packets));
+    assert_eq!(drops_elsewhere(s, &bad.pod), 0);
+    assert!(s["diagnosis"][1].as_str().is_some_and(|l| l.starts_with(&bad.pod)), "{}", s["diagnosis"]);
+}
+
+#[test]
+fn conntrack_insert_failures_are_classified_on_the_clients_node() {
+    require_root!("conntrack_insert_failures_are_classified_on_the_clients_node");
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab();
+    let fault = lab.fault(&FaultRequest::new(FaultKind::ConntrackInsert)).expect("fault");
+    let node_ns = fault.node_netns.clone();
+    let stat = |col: &str| -> u64 {
+        let text = netdrop_tests::run("ip", &["netns", "exec", &node_ns, "cat", "/proc/net/stat/nf_conntrack"]);
+        let mut lines = text.lines();
+        let idx = lines.next().and_then(|h| h.split_whitespace().position(|c| c == col)).expect("column");
+        lines.filter_map(|l| l.split_whitespace().nth(idx)).filter_map(|v| u64::from_str_radix(v, 16).ok()).sum()
+    };
+    let before = stat("insert_failed");
+    let tracer = trace(&lab, "default/web");
+    let _report = traffic(&lab, "default/web", 5);
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = tracer.stop();
+    let kernel = stat("insert_failed") - before;
+    let s = &out.summary;
+    let ours: u64 = s["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .flat_map(|b| b["top_reasons"].as_array().cloned().unwrap_or_default())
+        .filter(|r| r["classification"] == "conntrack_insert_failed")
+        .map(|r| r["count"].as_u64().unwrap_or(0))
+        .sum();
+    println!("kernel insert_failed +{kernel}, netdrop {ours}: {s}");
+    assert!(kernel > 0, "the fault must cause insert failures");
+    assert!(ours.abs_diff(kernel) as f64 <= kernel as f64 * 0.02, "netdrop {ours} vs kernel {kernel}");
+    assert!(s["diagnosis"].to_string().contains("conntrack_insert_failed"));
+}
