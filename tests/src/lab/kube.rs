@@ -6,12 +6,11 @@ use serde_json::{Value, json};
 
 use super::topology::{PodSpec, Role, ServiceSpec, TARGET_PORT, Topology};
 
-const CREATED: &str = "2026-11-26T00:00:00Z";
 
-fn node(n: &super::topology::NodeSpec) -> Value {
+fn node(n: &super::topology::NodeSpec, created: &str) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": n.name, "creationTimestamp": CREATED,
+        "metadata": {"name": n.name, "creationTimestamp": created,
             "labels": {"kubernetes.io/hostname": n.name, "kubernetes.io/os": "linux"}},
         "spec": {"podCIDR": format!("{}/{}", n.pod_cidr.0, n.pod_cidr.1),
                  "podCIDRs": [format!("{}/{}", n.pod_cidr.0, n.pod_cidr.1)]},
@@ -25,7 +24,7 @@ fn node(n: &super::topology::NodeSpec) -> Value {
     })
 }
 
-fn pod(topo: &Topology, p: &PodSpec) -> Value {
+fn pod(topo: &Topology, p: &PodSpec, created: &str) -> Value {
     let host_ip = topo.node(&p.node).map(|n| n.underlay_ip.to_string()).unwrap_or_default();
     let ports = if p.role == Role::Backend {
         json!([{"name": "http", "containerPort": TARGET_PORT, "protocol": "TCP"},
@@ -35,7 +34,7 @@ fn pod(topo: &Topology, p: &PodSpec) -> Value {
     };
     json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": p.name, "namespace": p.namespace, "creationTimestamp": CREATED,
+        "metadata": {"name": p.name, "namespace": p.namespace, "creationTimestamp": created,
             "labels": {"app": p.app},
             "annotations": {"cni.projectcalico.org/podIP": format!("{}/32", p.ip),
                             "cni.projectcalico.org/podIPs": format!("{}/32", p.ip)}},
@@ -45,12 +44,12 @@ fn pod(topo: &Topology, p: &PodSpec) -> Value {
             "phase": "Running", "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
             "podIP": p.ip.to_string(), "podIPs": [{"ip": p.ip.to_string()}],
             "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}],
-            "startTime": CREATED
+            "startTime": created
         }
     })
 }
 
-fn service(s: &ServiceSpec) -> Value {
+fn service(s: &ServiceSpec, created: &str) -> Value {
     let ports: Vec<Value> = s
         .ports
         .iter()
@@ -58,7 +57,7 @@ fn service(s: &ServiceSpec) -> Value {
         .collect();
     json!({
         "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": s.name, "namespace": s.namespace, "creationTimestamp": CREATED,
+        "metadata": {"name": s.name, "namespace": s.namespace, "creationTimestamp": created,
                      "labels": {"app": s.selector}},
         "spec": {"type": "ClusterIP", "clusterIP": s.cluster_ip.to_string(), "clusterIPs": [s.cluster_ip.to_string()],
                  "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack", "sessionAffinity": "None",
@@ -67,7 +66,7 @@ fn service(s: &ServiceSpec) -> Value {
     })
 }
 
-fn endpoint_slice(topo: &Topology, s: &ServiceSpec) -> Value {
+fn endpoint_slice(topo: &Topology, s: &ServiceSpec, created: &str) -> Value {
     let endpoints: Vec<Value> = topo
         .backends(s)
         .iter()
@@ -87,7 +86,7 @@ fn endpoint_slice(topo: &Topology, s: &ServiceSpec) -> Value {
         .collect();
     json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": format!("{}-lab01", s.name), "namespace": s.namespace, "creationTimestamp": CREATED,
+        "metadata": {"name": format!("{}-lab01", s.name), "namespace": s.namespace, "creationTimestamp": created,
             "generateName": format!("{}-", s.name),
             "labels": {"kubernetes.io/service-name": s.name,
                        "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"},
@@ -99,12 +98,14 @@ fn endpoint_slice(topo: &Topology, s: &ServiceSpec) -> Value {
     })
 }
 
-/// Every object the stand-in serves for the lab.
+/// Every object the stand-in serves for the lab, created now.
 pub fn objects(topo: &Topology) -> Vec<Value> {
-    let mut out: Vec<Value> = topo.nodes.iter().map(node).collect();
-    out.extend(topo.pods.iter().map(|p| pod(topo, p)));
-    out.extend(topo.services.iter().map(service));
-    out.extend(topo.services.iter().map(|s| endpoint_slice(topo, s)));
+    let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let c = created.as_str();
+    let mut out: Vec<Value> = topo.nodes.iter().map(|n| node(n, c)).collect();
+    out.extend(topo.pods.iter().map(|p| pod(topo, p, c)));
+    out.extend(topo.services.iter().map(|s| service(s, c)));
+    out.extend(topo.services.iter().map(|s| endpoint_slice(topo, s, c)));
     out
 }
 
