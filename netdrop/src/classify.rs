@@ -98,6 +98,13 @@ pub const NETFILTER_RULE: &str = "netfilter_rule";
 pub const INSERT_FAILED: &str = "conntrack_insert_failed";
 pub const TABLE_FULL: &str = "conntrack_table_full";
 pub const INVALID: &str = "conntrack_invalid";
+pub const BLACKHOLE: &str = "route_blackhole";
+
+/// Where the kernel frees packets routed to a blackhole route with no reason of its own:
+/// `ip_error` on input for `RTN_BLACKHOLE` (`dst.error` is `-EINVAL`: no SNMP counter moves), and
+/// `dst_discard`/`dst_discard_out` on output.
+/// <https://github.com/torvalds/linux/blob/v6.18/net/ipv4/route.c> (`ip_error`)
+pub const BLACKHOLE_SITES: &[&str] = &["ip_error", "dst_discard", "dst_discard_out", "ip6_pkt_discard", "ip6_pkt_discard_out"];
 
 /// What a drop is, in the words the summary and hints use.
 ///
@@ -120,6 +127,9 @@ pub fn classify(
     exact_class: u8,
     evidence: &Evidence,
 ) -> (String, Certainty) {
+    if reason == "NOT_SPECIFIED" && function.is_some_and(|f| BLACKHOLE_SITES.contains(&f)) {
+        return (BLACKHOLE.into(), Certainty::Exact);
+    }
     if reason != "NETFILTER_DROP" {
         return (reason.to_ascii_lowercase(), Certainty::Exact);
     }
@@ -162,6 +172,7 @@ pub fn hint(classification: &str) -> Option<&'static str> {
         TABLE_FULL => "the conntrack table is full: raise net.netfilter.nf_conntrack_max (and hashsize), shorten nf_conntrack_tcp_timeout_established/time_wait, find who opens so many flows (`conntrack -L | awk ...`)",
         INVALID => "conntrack marked the packets INVALID and a rule dropped them: asymmetric routing, out-of-window TCP, or a too-short timeout; check `conntrack -S` invalid and net.netfilter.nf_conntrack_tcp_be_liberal",
         "no_socket" => "nothing listens on that port: the backend is not listening on targetPort, or the process is down",
+        BLACKHOLE => "a blackhole route took it: the node has no more specific route to the destination (Calico blackholes each node's IPAM block, so a local pod whose /32 route is missing lands here): run `ip route get <pod IP>` on that node and check calico-node/felix logs",
         _ => return None,
     })
 }
@@ -203,6 +214,12 @@ mod class_tests {
         assert_eq!(classify("NETFILTER_DROP", Some("nf_hook_slow"), ct::NONE, 0, &ev).0, TABLE_FULL);
         let ev = Evidence { invalid: true, ..NO_EVIDENCE };
         assert_eq!(classify("NETFILTER_DROP", Some("nf_hook_slow"), ct::NONE, 0, &ev).0, INVALID);
+    }
+
+    #[test]
+    fn unspecified_drops_at_blackhole_sites_are_blackhole_routes() {
+        assert_eq!(classify("NOT_SPECIFIED", Some("ip_error"), 0, 0, &NO_EVIDENCE), (BLACKHOLE.into(), Certainty::Exact));
+        assert_eq!(classify("NOT_SPECIFIED", Some("tcp_v4_rcv"), 0, 0, &NO_EVIDENCE).0, "not_specified");
     }
 
     #[test]

@@ -182,3 +182,81 @@ fn conntrack_insert_failures_are_classified_on_the_clients_node() {
     assert!(ours.abs_diff(kernel) as f64 <= kernel as f64 * 0.02, "netdrop {ours} vs kernel {kernel}");
     assert!(s["diagnosis"].to_string().contains("conntrack_insert_failed"));
 }
+
+/// The reasons and counts netdrop gave one backend, for the messages.
+fn reasons(b: &Value) -> Vec<(String, String, u64, String)> {
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    b["top_reasons"]
+        .as_array()
+        .expect("reasons")
+        .iter()
+        .map(|r| (s(&r["reason"]), s(&r["classification"]), r["count"].as_u64().unwrap_or(0), s(&r["location"])))
+        .collect()
+}
+
+/// A backend on the other node whose /32 route is missing there: its packets are dropped on
+/// that node with the routing reason the kernel itself counts.
+#[test]
+fn missing_route_to_a_backend_is_named_with_the_kernels_reason() {
+    require_root!("missing_route_to_a_backend_is_named_with_the_kernels_reason");
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab();
+    let fault = lab.fault(&FaultRequest::new(FaultKind::RouteMissing)).expect("fault");
+    let bad = fault.backend.clone().expect("targets a backend");
+    let snmp = |ns: &str| netdrop_tests::parse_snmp(&netdrop_tests::run("ip", &["netns", "exec", ns, "cat", "/proc/net/snmp"]));
+    let before = snmp(&fault.node_netns);
+    let tracer = trace(&lab, "default/web");
+    let report = traffic(&lab, "default/web", 5);
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = tracer.stop();
+    let after = snmp(&fault.node_netns);
+    let delta = |f: &str| after["Ip"][f] - before["Ip"][f];
+    let s = &out.summary;
+    let b = backend(s, &bad.pod);
+    println!("generator {} failures; Ip deltas: OutNoRoutes {} InAddrErrors {} InHdrErrors {}; netdrop {:?}", report.failures, delta("OutNoRoutes"), delta("InAddrErrors"), delta("InHdrErrors"), reasons(b));
+    assert!(b["drops"].as_u64().unwrap_or(0) > 0, "{s}");
+    assert_eq!(b["top_reasons"][0]["node"], fault.node, "dropped on the node that lost the route");
+    assert_eq!(drops_elsewhere(s, &bad.pod), 0);
+    // A blackhole route (Calico's per-node IPAM block) takes the packets in ip_error with no
+    // reason and no SNMP counter: the reference is the generator, one dropped SYN per failure.
+    assert_eq!(b["drops"].as_u64(), Some(report.failures), "drops vs the generator's failures");
+    let top = &reasons(b)[0];
+    assert_eq!((top.1.as_str(), top.0.as_str()), ("route_blackhole", "NOT_SPECIFIED"), "{:?}", reasons(b));
+    assert!(top.3.starts_with("ip_error+"), "{:?}", reasons(b));
+    assert_eq!(delta("OutNoRoutes") + delta("InAddrErrors"), 0, "no other routing counter moved");
+}
+
+/// `nf_conntrack_max` lowered below the lab's load: drops classified as a full table, none as
+/// insert failures, and counted as the kernel's `drop` statistic.
+#[test]
+fn conntrack_table_full_is_classified_as_such() {
+    require_root!("conntrack_table_full_is_classified_as_such");
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab();
+    let tracer = trace(&lab, "default/web");
+    let fault = lab.fault(&FaultRequest::new(FaultKind::ConntrackFull)).expect("fault");
+    let report = traffic(&lab, "default/web", 5);
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = tracer.stop();
+    drop(fault);
+    let s = &out.summary;
+    let classes: Vec<(String, String, u64, String)> = s["backends"].as_array().expect("backends").iter().chain(std::iter::once(&s["unmatched"])).flat_map(reasons).collect();
+    println!("generator {} failures of {}; netdrop {classes:?}", report.failures, report.attempts);
+    assert!(report.failures > 0, "the full table must break requests");
+    let full: u64 = classes.iter().filter(|c| c.1 == "conntrack_table_full").map(|c| c.2).sum();
+    assert!(full > 0, "{classes:?}");
+    assert!(!classes.iter().any(|c| c.1 == "conntrack_insert_failed"), "none mislabelled: {classes:?}");
+    assert!(s["diagnosis"].to_string().contains("conntrack_table_full"));
+}
+
+#[test]
+fn unknown_service_is_one_clear_line() {
+    require_root!("unknown_service_is_one_clear_line");
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab();
+    let kubeconfig = lab.status().kubeconfig.display().to_string();
+    let (ok, _, err) = netdrop_tests::netdrop(&["trace", "--svc", "default/nope", "--kubeconfig", &kubeconfig, "--duration", "1s"]);
+    assert!(!ok);
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(last.starts_with("netdrop: Service default/nope not found"), "{err}");
+}
