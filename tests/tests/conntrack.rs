@@ -91,6 +91,18 @@ fn snat_port_exhaustion_is_conntrack_insert_failed() {
         assert_eq!(e["orig_src"]["ip"], "10.10.0.2", "{e}");
     }
     assert!(out.summary["hints"].as_array().expect("hints").iter().any(|h| h.as_str().is_some_and(|h| h.contains("insert failures"))));
+    assert_precise_is_exact(&out, "conntrack_insert_failed");
+}
+
+/// Where a precise hook (fexit/kprobe) is attached, the classification must come from it.
+fn assert_precise_is_exact(out: &netdrop_tests::TraceOutput, class: &str) {
+    let hook = out.summary["conntrack_hook"].as_str().unwrap_or_default().to_string();
+    println!("conntrack hook: {hook}");
+    if hook == "fexit" || hook == "kprobe" {
+        for r in out.summary["drops"].as_array().expect("drops").iter().filter(|r| r["classification"] == class) {
+            assert_eq!(r["certainty"], "exact", "{hook} attached, yet {r}");
+        }
+    }
 }
 
 /// More established TCP connections than `nf_conntrack_max` allows: new SYNs find the table
@@ -130,6 +142,7 @@ fn table_full_is_conntrack_table_full_not_insert_failed() {
     assert_eq!(full, drops, "every allocation drop classified as table full");
     assert_eq!(out.class_count("conntrack_insert_failed", ns.inode()), 0, "none mislabelled as insert failures");
     assert!(out.drops.iter().filter(|d| d["reason"] == "NETFILTER_DROP").all(|d| d["classification"] == "conntrack_table_full"));
+    assert_precise_is_exact(&out, "conntrack_table_full");
 }
 
 /// A DROP rule on new flows, with NAT active: a rule, never a conntrack class, for both
