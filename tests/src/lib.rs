@@ -57,7 +57,10 @@ macro_rules! require_root {
 
 /// Runs a command, panicking with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {} failed: {}{}",
@@ -86,7 +89,11 @@ pub struct NetNs {
 impl NetNs {
     /// Creates `nd-<tag>-<pid>-<seq>` with loopback up.
     pub fn new(tag: &str) -> Self {
-        let name = format!("nd-{tag}-{}-{}", std::process::id(), NS_SEQ.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "nd-{tag}-{}-{}",
+            std::process::id(),
+            NS_SEQ.fetch_add(1, Ordering::Relaxed)
+        );
         run("ip", &["netns", "add", &name]);
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"]);
@@ -131,7 +138,11 @@ impl NetNs {
     /// A counter from the namespace's /proc/net/snmp (or snmp6), e.g. `("Udp", "NoPorts")`.
     pub fn snmp(&self, table: &str, field: &str) -> u64 {
         let text = self.exec("cat", &["/proc/net/snmp"]);
-        parse_snmp(&text).get(table).and_then(|t| t.get(field)).copied().unwrap_or_else(|| panic!("no {table}:{field}"))
+        parse_snmp(&text)
+            .get(table)
+            .and_then(|t| t.get(field))
+            .copied()
+            .unwrap_or_else(|| panic!("no {table}:{field}"))
     }
 
     /// A counter from /proc/net/snmp6 (`Udp6NoPorts`).
@@ -147,7 +158,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -157,7 +170,10 @@ pub fn parse_snmp(text: &str) -> HashMap<String, HashMap<String, u64>> {
     let lines: Vec<&str> = text.lines().collect();
     for pair in lines.chunks(2) {
         let [head, vals] = pair else { continue };
-        let (Some((t, names)), Some((_, values))) = (head.split_once(':'), vals.split_once(':')) else { continue };
+        let (Some((t, names)), Some((_, values))) = (head.split_once(':'), vals.split_once(':'))
+        else {
+            continue;
+        };
         let table = out.entry(t.to_string()).or_default();
         for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
             if let Ok(v) = v.parse() {
@@ -195,8 +211,15 @@ pub fn netdrop_bin() -> PathBuf {
 
 /// Runs netdrop with `args`; returns (exit success, stdout, stderr).
 pub fn netdrop(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(netdrop_bin()).args(args).output().expect("run netdrop");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(netdrop_bin())
+        .args(args)
+        .output()
+        .expect("run netdrop");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A running `netdrop trace -o json`, stopped (SIGINT) and parsed by [`Tracer::stop`], killed on
@@ -220,8 +243,13 @@ impl Tracer {
     /// Starts `netdrop trace -o json <args>` and waits until it says it is attached.
     pub fn start(args: &[&str]) -> Self {
         let mut cmd = Command::new(netdrop_bin());
-        cmd.args(["trace", "-o", "json"]).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", netdrop_bin().display()));
+        cmd.args(["trace", "-o", "json"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", netdrop_bin().display()));
         let stderr = child.stderr.take().expect("stderr");
         let lines = std::sync::Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel();
@@ -241,7 +269,11 @@ impl Tracer {
             let _ = std::io::Read::read_to_string(&mut out, &mut s);
             s
         });
-        let mut t = Self { child: Some(child), stderr: lines, stdout: Some(stdout) };
+        let mut t = Self {
+            child: Some(child),
+            stderr: lines,
+            stdout: Some(stdout),
+        };
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(true) => t,
             _ => {
@@ -259,25 +291,45 @@ impl Tracer {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
         let deadline = Instant::now() + Duration::from_secs(30);
         while child.try_wait().expect("wait").is_none() {
-            assert!(Instant::now() < deadline, "netdrop did not exit after SIGINT");
+            assert!(
+                Instant::now() < deadline,
+                "netdrop did not exit after SIGINT"
+            );
             thread::sleep(Duration::from_millis(20));
         }
         let status = child.wait().expect("wait");
-        let stdout = self.stdout.take().expect("reader").join().expect("stdout reader");
+        let stdout = self
+            .stdout
+            .take()
+            .expect("reader")
+            .join()
+            .expect("stdout reader");
         // Let the stderr reader catch up.
         thread::sleep(Duration::from_millis(50));
         let stderr = self.stderr.lock().expect("lock").clone();
-        assert!(status.success(), "netdrop exited with {status}: {}", stderr.join("\n"));
-        let mut out = TraceOutput { stderr, ..TraceOutput::default() };
+        assert!(
+            status.success(),
+            "netdrop exited with {status}: {}",
+            stderr.join("\n")
+        );
+        let mut out = TraceOutput {
+            stderr,
+            ..TraceOutput::default()
+        };
         for line in stdout.lines() {
-            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            let v: Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
             match v["type"].as_str() {
                 Some("drop") => out.drops.push(v),
                 Some("summary") => out.summary = v,
                 other => panic!("unexpected line type {other:?}: {line}"),
             }
         }
-        assert!(out.summary.is_object(), "no summary line; stderr: {}", out.stderr.join("\n"));
+        assert!(
+            out.summary.is_object(),
+            "no summary line; stderr: {}",
+            out.stderr.join("\n")
+        );
         out
     }
 
@@ -309,7 +361,10 @@ impl TraceOutput {
 
     /// Drop events with this reason.
     pub fn events(&self, reason: &str) -> Vec<&Value> {
-        self.drops.iter().filter(|d| d["reason"] == reason).collect()
+        self.drops
+            .iter()
+            .filter(|d| d["reason"] == reason)
+            .collect()
     }
 }
 
@@ -328,7 +383,10 @@ impl Sysctl {
     /// `key` in dotted form (`net.netfilter.nf_conntrack_max`), in this process's namespace.
     pub fn set(key: &str, value: &str) -> Self {
         let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
-        let old = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).trim().to_string();
+        let old = fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .trim()
+            .to_string();
         fs::write(&path, value).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
         Self { path, old }
     }
@@ -348,10 +406,16 @@ impl NetNs {
     pub fn ct_stat(&self, column: &str) -> u64 {
         let text = self.exec("cat", &["/proc/net/stat/nf_conntrack"]);
         let mut lines = text.lines();
-        let Some(idx) = lines.next().and_then(|h| h.split_whitespace().position(|c| c == column)) else {
+        let Some(idx) = lines
+            .next()
+            .and_then(|h| h.split_whitespace().position(|c| c == column))
+        else {
             panic!("no column {column} in nf_conntrack stats")
         };
-        lines.filter_map(|l| l.split_whitespace().nth(idx)).filter_map(|v| u64::from_str_radix(v, 16).ok()).sum()
+        lines
+            .filter_map(|l| l.split_whitespace().nth(idx))
+            .filter_map(|v| u64::from_str_radix(v, 16).ok())
+            .sum()
     }
 
     /// Moves one end of a veth pair into this namespace and configures it.
@@ -364,7 +428,10 @@ impl NetNs {
 
 /// Connects two namespaces with a veth pair: `a_if` (addr `a_addr`) in `a`, `b_if` in `b`.
 pub fn veth(a: &NetNs, a_if: &str, a_addr: &str, b: &NetNs, b_if: &str, b_addr: &str) {
-    run("ip", &["link", "add", a_if, "type", "veth", "peer", "name", b_if]);
+    run(
+        "ip",
+        &["link", "add", a_if, "type", "veth", "peer", "name", b_if],
+    );
     a.take_link(a_if, a_addr);
     b.take_link(b_if, b_addr);
 }
@@ -384,7 +451,11 @@ impl TraceOutput {
 
 /// An interface name unique to this test process (≤ 15 bytes).
 pub fn ifname(tag: &str) -> String {
-    let name = format!("v{}{}{tag}", std::process::id() % 10000, NS_SEQ.fetch_add(1, Ordering::Relaxed));
+    let name = format!(
+        "v{}{}{tag}",
+        std::process::id() % 10000,
+        NS_SEQ.fetch_add(1, Ordering::Relaxed)
+    );
     name.chars().take(15).collect()
 }
 
@@ -407,14 +478,21 @@ pub struct TcPod {
 
 /// Turns IPv6 off in a namespace (no ND/MLD/RS packets to disturb exact counts).
 pub fn no_ipv6(ns: &NetNs) {
-    for key in ["net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"] {
+    for key in [
+        "net.ipv6.conf.all.disable_ipv6",
+        "net.ipv6.conf.default.disable_ipv6",
+    ] {
         ns.exec("sysctl", &["-qw", &format!("{key}=1")]);
     }
 }
 
 /// `cali` + 11 hex characters, unique per call in this process.
 pub fn cali_name(n: u32) -> String {
-    format!("cali{:05x}{:06x}", std::process::id() & 0xfffff, n & 0xff_ffff)
+    format!(
+        "cali{:05x}{:06x}",
+        std::process::id() & 0xfffff,
+        n & 0xff_ffff
+    )
 }
 
 impl TcNode {
@@ -434,23 +512,58 @@ impl TcNode {
         let pod = NetNs::new("tcpod");
         no_ipv6(&pod);
         let host_if = cali_name(u32::from(subnet) << 8 | u32::from(n));
-        let (hmac, pmac) = (format!("02:00:00:{subnet:02x}:{n:02x}:01"), format!("02:00:00:{subnet:02x}:{n:02x}:02"));
-        self.ns.ip(&["link", "add", &host_if, "address", &hmac, "type", "veth", "peer", "name", "eth0", "address", &pmac, "netns", &pod.name]);
+        let (hmac, pmac) = (
+            format!("02:00:00:{subnet:02x}:{n:02x}:01"),
+            format!("02:00:00:{subnet:02x}:{n:02x}:02"),
+        );
+        self.ns.ip(&[
+            "link", "add", &host_if, "address", &hmac, "type", "veth", "peer", "name", "eth0",
+            "address", &pmac, "netns", &pod.name,
+        ]);
         let node_ip = std::net::Ipv4Addr::new(10, subnet, n, 1);
         let pod_ip = std::net::Ipv4Addr::new(10, subnet, n, 2);
-        self.ns.ip(&["addr", "add", &format!("{node_ip}/24"), "dev", &host_if]);
+        self.ns
+            .ip(&["addr", "add", &format!("{node_ip}/24"), "dev", &host_if]);
         self.ns.ip(&["link", "set", &host_if, "up"]);
         pod.ip(&["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"]);
         pod.ip(&["link", "set", "eth0", "up"]);
-        self.ns.ip(&["neigh", "replace", &pod_ip.to_string(), "lladdr", &pmac, "dev", &host_if, "nud", "permanent"]);
-        pod.ip(&["neigh", "replace", &node_ip.to_string(), "lladdr", &hmac, "dev", "eth0", "nud", "permanent"]);
-        TcPod { ns: pod, host_if, node_ip, pod_ip }
+        self.ns.ip(&[
+            "neigh",
+            "replace",
+            &pod_ip.to_string(),
+            "lladdr",
+            &pmac,
+            "dev",
+            &host_if,
+            "nud",
+            "permanent",
+        ]);
+        pod.ip(&[
+            "neigh",
+            "replace",
+            &node_ip.to_string(),
+            "lladdr",
+            &hmac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+        TcPod {
+            ns: pod,
+            host_if,
+            node_ip,
+            pod_ip,
+        }
     }
 
     /// `/sys/class/net/<if>/statistics/<stat>` of a node interface.
     pub fn if_stat(&self, ifname: &str, stat: &str) -> u64 {
         self.ns
-            .exec("cat", &[&format!("/sys/class/net/{ifname}/statistics/{stat}")])
+            .exec(
+                "cat",
+                &[&format!("/sys/class/net/{ifname}/statistics/{stat}")],
+            )
             .trim()
             .parse()
             .expect("statistics counter")
@@ -464,13 +577,24 @@ impl TcNode {
         self.ns.within(move || {
             let query = |ifname: &str, t| -> Vec<String> {
                 match SchedClassifier::query_tcx(ifname, t) {
-                    Ok((_, progs)) => progs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect(),
+                    Ok((_, progs)) => progs
+                        .iter()
+                        .map(|p| p.name_as_str().unwrap_or("?").to_string())
+                        .collect(),
                     Err(_) => Vec::new(),
                 }
             };
             names
                 .iter()
-                .map(|n| (n.clone(), (query(n, TcAttachType::Ingress), query(n, TcAttachType::Egress))))
+                .map(|n| {
+                    (
+                        n.clone(),
+                        (
+                            query(n, TcAttachType::Ingress),
+                            query(n, TcAttachType::Egress),
+                        ),
+                    )
+                })
                 .collect()
         })
     }
@@ -510,24 +634,41 @@ impl TcNode {
 
 /// Prog ids of programs called `name` (`bpftool -j prog show`).
 pub fn prog_ids(name: &str) -> Vec<u64> {
-    let v: Value = serde_json::from_str(&run("bpftool", &["-j", "prog", "show"])).expect("bpftool json");
-    v.as_array().expect("array").iter().filter(|p| p["name"] == name).filter_map(|p| p["id"].as_u64()).collect()
+    let v: Value =
+        serde_json::from_str(&run("bpftool", &["-j", "prog", "show"])).expect("bpftool json");
+    v.as_array()
+        .expect("array")
+        .iter()
+        .filter(|p| p["name"] == name)
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
 }
 
 /// Links (`bpftool -j link show`) whose program is one of `progs`.
 pub fn links_of(progs: &[u64]) -> usize {
-    let v: Value = serde_json::from_str(&run("bpftool", &["-j", "link", "show"])).expect("bpftool json");
-    v.as_array().expect("array").iter().filter(|l| l["prog_id"].as_u64().is_some_and(|p| progs.contains(&p))).count()
+    let v: Value =
+        serde_json::from_str(&run("bpftool", &["-j", "link", "show"])).expect("bpftool json");
+    v.as_array()
+        .expect("array")
+        .iter()
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|p| progs.contains(&p)))
+        .count()
 }
 
 /// Entries of the map called `map` used by program `prog` (`bpftool map dump`).
 pub fn map_entries_of(prog: u64, map: &str) -> usize {
-    let p: Value = serde_json::from_str(&run("bpftool", &["-j", "prog", "show", "id", &prog.to_string()])).expect("json");
+    let p: Value = serde_json::from_str(&run(
+        "bpftool",
+        &["-j", "prog", "show", "id", &prog.to_string()],
+    ))
+    .expect("json");
     for id in p["map_ids"].as_array().cloned().unwrap_or_default() {
         let id = id.as_u64().expect("id").to_string();
-        let m: Value = serde_json::from_str(&run("bpftool", &["-j", "map", "show", "id", &id])).expect("json");
+        let m: Value =
+            serde_json::from_str(&run("bpftool", &["-j", "map", "show", "id", &id])).expect("json");
         if m["name"] == map {
-            let d: Value = serde_json::from_str(&run("bpftool", &["-j", "map", "dump", "id", &id])).expect("json");
+            let d: Value = serde_json::from_str(&run("bpftool", &["-j", "map", "dump", "id", &id]))
+                .expect("json");
             return d.as_array().map_or(0, Vec::len);
         }
     }
@@ -551,13 +692,17 @@ impl TcWatch {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", netdrop_bin().display()));
-        let (stdout, stderr) = (child.stdout.take().expect("stdout"), child.stderr.take().expect("stderr"));
+        let (stdout, stderr) = (
+            child.stdout.take().expect("stdout"),
+            child.stderr.take().expect("stderr"),
+        );
         let lines = std::sync::Arc::new(Mutex::new(Vec::new()));
         let errs = std::sync::Arc::new(Mutex::new(Vec::new()));
         let keep = lines.clone();
         thread::spawn(move || {
             for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let v: Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+                let v: Value =
+                    serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
                 keep.lock().expect("lock").push(v);
             }
         });
@@ -572,10 +717,17 @@ impl TcWatch {
             }
             let _ = tx.send(false);
         });
-        let mut w = Self { child: Some(child), lines, stderr: errs };
+        let mut w = Self {
+            child: Some(child),
+            lines,
+            stderr: errs,
+        };
         if rx.recv_timeout(Duration::from_secs(60)) != Ok(true) {
             w.kill();
-            panic!("netdrop interfaces did not attach:\n{}", w.stderr.lock().expect("lock").join("\n"));
+            panic!(
+                "netdrop interfaces did not attach:\n{}",
+                w.stderr.lock().expect("lock").join("\n")
+            );
         }
         w
     }
@@ -587,7 +739,13 @@ impl TcWatch {
     /// Live interfaces according to the attach/forget events so far.
     pub fn attached(&self) -> std::collections::BTreeSet<String> {
         let mut set = std::collections::BTreeSet::new();
-        for v in self.lines.lock().expect("lock").iter().filter(|v| v["type"] == "interface") {
+        for v in self
+            .lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|v| v["type"] == "interface")
+        {
             let name = v["name"].as_str().unwrap_or_default().to_string();
             match v["action"].as_str() {
                 Some("attached") => {
@@ -606,7 +764,11 @@ impl TcWatch {
     pub fn wait_until(&self, what: &str, timeout: Duration, mut pred: impl FnMut(&Self) -> bool) {
         let end = Instant::now() + timeout;
         while !pred(self) {
-            assert!(Instant::now() < end, "timed out waiting for {what}; stderr:\n{}", self.stderr.lock().expect("lock").join("\n"));
+            assert!(
+                Instant::now() < end,
+                "timed out waiting for {what}; stderr:\n{}",
+                self.stderr.lock().expect("lock").join("\n")
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -623,7 +785,14 @@ impl TcWatch {
 
     /// The final `{"type":"summary"}` line (after SIGINT/SIGTERM).
     pub fn summary(&self) -> Value {
-        self.lines.lock().expect("lock").iter().rev().find(|v| v["type"] == "summary").cloned().expect("no summary line")
+        self.lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .rev()
+            .find(|v| v["type"] == "summary")
+            .cloned()
+            .expect("no summary line")
     }
 
     fn kill(&mut self) {
@@ -646,16 +815,21 @@ pub fn load_len_dropper(len: u32) -> std::os::fd::OwnedFd {
     use std::os::fd::FromRawFd as _;
     // (opcode, regs dst|src<<4, off, imm)
     let insns: [(u8, u8, i16, i32); 6] = [
-        (0x61, 0x10, 0, 0),         // r0 = *(u32 *)(r1 + 0)   (__sk_buff.len)
+        (0x61, 0x10, 0, 0),          // r0 = *(u32 *)(r1 + 0)   (__sk_buff.len)
         (0x55, 0x00, 2, len as i32), // if r0 != len goto +2
-        (0xb7, 0x00, 0, 2),         // r0 = TC_ACT_SHOT
-        (0x95, 0, 0, 0),            // exit
-        (0xb7, 0x00, 0, -1),        // r0 = TC_ACT_UNSPEC / TCX_NEXT
-        (0x95, 0, 0, 0),            // exit
+        (0xb7, 0x00, 0, 2),          // r0 = TC_ACT_SHOT
+        (0x95, 0, 0, 0),             // exit
+        (0xb7, 0x00, 0, -1),         // r0 = TC_ACT_UNSPEC / TCX_NEXT
+        (0x95, 0, 0, 0),             // exit
     ];
     let mut code = Vec::new();
     for (op, regs, off, imm) in insns {
-        code.push(u64::from(op) | u64::from(regs) << 8 | u64::from(off as u16) << 16 | u64::from(imm as u32) << 32);
+        code.push(
+            u64::from(op)
+                | u64::from(regs) << 8
+                | u64::from(off as u16) << 16
+                | u64::from(imm as u32) << 32,
+        );
     }
     let license = b"GPL\0";
     let name = b"test_len_drop\0\0\0";
@@ -669,14 +843,22 @@ pub fn load_len_dropper(len: u32) -> std::os::fd::OwnedFd {
     attr[48..64].copy_from_slice(name);
     // SAFETY: bpf(BPF_PROG_LOAD) with pointers valid for the call.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len()) };
-    assert!(fd >= 0, "loading the test dropper: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "loading the test dropper: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: fresh fd from the kernel.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
 }
 
 /// Attaches `prog` with TCX to `ifname` in `ns` (ingress, appended last); the link lives as long
 /// as the returned fd.
-pub fn tcx_attach_last(ns: &NetNs, prog: &std::os::fd::OwnedFd, ifname: &str) -> std::os::fd::OwnedFd {
+pub fn tcx_attach_last(
+    ns: &NetNs,
+    prog: &std::os::fd::OwnedFd,
+    ifname: &str,
+) -> std::os::fd::OwnedFd {
     use std::os::fd::{AsRawFd as _, FromRawFd as _};
     let prog_fd = prog.as_raw_fd() as u32;
     let ifname = ifname.to_string();
@@ -689,7 +871,11 @@ pub fn tcx_attach_last(ns: &NetNs, prog: &std::os::fd::OwnedFd, ifname: &str) ->
         attr[12..16].copy_from_slice(&(1u32 << 4).to_ne_bytes()); // BPF_F_AFTER: last
         // SAFETY: bpf(BPF_LINK_CREATE) with a valid attr.
         let fd = unsafe { libc::syscall(libc::SYS_bpf, 28, attr.as_ptr(), attr.len()) };
-        assert!(fd >= 0, "TCX attach of the test dropper: {}", std::io::Error::last_os_error());
+        assert!(
+            fd >= 0,
+            "TCX attach of the test dropper: {}",
+            std::io::Error::last_os_error()
+        );
         // SAFETY: fresh fd from the kernel.
         unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
     })
@@ -698,10 +884,14 @@ pub fn tcx_attach_last(ns: &NetNs, prog: &std::os::fd::OwnedFd, ifname: &str) ->
 /// Ids of the tc (`sched_cls`) programs process `pid` holds, from /proc/PID/fdinfo.
 pub fn sched_cls_prog_ids(pid: u32) -> Vec<u64> {
     let mut ids = Vec::new();
-    for e in fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo").filter_map(Result::ok) {
+    for e in fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .expect("fdinfo")
+        .filter_map(Result::ok)
+    {
         let text = fs::read_to_string(e.path()).unwrap_or_default();
         let field = |k: &str| text.lines().find_map(|l| l.strip_prefix(k)).map(str::trim);
-        if field("prog_type:") == Some("3") && field("link_id:").is_none()
+        if field("prog_type:") == Some("3")
+            && field("link_id:").is_none()
             && let Some(id) = field("prog_id:").and_then(|v| v.parse().ok())
         {
             ids.push(id);
@@ -714,7 +904,10 @@ pub fn sched_cls_prog_ids(pid: u32) -> Vec<u64> {
 
 /// Whether a BPF program with this id still exists.
 pub fn prog_exists(id: u64) -> bool {
-    Command::new("bpftool").args(["prog", "show", "id", &id.to_string()]).output().is_ok_and(|o| o.status.success())
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Adds another dataplane's clsact filter at `prio` on `ifname`'s ingress: the
@@ -723,7 +916,11 @@ pub fn prog_exists(id: u64) -> bool {
 pub fn add_foreign_clsact_dropper(ns: &NetNs, ifname: &str, prio: u16, len: u32) {
     use std::os::fd::AsRawFd as _;
     let prog = load_len_dropper(len);
-    let dir = std::env::temp_dir().join(format!("netdrop-bpffs-{}-{}", std::process::id(), NS_SEQ.fetch_add(1, Ordering::Relaxed)));
+    let dir = std::env::temp_dir().join(format!(
+        "netdrop-bpffs-{}-{}",
+        std::process::id(),
+        NS_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
     fs::create_dir_all(&dir).expect("bpffs dir");
     run("mount", &["-t", "bpf", "bpf", dir.to_str().expect("utf-8")]);
     let pin = dir.join("dropper");
@@ -734,9 +931,34 @@ pub fn add_foreign_clsact_dropper(ns: &NetNs, ifname: &str, prio: u16, len: u32)
     // SAFETY: bpf(BPF_OBJ_PIN) with a valid path and fd.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, attr.as_ptr(), attr.len()) };
     let result = std::panic::catch_unwind(|| {
-        assert!(rc == 0, "pinning the test dropper: {}", std::io::Error::last_os_error());
-        let _ = Command::new("ip").args(["netns", "exec", &ns.name, "tc", "qdisc", "add", "dev", ifname, "clsact"]).status();
-        ns.exec("tc", &["filter", "add", "dev", ifname, "ingress", "prio", &prio.to_string(), "handle", "7", "bpf", "object-pinned", pin.to_str().expect("utf-8"), "direct-action"]);
+        assert!(
+            rc == 0,
+            "pinning the test dropper: {}",
+            std::io::Error::last_os_error()
+        );
+        let _ = Command::new("ip")
+            .args([
+                "netns", "exec", &ns.name, "tc", "qdisc", "add", "dev", ifname, "clsact",
+            ])
+            .status();
+        ns.exec(
+            "tc",
+            &[
+                "filter",
+                "add",
+                "dev",
+                ifname,
+                "ingress",
+                "prio",
+                &prio.to_string(),
+                "handle",
+                "7",
+                "bpf",
+                "object-pinned",
+                pin.to_str().expect("utf-8"),
+                "direct-action",
+            ],
+        );
     });
     let _ = Command::new("umount").arg(&dir).status();
     let _ = fs::remove_dir(&dir);
@@ -746,7 +968,13 @@ pub fn add_foreign_clsact_dropper(ns: &NetNs, ifname: &str, prio: u16, len: u32)
 }
 
 /// Sends `count` UDP datagrams of `payload` bytes from `from` (in `src`) to `to`.
-pub fn udp_burst(src: &NetNs, from: std::net::Ipv4Addr, to: SocketAddr, payload: usize, count: usize) {
+pub fn udp_burst(
+    src: &NetNs,
+    from: std::net::Ipv4Addr,
+    to: SocketAddr,
+    payload: usize,
+    count: usize,
+) {
     src.within(move || {
         let s = UdpSocket::bind((from, 0)).expect("bind");
         for _ in 0..count {
@@ -764,7 +992,8 @@ pub struct UdpCounter {
 impl UdpCounter {
     pub fn start(ns: &NetNs, at: SocketAddr) -> Self {
         let sock = ns.within(move || UdpSocket::bind(at).expect("bind receiver"));
-        sock.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let handle = thread::spawn(move || {
@@ -780,13 +1009,91 @@ impl UdpCounter {
             }
             n
         });
-        Self { handle: Some(handle), stop }
+        Self {
+            handle: Some(handle),
+            stop,
+        }
     }
 
     /// Datagrams received.
     pub fn stop(mut self) -> usize {
         thread::sleep(Duration::from_millis(200));
         self.stop.store(true, Ordering::Relaxed);
-        self.handle.take().expect("running").join().expect("receiver")
+        self.handle
+            .take()
+            .expect("running")
+            .join()
+            .expect("receiver")
     }
+}
+
+/// pod (10.10.0.2) — node (10.10.0.1 | 10.20.0.1, forwarding) — remote (10.20.0.2)
+pub struct NatLab {
+    pub pod: NetNs,
+    pub node: NetNs,
+    pub remote: NetNs,
+    /// The node's interface towards `remote` (where MASQUERADE applies).
+    pub uplink: String,
+}
+
+impl NatLab {
+    /// Builds the three namespaces, NAT active on the node (`iptables`: the binary to use).
+    pub fn new(iptables: &str) -> Self {
+        let pod = NetNs::new("pod");
+        let node = NetNs::new("node");
+        let remote = NetNs::new("remote");
+        let (p, n1) = (ifname("p"), ifname("n"));
+        veth(&pod, &p, "10.10.0.2/24", &node, &n1, "10.10.0.1/24");
+        let (n2, r) = (ifname("u"), ifname("r"));
+        veth(&node, &n2, "10.20.0.1/24", &remote, &r, "10.20.0.2/24");
+        pod.ip(&["route", "add", "default", "via", "10.10.0.1"]);
+        remote.ip(&["route", "add", "default", "via", "10.20.0.1"]);
+        node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+        // Conntrack and NAT become active in a namespace once a rule needs them, as with kube-proxy.
+        node.exec(
+            iptables,
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-s",
+                "10.99.99.0/24",
+                "-j",
+                "MASQUERADE",
+            ],
+        );
+        Self {
+            pod,
+            node,
+            remote,
+            uplink: n2,
+        }
+    }
+}
+
+/// `threads` threads each send `per_thread` datagrams to `to`, each from a new socket (a new
+/// source port, so a new flow). Returns how many were sent.
+pub fn send_flows(ns: &NetNs, threads: usize, per_thread: usize, to: &'static str) -> usize {
+    let mut handles = Vec::new();
+    for _ in 0..threads {
+        let path = ns.path();
+        handles.push(thread::spawn(move || {
+            let f = fs::File::open(path).expect("netns");
+            nix::sched::setns(
+                std::os::fd::AsFd::as_fd(&f),
+                nix::sched::CloneFlags::CLONE_NEWNET,
+            )
+            .expect("setns");
+            let to: SocketAddr = to.parse().expect("addr");
+            (0..per_thread)
+                .filter(|_| {
+                    // A new socket per datagram: a new source port, so a new flow.
+                    let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                    s.send_to(b"flow", to).is_ok()
+                })
+                .count()
+        }));
+    }
+    handles.into_iter().map(|h| h.join().expect("sender")).sum()
 }

@@ -4,70 +4,39 @@
 //! These tests change the global `net.netfilter.nf_conntrack_max` or load the conntrack table
 //! heavily, so they run one at a time (a lock), and restore what they change.
 
-use std::{
-    net::{SocketAddr, TcpStream, UdpSocket},
-    sync::Mutex,
-    time::Duration,
+use std::{net::TcpStream, sync::Mutex, time::Duration};
+
+use netdrop_tests::{
+    NatLab as Lab, NetNs, Sysctl, Tracer, have, require_root, send_flows, settle, skip,
 };
 
-use netdrop_tests::{NetNs, Sysctl, Tracer, have, ifname, require_root, settle, skip, veth};
-
 static SERIAL: Mutex<()> = Mutex::new(());
-
-/// pod (10.10.0.2) — node (10.10.0.1 | 10.20.0.1, forwarding) — remote (10.20.0.2)
-struct Lab {
-    pod: NetNs,
-    node: NetNs,
-    remote: NetNs,
-    uplink: String,
-}
-
-fn lab(iptables: &str) -> Lab {
-    let pod = NetNs::new("pod");
-    let node = NetNs::new("node");
-    let remote = NetNs::new("remote");
-    let (p, n1) = (ifname("p"), ifname("n"));
-    veth(&pod, &p, "10.10.0.2/24", &node, &n1, "10.10.0.1/24");
-    let (n2, r) = (ifname("u"), ifname("r"));
-    veth(&node, &n2, "10.20.0.1/24", &remote, &r, "10.20.0.2/24");
-    pod.ip(&["route", "add", "default", "via", "10.10.0.1"]);
-    remote.ip(&["route", "add", "default", "via", "10.20.0.1"]);
-    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
-    // Conntrack and NAT become active in a namespace once a rule needs them, as with kube-proxy.
-    node.exec(iptables, &["-t", "nat", "-A", "POSTROUTING", "-s", "10.99.99.0/24", "-j", "MASQUERADE"]);
-    Lab { pod, node, remote, uplink: n2 }
-}
-
-fn send_flows(ns: &NetNs, threads: usize, per_thread: usize, to: &'static str) -> usize {
-    let mut handles = Vec::new();
-    for _ in 0..threads {
-        let path = ns.path();
-        handles.push(std::thread::spawn(move || {
-            let f = std::fs::File::open(path).expect("netns");
-            nix::sched::setns(std::os::fd::AsFd::as_fd(&f), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-            let to: SocketAddr = to.parse().expect("addr");
-            (0..per_thread)
-                .filter(|_| {
-                    // A new socket per datagram: a new source port, so a new flow.
-                    let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
-                    s.send_to(b"flow", to).is_ok()
-                })
-                .count()
-        }));
-    }
-    handles.into_iter().map(|h| h.join().expect("sender")).sum()
-}
 
 /// Two threads open new UDP flows through MASQUERADE squeezed into 4 source ports: NAT runs
 /// out of unique tuples and the confirm step fails to insert (the SNAT race of the field notes).
 #[test]
 fn snat_port_exhaustion_is_conntrack_insert_failed() {
     require_root!("snat_port_exhaustion_is_conntrack_insert_failed");
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let lab = lab("iptables");
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = Lab::new("iptables");
     lab.node.exec(
         "iptables",
-        &["-t", "nat", "-A", "POSTROUTING", "-o", &lab.uplink, "-p", "udp", "-j", "MASQUERADE", "--to-ports", "20000-20003"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            &lab.uplink,
+            "-p",
+            "udp",
+            "-j",
+            "MASQUERADE",
+            "--to-ports",
+            "20000-20003",
+        ],
     );
     let before = lab.node.ct_stat("insert_failed");
     let tracer = Tracer::start(&["--netns", &lab.node.name, "--event-rate", "100"]);
@@ -76,13 +45,27 @@ fn snat_port_exhaustion_is_conntrack_insert_failed() {
     let out = tracer.stop();
     let kernel = lab.node.ct_stat("insert_failed") - before;
     let ours = out.class_count("conntrack_insert_failed", lab.node.inode());
-    println!("sent {sent}, kernel insert_failed +{kernel}, netdrop conntrack_insert_failed {ours}, hook {}", out.summary["conntrack_hook"]);
-    assert!(kernel > 1000, "the scenario must produce insert failures (got {kernel})");
+    println!(
+        "sent {sent}, kernel insert_failed +{kernel}, netdrop conntrack_insert_failed {ours}, hook {}",
+        out.summary["conntrack_hook"]
+    );
+    assert!(
+        kernel > 1000,
+        "the scenario must produce insert failures (got {kernel})"
+    );
     let diff = ours.abs_diff(kernel) as f64 / kernel as f64;
-    assert!(diff <= 0.02, "netdrop {ours} vs kernel insert_failed {kernel}: {:.2}% apart", diff * 100.0);
+    assert!(
+        diff <= 0.02,
+        "netdrop {ours} vs kernel insert_failed {kernel}: {:.2}% apart",
+        diff * 100.0
+    );
     assert_eq!(out.class_count("conntrack_table_full", lab.node.inode()), 0);
     assert_eq!(out.class_count("netfilter_rule", lab.node.inode()), 0);
-    let ev: Vec<_> = out.drops.iter().filter(|d| d["classification"] == "conntrack_insert_failed").collect();
+    let ev: Vec<_> = out
+        .drops
+        .iter()
+        .filter(|d| d["classification"] == "conntrack_insert_failed")
+        .collect();
     assert!(!ev.is_empty());
     for e in ev {
         assert_eq!(e["reason"], "NETFILTER_DROP");
@@ -90,16 +73,30 @@ fn snat_port_exhaustion_is_conntrack_insert_failed() {
         // SNAT rewrote the source: the pod's own address is the pre-NAT source.
         assert_eq!(e["orig_src"]["ip"], "10.10.0.2", "{e}");
     }
-    assert!(out.summary["hints"].as_array().expect("hints").iter().any(|h| h.as_str().is_some_and(|h| h.contains("insert failures"))));
+    assert!(
+        out.summary["hints"]
+            .as_array()
+            .expect("hints")
+            .iter()
+            .any(|h| h.as_str().is_some_and(|h| h.contains("insert failures")))
+    );
     assert_precise_is_exact(&out, "conntrack_insert_failed");
 }
 
 /// Where a precise hook (fexit/kprobe) is attached, the classification must come from it.
 fn assert_precise_is_exact(out: &netdrop_tests::TraceOutput, class: &str) {
-    let hook = out.summary["conntrack_hook"].as_str().unwrap_or_default().to_string();
+    let hook = out.summary["conntrack_hook"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     println!("conntrack hook: {hook}");
     if hook == "fexit" || hook == "kprobe" {
-        for r in out.summary["drops"].as_array().expect("drops").iter().filter(|r| r["classification"] == class) {
+        for r in out.summary["drops"]
+            .as_array()
+            .expect("drops")
+            .iter()
+            .filter(|r| r["classification"] == class)
+        {
             assert_eq!(r["certainty"], "exact", "{hook} attached, yet {r}");
         }
     }
@@ -110,10 +107,24 @@ fn assert_precise_is_exact(out: &netdrop_tests::TraceOutput, class: &str) {
 #[test]
 fn table_full_is_conntrack_table_full_not_insert_failed() {
     require_root!("table_full_is_conntrack_table_full_not_insert_failed");
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let ns = NetNs::new("full");
     // Any conntrack-using rule turns conntrack on in the namespace.
-    ns.exec("iptables", &["-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]);
+    ns.exec(
+        "iptables",
+        &[
+            "-A",
+            "INPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "INVALID",
+            "-j",
+            "DROP",
+        ],
+    );
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", "120");
     let before_drop = ns.ct_stat("drop");
     let before_failed = ns.ct_stat("insert_failed");
@@ -136,12 +147,26 @@ fn table_full_is_conntrack_table_full_not_insert_failed() {
     let drops = ns.ct_stat("drop") - before_drop;
     let insert_failed = ns.ct_stat("insert_failed") - before_failed;
     let full = out.class_count("conntrack_table_full", ns.inode());
-    println!("opened {opened}, failed {failed}, kernel drop +{drops}, insert_failed +{insert_failed}, netdrop table_full {full}");
+    println!(
+        "opened {opened}, failed {failed}, kernel drop +{drops}, insert_failed +{insert_failed}, netdrop table_full {full}"
+    );
     assert!(failed > 0 && drops > 0, "the table must overflow");
     assert_eq!(insert_failed, 0);
-    assert_eq!(full, drops, "every allocation drop classified as table full");
-    assert_eq!(out.class_count("conntrack_insert_failed", ns.inode()), 0, "none mislabelled as insert failures");
-    assert!(out.drops.iter().filter(|d| d["reason"] == "NETFILTER_DROP").all(|d| d["classification"] == "conntrack_table_full"));
+    assert_eq!(
+        full, drops,
+        "every allocation drop classified as table full"
+    );
+    assert_eq!(
+        out.class_count("conntrack_insert_failed", ns.inode()),
+        0,
+        "none mislabelled as insert failures"
+    );
+    assert!(
+        out.drops
+            .iter()
+            .filter(|d| d["reason"] == "NETFILTER_DROP")
+            .all(|d| d["classification"] == "conntrack_table_full")
+    );
     assert_precise_is_exact(&out, "conntrack_table_full");
 }
 
@@ -154,14 +179,32 @@ fn rule_drop(test: &str, iptables: &str) {
         skip(test, &format!("{iptables} is not installed"));
         return;
     }
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let lab = lab(iptables);
-    lab.node.exec(iptables, &["-A", "FORWARD", "-d", "10.20.0.2", "-p", "udp", "--dport", "7777", "-j", "DROP"]);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = Lab::new(iptables);
+    lab.node.exec(
+        iptables,
+        &[
+            "-A",
+            "FORWARD",
+            "-d",
+            "10.20.0.2",
+            "-p",
+            "udp",
+            "--dport",
+            "7777",
+            "-j",
+            "DROP",
+        ],
+    );
     let tracer = Tracer::start(&["--netns", &lab.node.name]);
     let sent = send_flows(&lab.pod, 1, 300, "10.20.0.2:7777");
     settle();
     let out = tracer.stop();
-    let rules = lab.node.exec(iptables, &["-L", "FORWARD", "-v", "-x", "-n"]);
+    let rules = lab
+        .node
+        .exec(iptables, &["-L", "FORWARD", "-v", "-x", "-n"]);
     let counted: u64 = rules
         .lines()
         .find(|l| l.contains("dpt:7777"))
@@ -170,7 +213,11 @@ fn rule_drop(test: &str, iptables: &str) {
         .expect("rule counter");
     assert_eq!((sent, counted), (300, 300));
     assert_eq!(out.class_count("netfilter_rule", lab.node.inode()), counted);
-    for c in ["conntrack_insert_failed", "conntrack_table_full", "conntrack_invalid"] {
+    for c in [
+        "conntrack_insert_failed",
+        "conntrack_table_full",
+        "conntrack_invalid",
+    ] {
         assert_eq!(out.class_count(c, lab.node.inode()), 0, "{c}");
     }
     drop(lab.remote);
@@ -191,20 +238,57 @@ fn legacy_rule_drop_is_netfilter_rule() {
 #[test]
 fn drop_after_dnat_carries_the_cluster_ip_as_orig_dst() {
     require_root!("drop_after_dnat_carries_the_cluster_ip_as_orig_dst");
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let lab = lab("iptables");
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = Lab::new("iptables");
     lab.node.exec(
         "iptables",
-        &["-t", "nat", "-A", "PREROUTING", "-d", "10.96.0.10", "-p", "tcp", "--dport", "80", "-j", "DNAT", "--to-destination", "10.20.0.2:8080"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            "10.96.0.10",
+            "-p",
+            "tcp",
+            "--dport",
+            "80",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.20.0.2:8080",
+        ],
     );
-    lab.node.exec("iptables", &["-A", "FORWARD", "-d", "10.20.0.2", "-p", "tcp", "--dport", "8080", "-j", "DROP"]);
+    lab.node.exec(
+        "iptables",
+        &[
+            "-A",
+            "FORWARD",
+            "-d",
+            "10.20.0.2",
+            "-p",
+            "tcp",
+            "--dport",
+            "8080",
+            "-j",
+            "DROP",
+        ],
+    );
     let tracer = Tracer::start(&["--netns", &lab.node.name, "--reason", "NETFILTER_DROP"]);
     lab.pod.within(|| {
-        let _ = TcpStream::connect_timeout(&"10.96.0.10:80".parse().expect("addr"), Duration::from_millis(1500));
+        let _ = TcpStream::connect_timeout(
+            &"10.96.0.10:80".parse().expect("addr"),
+            Duration::from_millis(1500),
+        );
     });
     settle();
     let out = tracer.stop();
-    assert!(!out.drops.is_empty(), "the SYN (and its retransmits) are dropped");
+    assert!(
+        !out.drops.is_empty(),
+        "the SYN (and its retransmits) are dropped"
+    );
     for e in &out.drops {
         assert_eq!(e["dst"]["ip"], "10.20.0.2");
         assert_eq!(e["dst"]["port"], 8080);

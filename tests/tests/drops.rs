@@ -27,7 +27,11 @@ fn udp4_closed_port_counts_match_snmp_noports() {
     let delta = ns.snmp("Udp", "NoPorts") - before;
     assert_eq!(sent, N);
     assert_eq!(delta, N as u64, "kernel NoPorts delta");
-    assert_eq!(out.count("NO_SOCKET", ns.inode()), delta, "summary NO_SOCKET vs Udp NoPorts");
+    assert_eq!(
+        out.count("NO_SOCKET", ns.inode()),
+        delta,
+        "summary NO_SOCKET vs Udp NoPorts"
+    );
     let ev = out.events("NO_SOCKET");
     assert_eq!(ev.len(), N, "one event per drop");
     for e in ev {
@@ -37,7 +41,13 @@ fn udp4_closed_port_counts_match_snmp_noports() {
         assert_eq!(e["src"]["ip"], "127.0.0.1");
         assert_eq!(e["netns"], ns.inode());
         assert_eq!(e["ifname"], "lo");
-        assert!(e["location"].as_str().expect("location").starts_with("__udp4_lib_rcv+0x"), "{e}");
+        assert!(
+            e["location"]
+                .as_str()
+                .expect("location")
+                .starts_with("__udp4_lib_rcv+0x"),
+            "{e}"
+        );
         assert!(e["reason_code"].as_u64().is_some());
     }
     assert_eq!(out.summary["lost_events"], 0);
@@ -57,7 +67,10 @@ fn udp6_closed_port_counts_match_snmp6() {
     assert_eq!(out.count("NO_SOCKET", ns.inode()), delta);
     let ev = out.events("NO_SOCKET");
     assert_eq!(ev.len(), N);
-    assert!(ev.iter().all(|e| e["dst"]["ip"] == "::1" && e["dst"]["port"] == 9 && e["protocol"] == "udp"));
+    assert!(
+        ev.iter()
+            .all(|e| e["dst"]["ip"] == "::1" && e["dst"]["port"] == 9 && e["protocol"] == "udp")
+    );
 }
 
 /// TCP SYNs to a closed port: the kernel answers RST and frees the SYN with NO_SOCKET.
@@ -82,30 +95,47 @@ fn tcp_closed(test: &str, target: &'static str, loc_prefix: &str) {
         assert_eq!(e["protocol"], "tcp");
         assert_eq!(e["tcp_flags"], "SYN");
         assert_eq!(e["dst"]["port"], 7);
-        assert!(e["location"].as_str().expect("loc").starts_with(loc_prefix), "{e}");
+        assert!(
+            e["location"].as_str().expect("loc").starts_with(loc_prefix),
+            "{e}"
+        );
     }
     assert_eq!(out.count("NO_SOCKET", ns.inode()), 20);
 }
 
 #[test]
 fn tcp4_closed_port_is_no_socket_with_syn() {
-    tcp_closed("tcp4_closed_port_is_no_socket_with_syn", "127.0.0.1:7", "tcp_v4_rcv");
+    tcp_closed(
+        "tcp4_closed_port_is_no_socket_with_syn",
+        "127.0.0.1:7",
+        "tcp_v4_rcv",
+    );
 }
 
 #[test]
 fn tcp6_closed_port_is_no_socket_with_syn() {
-    tcp_closed("tcp6_closed_port_is_no_socket_with_syn", "[::1]:7", "tcp_v6_rcv");
+    tcp_closed(
+        "tcp6_closed_port_is_no_socket_with_syn",
+        "[::1]:7",
+        "tcp_v6_rcv",
+    );
 }
 
 /// An iptables DROP rule in INPUT; the rule's own packet counter is the reference.
 fn iptables_drop(test: &str, iptables: &str, loc_prefix: &str) {
     require_root!(test);
     if !have(iptables) {
-        skip(test, &format!("{iptables} is not installed (cargo xtask setup installs it)"));
+        skip(
+            test,
+            &format!("{iptables} is not installed (cargo xtask setup installs it)"),
+        );
         return;
     }
     let ns = NetNs::new("ipt");
-    ns.exec(iptables, &["-A", "INPUT", "-p", "udp", "--dport", "5555", "-j", "DROP"]);
+    ns.exec(
+        iptables,
+        &["-A", "INPUT", "-p", "udp", "--dport", "5555", "-j", "DROP"],
+    );
     let tracer = Tracer::start(&["--netns", &ns.name]);
     let sent = ns.within(|| send_udp(addr("127.0.0.1:0"), addr("127.0.0.1:5555"), N));
     settle();
@@ -118,23 +148,38 @@ fn iptables_drop(test: &str, iptables: &str, loc_prefix: &str) {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no rule counter in:\n{rules}"));
     assert_eq!((sent, rule_pkts), (N, N as u64));
-    assert_eq!(out.count("NETFILTER_DROP", ns.inode()), rule_pkts, "summary vs the rule's counter");
+    assert_eq!(
+        out.count("NETFILTER_DROP", ns.inode()),
+        rule_pkts,
+        "summary vs the rule's counter"
+    );
     let ev = out.events("NETFILTER_DROP");
     assert_eq!(ev.len(), N);
     for e in ev {
-        assert!(e["location"].as_str().expect("loc").starts_with(loc_prefix), "{e}");
+        assert!(
+            e["location"].as_str().expect("loc").starts_with(loc_prefix),
+            "{e}"
+        );
         assert_eq!(e["dst"]["port"], 5555);
     }
 }
 
 #[test]
 fn iptables_nft_drop_is_netfilter_drop_at_nft_do_chain() {
-    iptables_drop("iptables_nft_drop_is_netfilter_drop_at_nft_do_chain", "iptables-nft", "nft_do_chain");
+    iptables_drop(
+        "iptables_nft_drop_is_netfilter_drop_at_nft_do_chain",
+        "iptables-nft",
+        "nft_do_chain",
+    );
 }
 
 #[test]
 fn iptables_legacy_drop_is_netfilter_drop_at_nf_hook_slow() {
-    iptables_drop("iptables_legacy_drop_is_netfilter_drop_at_nf_hook_slow", "iptables-legacy", "nf_hook_slow");
+    iptables_drop(
+        "iptables_legacy_drop_is_netfilter_drop_at_nf_hook_slow",
+        "iptables-legacy",
+        "nf_hook_slow",
+    );
 }
 
 #[test]
@@ -150,7 +195,11 @@ fn port_filter_selects_exactly() {
     let out = tracer.stop();
     assert_eq!(out.drops.len(), 30);
     assert!(out.drops.iter().all(|d| d["dst"]["port"] == 9001));
-    assert_eq!(out.count("NO_SOCKET", ns.inode()), 30, "kernel counters honour the filter too");
+    assert_eq!(
+        out.count("NO_SOCKET", ns.inode()),
+        30,
+        "kernel counters honour the filter too"
+    );
 }
 
 #[test]
@@ -175,7 +224,10 @@ fn ip_filter_selects_exactly() {
 fn reason_filter_selects_exactly() {
     require_root!("reason_filter_selects_exactly");
     let ns = NetNs::new("reason");
-    ns.exec("iptables", &["-A", "INPUT", "-p", "udp", "--dport", "5555", "-j", "DROP"]);
+    ns.exec(
+        "iptables",
+        &["-A", "INPUT", "-p", "udp", "--dport", "5555", "-j", "DROP"],
+    );
     let tracer = Tracer::start(&["--netns", &ns.name, "--reason", "NETFILTER_DROP"]);
     ns.within(|| {
         send_udp(addr("127.0.0.1:0"), addr("127.0.0.1:5555"), 15);
@@ -186,7 +238,10 @@ fn reason_filter_selects_exactly() {
     assert_eq!(out.drops.len(), 15);
     assert!(out.drops.iter().all(|d| d["reason"] == "NETFILTER_DROP"));
     assert_eq!(out.summary["by_reason"]["NETFILTER_DROP"], 15);
-    assert_eq!(out.summary["hidden_by_reason"]["NO_SOCKET"], 35, "other reasons counted as hidden");
+    assert_eq!(
+        out.summary["hidden_by_reason"]["NO_SOCKET"], 35,
+        "other reasons counted as hidden"
+    );
 }
 
 #[test]
@@ -232,9 +287,15 @@ fn event_rate_limit_keeps_counts_exact() {
     let delta = ns.snmp("Udp", "NoPorts") - before;
     assert_eq!(out.count("NO_SOCKET", ns.inode()), delta);
     let shown = out.summary["events_shown"].as_u64().expect("shown");
-    let limited = out.summary["rate_limited_events"].as_u64().expect("limited");
+    let limited = out.summary["rate_limited_events"]
+        .as_u64()
+        .expect("limited");
     assert_eq!(shown as usize, out.drops.len());
-    assert_eq!(shown + limited, delta, "every drop is an event or a counted suppression");
+    assert_eq!(
+        shown + limited,
+        delta,
+        "every drop is an event or a counted suppression"
+    );
     assert!(limited > 0);
 }
 
@@ -250,7 +311,10 @@ fn reason_table_matches_tracefs_print_fmt() {
         .find_map(|r| std::fs::read_to_string(format!("{r}/events/skb/kfree_skb/format")).ok())
         .expect("tracefs kfree_skb format");
     let Some(list) = format.split("__print_symbolic(REC->reason,").nth(1) else {
-        skip("reason_table_matches_tracefs_print_fmt", "this kernel's kfree_skb has no reason list (before 5.17)");
+        skip(
+            "reason_table_matches_tracefs_print_fmt",
+            "this kernel's kfree_skb has no reason list (before 5.17)",
+        );
         return;
     };
     let doc: serde_json::Value = serde_json::from_str(&stdout).expect("json");
@@ -258,14 +322,27 @@ fn reason_table_matches_tracefs_print_fmt() {
         .as_array()
         .expect("reasons")
         .iter()
-        .map(|r| (r["code"].as_u64().expect("code"), r["name"].as_str().expect("name").to_string()))
+        .map(|r| {
+            (
+                r["code"].as_u64().expect("code"),
+                r["name"].as_str().expect("name").to_string(),
+            )
+        })
         .collect();
     let mut compared = 0;
     for entry in list.split('{').skip(1) {
-        let Some((num, rest)) = entry.split_once(',') else { continue };
-        let Ok(num) = num.trim().parse::<u64>() else { continue };
+        let Some((num, rest)) = entry.split_once(',') else {
+            continue;
+        };
+        let Ok(num) = num.trim().parse::<u64>() else {
+            continue;
+        };
         let name = rest.split('"').nth(1).expect("quoted name");
-        assert_eq!(ours.get(&num).map(String::as_str), Some(name), "reason {num}");
+        assert_eq!(
+            ours.get(&num).map(String::as_str),
+            Some(name),
+            "reason {num}"
+        );
         compared += 1;
     }
     assert!(compared > 50, "compared only {compared} reasons");
@@ -286,28 +363,48 @@ fn unknown_reason_lists_close_matches() {
     require_root!("unknown_reason_lists_close_matches");
     let (ok, _, err) = netdrop(&["trace", "--reason", "NO_SOCKT", "--duration", "1s"]);
     assert!(!ok);
-    assert_eq!(err.trim().lines().last().expect("a line"), "netdrop: --reason NO_SOCKT: this kernel has no such drop reason (did you mean NO_SOCKET?)");
+    assert_eq!(
+        err.trim().lines().last().expect("a line"),
+        "netdrop: --reason NO_SOCKT: this kernel has no such drop reason (did you mean NO_SOCKET?)"
+    );
 }
 
 #[test]
 fn unprivileged_user_gets_a_permission_message() {
     require_root!("unprivileged_user_gets_a_permission_message");
     if !have("setpriv") {
-        skip("unprivileged_user_gets_a_permission_message", "setpriv (util-linux) is not installed");
+        skip(
+            "unprivileged_user_gets_a_permission_message",
+            "setpriv (util-linux) is not installed",
+        );
         return;
     }
     let bin = netdrop_tests::netdrop_bin();
     let mut child = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
         .arg(&bin)
         .args(["trace", "--duration", "1s"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("setpriv");
     let mut err = String::new();
-    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("read");
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read");
     let status = child.wait().expect("wait");
     assert!(!status.success());
-    assert!(err.contains("netdrop needs root, or CAP_BPF and CAP_PERFMON"), "{err}");
+    assert!(
+        err.contains("netdrop needs root, or CAP_BPF and CAP_PERFMON"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }

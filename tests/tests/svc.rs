@@ -28,8 +28,14 @@ fn lab() -> Lab {
 /// One netdrop for both nodes, as for a kind cluster on a laptop.
 fn trace(lab: &Lab, svc: &str) -> Tracer {
     let st = lab.status();
-    let mut args: Vec<String> =
-        vec!["--svc".into(), svc.into(), "--kubeconfig".into(), st.kubeconfig.display().to_string(), "--interval".into(), "1s".into()];
+    let mut args: Vec<String> = vec![
+        "--svc".into(),
+        svc.into(),
+        "--kubeconfig".into(),
+        st.kubeconfig.display().to_string(),
+        "--interval".into(),
+        "1s".into(),
+    ];
     for n in &st.nodes {
         args.push("--node-netns".into());
         args.push(format!("{}={}", n.name, n.netns_path.display()));
@@ -46,7 +52,8 @@ fn traffic(lab: &Lab, svc: &str, secs: u64) -> TrafficReport {
         // Below the first SYN retransmission (1 s): one dropped SYN per failed request.
         timeout: Duration::from_millis(700),
     };
-    lab.traffic(svc, &opts).unwrap_or_else(|e| panic!("traffic: {e}"))
+    lab.traffic(svc, &opts)
+        .unwrap_or_else(|e| panic!("traffic: {e}"))
 }
 
 fn backend<'a>(summary: &'a Value, pod: &str) -> &'a Value {
@@ -59,15 +66,25 @@ fn backend<'a>(summary: &'a Value, pod: &str) -> &'a Value {
 }
 
 fn drops_elsewhere(summary: &Value, pod: &str) -> u64 {
-    summary["backends"].as_array().expect("backends").iter().filter(|b| b["pod"] != pod).map(|b| b["drops"].as_u64().expect("drops")).sum()
+    summary["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .filter(|b| b["pod"] != pod)
+        .map(|b| b["drops"].as_u64().expect("drops"))
+        .sum()
 }
 
 #[test]
 fn policy_drop_on_one_of_three_backends_is_found() {
     require_root!("policy_drop_on_one_of_three_backends_is_found");
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
-    let fault = lab.fault(&FaultRequest::new(FaultKind::PolicyDrop)).expect("fault");
+    let fault = lab
+        .fault(&FaultRequest::new(FaultKind::PolicyDrop))
+        .expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
     let tracer = trace(&lab, "default/web");
     let report = traffic(&lab, "default/web", 5);
@@ -75,29 +92,64 @@ fn policy_drop_on_one_of_three_backends_is_found() {
     let out = tracer.stop();
     let s = &out.summary;
     let rule_packets = lab.fault_packets(&fault).expect("rule counter");
-    println!("generator: {} attempts, {} failures; rule counter {rule_packets}; netdrop: {s}", report.attempts, report.failures);
+    println!(
+        "generator: {} attempts, {} failures; rule counter {rule_packets}; netdrop: {s}",
+        report.attempts, report.failures
+    );
     assert_eq!(s["final"], true);
     let b = backend(s, &bad.pod);
     assert_eq!(b["node"], bad.node, "the backend's node is named");
-    assert_eq!(b["drops"].as_u64(), Some(rule_packets), "drops on the bad backend = the DROP rule's own counter");
+    assert_eq!(
+        b["drops"].as_u64(),
+        Some(rule_packets),
+        "drops on the bad backend = the DROP rule's own counter"
+    );
     assert_eq!(b["top_reasons"][0]["classification"], "netfilter_rule");
-    assert_eq!(b["top_reasons"][0]["node"], fault.node, "where the drops happened");
-    assert_eq!(drops_elsewhere(s, &bad.pod), 0, "healthy backends have no drops");
+    assert_eq!(
+        b["top_reasons"][0]["node"], fault.node,
+        "where the drops happened"
+    );
+    assert_eq!(
+        drops_elsewhere(s, &bad.pod),
+        0,
+        "healthy backends have no drops"
+    );
     // The share netdrop reports is the generator's failure ratio (one SYN per failed request).
     let ratio = s["drop_ratio"].as_f64().expect("ratio (tc attempts)");
-    assert!((ratio - report.failure_ratio).abs() < 0.05, "netdrop {ratio:.3} vs generator {:.3}", report.failure_ratio);
-    assert_eq!(s["attempts"].as_u64(), Some(report.attempts), "attempts seen on the client's interface = requests made");
-    let diagnosis = s["diagnosis"].as_array().expect("diagnosis").iter().map(|l| l.as_str().unwrap_or_default()).collect::<Vec<_>>().join("\n");
-    assert!(diagnosis.contains(&format!("{} on {}", bad.pod, bad.node)), "{diagnosis}");
+    assert!(
+        (ratio - report.failure_ratio).abs() < 0.05,
+        "netdrop {ratio:.3} vs generator {:.3}",
+        report.failure_ratio
+    );
+    assert_eq!(
+        s["attempts"].as_u64(),
+        Some(report.attempts),
+        "attempts seen on the client's interface = requests made"
+    );
+    let diagnosis = s["diagnosis"]
+        .as_array()
+        .expect("diagnosis")
+        .iter()
+        .map(|l| l.as_str().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        diagnosis.contains(&format!("{} on {}", bad.pod, bad.node)),
+        "{diagnosis}"
+    );
     assert!(diagnosis.contains("netfilter_rule"), "{diagnosis}");
 }
 
 #[test]
 fn backend_not_listening_is_no_socket_on_that_backend() {
     require_root!("backend_not_listening_is_no_socket_on_that_backend");
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
-    let fault = lab.fault(&FaultRequest::new(FaultKind::NotListening)).expect("fault");
+    let fault = lab
+        .fault(&FaultRequest::new(FaultKind::NotListening))
+        .expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
     let tracer = trace(&lab, "default/web");
     let report = traffic(&lab, "default/web", 5);
@@ -108,14 +160,20 @@ fn backend_not_listening_is_no_socket_on_that_backend() {
     let b = backend(s, &bad.pod);
     assert_eq!(b["top_reasons"][0]["classification"], "no_socket");
     // Each refused request is one SYN the backend's kernel found no socket for.
-    assert_eq!(b["drops"].as_u64(), Some(report.failures), "drops vs the generator's failures");
+    assert_eq!(
+        b["drops"].as_u64(),
+        Some(report.failures),
+        "drops vs the generator's failures"
+    );
     assert_eq!(drops_elsewhere(s, &bad.pod), 0);
 }
 
 #[test]
 fn healthy_service_has_no_drops_attributed() {
     require_root!("healthy_service_has_no_drops_attributed");
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
     let tracer = trace(&lab, "default/healthy");
     let report = traffic(&lab, "default/healthy", 5);
@@ -125,15 +183,23 @@ fn healthy_service_has_no_drops_attributed() {
     assert_eq!(report.failures, 0, "{report:?}");
     assert_eq!(s["drops"], 0, "{s}");
     assert_eq!(s["attempts"].as_u64(), Some(report.attempts));
-    assert_eq!(s["diagnosis"][0].as_str().map(|l| l.contains("no drops")), Some(true), "{s}");
+    assert_eq!(
+        s["diagnosis"][0].as_str().map(|l| l.contains("no drops")),
+        Some(true),
+        "{s}"
+    );
 }
 
 #[test]
 fn one_bad_backend_of_fifty_is_found() {
     require_root!("one_bad_backend_of_fifty_is_found");
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
-    let fault = lab.fault(&FaultRequest::new(FaultKind::BigOneBad)).expect("fault");
+    let fault = lab
+        .fault(&FaultRequest::new(FaultKind::BigOneBad))
+        .expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
     let tracer = trace(&lab, "default/big");
     let report = traffic(&lab, "default/big", 8);
@@ -141,26 +207,54 @@ fn one_bad_backend_of_fifty_is_found() {
     let out = tracer.stop();
     let s = &out.summary;
     let rule_packets = lab.fault_packets(&fault).expect("rule counter");
-    println!("generator: {} attempts, {} failures; rule {rule_packets}", report.attempts, report.failures);
+    println!(
+        "generator: {} attempts, {} failures; rule {rule_packets}",
+        report.attempts, report.failures
+    );
     assert_eq!(s["backends"].as_array().map(Vec::len), Some(50));
     assert!(rule_packets > 0, "traffic reached the bad backend");
     assert_eq!(backend(s, &bad.pod)["drops"].as_u64(), Some(rule_packets));
     assert_eq!(drops_elsewhere(s, &bad.pod), 0);
-    assert!(s["diagnosis"][1].as_str().is_some_and(|l| l.starts_with(&bad.pod)), "{}", s["diagnosis"]);
+    assert!(
+        s["diagnosis"][1]
+            .as_str()
+            .is_some_and(|l| l.starts_with(&bad.pod)),
+        "{}",
+        s["diagnosis"]
+    );
 }
 
 #[test]
 fn conntrack_insert_failures_are_classified_on_the_clients_node() {
     require_root!("conntrack_insert_failures_are_classified_on_the_clients_node");
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
-    let fault = lab.fault(&FaultRequest::new(FaultKind::ConntrackInsert)).expect("fault");
+    let fault = lab
+        .fault(&FaultRequest::new(FaultKind::ConntrackInsert))
+        .expect("fault");
     let node_ns = fault.node_netns.clone();
     let stat = |col: &str| -> u64 {
-        let text = netdrop_tests::run("ip", &["netns", "exec", &node_ns, "cat", "/proc/net/stat/nf_conntrack"]);
+        let text = netdrop_tests::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &node_ns,
+                "cat",
+                "/proc/net/stat/nf_conntrack",
+            ],
+        );
         let mut lines = text.lines();
-        let idx = lines.next().and_then(|h| h.split_whitespace().position(|c| c == col)).expect("column");
-        lines.filter_map(|l| l.split_whitespace().nth(idx)).filter_map(|v| u64::from_str_radix(v, 16).ok()).sum()
+        let idx = lines
+            .next()
+            .and_then(|h| h.split_whitespace().position(|c| c == col))
+            .expect("column");
+        lines
+            .filter_map(|l| l.split_whitespace().nth(idx))
+            .filter_map(|v| u64::from_str_radix(v, 16).ok())
+            .sum()
     };
     let before = stat("insert_failed");
     let tracer = trace(&lab, "default/web");
@@ -179,8 +273,15 @@ fn conntrack_insert_failures_are_classified_on_the_clients_node() {
         .sum();
     println!("kernel insert_failed +{kernel}, netdrop {ours}: {s}");
     assert!(kernel > 0, "the fault must cause insert failures");
-    assert!(ours.abs_diff(kernel) as f64 <= kernel as f64 * 0.02, "netdrop {ours} vs kernel {kernel}");
-    assert!(s["diagnosis"].to_string().contains("conntrack_insert_failed"));
+    assert!(
+        ours.abs_diff(kernel) as f64 <= kernel as f64 * 0.02,
+        "netdrop {ours} vs kernel {kernel}"
+    );
+    assert!(
+        s["diagnosis"]
+            .to_string()
+            .contains("conntrack_insert_failed")
+    );
 }
 
 /// The reasons and counts netdrop gave one backend, for the messages.
@@ -190,7 +291,14 @@ fn reasons(b: &Value) -> Vec<(String, String, u64, String)> {
         .as_array()
         .expect("reasons")
         .iter()
-        .map(|r| (s(&r["reason"]), s(&r["classification"]), r["count"].as_u64().unwrap_or(0), s(&r["location"])))
+        .map(|r| {
+            (
+                s(&r["reason"]),
+                s(&r["classification"]),
+                r["count"].as_u64().unwrap_or(0),
+                s(&r["location"]),
+            )
+        })
         .collect()
 }
 
@@ -199,11 +307,20 @@ fn reasons(b: &Value) -> Vec<(String, String, u64, String)> {
 #[test]
 fn missing_route_to_a_backend_is_named_with_the_kernels_reason() {
     require_root!("missing_route_to_a_backend_is_named_with_the_kernels_reason");
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
-    let fault = lab.fault(&FaultRequest::new(FaultKind::RouteMissing)).expect("fault");
+    let fault = lab
+        .fault(&FaultRequest::new(FaultKind::RouteMissing))
+        .expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
-    let snmp = |ns: &str| netdrop_tests::parse_snmp(&netdrop_tests::run("ip", &["netns", "exec", ns, "cat", "/proc/net/snmp"]));
+    let snmp = |ns: &str| {
+        netdrop_tests::parse_snmp(&netdrop_tests::run(
+            "ip",
+            &["netns", "exec", ns, "cat", "/proc/net/snmp"],
+        ))
+    };
     let before = snmp(&fault.node_netns);
     let tracer = trace(&lab, "default/web");
     let report = traffic(&lab, "default/web", 5);
@@ -213,17 +330,40 @@ fn missing_route_to_a_backend_is_named_with_the_kernels_reason() {
     let delta = |f: &str| after["Ip"][f] - before["Ip"][f];
     let s = &out.summary;
     let b = backend(s, &bad.pod);
-    println!("generator {} failures; Ip deltas: OutNoRoutes {} InAddrErrors {} InHdrErrors {}; netdrop {:?}", report.failures, delta("OutNoRoutes"), delta("InAddrErrors"), delta("InHdrErrors"), reasons(b));
+    println!(
+        "generator {} failures; Ip deltas: OutNoRoutes {} InAddrErrors {} InHdrErrors {}; netdrop {:?}",
+        report.failures,
+        delta("OutNoRoutes"),
+        delta("InAddrErrors"),
+        delta("InHdrErrors"),
+        reasons(b)
+    );
     assert!(b["drops"].as_u64().unwrap_or(0) > 0, "{s}");
-    assert_eq!(b["top_reasons"][0]["node"], fault.node, "dropped on the node that lost the route");
+    assert_eq!(
+        b["top_reasons"][0]["node"], fault.node,
+        "dropped on the node that lost the route"
+    );
     assert_eq!(drops_elsewhere(s, &bad.pod), 0);
     // A blackhole route (Calico's per-node IPAM block) takes the packets in ip_error with no
     // reason and no SNMP counter: the reference is the generator, one dropped SYN per failure.
-    assert_eq!(b["drops"].as_u64(), Some(report.failures), "drops vs the generator's failures");
+    assert_eq!(
+        b["drops"].as_u64(),
+        Some(report.failures),
+        "drops vs the generator's failures"
+    );
     let top = &reasons(b)[0];
-    assert_eq!((top.1.as_str(), top.0.as_str()), ("route_blackhole", "NOT_SPECIFIED"), "{:?}", reasons(b));
+    assert_eq!(
+        (top.1.as_str(), top.0.as_str()),
+        ("route_blackhole", "NOT_SPECIFIED"),
+        "{:?}",
+        reasons(b)
+    );
     assert!(top.3.starts_with("ip_error+"), "{:?}", reasons(b));
-    assert_eq!(delta("OutNoRoutes") + delta("InAddrErrors"), 0, "no other routing counter moved");
+    assert_eq!(
+        delta("OutNoRoutes") + delta("InAddrErrors"),
+        0,
+        "no other routing counter moved"
+    );
 }
 
 /// `nf_conntrack_max` lowered below the lab's load: drops classified as a full table, none as
@@ -231,32 +371,65 @@ fn missing_route_to_a_backend_is_named_with_the_kernels_reason() {
 #[test]
 fn conntrack_table_full_is_classified_as_such() {
     require_root!("conntrack_table_full_is_classified_as_such");
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
     let tracer = trace(&lab, "default/web");
-    let fault = lab.fault(&FaultRequest::new(FaultKind::ConntrackFull)).expect("fault");
+    let fault = lab
+        .fault(&FaultRequest::new(FaultKind::ConntrackFull))
+        .expect("fault");
     let report = traffic(&lab, "default/web", 5);
     std::thread::sleep(Duration::from_millis(1200));
     let out = tracer.stop();
     drop(fault);
     let s = &out.summary;
-    let classes: Vec<(String, String, u64, String)> = s["backends"].as_array().expect("backends").iter().chain(std::iter::once(&s["unmatched"])).flat_map(reasons).collect();
-    println!("generator {} failures of {}; netdrop {classes:?}", report.failures, report.attempts);
+    let classes: Vec<(String, String, u64, String)> = s["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .chain(std::iter::once(&s["unmatched"]))
+        .flat_map(reasons)
+        .collect();
+    println!(
+        "generator {} failures of {}; netdrop {classes:?}",
+        report.failures, report.attempts
+    );
     assert!(report.failures > 0, "the full table must break requests");
-    let full: u64 = classes.iter().filter(|c| c.1 == "conntrack_table_full").map(|c| c.2).sum();
+    let full: u64 = classes
+        .iter()
+        .filter(|c| c.1 == "conntrack_table_full")
+        .map(|c| c.2)
+        .sum();
     assert!(full > 0, "{classes:?}");
-    assert!(!classes.iter().any(|c| c.1 == "conntrack_insert_failed"), "none mislabelled: {classes:?}");
+    assert!(
+        !classes.iter().any(|c| c.1 == "conntrack_insert_failed"),
+        "none mislabelled: {classes:?}"
+    );
     assert!(s["diagnosis"].to_string().contains("conntrack_table_full"));
 }
 
 #[test]
 fn unknown_service_is_one_clear_line() {
     require_root!("unknown_service_is_one_clear_line");
-    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
     let kubeconfig = lab.status().kubeconfig.display().to_string();
-    let (ok, _, err) = netdrop_tests::netdrop(&["trace", "--svc", "default/nope", "--kubeconfig", &kubeconfig, "--duration", "1s"]);
+    let (ok, _, err) = netdrop_tests::netdrop(&[
+        "trace",
+        "--svc",
+        "default/nope",
+        "--kubeconfig",
+        &kubeconfig,
+        "--duration",
+        "1s",
+    ]);
     assert!(!ok);
     let last = err.trim().lines().last().unwrap_or_default();
-    assert!(last.starts_with("netdrop: Service default/nope not found"), "{err}");
+    assert!(
+        last.starts_with("netdrop: Service default/nope not found"),
+        "{err}"
+    );
 }
