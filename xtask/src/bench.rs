@@ -219,3 +219,19 @@ pub fn drop_storm() -> anyhow::Result<()> {
     println!("(also in target/bench/drop-storm.json)");
     Ok(())
 }
+
+/// `snat-race` and `svc`: they need the test labs, so they live in the netdrop-tests crate's
+/// `netdrop-bench` binary; both run against a release build of netdrop.
+pub fn lab_bench(which: &str) -> anyhow::Result<()> {
+    setup::run()?;
+    let root = setup::workspace_root();
+    let status = Command::new("cargo").args(["build", "--release", "-p", "netdrop"]).current_dir(&root).status()?;
+    anyhow::ensure!(status.success(), "building netdrop failed");
+    let status = Command::new("cargo")
+        .args(["run", "--release", "-q", "-p", "netdrop-tests", "--bin", "netdrop-bench", "--", which])
+        .env("NETDROP_BIN", root.join("target/release/netdrop"))
+        .current_dir(&root)
+        .status()?;
+    anyhow::ensure!(status.success(), "benchmark {which} failed");
+    Ok(())
+}

@@ -34,9 +34,10 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: `drop-storm` (kfree_skb overhead and exactness), `kube` (the resolver).
+    /// Benchmarks: `drop-storm` (kfree_skb overhead and exactness), `snat-race` (conntrack
+    /// classification at full speed), `svc` (trace --svc on the lab), `kube` (the resolver), `tc`.
     Bench {
-        /// Which benchmark: drop-storm, kube.
+        /// Which benchmark: drop-storm, snat-race, svc, kube, tc.
         which: String,
     },
 }
@@ -52,7 +53,8 @@ fn main() -> anyhow::Result<()> {
             "drop-storm" => bench::drop_storm(),
             "kube" => bench_kube::run(),
             "tc" => bench_tc::run(),
-            other => anyhow::bail!("unknown benchmark {other:?}: drop-storm, kube"),
+            "snat-race" | "svc" => bench::lab_bench(&which),
+            other => anyhow::bail!("unknown benchmark {other:?}: drop-storm, snat-race, svc, kube, tc"),
         },
     }
 }
