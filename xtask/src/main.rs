@@ -5,6 +5,7 @@ mod bench;
 mod bench_kube;
 mod lab;
 mod bench_tc;
+mod demo;
 mod setup;
 mod test;
 mod vm;
@@ -27,6 +28,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The headline without a cluster: lab up, a fault, traffic, `netdrop trace --svc`, lab down.
+    Demo {
+        /// The fault to inject: policy-drop, not-listening, conntrack-insert, conntrack-full,
+        /// route-missing.
+        #[arg(long, default_value = "policy-drop")]
+        fault: String,
+        /// Seconds of traffic.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Run netdrop's integration tests on Debian kernels under qemu.
     VmTest(vm::Args),
     /// The lab of issue 7: `lab up|down|status|fault NAME|traffic --svc default/web` (`lab --help`).
@@ -48,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test(args) => test::run(&args),
         Cmd::Run { args } => run(&args),
         Cmd::VmTest(args) => vm::run(&args),
+        Cmd::Demo { fault, seconds } => demo::run(&fault, seconds),
         Cmd::Lab { args } => lab::run(&args),
         Cmd::Bench { which } => match which.as_str() {
             "drop-storm" => bench::drop_storm(),

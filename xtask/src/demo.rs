@@ -1,0 +1,90 @@
+//! `cargo xtask demo`: the headline on one machine, without a cluster. Brings the lab up (two
+//! Calico-style nodes, kube-proxy-style Services, the API stand-in), breaks one of `default/web`'s
+//! three backends with a policy drop, sends traffic, and runs `netdrop trace --svc default/web`
+//! over it; then takes the lab down (also when something fails).
+
+use std::{
+    io::{BufRead as _, BufReader, IsTerminal as _},
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::setup;
+
+struct LabGuard(PathBuf);
+
+impl LabGuard {
+    fn lab(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(&self.0).args(args).stderr(Stdio::inherit()).output().context("running netdrop-lab")?;
+        if !out.status.success() {
+            bail!("netdrop-lab {} failed", args.join(" "));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for LabGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.0).arg("down").stdout(Stdio::null()).status();
+    }
+}
+
+pub fn run(fault: &str, seconds: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(nix::unistd::geteuid().is_root(), "the demo builds network namespaces and loads BPF programs: run as root");
+    setup::run()?;
+    let root = setup::workspace_root();
+    let status = Command::new("cargo")
+        .args(["build", "--quiet", "-p", "netdrop", "-p", "netdrop-tests", "--bin", "netdrop", "--bin", "netdrop-lab"])
+        .current_dir(&root)
+        .status()?;
+    anyhow::ensure!(status.success(), "build failed");
+    let lab = LabGuard(root.join("target/debug/netdrop-lab"));
+    let _ = lab.lab(&["down"]);
+    println!("==> lab up (two nodes, Calico-style veths, kube-proxy iptables, Kubernetes API stand-in)");
+    lab.lab(&["up"])?;
+    let status: serde_json::Value = serde_json::from_str(&lab.lab(&["-o", "json", "status"])?).context("lab status")?;
+    println!("==> fault {fault}");
+    print!("{}", lab.lab(&["fault", fault])?);
+
+    let mut args = vec![
+        "trace".to_string(),
+        "--svc".into(),
+        "default/web".into(),
+        "--kubeconfig".into(),
+        status["kubeconfig"].as_str().context("kubeconfig")?.into(),
+        "--duration".into(),
+        format!("{}s", seconds + 4),
+    ];
+    for n in status["nodes"].as_array().context("nodes")? {
+        args.push("--node-netns".into());
+        args.push(format!("{}={}", n["name"].as_str().unwrap_or_default(), n["netns_path"].as_str().unwrap_or_default()));
+    }
+    if !std::io::stdout().is_terminal() {
+        args.extend(["-o".into(), "text".into()]);
+    }
+    println!("==> netdrop {}", args.join(" "));
+    let mut nd = Command::new(root.join("target/debug/netdrop")).args(&args).stderr(Stdio::piped()).spawn()?;
+    let stderr = nd.stderr.take().context("stderr")?;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{l}");
+            if l.starts_with("netdrop: attached") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60)).context("netdrop did not start")?;
+    println!("==> traffic: 100 requests/s to default/web for {seconds}s from the client pod");
+    let report = lab.lab(&["traffic", "--svc", "default/web", "--rate", "100", "--duration", &format!("{seconds}s")])?;
+    let status = nd.wait()?;
+    println!("\n==> the traffic generator's own view:\n{report}");
+    anyhow::ensure!(status.success(), "netdrop failed");
+    println!("==> lab down");
+    Ok(())
+}
