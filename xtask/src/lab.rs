@@ -9,7 +9,8 @@ use anyhow::Context as _;
 use crate::setup::workspace_root;
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
 /// Builds `netdrop-lab` and runs it; exits with its exit code.
@@ -19,12 +20,22 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         "the lab creates network namespaces and iptables rules: run as root (sudo -E cargo xtask lab ...)"
     );
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--quiet", "--package", "netdrop-tests", "--bin", "netdrop-lab"])
+        .args([
+            "build",
+            "--quiet",
+            "--package",
+            "netdrop-tests",
+            "--bin",
+            "netdrop-lab",
+        ])
         .current_dir(workspace_root())
         .status()
         .context("running cargo build")?;
     anyhow::ensure!(status.success(), "building netdrop-lab failed");
     let bin = target_dir().join("debug/netdrop-lab");
-    let status = Command::new(&bin).args(args).status().with_context(|| format!("running {}", bin.display()))?;
+    let status = Command::new(&bin)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", bin.display()))?;
     std::process::exit(status.code().unwrap_or(1));
 }

@@ -9,7 +9,6 @@ use std::{
     fs,
     io::Write as _,
     os::unix::process::CommandExt as _,
-    path::Path,
     process::{Command, ExitCode, Stdio},
     sync::Arc,
     thread,
@@ -28,7 +27,9 @@ use netdrop_tests::lab::{
 use nix::sys::signal::{SigSet, Signal};
 
 #[derive(Parser)]
-#[command(about = "A Calico-style, kube-proxy-style Kubernetes lab in network namespaces (netdrop issue 7)")]
+#[command(
+    about = "A Calico-style, kube-proxy-style Kubernetes lab in network namespaces (netdrop issue 7)"
+)]
 struct Cli {
     /// Run a separate lab instance (namespaces `ndlab-<NAME>-…`, state in /run/netdrop-lab-<NAME>)
     #[arg(long, global = true, value_parser = instance_name)]
@@ -68,7 +69,7 @@ enum Cmd {
         /// Backend to aim at, e.g. `--pod default/web-1`
         #[arg(long)]
         pod: Option<String>,
-        /// conntrack-full: the nf_conntrack_max to set, e.g. `--max 256`
+        /// conntrack-full: the `nf_conntrack_max` to set, e.g. `--max 256`
         #[arg(long)]
         max: Option<u64>,
     },
@@ -105,7 +106,11 @@ enum ProtoArg {
 }
 
 fn instance_name(s: &str) -> Result<String, String> {
-    if !s.is_empty() && s.len() <= 12 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+    if !s.is_empty()
+        && s.len() <= 12
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
         Ok(s.to_string())
     } else {
         Err("1-12 characters a-z0-9".into())
@@ -118,7 +123,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if cli.output == Output::Json {
-                println!("{}", serde_json::json!({"type":"error","error":format!("{e:#}")}));
+                println!(
+                    "{}",
+                    serde_json::json!({"type":"error","error":format!("{e:#}")})
+                );
             }
             eprintln!("netdrop-lab: {e:#}");
             ExitCode::FAILURE
@@ -140,13 +148,28 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Fault { name, which, pod, max } => fault(cli, name, which.as_deref(), pod.clone(), *max),
-        Cmd::Traffic { svc, rate, duration, proto, timeout } => {
+        Cmd::Fault {
+            name,
+            which,
+            pod,
+            max,
+        } => fault(cli, name, which.as_deref(), pod.clone(), *max),
+        Cmd::Traffic {
+            svc,
+            rate,
+            duration,
+            proto,
+            timeout,
+        } => {
             let st = live_status(inst)?;
             let opts = TrafficOptions {
                 rate: *rate,
                 duration: *duration,
-                proto: if *proto == ProtoArg::Udp { Proto::Udp } else { Proto::Tcp },
+                proto: if *proto == ProtoArg::Udp {
+                    Proto::Udp
+                } else {
+                    Proto::Tcp
+                },
                 timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
             };
             if cli.output == Output::Text {
@@ -155,7 +178,8 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     svc,
                     rate,
                     humantime::format_duration(*duration),
-                    st.client().map_or("?".into(), |c| format!("{}/{}", c.namespace, c.name))
+                    st.client()
+                        .map_or("?".into(), |c| format!("{}/{}", c.namespace, c.name))
                 );
             }
             let r = st.traffic(svc, &opts)?;
@@ -174,7 +198,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
 fn live_status(inst: Option<&str>) -> anyhow::Result<Status> {
     let st = Status::read(inst)?;
     anyhow::ensure!(
-        Path::new(&format!("/proc/{}", st.pid)).exists(),
+        lab::pid_alive(st.pid),
         "the lab's daemon (pid {}) is gone; `cargo xtask lab down` cleans up, then `lab up`",
         st.pid
     );
@@ -185,9 +209,12 @@ fn up(cli: &Cli, big: usize) -> anyhow::Result<()> {
     let inst = cli.instance.as_deref();
     let dir = lab::state_dir(inst);
     if let Ok(st) = Status::read(inst)
-        && Path::new(&format!("/proc/{}", st.pid)).exists()
+        && lab::pid_alive(st.pid)
     {
-        bail!("the lab is already up (daemon pid {}); `cargo xtask lab down` first", st.pid);
+        bail!(
+            "the lab is already up (daemon pid {}); `cargo xtask lab down` first",
+            st.pid
+        );
     }
     let t0 = Instant::now();
     let c = lab::cleanup(inst, true);
@@ -200,7 +227,8 @@ fn up(cli: &Cli, big: usize) -> anyhow::Result<()> {
     }
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_path = dir.join("daemon.log");
-    let log = fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let log =
+        fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let mut cmd = Command::new(std::env::current_exe()?);
     if let Some(i) = inst {
         cmd.args(["--instance", i]);
@@ -213,7 +241,7 @@ fn up(cli: &Cli, big: usize) -> anyhow::Result<()> {
         .process_group(0);
     let mut child = cmd.spawn().context("starting the lab daemon")?;
     let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_mins(2);
     loop {
         if let Ok(st) = Status::read(inst)
             && st.pid == pid
@@ -222,14 +250,21 @@ fn up(cli: &Cli, big: usize) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&st)?);
             } else {
                 print_status(&st);
-                println!("\nup in {:.1} s (namespaces and rules {:.1} s)", t0.elapsed().as_secs_f64(), st.up_seconds);
+                println!(
+                    "\nup in {:.1} s (namespaces and rules {:.1} s)",
+                    t0.elapsed().as_secs_f64(),
+                    st.up_seconds
+                );
             }
             return Ok(());
         }
         if let Some(status) = child.try_wait()? {
             let text = fs::read_to_string(&log_path).unwrap_or_default();
             lab::cleanup(inst, false);
-            bail!("the lab daemon exited ({status}) while coming up:\n{}", text.trim_end());
+            bail!(
+                "the lab daemon exited ({status}) while coming up:\n{}",
+                text.trim_end()
+            );
         }
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -242,26 +277,32 @@ fn up(cli: &Cli, big: usize) -> anyhow::Result<()> {
 }
 
 fn is_daemon(pid: u32) -> bool {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).contains("netdrop-lab") && String::from_utf8_lossy(&c).contains("daemon"))
-        .unwrap_or(false)
+    fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        let c = String::from_utf8_lossy(&c);
+        c.contains("netdrop-lab") && c.contains("daemon")
+    })
 }
 
 fn down(cli: &Cli) -> anyhow::Result<()> {
     let inst = cli.instance.as_deref();
     let dir = lab::state_dir(inst);
     let t0 = Instant::now();
-    let owner: Option<u32> = fs::read_to_string(dir.join("owner.pid")).ok().and_then(|s| s.trim().parse().ok());
+    let owner: Option<u32> = fs::read_to_string(dir.join("owner.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
     let mut stopped = None;
-    if let Some(pid) = owner.filter(|p| Path::new(&format!("/proc/{p}")).exists()) {
-        anyhow::ensure!(is_daemon(pid), "the lab is held by pid {pid}, which is not a lab daemon (a test?); not stopping it");
+    if let Some(pid) = owner.filter(|p| lab::pid_alive(*p)) {
+        anyhow::ensure!(
+            is_daemon(pid),
+            "the lab is held by pid {pid}, which is not a lab daemon (a test?); not stopping it"
+        );
         // Politely first: the daemon restores sysctls and removes everything itself.
         let _ = control::request(&dir, &Request::Down, Duration::from_secs(5));
         let end = Instant::now() + Duration::from_secs(30);
-        while Path::new(&format!("/proc/{pid}")).exists() && is_daemon(pid) && Instant::now() < end {
+        while lab::pid_alive(pid) && is_daemon(pid) && Instant::now() < end {
             thread::sleep(Duration::from_millis(50));
         }
-        if Path::new(&format!("/proc/{pid}")).exists() && is_daemon(pid) {
+        if lab::pid_alive(pid) && is_daemon(pid) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
             thread::sleep(Duration::from_millis(200));
             stopped = Some(format!("killed daemon {pid} (did not stop within 30 s)"));
@@ -279,7 +320,11 @@ fn down(cli: &Cli) -> anyhow::Result<()> {
     } else {
         println!("{}", stopped.as_deref().unwrap_or("no lab daemon running"));
         if !c.namespaces.is_empty() || !c.sysctls_restored.is_empty() {
-            println!("removed {} leftover namespaces; restored {:?}", c.namespaces.len(), c.sysctls_restored);
+            println!(
+                "removed {} leftover namespaces; restored {:?}",
+                c.namespaces.len(),
+                c.sysctls_restored
+            );
         }
         println!("lab down in {:.1} s", t0.elapsed().as_secs_f64());
     }
@@ -303,22 +348,42 @@ fn daemon(inst: Option<&str>, big: usize) -> anyhow::Result<()> {
     control::serve(lab.clone(), move || {
         let _ = nix::sys::signal::kill(me, Signal::SIGTERM);
     })?;
-    println!("netdrop-lab daemon {me}: lab {} up in {:.1} s", lab.instance(), lab.status().up_seconds);
+    println!(
+        "netdrop-lab daemon {me}: lab {} up in {:.1} s",
+        lab.instance(),
+        lab.status().up_seconds
+    );
     let sig = set.wait()?;
     println!("netdrop-lab daemon: {sig:?}, taking the lab down");
     let c = lab.down();
-    println!("netdrop-lab daemon: removed {} namespaces, restored {:?}", c.namespaces.len(), c.sysctls_restored);
+    println!(
+        "netdrop-lab daemon: removed {} namespaces, restored {:?}",
+        c.namespaces.len(),
+        c.sysctls_restored
+    );
     let _ = std::io::stdout().flush();
     // Other threads (control socket) may hold the Lab; it is down already.
     std::process::exit(0);
 }
 
-fn fault(cli: &Cli, name: &str, which: Option<&str>, pod: Option<String>, max: Option<u64>) -> anyhow::Result<()> {
+fn fault(
+    cli: &Cli,
+    name: &str,
+    which: Option<&str>,
+    pod: Option<String>,
+    max: Option<u64>,
+) -> anyhow::Result<()> {
     let st = live_status(cli.instance.as_deref())?;
     let req = if name == "clear" {
-        Request::Clear { kind: which.map(str::parse::<FaultKind>).transpose()? }
+        Request::Clear {
+            kind: which.map(str::parse::<FaultKind>).transpose()?,
+        }
     } else {
-        Request::Fault(FaultRequest { kind: name.parse()?, pod, max })
+        Request::Fault(FaultRequest {
+            kind: name.parse()?,
+            pod,
+            max,
+        })
     };
     let v = control::request(&st.state_dir, &req, Duration::from_secs(30))?;
     let records: Vec<FaultRecord> = if v["type"] == "cleared" {
@@ -341,10 +406,19 @@ fn fault(cli: &Cli, name: &str, which: Option<&str>, pod: Option<String>, max: O
 
 fn print_fault(r: &FaultRecord) {
     let target = r.backend.as_ref().map_or(String::new(), |b| {
-        format!(" backend {} ({}, {} on {})", b.pod, b.ip, b.interface, b.node)
+        format!(
+            " backend {} ({}, {} on {})",
+            b.pod, b.ip, b.interface, b.node
+        )
     });
-    let svc = r.service.as_deref().map_or(String::new(), |s| format!(" of {s}"));
-    println!("{} {}: node {} (netns {}){target}{svc}", r.fault, r.action, r.node, r.node_netns);
+    let svc = r
+        .service
+        .as_deref()
+        .map_or(String::new(), |s| format!(" of {s}"));
+    println!(
+        "{} {}: node {} (netns {}){target}{svc}",
+        r.fault, r.action, r.node, r.node_netns
+    );
     if r.action == "applied" {
         for d in &r.did {
             println!("  did:    {d}");
@@ -354,25 +428,60 @@ fn print_fault(r: &FaultRecord) {
 }
 
 fn print_status(st: &Status) {
-    println!("lab {} (pid {}, state {})", st.instance, st.pid, st.state_dir.display());
-    println!("kubeconfig: {}   (export KUBECONFIG={}; API {})", st.kubeconfig.display(), st.kubeconfig.display(), st.api_server);
+    println!(
+        "lab {} (pid {}, state {})",
+        st.instance,
+        st.pid,
+        st.state_dir.display()
+    );
+    println!(
+        "kubeconfig: {}   (export KUBECONFIG={}; API {})",
+        st.kubeconfig.display(),
+        st.kubeconfig.display(),
+        st.api_server
+    );
     println!("\nNODE     NETNS                       UNDERLAY        POD CIDR        NETNS INODE");
     for n in &st.nodes {
-        println!("{:<8} {:<27} {:<15} {:<15} {}", n.name, n.netns_path.display(), n.underlay_ip, n.pod_cidr, n.netns_inode);
+        println!(
+            "{:<8} {:<27} {:<15} {:<15} {}",
+            n.name,
+            n.netns_path.display(),
+            n.underlay_ip,
+            n.pod_cidr,
+            n.netns_inode
+        );
     }
     println!("\nSERVICE          CLUSTER-IP    PORTS               BACKENDS");
     for s in &st.services {
-        let ports: Vec<String> =
-            s.ports.iter().map(|p| format!("{}/{}→{}", p.port, p.protocol.lower(), p.target_port)).collect();
+        let ports: Vec<String> = s
+            .ports
+            .iter()
+            .map(|p| format!("{}/{}→{}", p.port, p.protocol.lower(), p.target_port))
+            .collect();
         let backends = if s.backends.len() > 4 {
             let a = s.backends.iter().filter(|b| b.node == "node-a").count();
-            format!("{} ({} on node-a, {} on node-b)", s.backends.len(), a, s.backends.len() - a)
+            format!(
+                "{} ({} on node-a, {} on node-b)",
+                s.backends.len(),
+                a,
+                s.backends.len() - a
+            )
         } else if s.backends.is_empty() {
             "none (kube-proxy REJECTs)".to_string()
         } else {
-            s.backends.iter().map(|b| format!("{}@{}", b.pod.trim_start_matches("default/"), b.node)).collect::<Vec<_>>().join(" ")
+            s.backends
+                .iter()
+                .map(|b| format!("{}@{}", b.pod.trim_start_matches("default/"), b.node))
+                .collect::<Vec<_>>()
+                .join(" ")
         };
-        println!("{:<16} {:<13} {:<19} {}", format!("{}/{}", s.namespace, s.name), s.cluster_ip, ports.join(","), backends);
+        println!(
+            "{:<16} {:<13} {:<19} {}",
+            format!("{}/{}", s.namespace, s.name),
+            s.cluster_ip,
+            ports.join(","),
+            backends
+        );
     }
     println!("\nPOD                  IP            NODE    INTERFACE        NETNS");
     let mut big = 0;
@@ -381,7 +490,11 @@ fn print_status(st: &Status) {
             big += 1;
             continue;
         }
-        let note = if p.role == lab::topology::Role::Backend && !p.listening { "  (not listening)" } else { "" };
+        let note = if p.role == lab::topology::Role::Backend && !p.listening {
+            "  (not listening)"
+        } else {
+            ""
+        };
         println!(
             "{:<20} {:<13} {:<7} {:<16} {}{note}",
             format!("{}/{}", p.namespace, p.name),
@@ -418,10 +531,17 @@ fn print_traffic(r: &TrafficReport) {
         r.latency_ms_p99
     );
     if !r.failures_by_kind.is_empty() {
-        let kinds: Vec<String> = r.failures_by_kind.iter().map(|(k, n)| format!("{k:?} {n}").to_lowercase()).collect();
+        let kinds: Vec<String> = r
+            .failures_by_kind
+            .iter()
+            .map(|(k, n)| format!("{k:?} {n}").to_lowercase())
+            .collect();
         println!("  failures: {}", kinds.join(", "));
     }
     for (b, n) in &r.successes_by_backend {
-        println!("  ok from {b}@{}: {n}", r.backend_nodes.get(b).map_or("?", String::as_str));
+        println!(
+            "  ok from {b}@{}: {n}",
+            r.backend_nodes.get(b).map_or("?", String::as_str)
+        );
     }
 }

@@ -38,7 +38,10 @@ pub enum Request {
 pub fn serve(lab: Arc<Lab>, on_down: impl Fn() + Send + 'static) -> Result<PathBuf, LabError> {
     let path = lab.state_dir().join(SOCKET_FILE);
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).map_err(|source| LabError::Io { path: path.clone(), source })?;
+    let listener = UnixListener::bind(&path).map_err(|source| LabError::Io {
+        path: path.clone(),
+        source,
+    })?;
     thread::Builder::new()
         .name("netdrop-lab-control".into())
         .spawn(move || {
@@ -51,7 +54,13 @@ pub fn serve(lab: Arc<Lab>, on_down: impl Fn() + Send + 'static) -> Result<PathB
                 let (reply, down) = match serde_json::from_str::<Request>(&line) {
                     Err(e) => (error(&format!("bad request: {e}")), false),
                     Ok(Request::Fault(req)) => (result(lab.fault(&req).map(|r| json!(r))), false),
-                    Ok(Request::Clear { kind }) => (result(lab.clear(kind).map(|r| json!({"type":"cleared","faults":r}))), false),
+                    Ok(Request::Clear { kind }) => (
+                        result(
+                            lab.clear(kind)
+                                .map(|r| json!({"type":"cleared","faults":r})),
+                        ),
+                        false,
+                    ),
                     Ok(Request::Status) => (json!(lab.status()), false),
                     Ok(Request::Down) => (json!({"type":"ok"}), true),
                 };
@@ -63,7 +72,10 @@ pub fn serve(lab: Arc<Lab>, on_down: impl Fn() + Send + 'static) -> Result<PathB
                 }
             }
         })
-        .map_err(|source| LabError::Io { path: path.clone(), source })?;
+        .map_err(|source| LabError::Io {
+            path: path.clone(),
+            source,
+        })?;
     Ok(path)
 }
 
@@ -78,15 +90,25 @@ fn result(r: Result<Value, LabError>) -> Value {
 /// Sends one request to the daemon of the instance whose state directory is `dir`.
 pub fn request(dir: &Path, req: &Request, timeout: Duration) -> Result<Value, LabError> {
     let path = dir.join(SOCKET_FILE);
-    let io = |source| LabError::Io { path: path.clone(), source };
+    let io = |source| LabError::Io {
+        path: path.clone(),
+        source,
+    };
     let mut s = UnixStream::connect(&path).map_err(io)?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
-    writeln!(s, "{}", serde_json::to_string(req).expect("request is JSON")).map_err(io)?;
+    writeln!(
+        s,
+        "{}",
+        serde_json::to_string(req).expect("request is JSON")
+    )
+    .map_err(io)?;
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line).map_err(io)?;
     let v: Value = serde_json::from_str(&line).map_err(|e| io(std::io::Error::other(e)))?;
     if v["type"] == "error" {
-        return Err(LabError::Daemon { message: v["error"].as_str().unwrap_or("?").to_string() });
+        return Err(LabError::Daemon {
+            message: v["error"].as_str().unwrap_or("?").to_string(),
+        });
     }
     Ok(v)
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::{BackendStatus, Lab, LabError, net, topology::PodSpec};
 
 /// `conntrack-insert` squeezes MASQUERADE into 4 ports from here on, a fresh 4 each time it is
-/// applied: entries of the previous application (TIME_WAIT, UDP) must not decide the next one.
+/// applied: entries of the previous application (`TIME_WAIT`, UDP) must not decide the next one.
 const SQUEEZE_BASE: u32 = 40000;
 static SQUEEZE_SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
@@ -81,7 +81,10 @@ impl fmt::Display for FaultKind {
 impl FromStr for FaultKind {
     type Err = LabError;
     fn from_str(s: &str) -> Result<Self, LabError> {
-        Self::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| LabError::UnknownFault(s.to_string()))
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| LabError::UnknownFault(s.to_string()))
     }
 }
 
@@ -97,7 +100,11 @@ pub struct FaultRequest {
 
 impl FaultRequest {
     pub fn new(kind: FaultKind) -> Self {
-        Self { kind, pod: None, max: None }
+        Self {
+            kind,
+            pod: None,
+            max: None,
+        }
     }
 }
 
@@ -176,8 +183,12 @@ pub(super) fn sysctl_path(key: &str) -> PathBuf {
 
 /// Restores what `<state_dir>/sysctl-restore.json` saved; returns the keys restored.
 pub(super) fn restore_sysctls(file: &std::path::Path) -> Vec<String> {
-    let Ok(text) = fs::read_to_string(file) else { return Vec::new() };
-    let Ok(saved) = serde_json::from_str::<SavedSysctls>(&text) else { return Vec::new() };
+    let Ok(text) = fs::read_to_string(file) else {
+        return Vec::new();
+    };
+    let Ok(saved) = serde_json::from_str::<SavedSysctls>(&text) else {
+        return Vec::new();
+    };
     let mut done = Vec::new();
     for (k, v) in &saved.sysctls {
         match fs::write(sysctl_path(k), v) {
@@ -193,8 +204,14 @@ pub(super) fn restore_sysctls(file: &std::path::Path) -> Vec<String> {
 
 impl Lab {
     fn target(&self, req: &FaultRequest) -> Result<Option<PodSpec>, LabError> {
-        let Some(key) = req.pod.as_deref().or(req.kind.default_pod()) else { return Ok(None) };
-        let pod = self.topology.pod(key).ok_or_else(|| LabError::NoPod(key.to_string()))?.clone();
+        let Some(key) = req.pod.as_deref().or(req.kind.default_pod()) else {
+            return Ok(None);
+        };
+        let pod = self
+            .topology
+            .pod(key)
+            .ok_or_else(|| LabError::NoPod(key.to_string()))?
+            .clone();
         let must_serve = match req.kind {
             FaultKind::BigOneBad => Some("big"),
             _ => None,
@@ -202,19 +219,26 @@ impl Lab {
         if self.topology.services_of(&pod).is_empty() || must_serve.is_some_and(|s| pod.app != s) {
             return Err(LabError::BadTarget {
                 fault: req.kind.to_string(),
-                why: format!("{key} is not a backend of {}", must_serve.unwrap_or("any Service")),
+                why: format!(
+                    "{key} is not a backend of {}",
+                    must_serve.unwrap_or("any Service")
+                ),
             });
         }
         if req.kind == FaultKind::RouteMissing && pod.node == self.topology.client().node {
             return Err(LabError::BadTarget {
                 fault: req.kind.to_string(),
-                why: format!("{key} is on the client's node {}; route-missing needs a backend on another node", pod.node),
+                why: format!(
+                    "{key} is on the client's node {}; route-missing needs a backend on another node",
+                    pod.node
+                ),
             });
         }
         Ok(Some(pod))
     }
 
     /// Injects a fault. One fault of each kind at a time.
+    #[expect(clippy::too_many_lines, reason = "one short arm per fault")]
     pub fn fault(&self, req: &FaultRequest) -> Result<FaultRecord, LabError> {
         let mut faults = self.faults.lock().expect("faults lock");
         if faults.iter().any(|(r, _)| r.fault == req.kind) {
@@ -222,8 +246,10 @@ impl Lab {
         }
         let pod = self.target(req)?;
         let client = self.topology.client().clone();
-        let service = pod.as_ref().and_then(|p| self.topology.services_of(p).first().map(|s| s.key()));
-        let backend = pod.as_ref().map(|p| self.backend_status(p));
+        let service = pod
+            .as_ref()
+            .and_then(|p| self.topology.services_of(p).first().map(|s| s.key()));
+        let backend = pod.as_ref().map(Self::backend_status);
         let node_name = match req.kind {
             FaultKind::ConntrackInsert | FaultKind::ConntrackFull => client.node.clone(),
             _ => pod.as_ref().map(|p| p.node.clone()).unwrap_or_default(),
@@ -237,16 +263,37 @@ impl Lab {
             FaultKind::PolicyDrop | FaultKind::BigOneBad => {
                 let p = pod.as_ref().expect("target");
                 let comment = tag(&p.key());
-                let spec: Vec<String> = ["-o", &p.cali(), "-m", "comment", "--comment", &comment, "-j", "DROP"]
-                    .iter()
-                    .map(|s| (*s).to_string())
-                    .collect();
-                self.iptables_insert(&node_ns, "filter", "FORWARD", &spec, &mut did)?;
-                rules.push(RuleRef { netns: node_ns.clone(), table: "filter".into(), chain: "FORWARD".into(), comment });
+                let spec: Vec<String> = [
+                    "-o",
+                    &p.cali(),
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &comment,
+                    "-j",
+                    "DROP",
+                ]
+                .iter()
+                .map(|s| (*s).to_string())
+                .collect();
+                Self::iptables_insert(&node_ns, "filter", "FORWARD", &spec, &mut did)?;
+                rules.push(RuleRef {
+                    netns: node_ns.clone(),
+                    table: "filter".into(),
+                    chain: "FORWARD".into(),
+                    comment,
+                });
                 let svc = service.clone().unwrap_or_default();
-                let n = self.topology.service(&svc).map_or(1, |s| self.topology.backends(s).len());
+                let n = self
+                    .topology
+                    .service(&svc)
+                    .map_or(1, |s| self.topology.backends(s).len());
                 (
-                    Undo::Rules { netns: node_ns.clone(), rules: vec![("filter".into(), "FORWARD".into(), spec)], holders: Vec::new() },
+                    Undo::Rules {
+                        netns: node_ns.clone(),
+                        rules: vec![("filter".into(), "FORWARD".into(), spec)],
+                        holders: Vec::new(),
+                    },
                     format!(
                         "about 1/{n} of new connections to {svc} (those kube-proxy sends to {}) time out: the packets to {} are dropped by a DROP rule in FORWARD on {node_name}",
                         p.key(),
@@ -257,7 +304,11 @@ impl Lab {
             FaultKind::NotListening => {
                 let p = pod.as_ref().expect("target");
                 self.servers.lock().expect("servers lock").remove(&p.key());
-                did.push(format!("closed the TCP and UDP sockets of {} on port {}", p.key(), super::topology::TARGET_PORT));
+                did.push(format!(
+                    "closed the TCP and UDP sockets of {} on port {}",
+                    p.key(),
+                    super::topology::TARGET_PORT
+                ));
                 (
                     Undo::Listen { pod: p.key() },
                     format!(
@@ -274,16 +325,33 @@ impl Lab {
                 let mut specs = Vec::new();
                 for proto in ["tcp", "udp"] {
                     let spec: Vec<String> = [
-                        "-s", &format!("{}/32", client.ip), "-d", &format!("{}/32", p.ip), "-p", proto, "-m", "comment",
-                        "--comment", &comment, "-j", "MASQUERADE", "--to-ports", &ports,
+                        "-s",
+                        &format!("{}/32", client.ip),
+                        "-d",
+                        &format!("{}/32", p.ip),
+                        "-p",
+                        proto,
+                        "-m",
+                        "comment",
+                        "--comment",
+                        &comment,
+                        "-j",
+                        "MASQUERADE",
+                        "--to-ports",
+                        &ports,
                     ]
                     .iter()
                     .map(|s| (*s).to_string())
                     .collect();
-                    self.iptables_insert(&node_ns, "nat", "POSTROUTING", &spec, &mut did)?;
+                    Self::iptables_insert(&node_ns, "nat", "POSTROUTING", &spec, &mut did)?;
                     specs.push(("nat".to_string(), "POSTROUTING".to_string(), spec));
                 }
-                rules.push(RuleRef { netns: node_ns.clone(), table: "nat".into(), chain: "POSTROUTING".into(), comment });
+                rules.push(RuleRef {
+                    netns: node_ns.clone(),
+                    table: "nat".into(),
+                    chain: "POSTROUTING".into(),
+                    comment,
+                });
                 // Linux 6.x lets NAT evict a TIME_WAIT entry to reuse its tuple for a new SYN
                 // (nf_nat_used_tuple_harder, net/netfilter/nf_nat_core.c), so closed TCP flows
                 // free their port at once; idle connections hold the squeezed ports, as
@@ -291,7 +359,11 @@ impl Lab {
                 let holders = match self.hold_ports(&client, p, 4) {
                     Ok(h) => h,
                     Err(e) => {
-                        let _ = self.undo(Undo::Rules { netns: node_ns.clone(), rules: specs, holders: Vec::new() });
+                        let _ = self.undo(Undo::Rules {
+                            netns: node_ns.clone(),
+                            rules: specs,
+                            holders: Vec::new(),
+                        });
                         return Err(e);
                     }
                 };
@@ -303,12 +375,19 @@ impl Lab {
                     super::topology::TARGET_PORT
                 ));
                 (
-                    Undo::Rules { netns: node_ns.clone(), rules: specs, holders },
+                    Undo::Rules {
+                        netns: node_ns.clone(),
+                        rules: specs,
+                        holders,
+                    },
                     format!(
                         "new flows from {} to {} fail: the 4 source ports MASQUERADE may use ({ports}) are taken (TCP: by idle connections; UDP: by the first 4 flows for 30 s), NAT finds no unique tuple and conntrack's insert fails on {node_name} (insert_failed in {node_ns}'s /proc/net/stat/nf_conntrack); about 1/{} of {}'s flows",
                         client.key(),
                         p.key(),
-                        service.as_deref().and_then(|s| self.topology.service(s)).map_or(1, |s| self.topology.backends(s).len()),
+                        service
+                            .as_deref()
+                            .and_then(|s| self.topology.service(s))
+                            .map_or(1, |s| self.topology.backends(s).len()),
                         service.as_deref().unwrap_or("?"),
                     ),
                 )
@@ -316,14 +395,31 @@ impl Lab {
             FaultKind::ConntrackFull => {
                 let max = req.max.unwrap_or(DEFAULT_CT_MAX);
                 let path = sysctl_path(CT_MAX_KEY);
-                let old = fs::read_to_string(&path).map_err(|source| LabError::Io { path: path.clone(), source })?.trim().to_string();
+                let old = fs::read_to_string(&path)
+                    .map_err(|source| LabError::Io {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_string();
                 // Saved before the change: a crash from here on is repaired by the next up/down.
-                let saved = SavedSysctls { owner_pid: std::process::id(), sysctls: vec![(CT_MAX_KEY.into(), old.clone())] };
+                let saved = SavedSysctls {
+                    owner_pid: std::process::id(),
+                    sysctls: vec![(CT_MAX_KEY.into(), old.clone())],
+                };
                 let file = self.state_dir.join(super::SYSCTL_FILE);
-                fs::write(&file, serde_json::to_vec(&saved).expect("json")).map_err(|source| LabError::Io { path: file, source })?;
-                fs::write(&path, max.to_string()).map_err(|source| LabError::Io { path: path.clone(), source })?;
+                fs::write(&file, serde_json::to_vec(&saved).expect("json"))
+                    .map_err(|source| LabError::Io { path: file, source })?;
+                fs::write(&path, max.to_string()).map_err(|source| LabError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
                 did.push(format!("sysctl -w {CT_MAX_KEY}={max} (was {old}; global: every namespace on this kernel)"));
-                sysctl = Some(SysctlChange { key: CT_MAX_KEY.into(), old, new: max.to_string() });
+                sysctl = Some(SysctlChange {
+                    key: CT_MAX_KEY.into(),
+                    old,
+                    new: max.to_string(),
+                });
                 (
                     Undo::Sysctl,
                     format!(
@@ -333,14 +429,27 @@ impl Lab {
             }
             FaultKind::RouteMissing => {
                 let p = pod.as_ref().expect("target");
-                let route = vec![format!("{}/32", p.ip), "dev".into(), p.cali(), "scope".into(), "link".into()];
+                let route = vec![
+                    format!("{}/32", p.ip),
+                    "dev".into(),
+                    p.cali(),
+                    "scope".into(),
+                    "link".into(),
+                ];
                 let mut args: Vec<&str> = vec!["route", "del"];
                 args.extend(route.iter().map(String::as_str));
                 net::ns_cmd(&node_ns, "ip", &args, None)?;
                 did.push(format!("ip -n {node_ns} {}", args.join(" ")));
-                let cidr = self.topology.node(&node_name).map(|n| format!("{}/{}", n.pod_cidr.0, n.pod_cidr.1)).unwrap_or_default();
+                let cidr = self
+                    .topology
+                    .node(&node_name)
+                    .map(|n| format!("{}/{}", n.pod_cidr.0, n.pod_cidr.1))
+                    .unwrap_or_default();
                 (
-                    Undo::Route { netns: node_ns.clone(), args: route },
+                    Undo::Route {
+                        netns: node_ns.clone(),
+                        args: route,
+                    },
                     format!(
                         "flows sent to {} time out: {node_name} has no /32 route to {} any more and its blackhole route for {cidr} (Calico's block route) discards them",
                         p.key(),
@@ -369,18 +478,29 @@ impl Lab {
         Ok(record)
     }
 
-    fn iptables_insert(&self, netns: &str, table: &str, chain: &str, spec: &[String], did: &mut Vec<String>) -> Result<(), LabError> {
+    fn iptables_insert(
+        netns: &str,
+        table: &str,
+        chain: &str,
+        spec: &[String],
+        did: &mut Vec<String>,
+    ) -> Result<(), LabError> {
         let mut args: Vec<&str> = vec!["-w", "-t", table, "-I", chain, "1"];
         args.extend(spec.iter().map(String::as_str));
         net::ns_cmd(netns, "iptables", &args, None)?;
-        did.push(format!("ip netns exec {netns} iptables {}", shell_words(&args)));
+        did.push(format!(
+            "ip netns exec {netns} iptables {}",
+            shell_words(&args)
+        ));
         Ok(())
     }
 
     /// Undoes one fault kind, or all of them; returns the records of those cleared.
     pub fn clear(&self, kind: Option<FaultKind>) -> Result<Vec<FaultRecord>, LabError> {
         let mut faults = self.faults.lock().expect("faults lock");
-        let (clear, keep): (Vec<_>, Vec<_>) = faults.drain(..).partition(|(r, _)| kind.is_none_or(|k| r.fault == k));
+        let (clear, keep): (Vec<_>, Vec<_>) = faults
+            .drain(..)
+            .partition(|(r, _)| kind.is_none_or(|k| r.fault == k));
         *faults = keep;
         drop(faults);
         let mut out = Vec::new();
@@ -401,7 +521,11 @@ impl Lab {
 
     fn undo(&self, undo: Undo) -> Result<(), LabError> {
         match undo {
-            Undo::Rules { netns, rules, holders } => {
+            Undo::Rules {
+                netns,
+                rules,
+                holders,
+            } => {
                 for h in holders {
                     h.abort();
                 }
@@ -413,7 +537,11 @@ impl Lab {
                 Ok(())
             }
             Undo::Listen { pod } => {
-                let p = self.topology.pod(&pod).ok_or_else(|| LabError::NoPod(pod.clone()))?.clone();
+                let p = self
+                    .topology
+                    .pod(&pod)
+                    .ok_or_else(|| LabError::NoPod(pod.clone()))?
+                    .clone();
                 self.start_server(&p)
             }
             Undo::Route { netns, args } => {
@@ -430,13 +558,23 @@ impl Lab {
 
     /// Opens `n` idle TCP connections from the client pod straight to the backend's target port
     /// and keeps them open on the lab's runtime until aborted.
-    fn hold_ports(&self, client: &PodSpec, backend: &PodSpec, n: usize) -> Result<Vec<tokio::task::AbortHandle>, LabError> {
+    fn hold_ports(
+        &self,
+        client: &PodSpec,
+        backend: &PodSpec,
+        n: usize,
+    ) -> Result<Vec<tokio::task::AbortHandle>, LabError> {
         let to = std::net::SocketAddr::from((backend.ip, super::topology::TARGET_PORT));
         let streams = net::in_netns(&net::netns_path(&self.names.pod_ns(client)), move || {
             let mut v = Vec::new();
             for _ in 0..n {
-                let io = |source| LabError::Io { path: format!("connection to {to}").into(), source };
-                let mut s = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2)).map_err(io)?;
+                let io = |source| LabError::Io {
+                    path: format!("connection to {to}").into(),
+                    source,
+                };
+                let mut s =
+                    std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2))
+                        .map_err(io)?;
                 std::io::Write::write_all(&mut s, super::servers::HOLD).map_err(io)?;
                 s.set_nonblocking(true).map_err(io)?;
                 v.push(s);
@@ -447,7 +585,10 @@ impl Lab {
         let _guard = rt.enter();
         let mut out = Vec::new();
         for s in streams {
-            let s = tokio::net::TcpStream::from_std(s).map_err(|source| LabError::Io { path: "held connection".into(), source })?;
+            let s = tokio::net::TcpStream::from_std(s).map_err(|source| LabError::Io {
+                path: "held connection".into(),
+                source,
+            })?;
             out.push(
                 rt.spawn(async move {
                     let mut s = s;
@@ -472,7 +613,13 @@ impl Lab {
 
 fn shell_words(args: &[&str]) -> String {
     args.iter()
-        .map(|a| if a.contains(' ') { format!("\"{a}\"") } else { (*a).to_string() })
+        .map(|a| {
+            if a.contains(' ') {
+                format!("\"{a}\"")
+            } else {
+                (*a).to_string()
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }

@@ -1,11 +1,10 @@
 //! The lab as Kubernetes objects (kubectl `-o json` shape) for the API stand-in: Nodes with
-//! their InternalIP and podCIDR, Pods with IP, node and readiness, ClusterIP Services and one
-//! EndpointSlice per Service, all matching what [`super::net`] built.
+//! their `InternalIP` and `podCIDR`, Pods with IP, node and readiness, `ClusterIP` Services and one
+//! `EndpointSlice` per Service, all matching what [`super::net`] built.
 
 use serde_json::{Value, json};
 
 use super::topology::{PodSpec, Role, ServiceSpec, TARGET_PORT, Topology};
-
 
 fn node(n: &super::topology::NodeSpec, created: &str) -> Value {
     json!({
@@ -25,7 +24,10 @@ fn node(n: &super::topology::NodeSpec, created: &str) -> Value {
 }
 
 fn pod(topo: &Topology, p: &PodSpec, created: &str) -> Value {
-    let host_ip = topo.node(&p.node).map(|n| n.underlay_ip.to_string()).unwrap_or_default();
+    let host_ip = topo
+        .node(&p.node)
+        .map(|n| n.underlay_ip.to_string())
+        .unwrap_or_default();
     let ports = if p.role == Role::Backend {
         json!([{"name": "http", "containerPort": TARGET_PORT, "protocol": "TCP"},
                {"name": "udp", "containerPort": TARGET_PORT, "protocol": "UDP"}])
@@ -120,15 +122,24 @@ mod tests {
         let objs = objects(&t);
         let web = objs
             .iter()
-            .find(|o| o["kind"] == "EndpointSlice" && o["metadata"]["labels"]["kubernetes.io/service-name"] == "web")
+            .find(|o| {
+                o["kind"] == "EndpointSlice"
+                    && o["metadata"]["labels"]["kubernetes.io/service-name"] == "web"
+            })
             .expect("web slice");
         assert_eq!(web["endpoints"].as_array().map(Vec::len), Some(3));
         assert_eq!(web["ports"][0]["port"], 8080);
         let empty = objs
             .iter()
-            .find(|o| o["kind"] == "EndpointSlice" && o["metadata"]["labels"]["kubernetes.io/service-name"] == "empty")
+            .find(|o| {
+                o["kind"] == "EndpointSlice"
+                    && o["metadata"]["labels"]["kubernetes.io/service-name"] == "empty"
+            })
             .expect("empty slice");
         assert_eq!(empty["endpoints"].as_array().map(Vec::len), Some(0));
-        assert_eq!(objs.iter().filter(|o| o["kind"] == "Pod").count(), t.pods.len());
+        assert_eq!(
+            objs.iter().filter(|o| o["kind"] == "Pod").count(),
+            t.pods.len()
+        );
     }
 }

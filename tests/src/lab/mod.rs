@@ -19,7 +19,7 @@
 //! - one namespace per pod (`ndlab-pod-default-web-0`), joined to its node by a veth whose node
 //!   side is Calico's `cali` + 11 hex of sha1("default.web-0"); the pod has its IP as /32 and a
 //!   default route via 169.254.1.1; the node has a /32 route, a static neighbour and proxy-ARP;
-//! - kube-proxy's iptables rules in every node for the ClusterIP Services (10.96.0.0/16);
+//! - kube-proxy's iptables rules in every node for the `ClusterIP` Services (10.96.0.0/16);
 //! - TCP and UDP echo on 8080 in every backend, the API stand-in on 127.0.0.1 and a kubeconfig.
 
 pub mod control;
@@ -67,7 +67,11 @@ pub(crate) const KUBECONFIG_FILE: &str = "kubeconfig";
 pub enum LabError {
     /// A command (`ip`, `iptables-restore`, …) exited with an error.
     #[error("`{cmd}` failed ({status}): {stderr}")]
-    Command { cmd: String, status: String, stderr: String },
+    Command {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
     /// A command could not be started.
     #[error("cannot run `{cmd}`: {source} (is iproute2/iptables installed? `cargo xtask setup`)")]
     Spawn {
@@ -97,7 +101,9 @@ pub enum LabError {
     AlreadyUp { instance: String, pid: u32 },
     #[error("the lab {instance} is not up; run `cargo xtask lab up`")]
     NotUp { instance: String },
-    #[error("unknown fault {0:?}: policy-drop, not-listening, conntrack-insert, conntrack-full, route-missing, big-one-bad")]
+    #[error(
+        "unknown fault {0:?}: policy-drop, not-listening, conntrack-insert, conntrack-full, route-missing, big-one-bad"
+    )]
     UnknownFault(String),
     #[error("fault {0} is already active; `lab fault clear {0}` first")]
     FaultActive(String),
@@ -132,7 +138,11 @@ impl LabOptions {
     /// other tests' labs, and is recognised as stale by `lab down` once this process is gone.
     pub fn for_test() -> Self {
         Self {
-            instance: Some(format!("t{}x{}", std::process::id(), INSTANCE_SEQ.fetch_add(1, Ordering::Relaxed))),
+            instance: Some(format!(
+                "t{}x{}",
+                std::process::id(),
+                INSTANCE_SEQ.fetch_add(1, Ordering::Relaxed)
+            )),
             sizes: Sizes::default(),
         }
     }
@@ -240,7 +250,9 @@ impl Status {
 
     pub fn service(&self, key: &str) -> Option<&ServiceStatus> {
         let (ns, name) = key.split_once('/').unwrap_or(("default", key));
-        self.services.iter().find(|s| s.namespace == ns && s.name == name)
+        self.services
+            .iter()
+            .find(|s| s.namespace == ns && s.name == name)
     }
 
     pub fn client(&self) -> Option<&PodStatus> {
@@ -249,20 +261,31 @@ impl Status {
 
     /// The Service's `ClusterIP:port` for a protocol.
     pub fn target(&self, service: &str, proto: Proto) -> Result<SocketAddr, LabError> {
-        let svc = self.service(service).ok_or_else(|| LabError::NoService(service.to_string()))?;
-        let port = svc.ports.iter().find(|p| p.protocol == proto).ok_or_else(|| LabError::NoPort {
-            service: service.to_string(),
-            proto: proto.lower().to_string(),
-        })?;
+        let svc = self
+            .service(service)
+            .ok_or_else(|| LabError::NoService(service.to_string()))?;
+        let port = svc
+            .ports
+            .iter()
+            .find(|p| p.protocol == proto)
+            .ok_or_else(|| LabError::NoPort {
+                service: service.to_string(),
+                proto: proto.lower().to_string(),
+            })?;
         Ok(SocketAddr::from((svc.cluster_ip, port.port)))
     }
 
     /// Runs the traffic generator from the client pod (usable without the [`Lab`] object).
     pub fn traffic(&self, service: &str, opts: &TrafficOptions) -> Result<TrafficReport, LabError> {
         let target = self.target(service, opts.proto)?;
-        let client = self.client().ok_or_else(|| LabError::NoPod("client".into()))?;
-        let key = self.service(service).map(|s| format!("{}/{}", s.namespace, s.name)).unwrap_or_default();
-        traffic::run(client.netns_path.clone(), &key, target, opts)
+        let client = self
+            .client()
+            .ok_or_else(|| LabError::NoPod("client".into()))?;
+        let key = self
+            .service(service)
+            .map(|s| format!("{}/{}", s.namespace, s.name))
+            .unwrap_or_default();
+        traffic::run(&client.netns_path, &key, target, opts)
     }
 }
 
@@ -281,7 +304,11 @@ impl RuntimeThread {
         let thread = thread::Builder::new()
             .name("netdrop-lab-rt".into())
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                {
                     Ok(rt) => rt,
                     Err(e) => {
                         let _ = tx.send(Err(e));
@@ -294,12 +321,22 @@ impl RuntimeThread {
                 });
                 rt.shutdown_timeout(Duration::from_secs(2));
             })
-            .map_err(|source| LabError::Io { path: "runtime thread".into(), source })?;
+            .map_err(|source| LabError::Io {
+                path: "runtime thread".into(),
+                source,
+            })?;
         let handle = rx
             .recv()
             .expect("runtime thread answers")
-            .map_err(|source| LabError::Io { path: "tokio runtime".into(), source })?;
-        Ok(Self { handle, stop: Some(stop), thread: Some(thread) })
+            .map_err(|source| LabError::Io {
+                path: "tokio runtime".into(),
+                source,
+            })?;
+        Ok(Self {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
     }
 }
 
@@ -339,12 +376,26 @@ pub struct Cleanup {
     pub killed: Vec<u32>,
 }
 
-fn pid_alive(pid: u32) -> bool {
-    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+/// Whether a process runs (a zombie does not: a killed daemon whose parent is gone may stay one
+/// until its reaper gets to it).
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // `pid (comm) S ...`: the state follows the last ')' (comm may contain anything).
+    pid != 0
+        && stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|s| s != "Z" && s != "X")
 }
 
 fn read_owner(dir: &Path) -> Option<u32> {
-    fs::read_to_string(dir.join(OWNER_FILE)).ok()?.trim().parse().ok()
+    fs::read_to_string(dir.join(OWNER_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Removes what an instance left behind: restores saved sysctls, deletes its namespaces and its
@@ -371,7 +422,8 @@ fn cleanup_inner(instance: Option<&str>, stale_too: bool, keep_own_log: bool) ->
     let mut doomed = Vec::new();
     let all_ns = net::list_netns();
     for (inst, dir) in &dirs {
-        out.sysctls_restored.extend(faults::restore_sysctls(&dir.join(SYSCTL_FILE)));
+        out.sysctls_restored
+            .extend(faults::restore_sysctls(&dir.join(SYSCTL_FILE)));
         let names = Names::new(inst.as_deref());
         doomed.extend(all_ns.iter().filter(|n| names.owns(n)).cloned());
     }
@@ -390,7 +442,13 @@ fn cleanup_inner(instance: Option<&str>, stale_too: bool, keep_own_log: bool) ->
     out.namespaces = net::delete_netns(&doomed);
     for (i, (_, dir)) in dirs.into_iter().enumerate() {
         if i == 0 && keep_own_log {
-            for f in [STATE_FILE, SYSCTL_FILE, OWNER_FILE, KUBECONFIG_FILE, control::SOCKET_FILE] {
+            for f in [
+                STATE_FILE,
+                SYSCTL_FILE,
+                OWNER_FILE,
+                KUBECONFIG_FILE,
+                control::SOCKET_FILE,
+            ] {
                 let _ = fs::remove_file(dir.join(f));
             }
             continue;
@@ -416,9 +474,15 @@ impl Lab {
         }
         // The daemon's log (opened by the CLI before starting it) stays; the rest goes.
         cleanup_inner(instance.as_deref(), false, true);
-        fs::create_dir_all(&dir).map_err(|source| LabError::Io { path: dir.clone(), source })?;
+        fs::create_dir_all(&dir).map_err(|source| LabError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         let owner = dir.join(OWNER_FILE);
-        fs::write(&owner, std::process::id().to_string()).map_err(|source| LabError::Io { path: owner, source })?;
+        fs::write(&owner, std::process::id().to_string()).map_err(|source| LabError::Io {
+            path: owner,
+            source,
+        })?;
         let lab = Self {
             topology: Topology::default_lab(opts.sizes),
             names: Names::new(instance.as_deref()),
@@ -446,13 +510,27 @@ impl Lab {
     }
 
     pub(crate) fn handle(&self) -> tokio::runtime::Handle {
-        self.rt.lock().expect("rt lock").as_ref().expect("lab runtime running").handle.clone()
+        self.rt
+            .lock()
+            .expect("rt lock")
+            .as_ref()
+            .expect("lab runtime running")
+            .handle
+            .clone()
     }
 
     pub(crate) fn start_server(&self, p: &PodSpec) -> Result<(), LabError> {
         let who = format!("{} {}", p.key(), p.node);
-        let s = servers::start(&self.handle(), &net::netns_path(&self.names.pod_ns(p)), topology::TARGET_PORT, who)?;
-        self.servers.lock().expect("servers lock").insert(p.key(), s);
+        let s = servers::start(
+            &self.handle(),
+            &net::netns_path(&self.names.pod_ns(p)),
+            topology::TARGET_PORT,
+            who,
+        )?;
+        self.servers
+            .lock()
+            .expect("servers lock")
+            .insert(p.key(), s);
         Ok(())
     }
 
@@ -497,17 +575,25 @@ impl Lab {
 
     /// `ip netns` name of a pod (`ns/name` or `name`).
     pub fn pod_netns(&self, pod: &str) -> Result<String, LabError> {
-        let p = self.topology.pod(pod).ok_or_else(|| LabError::NoPod(pod.to_string()))?;
+        let p = self
+            .topology
+            .pod(pod)
+            .ok_or_else(|| LabError::NoPod(pod.to_string()))?;
         Ok(self.names.pod_ns(p))
     }
 
-    pub(crate) fn backend_status(&self, p: &PodSpec) -> BackendStatus {
-        BackendStatus { pod: p.key(), ip: p.ip, node: p.node.clone(), interface: p.cali() }
+    pub(crate) fn backend_status(p: &PodSpec) -> BackendStatus {
+        BackendStatus {
+            pod: p.key(),
+            ip: p.ip,
+            node: p.node.clone(),
+            interface: p.cali(),
+        }
     }
 
     /// Everything about the lab, as `lab status -o json` prints it.
     pub fn status(&self) -> Status {
-        let inode = |ns: &str| fs::metadata(net::netns_path(ns)).map(|m| m.ino()).unwrap_or(0);
+        let inode = |ns: &str| fs::metadata(net::netns_path(ns)).map_or(0, |m| m.ino());
         let servers = self.servers.lock().expect("servers lock");
         let t = &self.topology;
         Status {
@@ -532,7 +618,12 @@ impl Lab {
                         underlay_if: "eth0".into(),
                         underlay_ip: n.underlay_ip,
                         pod_cidr: format!("{}/{}", n.pod_cidr.0, n.pod_cidr.1),
-                        workload_interfaces: t.pods.iter().filter(|p| p.node == n.name).map(PodSpec::cali).collect(),
+                        workload_interfaces: t
+                            .pods
+                            .iter()
+                            .filter(|p| p.node == n.name)
+                            .map(PodSpec::cali)
+                            .collect(),
                     }
                 })
                 .collect(),
@@ -563,10 +654,20 @@ impl Lab {
                     name: s.name.clone(),
                     cluster_ip: s.cluster_ip,
                     ports: s.ports.clone(),
-                    backends: t.backends(s).iter().map(|p| self.backend_status(p)).collect(),
+                    backends: t
+                        .backends(s)
+                        .iter()
+                        .map(|p| Self::backend_status(p))
+                        .collect(),
                 })
                 .collect(),
-            faults: self.faults.lock().expect("faults lock").iter().map(|(r, _)| r.clone()).collect(),
+            faults: self
+                .faults
+                .lock()
+                .expect("faults lock")
+                .iter()
+                .map(|(r, _)| r.clone())
+                .collect(),
         }
     }
 
@@ -574,7 +675,10 @@ impl Lab {
         let path = self.state_dir.join(STATE_FILE);
         let tmp = self.state_dir.join("state.json.tmp");
         let text = serde_json::to_string_pretty(&self.status()).expect("status is JSON");
-        fs::write(&tmp, text).map_err(|source| LabError::Io { path: tmp.clone(), source })?;
+        fs::write(&tmp, text).map_err(|source| LabError::Io {
+            path: tmp.clone(),
+            source,
+        })?;
         fs::rename(&tmp, &path).map_err(|source| LabError::Io { path, source })
     }
 

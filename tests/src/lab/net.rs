@@ -14,7 +14,10 @@ use std::{
 
 use super::{
     LabError,
-    topology::{CALI_MAC, CLUSTER_CIDR, Names, NodeSpec, POD_GATEWAY, Topology, UNDERLAY_PREFIX, sep_chain, svc_chain},
+    topology::{
+        CALI_MAC, CLUSTER_CIDR, Names, NodeSpec, POD_GATEWAY, Topology, UNDERLAY_PREFIX, sep_chain,
+        svc_chain,
+    },
 };
 
 /// Where `ip netns` keeps named namespaces.
@@ -30,7 +33,10 @@ pub fn in_netns<T: Send + 'static>(
     path: &Path,
     f: impl FnOnce() -> Result<T, LabError> + Send + 'static,
 ) -> Result<T, LabError> {
-    let file = fs::File::open(path).map_err(|source| LabError::Io { path: path.to_owned(), source })?;
+    let file = fs::File::open(path).map_err(|source| LabError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     let p = path.to_owned();
     thread::spawn(move || {
         nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
@@ -46,16 +52,30 @@ pub fn cmd(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, 
     let line = format!("{program} {}", args.join(" "));
     let mut child = Command::new(program)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| LabError::Spawn { cmd: line.clone(), source })?;
+        .map_err(|source| LabError::Spawn {
+            cmd: line.clone(),
+            source,
+        })?;
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().expect("piped stdin");
-        pipe.write_all(input.as_bytes()).map_err(|source| LabError::Spawn { cmd: line.clone(), source })?;
+        pipe.write_all(input.as_bytes())
+            .map_err(|source| LabError::Spawn {
+                cmd: line.clone(),
+                source,
+            })?;
     }
-    let out = child.wait_with_output().map_err(|source| LabError::Spawn { cmd: line.clone(), source })?;
+    let out = child.wait_with_output().map_err(|source| LabError::Spawn {
+        cmd: line.clone(),
+        source,
+    })?;
     if !out.status.success() {
         return Err(LabError::Command {
             cmd: line,
@@ -67,7 +87,12 @@ pub fn cmd(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, 
 }
 
 /// Runs a command inside a named namespace.
-pub fn ns_cmd(netns: &str, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, LabError> {
+pub fn ns_cmd(
+    netns: &str,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, LabError> {
     let (program, args, stdin) = (
         program.to_string(),
         args.iter().map(|s| (*s).to_string()).collect::<Vec<_>>(),
@@ -91,7 +116,10 @@ fn ip_batch(netns: Option<&str>, lines: &str) -> Result<(), LabError> {
 
 /// Writes sysctls (`net.ipv4.ip_forward` style keys) inside a namespace.
 pub fn ns_sysctls(netns: &str, kv: &[(&str, &str)]) -> Result<(), LabError> {
-    let kv: Vec<(String, String)> = kv.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect();
+    let kv: Vec<(String, String)> = kv
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+        .collect();
     in_netns(&netns_path(netns), move || {
         for (k, v) in kv {
             let path = PathBuf::from("/proc/sys").join(k.replace('.', "/"));
@@ -104,7 +132,11 @@ pub fn ns_sysctls(netns: &str, kv: &[(&str, &str)]) -> Result<(), LabError> {
 /// Names in `/run/netns`.
 pub fn list_netns() -> Vec<String> {
     fs::read_dir(NETNS_DIR)
-        .map(|d| d.filter_map(Result::ok).filter_map(|e| e.file_name().into_string().ok()).collect())
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -112,9 +144,13 @@ pub fn list_netns() -> Vec<String> {
 pub fn delete_netns(names: &[String]) -> Vec<String> {
     let mut deleted = Vec::new();
     // Pods first: their veths' node ends then disappear before the nodes go.
-    let (pods, nodes): (Vec<&String>, Vec<&String>) = names.iter().partition(|n| n.contains("pod-"));
+    let (pods, nodes): (Vec<&String>, Vec<&String>) =
+        names.iter().partition(|n| n.contains("pod-"));
     for chunk in [pods, nodes] {
-        let batch: String = chunk.iter().map(|n| format!("netns del {n}\n")).collect();
+        let batch = chunk.iter().fold(String::new(), |mut s, n| {
+            let _ = writeln!(s, "netns del {n}");
+            s
+        });
         if batch.is_empty() {
             continue;
         }
@@ -124,14 +160,22 @@ pub fn delete_netns(names: &[String]) -> Vec<String> {
                 let _ = cmd("ip", &["netns", "del", n], None);
             }
         }
-        deleted.extend(chunk.iter().filter(|n| !netns_path(n).exists()).map(|n| (*n).clone()));
+        deleted.extend(
+            chunk
+                .iter()
+                .filter(|n| !netns_path(n).exists())
+                .map(|n| (*n).clone()),
+        );
     }
     deleted
 }
 
 /// Sysctls of every lab namespace, before any link is created: no IPv6 (no ND/MLD/RS packets
 /// disturbing exact counts), and new links inherit it from `default`.
-const QUIET: [(&str, &str); 2] = [("net.ipv6.conf.all.disable_ipv6", "1"), ("net.ipv6.conf.default.disable_ipv6", "1")];
+const QUIET: [(&str, &str); 2] = [
+    ("net.ipv6.conf.all.disable_ipv6", "1"),
+    ("net.ipv6.conf.default.disable_ipv6", "1"),
+];
 
 /// Creates every namespace, link, address, route and rule of the topology.
 pub fn build(topo: &Topology, names: &Names) -> Result<(), LabError> {
@@ -141,13 +185,24 @@ pub fn build(topo: &Topology, names: &Names) -> Result<(), LabError> {
         .map(|n| names.node_ns(&n.name))
         .chain(topo.pods.iter().map(|p| names.pod_ns(p)))
         .collect();
-    ip_batch(None, &all.iter().map(|n| format!("netns add {n}\n")).collect::<String>())?;
+    let add = all.iter().fold(String::new(), |mut s, n| {
+        let _ = writeln!(s, "netns add {n}");
+        s
+    });
+    ip_batch(None, &add)?;
     for ns in &all {
         ns_sysctls(ns, &QUIET)?;
     }
     for node in &topo.nodes {
         let ns = names.node_ns(&node.name);
-        ns_sysctls(&ns, &[("net.ipv4.ip_forward", "1"), ("net.ipv4.conf.all.rp_filter", "0"), ("net.ipv4.conf.default.rp_filter", "0")])?;
+        ns_sysctls(
+            &ns,
+            &[
+                ("net.ipv4.ip_forward", "1"),
+                ("net.ipv4.conf.all.rp_filter", "0"),
+                ("net.ipv4.conf.default.rp_filter", "0"),
+            ],
+        )?;
     }
     underlay(topo, names)?;
     for node in &topo.nodes {
@@ -167,14 +222,23 @@ fn underlay(topo: &Topology, names: &Names) -> Result<(), LabError> {
         unreachable!("the lab has two nodes")
     };
     let (na, nb) = (names.node_ns(&a.name), names.node_ns(&b.name));
-    ip_batch(Some(&na), &format!("link add eth0 address 02:42:c0:a8:32:0a type veth peer name eth0 address 02:42:c0:a8:32:0b netns {nb}\n"))?;
+    ip_batch(
+        Some(&na),
+        &format!(
+            "link add eth0 address 02:42:c0:a8:32:0a type veth peer name eth0 address 02:42:c0:a8:32:0b netns {nb}\n"
+        ),
+    )?;
     for (me, other) in [(a, b), (b, a)] {
         let ns = names.node_ns(&me.name);
         let mut s = String::new();
         let _ = writeln!(s, "link set lo up");
         let _ = writeln!(s, "addr add {}/{UNDERLAY_PREFIX} dev eth0", me.underlay_ip);
         let _ = writeln!(s, "link set eth0 up");
-        let _ = writeln!(s, "route add {}/{} via {} dev eth0 proto bird", other.pod_cidr.0, other.pod_cidr.1, other.underlay_ip);
+        let _ = writeln!(
+            s,
+            "route add {}/{} via {} dev eth0 proto bird",
+            other.pod_cidr.0, other.pod_cidr.1, other.underlay_ip
+        );
         // A real node has a default route: packets to a Service without endpoints are routed and
         // reach FORWARD, where kube-proxy's REJECT answers them. Here the way out is an ifb
         // device (like dummy, which this kernel may lack: it consumes what it is sent outside a
@@ -183,10 +247,22 @@ fn underlay(topo: &Topology, names: &Names) -> Result<(), LabError> {
         let _ = writeln!(s, "link set ext0 up");
         let _ = writeln!(s, "route add default dev ext0");
         // Calico blackholes the node's own IPAM block: a pod IP without its /32 route goes nowhere.
-        let _ = writeln!(s, "route add blackhole {}/{} proto bird", me.pod_cidr.0, me.pod_cidr.1);
+        let _ = writeln!(
+            s,
+            "route add blackhole {}/{} proto bird",
+            me.pod_cidr.0, me.pod_cidr.1
+        );
         // Static neighbours: no ARP on the underlay either.
-        let other_mac = if std::ptr::eq(other, a) { "02:42:c0:a8:32:0a" } else { "02:42:c0:a8:32:0b" };
-        let _ = writeln!(s, "neigh replace {} lladdr {other_mac} dev eth0 nud permanent", other.underlay_ip);
+        let other_mac = if std::ptr::eq(other, a) {
+            "02:42:c0:a8:32:0a"
+        } else {
+            "02:42:c0:a8:32:0b"
+        };
+        let _ = writeln!(
+            s,
+            "neigh replace {} lladdr {other_mac} dev eth0 nud permanent",
+            other.underlay_ip
+        );
         ip_batch(Some(&ns), &s)?;
     }
     Ok(())
@@ -200,17 +276,30 @@ fn workloads(topo: &Topology, names: &Names, node: &NodeSpec) -> Result<(), LabE
     let mut s = String::new();
     for p in &pods {
         let cali = p.cali();
-        let _ = writeln!(s, "link add {cali} address {CALI_MAC} type veth peer name eth0 address {} netns {}", p.mac(), names.pod_ns(p));
+        let _ = writeln!(
+            s,
+            "link add {cali} address {CALI_MAC} type veth peer name eth0 address {} netns {}",
+            p.mac(),
+            names.pod_ns(p)
+        );
         let _ = writeln!(s, "link set {cali} up");
         let _ = writeln!(s, "route add {}/32 dev {cali} scope link", p.ip);
-        let _ = writeln!(s, "neigh replace {} lladdr {} dev {cali} nud permanent", p.ip, p.mac());
+        let _ = writeln!(
+            s,
+            "neigh replace {} lladdr {} dev {cali} nud permanent",
+            p.ip,
+            p.mac()
+        );
     }
     ip_batch(Some(&ns), &s)?;
     let keys: Vec<(String, &str)> = pods
         .iter()
         .flat_map(|p| {
             let c = p.cali();
-            [(format!("net.ipv4.conf.{c}.proxy_arp"), "1"), (format!("net.ipv4.neigh.{c}.proxy_delay"), "0")]
+            [
+                (format!("net.ipv4.conf.{c}.proxy_arp"), "1"),
+                (format!("net.ipv4.neigh.{c}.proxy_delay"), "0"),
+            ]
         })
         .collect();
     let kv: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (k.as_str(), *v)).collect();
@@ -234,15 +323,21 @@ pub fn iptables_restore(netns: &str, rules: &str) -> Result<(), LabError> {
     ns_cmd(netns, "iptables-restore", &[], Some(rules)).map(drop)
 }
 
-/// kube-proxy's iptables-mode rules for every ClusterIP Service of the topology (the same on every
+/// kube-proxy's iptables-mode rules for every `ClusterIP` Service of the topology (the same on every
 /// node, as kube-proxy writes them): `KUBE-SERVICES` from PREROUTING and OUTPUT, `KUBE-SVC-…` picking
 /// an endpoint with `-m statistic --mode random --probability 1/(n-i)`, `KUBE-SEP-…` DNAT,
 /// `KUBE-MARK-MASQ`/`KUBE-POSTROUTING` masquerading traffic from outside the cluster CIDR and
 /// hairpin traffic, `KUBE-FORWARD` dropping conntrack-INVALID packets, and REJECT for Services
 /// without endpoints (filter table, NEW connections). Source: kubernetes/kubernetes
 /// `pkg/proxy/iptables/proxier.go` (`syncProxyRules`), read for the rule shapes.
+#[expect(clippy::cast_precision_loss, reason = "n ≤ a few hundred backends")]
 pub fn kube_proxy_rules(topo: &Topology) -> String {
-    let mut nat_chains = vec!["KUBE-SERVICES".to_string(), "KUBE-POSTROUTING".into(), "KUBE-MARK-MASQ".into(), "KUBE-NODEPORTS".into()];
+    let mut nat_chains = vec![
+        "KUBE-SERVICES".to_string(),
+        "KUBE-POSTROUTING".into(),
+        "KUBE-MARK-MASQ".into(),
+        "KUBE-NODEPORTS".into(),
+    ];
     let mut nat = String::new();
     let mut filter = String::new();
     for svc in &topo.services {
@@ -273,13 +368,26 @@ pub fn kube_proxy_rules(topo: &Topology) -> String {
                 let sep = sep_chain(svc, port, &ep);
                 nat_chains.push(sep.clone());
                 let stat = if i + 1 < n {
-                    format!(" -m statistic --mode random --probability {:.10}", 1.0 / (n - i) as f64)
+                    format!(
+                        " -m statistic --mode random --probability {:.10}",
+                        1.0 / (n - i) as f64
+                    )
                 } else {
                     String::new()
                 };
-                let _ = writeln!(nat, "-A {svc_chain} -m comment --comment \"{sp} -> {ep}\"{stat} -j {sep}");
-                let _ = writeln!(nat, "-A {sep} -s {}/32 -m comment --comment \"{sp}\" -j KUBE-MARK-MASQ", b.ip);
-                let _ = writeln!(nat, "-A {sep} -p {proto} -m comment --comment \"{sp}\" -m {proto} -j DNAT --to-destination {ep}");
+                let _ = writeln!(
+                    nat,
+                    "-A {svc_chain} -m comment --comment \"{sp} -> {ep}\"{stat} -j {sep}"
+                );
+                let _ = writeln!(
+                    nat,
+                    "-A {sep} -s {}/32 -m comment --comment \"{sp}\" -j KUBE-MARK-MASQ",
+                    b.ip
+                );
+                let _ = writeln!(
+                    nat,
+                    "-A {sep} -p {proto} -m comment --comment \"{sp}\" -m {proto} -j DNAT --to-destination {ep}"
+                );
             }
         }
     }
@@ -317,7 +425,12 @@ pub fn kube_proxy_rules(topo: &Topology) -> String {
 /// Packet count of the rule carrying `comment` in `table`/`chain` of a namespace (summed when
 /// several rules carry it), from `iptables -L -v -x`.
 pub fn rule_packets(netns: &str, table: &str, chain: &str, comment: &str) -> Result<u64, LabError> {
-    let text = ns_cmd(netns, "iptables", &["-t", table, "-L", chain, "-v", "-x", "-n"], None)?;
+    let text = ns_cmd(
+        netns,
+        "iptables",
+        &["-t", table, "-L", chain, "-v", "-x", "-n"],
+        None,
+    )?;
     let needle = format!("/* {comment} */");
     Ok(text
         .lines()

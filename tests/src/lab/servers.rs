@@ -3,7 +3,7 @@
 //! so the traffic generator can count successes per backend.
 //!
 //! Protocol: the client sends one line (at most 512 bytes); the server answers
-//! `<namespace>/<pod> <node> <line>` (or, to [`HOLD`], nothing) and, for TCP, closes first, so TIME_WAIT stays on the
+//! `<namespace>/<pod> <node> <line>` (or, to [`HOLD`], nothing) and, for TCP, closes first, so `TIME_WAIT` stays on the
 //! backend's side and a long traffic run does not exhaust the client's ephemeral ports.
 
 use std::{
@@ -41,7 +41,12 @@ impl Drop for EchoServer {
 }
 
 /// Starts TCP and UDP echo on `port` inside the namespace at `netns_path`.
-pub fn start(rt: &Handle, netns_path: &std::path::Path, port: u16, who: String) -> Result<EchoServer, LabError> {
+pub fn start(
+    rt: &Handle,
+    netns_path: &std::path::Path,
+    port: u16,
+    who: String,
+) -> Result<EchoServer, LabError> {
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     let (tcp, udp) = in_netns(netns_path, move || {
         let io = |source| LabError::Bind { addr, source };
@@ -57,7 +62,9 @@ pub fn start(rt: &Handle, netns_path: &std::path::Path, port: u16, who: String) 
     let who_tcp = who.clone();
     let t = rt.spawn(async move {
         loop {
-            let Ok((mut sock, _)) = tcp.accept().await else { continue };
+            let Ok((mut sock, _)) = tcp.accept().await else {
+                continue;
+            };
             let who = who_tcp.clone();
             tokio::spawn(async move {
                 let mut buf = [0u8; 512];
@@ -92,7 +99,9 @@ pub fn start(rt: &Handle, netns_path: &std::path::Path, port: u16, who: String) 
     let u = rt.spawn(async move {
         let mut buf = [0u8; 512];
         loop {
-            let Ok((n, from)) = udp.recv_from(&mut buf).await else { continue };
+            let Ok((n, from)) = udp.recv_from(&mut buf).await else {
+                continue;
+            };
             let line = String::from_utf8_lossy(&buf[..n]);
             let reply = format!("{who} {}\n", line.trim_end());
             let _ = udp.send_to(reply.as_bytes(), from).await;

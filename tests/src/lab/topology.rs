@@ -111,7 +111,7 @@ pub struct PortSpec {
     pub target_port: u16,
 }
 
-/// A ClusterIP Service selecting pods by their `app` label.
+/// A `ClusterIP` Service selecting pods by their `app` label.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub namespace: String,
@@ -203,8 +203,18 @@ impl Topology {
         ];
         let half = big.div_ceil(2);
         for i in 0..big {
-            let (node, host) = if i < half { (0, 50 + i) } else { (1, 50 + i - half) };
-            pods.push(pod(format!("big-{i:02}"), node, host as u8, "big", Role::Backend));
+            let (node, host) = if i < half {
+                (0, 50 + i)
+            } else {
+                (1, 50 + i - half)
+            };
+            pods.push(pod(
+                format!("big-{i:02}"),
+                node,
+                host as u8,
+                "big",
+                Role::Backend,
+            ));
         }
         let svc = |name: &str, last: u8| ServiceSpec {
             namespace: "default".into(),
@@ -213,8 +223,17 @@ impl Topology {
             ports: echo_ports(),
             selector: name.into(),
         };
-        let services = vec![svc("web", 10), svc("healthy", 20), svc("big", 30), svc("empty", 40)];
-        Self { nodes, pods, services }
+        let services = vec![
+            svc("web", 10),
+            svc("healthy", 20),
+            svc("big", 30),
+            svc("empty", 40),
+        ];
+        Self {
+            nodes,
+            pods,
+            services,
+        }
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeSpec> {
@@ -224,18 +243,25 @@ impl Topology {
     /// A pod by `ns/name` or bare name (namespace `default`).
     pub fn pod(&self, key: &str) -> Option<&PodSpec> {
         let (ns, name) = key.split_once('/').unwrap_or(("default", key));
-        self.pods.iter().find(|p| p.namespace == ns && p.name == name)
+        self.pods
+            .iter()
+            .find(|p| p.namespace == ns && p.name == name)
     }
 
     /// A Service by `ns/name` or bare name (namespace `default`).
     pub fn service(&self, key: &str) -> Option<&ServiceSpec> {
         let (ns, name) = key.split_once('/').unwrap_or(("default", key));
-        self.services.iter().find(|s| s.namespace == ns && s.name == name)
+        self.services
+            .iter()
+            .find(|s| s.namespace == ns && s.name == name)
     }
 
     /// The client pod (the first pod with [`Role::Client`]).
     pub fn client(&self) -> &PodSpec {
-        self.pods.iter().find(|p| p.role == Role::Client).expect("the lab has a client pod")
+        self.pods
+            .iter()
+            .find(|p| p.role == Role::Client)
+            .expect("the lab has a client pod")
     }
 
     /// The Service's backends, in kube-proxy's order (sorted by `ip:port`, as strings).
@@ -243,7 +269,9 @@ impl Topology {
         let mut b: Vec<&PodSpec> = self
             .pods
             .iter()
-            .filter(|p| p.role == Role::Backend && p.namespace == svc.namespace && p.app == svc.selector)
+            .filter(|p| {
+                p.role == Role::Backend && p.namespace == svc.namespace && p.app == svc.selector
+            })
             .collect();
         b.sort_by_key(|p| format!("{}:{TARGET_PORT}", p.ip));
         b
@@ -253,7 +281,9 @@ impl Topology {
     pub fn services_of(&self, pod: &PodSpec) -> Vec<&ServiceSpec> {
         self.services
             .iter()
-            .filter(|s| pod.role == Role::Backend && s.namespace == pod.namespace && s.selector == pod.app)
+            .filter(|s| {
+                pod.role == Role::Backend && s.namespace == pod.namespace && s.selector == pod.app
+            })
             .collect()
     }
 }
@@ -301,19 +331,34 @@ fn chain_hash(s: &str) -> String {
     for b in &digest[..10] {
         bits = bits << 8 | u128::from(*b);
     }
-    (0..16).map(|i| char::from(ALPHABET[(bits >> (75 - 5 * i) & 31) as usize])).collect()
+    (0..16)
+        .map(|i| char::from(ALPHABET[(bits >> (75 - 5 * i) & 31) as usize]))
+        .collect()
 }
 
 /// `KUBE-SVC-…` of a Service port (`servicePortChainName`).
 pub fn svc_chain(svc: &ServiceSpec, port: &PortSpec) -> String {
-    format!("KUBE-SVC-{}", chain_hash(&format!("{}:{}{}", svc.key(), port.name, port.protocol.lower())))
+    format!(
+        "KUBE-SVC-{}",
+        chain_hash(&format!(
+            "{}:{}{}",
+            svc.key(),
+            port.name,
+            port.protocol.lower()
+        ))
+    )
 }
 
 /// `KUBE-SEP-…` of one endpoint of a Service port (`servicePortEndpointChainName`).
 pub fn sep_chain(svc: &ServiceSpec, port: &PortSpec, endpoint: &str) -> String {
     format!(
         "KUBE-SEP-{}",
-        chain_hash(&format!("{}:{}{}{endpoint}", svc.key(), port.name, port.protocol.lower()))
+        chain_hash(&format!(
+            "{}:{}{}{endpoint}",
+            svc.key(),
+            port.name,
+            port.protocol.lower()
+        ))
     )
 }
 

@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::PathBuf,
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -102,7 +102,9 @@ fn kind_of(e: &std::io::Error) -> FailureKind {
     match e.kind() {
         K::ConnectionRefused => FailureKind::Refused,
         K::HostUnreachable | K::NetworkUnreachable => FailureKind::Unreachable,
-        K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => FailureKind::Reset,
+        K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
+            FailureKind::Reset
+        }
         K::TimedOut => FailureKind::Timeout,
         _ => FailureKind::Other,
     }
@@ -128,10 +130,14 @@ async fn tcp_once(target: SocketAddr, seq: u64, timeout: Duration) -> Result<Str
 }
 
 async fn udp_once(target: SocketAddr, seq: u64, timeout: Duration) -> Result<String, FailureKind> {
-    let sock = UdpSocket::bind(("0.0.0.0", 0)).await.map_err(|e| kind_of(&e))?;
+    let sock = UdpSocket::bind(("0.0.0.0", 0))
+        .await
+        .map_err(|e| kind_of(&e))?;
     // Connected: an ICMP error for this flow comes back as an error on recv.
     sock.connect(target).await.map_err(|e| kind_of(&e))?;
-    sock.send(format!("ndlab {seq}\n").as_bytes()).await.map_err(|e| kind_of(&e))?;
+    sock.send(format!("ndlab {seq}\n").as_bytes())
+        .await
+        .map_err(|e| kind_of(&e))?;
     let mut buf = [0u8; 600];
     let n = tokio::time::timeout(timeout, sock.recv(&mut buf))
         .await
@@ -148,23 +154,38 @@ fn parse_reply(reply: &str, seq: u64) -> Option<(String, String)> {
 }
 
 /// Runs the generator from inside the namespace at `client_netns` (the client pod's).
-pub fn run(client_netns: PathBuf, service: &str, target: SocketAddr, opts: &TrafficOptions) -> Result<TrafficReport, LabError> {
+#[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+pub fn run(
+    client_netns: &Path,
+    service: &str,
+    target: SocketAddr,
+    opts: &TrafficOptions,
+) -> Result<TrafficReport, LabError> {
     let o = opts.clone();
     let tally = Arc::new(Mutex::new(Tally::default()));
     let t = tally.clone();
-    let (attempts, elapsed) = in_netns(&client_netns, move || {
+    let (attempts, elapsed) = in_netns(client_netns, move || {
         // A runtime on this thread only: every socket it opens is in the client's namespace.
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|source| LabError::Io { path: "tokio runtime".into(), source })?;
+            .map_err(|source| LabError::Io {
+                path: "tokio runtime".into(),
+                source,
+            })?;
         Ok(rt.block_on(generate(target, &o, t)))
     })?;
     let t = tally.lock().expect("tally");
     let failures: u64 = t.failures.values().sum();
     let mut lat = t.latencies_us.clone();
     lat.sort_unstable();
-    let pct = |q: f64| if lat.is_empty() { 0.0 } else { lat[((lat.len() - 1) as f64 * q) as usize] as f64 / 1000.0 };
+    let pct = |q: f64| {
+        if lat.is_empty() {
+            0.0
+        } else {
+            lat[((lat.len() - 1) as f64 * q) as usize] as f64 / 1000.0
+        }
+    };
     Ok(TrafficReport {
         kind: "traffic".into(),
         service: service.into(),
@@ -175,7 +196,11 @@ pub fn run(client_netns: PathBuf, service: &str, target: SocketAddr, opts: &Traf
         attempts,
         successes: t.successes,
         failures,
-        failure_ratio: if attempts == 0 { 0.0 } else { failures as f64 / attempts as f64 },
+        failure_ratio: if attempts == 0 {
+            0.0
+        } else {
+            failures as f64 / attempts as f64
+        },
         failures_by_kind: t.failures.clone(),
         successes_by_backend: t.by_backend.clone(),
         backend_nodes: t.nodes.clone(),
@@ -185,7 +210,11 @@ pub fn run(client_netns: PathBuf, service: &str, target: SocketAddr, opts: &Traf
     })
 }
 
-async fn generate(target: SocketAddr, o: &TrafficOptions, tally: Arc<Mutex<Tally>>) -> (u64, Duration) {
+async fn generate(
+    target: SocketAddr,
+    o: &TrafficOptions,
+    tally: Arc<Mutex<Tally>>,
+) -> (u64, Duration) {
     let total = (f64::from(o.rate) * o.duration.as_secs_f64()).round() as u64;
     let period = Duration::from_secs_f64(1.0 / f64::from(o.rate.max(1)));
     let mut tick = tokio::time::interval(period);
@@ -226,7 +255,10 @@ mod tests {
 
     #[test]
     fn replies() {
-        assert_eq!(parse_reply("default/web-0 node-a ndlab 7\n", 7), Some(("default/web-0".into(), "node-a".into())));
+        assert_eq!(
+            parse_reply("default/web-0 node-a ndlab 7\n", 7),
+            Some(("default/web-0".into(), "node-a".into()))
+        );
         assert_eq!(parse_reply("default/web-0 node-a ndlab 8\n", 7), None);
         assert_eq!(parse_reply("garbage", 7), None);
     }
