@@ -53,6 +53,10 @@ fn ct_max() -> String {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one lab, brought up once, many checks"
+)]
 fn lab_traffic_faults_kubectl_and_clean_down() {
     require_root!("lab_traffic_faults_kubectl_and_clean_down");
     let _serial = SERIAL
@@ -149,6 +153,35 @@ fn lab_traffic_faults_kubectl_and_clean_down() {
         .traffic("default/web", &traffic(200, 2, Proto::Tcp))
         .expect("traffic");
     assert_eq!(r.failures, 0, "cleared: {r:?}");
+
+    // conntrack-insert: the client's flows to one backend fail at conntrack's insert on the
+    // client's node, one insert_failed per failed flow.
+    let fault = lab
+        .fault(&FaultRequest::new(FaultKind::ConntrackInsert))
+        .expect("conntrack-insert");
+    let before = lab
+        .conntrack_stat(&fault.node, "insert_failed")
+        .expect("ct stat");
+    let r = lab
+        .traffic("default/web", &traffic(200, 3, Proto::Tcp))
+        .expect("traffic");
+    let failed = lab
+        .conntrack_stat(&fault.node, "insert_failed")
+        .expect("ct stat")
+        - before;
+    println!(
+        "conntrack-insert on {}: {} of {} failed, insert_failed +{failed}",
+        fault.node, r.failures, r.attempts
+    );
+    assert_eq!(
+        r.failures, failed,
+        "generator failures vs the kernel's insert_failed: {r:?}"
+    );
+    assert!(
+        (0.22..=0.45).contains(&r.failure_ratio),
+        "about 1/3 fail: {r:?}"
+    );
+    lab.clear(None).expect("clear");
 
     // kubectl through the API stand-in lists the lab's pods with their IPs and nodes.
     if have("kubectl") {

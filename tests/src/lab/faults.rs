@@ -312,7 +312,7 @@ impl Lab {
                 (
                     Undo::Listen { pod: p.key() },
                     format!(
-                        "connections sent to {} are refused (RST from its namespace: no socket on {}); UDP gets ICMP port unreachable",
+                        "connections sent to {} are refused (RST from its namespace: no socket on {}); UDP gets ICMP port unreachable (rate-limited by the kernel's icmp_ratelimit, so most UDP clients see a timeout)",
                         p.key(),
                         super::topology::TARGET_PORT
                     ),
@@ -423,7 +423,7 @@ impl Lab {
                 (
                     Undo::Sysctl,
                     format!(
-                        "new flows fail in any lab node holding {max} conntrack entries, first {node_name} where the client's flows are tracked (kernel counter: 'drop' in {node_ns}'s /proc/net/stat/nf_conntrack; dmesg 'nf_conntrack: table full')"
+                        "new flows fail in every lab node holding {max} or more conntrack entries, first {node_name} where the client's flows are tracked; early_drop evicts unreplied entries first, so some flows still pass. Client failures = the sum of 'drop' over the nodes' /proc/net/stat/nf_conntrack (Lab::conntrack_stat); dmesg says 'nf_conntrack: table full'"
                     ),
                 )
             }
@@ -599,6 +599,26 @@ impl Lab {
             );
         }
         Ok(out)
+    }
+
+    /// A column of a node's `/proc/net/stat/nf_conntrack` (e.g. `drop`, `insert_failed`,
+    /// `early_drop`), summed over CPUs: the kernel's own count for the conntrack faults.
+    pub fn conntrack_stat(&self, node: &str, column: &str) -> Result<u64, LabError> {
+        let text = net::ns_cmd(
+            &self.names.node_ns(node),
+            "cat",
+            &["/proc/net/stat/nf_conntrack"],
+            None,
+        )?;
+        let mut lines = text.lines();
+        let idx = lines
+            .next()
+            .and_then(|h| h.split_whitespace().position(|c| c == column))
+            .ok_or_else(|| LabError::NoColumn(column.to_string()))?;
+        Ok(lines
+            .filter_map(|l| l.split_whitespace().nth(idx))
+            .filter_map(|v| u64::from_str_radix(v, 16).ok())
+            .sum())
     }
 
     /// Packets counted by the rules a fault added (all its rules summed).

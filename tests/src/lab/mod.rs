@@ -113,6 +113,8 @@ pub enum LabError {
     NoService(String),
     #[error("Service {service} has no {proto} port")]
     NoPort { service: String, proto: String },
+    #[error("no column {0:?} in /proc/net/stat/nf_conntrack")]
+    NoColumn(String),
     #[error("fault {fault}: {why}")]
     BadTarget { fault: String, why: String },
     #[error("Kubernetes API stand-in: {0}")]
