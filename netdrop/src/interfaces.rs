@@ -953,7 +953,10 @@ pub struct InterfacesArgs {
     #[arg(long = "iface-pattern", value_name = "GLOB", default_value = "cali*", help_heading = "Interfaces")]
     pub iface_patterns: Vec<String>,
 
-    /// How to attach: `tcx` (Linux 6.6+), `clsact` (netlink filters), or `auto`.
+    /// How to attach: `tcx` (Linux 6.6+; links die with the process), `clsact` (netlink filters,
+    /// removed by the next run after a SIGKILL), or `auto` (tcx when available). Each TCX
+    /// attach/detach waits for an RCU grace period under the rtnl lock (about 23 ms per
+    /// interface measured on 6.18): with hundreds of pods, `clsact` starts ~50x faster.
     #[arg(long, value_enum, default_value_t = TcModeChoice::Auto, help_heading = "Interfaces")]
     pub tc_mode: TcModeChoice,
 

@@ -275,8 +275,8 @@ struct ChurnResult {
 /// Offers link events through one `ip -batch` at `rate` per second (0 = as fast as possible):
 /// creations of new cali veths, and (when `delete_after` is set) deletions of those created
 /// that many events earlier. Returns latency from writing the command to netdrop's event.
-fn churn(bin: &PathBuf, ns: &str, first: usize, creates: usize, rate: u32, delete_after: Option<usize>) -> anyhow::Result<ChurnResult> {
-    let nd = Netdrop::start(bin, &["--node-netns", &format!("n={}", PathBuf::from("/run/netns").join(ns).display())])?;
+fn churn(bin: &PathBuf, ns: &str, first: usize, creates: usize, rate: u32, delete_after: Option<usize>, mode: &str) -> anyhow::Result<ChurnResult> {
+    let nd = Netdrop::start(bin, &["--node-netns", &format!("n={}", PathBuf::from("/run/netns").join(ns).display()), "--tc-mode", mode])?;
     let mut child = Command::new("ip").args(["-n", ns, "-force", "-batch", "-"]).stdin(Stdio::piped()).spawn()?;
     let mut stdin = child.stdin.take().context("stdin")?;
     let mut created_at: HashMap<String, f64> = HashMap::new();
@@ -378,27 +378,35 @@ pub fn run() -> anyhow::Result<()> {
     topology(&mut ns)?;
     let node_arg = format!("n={}", PathBuf::from("/run/netns").join(NODE).display());
 
-    // 1. Overhead, same run: without, TCX, clsact, without.
+    // 1. Overhead, same run, interleaved twice: without, TCX, clsact, ..., without.
     let mut phases: Vec<(String, Overhead)> = Vec::new();
     println!("overhead: iperf3 TCP/UDP pod A → pod B through two cali veths and the node ({SECONDS} s each) + 1-byte TCP RR (3 s)");
-    phases.push(("no netdrop".into(), measure()?));
-    for mode in ["tcx", "clsact"] {
-        let nd = Netdrop::start(&bin, &["--node-netns", &node_arg, "--tc-mode", mode])?;
-        let m = measure()?;
-        nd.stop()?;
-        phases.push((format!("netdrop ({mode})"), m));
+    for _round in 0..2 {
+        phases.push(("no netdrop".into(), measure()?));
+        for mode in ["tcx", "clsact"] {
+            let nd = Netdrop::start(&bin, &["--node-netns", &node_arg, "--tc-mode", mode])?;
+            let m = measure()?;
+            nd.stop()?;
+            phases.push((format!("netdrop ({mode})"), m));
+        }
     }
-    phases.push(("no netdrop (again)".into(), measure()?));
-    let base = {
-        let (a, b) = (phases[0].1, phases[phases.len() - 1].1);
+    phases.push(("no netdrop".into(), measure()?));
+    let mean_of = |name: &str| -> Overhead {
+        let sel: Vec<Overhead> = phases.iter().filter(|(n, _)| n == name).map(|(_, m)| *m).collect();
+        let k = sel.len().max(1) as f64;
         Overhead {
-            tcp_gbps: (a.tcp_gbps + b.tcp_gbps) / 2.0,
-            udp_gbps: (a.udp_gbps + b.udp_gbps) / 2.0,
-            udp_loss: (a.udp_loss + b.udp_loss) / 2.0,
-            rr_mean_us: (a.rr_mean_us + b.rr_mean_us) / 2.0,
-            rr_p99_us: (a.rr_p99_us + b.rr_p99_us) / 2.0,
+            tcp_gbps: sel.iter().map(|m| m.tcp_gbps).sum::<f64>() / k,
+            udp_gbps: sel.iter().map(|m| m.udp_gbps).sum::<f64>() / k,
+            udp_loss: sel.iter().map(|m| m.udp_loss).sum::<f64>() / k,
+            rr_mean_us: sel.iter().map(|m| m.rr_mean_us).sum::<f64>() / k,
+            rr_p99_us: sel.iter().map(|m| m.rr_p99_us).sum::<f64>() / k,
         }
     };
+    let base = mean_of("no netdrop");
+    let means: Vec<(String, Overhead)> =
+        ["netdrop (tcx)", "netdrop (clsact)"].into_iter().map(|n| (format!("mean: {n}"), mean_of(n))).collect();
+    phases.extend(means);
+    phases.push(("mean: no netdrop".into(), base));
 
     // 2. Attach time for 1,000 cali veths present at start-up.
     ns.add(MANY)?;
@@ -418,10 +426,19 @@ pub fn run() -> anyhow::Result<()> {
     sh("ip", &["netns", "del", MANY])?;
     ns.0.retain(|n| n != MANY);
 
-    // 3. Churn: 100 events/s for 10 s (creations, each deleted 50 events later), then a burst.
-    ns.add(MANY)?;
-    let paced = churn(&bin, MANY, 0x200_0000, 500, 100, Some(50))?;
-    let burst = churn(&bin, MANY, 0x300_0000, 500, 0, None)?;
+    // 3. Churn: 100 events/s for 10 s (creations, each deleted 50 events later), then a burst,
+    // in both modes (a fresh namespace each time).
+    let mut churns = Vec::new();
+    for (i, mode) in ["tcx", "clsact"].into_iter().enumerate() {
+        ns.add(MANY)?;
+        let base_id = 0x200_0000 + i * 0x10_0000;
+        let paced = churn(&bin, MANY, base_id, 500, 100, Some(50), mode)?;
+        let burst = churn(&bin, MANY, base_id + 0x8_0000, 500, 0, None, mode)?;
+        churns.push((format!("{mode}: paced 100/s (create + delete)"), paced));
+        churns.push((format!("{mode}: burst of 500 creations"), burst));
+        sh("ip", &["netns", "del", MANY])?;
+        ns.0.retain(|n| n != MANY);
+    }
 
     println!("\nkernel {kernel}, {} CPUs", aya::util::nr_cpus().map_or(0, |n| n));
     println!("| phase | TCP Gbit/s | vs none | UDP Gbit/s (loss) | vs none | RR mean µs | RR p99 µs | RR mean vs none |");
@@ -450,7 +467,7 @@ pub fn run() -> anyhow::Result<()> {
     }
     println!("\n| churn | link events offered | over (s) | rate (events/s) | missed | latency p50 (ms) | p99 (ms) | max (ms) |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    for (name, c) in [("paced 100/s (create + delete)", &paced), ("burst: 500 creations at once", &burst)] {
+    for (name, c) in &churns {
         println!(
             "| {name} | {} | {:.2} | {:.0} | {} | {:.1} | {:.1} | {:.1} |",
             c.offered,
@@ -466,9 +483,8 @@ pub fn run() -> anyhow::Result<()> {
     fs::create_dir_all(&dir)?;
     let doc = json!({"kernel": kernel, "overhead": jphases,
         "attach_1000": attach.iter().map(|(m, p, s, w, d)| json!({"mode": m, "attach_ms": p, "start_to_attached_ms": s, "wall_ms": w, "detach_ms": d})).collect::<Vec<_>>(),
-        "churn": [
-            {"name": "paced", "offered": paced.offered, "seconds": paced.seconds, "missed": paced.missed, "p50_ms": paced.p50_ms, "p99_ms": paced.p99_ms, "max_ms": paced.max_ms},
-            {"name": "burst", "offered": burst.offered, "seconds": burst.seconds, "missed": burst.missed, "p50_ms": burst.p50_ms, "p99_ms": burst.p99_ms, "max_ms": burst.max_ms}]});
+        "churn": churns.iter().map(|(n, c)| json!({"name": n, "offered": c.offered, "seconds": c.seconds, "missed": c.missed,
+            "p50_ms": c.p50_ms, "p99_ms": c.p99_ms, "max_ms": c.max_ms})).collect::<Vec<_>>()});
     fs::write(dir.join("tc.json"), serde_json::to_string_pretty(&doc)?)?;
     println!("(also in {})", dir.join("tc.json").display());
     Ok(())
