@@ -125,6 +125,7 @@ struct Options {
 /// ones are listed in the work dir's `modules-<kernel>.txt`).
 const MODULES: &[&str] = &[
     "veth",
+    "ifb",
     "dummy",
     "bridge",
     "br_netfilter",
