@@ -56,6 +56,15 @@ fn traffic(lab: &Lab, svc: &str, secs: u64) -> TrafficReport {
         .unwrap_or_else(|e| panic!("traffic: {e}"))
 }
 
+/// `trace --svc` over `secs` of traffic; returns the generator's report and netdrop's output
+/// (stopped a little after the traffic, so the last drops are drained and counted).
+fn traced(lab: &Lab, svc: &str, secs: u64) -> (TrafficReport, netdrop_tests::TraceOutput) {
+    let tracer = trace(lab, svc);
+    let report = traffic(lab, svc, secs);
+    std::thread::sleep(Duration::from_millis(1200));
+    (report, tracer.stop())
+}
+
 fn backend<'a>(summary: &'a Value, pod: &str) -> &'a Value {
     summary["backends"]
         .as_array()
@@ -86,10 +95,7 @@ fn policy_drop_on_one_of_three_backends_is_found() {
         .fault(&FaultRequest::new(FaultKind::PolicyDrop))
         .expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
-    let tracer = trace(&lab, "default/web");
-    let report = traffic(&lab, "default/web", 5);
-    std::thread::sleep(Duration::from_millis(1200));
-    let out = tracer.stop();
+    let (report, out) = traced(&lab, "default/web", 5);
     let s = &out.summary;
     let rule_packets = lab.fault_packets(&fault).expect("rule counter");
     println!(
@@ -151,10 +157,7 @@ fn backend_not_listening_is_no_socket_on_that_backend() {
         .fault(&FaultRequest::new(FaultKind::NotListening))
         .expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
-    let tracer = trace(&lab, "default/web");
-    let report = traffic(&lab, "default/web", 5);
-    std::thread::sleep(Duration::from_millis(1200));
-    let out = tracer.stop();
+    let (report, out) = traced(&lab, "default/web", 5);
     let s = &out.summary;
     println!("generator: {report:?}\nnetdrop: {s}");
     let b = backend(s, &bad.pod);
@@ -175,10 +178,7 @@ fn healthy_service_has_no_drops_attributed() {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
-    let tracer = trace(&lab, "default/healthy");
-    let report = traffic(&lab, "default/healthy", 5);
-    std::thread::sleep(Duration::from_millis(1200));
-    let out = tracer.stop();
+    let (report, out) = traced(&lab, "default/healthy", 5);
     let s = &out.summary;
     assert_eq!(report.failures, 0, "{report:?}");
     assert_eq!(s["drops"], 0, "{s}");
@@ -201,10 +201,7 @@ fn one_bad_backend_of_fifty_is_found() {
         .fault(&FaultRequest::new(FaultKind::BigOneBad))
         .expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
-    let tracer = trace(&lab, "default/big");
-    let report = traffic(&lab, "default/big", 8);
-    std::thread::sleep(Duration::from_millis(1200));
-    let out = tracer.stop();
+    let (report, out) = traced(&lab, "default/big", 8);
     let s = &out.summary;
     let rule_packets = lab.fault_packets(&fault).expect("rule counter");
     println!(
@@ -257,10 +254,7 @@ fn conntrack_insert_failures_are_classified_on_the_clients_node() {
             .sum()
     };
     let before = stat("insert_failed");
-    let tracer = trace(&lab, "default/web");
-    let _report = traffic(&lab, "default/web", 5);
-    std::thread::sleep(Duration::from_millis(1200));
-    let out = tracer.stop();
+    let (_report, out) = traced(&lab, "default/web", 5);
     let kernel = stat("insert_failed") - before;
     let s = &out.summary;
     let ours: u64 = s["backends"]
@@ -322,10 +316,7 @@ fn missing_route_to_a_backend_is_named_with_the_kernels_reason() {
         ))
     };
     let before = snmp(&fault.node_netns);
-    let tracer = trace(&lab, "default/web");
-    let report = traffic(&lab, "default/web", 5);
-    std::thread::sleep(Duration::from_millis(1200));
-    let out = tracer.stop();
+    let (report, out) = traced(&lab, "default/web", 5);
     let after = snmp(&fault.node_netns);
     let delta = |f: &str| after["Ip"][f] - before["Ip"][f];
     let s = &out.summary;
