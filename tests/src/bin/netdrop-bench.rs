@@ -160,6 +160,11 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
         nd.stop()?;
     }
     let (a, b) = (median(without.clone()), median(with.clone()));
+    println!("\ntrace --svc on the lab: default/web, 3 backends, TCP request/response at the generator's top speed, {rounds} rounds");
+    println!(
+        "| phase | successful requests/s (median) |\n|---|---:|\n| no netdrop | {a:.0} |\n| netdrop --svc | {b:.0} |\n| ratio | {:.1}% |",
+        100.0 * b / a
+    );
 
     // Time from a drop to its row updating (default --interval 1s): one request at a time until
     // requests to the bad backend have been dropped, timing each drop to the summary line whose
@@ -167,7 +172,8 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
     let fault = lab.fault(&FaultRequest::new(FaultKind::PolicyDrop)).map_err(|e| anyhow::anyhow!("fault: {e}"))?;
     let bad = fault.backend.context("fault backend")?.pod;
     let nd = Netdrop::start(&refs)?;
-    let one = TrafficOptions { rate: 1, duration: Duration::from_millis(1), proto: Proto::Tcp, timeout: Duration::from_millis(700) };
+    // One request per call (rate 1/s for 1 s).
+    let one = TrafficOptions { rate: 1, duration: Duration::from_secs(1), proto: Proto::Tcp, timeout: Duration::from_millis(700) };
     let mut latencies = Vec::new();
     let mut seen = 0u64;
     for _ in 0..60 {
@@ -177,6 +183,8 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
         let sent_at = Instant::now();
         let r = lab.traffic("default/web", &one).map_err(|e| anyhow::anyhow!("traffic: {e}"))?;
         if r.failures == 0 {
+            // Drain summaries that came meanwhile, so the next wait starts fresh.
+            while nd.lines.try_recv().is_ok() {}
             continue;
         }
         // The SYN was dropped right after `sent_at`; wait for the row to show it.
@@ -201,11 +209,6 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
     }
     let lat_median = median(latencies.clone());
     let lat_max = latencies.iter().copied().fold(0.0, f64::max);
-    println!("\ntrace --svc on the lab: default/web, 3 backends, TCP request/response at the generator's top speed, {rounds} rounds");
-    println!(
-        "| phase | successful requests/s (median) |\n|---|---:|\n| no netdrop | {a:.0} |\n| netdrop --svc | {b:.0} |\n| ratio | {:.1}% |",
-        100.0 * b / a
-    );
     println!("drop → row updated (--interval 1s, {} samples): median {:.2} s, max {:.2} s", latencies.len(), lat_median, lat_max);
     Ok(json!({"benchmark": "svc", "without": without, "with": with, "ratio": b / a, "drop_to_row_s": latencies}))
 }
