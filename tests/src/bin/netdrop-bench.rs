@@ -47,7 +47,8 @@ enum Cmd {
 /// A running `netdrop trace` whose stdout lines arrive on a channel.
 struct Netdrop {
     child: Child,
-    lines: mpsc::Receiver<String>,
+    /// Lines with the moment they arrived.
+    lines: mpsc::Receiver<(Instant, String)>,
 }
 
 impl Netdrop {
@@ -72,7 +73,7 @@ impl Netdrop {
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {
             for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(l);
+                let _ = tx.send((Instant::now(), l));
             }
         });
         ready.recv_timeout(Duration::from_secs(60)).context("netdrop did not attach")?;
@@ -84,7 +85,7 @@ impl Netdrop {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT)?;
         self.child.wait()?;
         let mut last = None;
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(2)) {
+        while let Ok((_, l)) = self.lines.recv_timeout(Duration::from_secs(2)) {
             if l.contains("\"type\":\"summary\"") {
                 last = Some(l);
             }
@@ -190,7 +191,7 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
         // The SYN was dropped right after `sent_at`; wait for the row to show it.
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            let Ok(l) = nd.lines.recv_timeout(Duration::from_millis(100)) else { continue };
+            let Ok((arrived, l)) = nd.lines.recv_timeout(Duration::from_millis(100)) else { continue };
             if !l.contains("\"type\":\"summary\"") {
                 continue;
             }
@@ -198,7 +199,7 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
             let drops = v["backends"].as_array().and_then(|b| b.iter().find(|b| b["pod"] == bad.as_str())).and_then(|b| b["drops"].as_u64()).unwrap_or(0);
             if drops > seen {
                 seen = drops;
-                latencies.push(sent_at.elapsed().as_secs_f64());
+                latencies.push(arrived.duration_since(sent_at).as_secs_f64());
                 break;
             }
         }
