@@ -143,6 +143,8 @@ pub struct Boot<'a> {
     pub initrd: &'a Path,
     pub memory: &'a str,
     pub timeout: Duration,
+    /// Kill the guest after this long without a console line.
+    pub stall: Duration,
     pub log: &'a Path,
     /// Echo the console to the terminal as it arrives.
     pub echo: bool,
@@ -249,7 +251,11 @@ fn read_console(
     let deadline = start + b.timeout;
     let mut hung = false;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        // A guest is hung when it overruns its time, or when it goes silent: libtest prints a
+        // line per finished test, so minutes of silence mean a stuck test or kernel.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .min(b.stall);
         match rx.recv_timeout(left) {
             Ok(line) => {
                 writeln!(log, "{line}")?;

@@ -28,9 +28,17 @@ pub struct Args {
     /// Kernels to boot, repeatable or comma-separated: `--kernel 5.10,7.2`, `--kernel all`.
     #[arg(long, value_delimiter = ',', default_value = "all", value_parser = ["5.10", "6.1", "6.12", "7.2", "all"])]
     kernel: Vec<String>,
-    /// Kill a guest that has not powered off after this long, e.g. `--timeout 10m`.
-    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    /// Kill a guest that has not powered off after this long, e.g. `--timeout 90m`. Under
+    /// emulation the whole suite takes tens of minutes per kernel.
+    #[arg(long, default_value = "60m", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Kill a guest that printed nothing for this long (a hung test or kernel), e.g. `--stall 10m`.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    stall: Duration,
+    /// Test binaries to run (`tests/tests/<name>.rs`), repeatable or comma-separated:
+    /// `--test drops,vm_smoke`. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    test: Vec<String>,
     /// Keep the work dir (initramfs, /init, serial console logs) and print its path.
     #[arg(long)]
     keep: bool,
@@ -82,6 +90,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         &names,
         &Options {
             timeout: args.timeout,
+            stall: args.stall,
+            tests: args.test.clone(),
             keep: args.keep,
             libtest_args: libtest,
             console: args.console,
@@ -94,6 +104,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 /// For `cargo xtask test` (CI): boots `kernels` (e.g. `&["6.1"]`) with the defaults and all
 /// tests; errors when any kernel failed, hung or could not be fetched.
 pub fn run_kernels(kernels: &[&str]) -> anyhow::Result<()> {
+    run_kernels_tests(kernels, &[])
+}
+
+/// [`run_kernels`] with only the named test binaries (`&["drops", "vm_smoke"]`; empty: all),
+/// to keep a CI run within its budget: under emulation each test costs seconds of start-up.
+pub fn run_kernels_tests(kernels: &[&str], tests: &[&str]) -> anyhow::Result<()> {
     for k in kernels {
         if kernel::spec(k).is_none() {
             bail!("unknown kernel {k:?}; the matrix has 5.10, 6.1, 6.12, 7.2");
@@ -102,7 +118,9 @@ pub fn run_kernels(kernels: &[&str]) -> anyhow::Result<()> {
     run_matrix(
         kernels,
         &Options {
-            timeout: Duration::from_mins(15),
+            timeout: Duration::from_hours(1),
+            stall: Duration::from_mins(5),
+            tests: tests.iter().map(|t| (*t).to_owned()).collect(),
             keep: false,
             libtest_args: Vec::new(),
             console: false,
@@ -115,6 +133,9 @@ pub fn run_kernels(kernels: &[&str]) -> anyhow::Result<()> {
 struct Options {
     release: bool,
     timeout: Duration,
+    stall: Duration,
+    /// Test binaries to run; empty: all.
+    tests: Vec<String>,
     keep: bool,
     libtest_args: Vec<String>,
     console: bool,
@@ -426,7 +447,7 @@ fn run_matrix(names: &[&str], opts: &Options) -> anyhow::Result<()> {
     }
 
     let t = Instant::now();
-    let payload = payload::build(opts.release)?;
+    let payload = payload::build(opts.release, &opts.tests)?;
     let build_time = t.elapsed();
 
     let t = Instant::now();
@@ -506,6 +527,7 @@ fn boot_one(
         initrd: &initrd,
         memory: &opts.memory,
         timeout: opts.timeout,
+        stall: opts.stall,
         log,
         echo: opts.console,
         label: k.spec.name,

@@ -22,7 +22,7 @@ pub fn workspace_root() -> PathBuf {
 
 /// Builds netdrop and the integration tests the way `cargo test` would (same profile and target
 /// dir, so after a host test run nothing is rebuilt).
-pub fn build(release: bool) -> anyhow::Result<Payload> {
+pub fn build(release: bool, only: &[String]) -> anyhow::Result<Payload> {
     let netdrop = cargo_artifacts(&["build", "-p", "netdrop", "--bin", "netdrop"], release)?
         .into_iter()
         .find(|a| a.kind == "bin" && a.name == "netdrop")
@@ -38,6 +38,16 @@ pub fn build(release: bool) -> anyhow::Result<Payload> {
     tests.sort();
     if tests.is_empty() {
         bail!("netdrop-tests has no integration tests (tests/tests/*.rs)");
+    }
+    if let Some(unknown) = only.iter().find(|o| !tests.iter().any(|(n, _)| n == *o)) {
+        let names: Vec<&str> = tests.iter().map(|(n, _)| n.as_str()).collect();
+        bail!(
+            "no test binary {unknown:?}; there are: {}",
+            names.join(", ")
+        );
+    }
+    if !only.is_empty() {
+        tests.retain(|(n, _)| only.contains(n));
     }
     Ok(Payload { netdrop, tests })
 }
