@@ -47,8 +47,8 @@ enum Cmd {
 /// A running `netdrop trace` whose stdout lines arrive on a channel.
 struct Netdrop {
     child: Child,
-    /// Lines with the moment they arrived.
-    lines: mpsc::Receiver<(Instant, String)>,
+    /// Lines with the moment they arrived (wall clock, comparable with events' `time`).
+    lines: mpsc::Receiver<(std::time::SystemTime, String)>,
 }
 
 impl Netdrop {
@@ -73,7 +73,7 @@ impl Netdrop {
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {
             for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send((Instant::now(), l));
+                let _ = tx.send((std::time::SystemTime::now(), l));
             }
         });
         ready.recv_timeout(Duration::from_secs(60)).context("netdrop did not attach")?;
@@ -177,29 +177,40 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
     let one = TrafficOptions { rate: 1, duration: Duration::from_secs(1), proto: Proto::Tcp, timeout: Duration::from_millis(700) };
     let mut latencies = Vec::new();
     let mut seen = 0u64;
-    for _ in 0..60 {
-        if latencies.len() >= 8 {
+    for _ in 0..80 {
+        if latencies.len() >= 10 {
             break;
         }
-        let sent_at = Instant::now();
         let r = lab.traffic("default/web", &one).map_err(|e| anyhow::anyhow!("traffic: {e}"))?;
         if r.failures == 0 {
-            // Drain summaries that came meanwhile, so the next wait starts fresh.
-            while nd.lines.try_recv().is_ok() {}
             continue;
         }
-        // The SYN was dropped right after `sent_at`; wait for the row to show it.
+        // The drop event carries the kernel's timestamp of the drop; the first summary line
+        // whose count includes it is when its row updated.
         let deadline = Instant::now() + Duration::from_secs(5);
+        let mut dropped_at = None;
         while Instant::now() < deadline {
             let Ok((arrived, l)) = nd.lines.recv_timeout(Duration::from_millis(100)) else { continue };
-            if !l.contains("\"type\":\"summary\"") {
+            let v: Value = serde_json::from_str(&l)?;
+            if v["type"] == "drop" && dropped_at.is_none() {
+                dropped_at = v["time"].as_str().and_then(|t| humantime::parse_rfc3339(t).ok());
                 continue;
             }
-            let v: Value = serde_json::from_str(&l)?;
-            let drops = v["backends"].as_array().and_then(|b| b.iter().find(|b| b["pod"] == bad.as_str())).and_then(|b| b["drops"].as_u64()).unwrap_or(0);
+            if v["type"] != "summary" {
+                continue;
+            }
+            let drops = v["backends"]
+                .as_array()
+                .and_then(|b| b.iter().find(|b| b["pod"] == bad.as_str()))
+                .and_then(|b| b["drops"].as_u64())
+                .unwrap_or(0);
             if drops > seen {
                 seen = drops;
-                latencies.push(arrived.duration_since(sent_at).as_secs_f64());
+                if let Some(t) = dropped_at
+                    && let Ok(d) = arrived.duration_since(t)
+                {
+                    latencies.push(d.as_secs_f64());
+                }
                 break;
             }
         }
