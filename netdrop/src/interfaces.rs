@@ -213,7 +213,7 @@ pub struct InterfaceSnapshot {
     pub to_pod: Counters,
 }
 
-/// A destination whose connection attempts are counted (a Service backend, a ClusterIP).
+/// A destination whose connection attempts are counted (a Service backend, a `ClusterIP`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Destination {
     pub ip: IpAddr,
@@ -495,7 +495,7 @@ impl TcAccounting {
                     to_pod: to_pod.into(),
                 });
             }
-            for item in instance.dests.iter() {
+            for item in &instance.dests {
                 let Ok((key, values)) = item else { continue };
                 let sum = values.iter().fold([0u64; 2], |acc, v: &TcDestCounters| [acc[0] + v.attempts[0], acc[1] + v.attempts[1]]);
                 destinations.push(DestinationSnapshot {
@@ -523,7 +523,7 @@ impl TcAccounting {
         TcSnapshot { interfaces, destinations, stats }
     }
 
-    /// Sets the destinations whose attempts are counted (e.g. a Service's ClusterIP and
+    /// Sets the destinations whose attempts are counted (e.g. a Service's `ClusterIP` and
     /// backends), on every node. Destinations already set keep their counts; others start at 0.
     pub fn set_destinations(&self, dests: &[Destination]) -> Result<(), InterfacesError> {
         let wanted: HashSet<TcDestKey> = dests.iter().map(Destination::key).collect();
@@ -969,7 +969,7 @@ pub struct InterfacesArgs {
     #[arg(long = "node-netns", value_name = "NAME=PATH", help_heading = "Interfaces")]
     pub node_netns: Vec<String>,
 
-    /// Name of this node (default: $NODE_NAME, else the hostname).
+    /// Name of this node (default: `$NODE_NAME`, else the hostname).
     #[arg(long, env = "NODE_NAME", help_heading = "Interfaces")]
     pub node_name: Option<String>,
 

@@ -646,8 +646,18 @@ pub fn prog_ids(name: &str) -> Vec<u64> {
 
 /// Links (`bpftool -j link show`) whose program is one of `progs`.
 pub fn links_of(progs: &[u64]) -> usize {
-    let v: Value =
-        serde_json::from_str(&run("bpftool", &["-j", "link", "show"])).expect("bpftool json");
+    // `bpftool link show` fails when a link vanishes between its listing and its lookup (as
+    // links of a killed process do): try again.
+    let mut text = None;
+    for _ in 0..20 {
+        let out = Command::new("bpftool").args(["-j", "link", "show"]).output().expect("bpftool");
+        if out.status.success() {
+            text = Some(String::from_utf8_lossy(&out.stdout).into_owned());
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let v: Value = serde_json::from_str(&text.expect("bpftool link show kept failing")).expect("bpftool json");
     v.as_array()
         .expect("array")
         .iter()
@@ -710,10 +720,11 @@ impl TcWatch {
         let keep = errs.clone();
         thread::spawn(move || {
             for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if l.starts_with("netdrop: attached") {
+                let attached = l.starts_with("netdrop: attached");
+                keep.lock().expect("lock").push(l);
+                if attached {
                     let _ = tx.send(true);
                 }
-                keep.lock().expect("lock").push(l);
             }
             let _ = tx.send(false);
         });

@@ -69,12 +69,17 @@ fn exact_counts(mode: TcModeChoice, test: &str, subnet: u8) {
             c.write_all(b"hello").expect("write");
         }
         // UDP_FLOWS flows of three datagrams each: three sockets' worth of packets, one new flow each.
+        // All sockets stay open so that their ports (and so their 5-tuples) differ: a port
+        // reused within 30 s would rightly be the same flow.
+        let mut sockets = Vec::new();
         for _ in 0..UDP_FLOWS {
             let s = UdpSocket::bind((pod_ip, 0)).expect("bind");
             for _ in 0..3 {
                 s.send_to(b"flow", (node_ip, 9003)).expect("send");
             }
+            sockets.push(s);
         }
+        drop(s);
     });
     node.ns.within(move || {
         for _ in 0..INBOUND_CONNECTS {

@@ -51,6 +51,11 @@ fn tc_sigkill_tcx_leaves_nothing() {
     let mut w = TcWatch::start(&["--node-netns", &node.arg("n1"), "--tc-mode", "tcx"]);
     let progs = sched_cls_prog_ids(w.pid());
     w.signal(Signal::SIGKILL);
+    // The kernel releases a dead process's links from a workqueue: give it a moment.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while links_of(&progs) > 0 && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     nothing_attached(&node, &names, &progs);
 }
 

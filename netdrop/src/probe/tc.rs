@@ -151,7 +151,7 @@ impl Default for LoadOptions {
 impl TcInstance {
     /// Loads the tc programs for the interfaces of network namespace `netns` (an inode).
     ///
-    /// The object also holds the kfree_skb programs; their maps are created (shrunk to the
+    /// The object also holds the `kfree_skb` programs; their maps are created (shrunk to the
     /// minimum) but their programs are never loaded here.
     pub fn load(netns: u32, opts: LoadOptions) -> Result<Self, TcError> {
         let object = super::PROGRAMS;
@@ -296,6 +296,16 @@ fn tcx_link_create(prog: BorrowedFd<'_>, ifindex: u32, attach_type: u32) -> io::
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let attr: [u32; 2] = [link.as_raw_fd() as u32, 0];
+    // SAFETY: bpf(2) with a valid attr of the size passed.
+    if unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_ptr(), size_of_val(&attr)) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Whether this kernel has TCX: creating a TCX link on ifindex 0 fails with ENODEV where the
 /// attach type exists (the device lookup comes after the type check) and EINVAL where it does not.
 pub fn probe_tcx(instance: &TcInstance) -> Result<(), io::Error> {
@@ -372,6 +382,12 @@ impl Attachment {
     pub fn detach(self, sock: &mut RouteSocket) -> Result<(), TcError> {
         match self {
             Self::Tcx { ingress, egress } => {
+                // Closing the fd alone detaches later, from a workqueue (the last reference is
+                // dropped asynchronously); BPF_LINK_DETACH (Linux 5.9+) detaches now, so
+                // "stopped" means "off the interface". Closing stays the fallback.
+                for link in [&ingress, &egress] {
+                    let _ = link_detach(link.as_fd());
+                }
                 drop((ingress, egress));
                 Ok(())
             }
@@ -450,7 +466,7 @@ pub fn attach(
     }
 }
 
-/// `tcm_info` of our filters: priority in the upper half, protocol (ETH_P_ALL, network byte
+/// `tcm_info` of our filters: priority in the upper half, protocol (`ETH_P_ALL`, network byte
 /// order) in the lower.
 fn our_info(priority: u16) -> u32 {
     (u32::from(priority) << 16) | u32::from(ETH_P_ALL.to_be())
@@ -506,7 +522,7 @@ pub struct FilterInfo {
     pub prog_id: Option<u32>,
 }
 
-/// A blocking NETLINK_ROUTE socket in the namespace of the thread that opened it.
+/// A blocking `NETLINK_ROUTE` socket in the namespace of the thread that opened it.
 pub struct RouteSocket {
     sock: Socket,
     seq: u32,
@@ -706,7 +722,7 @@ impl RouteSocket {
 /// clsact parents, for callers listing filters.
 pub const CLSACT_PARENTS: [u32; 2] = [TC_H_INGRESS_PARENT, TC_H_EGRESS_PARENT];
 
-fn recv(sock: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
+fn recv(sock: &Socket, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         let mut slice = &mut buf[..];
         match sock.recv(&mut slice, 0) {
@@ -718,7 +734,7 @@ fn recv(sock: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
 }
 
 /// Receives one datagram of link events into `buf` (see `interfaces`).
-pub(crate) fn recv_datagram(sock: &Socket, buf: &mut Vec<u8>) -> io::Result<usize> {
+pub(crate) fn recv_datagram(sock: &Socket, buf: &mut [u8]) -> io::Result<usize> {
     recv(sock, buf)
 }
 
