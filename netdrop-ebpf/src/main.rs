@@ -158,9 +158,9 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
         return Ok(());
     }
 
-    let head: *const u8 = read(skb, conf!(offsets.skb_head))?;
+    // Only what every drop needs; `head` and the transport header are read when a filter or an
+    // event needs them (a drop storm is mostly drops that are only counted).
     let nh: u16 = read(skb, conf!(offsets.skb_network_header))?;
-    let th: u16 = read(skb, conf!(offsets.skb_transport_header))?;
     let l3_proto = u16::from_be(read(skb, conf!(offsets.skb_protocol))?);
     let has_l3 = nh != HEADER_UNSET && (l3_proto == ETH_P_IP || l3_proto == ETH_P_IPV6);
 
@@ -173,6 +173,8 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
         if !has_l3 {
             return Ok(());
         }
+        let head: *const u8 = read(skb, conf!(offsets.skb_head))?;
+        let th: u16 = read(skb, conf!(offsets.skb_transport_header))?;
         let pkt = parse(head, nh, th, l3_proto)?;
         if want_addrs {
             tag = addr_tag(&pkt.daddr, pkt.dport, pkt.proto);
@@ -203,8 +205,13 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
         (true, ETH_P_IP) => 4,
         (true, _) => 6,
     };
-    let (ct_ptr, ct_info, ct_status, ct_state) = conntrack_of(skb);
-    let exact_class = if conf!(precise_conntrack) != 0 && reason == conf!(netfilter_drop_reason) {
+    // The conntrack state is part of the key only where it classifies: NETFILTER_DROP.
+    let is_netfilter = reason == conf!(netfilter_drop_reason);
+    let (mut ct_ptr, mut ct_info, mut ct_status, mut ct_state) = (core::ptr::null(), 0u8, 0u32, 0u8);
+    if is_netfilter {
+        (ct_ptr, ct_info, ct_status, ct_state) = conntrack_of(skb);
+    }
+    let exact_class = if conf!(precise_conntrack) != 0 && is_netfilter {
         take_mark(skb as u64)
     } else {
         0
@@ -221,6 +228,12 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
     } else {
         BPF_RB_NO_WAKEUP
     };
+    if !is_netfilter {
+        // Events carry the entry's pre-NAT tuple whatever the reason (a NO_SOCKET after DNAT
+        // names the ClusterIP it was meant for).
+        (ct_ptr, ct_info, ct_status, ct_state) = conntrack_of(skb);
+    }
+    let head: *const u8 = if has_l3 { read(skb, conf!(offsets.skb_head)).unwrap_or(core::ptr::null()) } else { core::ptr::null() };
     let Some(mut entry) = EVENTS.reserve::<DropEvent>(0) else {
         bump(stat::EVENTS_LOST);
         return Ok(());
@@ -263,7 +276,7 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
     // A fixed-size read keeps the verifier simple; bytes past `tail` are still inside the skb's
     // data buffer (skb_shared_info follows it) and header_len leaves them out.
     let l3 = head.wrapping_add(usize::from(nh));
-    if has_l3 && unsafe { bpf_probe_read_kernel_buf(l3, &mut ev.headers) }.is_ok() {
+    if !head.is_null() && unsafe { bpf_probe_read_kernel_buf(l3, &mut ev.headers) }.is_ok() {
         let tail: u32 = read(skb, conf!(offsets.skb_tail)).unwrap_or(0);
         let avail = tail.saturating_sub(u32::from(nh));
         ev.header_len = if avail > HEADER_BYTES as u32 { HEADER_BYTES as u16 } else { avail as u16 };
