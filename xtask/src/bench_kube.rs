@@ -68,7 +68,9 @@ impl Proc {
                 .lines
                 .recv_timeout(left)
                 .with_context(|| format!("{} said nothing within {timeout:?}", self.name))?;
-            if let Ok(v) = serde_json::from_str::<Value>(&line)
+            // The libtest harness may print `test name ... ` in front of the first line.
+            let json = line.find('{').map_or("", |i| &line[i..]);
+            if let Ok(v) = serde_json::from_str::<Value>(json)
                 && v.get("type").is_some()
             {
                 return Ok(v);
@@ -150,7 +152,7 @@ fn resolver_command(kubeconfig: &Path) -> anyhow::Result<(Command, &'static str)
         .find_map(|v| v["executable"].as_str().map(PathBuf::from))
         .context("kube_diag test binary not found in cargo output")?;
     let mut cmd = Command::new(exe);
-    cmd.args(["--ignored", "--exact", "resolve_diagnostics", "--nocapture", "--test-threads", "1"])
+    cmd.args(["--ignored", "--exact", "resolve_diagnostics", "--nocapture"])
         .env("NETDROP_RESOLVE_ARGS", args)
         .env("RUST_LOG", "warn,kube_runtime=error");
     Ok((cmd, "kube_diag test binary (netdrop::resolve::cli::run --serve-stats)"))
@@ -196,6 +198,10 @@ pub fn run() -> anyhow::Result<()> {
         bail!("resolver holds {} pods, expected {PODS}", stats["pods"]);
     }
 
+    eprintln!(
+        "bench kube: synced in {} ms, RSS {:.1} MiB; churning {CHURN_RATE} pod updates/s for {CHURN_SECS} s",
+        synced["sync_ms"], mib(&synced["rss_kib"])
+    );
     // Churn: 1,000 pod IP changes per second for 10 s, sampled every second.
     writeln!(standin.stdin, "churn {CHURN_RATE} {CHURN_SECS}")?;
     standin.stdin.flush()?;
