@@ -29,8 +29,8 @@ use std::{
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 pub use store::{Change, Cluster, EventType, Faults, ResKind, StoreError};
-use tokio::{net::TcpListener, task::JoinSet};
 pub use tls::TlsMaterial;
+use tokio::{net::TcpListener, task::JoinSet};
 
 /// How to serve.
 #[derive(Clone, Debug)]
@@ -92,14 +92,19 @@ impl StandIn {
         if !options.addr.ip().is_loopback() {
             return Err(StandInError::NotLoopback(options.addr));
         }
-        let listener = TcpListener::bind(options.addr).await.map_err(|source| StandInError::Listen {
-            addr: options.addr,
-            source,
-        })?;
-        let addr = listener.local_addr().map_err(|source| StandInError::Listen {
-            addr: options.addr,
-            source,
-        })?;
+        let listener =
+            TcpListener::bind(options.addr)
+                .await
+                .map_err(|source| StandInError::Listen {
+                    addr: options.addr,
+                    source,
+                })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| StandInError::Listen {
+                addr: options.addr,
+                source,
+            })?;
         let ctx = Arc::new(http::Ctx {
             cluster: cluster.clone(),
             token: options.token.clone(),
@@ -164,7 +169,11 @@ impl StandIn {
 
     /// `http://127.0.0.1:PORT` or `https://...`.
     pub fn url(&self) -> String {
-        let scheme = if self.options.tls.is_some() { "https" } else { "http" };
+        let scheme = if self.options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         format!("{scheme}://{}", self.addr)
     }
 
@@ -198,7 +207,10 @@ impl StandIn {
             path: dir.to_owned(),
             source,
         })?;
-        write(&dir.join("token"), self.options.token.as_deref().unwrap_or("").as_bytes())?;
+        write(
+            &dir.join("token"),
+            self.options.token.as_deref().unwrap_or("").as_bytes(),
+        )?;
         write(&dir.join("namespace"), b"netdrop")?;
         if let Some(t) = &self.options.tls {
             write(&dir.join("ca.crt"), t.ca_pem.as_bytes())?;
