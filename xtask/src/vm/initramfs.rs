@@ -131,6 +131,20 @@ impl Tree {
         Ok(())
     }
 
+    /// Adds a host directory tree at the same path (test fixtures the tests open by absolute
+    /// path, compiled in from `CARGO_MANIFEST_DIR`).
+    pub fn host_tree(&mut self, dir: &Path) -> anyhow::Result<()> {
+        for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                self.host_tree(&p)?;
+            } else {
+                self.host(&p)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The shared libraries `ldd` names for a host ELF file (and the dynamic loader).
     fn libraries_of(&mut self, elf: &Path) -> anyhow::Result<()> {
         if !self.linked.insert(elf.to_owned()) {

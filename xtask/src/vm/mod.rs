@@ -101,14 +101,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     )
 }
 
-/// For `cargo xtask test` (CI): boots `kernels` (e.g. `&["6.1"]`) with the defaults and all
-/// tests; errors when any kernel failed, hung or could not be fetched.
-pub fn run_kernels(kernels: &[&str]) -> anyhow::Result<()> {
-    run_kernels_tests(kernels, &[])
-}
-
-/// [`run_kernels`] with only the named test binaries (`&["drops", "vm_smoke"]`; empty: all),
-/// to keep a CI run within its budget: under emulation each test costs seconds of start-up.
+/// For `cargo xtask test` (CI): boots `kernels` (e.g. `&["6.1"]`) with the defaults, running
+/// only the named test binaries (`&["drops", "vm_smoke"]`; empty: all) to keep the run within
+/// its budget; errors when any kernel failed, hung or could not be fetched.
 pub fn run_kernels_tests(kernels: &[&str], tests: &[&str]) -> anyhow::Result<()> {
     for k in kernels {
         if kernel::spec(k).is_none() {
@@ -276,6 +271,9 @@ fn base_tree() -> anyhow::Result<Tree> {
         "/etc/services",
         "/etc/ethertypes",
         "/etc/iproute2",
+        // rustls' platform verifier refuses to build a client without CA certificates, even
+        // for the plain-http API stand-in.
+        "/etc/ssl/certs/ca-certificates.crt",
     ] {
         if Path::new(etc).is_dir() {
             tree.host_dir_files(Path::new(etc))?;
@@ -324,6 +322,11 @@ fn payload_tree(
 ) -> anyhow::Result<Tree> {
     let mut tree = Tree::default();
     tree.data("/init", guest::init_script(libtest_args), 0o755);
+    // Tests open their fixtures by absolute host path (`env!("CARGO_MANIFEST_DIR")`).
+    let fixtures = payload::workspace_root().join("tests").join("fixtures");
+    if fixtures.is_dir() {
+        tree.host_tree(&fixtures)?;
+    }
     let stripped = work.join("stripped");
     fs::create_dir_all(&stripped)?;
     let xtask = std::env::current_exe().context("finding the xtask binary")?;
