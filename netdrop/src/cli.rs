@@ -25,6 +25,9 @@ pub enum Command {
     Trace(TraceArgs),
     /// List the drop reasons this kernel knows, with their numbers.
     Reasons(ReasonsArgs),
+    /// Name addresses the way drops are named: pods, Services, backends, nodes, e.g.
+    /// `netdrop resolve 10.244.1.7 10.96.0.10:53/udp cali1b2c3d4e5f6`, or `--svc ns/name`.
+    Resolve(crate::resolve::cli::ResolveArgs),
     /// Count each pod's traffic on its workload interfaces (cali*), following pod churn.
     Interfaces(crate::interfaces::InterfacesArgs),
 }

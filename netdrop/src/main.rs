@@ -7,7 +7,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::new(format!("netdrop={}", cli.log)))
+        // kube-rs warns on every retry of a 403; the resolver reports each state change once.
+        .with_env_filter(tracing_subscriber::EnvFilter::new(format!("netdrop={},kube_runtime=error", cli.log)))
         .init();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
@@ -20,6 +21,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Trace(args) => netdrop::trace::run(args).await,
             Command::Reasons(args) => netdrop::trace::reasons(&args),
+            Command::Resolve(args) => netdrop::resolve::cli::run(args).await,
             Command::Interfaces(args) => netdrop::interfaces::run(args).await,
         }
     });

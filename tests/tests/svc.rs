@@ -144,6 +144,18 @@ fn policy_drop_on_one_of_three_backends_is_found() {
         "{diagnosis}"
     );
     assert!(diagnosis.contains("netfilter_rule"), "{diagnosis}");
+    // Each drop event names both ends and the Service the flow was addressed to.
+    assert!(!out.drops.is_empty());
+    for e in &out.drops {
+        assert_eq!(e["dst"]["pod"], bad.pod.split('/').nth(1).expect("ns/name"), "{e}");
+        assert_eq!(e["dst"]["node"], bad.node, "{e}");
+        assert_eq!(e["dst"]["service"], "default/web", "{e}");
+        assert_eq!(e["src"]["kind"], "pod", "{e}");
+        // No orig_dst here: kube-proxy DNATed on the client's node (node-a); node-b's conntrack
+        // sees the flow already addressed to the backend.
+        assert!(e.get("orig_dst").is_none(), "{e}");
+        assert_eq!(e["node"], fault.node, "the node the drop happened on: {e}");
+    }
 }
 
 #[test]
