@@ -55,8 +55,9 @@ pub struct Args {
     /// emulation (netdrop's start-up dominates each test).
     #[arg(long)]
     release: bool,
-    /// Guest memory (qemu `-m`), e.g. `--memory 2G`.
-    #[arg(long, default_value = "1G")]
+    /// Guest memory (qemu `-m`), e.g. `--memory 4G`. The initramfs (a few hundred MB with every
+    /// test binary) is held twice while the kernel unpacks it.
+    #[arg(long, default_value = "2G")]
     memory: String,
     /// Print which eBPF hooks the running kernel accepts (`tp_btf`, fexit on module functions,
     /// kprobes, TCX, clsact, drop reasons) and exit. The guests run this; it works on a host too.
@@ -119,7 +120,7 @@ pub fn run_kernels_tests(kernels: &[&str], tests: &[&str]) -> anyhow::Result<()>
             keep: false,
             libtest_args: Vec::new(),
             console: false,
-            memory: "1G".to_owned(),
+            memory: "2G".to_owned(),
             release: false,
         },
     )
@@ -245,6 +246,7 @@ const PROGRAMS: &[(&str, &str, bool)] = &[
     ("iperf3", "iperf3", false),
     ("bpftool", "bpftool", false),
     ("tcpdump", "tcpdump", false),
+    ("kubectl", "kubectl", false),
 ];
 
 /// Everything but the kernel modules and the payload: busybox, host tools and their libraries.
