@@ -49,7 +49,9 @@ impl ReasonTable {
     pub fn load(btf: Option<&Btf>, format_text: Option<&str>) -> Result<Self, ReasonError> {
         let btf_err = match btf.map(Self::from_btf) {
             Some(Ok(Some(t))) => return Ok(t),
-            Some(Ok(None)) => "no enum skb_drop_reason (kernel older than 5.17?)".to_string(),
+            // BTF without the enum is a kernel before 5.17: it has no reasons at all, whatever
+            // tracefs says (or whether this user can read it).
+            Some(Ok(None)) => return Ok(Self::empty(ReasonSource::None)),
             Some(Err(e)) => e.to_string(),
             None => "not available".to_string(),
         };

@@ -1108,3 +1108,29 @@ pub fn send_flows(ns: &NetNs, threads: usize, per_thread: usize, to: &'static st
     }
     handles.into_iter().map(|h| h.join().expect("sender")).sum()
 }
+
+/// Why the running kernel cannot run tests that name drop reasons (none before Linux 5.17), if
+/// it cannot. Asks netdrop itself, once.
+pub fn needs_reasons() -> Option<String> {
+    static WHY: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    WHY.get_or_init(|| {
+        let (ok, out, err) = netdrop(&["reasons", "-o", "json"]);
+        if !ok {
+            return Some(format!("netdrop reasons failed: {}", err.trim()));
+        }
+        let v: Value = serde_json::from_str(&out).ok()?;
+        (v["source"] == "none").then(|| format!("kernel {} has no drop reasons (Linux 5.17+)", v["kernel"].as_str().unwrap_or("?")))
+    })
+    .clone()
+}
+
+/// Skips the calling test on kernels without drop reasons. Use after `require_root!`.
+#[macro_export]
+macro_rules! require_reasons {
+    ($test:expr) => {
+        if let Some(why) = $crate::needs_reasons() {
+            $crate::skip($test, &why);
+            return;
+        }
+    };
+}

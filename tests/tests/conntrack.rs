@@ -17,6 +17,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 #[test]
 fn snat_port_exhaustion_is_conntrack_insert_failed() {
     require_root!("snat_port_exhaustion_is_conntrack_insert_failed");
+    netdrop_tests::require_reasons!("snat_port_exhaustion_is_conntrack_insert_failed");
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -107,6 +108,7 @@ fn assert_precise_is_exact(out: &netdrop_tests::TraceOutput, class: &str) {
 #[test]
 fn table_full_is_conntrack_table_full_not_insert_failed() {
     require_root!("table_full_is_conntrack_table_full_not_insert_failed");
+    netdrop_tests::require_reasons!("table_full_is_conntrack_table_full_not_insert_failed");
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -175,6 +177,7 @@ fn table_full_is_conntrack_table_full_not_insert_failed() {
 /// entry).
 fn rule_drop(test: &str, iptables: &str) {
     require_root!(test);
+    netdrop_tests::require_reasons!(test);
     if !have(iptables) {
         skip(test, &format!("{iptables} is not installed"));
         return;
@@ -238,6 +241,7 @@ fn legacy_rule_drop_is_netfilter_rule() {
 #[test]
 fn drop_after_dnat_carries_the_cluster_ip_as_orig_dst() {
     require_root!("drop_after_dnat_carries_the_cluster_ip_as_orig_dst");
+    netdrop_tests::require_reasons!("drop_after_dnat_carries_the_cluster_ip_as_orig_dst");
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -18,6 +18,7 @@ fn addr(s: &str) -> SocketAddr {
 #[test]
 fn udp4_closed_port_counts_match_snmp_noports() {
     require_root!("udp4_closed_port_counts_match_snmp_noports");
+    netdrop_tests::require_reasons!("udp4_closed_port_counts_match_snmp_noports");
     let ns = NetNs::new("udp4");
     let before = ns.snmp("Udp", "NoPorts");
     let tracer = Tracer::start(&["--netns", &ns.path().display().to_string()]);
@@ -56,6 +57,7 @@ fn udp4_closed_port_counts_match_snmp_noports() {
 #[test]
 fn udp6_closed_port_counts_match_snmp6() {
     require_root!("udp6_closed_port_counts_match_snmp6");
+    netdrop_tests::require_reasons!("udp6_closed_port_counts_match_snmp6");
     let ns = NetNs::new("udp6");
     let before = ns.snmp6("Udp6NoPorts");
     let tracer = Tracer::start(&["--netns", &ns.name]);
@@ -76,6 +78,7 @@ fn udp6_closed_port_counts_match_snmp6() {
 /// TCP SYNs to a closed port: the kernel answers RST and frees the SYN with NO_SOCKET.
 fn tcp_closed(test: &str, target: &'static str, loc_prefix: &str) {
     require_root!(test);
+    netdrop_tests::require_reasons!(test);
     let ns = NetNs::new("tcp");
     let tracer = Tracer::start(&["--netns", &ns.name, "--proto", "tcp"]);
     let refused = ns.within(move || {
@@ -124,6 +127,7 @@ fn tcp6_closed_port_is_no_socket_with_syn() {
 /// An iptables DROP rule in INPUT; the rule's own packet counter is the reference.
 fn iptables_drop(test: &str, iptables: &str, loc_prefix: &str) {
     require_root!(test);
+    netdrop_tests::require_reasons!(test);
     if !have(iptables) {
         skip(
             test,
@@ -185,6 +189,7 @@ fn iptables_legacy_drop_is_netfilter_drop_at_nf_hook_slow() {
 #[test]
 fn port_filter_selects_exactly() {
     require_root!("port_filter_selects_exactly");
+    netdrop_tests::require_reasons!("port_filter_selects_exactly");
     let ns = NetNs::new("port");
     let tracer = Tracer::start(&["--netns", &ns.name, "--port", "9001"]);
     ns.within(|| {
@@ -205,6 +210,7 @@ fn port_filter_selects_exactly() {
 #[test]
 fn ip_filter_selects_exactly() {
     require_root!("ip_filter_selects_exactly");
+    netdrop_tests::require_reasons!("ip_filter_selects_exactly");
     let ns = NetNs::new("ip");
     ns.ip(&["addr", "add", "10.99.0.1/32", "dev", "lo"]);
     ns.ip(&["addr", "add", "10.99.0.2/32", "dev", "lo"]);
@@ -223,6 +229,7 @@ fn ip_filter_selects_exactly() {
 #[test]
 fn reason_filter_selects_exactly() {
     require_root!("reason_filter_selects_exactly");
+    netdrop_tests::require_reasons!("reason_filter_selects_exactly");
     let ns = NetNs::new("reason");
     ns.exec(
         "iptables",
@@ -247,6 +254,7 @@ fn reason_filter_selects_exactly() {
 #[test]
 fn netns_filter_ignores_other_namespaces() {
     require_root!("netns_filter_ignores_other_namespaces");
+    netdrop_tests::require_reasons!("netns_filter_ignores_other_namespaces");
     let a = NetNs::new("nsa");
     let b = NetNs::new("nsb");
     let tracer = Tracer::start(&["--netns", &a.name]);
@@ -262,6 +270,7 @@ fn netns_filter_ignores_other_namespaces() {
 #[test]
 fn classic_tracepoint_fallback_counts_the_same() {
     require_root!("classic_tracepoint_fallback_counts_the_same");
+    netdrop_tests::require_reasons!("classic_tracepoint_fallback_counts_the_same");
     let ns = NetNs::new("tp");
     let before = ns.snmp("Udp", "NoPorts");
     let tracer = Tracer::start(&["--netns", &ns.name, "--hook", "tracepoint"]);
@@ -277,6 +286,7 @@ fn classic_tracepoint_fallback_counts_the_same() {
 #[test]
 fn event_rate_limit_keeps_counts_exact() {
     require_root!("event_rate_limit_keeps_counts_exact");
+    netdrop_tests::require_reasons!("event_rate_limit_keeps_counts_exact");
     let ns = NetNs::new("rate");
     let before = ns.snmp("Udp", "NoPorts");
     // 1 event/s per CPU at most: nearly all events are suppressed, counts must not be.
@@ -303,6 +313,7 @@ fn event_rate_limit_keeps_counts_exact() {
 #[test]
 fn reason_table_matches_tracefs_print_fmt() {
     require_root!("reason_table_matches_tracefs_print_fmt");
+    netdrop_tests::require_reasons!("reason_table_matches_tracefs_print_fmt");
     // netdrop mounts tracefs when it is not mounted; run it first so the format file exists.
     let (ok, stdout, stderr) = netdrop(&["reasons", "-o", "json"]);
     assert!(ok, "{stderr}");
@@ -361,6 +372,7 @@ fn bad_flags_give_one_clear_line() {
 #[test]
 fn unknown_reason_lists_close_matches() {
     require_root!("unknown_reason_lists_close_matches");
+    netdrop_tests::require_reasons!("unknown_reason_lists_close_matches");
     let (ok, _, err) = netdrop(&["trace", "--reason", "NO_SOCKT", "--duration", "1s"]);
     assert!(!ok);
     assert_eq!(
@@ -372,6 +384,7 @@ fn unknown_reason_lists_close_matches() {
 #[test]
 fn unprivileged_user_gets_a_permission_message() {
     require_root!("unprivileged_user_gets_a_permission_message");
+    netdrop_tests::require_reasons!("unprivileged_user_gets_a_permission_message");
     if !have("setpriv") {
         skip(
             "unprivileged_user_gets_a_permission_message",
