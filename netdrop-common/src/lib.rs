@@ -177,10 +177,6 @@ pub mod stat {
     pub const EVENTS_RATE_LIMITED: u32 = 2;
     /// Drops whose (reason, location, netns) counter could not be inserted (counter map full).
     pub const COUNTER_MAP_FULL: u32 = 3;
-    /// Drops that matched the packet filters.
-    pub const DROPS_MATCHED: u32 = 4;
-    /// Drops seen before any filter.
-    pub const DROPS_SEEN: u32 = 5;
     /// Number of slots.
     pub const COUNT: u32 = 8;
 }

@@ -144,7 +144,6 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const HEADER_UNSET: u16 = 0xffff;
 
 fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
-    bump(stat::DROPS_SEEN);
 
     if conf!(read_skb) == 0 {
         // No BTF, so no offsets: the "counts only" mode counts by (reason, location), no events.
@@ -198,7 +197,6 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
             }
         }
     }
-    bump(stat::DROPS_MATCHED);
 
     let ip_version = match (has_l3, l3_proto) {
         (false, _) => 0,
