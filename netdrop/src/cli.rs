@@ -41,7 +41,11 @@ pub struct TraceArgs {
     pub target: TargetArgs,
 
     #[command(flatten)]
-    pub tc: TcArgs,
+    pub tc: crate::interfaces::TcArgs,
+
+    /// Do not attach tc counters to the workload interfaces (no attempts, no ratios).
+    #[arg(long, help_heading = "Interfaces")]
+    pub no_tc: bool,
 
     /// Stop after this long, e.g. `30s`, `5m` (default: until Ctrl-C).
     #[arg(long, value_parser = humantime::parse_duration, help_heading = "Output")]
@@ -105,29 +109,6 @@ impl TargetArgs {
     pub fn any(&self) -> bool {
         self.svc.is_some() || self.pod.is_some() || self.node.is_some() || self.namespace.is_some()
     }
-}
-
-/// The workload interfaces whose tc counters give attempts (the denominator of drop ratios).
-#[derive(Debug, Args, Clone, Default)]
-#[command(next_help_heading = "Interfaces")]
-pub struct TcArgs {
-    /// Workload interfaces to count traffic on, shell-style, repeatable, e.g.
-    /// `--iface-pattern 'lxc*'` (Cilium) [default: cali*].
-    #[arg(long = "iface-pattern", value_name = "GLOB")]
-    pub iface_patterns: Vec<String>,
-
-    /// How to attach the tc counters: `tcx` (Linux 6.6+), `clsact`, or `auto`.
-    #[arg(long, value_enum)]
-    pub tc_mode: Option<crate::probe::tc::TcModeChoice>,
-
-    /// Also watch this network namespace as node NAME (repeatable): one netdrop for several
-    /// nodes sharing a kernel (kind, k3d, the lab), e.g. `--node-netns node-a=/run/netns/node-a`.
-    #[arg(long = "node-netns", value_name = "NAME=PATH")]
-    pub node_netns: Vec<crate::interfaces::NodeNetns>,
-
-    /// Do not attach tc counters (no attempts, no ratios).
-    #[arg(long)]
-    pub no_tc: bool,
 }
 
 /// `--ct-hook`.

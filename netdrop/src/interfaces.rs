@@ -946,28 +946,49 @@ fn set_rcvbuf(sock: &Socket) {
 
 // ---- `netdrop interfaces` ----
 
-/// `netdrop interfaces`: attach to workload interfaces, follow them, and show their counters.
-#[derive(Debug, clap::Args)]
-pub struct InterfacesArgs {
-    /// Interfaces to watch, shell-style; repeatable, e.g. `--iface-pattern 'lxc*'`.
-    #[arg(long = "iface-pattern", value_name = "GLOB", default_value = "cali*", help_heading = "Interfaces")]
+/// Which workload interfaces to watch and how to attach: shared by `netdrop interfaces` and
+/// `netdrop trace` (where the tc counters give attempts, the denominator of drop ratios).
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Interfaces")]
+pub struct TcArgs {
+    /// Interfaces to watch, shell-style; repeatable, e.g. `--iface-pattern 'lxc*'` (Cilium).
+    #[arg(long = "iface-pattern", value_name = "GLOB", default_value = "cali*")]
     pub iface_patterns: Vec<String>,
 
     /// How to attach: `tcx` (Linux 6.6+; links die with the process), `clsact` (netlink filters,
     /// removed by the next run after a SIGKILL), or `auto` (tcx when available). Each TCX
     /// attach/detach waits for an RCU grace period under the rtnl lock (about 23 ms per
     /// interface measured on 6.18): with hundreds of pods, `clsact` starts ~50x faster.
-    #[arg(long, value_enum, default_value_t = TcModeChoice::Auto, help_heading = "Interfaces")]
+    #[arg(long, value_enum, default_value_t = TcModeChoice::Auto)]
     pub tc_mode: TcModeChoice,
 
     /// Priority of the clsact filters (lower runs first), e.g. `--tc-priority 100`.
-    #[arg(long, default_value_t = tc::DEFAULT_PRIORITY, value_parser = clap::value_parser!(u16).range(1..), help_heading = "Interfaces")]
+    #[arg(long, default_value_t = tc::DEFAULT_PRIORITY, value_parser = clap::value_parser!(u16).range(1..))]
     pub tc_priority: u16,
 
-    /// Watch this network namespace as node NAME (repeatable), e.g.
-    /// `--node-netns node-a=/run/netns/node-a`; default: this namespace, as --node-name.
-    #[arg(long = "node-netns", value_name = "NAME=PATH", help_heading = "Interfaces")]
-    pub node_netns: Vec<String>,
+    /// Also watch this network namespace as node NAME (repeatable): one netdrop for several
+    /// nodes sharing a kernel (kind, k3d, the lab), e.g. `--node-netns node-a=/run/netns/node-a`;
+    /// default: this namespace, as --node-name.
+    #[arg(long = "node-netns", value_name = "NAME=PATH")]
+    pub node_netns: Vec<NodeNetns>,
+}
+
+impl TcArgs {
+    pub fn watch_options(&self) -> WatchOptions {
+        WatchOptions {
+            pattern: IfacePattern::new(&self.iface_patterns),
+            mode: self.tc_mode,
+            priority: self.tc_priority,
+            ..WatchOptions::default()
+        }
+    }
+}
+
+/// `netdrop interfaces`: attach to workload interfaces, follow them, and show their counters.
+#[derive(Debug, clap::Args)]
+pub struct InterfacesArgs {
+    #[command(flatten)]
+    pub tc: TcArgs,
 
     /// Name of this node (default: `$NODE_NAME`, else the hostname).
     #[arg(long, env = "NODE_NAME", help_heading = "Interfaces")]
@@ -1002,13 +1023,11 @@ pub async fn run(args: InterfacesArgs) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
 
     crate::probe::check_permission()?;
-    let nodes = args.node_netns.iter().map(|s| s.parse()).collect::<Result<Vec<NodeNetns>, _>>()?;
+    let nodes = args.tc.node_netns.clone();
     let default_node = crate::trace::node_name(args.node_name.as_deref());
     let opts = WatchOptions {
-        pattern: IfacePattern::new(&args.iface_patterns),
-        mode: args.tc_mode,
-        priority: args.tc_priority,
         load: LoadOptions { max_interfaces: args.max_interfaces, ..LoadOptions::default() },
+        ..args.tc.watch_options()
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -1023,7 +1042,7 @@ pub async fn run(args: InterfacesArgs) -> anyhow::Result<()> {
     eprintln!("netdrop: tc programs: {}", acct.mode_note());
     eprintln!(
         "netdrop: attached to {total} interfaces matching {} ({}; {:.0} ms since start){}",
-        IfacePattern::new(&args.iface_patterns),
+        IfacePattern::new(&args.tc.iface_patterns),
         per_node.join(", "),
         started.elapsed().as_secs_f64() * 1e3,
         if leftovers > 0 { format!("; removed {leftovers} filters left by killed earlier runs") } else { String::new() }

@@ -14,8 +14,8 @@ use tracing::warn;
 
 use crate::{
     aggregate::Summary,
-    cli::{TargetArgs, TcArgs},
-    interfaces::{IfacePattern, TcAccounting, TcSnapshot, WatchOptions},
+    cli::TargetArgs,
+    interfaces::{TcAccounting, TcArgs, TcSnapshot},
     output,
     probe::DropProbe,
     resolve::Resolver,
@@ -117,7 +117,13 @@ pub struct TargetMode {
 
 impl TargetMode {
     /// Resolves the target, fills the kernel's address filter and starts the tc counters.
-    pub fn start(a: &TargetArgs, tc_args: &TcArgs, r: &Resolver, probe: &mut DropProbe, node: &str) -> anyhow::Result<Self> {
+    pub fn start(
+        a: &TargetArgs,
+        tc_args: Option<&TcArgs>,
+        r: &Resolver,
+        probe: &mut DropProbe,
+        node: &str,
+    ) -> anyhow::Result<Self> {
         let Some(spec) = TargetSpec::from_args(a) else { bail!("no target given") };
         let targets = match spec.resolve(r) {
             Ok(t) => t,
@@ -130,16 +136,8 @@ impl TargetMode {
                 spec.describe()
             );
         }
-        let tc = if tc_args.no_tc {
-            None
-        } else {
-            let patterns = if tc_args.iface_patterns.is_empty() { vec!["cali*".to_string()] } else { tc_args.iface_patterns.clone() };
-            let opts = WatchOptions {
-                pattern: IfacePattern::new(&patterns),
-                mode: tc_args.tc_mode.unwrap_or_default(),
-                ..WatchOptions::default()
-            };
-            match TcAccounting::start(&tc_args.node_netns, node, &opts, None) {
+        let tc = if let Some(tc_args) = tc_args {
+            match TcAccounting::start(&tc_args.node_netns, node, &tc_args.watch_options(), None) {
                 Ok(tc) => {
                     if let Err(e) = tc.set_destinations(&targets.destinations()) {
                         warn!("tc attempt counters: {e}");
@@ -151,6 +149,8 @@ impl TargetMode {
                     None
                 }
             }
+        } else {
+            None
         };
         let frontends: Vec<String> = targets.frontends.iter().map(|(ip, port, proto)| format!("{ip}:{port}/{proto}")).collect();
         eprintln!(

@@ -115,7 +115,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         if !kube_on {
             anyhow::bail!("--svc/--pod/--node/--namespace need Kubernetes: pass --kubeconfig FILE or --kube-snapshot FILE");
         }
-        Some(TargetMode::start(&args.target, &args.tc, &resolver, &mut probe, &node)?)
+        let tc = (!args.no_tc).then_some(&args.tc);
+        Some(TargetMode::start(&args.target, tc, &resolver, &mut probe, &node)?)
     } else {
         None
     };
