@@ -42,13 +42,10 @@ fn udp4_closed_port_counts_match_snmp_noports() {
         assert_eq!(e["src"]["ip"], "127.0.0.1");
         assert_eq!(e["netns"], ns.inode());
         assert_eq!(e["ifname"], "lo");
-        assert!(
-            e["location"]
-                .as_str()
-                .expect("location")
-                .starts_with("__udp4_lib_rcv+0x"),
-            "{e}"
-        );
+        // The UDP receive path; which function frees depends on inlining (6.18: __udp4_lib_rcv,
+        // Debian 7.2: udp_rcv).
+        let loc = e["location"].as_str().expect("location");
+        assert!(loc.starts_with("__udp4_lib_rcv+0x") || loc.starts_with("udp_rcv+0x"), "{e}");
         assert!(e["reason_code"].as_u64().is_some());
     }
     assert_eq!(out.summary["lost_events"], 0);
