@@ -405,17 +405,7 @@ impl NetNs {
     /// namespace has no conntrack yet).
     pub fn ct_stat(&self, column: &str) -> u64 {
         let text = self.exec("cat", &["/proc/net/stat/nf_conntrack"]);
-        let mut lines = text.lines();
-        let Some(idx) = lines
-            .next()
-            .and_then(|h| h.split_whitespace().position(|c| c == column))
-        else {
-            panic!("no column {column} in nf_conntrack stats")
-        };
-        lines
-            .filter_map(|l| l.split_whitespace().nth(idx))
-            .filter_map(|v| u64::from_str_radix(v, 16).ok())
-            .sum()
+        ct_stat_column(&text, column).unwrap_or_else(|| panic!("no column {column} in nf_conntrack stats"))
     }
 
     /// Moves one end of a veth pair into this namespace and configures it.
@@ -424,6 +414,14 @@ impl NetNs {
         self.ip(&["addr", "add", addr, "dev", link]);
         self.ip(&["link", "set", link, "up"]);
     }
+}
+
+/// A column of `/proc/net/stat/nf_conntrack` (hex, one row per CPU) summed over CPUs; `None` when
+/// the kernel has no such column.
+pub fn ct_stat_column(text: &str, column: &str) -> Option<u64> {
+    let mut lines = text.lines();
+    let idx = lines.next()?.split_whitespace().position(|c| c == column)?;
+    Some(lines.filter_map(|l| l.split_whitespace().nth(idx)).filter_map(|v| u64::from_str_radix(v, 16).ok()).sum())
 }
 
 /// Connects two namespaces with a veth pair: `a_if` (addr `a_addr`) in `a`, `b_if` in `b`.

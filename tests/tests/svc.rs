@@ -243,28 +243,7 @@ fn conntrack_insert_failures_are_classified_on_the_clients_node() {
     let fault = lab
         .fault(&FaultRequest::new(FaultKind::ConntrackInsert))
         .expect("fault");
-    let node_ns = fault.node_netns.clone();
-    let stat = |col: &str| -> u64 {
-        let text = netdrop_tests::run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &node_ns,
-                "cat",
-                "/proc/net/stat/nf_conntrack",
-            ],
-        );
-        let mut lines = text.lines();
-        let idx = lines
-            .next()
-            .and_then(|h| h.split_whitespace().position(|c| c == col))
-            .expect("column");
-        lines
-            .filter_map(|l| l.split_whitespace().nth(idx))
-            .filter_map(|v| u64::from_str_radix(v, 16).ok())
-            .sum()
-    };
+    let stat = |col: &str| lab.conntrack_stat(&fault.node, col).expect("conntrack stats");
     let before = stat("insert_failed");
     let (_report, out) = traced(&lab, "default/web", 5);
     let kernel = stat("insert_failed") - before;

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use netdrop_tests::{
-    NatLab, NetNs,
+    NatLab,
     lab::{
         Lab, LabOptions,
         faults::{FaultKind, FaultRequest},
@@ -94,10 +94,6 @@ impl Netdrop {
     }
 }
 
-fn ct_stat(ns: &NetNs, col: &str) -> u64 {
-    ns.ct_stat(col)
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -122,12 +118,12 @@ fn snat_race(rounds: usize) -> anyhow::Result<Value> {
 
         let _ = Command::new("ip").args(["netns", "exec", &lab.node.name, "conntrack", "-F"]).output();
         let nd = Netdrop::start(&["-o", "json", "--netns", &node_arg])?;
-        let before = ct_stat(&lab.node, "insert_failed");
+        let before = lab.node.ct_stat("insert_failed");
         let t = Instant::now();
         let sent = send_flows(&lab.pod, 2, FLOWS / 2, "10.20.0.2:9999");
         with.push(sent as f64 / t.elapsed().as_secs_f64());
         thread::sleep(Duration::from_millis(300));
-        let kernel = ct_stat(&lab.node, "insert_failed") - before;
+        let kernel = lab.node.ct_stat("insert_failed") - before;
         let s = nd.stop()?;
         let ours = s["by_classification"]["conntrack_insert_failed"].as_u64().unwrap_or(0);
         println!("round {round}: kernel insert_failed +{kernel}, netdrop conntrack_insert_failed {ours} ({})", s["conntrack_hook"]);

@@ -610,15 +610,7 @@ impl Lab {
             &["/proc/net/stat/nf_conntrack"],
             None,
         )?;
-        let mut lines = text.lines();
-        let idx = lines
-            .next()
-            .and_then(|h| h.split_whitespace().position(|c| c == column))
-            .ok_or_else(|| LabError::NoColumn(column.to_string()))?;
-        Ok(lines
-            .filter_map(|l| l.split_whitespace().nth(idx))
-            .filter_map(|v| u64::from_str_radix(v, 16).ok())
-            .sum())
+        crate::ct_stat_column(&text, column).ok_or_else(|| LabError::NoColumn(column.to_string()))
     }
 
     /// Packets counted by the rules a fault added (all its rules summed).
