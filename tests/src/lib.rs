@@ -1107,6 +1107,31 @@ pub fn send_flows(ns: &NetNs, threads: usize, per_thread: usize, to: &'static st
     handles.into_iter().map(|h| h.join().expect("sender")).sum()
 }
 
+/// The running kernel's (major, minor) from its release (`uname -r`), e.g. (6, 1) for "6.1.0-56-cloud-amd64".
+pub fn kernel_version() -> (u32, u32) {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("/proc/sys/kernel/osrelease");
+    let mut nums = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse().unwrap_or(0));
+    (nums.next().unwrap_or(0), nums.next().unwrap_or(0))
+}
+
+/// Whether the kernel has TCX (Linux 6.6+), judged from its version, not from netdrop's own
+/// probe: the tests check netdrop's probe against this.
+pub fn has_tcx() -> bool {
+    kernel_version() >= (6, 6)
+}
+
+/// Skips the calling test on kernels without TCX (before 6.6). Use after `require_root!`.
+#[macro_export]
+macro_rules! require_tcx {
+    ($test:expr) => {
+        if !$crate::has_tcx() {
+            let (major, minor) = $crate::kernel_version();
+            $crate::skip($test, &format!("kernel {major}.{minor} has no TCX (Linux 6.6+)"));
+            return;
+        }
+    };
+}
+
 /// Why the running kernel cannot run tests that name drop reasons (none before Linux 5.17), if
 /// it cannot. Asks netdrop itself, once.
 pub fn needs_reasons() -> Option<String> {

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use netdrop_tests::{TcNode, TcWatch, cali_name, links_of, map_entries_of, prog_exists, require_root, sched_cls_prog_ids};
+use netdrop_tests::{TcNode, TcWatch, cali_name, links_of, map_entries_of, prog_exists, require_root, require_tcx, sched_cls_prog_ids};
 
 fn batch(node: &TcNode, lines: &[String]) {
     let mut child = Command::new("ip")
@@ -32,6 +32,9 @@ fn add_line(n: u32) -> String {
 
 fn churn(mode: &str, test: &str, base: u32) {
     require_root!(test);
+    if mode == "tcx" {
+        require_tcx!(test);
+    }
     let node = TcNode::new("tcchurn");
     let mut live: BTreeSet<String> = BTreeSet::new();
     let mut next = base;

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use netdrop_tests::{TcNode, TcWatch, UdpCounter, add_foreign_clsact_dropper, load_len_dropper, require_root, tcx_attach_last, udp_burst};
+use netdrop_tests::{TcNode, TcWatch, UdpCounter, add_foreign_clsact_dropper, load_len_dropper, require_root, require_tcx, tcx_attach_last, udp_burst};
 
 /// Marked datagrams: payload 333 → skb->len 14 + 20 + 8 + 333 at tc ingress.
 const MARKED_PAYLOAD: usize = 333;
@@ -12,6 +12,9 @@ const MARKED_LEN: u32 = 14 + 20 + 8 + 333;
 
 fn coexist(netdrop_mode: &str, foreign_tcx: bool, test: &str, subnet: u8) {
     require_root!(test);
+    if netdrop_mode == "tcx" || foreign_tcx {
+        require_tcx!(test);
+    }
     let node = TcNode::new("tcco");
     let pod = node.add_pod(subnet, 1);
     let prog = load_len_dropper(MARKED_LEN);

@@ -1,7 +1,7 @@
 //! tc accounting is exact: a known number of packets, bytes, SYNs and UDP flows from (and to) a
 //! pod namespace appear exactly in the counters, compared with what the test sent and with the
-//! host-side veth's own /sys/class/net statistics. Both attach modes, through the library API
-//! the trace loop uses (`TcAccounting`).
+//! host-side veth's own /sys/class/net statistics. Both attach modes and `auto`, through the
+//! library API the trace loop uses (`TcAccounting`).
 
 use std::{
     io::{Read as _, Write as _},
@@ -11,9 +11,9 @@ use std::{
 
 use netdrop::{
     interfaces::{Destination, NodeNetns, TcAccounting, WatchOptions},
-    probe::tc::TcModeChoice,
+    probe::tc::{TcMode, TcModeChoice},
 };
-use netdrop_tests::{TcNode, require_root};
+use netdrop_tests::{TcNode, has_tcx, require_root, require_tcx};
 
 const UDP_ONE_FLOW: usize = 300;
 const CLOSED_CONNECTS: usize = 40;
@@ -23,12 +23,23 @@ const INBOUND_CONNECTS: usize = 10;
 
 fn exact_counts(mode: TcModeChoice, test: &str, subnet: u8) {
     require_root!(test);
+    if mode == TcModeChoice::Tcx {
+        require_tcx!(test);
+    }
     let node = TcNode::new("tcnode");
     let pod = node.add_pod(subnet, 1);
     let other = node.add_pod(subnet, 2); // attached too, must stay silent
     let opts = WatchOptions { mode, ..WatchOptions::default() };
     let acct = TcAccounting::start(&[NodeNetns { node: "n1".into(), path: Some(node.ns.path()) }], "unused", &opts, None)
         .expect("start tc accounting");
+    // `auto`: TCX where the kernel has it (6.6+), clsact below.
+    let expected = match mode {
+        TcModeChoice::Tcx => TcMode::Tcx,
+        TcModeChoice::Clsact => TcMode::Clsact,
+        TcModeChoice::Auto if has_tcx() => TcMode::Tcx,
+        TcModeChoice::Auto => TcMode::Clsact,
+    };
+    assert_eq!(acct.mode(), expected, "attach mode ({})", acct.mode_note());
     let (node_ip, pod_ip) = (pod.node_ip, pod.pod_ip);
     let listening = Destination { ip: node_ip.into(), port: 9002, proto: 6 };
     let udp_dest = Destination { ip: node_ip.into(), port: 9003, proto: 17 };
@@ -130,4 +141,10 @@ fn tc_counts_are_exact_tcx() {
 #[test]
 fn tc_counts_are_exact_clsact() {
     exact_counts(TcModeChoice::Clsact, "tc_counts_are_exact_clsact", 92);
+}
+
+/// `--tc-mode auto` (the default) picks TCX on 6.6+ and clsact below, and counts as exactly.
+#[test]
+fn tc_counts_are_exact_auto() {
+    exact_counts(TcModeChoice::Auto, "tc_counts_are_exact_auto", 90);
 }

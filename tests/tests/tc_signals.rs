@@ -2,7 +2,7 @@
 //! die with a killed process; clsact filters outlive it and the next run removes them, without
 //! touching another dataplane's filter.
 
-use netdrop_tests::{TcNode, TcWatch, add_foreign_clsact_dropper, links_of, prog_exists, require_root, sched_cls_prog_ids};
+use netdrop_tests::{TcNode, TcWatch, add_foreign_clsact_dropper, links_of, prog_exists, require_root, require_tcx, sched_cls_prog_ids};
 use nix::sys::signal::Signal;
 
 /// A node with three pods (the pods must live as long as the test: deleting a pod namespace
@@ -25,6 +25,9 @@ fn nothing_attached(node: &TcNode, names: &[String], progs: &[u64]) {
 
 fn sigterm(mode: &str, test: &str) {
     require_root!(test);
+    if mode == "tcx" {
+        require_tcx!(test);
+    }
     let (node, names, _pods) = setup();
     let mut w = TcWatch::start(&["--node-netns", &node.arg("n1"), "--tc-mode", mode]);
     let progs = sched_cls_prog_ids(w.pid());
@@ -47,6 +50,7 @@ fn tc_sigterm_detaches_clsact() {
 #[test]
 fn tc_sigkill_tcx_leaves_nothing() {
     require_root!("tc_sigkill_tcx_leaves_nothing");
+    require_tcx!("tc_sigkill_tcx_leaves_nothing");
     let (node, names, _pods) = setup();
     let mut w = TcWatch::start(&["--node-netns", &node.arg("n1"), "--tc-mode", "tcx"]);
     let progs = sched_cls_prog_ids(w.pid());
