@@ -242,11 +242,37 @@ pub struct TraceOutput {
 impl Tracer {
     /// Starts `netdrop trace -o json <args>` and waits until it says it is attached.
     pub fn start(args: &[&str]) -> Self {
+        Self::spawn(Self::command(args))
+    }
+
+    /// Like [`Tracer::start`], but netdrop runs in a private mount namespace where
+    /// /sys/kernel/btf is an empty tmpfs: a kernel without BTF, as far as netdrop can tell.
+    pub fn start_without_btf(args: &[&str]) -> Self {
+        use std::os::unix::process::CommandExt as _;
+        use nix::mount::{MsFlags, mount};
+        let mut cmd = Self::command(args);
+        // SAFETY: only async-signal-safe syscalls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+                mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)?;
+                mount(Some("none"), "/sys/kernel/btf", Some("tmpfs"), MsFlags::empty(), None::<&str>)?;
+                Ok(())
+            });
+        }
+        Self::spawn(cmd)
+    }
+
+    fn command(args: &[&str]) -> Command {
         let mut cmd = Command::new(netdrop_bin());
         cmd.args(["trace", "-o", "json"])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        cmd
+    }
+
+    fn spawn(mut cmd: Command) -> Self {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", netdrop_bin().display()));
