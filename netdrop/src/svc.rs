@@ -338,6 +338,23 @@ fn pct(r: Option<f64>) -> String {
     r.map_or_else(|| "-".into(), |r| format!("{:.1}%", r * 100.0))
 }
 
+/// The share of a Service's backend drops that "carries" it: 90%.
+const MOST_DROPS: f64 = 0.9;
+
+/// How many of `bad` (sorted by drops, most first) it takes to account for [`MOST_DROPS`] of
+/// their drops.
+fn carriers_of_most(bad: &[&BackendRow]) -> usize {
+    let total: u64 = bad.iter().map(|b| b.drops).sum();
+    let mut sum = 0;
+    for (i, b) in bad.iter().enumerate() {
+        sum += b.drops;
+        if sum as f64 >= MOST_DROPS * total as f64 {
+            return i + 1;
+        }
+    }
+    bad.len()
+}
+
 fn at(b: &BackendRow) -> String {
     match &b.node {
         Some(n) => format!("{} on {n}", b.pod),
@@ -376,8 +393,11 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
     let mut bad: Vec<&BackendRow> = s.backends.iter().filter(|b| b.drops > 0).collect();
     bad.sort_by(|a, b| b.drops.cmp(&a.drops));
     let share_of_drops = |n: u64| n as f64 / s.drops as f64;
-    // Drops concentrated on a few backends: name them; spread over all: say so.
-    let concentrated = !bad.is_empty() && bad.len() * 2 <= s.backends.len().max(1);
+    // Drops concentrated on a few backends: name them; spread over all: say so. Judged by the
+    // drops, not by how many backends have any: one bad backend with a stray drop or two on the
+    // others (a late retransmission meeting a TIME_WAIT socket) is still one bad backend.
+    let carriers = carriers_of_most(&bad);
+    let concentrated = carriers > 0 && carriers * 2 <= s.backends.len().max(1);
     for b in bad.iter().take(5) {
         let explains = s.attempts.filter(|a| *a > 0).map(|a| b.drops as f64 / a as f64);
         let reason = b.top_reasons.first().map(why).unwrap_or_default();
@@ -398,7 +418,7 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
         if !healthy.is_empty() {
             out.push(format!("Healthy: {}.", healthy.join(", ")));
         }
-        let mut nodes: Vec<&str> = bad.iter().filter_map(|b| b.node.as_deref()).collect();
+        let mut nodes: Vec<&str> = bad.iter().take(carriers).filter_map(|b| b.node.as_deref()).collect();
         nodes.sort_unstable();
         nodes.dedup();
         if !nodes.is_empty() {
@@ -584,6 +604,30 @@ mod tests {
         assert!(text.contains("The drops are on node-b"), "{text}");
         assert!(text.contains("Next (netfilter_rule)"), "{text}");
         assert!(render(&s).contains("default/web-2"));
+    }
+
+    /// 164 drops on one backend and one stray drop on each of two others: still one bad backend.
+    #[test]
+    fn stray_drops_elsewhere_do_not_hide_the_bad_backend() {
+        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let bad = t.backends[0].tag;
+        let rows = vec![row(bad, 164, 98), row(t.backends[1].tag, 1, 98), row(t.backends[2].tag, 1, 99)];
+        let snap = tc(&t, 500, &[(bad, 328), (t.backends[1].tag, 170), (t.backends[2].tag, 166)]);
+        let node_of = |n: u32| Some(if n == 98 { "node-a" } else { "node-b" }.to_string());
+        let s = build(
+            &t,
+            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true },
+        );
+        let text = s.diagnosis.join("\n");
+        assert!(text.contains("The drops are on node-a: look there first."), "{text}");
+        assert!(!text.contains("spread over most backends"), "{text}");
+        // Evenly spread drops are still called spread.
+        let rows = vec![row(bad, 50, 98), row(t.backends[1].tag, 40, 98), row(t.backends[2].tag, 45, 99)];
+        let s = build(
+            &t,
+            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true },
+        );
+        assert!(s.diagnosis.join("\n").contains("spread over most backends"), "{:?}", s.diagnosis);
     }
 
     #[test]

@@ -56,13 +56,70 @@ fn traffic(lab: &Lab, svc: &str, secs: u64) -> TrafficReport {
         .unwrap_or_else(|e| panic!("traffic: {e}"))
 }
 
-/// `trace --svc` over `secs` of traffic; returns the generator's report and netdrop's output
-/// (stopped a little after the traffic, so the last drops are drained and counted).
-fn traced(lab: &Lab, svc: &str, secs: u64) -> (TrafficReport, netdrop_tests::TraceOutput) {
+/// What a traced run saw: the generator's report, netdrop's output, and how many TCP segments
+/// the lab's kernels retransmitted meanwhile.
+struct Traced {
+    report: TrafficReport,
+    out: netdrop_tests::TraceOutput,
+    retransmitted: u64,
+}
+
+/// `trace --svc` over `secs` of traffic (netdrop stopped a little after the traffic, so the
+/// last drops are drained and counted).
+fn traced(lab: &Lab, svc: &str, secs: u64) -> Traced {
+    let before = retransmitted(lab);
     let tracer = trace(lab, svc);
     let report = traffic(lab, svc, secs);
     std::thread::sleep(Duration::from_millis(1200));
-    (report, tracer.stop())
+    let out = tracer.stop();
+    Traced { report, out, retransmitted: retransmitted(lab) - before }
+}
+
+/// `Tcp: RetransSegs` summed over the lab's node and pod namespaces.
+fn retransmitted(lab: &Lab) -> u64 {
+    let st = lab.status();
+    st.nodes
+        .iter()
+        .map(|n| &n.netns)
+        .chain(st.pods.iter().map(|p| &p.netns))
+        .map(|ns| {
+            let snmp = netdrop_tests::run("ip", &["netns", "exec", ns, "cat", "/proc/net/snmp"]);
+            netdrop_tests::parse_snmp(&snmp)["Tcp"]["RetransSegs"]
+        })
+        .sum()
+}
+
+/// Drops a TCP retransmission leaves on a healthy path: the receiver discards the duplicate or
+/// late segment (old data, out of window, PAWS), or a TIME_WAIT socket answers it, which kernels
+/// before 6.x report as a `NOT_SPECIFIED` drop in `tcp_v4_rcv`. Seen under emulation (the
+/// Debian 6.1 guest), where timers fire late; never on the 6.18 host.
+fn retransmission_leftover(r: &Value) -> bool {
+    let location = r["location"].as_str().unwrap_or_default();
+    match r["reason"].as_str().unwrap_or_default() {
+        "TCP_OLD_DATA" | "TCP_INVALID_SEQUENCE" | "TCP_RFC7323_PAWS" => true,
+        "NOT_SPECIFIED" => location.starts_with("tcp_v4_rcv+"),
+        _ => false,
+    }
+}
+
+/// Every drop of the Service that is not on `bad_pod` (other backends, and the Service address
+/// without a backend): none, except what the kernel's own retransmissions explain — no more
+/// than it retransmitted, and only of the kinds a retransmission leaves.
+fn assert_no_drops_except(s: &Value, bad_pod: Option<&str>, retransmitted: u64) {
+    let others: Vec<&Value> =
+        s["backends"].as_array().expect("backends").iter().filter(|b| Some(b["pod"].as_str().unwrap_or_default()) != bad_pod).collect();
+    let count: u64 = others.iter().map(|b| b["drops"].as_u64().expect("drops")).sum::<u64>()
+        + s["unmatched"]["drops"].as_u64().unwrap_or(0);
+    if retransmitted == 0 {
+        assert_eq!(count, 0, "drops outside {bad_pod:?} with no retransmission: {s}");
+        return;
+    }
+    println!("{count} drops outside {bad_pod:?}; the lab retransmitted {retransmitted} TCP segments");
+    assert!(count <= retransmitted, "{count} drops outside {bad_pod:?} > {retransmitted} retransmitted segments: {s}");
+    let reasons = others.iter().flat_map(|b| b["top_reasons"].as_array().cloned().unwrap_or_default());
+    for r in reasons.chain(s["unmatched"]["top_reasons"].as_array().cloned().unwrap_or_default()) {
+        assert!(retransmission_leftover(&r), "not a retransmission's leftover: {r}; summary {s}");
+    }
 }
 
 fn backend<'a>(summary: &'a Value, pod: &str) -> &'a Value {
@@ -74,15 +131,6 @@ fn backend<'a>(summary: &'a Value, pod: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no backend {pod} in {summary}"))
 }
 
-fn drops_elsewhere(summary: &Value, pod: &str) -> u64 {
-    summary["backends"]
-        .as_array()
-        .expect("backends")
-        .iter()
-        .filter(|b| b["pod"] != pod)
-        .map(|b| b["drops"].as_u64().expect("drops"))
-        .sum()
-}
 
 #[test]
 fn policy_drop_on_one_of_three_backends_is_found() {
@@ -95,8 +143,8 @@ fn policy_drop_on_one_of_three_backends_is_found() {
         .fault(&FaultRequest::new(FaultKind::PolicyDrop))
         .expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
-    let (report, out) = traced(&lab, "default/web", 5);
-    let s = &out.summary;
+    let t = traced(&lab, "default/web", 5);
+    let (report, s) = (&t.report, &t.out.summary);
     let rule_packets = lab.fault_packets(&fault).expect("rule counter");
     println!(
         "generator: {} attempts, {} failures; rule counter {rule_packets}; netdrop: {s}",
@@ -115,11 +163,7 @@ fn policy_drop_on_one_of_three_backends_is_found() {
         b["top_reasons"][0]["node"], fault.node,
         "where the drops happened"
     );
-    assert_eq!(
-        drops_elsewhere(s, &bad.pod),
-        0,
-        "healthy backends have no drops"
-    );
+    assert_no_drops_except(s, Some(&bad.pod), t.retransmitted);
     // The share netdrop reports is the generator's failure ratio (one SYN per failed request).
     let ratio = s["drop_ratio"].as_f64().expect("ratio (tc attempts)");
     assert!(
@@ -145,8 +189,8 @@ fn policy_drop_on_one_of_three_backends_is_found() {
     );
     assert!(diagnosis.contains("netfilter_rule"), "{diagnosis}");
     // Each drop event names both ends and the Service the flow was addressed to.
-    assert!(!out.drops.is_empty());
-    for e in &out.drops {
+    assert!(!t.out.drops.is_empty());
+    for e in &t.out.drops {
         assert_eq!(e["dst"]["pod"], bad.pod.split('/').nth(1).expect("ns/name"), "{e}");
         assert_eq!(e["dst"]["node"], bad.node, "{e}");
         assert_eq!(e["dst"]["service"], "default/web", "{e}");
@@ -169,8 +213,8 @@ fn backend_not_listening_is_no_socket_on_that_backend() {
         .fault(&FaultRequest::new(FaultKind::NotListening))
         .expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
-    let (report, out) = traced(&lab, "default/web", 5);
-    let s = &out.summary;
+    let t = traced(&lab, "default/web", 5);
+    let (report, s) = (&t.report, &t.out.summary);
     println!("generator: {report:?}\nnetdrop: {s}");
     let b = backend(s, &bad.pod);
     assert_eq!(b["top_reasons"][0]["classification"], "no_socket");
@@ -180,7 +224,7 @@ fn backend_not_listening_is_no_socket_on_that_backend() {
         Some(report.failures),
         "drops vs the generator's failures"
     );
-    assert_eq!(drops_elsewhere(s, &bad.pod), 0);
+    assert_no_drops_except(s, Some(&bad.pod), t.retransmitted);
 }
 
 #[test]
@@ -190,16 +234,14 @@ fn healthy_service_has_no_drops_attributed() {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
-    let (report, out) = traced(&lab, "default/healthy", 5);
-    let s = &out.summary;
+    let t = traced(&lab, "default/healthy", 5);
+    let (report, s) = (&t.report, &t.out.summary);
     assert_eq!(report.failures, 0, "{report:?}");
-    assert_eq!(s["drops"], 0, "{s}");
+    assert_no_drops_except(s, None, t.retransmitted);
     assert_eq!(s["attempts"].as_u64(), Some(report.attempts));
-    assert_eq!(
-        s["diagnosis"][0].as_str().map(|l| l.contains("no drops")),
-        Some(true),
-        "{s}"
-    );
+    if s["drops"] == 0 {
+        assert_eq!(s["diagnosis"][0].as_str().map(|l| l.contains("no drops")), Some(true), "{s}");
+    }
 }
 
 #[test]
@@ -213,8 +255,8 @@ fn one_bad_backend_of_fifty_is_found() {
         .fault(&FaultRequest::new(FaultKind::BigOneBad))
         .expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
-    let (report, out) = traced(&lab, "default/big", 8);
-    let s = &out.summary;
+    let t = traced(&lab, "default/big", 8);
+    let (report, s) = (&t.report, &t.out.summary);
     let rule_packets = lab.fault_packets(&fault).expect("rule counter");
     println!(
         "generator: {} attempts, {} failures; rule {rule_packets}",
@@ -223,7 +265,7 @@ fn one_bad_backend_of_fifty_is_found() {
     assert_eq!(s["backends"].as_array().map(Vec::len), Some(50));
     assert!(rule_packets > 0, "traffic reached the bad backend");
     assert_eq!(backend(s, &bad.pod)["drops"].as_u64(), Some(rule_packets));
-    assert_eq!(drops_elsewhere(s, &bad.pod), 0);
+    assert_no_drops_except(s, Some(&bad.pod), t.retransmitted);
     assert!(
         s["diagnosis"][1]
             .as_str()
@@ -245,9 +287,9 @@ fn conntrack_insert_failures_are_classified_on_the_clients_node() {
         .expect("fault");
     let stat = |col: &str| lab.conntrack_stat(&fault.node, col).expect("conntrack stats");
     let before = stat("insert_failed");
-    let (_report, out) = traced(&lab, "default/web", 5);
+    let t = traced(&lab, "default/web", 5);
     let kernel = stat("insert_failed") - before;
-    let s = &out.summary;
+    let s = &t.out.summary;
     let ours: u64 = s["backends"]
         .as_array()
         .expect("backends")
@@ -307,10 +349,10 @@ fn missing_route_to_a_backend_is_named_with_the_kernels_reason() {
         ))
     };
     let before = snmp(&fault.node_netns);
-    let (report, out) = traced(&lab, "default/web", 5);
+    let t = traced(&lab, "default/web", 5);
     let after = snmp(&fault.node_netns);
     let delta = |f: &str| after["Ip"][f] - before["Ip"][f];
-    let s = &out.summary;
+    let (report, s) = (&t.report, &t.out.summary);
     let b = backend(s, &bad.pod);
     println!(
         "generator {} failures; Ip deltas: OutNoRoutes {} InAddrErrors {} InHdrErrors {}; netdrop {:?}",
@@ -325,7 +367,7 @@ fn missing_route_to_a_backend_is_named_with_the_kernels_reason() {
         b["top_reasons"][0]["node"], fault.node,
         "dropped on the node that lost the route"
     );
-    assert_eq!(drops_elsewhere(s, &bad.pod), 0);
+    assert_no_drops_except(s, Some(&bad.pod), t.retransmitted);
     // A blackhole route (Calico's per-node IPAM block) takes the packets in ip_error with no
     // reason and no SNMP counter: the reference is the generator, one dropped SYN per failure.
     assert_eq!(
