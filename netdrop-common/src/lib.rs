@@ -104,6 +104,10 @@ pub mod class {
     /// `nf_conntrack_in` returned NF_DROP without attaching an entry: allocation failed
     /// (table full).
     pub const TABLE_FULL: u8 = 2;
+    /// A TCP segment with FIN or RST freed as `NOT_SPECIFIED`: at `tcp_v4_rcv`/`tcp_v6_rcv`
+    /// that is a TIME_WAIT (or orphaned FIN_WAIT2) socket taking a peer's FIN or RST, which
+    /// kernels up to at least 7.2 free with `kfree_skb` — connection teardown, not a loss.
+    pub const TCP_FIN_OR_RST: u8 = 3;
 }
 
 /// One dropped packet, as sent through the ring buffer.
@@ -278,7 +282,9 @@ pub struct Config {
     pub netfilter_drop_reason: u32,
     /// 1: only packets from or to an address in `ADDR_FILTER` (the `--svc` set) count.
     pub addr_filter: u32,
-    pub _pad2: u32,
+    /// This kernel's NOT_SPECIFIED reason number ([`ABSENT`] without reasons): such drops of
+    /// TCP segments carrying FIN or RST get [`class::TCP_FIN_OR_RST`].
+    pub not_specified_reason: u32,
 }
 
 /// `Config::l4_proto` value that matches every protocol (IP protocol numbers stop at 255).
@@ -332,7 +338,7 @@ impl Config {
         precise_conntrack: 0,
         netfilter_drop_reason: ABSENT,
         addr_filter: 0,
-        _pad2: 0,
+        not_specified_reason: ABSENT,
     };
 
     /// Whether a drop with `reason` becomes an event.

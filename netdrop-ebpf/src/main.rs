@@ -136,7 +136,12 @@ struct Packet {
     daddr: [u8; 16],
     sport: u16,
     dport: u16,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ...); 0 for other protocols.
+    tcp_flags: u8,
 }
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -211,6 +216,8 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
     }
     let exact_class = if conf!(precise_conntrack) != 0 && is_netfilter {
         take_mark(skb as u64)
+    } else if has_l3 && reason == conf!(not_specified_reason) && tcp_fin_or_rst(skb, nh, l3_proto) {
+        class::TCP_FIN_OR_RST
     } else {
         0
     };
@@ -482,9 +489,18 @@ fn netns_of(skb: *const u8, dev: *const u8) -> u32 {
     }
 }
 
+/// Whether the skb is a TCP segment carrying FIN or RST (read only for NOT_SPECIFIED drops).
+#[inline(always)]
+fn tcp_fin_or_rst(skb: *const u8, nh: u16, l3_proto: u16) -> bool {
+    let (Ok(head), Ok(th)) = (read::<*const u8>(skb, conf!(offsets.skb_head)), read::<u16>(skb, conf!(offsets.skb_transport_header))) else {
+        return false;
+    };
+    parse(head, nh, th, l3_proto).is_ok_and(|p| p.tcp_flags & (TCP_FIN | TCP_RST) != 0)
+}
+
 #[inline(always)]
 fn parse(head: *const u8, nh: u16, th: u16, l3_proto: u16) -> Result<Packet, i64> {
-    let mut pkt = Packet { proto: 0, saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0 };
+    let mut pkt = Packet { proto: 0, saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, tcp_flags: 0 };
     let l4_off: u32;
     let mut first_fragment = true;
     if l3_proto == ETH_P_IP {
@@ -509,7 +525,13 @@ fn parse(head: *const u8, nh: u16, th: u16, l3_proto: u16) -> Result<Packet, i64
         l4_off = u32::from(nh) + 40;
     }
     // TCP, UDP, SCTP and UDP-Lite start with the two ports.
-    if first_fragment && matches!(pkt.proto, 6 | 17 | 132 | 136) {
+    if first_fragment && pkt.proto == 6 {
+        // Ports, sequence and acknowledgement numbers, data offset, flags.
+        let tcp: [u8; 14] = read(head, l4_off)?;
+        pkt.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+        pkt.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+        pkt.tcp_flags = tcp[13];
+    } else if first_fragment && matches!(pkt.proto, 17 | 132 | 136) {
         let ports: [u8; 4] = read(head, l4_off)?;
         pkt.sport = u16::from_be_bytes([ports[0], ports[1]]);
         pkt.dport = u16::from_be_bytes([ports[2], ports[3]]);

@@ -109,12 +109,16 @@ impl Visibility {
         Self { config: *config, hide_benign_locations, symbols }
     }
 
-    pub fn is_hidden(&self, reason: u32, ip_version: u32, location: u64) -> bool {
+    pub fn is_hidden(&self, reason: u32, ip_version: u32, location: u64, exact_class: u8) -> bool {
         let quiet = self.config.quiet_reason_without_ip;
         !self.config.emits(reason)
             || (ip_version == 0 && reason == quiet && quiet != ABSENT)
             || (self.hide_benign_locations
-                && self.symbols.function(location).is_some_and(classify::is_benign_location))
+                && self.symbols.function(location).is_some_and(|f| {
+                    classify::is_benign_location(f)
+                        || (reason == self.config.not_specified_reason
+                            && classify::is_tcp_teardown("NOT_SPECIFIED", Some(f), exact_class))
+                }))
     }
 }
 
@@ -148,7 +152,7 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
                 _ => "none",
             },
             count: *n,
-            hidden: ctx.visibility.is_hidden(k.reason, u32::from(k.ip_version), k.location),
+            hidden: ctx.visibility.is_hidden(k.reason, u32::from(k.ip_version), k.location, k.exact_class),
             classification,
             certainty,
             conntrack: classify::ct_state_name(k.ct_state),

@@ -64,6 +64,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_fin_or_rst_freed_by_tcp_rcv_is_teardown() {
+        let none = Evidence::default();
+        for f in ["tcp_v4_rcv", "tcp_v6_rcv"] {
+            assert_eq!(classify("NOT_SPECIFIED", Some(f), 0, class::TCP_FIN_OR_RST, &none).0, TCP_TEARDOWN);
+            // A plain ACK or data segment there may be a listen-queue overflow: stays visible.
+            assert_eq!(classify("NOT_SPECIFIED", Some(f), 0, 0, &none).0, "not_specified");
+        }
+        assert_eq!(classify("NOT_SPECIFIED", Some("e1000_clean_rx_irq"), 0, class::TCP_FIN_OR_RST, &none).0, "not_specified");
+        assert_eq!(classify("NO_SOCKET", Some("tcp_v4_rcv"), 0, class::TCP_FIN_OR_RST, &none).0, "no_socket");
+    }
+
+    #[test]
     fn benign_names_resolve_on_a_6_18_style_table() {
         let t = ReasonTable::from_print_fmt(
             r#"__print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 3, "NO_SOCKET" }, { 4, "SOCKET_CLOSE" }, { 7, "UNIX_DISCONNECT" }, { 80, "QUEUE_PURGE" })"#,
@@ -104,6 +116,22 @@ pub const BLACKHOLE: &str = "route_blackhole";
 /// `ip_error` on input for `RTN_BLACKHOLE` (`dst.error` is `-EINVAL`: no SNMP counter moves), and
 /// `dst_discard`/`dst_discard_out` on output.
 /// <https://github.com/torvalds/linux/blob/v6.18/net/ipv4/route.c> (`ip_error`)
+/// TCP's receive entry points: a `NOT_SPECIFIED` FIN or RST freed here went to a TIME_WAIT
+/// socket (or an orphaned FIN_WAIT2 one) that took it — see [`TCP_TEARDOWN`].
+pub const TCP_RCV_SITES: &[&str] = &["tcp_v4_rcv", "tcp_v6_rcv"];
+
+/// A peer's FIN or RST taken by a TIME_WAIT/FIN_WAIT2 socket: `tcp_v4_rcv` sends the ACK (or
+/// kills the socket) and then frees the segment with `kfree_skb`, no reason given. Seen on
+/// Debian 6.1, 6.12 and 7.2 under the lab's request/response traffic (the client's FIN|ACK
+/// after the server had closed: 1–4 per 500 connections, more when the machine is slow). The
+/// connection completed; nothing was lost. Hidden like socket teardown; `--all-reasons` shows it.
+pub const TCP_TEARDOWN: &str = "tcp_teardown";
+
+/// Whether a drop is a [`TCP_TEARDOWN`].
+pub fn is_tcp_teardown(reason: &str, function: Option<&str>, exact_class: u8) -> bool {
+    reason == "NOT_SPECIFIED" && exact_class == class::TCP_FIN_OR_RST && function.is_some_and(|f| TCP_RCV_SITES.contains(&f))
+}
+
 pub const BLACKHOLE_SITES: &[&str] = &["ip_error", "dst_discard", "dst_discard_out", "ip6_pkt_discard", "ip6_pkt_discard_out"];
 
 /// What a drop is, in the words the summary and hints use.
@@ -129,6 +157,9 @@ pub fn classify(
 ) -> (String, Certainty) {
     if reason == "NOT_SPECIFIED" && function.is_some_and(|f| BLACKHOLE_SITES.contains(&f)) {
         return (BLACKHOLE.into(), Certainty::Exact);
+    }
+    if is_tcp_teardown(reason, function, exact_class) {
+        return (TCP_TEARDOWN.into(), Certainty::Exact);
     }
     if reason != "NETFILTER_DROP" {
         return (reason.to_ascii_lowercase(), Certainty::Exact);

@@ -63,6 +63,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let conntrack_on = config.read_skb == 1 && kernel.conntrack.is_ok() && args.ct_hook != Some(CtHookArg::Off);
     config.conntrack = u32::from(conntrack_on);
     config.netfilter_drop_reason = kernel.reasons.lookup("NETFILTER_DROP").unwrap_or(netdrop_common::ABSENT);
+    config.not_specified_reason = kernel.reasons.lookup("NOT_SPECIFIED").unwrap_or(netdrop_common::ABSENT);
     // The kfree_skb program consults the precise hooks' marks only for NETFILTER_DROP.
     config.precise_conntrack = config.conntrack;
     let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
@@ -324,7 +325,7 @@ impl Pipeline {
                 (_, 0x0800) => 4,
                 _ => 6,
             };
-            if self.visibility.is_hidden(ev.reason, ip_version, ev.location) {
+            if self.visibility.is_hidden(ev.reason, ip_version, ev.location, ev.exact_class) {
                 continue;
             }
             let mut record = self.decoder.decode(&ev);

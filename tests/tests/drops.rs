@@ -418,3 +418,62 @@ fn unprivileged_user_gets_a_permission_message() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A peer's FIN taken by an orphaned FIN_WAIT2 socket (the server closed first and its FIN was
+/// acknowledged) is freed by `tcp_v4_rcv`/`tcp_v6_rcv` with `kfree_skb` and no reason: counted
+/// exactly (one per connection closed that way), classified `tcp_teardown`, hidden by default.
+#[test]
+fn fin_to_a_closed_socket_is_tcp_teardown_and_hidden() {
+    require_root!("fin_to_a_closed_socket_is_tcp_teardown_and_hidden");
+    netdrop_tests::require_reasons!("fin_to_a_closed_socket_is_tcp_teardown_and_hidden");
+    const CLOSES: usize = 20;
+    let ns = NetNs::new("tcptw");
+    let tracer = Tracer::start(&["--netns", &ns.path().display().to_string()]);
+    let closed = ns.within(|| {
+        let mut closed = [0usize; 2];
+        for (i, ip) in ["127.0.0.1", "::1"].into_iter().enumerate() {
+            let listener = std::net::TcpListener::bind((ip, 0)).expect("listen");
+            let at = listener.local_addr().expect("addr");
+            for _ in 0..CLOSES {
+                let client = TcpStream::connect(at).expect("connect");
+                let (server, _) = listener.accept().expect("accept");
+                server.shutdown(std::net::Shutdown::Write).expect("server FIN");
+                std::thread::sleep(Duration::from_millis(20)); // the client's kernel ACKs it
+                drop(server); // FIN_WAIT2, orphaned: a timewait socket
+                std::thread::sleep(Duration::from_millis(20));
+                drop(client); // FIN|ACK, taken by the timewait socket
+                closed[i] += 1;
+            }
+        }
+        closed
+    });
+    settle();
+    let out = tracer.stop();
+    for (ip, site, n) in [("ipv4", "tcp_v4_rcv+", closed[0]), ("ipv6", "tcp_v6_rcv+", closed[1])] {
+        let rows: Vec<&serde_json::Value> = out.summary["drops"]
+            .as_array()
+            .expect("drops")
+            .iter()
+            .filter(|r| r["netns"] == ns.inode() && r["ip"] == ip && r["classification"] == "tcp_teardown")
+            .collect();
+        let count: u64 = rows.iter().map(|r| r["count"].as_u64().expect("count")).sum();
+        assert_eq!(count, n as u64, "{ip}: one tcp_teardown per FIN to a closed socket: {}", out.summary);
+        for r in rows {
+            assert_eq!(r["reason"], "NOT_SPECIFIED");
+            assert!(r["location"].as_str().is_some_and(|l| l.starts_with(site)), "{r}");
+            assert_eq!(r["hidden"], true, "{r}");
+        }
+    }
+    assert!(
+        out.drops.iter().all(|e| e["classification"] != "tcp_teardown"),
+        "hidden drops are not shown as events"
+    );
+    let visible: u64 = out.summary["drops"]
+        .as_array()
+        .expect("drops")
+        .iter()
+        .filter(|r| r["netns"] == ns.inode() && r["hidden"] == false)
+        .map(|r| r["count"].as_u64().expect("count"))
+        .sum();
+    assert_eq!(visible, 0, "closing connections drops nothing visible: {}", out.summary);
+}

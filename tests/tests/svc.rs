@@ -105,11 +105,20 @@ fn retransmission_leftover(r: &Value) -> bool {
 /// Every drop of the Service that is not on `bad_pod` (other backends, and the Service address
 /// without a backend): none, except what the kernel's own retransmissions explain — no more
 /// than it retransmitted, and only of the kinds a retransmission leaves.
-fn assert_no_drops_except(s: &Value, bad_pod: Option<&str>, retransmitted: u64) {
+fn assert_no_drops_except(t: &Traced, bad_pod: Option<&str>) {
+    let (s, retransmitted) = (&t.out.summary, t.retransmitted);
     let others: Vec<&Value> =
         s["backends"].as_array().expect("backends").iter().filter(|b| Some(b["pod"].as_str().unwrap_or_default()) != bad_pod).collect();
     let count: u64 = others.iter().map(|b| b["drops"].as_u64().expect("drops")).sum::<u64>()
         + s["unmatched"]["drops"].as_u64().unwrap_or(0);
+    if count > 0 {
+        for e in t.out.drops.iter().filter(|e| retransmission_leftover(e)) {
+            println!(
+                "stray drop: {} at {} {}:{} -> {}:{} flags {} netns {}",
+                e["reason"], e["location"], e["src"]["ip"], e["src"]["port"], e["dst"]["ip"], e["dst"]["port"], e["tcp_flags"], e["netns"]
+            );
+        }
+    }
     if retransmitted == 0 {
         assert_eq!(count, 0, "drops outside {bad_pod:?} with no retransmission: {s}");
         return;
@@ -135,6 +144,8 @@ fn backend<'a>(summary: &'a Value, pod: &str) -> &'a Value {
 #[test]
 fn policy_drop_on_one_of_three_backends_is_found() {
     require_root!("policy_drop_on_one_of_three_backends_is_found");
+    // Classified by the kernel's drop reason (Linux 5.17+).
+    netdrop_tests::require_reasons!("policy_drop_on_one_of_three_backends_is_found");
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -163,7 +174,7 @@ fn policy_drop_on_one_of_three_backends_is_found() {
         b["top_reasons"][0]["node"], fault.node,
         "where the drops happened"
     );
-    assert_no_drops_except(s, Some(&bad.pod), t.retransmitted);
+    assert_no_drops_except(&t, Some(&bad.pod));
     // The share netdrop reports is the generator's failure ratio (one SYN per failed request).
     let ratio = s["drop_ratio"].as_f64().expect("ratio (tc attempts)");
     assert!(
@@ -205,6 +216,8 @@ fn policy_drop_on_one_of_three_backends_is_found() {
 #[test]
 fn backend_not_listening_is_no_socket_on_that_backend() {
     require_root!("backend_not_listening_is_no_socket_on_that_backend");
+    // Classified by the kernel's drop reason (Linux 5.17+).
+    netdrop_tests::require_reasons!("backend_not_listening_is_no_socket_on_that_backend");
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -224,7 +237,7 @@ fn backend_not_listening_is_no_socket_on_that_backend() {
         Some(report.failures),
         "drops vs the generator's failures"
     );
-    assert_no_drops_except(s, Some(&bad.pod), t.retransmitted);
+    assert_no_drops_except(&t, Some(&bad.pod));
 }
 
 #[test]
@@ -237,7 +250,7 @@ fn healthy_service_has_no_drops_attributed() {
     let t = traced(&lab, "default/healthy", 5);
     let (report, s) = (&t.report, &t.out.summary);
     assert_eq!(report.failures, 0, "{report:?}");
-    assert_no_drops_except(s, None, t.retransmitted);
+    assert_no_drops_except(&t, None);
     assert_eq!(s["attempts"].as_u64(), Some(report.attempts));
     if s["drops"] == 0 {
         assert_eq!(s["diagnosis"][0].as_str().map(|l| l.contains("no drops")), Some(true), "{s}");
@@ -265,7 +278,7 @@ fn one_bad_backend_of_fifty_is_found() {
     assert_eq!(s["backends"].as_array().map(Vec::len), Some(50));
     assert!(rule_packets > 0, "traffic reached the bad backend");
     assert_eq!(backend(s, &bad.pod)["drops"].as_u64(), Some(rule_packets));
-    assert_no_drops_except(s, Some(&bad.pod), t.retransmitted);
+    assert_no_drops_except(&t, Some(&bad.pod));
     assert!(
         s["diagnosis"][1]
             .as_str()
@@ -278,6 +291,8 @@ fn one_bad_backend_of_fifty_is_found() {
 #[test]
 fn conntrack_insert_failures_are_classified_on_the_clients_node() {
     require_root!("conntrack_insert_failures_are_classified_on_the_clients_node");
+    // Classified by the kernel's drop reason (Linux 5.17+).
+    netdrop_tests::require_reasons!("conntrack_insert_failures_are_classified_on_the_clients_node");
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -334,6 +349,8 @@ fn reasons(b: &Value) -> Vec<(String, String, u64, String)> {
 #[test]
 fn missing_route_to_a_backend_is_named_with_the_kernels_reason() {
     require_root!("missing_route_to_a_backend_is_named_with_the_kernels_reason");
+    // Classified by the kernel's drop reason (Linux 5.17+).
+    netdrop_tests::require_reasons!("missing_route_to_a_backend_is_named_with_the_kernels_reason");
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -367,7 +384,7 @@ fn missing_route_to_a_backend_is_named_with_the_kernels_reason() {
         b["top_reasons"][0]["node"], fault.node,
         "dropped on the node that lost the route"
     );
-    assert_no_drops_except(s, Some(&bad.pod), t.retransmitted);
+    assert_no_drops_except(&t, Some(&bad.pod));
     // A blackhole route (Calico's per-node IPAM block) takes the packets in ip_error with no
     // reason and no SNMP counter: the reference is the generator, one dropped SYN per failure.
     assert_eq!(
@@ -395,6 +412,8 @@ fn missing_route_to_a_backend_is_named_with_the_kernels_reason() {
 #[test]
 fn conntrack_table_full_is_classified_as_such() {
     require_root!("conntrack_table_full_is_classified_as_such");
+    // Classified by the kernel's drop reason (Linux 5.17+).
+    netdrop_tests::require_reasons!("conntrack_table_full_is_classified_as_such");
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
