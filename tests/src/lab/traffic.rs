@@ -86,6 +86,12 @@ pub struct TrafficReport {
     pub achieved_rate: f64,
     pub latency_ms_p50: f64,
     pub latency_ms_p99: f64,
+    /// TCP connections whose local port an earlier connection of this run had used: through a
+    /// ClusterIP the same client-side 4-tuple then names two backend connections in turn, and a
+    /// late segment of the first can reach the second (the client discards it: PAWS, out of
+    /// window).
+    #[serde(default)]
+    pub reused_ports: u64,
 }
 
 #[derive(Default)]
@@ -95,6 +101,9 @@ struct Tally {
     by_backend: BTreeMap<String, u64>,
     nodes: BTreeMap<String, String>,
     latencies_us: Vec<u64>,
+    /// Local ports of the TCP connections made so far, and how many were reused.
+    ports: std::collections::HashSet<u16>,
+    reused_ports: u64,
 }
 
 fn kind_of(e: &std::io::Error) -> FailureKind {
@@ -110,12 +119,18 @@ fn kind_of(e: &std::io::Error) -> FailureKind {
     }
 }
 
-async fn tcp_once(target: SocketAddr, seq: u64, timeout: Duration) -> Result<String, FailureKind> {
+async fn tcp_once(target: SocketAddr, seq: u64, timeout: Duration, tally: &Mutex<Tally>) -> Result<String, FailureKind> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut sock = tokio::time::timeout_at(deadline, TcpStream::connect(target))
         .await
         .map_err(|_| FailureKind::Timeout)?
         .map_err(|e| kind_of(&e))?;
+    if let Ok(local) = sock.local_addr() {
+        let mut t = tally.lock().expect("tally");
+        if !t.ports.insert(local.port()) {
+            t.reused_ports += 1;
+        }
+    }
     let exchange = async {
         sock.write_all(format!("ndlab {seq}\n").as_bytes()).await?;
         let mut reply = Vec::with_capacity(128);
@@ -207,6 +222,7 @@ pub fn run(
         achieved_rate: attempts as f64 / elapsed.as_secs_f64().max(1e-9),
         latency_ms_p50: pct(0.5),
         latency_ms_p99: pct(0.99),
+        reused_ports: t.reused_ports,
     })
 }
 
@@ -227,7 +243,7 @@ async fn generate(
         tasks.spawn(async move {
             let t0 = Instant::now();
             let r = match proto {
-                Proto::Tcp => tcp_once(target, seq, timeout).await,
+                Proto::Tcp => tcp_once(target, seq, timeout, &tally).await,
                 Proto::Udp => udp_once(target, seq, timeout).await,
             };
             let mut t = tally.lock().expect("tally");
