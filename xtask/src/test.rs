@@ -18,9 +18,10 @@ pub struct Args {
     #[arg(long, default_value = "6.1", value_delimiter = ',')]
     pub vm_kernels: Vec<String>,
     /// Test binaries to run in the guests; `all` for every one. CI runs the kernel-facing suites:
-    /// kfree_skb drops, and conntrack classification, which on Debian's modular nf_conntrack
-    /// takes the kprobe path (aya 0.14 cannot fexit module functions).
-    #[arg(long, default_value = "vm_smoke,drops,conntrack", value_delimiter = ',')]
+    /// kfree_skb drops; conntrack classification, which on Debian's modular nf_conntrack takes
+    /// the kprobe path (aya 0.14 cannot fexit module functions); tc accounting, which on 6.1
+    /// (no TCX) takes the clsact path, also under `auto`; and the no-BTF mode.
+    #[arg(long, default_value = "vm_smoke,drops,conntrack,tc_counts,tc_signals,nobtf", value_delimiter = ',')]
     pub vm_tests: Vec<String>,
     /// Only tests whose name contains this (passed to libtest).
     pub filter: Option<String>,
