@@ -108,6 +108,9 @@ pub mod class {
     /// that is a TIME_WAIT (or orphaned FIN_WAIT2) socket taking a peer's FIN or RST, which
     /// kernels up to at least 7.2 free with `kfree_skb` — connection teardown, not a loss.
     pub const TCP_FIN_OR_RST: u8 = 3;
+    /// A TCP SYN (without ACK) freed as `NOT_SPECIFIED` — or, on kernels without drop reasons,
+    /// freed at all: at `tcp_v4_rcv`/`tcp_v6_rcv` nothing listened on the port.
+    pub const TCP_SYN: u8 = 4;
 }
 
 /// One dropped packet, as sent through the ring buffer.
@@ -282,8 +285,9 @@ pub struct Config {
     pub netfilter_drop_reason: u32,
     /// 1: only packets from or to an address in `ADDR_FILTER` (the `--svc` set) count.
     pub addr_filter: u32,
-    /// This kernel's NOT_SPECIFIED reason number ([`ABSENT`] without reasons): such drops of
-    /// TCP segments carrying FIN or RST get [`class::TCP_FIN_OR_RST`].
+    /// This kernel's NOT_SPECIFIED reason number (0 on kernels without reasons, where every
+    /// drop is 0): such drops of TCP segments get [`class::TCP_FIN_OR_RST`] or
+    /// [`class::TCP_SYN`] from their flags.
     pub not_specified_reason: u32,
 }
 

@@ -141,7 +141,9 @@ struct Packet {
 }
 
 const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -216,8 +218,8 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
     }
     let exact_class = if conf!(precise_conntrack) != 0 && is_netfilter {
         take_mark(skb as u64)
-    } else if has_l3 && reason == conf!(not_specified_reason) && tcp_fin_or_rst(skb, nh, l3_proto) {
-        class::TCP_FIN_OR_RST
+    } else if has_l3 && reason == conf!(not_specified_reason) {
+        tcp_class(skb, nh, l3_proto)
     } else {
         0
     };
@@ -489,13 +491,25 @@ fn netns_of(skb: *const u8, dev: *const u8) -> u32 {
     }
 }
 
-/// Whether the skb is a TCP segment carrying FIN or RST (read only for NOT_SPECIFIED drops).
+/// [`class::TCP_FIN_OR_RST`] or [`class::TCP_SYN`] for a TCP segment with those flags, else 0
+/// (read only for NOT_SPECIFIED drops).
 #[inline(always)]
-fn tcp_fin_or_rst(skb: *const u8, nh: u16, l3_proto: u16) -> bool {
+fn tcp_class(skb: *const u8, nh: u16, l3_proto: u16) -> u8 {
     let (Ok(head), Ok(th)) = (read::<*const u8>(skb, conf!(offsets.skb_head)), read::<u16>(skb, conf!(offsets.skb_transport_header))) else {
-        return false;
+        return 0;
     };
-    parse(head, nh, th, l3_proto).is_ok_and(|p| p.tcp_flags & (TCP_FIN | TCP_RST) != 0)
+    let Ok(p) = parse(head, nh, th, l3_proto) else {
+        return 0;
+    };
+    if p.proto != 6 {
+        0
+    } else if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        class::TCP_FIN_OR_RST
+    } else if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        class::TCP_SYN
+    } else {
+        0
+    }
 }
 
 #[inline(always)]

@@ -64,6 +64,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn without_reasons_the_site_and_flags_classify() {
+        let none = Evidence::default();
+        let c = |f: &str, class: u8| classify(NO_REASON, Some(f), 0, class, &none);
+        assert_eq!(c("tcp_v4_rcv", class::TCP_SYN), ("no_socket".into(), Certainty::Inferred));
+        assert_eq!(c("tcp_v6_rcv", class::TCP_FIN_OR_RST), (TCP_TEARDOWN.into(), Certainty::Inferred));
+        assert_eq!(c("tcp_v4_rcv", 0).0, "unclassified", "a bare ACK there may be a listen overflow");
+        assert_eq!(c("__udp4_lib_rcv", 0).0, "no_socket");
+        assert_eq!(c("ip_error", 0).0, BLACKHOLE);
+        assert_eq!(c("nf_hook_slow", 0), (NETFILTER_RULE.into(), Certainty::Inferred));
+        assert_eq!(c("e1000_clean_rx_irq", 0).0, "unclassified");
+    }
+
+    #[test]
     fn a_fin_or_rst_freed_by_tcp_rcv_is_teardown() {
         let none = Evidence::default();
         for f in ["tcp_v4_rcv", "tcp_v6_rcv"] {
@@ -127,6 +140,17 @@ pub const TCP_RCV_SITES: &[&str] = &["tcp_v4_rcv", "tcp_v6_rcv"];
 /// connection completed; nothing was lost. Hidden like socket teardown; `--all-reasons` shows it.
 pub const TCP_TEARDOWN: &str = "tcp_teardown";
 
+/// How a drop's reason reads on kernels without drop reasons (before 5.17): every drop is 0.
+pub const NO_REASON: &str = "0";
+
+/// UDP's receive paths: on kernels without reasons, most of their frees are datagrams to a
+/// port nobody listens on (the rest are checksum errors).
+pub const UDP_RCV_SITES: &[&str] = &["__udp4_lib_rcv", "__udp6_lib_rcv", "udp_rcv", "udpv6_rcv"];
+
+/// Where netfilter frees a packet a hook returned NF_DROP for: `nf_hook_slow` (every kernel)
+/// and the rule engines.
+pub const NETFILTER_SITES: &[&str] = &["nf_hook_slow", "nft_do_chain", "ipt_do_table", "ip6t_do_table"];
+
 /// Whether a drop is a [`TCP_TEARDOWN`].
 pub fn is_tcp_teardown(reason: &str, function: Option<&str>, exact_class: u8) -> bool {
     reason == "NOT_SPECIFIED" && exact_class == class::TCP_FIN_OR_RST && function.is_some_and(|f| TCP_RCV_SITES.contains(&f))
@@ -155,6 +179,9 @@ pub fn classify(
     exact_class: u8,
     evidence: &Evidence,
 ) -> (String, Certainty) {
+    if reason == NO_REASON {
+        return by_location(function, ct_state, exact_class, evidence);
+    }
     if reason == "NOT_SPECIFIED" && function.is_some_and(|f| BLACKHOLE_SITES.contains(&f)) {
         return (BLACKHOLE.into(), Certainty::Exact);
     }
@@ -181,6 +208,28 @@ pub fn classify(
         ct::NONE if evidence.table_full => TABLE_FULL,
         ct::NONE if evidence.invalid => INVALID,
         _ => NETFILTER_RULE,
+    };
+    (c.into(), Certainty::Inferred)
+}
+
+/// Kernels without drop reasons (before 5.17): what the drop site and the packet's TCP flags
+/// say, always inferred. `unclassified` where they say nothing.
+fn by_location(function: Option<&str>, ct_state: u8, exact_class: u8, evidence: &Evidence) -> (String, Certainty) {
+    let Some(f) = function else {
+        return ("unclassified".into(), Certainty::Inferred);
+    };
+    let c = if TCP_RCV_SITES.contains(&f) && exact_class == class::TCP_FIN_OR_RST {
+        TCP_TEARDOWN
+    } else if TCP_RCV_SITES.contains(&f) && exact_class == class::TCP_SYN {
+        "no_socket"
+    } else if UDP_RCV_SITES.contains(&f) {
+        "no_socket"
+    } else if BLACKHOLE_SITES.contains(&f) {
+        BLACKHOLE
+    } else if NETFILTER_SITES.contains(&f) {
+        return (classify("NETFILTER_DROP", function, ct_state, 0, evidence).0, Certainty::Inferred);
+    } else {
+        "unclassified"
     };
     (c.into(), Certainty::Inferred)
 }

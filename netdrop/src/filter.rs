@@ -67,7 +67,10 @@ impl FilterSpec {
             cfg.ip_mask = mask;
             cfg.ip_family = family;
         }
-        let quiet = reasons.lookup(classify::BENIGN_WITHOUT_IP);
+        // Without reasons (before 5.17) every drop is 0: the same rule for all of them.
+        let quiet = reasons
+            .lookup(classify::BENIGN_WITHOUT_IP)
+            .or((reasons.source() == crate::reasons::ReasonSource::None).then_some(0));
         if self.reasons.is_empty() {
             cfg.emit_reasons = [u64::MAX; netdrop_common::REASON_BITMAP_BITS / 64];
             cfg.emit_other_reasons = 1;
@@ -189,6 +192,14 @@ mod tests {
         assert!(!cfg.emits(4), "SOCKET_CLOSE is benign");
         assert!(cfg.emits(2), "NOT_SPECIFIED with an IP header is shown");
         assert_eq!(cfg.quiet_reason_without_ip, 2);
+    }
+
+    #[test]
+    fn without_reasons_drops_without_ip_are_quiet_too() {
+        let mut cfg = Config::DEFAULT;
+        FilterSpec::default().apply(&mut cfg, &crate::reasons::ReasonTable::without_reasons()).expect("apply");
+        assert!(cfg.emits(0), "every drop is reason 0 there");
+        assert_eq!(cfg.quiet_reason_without_ip, 0);
     }
 
     #[test]

@@ -70,6 +70,12 @@ impl ReasonTable {
         Self { names: BTreeMap::new(), subsystems: BTreeMap::new(), source }
     }
 
+    /// The table of a kernel without drop reasons (before 5.17).
+    #[cfg(test)]
+    pub(crate) fn without_reasons() -> Self {
+        Self::empty(ReasonSource::None)
+    }
+
     /// From `enum skb_drop_reason` (and `enum skb_drop_reason_subsys`); `None` if the kernel has
     /// no such enum.
     pub fn from_btf(btf: &Btf) -> Result<Option<Self>, btf_rs::Error> {

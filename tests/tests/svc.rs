@@ -141,8 +141,6 @@ fn assert_no_drops_except(t: &Traced, bad_pod: Option<&str>) {
 #[test]
 fn policy_drop_on_one_of_three_backends_is_found() {
     require_root!("policy_drop_on_one_of_three_backends_is_found");
-    // Classified by the kernel's drop reason (Linux 5.17+).
-    netdrop_tests::require_reasons!("policy_drop_on_one_of_three_backends_is_found");
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -213,8 +211,6 @@ fn policy_drop_on_one_of_three_backends_is_found() {
 #[test]
 fn backend_not_listening_is_no_socket_on_that_backend() {
     require_root!("backend_not_listening_is_no_socket_on_that_backend");
-    // Classified by the kernel's drop reason (Linux 5.17+).
-    netdrop_tests::require_reasons!("backend_not_listening_is_no_socket_on_that_backend");
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
