@@ -1,9 +1,7 @@
 //! `cargo xtask bench kube`: the resolver against a synthetic cluster served by the API stand-in
 //! (100k pods, 10k Services, 10k `EndpointSlices`, 1k nodes).
 //!
-//! Measures, in a separate resolver process (`netdrop resolve --serve-stats`, or the same code
-//! through the `kube_diag` test binary while the subcommand is not wired into `netdrop`):
-//! time to sync, RSS after sync, lookup latency, and whether 1,000 pod updates/s are absorbed
+//! Measures, in a separate resolver process (`netdrop resolve --serve-stats`): time to sync, RSS after sync, lookup latency, and whether 1,000 pod updates/s are absorbed
 //! without lag (events applied keep pace; the last update is visible right after it is sent).
 //! Targets: RSS <= 150 MB, lookups <= 1 us.
 
@@ -117,45 +115,13 @@ fn cargo(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The resolver command: `netdrop resolve` when wired, else the `kube_diag` test binary.
+/// The resolver command: `netdrop resolve --serve-stats`, release build.
 fn resolver_command(kubeconfig: &Path) -> anyhow::Result<(Command, &'static str)> {
-    let args = format!("--kubeconfig {} --serve-stats --sync-timeout 300s", kubeconfig.display());
-    if cargo(&["build", "--release", "-p", "netdrop", "--bin", "netdrop"]).is_ok() {
-        let bin = target_dir().join("release/netdrop");
-        let wired = Command::new(&bin)
-            .args(["resolve", "--help"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if wired {
-            let mut cmd = Command::new(bin);
-            cmd.arg("resolve").args(args.split_whitespace());
-            return Ok((cmd, "netdrop resolve --serve-stats"));
-        }
-    }
-    eprintln!("bench kube: `netdrop resolve` is not wired into the binary yet; running the same code via the kube_diag test binary");
-    let out = cargo(&[
-        "test",
-        "--release",
-        "-p",
-        "netdrop-tests",
-        "--test",
-        "kube_diag",
-        "--no-run",
-        "--message-format=json",
-    ])?;
-    let exe = out
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["target"]["name"] == "kube_diag")
-        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
-        .context("kube_diag test binary not found in cargo output")?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["--ignored", "--exact", "resolve_diagnostics", "--nocapture"])
-        .env("NETDROP_RESOLVE_ARGS", args)
-        .env("RUST_LOG", "warn,kube_runtime=error");
-    Ok((cmd, "kube_diag test binary (netdrop::resolve::cli::run --serve-stats)"))
+    cargo(&["build", "--release", "-p", "netdrop", "--bin", "netdrop"])?;
+    let mut cmd = Command::new(target_dir().join("release/netdrop"));
+    cmd.arg("resolve")
+        .args(["--kubeconfig", &kubeconfig.display().to_string(), "--serve-stats", "--sync-timeout", "300s"]);
+    Ok((cmd, "netdrop resolve --serve-stats"))
 }
 
 fn mib(kib: &Value) -> f64 {
