@@ -187,6 +187,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         conntrack: conntrack_on,
         netfilter_drop_reason: config.netfilter_drop_reason,
     };
+    // Namespace → node before the first event: drops in the first second are on a node too.
+    if let Some(t) = &mut targets {
+        t.refresh(&resolver, &mut probe);
+        pipe.node_of = t.node_of();
+    }
     let ring = probe.events.take().context("ring buffer already taken")?;
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is dropped,
     // which happens only when the AsyncFd is.
