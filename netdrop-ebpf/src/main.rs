@@ -175,6 +175,8 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
     let want_family = conf!(ip_family);
     let want_addrs = conf!(addr_filter) != 0;
     let mut tag = 0u32;
+    // (protocol, TCP flags) once parsed, so that the classification below does not parse again.
+    let mut l4: Option<(u32, u8)> = None;
     if want_proto != ANY_PROTO || want_port != 0 || want_family != 0 || want_addrs {
         if !has_l3 {
             return Ok(());
@@ -182,6 +184,7 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
         let head: *const u8 = read(skb, conf!(offsets.skb_head))?;
         let th: u16 = read(skb, conf!(offsets.skb_transport_header))?;
         let pkt = parse(head, nh, th, l3_proto)?;
+        l4 = Some((pkt.proto, pkt.tcp_flags));
         if want_addrs {
             tag = addr_tag(&pkt.daddr, pkt.dport, pkt.proto);
             if tag == 0 {
@@ -219,7 +222,7 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
     let exact_class = if conf!(precise_conntrack) != 0 && is_netfilter {
         take_mark(skb as u64)
     } else if has_l3 && reason == conf!(not_specified_reason) {
-        tcp_class(skb, nh, l3_proto)
+        tcp_class(l4.or_else(|| l4_of(skb, nh, l3_proto)))
     } else {
         0
     };
@@ -491,21 +494,24 @@ fn netns_of(skb: *const u8, dev: *const u8) -> u32 {
     }
 }
 
-/// [`class::TCP_FIN_OR_RST`] or [`class::TCP_SYN`] for a TCP segment with those flags, else 0
-/// (read only for NOT_SPECIFIED drops).
+/// (protocol, TCP flags) of the skb, read only when a filter has not parsed it already.
 #[inline(always)]
-fn tcp_class(skb: *const u8, nh: u16, l3_proto: u16) -> u8 {
-    let (Ok(head), Ok(th)) = (read::<*const u8>(skb, conf!(offsets.skb_head)), read::<u16>(skb, conf!(offsets.skb_transport_header))) else {
+fn l4_of(skb: *const u8, nh: u16, l3_proto: u16) -> Option<(u32, u8)> {
+    let head: *const u8 = read(skb, conf!(offsets.skb_head)).ok()?;
+    let th: u16 = read(skb, conf!(offsets.skb_transport_header)).ok()?;
+    parse(head, nh, th, l3_proto).ok().map(|p| (p.proto, p.tcp_flags))
+}
+
+/// [`class::TCP_FIN_OR_RST`] or [`class::TCP_SYN`] for a TCP segment with those flags, else 0
+/// (asked only for NOT_SPECIFIED drops).
+#[inline(always)]
+fn tcp_class(l4: Option<(u32, u8)>) -> u8 {
+    let Some((6, flags)) = l4 else {
         return 0;
     };
-    let Ok(p) = parse(head, nh, th, l3_proto) else {
-        return 0;
-    };
-    if p.proto != 6 {
-        0
-    } else if p.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+    if flags & (TCP_FIN | TCP_RST) != 0 {
         class::TCP_FIN_OR_RST
-    } else if p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+    } else if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         class::TCP_SYN
     } else {
         0

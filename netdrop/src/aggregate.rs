@@ -114,11 +114,10 @@ impl Visibility {
         !self.config.emits(reason)
             || (ip_version == 0 && reason == quiet && quiet != ABSENT)
             || (self.hide_benign_locations
-                && self.symbols.function(location).is_some_and(|f| {
-                    classify::is_benign_location(f)
-                        || (reason == self.config.not_specified_reason
-                            && classify::is_tcp_teardown("NOT_SPECIFIED", Some(f), exact_class))
-                }))
+                && self
+                    .symbols
+                    .function(location)
+                    .is_some_and(|f| classify::is_benign_location(f) || classify::is_tcp_teardown(Some(f), exact_class)))
     }
 }
 

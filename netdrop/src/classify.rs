@@ -31,9 +31,6 @@ use crate::{conntrack::Evidence, reasons::ReasonTable};
 pub const BENIGN_REASONS: &[&str] =
     &["NOT_DROPPED_YET", "CONSUMED", "SOCKET_CLOSE", "QUEUE_PURGE", "UNIX_DISCONNECT", "UNIX_SKIP_OOB"];
 
-/// Hidden only when the skb carries no IP header.
-pub const BENIGN_WITHOUT_IP: &str = "NOT_SPECIFIED";
-
 /// Socket destructors and queue purges: any reason freed here is a teardown, not a drop.
 pub const BENIGN_LOCATIONS: &[&str] = &[
     "udp_destruct_common",
@@ -85,7 +82,6 @@ mod tests {
             assert_eq!(classify("NOT_SPECIFIED", Some(f), 0, 0, &none).0, "not_specified");
         }
         assert_eq!(classify("NOT_SPECIFIED", Some("e1000_clean_rx_irq"), 0, class::TCP_FIN_OR_RST, &none).0, "not_specified");
-        assert_eq!(classify("NO_SOCKET", Some("tcp_v4_rcv"), 0, class::TCP_FIN_OR_RST, &none).0, "no_socket");
     }
 
     #[test]
@@ -151,9 +147,10 @@ pub const UDP_RCV_SITES: &[&str] = &["__udp4_lib_rcv", "__udp6_lib_rcv", "udp_rc
 /// and the rule engines.
 pub const NETFILTER_SITES: &[&str] = &["nf_hook_slow", "nft_do_chain", "ipt_do_table", "ip6t_do_table"];
 
-/// Whether a drop is a [`TCP_TEARDOWN`].
-pub fn is_tcp_teardown(reason: &str, function: Option<&str>, exact_class: u8) -> bool {
-    reason == "NOT_SPECIFIED" && exact_class == class::TCP_FIN_OR_RST && function.is_some_and(|f| TCP_RCV_SITES.contains(&f))
+/// Whether a drop is a [`TCP_TEARDOWN`]. The kernel program marks FIN/RST segments only among
+/// `NOT_SPECIFIED` drops (every drop on kernels without reasons), so the mark implies the reason.
+pub fn is_tcp_teardown(function: Option<&str>, exact_class: u8) -> bool {
+    exact_class == class::TCP_FIN_OR_RST && function.is_some_and(|f| TCP_RCV_SITES.contains(&f))
 }
 
 pub const BLACKHOLE_SITES: &[&str] = &["ip_error", "dst_discard", "dst_discard_out", "ip6_pkt_discard", "ip6_pkt_discard_out"];
@@ -185,7 +182,7 @@ pub fn classify(
     if reason == "NOT_SPECIFIED" && function.is_some_and(|f| BLACKHOLE_SITES.contains(&f)) {
         return (BLACKHOLE.into(), Certainty::Exact);
     }
-    if is_tcp_teardown(reason, function, exact_class) {
+    if is_tcp_teardown(function, exact_class) {
         return (TCP_TEARDOWN.into(), Certainty::Exact);
     }
     if reason != "NETFILTER_DROP" {
@@ -218,7 +215,7 @@ fn by_location(function: Option<&str>, ct_state: u8, exact_class: u8, evidence: 
     let Some(f) = function else {
         return ("unclassified".into(), Certainty::Inferred);
     };
-    let c = if TCP_RCV_SITES.contains(&f) && exact_class == class::TCP_FIN_OR_RST {
+    let c = if is_tcp_teardown(function, exact_class) {
         TCP_TEARDOWN
     } else if TCP_RCV_SITES.contains(&f) && exact_class == class::TCP_SYN {
         "no_socket"

@@ -67,10 +67,9 @@ impl FilterSpec {
             cfg.ip_mask = mask;
             cfg.ip_family = family;
         }
-        // Without reasons (before 5.17) every drop is 0: the same rule for all of them.
-        let quiet = reasons
-            .lookup(classify::BENIGN_WITHOUT_IP)
-            .or((reasons.source() == crate::reasons::ReasonSource::None).then_some(0));
+        // NOT_SPECIFIED is hidden only on skbs without an IP header (netlink, unix); without
+        // reasons (before 5.17) every drop is 0, and the same rule holds for all of them.
+        let quiet = reasons.not_specified();
         if self.reasons.is_empty() {
             cfg.emit_reasons = [u64::MAX; netdrop_common::REASON_BITMAP_BITS / 64];
             cfg.emit_other_reasons = 1;

@@ -70,6 +70,12 @@ impl ReasonTable {
         Self { names: BTreeMap::new(), subsystems: BTreeMap::new(), source }
     }
 
+    /// The number `NOT_SPECIFIED` has on this kernel; 0 on kernels without reasons, where every
+    /// drop is 0.
+    pub fn not_specified(&self) -> Option<u32> {
+        self.lookup("NOT_SPECIFIED").or((self.source == ReasonSource::None).then_some(0))
+    }
+
     /// The table of a kernel without drop reasons (before 5.17).
     #[cfg(test)]
     pub(crate) fn without_reasons() -> Self {

@@ -64,9 +64,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     config.conntrack = u32::from(conntrack_on);
     config.netfilter_drop_reason = kernel.reasons.lookup("NETFILTER_DROP").unwrap_or(netdrop_common::ABSENT);
     // Without reasons (before 5.17) every drop is 0, and the TCP flags help classify all of them.
-    config.not_specified_reason = kernel.reasons.lookup("NOT_SPECIFIED").unwrap_or(
-        if kernel.reasons.source() == crate::reasons::ReasonSource::None { 0 } else { netdrop_common::ABSENT },
-    );
+    config.not_specified_reason = kernel.reasons.not_specified().unwrap_or(netdrop_common::ABSENT);
     // The kfree_skb program consults the precise hooks' marks only for NETFILTER_DROP.
     config.precise_conntrack = config.conntrack;
     let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;

@@ -137,8 +137,7 @@ impl NetNs {
 
     /// A counter from the namespace's /proc/net/snmp (or snmp6), e.g. `("Udp", "NoPorts")`.
     pub fn snmp(&self, table: &str, field: &str) -> u64 {
-        let text = self.exec("cat", &["/proc/net/snmp"]);
-        parse_snmp(&text)
+        netns_snmp(&self.name)
             .get(table)
             .and_then(|t| t.get(field))
             .copied()
@@ -161,6 +160,27 @@ impl Drop for NetNs {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+    }
+}
+
+/// /proc/net/snmp of the named namespace (`ip netns` name), parsed.
+pub fn netns_snmp(name: &str) -> HashMap<String, HashMap<String, u64>> {
+    parse_snmp(&run("ip", &["netns", "exec", name, "cat", "/proc/net/snmp"]))
+}
+
+/// Runs `cmd` in a private mount namespace where /sys/kernel/btf is an empty tmpfs: a kernel
+/// without BTF, as far as the program can tell.
+pub fn hide_btf(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    use nix::mount::{MsFlags, mount};
+    // SAFETY: only async-signal-safe syscalls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)?;
+            mount(Some("none"), "/sys/kernel/btf", Some("tmpfs"), MsFlags::empty(), None::<&str>)?;
+            Ok(())
+        });
     }
 }
 
@@ -248,18 +268,8 @@ impl Tracer {
     /// Like [`Tracer::start`], but netdrop runs in a private mount namespace where
     /// /sys/kernel/btf is an empty tmpfs: a kernel without BTF, as far as netdrop can tell.
     pub fn start_without_btf(args: &[&str]) -> Self {
-        use std::os::unix::process::CommandExt as _;
-        use nix::mount::{MsFlags, mount};
         let mut cmd = Self::command(args);
-        // SAFETY: only async-signal-safe syscalls between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
-                mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)?;
-                mount(Some("none"), "/sys/kernel/btf", Some("tmpfs"), MsFlags::empty(), None::<&str>)?;
-                Ok(())
-            });
-        }
+        hide_btf(&mut cmd);
         Self::spawn(cmd)
     }
 

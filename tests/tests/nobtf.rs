@@ -6,16 +6,16 @@
 //! with the sum of `Udp: NoPorts` over every network namespace on the machine, and no other
 //! test may make UDP drops meanwhile (test binaries run one after another).
 
-use std::{collections::BTreeMap, fs, net::SocketAddr, os::unix::fs::MetadataExt as _};
+use std::{collections::{BTreeMap, HashMap}, fs, net::SocketAddr, os::unix::fs::MetadataExt as _};
 
-use netdrop_tests::{NetNs, Tracer, parse_snmp, require_root, send_udp, settle};
+use netdrop_tests::{NetNs, Tracer, netns_snmp, parse_snmp, require_root, send_udp, settle};
 
 const N: usize = 300;
 
 /// `Udp: NoPorts` of every network namespace: those of processes (/proc/PID/net/snmp) and the
 /// named ones without a process (/run/netns, read through `ip netns exec`), once per inode.
 fn noports_everywhere() -> BTreeMap<u64, u64> {
-    let noports = |text: &str| parse_snmp(text).get("Udp").and_then(|t| t.get("NoPorts")).copied().unwrap_or(0);
+    let noports = |snmp: &HashMap<String, HashMap<String, u64>>| snmp.get("Udp").and_then(|t| t.get("NoPorts")).copied().unwrap_or(0);
     let mut seen = BTreeMap::new();
     for entry in fs::read_dir("/proc").expect("/proc").flatten() {
         let pid = entry.file_name();
@@ -26,7 +26,7 @@ fn noports_everywhere() -> BTreeMap<u64, u64> {
         else {
             continue; // the process exited meanwhile
         };
-        seen.entry(ns.ino()).or_insert_with(|| noports(&text));
+        seen.entry(ns.ino()).or_insert_with(|| noports(&parse_snmp(&text)));
     }
     for entry in fs::read_dir("/run/netns").into_iter().flatten().flatten() {
         let Ok(ns) = fs::metadata(entry.path()) else { continue };
@@ -34,8 +34,7 @@ fn noports_everywhere() -> BTreeMap<u64, u64> {
             continue;
         }
         let name = entry.file_name().to_string_lossy().into_owned();
-        let text = netdrop_tests::run("ip", &["netns", "exec", &name, "cat", "/proc/net/snmp"]);
-        seen.insert(ns.ino(), noports(&text));
+        seen.insert(ns.ino(), noports(&netns_snmp(&name)));
     }
     seen
 }
@@ -77,11 +76,10 @@ fn counts_only_without_btf_matches_noports() {
 #[test]
 fn packet_filters_refused_without_btf() {
     require_root!("packet_filters_refused_without_btf");
-    let out = std::process::Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /sys/kernel/btf && exec \"$0\" trace --no-kube --port 53 --duration 1s"])
-        .arg(netdrop_tests::netdrop_bin())
-        .output()
-        .expect("unshare");
+    let mut cmd = std::process::Command::new(netdrop_tests::netdrop_bin());
+    cmd.args(["trace", "--no-kube", "--port", "53", "--duration", "1s"]);
+    netdrop_tests::hide_btf(&mut cmd);
+    let out = cmd.output().expect("netdrop");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "--port without BTF must fail: {stderr}");
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();

@@ -82,10 +82,7 @@ fn retransmitted(lab: &Lab) -> u64 {
         .iter()
         .map(|n| &n.netns)
         .chain(st.pods.iter().map(|p| &p.netns))
-        .map(|ns| {
-            let snmp = netdrop_tests::run("ip", &["netns", "exec", ns, "cat", "/proc/net/snmp"]);
-            netdrop_tests::parse_snmp(&snmp)["Tcp"]["RetransSegs"]
-        })
+        .map(|ns| netdrop_tests::netns_snmp(ns)["Tcp"]["RetransSegs"])
         .sum()
 }
 
@@ -362,15 +359,9 @@ fn missing_route_to_a_backend_is_named_with_the_kernels_reason() {
         .fault(&FaultRequest::new(FaultKind::RouteMissing))
         .expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
-    let snmp = |ns: &str| {
-        netdrop_tests::parse_snmp(&netdrop_tests::run(
-            "ip",
-            &["netns", "exec", ns, "cat", "/proc/net/snmp"],
-        ))
-    };
-    let before = snmp(&fault.node_netns);
+    let before = netdrop_tests::netns_snmp(&fault.node_netns);
     let t = traced(&lab, "default/web", 5);
-    let after = snmp(&fault.node_netns);
+    let after = netdrop_tests::netns_snmp(&fault.node_netns);
     let delta = |f: &str| after["Ip"][f] - before["Ip"][f];
     let (report, s) = (&t.report, &t.out.summary);
     let b = backend(s, &bad.pod);
