@@ -111,6 +111,11 @@ pub mod class {
     /// A TCP SYN (without ACK) freed as `NOT_SPECIFIED` — or, on kernels without drop reasons,
     /// freed at all: at `tcp_v4_rcv`/`tcp_v6_rcv` nothing listened on the port.
     pub const TCP_SYN: u8 = 4;
+    /// Freed as `NOT_SPECIFIED` after a TIME_WAIT socket (or an orphaned FIN_WAIT2 one, which
+    /// the kernel keeps as a timewait socket) took the segment: the kernel answered it (ACK, or
+    /// RST to new data) and freed it. Known from the socket itself: the `kfree_skb`
+    /// tracepoint's `rx_sk` (6.11+), or the timewait hooks' mark on older kernels.
+    pub const TCP_TIME_WAIT: u8 = 5;
 }
 
 /// One dropped packet, as sent through the ring buffer.
@@ -222,7 +227,8 @@ pub struct KernelOffsets {
     pub tuple_dst_u3: u32,
     pub tuple_dst_port: u32,
     pub tuple_dst_protonum: u32,
-    pub _pad: u32,
+    /// `sock.__sk_common.skc_state` (a `u8`): read from the `kfree_skb` tracepoint's `rx_sk`.
+    pub sk_state: u32,
 }
 
 /// Fields of the classic `skb/kfree_skb` tracepoint record, from its tracefs `format` file.
@@ -233,7 +239,8 @@ pub struct TracepointLayout {
     pub location: u32,
     /// [`ABSENT`] before Linux 5.17 (no drop reasons).
     pub reason: u32,
-    pub _pad: u32,
+    /// The receiving socket (`rx_sk`, Linux 6.11+); [`ABSENT`] before.
+    pub rx_sk: u32,
 }
 
 /// Marks a field the running kernel does not have.
@@ -289,6 +296,16 @@ pub struct Config {
     /// drop is 0): such drops of TCP segments get [`class::TCP_FIN_OR_RST`] or
     /// [`class::TCP_SYN`] from their flags.
     pub not_specified_reason: u32,
+    /// 1 when the `tp_btf` program may read the `rx_sk` argument (Linux 6.11+): a
+    /// NOT_SPECIFIED drop whose receiving socket is in TIME_WAIT gets [`class::TCP_TIME_WAIT`].
+    pub btf_has_rx_sk: u32,
+    /// 1: the timewait hooks are attached (kernels without `rx_sk`); consult `SKB_CLASS` on
+    /// NOT_SPECIFIED drops.
+    pub timewait_marks: u32,
+    /// This kernel's `TCP_TW_SYN` (`enum tcp_tw_status`): a SYN that reopens the connection
+    /// leaves the TIME_WAIT socket for a listener and is not marked.
+    pub tw_syn_status: u32,
+    pub _pad3: u32,
 }
 
 /// `Config::l4_proto` value that matches every protocol (IP protocol numbers stop at 255).
@@ -321,9 +338,9 @@ impl Config {
             tuple_dst_u3: 0,
             tuple_dst_port: 0,
             tuple_dst_protonum: 0,
-            _pad: 0,
+            sk_state: 0,
         },
-        tracepoint: TracepointLayout { skbaddr: 0, location: 0, reason: ABSENT, _pad: 0 },
+        tracepoint: TracepointLayout { skbaddr: 0, location: 0, reason: ABSENT, rx_sk: ABSENT },
         btf_has_reason: 0,
         netns: 0,
         l4_proto: ANY_PROTO,
@@ -343,6 +360,10 @@ impl Config {
         netfilter_drop_reason: ABSENT,
         addr_filter: 0,
         not_specified_reason: ABSENT,
+        btf_has_rx_sk: 0,
+        timewait_marks: 0,
+        tw_syn_status: ABSENT,
+        _pad3: 0,
     };
 
     /// Whether a drop with `reason` becomes an event.
@@ -403,7 +424,7 @@ mod tests {
         assert_eq!(size_of::<ConntrackTuple>(), 40);
         assert_eq!(size_of::<DropEvent>(), 8 * 3 + 4 * 4 + 2 * 2 + 4 + IFNAMSIZ + 8 + 40 + 8 + HEADER_BYTES);
         assert_eq!(size_of::<KernelOffsets>(), 24 * 4);
-        assert_eq!(size_of::<Config>(), 264);
+        assert_eq!(size_of::<Config>(), 280);
         assert_eq!(size_of::<AddrKey>(), 20);
     }
 

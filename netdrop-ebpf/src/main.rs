@@ -50,19 +50,24 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map]
 static ADDR_FILTER: HashMap<AddrKey, u32> = HashMap::with_max_entries(4096, 0);
 
-/// skb address → (mark time << 8 | [`class`]) set by the precise conntrack hooks and consumed
-/// by the kfree_skb program. The time bounds a stale mark: an skb the hook marked always reaches
-/// `kfree_skb(NETFILTER_DROP)` within the same hook traversal, far below 10 ms.
+/// skb address → (mark time << 8 | [`class`]) set by the precise conntrack and timewait hooks
+/// and consumed by the kfree_skb program. The time bounds a stale mark: an skb a hook marked
+/// always reaches `kfree_skb` within the same traversal (the netfilter hook, `tcp_v4_rcv`), far
+/// below 10 ms.
 #[map]
 static SKB_CLASS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(8192, 0);
 
-/// The skb a kprobe'd conntrack function was entered with, per CPU, for its kretprobe. Slot 0:
-/// `__nf_conntrack_confirm`, slot 1: `nf_conntrack_in`. Both run with bottom halves disabled or
-/// from softirq, so the CPU does not switch to another call in between.
+/// The skb a kprobe'd function was entered with, per CPU, for its kretprobe. Slot 0:
+/// `__nf_conntrack_confirm`, slot 1: `nf_conntrack_in`, slot 2: `tcp_timewait_state_process`.
+/// All run with bottom halves disabled or from softirq, so the CPU does not switch to another
+/// call in between.
 #[map]
-static KPROBE_SKB: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+static KPROBE_SKB: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
 const MARK_MAX_AGE_NS: u64 = 10_000_000;
+/// `TCP_TIME_WAIT` in `enum { TCP_ESTABLISHED = 1, ... }` (include/net/tcp_states.h), the
+/// state of every timewait socket, also of an orphaned FIN_WAIT2 one (its substate differs).
+const TCP_STATE_TIME_WAIT: u8 = 6;
 /// `NF_DROP` verdict.
 const NF_DROP: i64 = 0;
 
@@ -81,7 +86,7 @@ fn vread<T: Copy>(p: *const T) -> T {
 }
 
 /// `skb/kfree_skb` as a BTF-typed tracepoint (Linux 5.5+): arguments are the tracepoint's own
-/// `(skb, location, reason, rx_sk)`, with `reason` from 5.17 on.
+/// `(skb, location, reason, rx_sk)`, with `reason` from 5.17 on and `rx_sk` from 6.11 on.
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb_btf(ctx: BtfTracePointContext) -> i32 {
     let skb: *const u8 = ctx.arg(0);
@@ -89,7 +94,8 @@ pub fn kfree_skb_btf(ctx: BtfTracePointContext) -> i32 {
     // The verifier rejects reading an argument the kernel's prototype lacks; with the frozen
     // config it prunes this branch on kernels without reasons.
     let reason: u32 = if conf!(btf_has_reason) != 0 { ctx.arg(2) } else { 0 };
-    let _ = on_drop(skb, location, reason);
+    let rx_sk: *const u8 = if conf!(btf_has_rx_sk) != 0 { ctx.arg(3) } else { core::ptr::null() };
+    let _ = on_drop(skb, location, reason, rx_sk);
     0
 }
 
@@ -112,7 +118,9 @@ fn try_kfree_skb_tp(ctx: &TracePointContext) -> Result<(), i64> {
     } else {
         unsafe { ctx.read_at(reason_off as usize) }.map_err(i64::from)?
     };
-    on_drop(skb as *const u8, location, reason)
+    let rx_sk_off = conf!(tracepoint.rx_sk);
+    let rx_sk: u64 = if rx_sk_off == ABSENT { 0 } else { unsafe { ctx.read_at(rx_sk_off as usize) }.unwrap_or(0) };
+    on_drop(skb as *const u8, location, reason, rx_sk as *const u8)
 }
 
 #[inline(always)]
@@ -150,8 +158,7 @@ const ETH_P_IPV6: u16 = 0x86dd;
 /// `skb->network_header` value of an skb whose network header was never set (`(u16)~0U`).
 const HEADER_UNSET: u16 = 0xffff;
 
-fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
-
+fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Result<(), i64> {
     if conf!(read_skb) == 0 {
         // No BTF, so no offsets: the "counts only" mode counts by (reason, location), no events.
         count(DropKey { location, reason, netns: 0, ip_version: 0, ct_state: 0, exact_class: 0, _pad: 0, tag: 0 });
@@ -222,7 +229,11 @@ fn on_drop(skb: *const u8, location: u64, reason: u32) -> Result<(), i64> {
     let exact_class = if conf!(precise_conntrack) != 0 && is_netfilter {
         take_mark(skb as u64)
     } else if has_l3 && reason == conf!(not_specified_reason) {
-        tcp_class(l4.or_else(|| l4_of(skb, nh, l3_proto)))
+        if took_by_timewait(skb, rx_sk) {
+            class::TCP_TIME_WAIT
+        } else {
+            tcp_class(l4.or_else(|| l4_of(skb, nh, l3_proto)))
+        }
     } else {
         0
     };
@@ -426,7 +437,7 @@ fn no_entry(skb: *const u8) -> bool {
 /// remembers the skb, the return probe reads the verdict.
 #[kprobe]
 pub fn ct_confirm_entry(ctx: ProbeContext) -> u32 {
-    remember_skb(&ctx, 0);
+    remember_skb(&ctx, 0, 0);
     0
 }
 
@@ -443,7 +454,7 @@ pub fn ct_confirm_return(ctx: RetProbeContext) -> u32 {
 
 #[kprobe]
 pub fn ct_in_entry(ctx: ProbeContext) -> u32 {
-    remember_skb(&ctx, 1);
+    remember_skb(&ctx, 0, 1);
     0
 }
 
@@ -459,9 +470,10 @@ pub fn ct_in_return(ctx: RetProbeContext) -> u32 {
     0
 }
 
+/// Keeps argument `arg` (the skb) of a kprobe'd call in `slot` for its kretprobe.
 #[inline(always)]
-fn remember_skb(ctx: &ProbeContext, slot: u32) {
-    let skb: u64 = ctx.arg(0).unwrap_or(0);
+fn remember_skb(ctx: &ProbeContext, arg: usize, slot: u32) {
+    let skb: u64 = ctx.arg(arg).unwrap_or(0);
     if let Some(p) = KPROBE_SKB.get_ptr_mut(slot) {
         // SAFETY: per-CPU slot.
         unsafe { *p = skb };
@@ -474,6 +486,56 @@ fn recall_skb(slot: u32) -> Option<u64> {
     // SAFETY: per-CPU slot.
     let skb = unsafe { core::mem::replace(&mut *p, 0) };
     (skb != 0).then_some(skb)
+}
+
+/// Whether a TIME_WAIT socket took this segment before it was freed: the receiving socket's
+/// state where the tracepoint passes it (`rx_sk`, 6.11+; `tcp_v4_rcv` hands it the timewait
+/// socket), else the timewait hooks' mark.
+#[inline(always)]
+fn took_by_timewait(skb: *const u8, rx_sk: *const u8) -> bool {
+    if !rx_sk.is_null() {
+        return read::<u8>(rx_sk, conf!(offsets.sk_state)).is_ok_and(|s| s == TCP_STATE_TIME_WAIT);
+    }
+    conf!(timewait_marks) != 0 && take_mark(skb as u64) == class::TCP_TIME_WAIT
+}
+
+/// Precise timewait hook (fexit; kernels whose `kfree_skb` has no `rx_sk`, before 6.11):
+/// `tcp_timewait_state_process(tw, skb, th, ...)` decided what a TIME_WAIT socket does with the
+/// segment. Whatever it returns, `tcp_v4_rcv`/`tcp_v6_rcv` then free the segment as
+/// NOT_SPECIFIED — except `TCP_TW_SYN`, which may hand it to a listener.
+/// <https://github.com/torvalds/linux/blob/v6.1/net/ipv4/tcp_ipv4.c> (`do_time_wait`)
+#[fexit(function = "tcp_timewait_state_process")]
+pub fn tw_exit(ctx: FExitContext) -> i32 {
+    let skb: u64 = ctx.arg(1);
+    // `bpf_get_func_ret` (5.17+): the return value's slot follows the parameters, whose number
+    // changed over time (3 on 6.1, 5 on 6.18). Before 5.17 the kprobes stand in.
+    if let Ok(status) = ctx.ret::<u32>() {
+        mark_timewait(skb, status);
+    }
+    0
+}
+
+#[inline(always)]
+fn mark_timewait(skb: u64, status: u32) {
+    if skb != 0 && status != conf!(tw_syn_status) {
+        mark(skb, class::TCP_TIME_WAIT);
+    }
+}
+
+/// kprobe fallback of [`tw_exit`].
+#[kprobe]
+pub fn tw_entry(ctx: ProbeContext) -> u32 {
+    remember_skb(&ctx, 1, 2);
+    0
+}
+
+#[kretprobe]
+pub fn tw_return(ctx: RetProbeContext) -> u32 {
+    let status: u32 = ctx.ret();
+    if let Some(skb) = recall_skb(2) {
+        mark_timewait(skb, status);
+    }
+    0
 }
 
 /// The drop's network namespace: the device's, else the socket's (locally generated packets

@@ -89,6 +89,9 @@ pub struct Summary {
     pub uncounted_drops: u64,
     /// How conntrack verdicts were observed: `fexit`, `kprobe`, `inferred`, or `off`.
     pub conntrack_hook: &'static str,
+    /// How segments answered and freed by TIME_WAIT sockets are told: `rx_sk`, `fexit`,
+    /// `kprobe`, or `flags` (FIN/RST only; a bare ACK stays visible).
+    pub timewait_hook: &'static str,
     /// Conntrack statistics of the namespaces drops were seen in.
     pub conntrack: Vec<ConntrackReport>,
     /// What to check next, one line per finding.
@@ -129,6 +132,7 @@ pub struct SummaryContext<'a> {
     pub node: &'a str,
     pub hook: &'static str,
     pub conntrack_hook: &'static str,
+    pub timewait_hook: &'static str,
     /// Classification of a counter row (its key carries the conntrack state and marks).
     pub classify: &'a dyn Fn(&DropKey) -> (String, Certainty),
     pub conntrack: Vec<(u32, CtStats)>,
@@ -176,6 +180,7 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
         rate_limited_events: counts.stats[stat::EVENTS_RATE_LIMITED as usize],
         uncounted_drops: counts.stats[stat::COUNTER_MAP_FULL as usize],
         conntrack_hook: ctx.conntrack_hook,
+        timewait_hook: ctx.timewait_hook,
         conntrack: Vec::new(),
         hints: Vec::new(),
     };
@@ -275,6 +280,7 @@ mod tests {
             node: "n1",
             hook: "tp_btf/kfree_skb",
             conntrack_hook: "off",
+            timewait_hook: "rx_sk",
             classify: &classify,
             conntrack: vec![],
         };

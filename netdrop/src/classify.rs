@@ -31,7 +31,11 @@ use crate::{conntrack::Evidence, reasons::ReasonTable};
 pub const BENIGN_REASONS: &[&str] =
     &["NOT_DROPPED_YET", "CONSUMED", "SOCKET_CLOSE", "QUEUE_PURGE", "UNIX_DISCONNECT", "UNIX_SKIP_OOB"];
 
-/// Socket destructors and queue purges: any reason freed here is a teardown, not a drop.
+/// Socket destructors and queue purges: any reason freed here is a teardown, not a drop. And
+/// `ip6_mc_input`, which frees IPv6 multicast for groups this host has not joined (neighbour
+/// discovery and MLD reports on every IPv6 link: 5 in 9 s on a fresh veth pair) — not for this
+/// host, like `OTHERHOST`.
+/// <https://github.com/torvalds/linux/blob/v6.18/net/ipv6/ip6_input.c> (`ip6_mc_input`)
 pub const BENIGN_LOCATIONS: &[&str] = &[
     "udp_destruct_common",
     "inet_sock_destruct",
@@ -39,6 +43,7 @@ pub const BENIGN_LOCATIONS: &[&str] = &[
     "unix_release_sock",
     "skb_queue_purge_reason",
     "__skb_queue_purge_reason",
+    "ip6_mc_input",
 ];
 
 /// Whether a drop location (function name) is a socket teardown.
@@ -66,6 +71,7 @@ mod tests {
         let c = |f: &str, class: u8| classify(NO_REASON, Some(f), 0, class, &none);
         assert_eq!(c("tcp_v4_rcv", class::TCP_SYN), ("no_socket".into(), Certainty::Inferred));
         assert_eq!(c("tcp_v6_rcv", class::TCP_FIN_OR_RST), (TCP_TEARDOWN.into(), Certainty::Inferred));
+        assert_eq!(c("tcp_v4_rcv", class::TCP_TIME_WAIT), (TCP_TEARDOWN.into(), Certainty::Exact));
         assert_eq!(c("tcp_v4_rcv", 0).0, "unclassified", "a bare ACK there may be a listen overflow");
         assert_eq!(c("__udp4_lib_rcv", 0).0, "no_socket");
         assert_eq!(c("ip_error", 0).0, BLACKHOLE);
@@ -78,6 +84,8 @@ mod tests {
         let none = Evidence::default();
         for f in ["tcp_v4_rcv", "tcp_v6_rcv"] {
             assert_eq!(classify("NOT_SPECIFIED", Some(f), 0, class::TCP_FIN_OR_RST, &none).0, TCP_TEARDOWN);
+            // Any segment a TIME_WAIT socket took, a bare ACK included: the socket says so.
+            assert_eq!(classify("NOT_SPECIFIED", Some(f), 0, class::TCP_TIME_WAIT, &none).0, TCP_TEARDOWN);
             // A plain ACK or data segment there may be a listen-queue overflow: stays visible.
             assert_eq!(classify("NOT_SPECIFIED", Some(f), 0, 0, &none).0, "not_specified");
         }
@@ -121,19 +129,21 @@ pub const TABLE_FULL: &str = "conntrack_table_full";
 pub const INVALID: &str = "conntrack_invalid";
 pub const BLACKHOLE: &str = "route_blackhole";
 
-/// Where the kernel frees packets routed to a blackhole route with no reason of its own:
-/// `ip_error` on input for `RTN_BLACKHOLE` (`dst.error` is `-EINVAL`: no SNMP counter moves), and
-/// `dst_discard`/`dst_discard_out` on output.
-/// <https://github.com/torvalds/linux/blob/v6.18/net/ipv4/route.c> (`ip_error`)
-/// TCP's receive entry points: a `NOT_SPECIFIED` FIN or RST freed here went to a TIME_WAIT
-/// socket (or an orphaned FIN_WAIT2 one) that took it — see [`TCP_TEARDOWN`].
+/// TCP's receive entry points: a `NOT_SPECIFIED` segment freed here after a TIME_WAIT socket
+/// (or an orphaned FIN_WAIT2 one) took it — see [`TCP_TEARDOWN`].
 pub const TCP_RCV_SITES: &[&str] = &["tcp_v4_rcv", "tcp_v6_rcv"];
 
-/// A peer's FIN or RST taken by a TIME_WAIT/FIN_WAIT2 socket: `tcp_v4_rcv` sends the ACK (or
-/// kills the socket) and then frees the segment with `kfree_skb`, no reason given. Seen on
-/// Debian 6.1, 6.12 and 7.2 under the lab's request/response traffic (the client's FIN|ACK
-/// after the server had closed: 1–4 per 500 connections, more when the machine is slow). The
-/// connection completed; nothing was lost. Hidden like socket teardown; `--all-reasons` shows it.
+/// A segment of a connection that is closing, taken by its TIME_WAIT/FIN_WAIT2 socket:
+/// `tcp_v4_rcv` sends the ACK (or an RST, or kills the socket) and then frees the segment with
+/// `kfree_skb`, no reason given — the peer's FIN|ACK after the server closed (seen on Debian 6.1,
+/// 6.12 and 7.2 under the lab's request/response traffic: 1–4 per 500 connections), a duplicate
+/// ACK, a keepalive probe. The connection completed; nothing was lost. Hidden like socket
+/// teardown; `--all-reasons` shows it.
+///
+/// Known exactly from the socket (the kernel program's [`class::TCP_TIME_WAIT`]: the
+/// tracepoint's `rx_sk` on 6.11+, the timewait hooks before), else from FIN/RST flags
+/// ([`class::TCP_FIN_OR_RST`]). A bare ACK freed there without that knowledge stays visible:
+/// a listen-queue overflow frees the handshake's last ACK at the same place.
 pub const TCP_TEARDOWN: &str = "tcp_teardown";
 
 /// How a drop's reason reads on kernels without drop reasons (before 5.17): every drop is 0.
@@ -147,12 +157,17 @@ pub const UDP_RCV_SITES: &[&str] = &["__udp4_lib_rcv", "__udp6_lib_rcv", "udp_rc
 /// and the rule engines.
 pub const NETFILTER_SITES: &[&str] = &["nf_hook_slow", "nft_do_chain", "ipt_do_table", "ip6t_do_table"];
 
-/// Whether a drop is a [`TCP_TEARDOWN`]. The kernel program marks FIN/RST segments only among
-/// `NOT_SPECIFIED` drops (every drop on kernels without reasons), so the mark implies the reason.
+/// Whether a drop is a [`TCP_TEARDOWN`]. The kernel program marks timewait and FIN/RST segments
+/// only among `NOT_SPECIFIED` drops (every drop on kernels without reasons), so the mark implies
+/// the reason.
 pub fn is_tcp_teardown(function: Option<&str>, exact_class: u8) -> bool {
-    exact_class == class::TCP_FIN_OR_RST && function.is_some_and(|f| TCP_RCV_SITES.contains(&f))
+    matches!(exact_class, class::TCP_FIN_OR_RST | class::TCP_TIME_WAIT) && function.is_some_and(|f| TCP_RCV_SITES.contains(&f))
 }
 
+/// Where the kernel frees packets routed to a blackhole route with no reason of its own:
+/// `ip_error` on input for `RTN_BLACKHOLE` (`dst.error` is `-EINVAL`: no SNMP counter moves), and
+/// `dst_discard`/`dst_discard_out` on output.
+/// <https://github.com/torvalds/linux/blob/v6.18/net/ipv4/route.c> (`ip_error`)
 pub const BLACKHOLE_SITES: &[&str] = &["ip_error", "dst_discard", "dst_discard_out", "ip6_pkt_discard", "ip6_pkt_discard_out"];
 
 /// What a drop is, in the words the summary and hints use.
@@ -215,9 +230,12 @@ fn by_location(function: Option<&str>, ct_state: u8, exact_class: u8, evidence: 
     let Some(f) = function else {
         return ("unclassified".into(), Certainty::Inferred);
     };
-    let c = if is_tcp_teardown(function, exact_class) {
-        TCP_TEARDOWN
-    } else if TCP_RCV_SITES.contains(&f) && exact_class == class::TCP_SYN {
+    if is_tcp_teardown(function, exact_class) {
+        // The socket itself said TIME_WAIT; flags alone only suggest it.
+        let certainty = if exact_class == class::TCP_TIME_WAIT { Certainty::Exact } else { Certainty::Inferred };
+        return (TCP_TEARDOWN.into(), certainty);
+    }
+    let c = if TCP_RCV_SITES.contains(&f) && exact_class == class::TCP_SYN {
         "no_socket"
     } else if UDP_RCV_SITES.contains(&f) {
         "no_socket"

@@ -74,6 +74,12 @@ pub struct TraceArgs {
     #[arg(long, value_enum, help_heading = "Kernel")]
     pub ct_hook: Option<CtHookArg>,
 
+    /// How to tell segments a TIME_WAIT socket answered and freed (hidden as `tcp_teardown`):
+    /// `rx-sk` (the kfree_skb tracepoint's socket, 6.11+), `fexit` or `kprobe` (on
+    /// tcp_timewait_state_process), `flags` (FIN/RST only). Default: the first that works here.
+    #[arg(long, value_enum, help_heading = "Kernel")]
+    pub tw_hook: Option<TwHookArg>,
+
     #[command(flatten, next_help_heading = "Kubernetes")]
     pub kube: crate::resolve::KubeArgs,
 }
@@ -129,6 +135,15 @@ impl CtHookArg {
             Self::Off => None,
         }
     }
+}
+
+/// `--tw-hook`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TwHookArg {
+    RxSk,
+    Fexit,
+    Kprobe,
+    Flags,
 }
 
 #[derive(Debug, Args, Clone, Default)]

@@ -198,7 +198,8 @@ fn short_name(name: &str) -> &str {
     name.strip_prefix("SKB_DROP_REASON_").or_else(|| name.strip_prefix("SKB_")).unwrap_or(name)
 }
 
-fn enum_members(btf: &Btf, name: &str) -> Result<Option<Vec<(String, u32)>>, btf_rs::Error> {
+/// The members of C enum `name`, `None` when this kernel has no such enum.
+pub(crate) fn enum_members(btf: &Btf, name: &str) -> Result<Option<Vec<(String, u32)>>, btf_rs::Error> {
     let types = match btf.resolve_types_by_name(name) {
         Ok(t) => t,
         // btf-rs reports a missing name as an error; for us that is "this kernel lacks it".

@@ -21,7 +21,7 @@ use netdrop_common::ct;
 use crate::{
     aggregate::{self, SummaryContext, Visibility},
     classify,
-    cli::{CtHookArg, TraceArgs},
+    cli::{CtHookArg, TraceArgs, TwHookArg},
     conntrack::{CtMonitor, Evidence},
     event::DropRecord,
     resolve::{Health, Proto, Resolver},
@@ -67,6 +67,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     config.not_specified_reason = kernel.reasons.not_specified().unwrap_or(netdrop_common::ABSENT);
     // The kfree_skb program consults the precise hooks' marks only for NETFILTER_DROP.
     config.precise_conntrack = config.conntrack;
+    let timewait = timewait_source(&kernel, &mut config, args.tw_hook)?;
     let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
     config.events_per_cpu_sec = if args.event_rate == 0 { 0 } else { args.event_rate.div_ceil(cpus) };
     config.wakeup_bytes = WAKEUP_BYTES.min(args.ring_kib * 1024 / 4);
@@ -94,12 +95,19 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                     why.unwrap_or_else(|| "--ct-hook inferred".into())
                 ),
             }
-            match hook {
-                CtHook::Fexit => "fexit",
-                CtHook::Kprobe => "kprobe",
-                CtHook::Inferred => "inferred",
-            }
+            hook.name()
         }
+    };
+    let timewait_hook = match timewait {
+        Timewait::RxSk => "rx_sk",
+        Timewait::Flags => "flags",
+        Timewait::Hooks(want) => match probe::attach_timewait(&mut probe, want) {
+            (CtHook::Inferred, why) => {
+                timewait_by_flags(&why.unwrap_or_default());
+                "flags"
+            }
+            (hook, _) => hook.name(),
+        },
     };
     let node = crate::resolve::node_name(&args.kube);
     let resolver = match Resolver::start(&args.kube).await {
@@ -182,6 +190,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         node: node.clone(),
         hook: probe.hook.name(),
         ct_hook,
+        timewait_hook,
         conntrack: conntrack_on,
         netfilter_drop_reason: config.netfilter_drop_reason,
     };
@@ -263,6 +272,56 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How segments a TIME_WAIT socket answered and freed are told from drops.
+enum Timewait {
+    /// The `kfree_skb` tracepoint's receiving socket is in TIME_WAIT (6.11+).
+    RxSk,
+    /// Marks from hooks on `tcp_timewait_state_process` (`None`: fexit, else kprobes).
+    Hooks(Option<CtHook>),
+    /// FIN/RST flags only.
+    Flags,
+}
+
+/// Picks the way to tell timewait segments and sets the config for it; `--tw-hook` forces one.
+fn timewait_source(kernel: &KernelInfo, config: &mut Config, want: Option<TwHookArg>) -> anyhow::Result<Timewait> {
+    let rx_sk = config.read_skb == 1 && kernel.has_rx_sk();
+    let source = match want {
+        None | Some(TwHookArg::RxSk) if rx_sk => Timewait::RxSk,
+        Some(TwHookArg::RxSk) => {
+            anyhow::bail!("--tw-hook rx-sk: this kernel's kfree_skb passes no receiving socket (Linux 6.11+); use fexit or kprobe")
+        }
+        Some(TwHookArg::Flags) => Timewait::Flags,
+        _ if config.read_skb == 0 => Timewait::Flags,
+        None => Timewait::Hooks(None),
+        Some(TwHookArg::Fexit) => Timewait::Hooks(Some(CtHook::Fexit)),
+        Some(TwHookArg::Kprobe) => Timewait::Hooks(Some(CtHook::Kprobe)),
+    };
+    if let Timewait::RxSk = source {
+        config.btf_has_rx_sk = u32::from(kernel.btf_has_rx_sk);
+    } else {
+        config.btf_has_rx_sk = 0;
+        config.tracepoint.rx_sk = netdrop_common::ABSENT;
+    }
+    if let Timewait::Hooks(_) = source {
+        match &kernel.timewait {
+            Ok(f) => {
+                config.timewait_marks = 1;
+                config.tw_syn_status = f.syn_status;
+            }
+            Err(why) => {
+                timewait_by_flags(why);
+                return Ok(Timewait::Flags);
+            }
+        }
+    }
+    Ok(source)
+}
+
+/// The degraded mode when no socket-aware way works.
+fn timewait_by_flags(why: &str) {
+    eprintln!("netdrop: segments freed by TIME_WAIT sockets told by TCP flags only, a bare ACK stays visible ({why})");
+}
+
 /// Builds summaries from the kernel's counters (at exit, and each second for target traces).
 struct Summarizer {
     reasons: Arc<ReasonTable>,
@@ -270,6 +329,7 @@ struct Summarizer {
     node: String,
     hook: &'static str,
     ct_hook: &'static str,
+    timewait_hook: &'static str,
     conntrack: bool,
     netfilter_drop_reason: u32,
 }
@@ -298,6 +358,7 @@ impl Summarizer {
             node: &self.node,
             hook: self.hook,
             conntrack_hook: self.ct_hook,
+            timewait_hook: self.timewait_hook,
             classify: &classify_row,
             conntrack: ct_report,
         };

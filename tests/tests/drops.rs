@@ -477,3 +477,120 @@ fn fin_to_a_closed_socket_is_tcp_teardown_and_hidden() {
         .sum();
     assert_eq!(visible, 0, "closing connections drops nothing visible: {}", out.summary);
 }
+
+/// Enables TCP keepalive on `s` with 1-second probes (`TCP_KEEPIDLE`/`TCP_KEEPINTVL`), or
+/// disables it (which stops the timer).
+fn keepalive(s: &TcpStream, on: bool) {
+    use std::os::fd::AsRawFd as _;
+    let set = |level: i32, opt: i32, v: i32| {
+        // SAFETY: plain setsockopt on an open socket with a pointer to a local int.
+        let rc = unsafe {
+            libc::setsockopt(s.as_raw_fd(), level, opt, (&raw const v).cast(), size_of::<i32>() as libc::socklen_t)
+        };
+        assert_eq!(rc, 0, "setsockopt {opt}: {}", std::io::Error::last_os_error());
+    };
+    if on {
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1);
+        set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1);
+    }
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, i32::from(on));
+}
+
+/// A bare ACK taken by a TIME_WAIT socket (here an orphaned FIN_WAIT2 one: the server closed, the
+/// client did not) is answered and then freed by `tcp_v4_rcv`/`tcp_v6_rcv` as NOT_SPECIFIED. Its
+/// flags look like any ACK — a listen-queue overflow frees the same — so only the socket tells:
+/// the tracepoint's `rx_sk` (6.11+) or the timewait hooks. The client's keepalive probes are such
+/// ACKs; every segment the server's namespace receives while they run (`Tcp: InSegs`) is one, and
+/// each must be counted as a hidden `tcp_teardown`, none shown.
+fn bare_ack_to_timewait(test: &str, tw_hook: Option<&str>) {
+    let client_ns = NetNs::new("twc");
+    let server_ns = NetNs::new("tws");
+    let (c_if, s_if) = (netdrop_tests::ifname("c"), netdrop_tests::ifname("s"));
+    netdrop_tests::veth(&client_ns, &c_if, "10.97.0.1/24", &server_ns, &s_if, "10.97.0.2/24");
+    client_ns.ip(&["addr", "add", "fd97::1/64", "dev", &c_if, "nodad"]);
+    server_ns.ip(&["addr", "add", "fd97::2/64", "dev", &s_if, "nodad"]);
+    let mut args = vec!["--netns".to_string(), server_ns.path().display().to_string()];
+    if let Some(h) = tw_hook {
+        args.extend(["--tw-hook".to_string(), h.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let tracer = Tracer::start(&args);
+    let mut probes = [0u64; 2];
+    let mut clients = Vec::new();
+    for (i, server_ip) in ["10.97.0.2", "fd97::2"].into_iter().enumerate() {
+        let at: SocketAddr = SocketAddr::new(server_ip.parse().expect("ip"), 0);
+        let listener = server_ns.within(move || std::net::TcpListener::bind(at).expect("listen"));
+        let at = listener.local_addr().expect("addr");
+        let client = client_ns.within(move || TcpStream::connect(at).expect("connect"));
+        let (server, _) = listener.accept().expect("accept");
+        drop(server); // FIN; the client's kernel ACKs it: an orphaned FIN_WAIT2, a timewait socket
+        drop(listener);
+        std::thread::sleep(Duration::from_millis(300));
+        let before = server_ns.snmp("Tcp", "InSegs");
+        keepalive(&client, true);
+        std::thread::sleep(Duration::from_millis(3500));
+        keepalive(&client, false);
+        std::thread::sleep(Duration::from_millis(300));
+        probes[i] = server_ns.snmp("Tcp", "InSegs") - before;
+        clients.push(client); // closed after the trace: its FIN would be one more teardown
+    }
+    settle();
+    let out = tracer.stop();
+    drop(clients);
+    let hook = out.summary["timewait_hook"].as_str().unwrap_or_default().to_string();
+    if let Some(want) = tw_hook
+        && hook != want.replace('-', "_")
+    {
+        skip(test, &format!("--tw-hook {want} is not available here (got {hook}): {}", out.stderr.join(" | ")));
+        return;
+    }
+    assert!(["rx_sk", "fexit", "kprobe"].contains(&hook.as_str()), "the socket decides here, not flags: {hook}");
+    let rows: Vec<&serde_json::Value> = out.summary["drops"]
+        .as_array()
+        .expect("drops")
+        .iter()
+        .filter(|r| r["netns"] == server_ns.inode())
+        .collect();
+    for (i, (ip, site)) in [("ipv4", "tcp_v4_rcv+"), ("ipv6", "tcp_v6_rcv+")].into_iter().enumerate() {
+        assert!(probes[i] >= 2, "{ip}: keepalive probes reached the server: {}", probes[i]);
+        let teardown: Vec<&&serde_json::Value> =
+            rows.iter().filter(|r| r["ip"] == ip && r["classification"] == "tcp_teardown").collect();
+        let count: u64 = teardown.iter().map(|r| r["count"].as_u64().expect("count")).sum();
+        assert_eq!(count, probes[i], "{ip}: one tcp_teardown per probe the server received (Tcp InSegs): {}", out.summary);
+        for r in teardown {
+            assert!(r["reason"] == "NOT_SPECIFIED" || r["reason"] == "0", "{r}");
+            assert!(r["location"].as_str().is_some_and(|l| l.starts_with(site)), "{r}");
+            assert_eq!(r["hidden"], true, "{r}");
+        }
+    }
+    // Only TCP's: an IPv6 link also frees neighbour discovery and MLD packets now and then
+    // (`icmpv6_rcv` on 6.1), which are not this test's business.
+    let visible: Vec<&&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["hidden"] == false && r["location"].as_str().is_some_and(|l| l.starts_with("tcp_")))
+        .collect();
+    assert!(visible.is_empty(), "keepalive probes to a closed peer drop nothing visible: {visible:?}");
+    let tcp_events: Vec<&serde_json::Value> = out.drops.iter().filter(|e| e["protocol"] == "tcp").collect();
+    assert!(tcp_events.is_empty(), "hidden drops are not shown as events: {tcp_events:?}");
+}
+
+#[test]
+fn bare_ack_to_a_timewait_socket_is_tcp_teardown_and_hidden() {
+    const TEST: &str = "bare_ack_to_a_timewait_socket_is_tcp_teardown_and_hidden";
+    require_root!(TEST);
+    bare_ack_to_timewait(TEST, None);
+}
+
+#[test]
+fn bare_ack_to_a_timewait_socket_via_fexit() {
+    const TEST: &str = "bare_ack_to_a_timewait_socket_via_fexit";
+    require_root!(TEST);
+    bare_ack_to_timewait(TEST, Some("fexit"));
+}
+
+#[test]
+fn bare_ack_to_a_timewait_socket_via_kprobe() {
+    const TEST: &str = "bare_ack_to_a_timewait_socket_via_kprobe";
+    require_root!(TEST);
+    bare_ack_to_timewait(TEST, Some("kprobe"));
+}

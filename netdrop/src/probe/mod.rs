@@ -78,6 +78,10 @@ pub struct KernelInfo {
     pub tracepoint_error: Option<String>,
     /// `tp_btf/kfree_skb` passes a `reason` argument (Linux 5.17+).
     pub btf_has_reason: bool,
+    /// `tp_btf/kfree_skb` passes the receiving socket, `rx_sk` (Linux 6.11+).
+    pub btf_has_rx_sk: bool,
+    /// What the timewait hooks need from BTF (Ok), or why they cannot be used.
+    pub timewait: Result<TimewaitFunction, String>,
     pub reasons: ReasonTable,
     /// Conntrack offsets are in `offsets` (Ok), or why not.
     pub conntrack: Result<(), String>,
@@ -104,6 +108,8 @@ impl KernelInfo {
         let mut reasons = ReasonTable::load(btf.as_ref(), format_text)?;
         let mut offsets = None;
         let mut btf_has_reason = false;
+        let mut btf_has_rx_sk = false;
+        let mut timewait = Err("no kernel BTF".to_string());
         let mut btf_error = btf_error;
         let mut conntrack = Err("no kernel BTF".to_string());
         if let Some(b) = &btf {
@@ -114,14 +120,56 @@ impl KernelInfo {
                 }
                 Err(e) => btf_error = Some(e.to_string()),
             }
-            btf_has_reason = tracepoint_arg_count(b, "btf_trace_kfree_skb").is_some_and(|n| n >= 4);
+            let args = tracepoint_arg_count(b, "btf_trace_kfree_skb");
+            btf_has_reason = args.is_some_and(|n| n >= 4);
+            btf_has_rx_sk = args.is_some_and(|n| n >= 5);
+            timewait = TimewaitFunction::from_btf(b);
             for module in loaded_btf_modules() {
                 if let Some(m) = crate::reasons::module_btf(b, &module) {
                     reasons.add_module_btf(&m);
                 }
             }
         }
-        Ok(Self { release, btf, btf_error, offsets, tracepoint, tracepoint_error, btf_has_reason, reasons, conntrack })
+        Ok(Self {
+            release,
+            btf,
+            btf_error,
+            offsets,
+            tracepoint,
+            tracepoint_error,
+            btf_has_reason,
+            btf_has_rx_sk,
+            timewait,
+            reasons,
+            conntrack,
+        })
+    }
+
+    /// The `kfree_skb` hooks pass the receiving socket (`rx_sk`, 6.11+): both hooks gained it
+    /// together, so either one's view answers for whichever is attached.
+    pub fn has_rx_sk(&self) -> bool {
+        self.btf_has_rx_sk || self.tracepoint.is_some_and(|t| t.rx_sk != netdrop_common::ABSENT)
+    }
+}
+
+/// `tcp_timewait_state_process` as this kernel declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimewaitFunction {
+    /// `TCP_TW_SYN` in `enum tcp_tw_status` (its members were reordered over time).
+    pub syn_status: u32,
+}
+
+impl TimewaitFunction {
+    pub const NAME: &str = "tcp_timewait_state_process";
+
+    fn from_btf(btf: &Btf) -> Result<Self, String> {
+        let syn_status = crate::reasons::enum_members(btf, "tcp_tw_status")
+            .ok()
+            .flatten()
+            .and_then(|m| m.into_iter().find(|(n, _)| n == "TCP_TW_SYN"))
+            .map(|(_, v)| v)
+            .ok_or("kernel BTF has no enum tcp_tw_status with TCP_TW_SYN")?;
+        Ok(Self { syn_status })
     }
 }
 
@@ -299,9 +347,14 @@ fn attach_tracepoint(ebpf: &mut Ebpf, kernel: &KernelInfo) -> Result<(), ProbeEr
 
 /// One line for a load/attach failure; the verifier log goes to debug output.
 fn describe(e: &ProbeError) -> String {
-    if let ProbeError::Program { source: ProgramError::LoadError { io_error, verifier_log }, .. } = e {
+    if let ProbeError::Program { program, source: ProgramError::LoadError { io_error, verifier_log } } = e {
         debug!("verifier log:\n{verifier_log}");
-        return format!("load refused: {io_error}");
+        // The verifier's last words name what it refused; the whole log is at debug level.
+        let log = verifier_log.to_string();
+        let statistics = ["processed ", "stack depth", "verification time"];
+        let why = log.lines().rev().map(str::trim).find(|l| !l.is_empty() && !statistics.iter().any(|p| l.starts_with(p))).unwrap_or("");
+        let why = if why.is_empty() { String::new() } else { format!(" (verifier: {why})") };
+        return format!("{program}: load refused: {io_error}{why}");
     }
     let mut s = e.to_string();
     let mut src = std::error::Error::source(e);
@@ -317,31 +370,69 @@ fn describe(e: &ProbeError) -> String {
     s
 }
 
-/// How conntrack verdicts are observed.
+/// How a precise hook set (conntrack verdicts, timewait segments) observes the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CtHook {
-    /// fexit on `__nf_conntrack_confirm` and `nf_conntrack_in` (5.5+, BTF for the functions).
+    /// fexit on the functions (5.5+, BTF for the functions).
     Fexit,
     /// kprobe + kretprobe on the same functions.
     Kprobe,
-    /// No hook: classify from the skb's conntrack entry and the conntrack statistics.
+    /// No hook: classify from what the drop itself carries (conntrack state and statistics,
+    /// TCP flags).
     Inferred,
 }
+
+impl CtHook {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fexit => "fexit",
+            Self::Kprobe => "kprobe",
+            Self::Inferred => "inferred",
+        }
+    }
+}
+
+/// A kernel function a precise hook set watches, and its programs.
+struct Watched {
+    function: &'static str,
+    fexit: &'static str,
+    entry: &'static str,
+    ret: &'static str,
+}
+
+const CT_FUNCTIONS: &[Watched] = &[
+    Watched { function: "__nf_conntrack_confirm", fexit: "ct_confirm_exit", entry: "ct_confirm_entry", ret: "ct_confirm_return" },
+    Watched { function: "nf_conntrack_in", fexit: "ct_in_exit", entry: "ct_in_entry", ret: "ct_in_return" },
+];
+
+const TW_FUNCTIONS: &[Watched] =
+    &[Watched { function: TimewaitFunction::NAME, fexit: "tw_exit", entry: "tw_entry", ret: "tw_return" }];
 
 /// Attaches the precise conntrack hooks, fexit first, kprobes as the fallback. Returns the hook
 /// used and, when it is not fexit, why the better ones failed. Never fails: without hooks the
 /// classification is inferred.
 pub fn attach_conntrack(probe: &mut DropProbe, want: Option<CtHook>) -> (CtHook, Option<String>) {
+    attach_precise(&mut probe.ebpf, CT_FUNCTIONS, want)
+}
+
+/// Attaches the timewait hooks (kernels whose `kfree_skb` does not pass `rx_sk`), fexit first,
+/// kprobes as the fallback; without them a segment freed by a timewait socket is told by its
+/// TCP flags alone.
+pub fn attach_timewait(probe: &mut DropProbe, want: Option<CtHook>) -> (CtHook, Option<String>) {
+    attach_precise(&mut probe.ebpf, TW_FUNCTIONS, want)
+}
+
+fn attach_precise(ebpf: &mut Ebpf, set: &[Watched], want: Option<CtHook>) -> (CtHook, Option<String>) {
     let mut why = Vec::new();
     if want.is_none_or(|w| w == CtHook::Fexit) {
-        match attach_ct_fexit(&mut probe.ebpf) {
+        match attach_fexit(ebpf, set) {
             Ok(()) => return (CtHook::Fexit, None),
             Err(e) => why.push(format!("fexit: {}", describe(&e))),
         }
     }
     if want.is_none_or(|w| w == CtHook::Kprobe) {
-        match attach_ct_kprobe(&mut probe.ebpf) {
+        match attach_kprobes(ebpf, set) {
             Ok(()) => return (CtHook::Kprobe, Some(why.join("; "))),
             Err(e) => why.push(format!("kprobe: {}", describe(&e))),
         }
@@ -349,34 +440,28 @@ pub fn attach_conntrack(probe: &mut DropProbe, want: Option<CtHook>) -> (CtHook,
     (CtHook::Inferred, (!why.is_empty()).then(|| why.join("; ")))
 }
 
-const CT_FUNCTIONS: [(&str, &str, &str); 2] = [
-    ("__nf_conntrack_confirm", "ct_confirm_exit", "ct_confirm_entry"),
-    ("nf_conntrack_in", "ct_in_exit", "ct_in_entry"),
-];
-
-fn attach_ct_fexit(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+fn attach_fexit(ebpf: &mut Ebpf, set: &[Watched]) -> Result<(), ProbeError> {
     use aya::programs::FExit;
-    let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Program { program: "ct_confirm_exit", source: ProgramError::Btf(e) })?;
-    for (function, prog_name, _) in CT_FUNCTIONS {
-        let program: &'static str = prog_name;
+    let Some(first) = set.first() else { return Ok(()) };
+    let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Program { program: first.fexit, source: ProgramError::Btf(e) })?;
+    for w in set {
+        let program = w.fexit;
         let err = |source| ProbeError::Program { program, source };
-        let prog: &mut FExit = ebpf.program_mut(prog_name).ok_or(ProbeError::Map(program))?.try_into().map_err(err)?;
-        prog.load(function, &btf).map_err(err)?;
+        let prog: &mut FExit = ebpf.program_mut(program).ok_or(ProbeError::Map(program))?.try_into().map_err(err)?;
+        prog.load(w.function, &btf).map_err(err)?;
         prog.attach().map_err(err)?;
     }
     Ok(())
 }
 
-fn attach_ct_kprobe(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+fn attach_kprobes(ebpf: &mut Ebpf, set: &[Watched]) -> Result<(), ProbeError> {
     use aya::programs::KProbe;
-    for (function, _, entry) in CT_FUNCTIONS {
-        let ret = if entry == "ct_confirm_entry" { "ct_confirm_return" } else { "ct_in_return" };
-        for prog_name in [entry, ret] {
-            let program: &'static str = prog_name;
+    for w in set {
+        for program in [w.entry, w.ret] {
             let err = |source| ProbeError::Program { program, source };
-            let prog: &mut KProbe = ebpf.program_mut(prog_name).ok_or(ProbeError::Map(program))?.try_into().map_err(err)?;
+            let prog: &mut KProbe = ebpf.program_mut(program).ok_or(ProbeError::Map(program))?.try_into().map_err(err)?;
             prog.load().map_err(err)?;
-            prog.attach(function, 0).map_err(err)?;
+            prog.attach(w.function, 0).map_err(err)?;
         }
     }
     Ok(())

@@ -38,6 +38,7 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetError> {
         // possible_net_t { struct net *net; }
         dev_nd_net: dev(&["nd_net", "net"])?,
         sk_net: member_offset(btf, "sock", &["__sk_common", "skc_net", "net"])?,
+        sk_state: member_offset(btf, "sock", &["__sk_common", "skc_state"])?,
         net_ns_inum: member_offset(btf, "net", &["ns", "inum"])?,
         ..KernelOffsets::default()
     })

@@ -63,7 +63,8 @@ pub fn field_offsets(format_text: &str) -> HashMap<String, u32> {
     out
 }
 
-/// The classic tracepoint's record layout; `reason` is [`ABSENT`] before Linux 5.17.
+/// The classic tracepoint's record layout; `reason` is [`ABSENT`] before Linux 5.17, `rx_sk`
+/// before 6.11.
 pub fn kfree_skb_layout(path: &std::path::Path, format_text: &str) -> Result<TracepointLayout, TracefsError> {
     let f = field_offsets(format_text);
     let get = |field: &'static str| {
@@ -73,7 +74,7 @@ pub fn kfree_skb_layout(path: &std::path::Path, format_text: &str) -> Result<Tra
         skbaddr: get("skbaddr")?,
         location: get("location")?,
         reason: f.get("reason").copied().unwrap_or(ABSENT),
-        _pad: 0,
+        rx_sk: f.get("rx_sk").copied().unwrap_or(ABSENT),
     })
 }
 
@@ -87,12 +88,12 @@ mod tests {
     #[test]
     fn layout_with_reason() {
         let l = kfree_skb_layout("x".as_ref(), FORMAT_6_18).expect("layout");
-        assert_eq!((l.skbaddr, l.location, l.reason), (8, 16, 36));
+        assert_eq!((l.skbaddr, l.location, l.reason, l.rx_sk), (8, 16, 36, 24));
     }
 
     #[test]
     fn layout_without_reason() {
         let l = kfree_skb_layout("x".as_ref(), FORMAT_5_10).expect("layout");
-        assert_eq!((l.skbaddr, l.location, l.reason), (8, 16, ABSENT));
+        assert_eq!((l.skbaddr, l.location, l.reason, l.rx_sk), (8, 16, ABSENT, ABSENT));
     }
 }
