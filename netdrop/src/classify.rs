@@ -267,6 +267,7 @@ pub fn hint(classification: &str) -> Option<&'static str> {
         TABLE_FULL => "the conntrack table is full: raise net.netfilter.nf_conntrack_max (and hashsize), shorten nf_conntrack_tcp_timeout_established/time_wait, find who opens so many flows (`conntrack -L | awk ...`)",
         INVALID => "conntrack marked the packets INVALID and a rule dropped them: asymmetric routing, out-of-window TCP, or a too-short timeout; check `conntrack -S` invalid and net.netfilter.nf_conntrack_tcp_be_liberal",
         "no_socket" => "nothing listens on that port: the backend is not listening on targetPort, or the process is down",
+        "tcp_listen_overflow" => "the listener's accept queue is full: the application accepts too slowly for its backlog; raise the backlog (its listen() argument, capped by net.core.somaxconn), add workers or replicas, and watch `nstat -az TcpExtListenOverflows`",
         BLACKHOLE => "a blackhole route took it: the node has no more specific route to the destination (Calico blackholes each node's IPAM block, so a local pod whose /32 route is missing lands here): run `ip route get <pod IP>` on that node and check calico-node/felix logs",
         _ => return None,
     })

@@ -144,6 +144,15 @@ impl NetNs {
             .unwrap_or_else(|| panic!("no {table}:{field}"))
     }
 
+    /// A counter from the namespace's /proc/net/netstat, e.g. `("TcpExt", "ListenOverflows")`.
+    pub fn netstat(&self, table: &str, field: &str) -> u64 {
+        parse_snmp(&self.exec("cat", &["/proc/net/netstat"]))
+            .get(table)
+            .and_then(|t| t.get(field))
+            .copied()
+            .unwrap_or_else(|| panic!("no {table}:{field} in netstat"))
+    }
+
     /// A counter from /proc/net/snmp6 (`Udp6NoPorts`).
     pub fn snmp6(&self, field: &str) -> u64 {
         let text = self.exec("cat", &["/proc/net/snmp6"]);

@@ -594,3 +594,70 @@ fn bare_ack_to_a_timewait_socket_via_kprobe() {
     require_root!(TEST);
     bare_ack_to_timewait(TEST, Some("kprobe"));
 }
+
+/// The other bare ACK `tcp_v4_rcv` frees: the handshake's last ACK when the listener's accept
+/// queue is full (before 6.15 with no reason, `NOT_SPECIFIED`; since then `TCP_LISTEN_OVERFLOW`).
+/// It has the same site and flags as a timewait socket's ACK, and it is a real drop (the
+/// application does not accept fast enough): it must stay visible, one per `ListenOverflows`.
+///
+/// The lab: a listener that never accepts; the clients' handshake ACKs are held back by an
+/// iptables rule in the client namespace while every client gets its request socket (backlog 16,
+/// so no SYN cookies), then the backlog is cut to 1 and the ACKs let through (the server's
+/// SYN-ACK retransmission draws them): two fill the accept queue, the others overflow.
+#[test]
+fn listen_overflow_ack_stays_visible() {
+    const TEST: &str = "listen_overflow_ack_stays_visible";
+    const CLIENTS: usize = 6;
+    require_root!(TEST);
+    if !have("iptables") {
+        skip(TEST, "iptables is not installed");
+        return;
+    }
+    let client_ns = NetNs::new("loc");
+    let server_ns = NetNs::new("los");
+    netdrop_tests::no_ipv6(&client_ns);
+    netdrop_tests::no_ipv6(&server_ns);
+    let (c_if, s_if) = (netdrop_tests::ifname("c"), netdrop_tests::ifname("s"));
+    netdrop_tests::veth(&client_ns, &c_if, "10.98.0.1/24", &server_ns, &s_if, "10.98.0.2/24");
+    use nix::sys::socket::{Backlog, listen};
+    let listener = server_ns.within(|| {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, socket};
+        let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None).expect("socket");
+        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::new(10, 98, 0, 2, 0)).expect("bind");
+        listen(&fd, Backlog::new(16).expect("backlog")).expect("listen");
+        std::net::TcpListener::from(fd)
+    });
+    let at = listener.local_addr().expect("addr");
+    let tracer = Tracer::start(&["--netns", &server_ns.path().display().to_string()]);
+    let before = server_ns.netstat("TcpExt", "ListenOverflows");
+    let hold = ["OUTPUT", "-p", "tcp", "--tcp-flags", "ALL", "ACK", "-j", "DROP"];
+    client_ns.exec("iptables", &[&["-A"][..], &hold[..]].concat());
+    let clients = client_ns.within(move || {
+        (0..CLIENTS).map(|_| TcpStream::connect_timeout(&at, Duration::from_secs(10)).expect("connect")).collect::<Vec<_>>()
+    });
+    listen(&listener, Backlog::new(1).expect("backlog")).expect("listen again");
+    client_ns.exec("iptables", &[&["-D"][..], &hold[..]].concat());
+    // The server retransmits its SYN-ACKs after 1 s; each client answers with an ACK.
+    std::thread::sleep(Duration::from_millis(2500));
+    drop(listener); // no more retransmissions, so no more overflows
+    settle();
+    let overflows = server_ns.netstat("TcpExt", "ListenOverflows") - before;
+    let out = tracer.stop();
+    drop(clients);
+    assert!(overflows >= 1, "the accept queue overflowed: {overflows}");
+    let rows: Vec<&serde_json::Value> = out.summary["drops"]
+        .as_array()
+        .expect("drops")
+        .iter()
+        .filter(|r| r["netns"] == server_ns.inode())
+        .collect();
+    let at_rcv: Vec<&&serde_json::Value> =
+        rows.iter().filter(|r| r["location"].as_str().is_some_and(|l| l.starts_with("tcp_v4_rcv+"))).collect();
+    let visible: u64 = at_rcv
+        .iter()
+        .filter(|r| r["hidden"] == false && ["NOT_SPECIFIED", "TCP_LISTEN_OVERFLOW", "0"].contains(&r["reason"].as_str().unwrap_or_default()))
+        .map(|r| r["count"].as_u64().expect("count"))
+        .sum();
+    assert_eq!(visible, overflows, "one visible drop per ListenOverflows: {}", out.summary);
+    assert!(rows.iter().all(|r| r["classification"] != "tcp_teardown"), "nothing here is a teardown: {}", out.summary);
+}
