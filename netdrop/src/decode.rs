@@ -69,6 +69,7 @@ impl Decoder {
             netns: ev.netns,
             len: ev.skb_len,
             tcp_flags: pkt.tcp_flags,
+            payload_len: pkt.payload_len,
             icmp: pkt.icmp,
             // The classify stage fills these in.
             classification: String::new(),
@@ -151,6 +152,9 @@ pub struct Headers {
     pub dst: Option<Endpoint>,
     pub tcp_flags: Option<String>,
     pub icmp: Option<Icmp>,
+    /// TCP or UDP payload bytes, from the IP and transport headers' own lengths (the capture
+    /// itself is truncated).
+    pub payload_len: Option<u32>,
 }
 
 /// Decodes captured L3+L4 headers. Truncated captures are expected (we keep 128 bytes), so the
@@ -161,17 +165,20 @@ pub fn decode_headers(l3_proto: u16, headers: &[u8]) -> Headers {
         return out;
     }
     let Ok(pkt) = LaxSlicedPacket::from_ip(headers) else { return out };
-    let (src, dst, proto) = match &pkt.net {
+    // Where the IP packet ends, counted from the start of the capture.
+    let (src, dst, proto, ip_end) = match &pkt.net {
         Some(LaxNetSlice::Ipv4(ip)) => {
             let h = ip.header();
-            (IpAddr::V4(h.source_addr()), IpAddr::V4(h.destination_addr()), ip.payload().ip_number)
+            (IpAddr::V4(h.source_addr()), IpAddr::V4(h.destination_addr()), ip.payload().ip_number, usize::from(h.total_len()))
         }
         Some(LaxNetSlice::Ipv6(ip)) => {
             let h = ip.header();
-            (IpAddr::V6(h.source_addr()), IpAddr::V6(h.destination_addr()), ip.payload().ip_number)
+            (IpAddr::V6(h.source_addr()), IpAddr::V6(h.destination_addr()), ip.payload().ip_number, 40 + usize::from(h.payload_length()))
         }
         _ => return out,
     };
+    // The transport header's offset in the capture (after any IPv6 extension headers).
+    let offset_of = |part: &[u8]| (part.as_ptr() as usize).wrapping_sub(headers.as_ptr() as usize);
     out.protocol = l4_name(proto.0);
     let (mut sport, mut dport) = (None, None);
     match &pkt.transport {
@@ -179,10 +186,13 @@ pub fn decode_headers(l3_proto: u16, headers: &[u8]) -> Headers {
             sport = Some(t.source_port());
             dport = Some(t.destination_port());
             out.tcp_flags = Some(tcp_flags(t));
+            let header_end = offset_of(t.slice()) + usize::from(t.data_offset()) * 4;
+            out.payload_len = ip_end.checked_sub(header_end).map(|n| n as u32);
         }
         Some(TransportSlice::Udp(u)) => {
             sport = Some(u.source_port());
             dport = Some(u.destination_port());
+            out.payload_len = u.length().checked_sub(8).map(u32::from);
         }
         Some(TransportSlice::Icmpv4(i)) => {
             out.icmp = Some(Icmp { kind: i.type_u8(), code: i.code_u8() });
@@ -260,6 +270,20 @@ mod tests {
         assert_eq!(h.protocol, "udp");
         assert_eq!(h.src, Some(Endpoint::new("10.0.0.1".parse().expect("ip"), Some(40000))));
         assert_eq!(h.dst, Some(Endpoint::new("10.0.0.2".parse().expect("ip"), Some(53))));
+    }
+
+    #[test]
+    fn payload_lengths_come_from_the_headers_not_the_capture() {
+        assert_eq!(decode_headers(0x0800, &udp4()).payload_len, Some(300), "the capture keeps 128 bytes");
+        let b = PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64).tcp(1234, 80, 7, 1000).ack(9);
+        let mut v = Vec::new();
+        b.write(&mut v, &[]).expect("build");
+        assert_eq!(decode_headers(0x0800, &v).payload_len, Some(0), "a bare ACK");
+        let b = PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64).tcp(1234, 80, 7, 1000).ack(9);
+        let mut v = Vec::new();
+        b.write(&mut v, &[1; 500]).expect("build");
+        v.truncate(netdrop_common::HEADER_BYTES);
+        assert_eq!(decode_headers(0x86dd, &v).payload_len, Some(500));
     }
 
     #[test]

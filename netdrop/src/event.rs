@@ -37,6 +37,9 @@ pub struct DropRecord {
     pub len: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp_flags: Option<String>,
+    /// TCP/UDP payload bytes (from the headers' lengths): 0 for a bare ACK, which carries no data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_len: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub icmp: Option<Icmp>,
     /// What the drop is: the reason in lower case (`no_socket`), or for NETFILTER_DROP one of

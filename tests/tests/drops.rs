@@ -545,6 +545,9 @@ fn bare_ack_to_timewait(test: &str, tw_hook: Option<&str>) {
         return;
     }
     assert!(["rx_sk", "fexit", "kprobe"].contains(&hook.as_str()), "the socket decides here, not flags: {hook}");
+    if tw_hook.is_none() && netdrop_tests::kernel_version() >= (6, 11) {
+        assert_eq!(hook, "rx_sk", "kfree_skb passes the receiving socket from 6.11 on");
+    }
     let rows: Vec<&serde_json::Value> = out.summary["drops"]
         .as_array()
         .expect("drops")

@@ -108,12 +108,29 @@ fn tcp_leftover(r: &Value) -> bool {
     matches!(r["reason"].as_str(), Some("TCP_OLD_DATA" | "TCP_INVALID_SEQUENCE" | "TCP_RFC7323_PAWS" | "TCP_RFC7323_PAWS_ACK"))
 }
 
+/// A bare ACK (ACK flag only, no payload) that TCP discarded as older than what the socket
+/// already holds (PAWS, out of window). It carries no data, so nothing is lost. Seen in the 6.1
+/// guest with no retransmission and no reused port: the server's immediate (quick) ACK of the
+/// request leaves from its softirq's CPU, the reply and FIN from the application's; through a
+/// veth each goes through its own CPU's backlog, and under emulation the reply can arrive first,
+/// after which the ACK is stale (`tcp_validate_incoming` on the client, 1 in 500 connections).
+fn stale_bare_ack(e: &Value) -> bool {
+    tcp_leftover(e) && e["tcp_flags"] == "ACK" && e["payload_len"] == 0
+}
+
+/// Whether a drop event names this pod (`namespace/name`) at either end.
+fn names_pod(e: &Value, pod: &str) -> bool {
+    let name = pod.split('/').nth(1).unwrap_or(pod);
+    e["src"]["pod"] == name || e["dst"]["pod"] == name
+}
+
 /// The drops of the Service's other backends (and, for a healthy Service, of the Service address
 /// without a backend): none, except what the kernel's retransmissions (and for the Service
 /// address, reused client ports) explain — no more than their number, and only of the kinds they
-/// leave. With a fault, drops on the Service address that match no backend are the client's side
-/// of the failing requests (aborted connects meeting late segments: `TCP_CLOSE`, PAWS, out of
-/// window); they are printed, not asserted.
+/// leave — and stale bare ACKs ([`stale_bare_ack`]: no data, nothing lost; counted from the
+/// events and printed). With a fault, drops on the Service address that match no backend are the
+/// client's side of the failing requests (aborted connects meeting late segments: `TCP_CLOSE`,
+/// PAWS, out of window); they are printed, not asserted.
 fn assert_no_drops_except(t: &Traced, bad_pod: Option<&str>) {
     let s = &t.out.summary;
     let others: Vec<&Value> =
@@ -124,6 +141,19 @@ fn assert_no_drops_except(t: &Traced, bad_pod: Option<&str>) {
         Some(_) => (on_others, t.retransmitted),
         None => (on_others + unmatched, t.retransmitted + t.report.reused_ports),
     };
+    assert_eq!(s["lost_events"], 0, "every drop's event arrived: the stale ACKs are counted from them");
+    let other_pods: Vec<&str> = others.iter().map(|b| b["pod"].as_str().unwrap_or_default()).collect();
+    let stale = t
+        .out
+        .drops
+        .iter()
+        .filter(|e| stale_bare_ack(e))
+        .filter(|e| match bad_pod {
+            // Only those counted above: on another backend.
+            Some(bad) => !names_pod(e, bad) && other_pods.iter().any(|p| names_pod(e, p)),
+            None => true,
+        })
+        .count() as u64;
     // The events behind them (the bad backend's too, up to 30), to tell what they were.
     for e in t.out.drops.iter().take(if on_others + unmatched > 0 { 30 } else { 0 }) {
         println!(
@@ -132,10 +162,13 @@ fn assert_no_drops_except(t: &Traced, bad_pod: Option<&str>) {
         );
     }
     println!(
-        "{on_others} drops on other backends, {unmatched} on the Service address without a backend; {} TCP segments retransmitted, {} client ports reused",
+        "{on_others} drops on other backends, {unmatched} on the Service address without a backend ({stale} of those counted stale bare ACKs); {} TCP segments retransmitted, {} client ports reused",
         t.retransmitted, t.report.reused_ports
     );
-    assert!(count <= causes, "{count} drops outside {bad_pod:?} > {causes} retransmissions and reused ports: {s}");
+    assert!(
+        count - stale <= causes,
+        "{count} drops outside {bad_pod:?}, {stale} of them stale bare ACKs; the rest > {causes} retransmissions and reused ports: {s}"
+    );
     let mut reasons: Vec<Value> = others.iter().flat_map(|b| b["top_reasons"].as_array().cloned().unwrap_or_default()).collect();
     if bad_pod.is_none() {
         reasons.extend(s["unmatched"]["top_reasons"].as_array().cloned().unwrap_or_default());
@@ -203,7 +236,7 @@ fn policy_drop_on_one_of_three_backends_is_found() {
     assert!(diagnosis.contains("netfilter_rule"), "{diagnosis}");
     // Each drop event names both ends and the Service the flow was addressed to.
     assert!(!t.out.drops.is_empty());
-    for e in &t.out.drops {
+    for e in t.out.drops.iter().filter(|e| !(stale_bare_ack(e) && !names_pod(e, &bad.pod))) {
         assert_eq!(e["dst"]["pod"], bad.pod.split('/').nth(1).expect("ns/name"), "{e}");
         assert_eq!(e["dst"]["node"], bad.node, "{e}");
         assert_eq!(e["dst"]["service"], "default/web", "{e}");
