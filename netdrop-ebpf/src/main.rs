@@ -51,9 +51,10 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 static ADDR_FILTER: HashMap<AddrKey, u32> = HashMap::with_max_entries(4096, 0);
 
 /// skb address → (mark time << 8 | [`class`]) set by the precise conntrack and timewait hooks
-/// and consumed by the kfree_skb program. The time bounds a stale mark: an skb a hook marked
-/// always reaches `kfree_skb` within the same traversal (the netfilter hook, `tcp_v4_rcv`), far
-/// below 10 ms.
+/// and consumed by the kfree_skb program. An skb a hook marks always reaches `kfree_skb` within
+/// the same traversal (the netfilter hook, `tcp_v4_rcv`), so marks do not linger; the time only
+/// guards against one left behind and its address reused, and is generous because a guest's
+/// clock can jump by many milliseconds between two instructions when the host stalls it.
 #[map]
 static SKB_CLASS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(8192, 0);
 
@@ -64,7 +65,7 @@ static SKB_CLASS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(8192, 0);
 #[map]
 static KPROBE_SKB: PerCpuArray<u64> = PerCpuArray::with_max_entries(3, 0);
 
-const MARK_MAX_AGE_NS: u64 = 10_000_000;
+const MARK_MAX_AGE_NS: u64 = 1_000_000_000;
 /// `TCP_TIME_WAIT` in `enum { TCP_ESTABLISHED = 1, ... }` (include/net/tcp_states.h), the
 /// state of every timewait socket, also of an orphaned FIN_WAIT2 one (its substate differs).
 const TCP_STATE_TIME_WAIT: u8 = 6;

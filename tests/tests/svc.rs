@@ -108,6 +108,20 @@ fn tcp_leftover(r: &Value) -> bool {
     matches!(r["reason"].as_str(), Some("TCP_OLD_DATA" | "TCP_INVALID_SEQUENCE" | "TCP_RFC7323_PAWS" | "TCP_RFC7323_PAWS_ACK"))
 }
 
+/// A bare ACK (ACK flag only, no payload) `tcp_v4_rcv`/`tcp_v6_rcv` freed without a reason and
+/// not known to be a timewait socket's: seen once on 6.1 as the client's answer to a
+/// retransmitted reply+FIN (1 retransmission in the lab, 1 such drop). Allowed within the
+/// retransmission bound, and only when every such event of the run is a bare ACK.
+fn unspecified_bare_acks_only(r: &Value, events: &[Value]) -> bool {
+    let at_rcv = |v: &Value| v["location"].as_str().is_some_and(|l| l.starts_with("tcp_v4_rcv+") || l.starts_with("tcp_v6_rcv+"));
+    r["reason"] == "NOT_SPECIFIED"
+        && at_rcv(r)
+        && events
+            .iter()
+            .filter(|e| e["reason"] == "NOT_SPECIFIED" && at_rcv(e))
+            .all(|e| e["tcp_flags"] == "ACK" && e["payload_len"] == 0)
+}
+
 /// A bare ACK (ACK flag only, no payload) that TCP discarded as older than what the socket
 /// already holds (PAWS, out of window). It carries no data, so nothing is lost. Seen in the 6.1
 /// guest with no retransmission and no reused port: the server's immediate (quick) ACK of the
@@ -157,8 +171,8 @@ fn assert_no_drops_except(t: &Traced, bad_pod: Option<&str>) {
     // The events behind them (the bad backend's too, up to 30), to tell what they were.
     for e in t.out.drops.iter().take(if on_others + unmatched > 0 { 30 } else { 0 }) {
         println!(
-            "drop event: {} ({}) at {} {}:{} -> {}:{} flags {}",
-            e["reason"], e["classification"], e["location"], e["src"]["ip"], e["src"]["port"], e["dst"]["ip"], e["dst"]["port"], e["tcp_flags"]
+            "drop event: {} ({}) at {} {}:{} -> {}:{} flags {} payload {}",
+            e["reason"], e["classification"], e["location"], e["src"]["ip"], e["src"]["port"], e["dst"]["ip"], e["dst"]["port"], e["tcp_flags"], e["payload_len"]
         );
     }
     println!(
@@ -174,7 +188,10 @@ fn assert_no_drops_except(t: &Traced, bad_pod: Option<&str>) {
         reasons.extend(s["unmatched"]["top_reasons"].as_array().cloned().unwrap_or_default());
     }
     for r in reasons {
-        assert!(tcp_leftover(&r), "not a retransmission's or a reused port's leftover: {r}; summary {s}");
+        assert!(
+            tcp_leftover(&r) || (t.retransmitted > 0 && unspecified_bare_acks_only(&r, &t.out.drops)),
+            "not a retransmission's or a reused port's leftover: {r}; summary {s}"
+        );
     }
 }
 
