@@ -155,7 +155,7 @@ impl KernelInfo {
 /// `tcp_timewait_state_process` as this kernel declares it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TimewaitFunction {
-    /// `TCP_TW_SYN` in `enum tcp_tw_status` (its members were reordered over time).
+    /// `TCP_TW_SYN` in `enum tcp_tw_status`: read, not assumed (the enum grew members over time).
     pub syn_status: u32,
 }
 
