@@ -230,10 +230,14 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     let exact_class = if conf!(precise_conntrack) != 0 && is_netfilter {
         take_mark(skb as u64)
     } else if has_l3 && reason == conf!(not_specified_reason) {
-        if took_by_timewait(skb, rx_sk) {
+        let l4 = l4.or_else(|| l4_of(skb, nh, l3_proto));
+        // Only a TCP segment can be a timewait socket's: other protocols (a UDP storm on kernels
+        // without reasons, where every drop is "NOT_SPECIFIED") skip the socket read and the
+        // mark lookup.
+        if matches!(l4, Some((6, _))) && took_by_timewait(skb, rx_sk) {
             class::TCP_TIME_WAIT
         } else {
-            tcp_class(l4.or_else(|| l4_of(skb, nh, l3_proto)))
+            tcp_class(l4)
         }
     } else {
         0

@@ -127,11 +127,11 @@ pub enum CtHookArg {
 }
 
 impl CtHookArg {
-    pub fn hook(self) -> Option<crate::probe::CtHook> {
+    pub fn hook(self) -> Option<crate::probe::PreciseHook> {
         match self {
-            Self::Fexit => Some(crate::probe::CtHook::Fexit),
-            Self::Kprobe => Some(crate::probe::CtHook::Kprobe),
-            Self::Inferred => Some(crate::probe::CtHook::Inferred),
+            Self::Fexit => Some(crate::probe::PreciseHook::Fexit),
+            Self::Kprobe => Some(crate::probe::PreciseHook::Kprobe),
+            Self::Inferred => Some(crate::probe::PreciseHook::Inferred),
             Self::Off => None,
         }
     }

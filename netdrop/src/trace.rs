@@ -27,7 +27,7 @@ use crate::{
     resolve::{Health, Proto, Resolver},
     decode::{self, Decoder},
     output::{Format, JsonSink, Sink, TextSink},
-    probe::{self, AttachOptions, CtHook, KernelInfo},
+    probe::{self, AttachOptions, PreciseHook, KernelInfo},
     reasons::ReasonTable,
     symbols::KernelSymbols,
     targets::TargetMode,
@@ -88,9 +88,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             let want = args.ct_hook.and_then(CtHookArg::hook);
             let (hook, why) = probe::attach_conntrack(&mut probe, want);
             match hook {
-                CtHook::Fexit => eprintln!("netdrop: conntrack verdicts via fexit (exact)"),
-                CtHook::Kprobe => eprintln!("netdrop: conntrack verdicts via kprobe (exact; {})", why.unwrap_or_default()),
-                CtHook::Inferred => eprintln!(
+                PreciseHook::Fexit => eprintln!("netdrop: conntrack verdicts via fexit (exact)"),
+                PreciseHook::Kprobe => eprintln!("netdrop: conntrack verdicts via kprobe (exact; {})", why.unwrap_or_default()),
+                PreciseHook::Inferred => eprintln!(
                     "netdrop: conntrack classification inferred from conntrack state and statistics ({})",
                     why.unwrap_or_else(|| "--ct-hook inferred".into())
                 ),
@@ -102,7 +102,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         Timewait::RxSk => "rx_sk",
         Timewait::Flags => "flags",
         Timewait::Hooks(want) => match probe::attach_timewait(&mut probe, want) {
-            (CtHook::Inferred, why) => {
+            (PreciseHook::Inferred, why) => {
                 timewait_by_flags(&why.unwrap_or_default());
                 "flags"
             }
@@ -277,7 +277,7 @@ enum Timewait {
     /// The `kfree_skb` tracepoint's receiving socket is in TIME_WAIT (6.11+).
     RxSk,
     /// Marks from hooks on `tcp_timewait_state_process` (`None`: fexit, else kprobes).
-    Hooks(Option<CtHook>),
+    Hooks(Option<PreciseHook>),
     /// FIN/RST flags only.
     Flags,
 }
@@ -293,13 +293,12 @@ fn timewait_source(kernel: &KernelInfo, config: &mut Config, want: Option<TwHook
         Some(TwHookArg::Flags) => Timewait::Flags,
         _ if config.read_skb == 0 => Timewait::Flags,
         None => Timewait::Hooks(None),
-        Some(TwHookArg::Fexit) => Timewait::Hooks(Some(CtHook::Fexit)),
-        Some(TwHookArg::Kprobe) => Timewait::Hooks(Some(CtHook::Kprobe)),
+        Some(TwHookArg::Fexit) => Timewait::Hooks(Some(PreciseHook::Fexit)),
+        Some(TwHookArg::Kprobe) => Timewait::Hooks(Some(PreciseHook::Kprobe)),
     };
-    if let Timewait::RxSk = source {
-        config.btf_has_rx_sk = u32::from(kernel.btf_has_rx_sk);
-    } else {
-        config.btf_has_rx_sk = 0;
+    let use_rx_sk = matches!(source, Timewait::RxSk);
+    config.btf_has_rx_sk = u32::from(use_rx_sk && kernel.btf_has_rx_sk);
+    if !use_rx_sk {
         config.tracepoint.rx_sk = netdrop_common::ABSENT;
     }
     if let Timewait::Hooks(_) = source {

@@ -482,13 +482,16 @@ pub fn veth(a: &NetNs, a_if: &str, a_addr: &str, b: &NetNs, b_if: &str, b_addr: 
 impl TraceOutput {
     /// Summary count of one classification in one netns.
     pub fn class_count(&self, classification: &str, netns: u32) -> u64 {
-        self.summary["drops"]
-            .as_array()
-            .expect("drops array")
-            .iter()
-            .filter(|r| r["classification"] == classification && r["netns"] == netns)
+        self.rows_in(netns)
+            .into_iter()
+            .filter(|r| r["classification"] == classification)
             .map(|r| r["count"].as_u64().expect("count"))
             .sum()
+    }
+
+    /// The summary's counter rows of one netns.
+    pub fn rows_in(&self, netns: u32) -> Vec<&Value> {
+        self.summary["drops"].as_array().expect("drops array").iter().filter(|r| r["netns"] == netns).collect()
     }
 }
 

@@ -548,12 +548,7 @@ fn bare_ack_to_timewait(test: &str, tw_hook: Option<&str>) {
     if tw_hook.is_none() && netdrop_tests::kernel_version() >= (6, 11) {
         assert_eq!(hook, "rx_sk", "kfree_skb passes the receiving socket from 6.11 on");
     }
-    let rows: Vec<&serde_json::Value> = out.summary["drops"]
-        .as_array()
-        .expect("drops")
-        .iter()
-        .filter(|r| r["netns"] == server_ns.inode())
-        .collect();
+    let rows = out.rows_in(server_ns.inode());
     for (i, (ip, site)) in [("ipv4", "tcp_v4_rcv+"), ("ipv6", "tcp_v6_rcv+")].into_iter().enumerate() {
         assert!(probes[i] >= 2, "{ip}: keepalive probes reached the server: {}", probes[i]);
         let teardown: Vec<&&serde_json::Value> =
@@ -648,12 +643,7 @@ fn listen_overflow_ack_stays_visible() {
     let out = tracer.stop();
     drop(clients);
     assert!(overflows >= 1, "the accept queue overflowed: {overflows}");
-    let rows: Vec<&serde_json::Value> = out.summary["drops"]
-        .as_array()
-        .expect("drops")
-        .iter()
-        .filter(|r| r["netns"] == server_ns.inode())
-        .collect();
+    let rows = out.rows_in(server_ns.inode());
     let at_rcv: Vec<&&serde_json::Value> =
         rows.iter().filter(|r| r["location"].as_str().is_some_and(|l| l.starts_with("tcp_v4_rcv+"))).collect();
     let visible: u64 = at_rcv

@@ -373,7 +373,7 @@ fn describe(e: &ProbeError) -> String {
 /// How a precise hook set (conntrack verdicts, timewait segments) observes the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum CtHook {
+pub enum PreciseHook {
     /// fexit on the functions (5.5+, BTF for the functions).
     Fexit,
     /// kprobe + kretprobe on the same functions.
@@ -383,7 +383,7 @@ pub enum CtHook {
     Inferred,
 }
 
-impl CtHook {
+impl PreciseHook {
     pub fn name(self) -> &'static str {
         match self {
             Self::Fexit => "fexit",
@@ -412,32 +412,32 @@ const TW_FUNCTIONS: &[Watched] =
 /// Attaches the precise conntrack hooks, fexit first, kprobes as the fallback. Returns the hook
 /// used and, when it is not fexit, why the better ones failed. Never fails: without hooks the
 /// classification is inferred.
-pub fn attach_conntrack(probe: &mut DropProbe, want: Option<CtHook>) -> (CtHook, Option<String>) {
+pub fn attach_conntrack(probe: &mut DropProbe, want: Option<PreciseHook>) -> (PreciseHook, Option<String>) {
     attach_precise(&mut probe.ebpf, CT_FUNCTIONS, want)
 }
 
 /// Attaches the timewait hooks (kernels whose `kfree_skb` does not pass `rx_sk`), fexit first,
 /// kprobes as the fallback; without them a segment freed by a timewait socket is told by its
 /// TCP flags alone.
-pub fn attach_timewait(probe: &mut DropProbe, want: Option<CtHook>) -> (CtHook, Option<String>) {
+pub fn attach_timewait(probe: &mut DropProbe, want: Option<PreciseHook>) -> (PreciseHook, Option<String>) {
     attach_precise(&mut probe.ebpf, TW_FUNCTIONS, want)
 }
 
-fn attach_precise(ebpf: &mut Ebpf, set: &[Watched], want: Option<CtHook>) -> (CtHook, Option<String>) {
+fn attach_precise(ebpf: &mut Ebpf, set: &[Watched], want: Option<PreciseHook>) -> (PreciseHook, Option<String>) {
     let mut why = Vec::new();
-    if want.is_none_or(|w| w == CtHook::Fexit) {
+    if want.is_none_or(|w| w == PreciseHook::Fexit) {
         match attach_fexit(ebpf, set) {
-            Ok(()) => return (CtHook::Fexit, None),
+            Ok(()) => return (PreciseHook::Fexit, None),
             Err(e) => why.push(format!("fexit: {}", describe(&e))),
         }
     }
-    if want.is_none_or(|w| w == CtHook::Kprobe) {
+    if want.is_none_or(|w| w == PreciseHook::Kprobe) {
         match attach_kprobes(ebpf, set) {
-            Ok(()) => return (CtHook::Kprobe, Some(why.join("; "))),
+            Ok(()) => return (PreciseHook::Kprobe, Some(why.join("; "))),
             Err(e) => why.push(format!("kprobe: {}", describe(&e))),
         }
     }
-    (CtHook::Inferred, (!why.is_empty()).then(|| why.join("; ")))
+    (PreciseHook::Inferred, (!why.is_empty()).then(|| why.join("; ")))
 }
 
 fn attach_fexit(ebpf: &mut Ebpf, set: &[Watched]) -> Result<(), ProbeError> {
