@@ -31,7 +31,8 @@ enum Cmd {
     /// The headline without a cluster: lab up, a fault, traffic, `netdrop trace --svc`, lab down.
     Demo {
         /// The fault to inject: policy-drop, not-listening, conntrack-insert, conntrack-full,
-        /// route-missing.
+        /// route-missing, big-one-bad, mtu-blackhole, node-route-missing, egress-deny,
+        /// snat-exhaustion, dns-udp-drop, dns-conntrack-full, dns-race.
         #[arg(long, default_value = "policy-drop")]
         fault: String,
         /// Seconds of traffic.

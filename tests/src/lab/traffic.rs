@@ -45,6 +45,20 @@ impl Default for TrafficOptions {
     }
 }
 
+/// What each request looks like beyond [`TrafficOptions`] (kept apart so that callers building
+/// `TrafficOptions` literally stay as they are).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrafficShape {
+    /// TCP: ask each backend for this many filler bytes after the reply line (a response larger
+    /// than one segment; the path-MTU fault). 0: the one-line reply. A request that times out
+    /// then is reset (zero linger), so that the server stops retransmitting what the path drops.
+    pub reply_bytes: usize,
+    /// UDP: each attempt is a pair of datagrams sent at the same instant from one socket by two
+    /// threads on different CPUs, as a resolver sends its A and AAAA queries in parallel; it
+    /// succeeds when both are answered.
+    pub pairs: bool,
+}
+
 /// Why a request failed, as the client saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -119,7 +133,13 @@ fn kind_of(e: &std::io::Error) -> FailureKind {
     }
 }
 
-async fn tcp_once(target: SocketAddr, seq: u64, timeout: Duration, tally: &Mutex<Tally>) -> Result<String, FailureKind> {
+async fn tcp_once(
+    target: SocketAddr,
+    seq: u64,
+    timeout: Duration,
+    reply_bytes: usize,
+    tally: &Mutex<Tally>,
+) -> Result<String, FailureKind> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut sock = tokio::time::timeout_at(deadline, TcpStream::connect(target))
         .await
@@ -131,16 +151,32 @@ async fn tcp_once(target: SocketAddr, seq: u64, timeout: Duration, tally: &Mutex
             t.reused_ports += 1;
         }
     }
-    let exchange = async {
-        sock.write_all(format!("ndlab {seq}\n").as_bytes()).await?;
-        let mut reply = Vec::with_capacity(128);
-        sock.read_to_end(&mut reply).await?;
-        Ok::<_, std::io::Error>(reply)
+    let request = if reply_bytes > 0 {
+        format!("ndlab {seq} pad={reply_bytes}\n")
+    } else {
+        format!("ndlab {seq}\n")
     };
-    let reply = tokio::time::timeout_at(deadline, exchange)
-        .await
-        .map_err(|_| FailureKind::ReplyTimeout)?
-        .map_err(|e| kind_of(&e))?;
+    let result = {
+        let exchange = async {
+            sock.write_all(request.as_bytes()).await?;
+            let mut reply = Vec::with_capacity(128 + reply_bytes);
+            sock.read_to_end(&mut reply).await?;
+            Ok::<_, std::io::Error>(reply)
+        };
+        tokio::time::timeout_at(deadline, exchange).await
+    };
+    let Ok(reply) = result else {
+        if reply_bytes > 0 {
+            // An RST instead of a FIN: the server's socket goes at once, so its retransmissions
+            // of what the path drops stop with the request.
+            let _ = sock.set_zero_linger();
+        }
+        return Err(FailureKind::ReplyTimeout);
+    };
+    let reply = reply.map_err(|e| kind_of(&e))?;
+    if reply.len() < reply_bytes {
+        return Err(FailureKind::Other);
+    }
     String::from_utf8(reply).map_err(|_| FailureKind::Other)
 }
 
@@ -169,17 +205,32 @@ fn parse_reply(reply: &str, seq: u64) -> Option<(String, String)> {
 }
 
 /// Runs the generator from inside the namespace at `client_netns` (the client pod's).
-#[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
 pub fn run(
     client_netns: &Path,
     service: &str,
     target: SocketAddr,
     opts: &TrafficOptions,
 ) -> Result<TrafficReport, LabError> {
+    run_shaped(client_netns, service, target, opts, TrafficShape::default())
+}
+
+/// [`run`] with requests shaped by `shape`.
+#[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+pub fn run_shaped(
+    client_netns: &Path,
+    service: &str,
+    target: SocketAddr,
+    opts: &TrafficOptions,
+    shape: TrafficShape,
+) -> Result<TrafficReport, LabError> {
     let o = opts.clone();
     let tally = Arc::new(Mutex::new(Tally::default()));
     let t = tally.clone();
     let (attempts, elapsed) = in_netns(client_netns, move || {
+        if shape.pairs && o.proto == Proto::Udp {
+            // Threads started here inherit the client's namespace.
+            return Ok(pairs::generate(target, &o, &t));
+        }
         // A runtime on this thread only: every socket it opens is in the client's namespace.
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -188,7 +239,7 @@ pub fn run(
                 path: "tokio runtime".into(),
                 source,
             })?;
-        Ok(rt.block_on(generate(target, &o, t)))
+        Ok(rt.block_on(generate(target, &o, shape, t)))
     })?;
     let t = tally.lock().expect("tally");
     let failures: u64 = t.failures.values().sum();
@@ -229,6 +280,7 @@ pub fn run(
 async fn generate(
     target: SocketAddr,
     o: &TrafficOptions,
+    shape: TrafficShape,
     tally: Arc<Mutex<Tally>>,
 ) -> (u64, Duration) {
     let total = (f64::from(o.rate) * o.duration.as_secs_f64()).round() as u64;
@@ -243,7 +295,7 @@ async fn generate(
         tasks.spawn(async move {
             let t0 = Instant::now();
             let r = match proto {
-                Proto::Tcp => tcp_once(target, seq, timeout, &tally).await,
+                Proto::Tcp => tcp_once(target, seq, timeout, shape.reply_bytes, &tally).await,
                 Proto::Udp => udp_once(target, seq, timeout).await,
             };
             let mut t = tally.lock().expect("tally");
@@ -263,6 +315,132 @@ async fn generate(
     let sent = start.elapsed();
     while tasks.join_next().await.is_some() {}
     (total, sent)
+}
+
+impl Tally {
+    fn record(&mut self, r: Result<(String, String), FailureKind>, t0: Instant) {
+        match r {
+            Ok((pod, node)) => {
+                self.successes += 1;
+                self.latencies_us.push(t0.elapsed().as_micros() as u64);
+                *self.by_backend.entry(pod.clone()).or_default() += 1;
+                self.nodes.insert(pod, node);
+            }
+            Err(k) => *self.failures.entry(k).or_default() += 1,
+        }
+    }
+}
+
+/// Parallel A/AAAA-style pairs (see [`TrafficShape::pairs`]).
+mod pairs {
+    use std::{
+        net::{SocketAddr, UdpSocket},
+        sync::{
+            Arc, Mutex,
+            atomic::{AtomicU32, Ordering},
+            mpsc,
+        },
+        thread,
+        time::{Duration, Instant},
+    };
+
+    use super::{FailureKind, Tally, TrafficOptions, kind_of, parse_reply};
+
+    /// One pair's socket, handed to both senders, and the line each sends.
+    struct Job {
+        sock: Arc<UdpSocket>,
+        seq: u64,
+        /// Both senders count in here and spin until both arrived, then send at once.
+        gate: Arc<AtomicU32>,
+        done: mpsc::Sender<()>,
+    }
+
+    /// A sender pinned to one CPU: sends its half of each pair when its partner is ready too.
+    fn sender(cpu: usize, qtype: &'static str, jobs: mpsc::Receiver<Job>) {
+        let mut set = nix::sched::CpuSet::new();
+        if set.set(cpu).is_ok() {
+            // Best effort: on one CPU the pair is still sent, just not in parallel.
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+        }
+        for job in jobs {
+            job.gate.fetch_add(1, Ordering::AcqRel);
+            let spin = Instant::now();
+            while job.gate.load(Ordering::Acquire) < 2 && spin.elapsed() < Duration::from_millis(50) {
+                std::hint::spin_loop();
+            }
+            let _ = job.sock.send(format!("ndlab {} {qtype}\n", job.seq).as_bytes());
+            let _ = job.done.send(());
+        }
+    }
+
+    /// Waits for both answers of one pair.
+    fn answers(sock: &UdpSocket, seq: u64, timeout: Duration) -> Result<(String, String), FailureKind> {
+        let deadline = Instant::now() + timeout;
+        let mut first = None;
+        let mut buf = [0u8; 600];
+        for _ in 0..2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(FailureKind::Timeout);
+            }
+            sock.set_read_timeout(Some(left)).map_err(|e| kind_of(&e))?;
+            let n = sock.recv(&mut buf).map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => FailureKind::Timeout,
+                _ => kind_of(&e),
+            })?;
+            let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let who = parse_reply(&reply, seq).ok_or(FailureKind::Other)?;
+            first.get_or_insert(who);
+        }
+        first.ok_or(FailureKind::Other)
+    }
+
+    pub(super) fn generate(target: SocketAddr, o: &TrafficOptions, tally: &Arc<Mutex<Tally>>) -> (u64, Duration) {
+        let total = (f64::from(o.rate) * o.duration.as_secs_f64()).round() as u64;
+        let period = Duration::from_secs_f64(1.0 / f64::from(o.rate.max(1)));
+        let cpus = thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let (a_tx, a_rx) = mpsc::channel::<Job>();
+        let (b_tx, b_rx) = mpsc::channel::<Job>();
+        let senders = [
+            thread::spawn(move || sender(0, "A", a_rx)),
+            thread::spawn(move || sender(1 % cpus, "AAAA", b_rx)),
+        ];
+        let mut waiters = Vec::new();
+        let start = Instant::now();
+        for seq in 0..total {
+            let due = start + period.mul_f64(seq as f64);
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(d);
+            }
+            let t0 = Instant::now();
+            let sock = match UdpSocket::bind(("0.0.0.0", 0)).and_then(|s| s.connect(target).map(|()| s)) {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    tally.lock().expect("tally").record(Err(kind_of(&e)), t0);
+                    continue;
+                }
+            };
+            let gate = Arc::new(AtomicU32::new(0));
+            let (done, sent) = mpsc::channel();
+            for tx in [&a_tx, &b_tx] {
+                let _ = tx.send(Job { sock: sock.clone(), seq, gate: gate.clone(), done: done.clone() });
+            }
+            drop(done);
+            while sent.recv().is_ok() {}
+            let (timeout, tally) = (o.timeout, tally.clone());
+            waiters.push(thread::spawn(move || {
+                let r = answers(&sock, seq, timeout);
+                tally.lock().expect("tally").record(r, t0);
+            }));
+            waiters.retain(|w| !w.is_finished());
+        }
+        let sent = start.elapsed();
+        drop((a_tx, b_tx));
+        for w in waiters.into_iter().chain(senders) {
+            let _ = w.join();
+        }
+        (total, sent)
+    }
 }
 
 #[cfg(test)]
