@@ -142,6 +142,19 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         node: node.clone(),
         conntrack: conntrack_on,
     };
+    let mut monitor = CtMonitor::new();
+    if conntrack_on {
+        // Baselines before the first drop, and before "attached" (callers start traffic on
+        // that line): the summary reports rises over the whole run.
+        monitor.track(spec.netns.unwrap_or_else(crate::conntrack::own_netns));
+        // And the nodes named with --node-netns: their conntrack (a node's SNAT, a resolved
+        // clash) counts from the start, not from their first drop.
+        for n in &args.tc.node_netns {
+            if let Some(inode) = n.path.as_deref().and_then(|p| std::fs::metadata(p).ok()).map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32) {
+                monitor.track(inode);
+            }
+        }
+    }
     if let Some(why) = &probe.fallback {
         eprintln!("netdrop: tp_btf/kfree_skb not usable ({why}); using the tracepoint fallback");
     }
@@ -156,11 +169,6 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
 
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
     let hide_teardown = !spec.all_reasons && spec.reasons.is_empty();
-    let mut monitor = CtMonitor::new();
-    if conntrack_on {
-        // Baselines before the first drop: the summary reports rises over the whole run.
-        monitor.track(spec.netns.unwrap_or_else(crate::conntrack::own_netns));
-    }
     let mut pipe = Pipeline {
         decoder,
         visibility: Visibility::new(&config, hide_teardown, symbols.clone()),
