@@ -44,11 +44,11 @@ pub enum FaultKind {
     /// The nodes talk over a VXLAN overlay (Calico's `vxlan.calico`, MTU 1450) while pods keep
     /// MTU 1500, ICMP "fragmentation needed" is filtered on the backend's node and GSO is off in
     /// the backend's pod: its responses larger than 1450 bytes are dropped on its node
-    /// (`PKT_TOO_BIG`, Ip FragFails), small ones pass. Cross-node only.
+    /// (`PKT_TOO_BIG`, `Ip FragFails`), small ones pass. Cross-node only.
     MtuBlackhole,
     /// The client's node lost its route to the other node's pod block (BGP withdrew it): packets
     /// to every pod there follow the default route to the upstream router, which knows no pod
-    /// block and drops them (`IP_INNOROUTES`, its Ip InNoRoutes).
+    /// block and drops them (`IP_INNOROUTES`, its `IpExt InNoRoutes`).
     NodeRouteMissing,
     /// An egress policy on the client's node drops the client's packets to the "external" host.
     EgressDeny,

@@ -395,6 +395,7 @@ mod pairs {
         first.ok_or(FailureKind::Other)
     }
 
+    #[expect(clippy::cast_precision_loss, reason = "sequence numbers far below 2^52")]
     pub(super) fn generate(target: SocketAddr, o: &TrafficOptions, tally: &Arc<Mutex<Tally>>) -> (u64, Duration) {
         let total = (f64::from(o.rate) * o.duration.as_secs_f64()).round() as u64;
         let period = Duration::from_secs_f64(1.0 / f64::from(o.rate.max(1)));
