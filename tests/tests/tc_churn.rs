@@ -6,14 +6,14 @@
 use std::{
     collections::BTreeSet,
     io::Write as _,
-    process::{Command, Stdio},
+    process::Stdio,
     time::Duration,
 };
 
 use netdrop_tests::{TcNode, TcWatch, cali_name, links_of, map_entries_of, prog_exists, require_root, require_tcx, sched_cls_prog_ids};
 
 fn batch(node: &TcNode, lines: &[String]) {
-    let mut child = Command::new("ip")
+    let mut child = netdrop_tools::tool("ip")
         .args(["-n", &node.ns.name, "-force", "-batch", "-"])
         .stdin(Stdio::piped())
         .spawn()
