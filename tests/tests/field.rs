@@ -633,6 +633,7 @@ fn dns_replica_node_dropping_udp53_is_named() {
 /// `nf_conntrack_max` lowered under DNS load: the queries that fail are the ones conntrack could
 /// not track (the kernel's `drop`, summed over the nodes), and netdrop calls them a full table.
 #[test]
+#[ignore = "full: svc's conntrack_table_full covers the full table in CI; this is its DNS (UDP) variant"]
 fn dns_conntrack_table_full_is_classified_as_such() {
     require_root!("dns_conntrack_table_full_is_classified_as_such");
     netdrop_tests::require_reasons!("dns_conntrack_table_full_is_classified_as_such");
