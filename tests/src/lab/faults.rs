@@ -110,9 +110,15 @@ impl FaultKind {
         }
     }
 
-    /// Faults that change the route to the other node's pod block (one at a time).
-    fn changes_node_routes(self) -> bool {
-        matches!(self, Self::MtuBlackhole | Self::NodeRouteMissing)
+    /// Faults that change the same thing, one at a time: the route to the other node's pod
+    /// block, or the global `nf_conntrack_max` (saved once, restored once).
+    fn conflicts_with(self, other: Self) -> bool {
+        let group = |k: Self| match k {
+            Self::MtuBlackhole | Self::NodeRouteMissing => 1,
+            Self::ConntrackFull | Self::DnsConntrackFull => 2,
+            _ => 0,
+        };
+        group(self) != 0 && group(self) == group(other)
     }
 
     /// The backend aimed at when none is given.
@@ -322,13 +328,11 @@ impl Lab {
         if faults.iter().any(|(r, _)| r.fault == req.kind) {
             return Err(LabError::FaultActive(req.kind.to_string()));
         }
-        if req.kind.changes_node_routes()
-            && let Some((other, _)) = faults.iter().find(|(r, _)| r.fault.changes_node_routes())
-        {
+        if let Some((other, _)) = faults.iter().find(|(r, _)| req.kind.conflicts_with(r.fault)) {
             return Err(LabError::BadTarget {
                 fault: req.kind.to_string(),
                 why: format!(
-                    "{} changes the route to the other node's pod block too; `lab fault clear {}` first",
+                    "{} changes the same route or sysctl; `lab fault clear {}` first",
                     other.fault, other.fault
                 ),
             });
