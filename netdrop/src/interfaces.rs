@@ -261,9 +261,9 @@ pub struct DestinationSnapshot {
     pub node: String,
     #[serde(flatten)]
     pub dest: Destination,
-    /// Opened by pods on this node (SYN/new flow on a from-pod path).
+    /// Sent by pods on this node (TCP SYNs, UDP datagrams on a from-pod path).
     pub from_pod: u64,
-    /// Delivered to pods on this node (SYN/new flow on a to-pod path).
+    /// Delivered to pods on this node (TCP SYNs, UDP datagrams on a to-pod path).
     pub to_pod: u64,
 }
 

@@ -40,6 +40,9 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetError> {
         sk_net: member_offset(btf, "sock", &["__sk_common", "skc_net", "net"])?,
         sk_state: member_offset(btf, "sock", &["__sk_common", "skc_state"])?,
         net_ns_inum: member_offset(btf, "net", &["ns", "inum"])?,
+        skb_refdst: skb(&["_skb_refdst"])?,
+        // A plain member before 6.16, in an anonymous union with `dev_rcu` since.
+        dst_dev: member_offset(btf, "dst_entry", &["dev"])?,
         ..KernelOffsets::default()
     })
 }
