@@ -127,7 +127,8 @@ pub mod effect {
     /// Not decided: the program did not parse the packet (a trace without a target or filter),
     /// or it has no IP header. Counted as a loss.
     pub const UNKNOWN: u8 = 0;
-    /// A connection attempt lost: a TCP SYN without ACK, or a UDP datagram.
+    /// A connection attempt lost: a TCP SYN without ACK, or a UDP datagram (sent to the
+    /// watched address, when an address filter matched: one from it is [`DATA`]).
     pub const ATTEMPT: u8 = 1;
     /// Data lost: a TCP segment with payload the receiver did not have yet, a SYN-ACK, FIN or
     /// RST, ICMP, any other protocol.

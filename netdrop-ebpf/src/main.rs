@@ -202,6 +202,9 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     let want_family = conf!(ip_family);
     let want_addrs = conf!(addr_filter) != 0;
     let mut tag = 0u32;
+    // The watched address is the packet's source: a reply (or the target's own flow), not an
+    // attempt towards it.
+    let mut tag_from_src = false;
     // The L4 header once parsed, so that the classification below does not parse again.
     let mut l4: Option<L4> = None;
     if want_proto != ANY_PROTO || want_port != 0 || want_family != 0 || want_addrs {
@@ -216,6 +219,7 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
             tag = addr_tag(&pkt.daddr, pkt.dport, pkt.proto);
             if tag == 0 {
                 tag = addr_tag(&pkt.saddr, pkt.sport, pkt.proto);
+                tag_from_src = true;
             }
             if tag == 0 {
                 return Ok(());
@@ -267,6 +271,9 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
         Some(l4) => effect_of(reason, l4, rx_sk, is_netfilter && ct_state & ct::STATE_MASK == ct::NONE && conf!(conntrack) != 0),
         None => effect::UNKNOWN,
     };
+    // A datagram or SYN from the watched address (a backend's reply) is data lost, not an
+    // attempt to it: a backend's attempts are what was sent to it.
+    let effect = if tag_from_src && effect == effect::ATTEMPT { effect::DATA } else { effect };
     count(DropKey { location, reason, netns, ip_version, ct_state, exact_class, effect, tag });
 
     if !emits(reason) || (!has_l3 && reason == conf!(quiet_reason_without_ip)) || !rate_allows() {

@@ -271,6 +271,11 @@ pub struct SvcSummary {
     pub resets: u64,
     pub backends: Vec<BackendRow>,
     pub unmatched: Unmatched,
+    /// Drops, lossless discards and resets matching the Service's addresses in network
+    /// namespaces of none of the nodes given with `--node-netns` (nor their pods): another
+    /// cluster on this host with the same address plan (two kind clusters on a laptop). Left
+    /// out of everything above; 0 when no node namespaces were given.
+    pub other_namespaces: u64,
     pub lost_events: u64,
     /// Plain-words diagnosis, first line the headline.
     pub diagnosis: Vec<String>,
@@ -370,6 +375,9 @@ pub struct Observed<'a> {
     pub tc: Option<&'a TcSnapshot>,
     /// Node of a network namespace (a node's own, or a pod's on it).
     pub node_of: &'a dyn Fn(u32) -> Option<String>,
+    /// The nodes were named (`--node-netns`): rows in namespaces [`Observed::node_of`] does not
+    /// place belong to something else on this host and are left out.
+    pub nodes_given: bool,
     pub lost_events: u64,
     pub duration_s: f64,
     pub time: String,
@@ -378,6 +386,19 @@ pub struct Observed<'a> {
 
 /// The table and diagnosis for one moment.
 pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
+    let (rows, others): (Vec<ReasonRow>, Vec<ReasonRow>) =
+        o.rows.iter().cloned().partition(|r| !o.nodes_given || (o.node_of)(r.netns).is_some());
+    let other_namespaces = others.iter().filter(|r| !r.hidden && r.tag != 0).map(|r| r.count).sum();
+    let o = &Observed {
+        rows: &rows,
+        tc: o.tc,
+        node_of: o.node_of,
+        nodes_given: o.nodes_given,
+        lost_events: o.lost_events,
+        duration_s: o.duration_s,
+        time: o.time.clone(),
+        is_final: o.is_final,
+    };
     let dest = |ip: IpAddr, port: u16, proto: Proto| Destination { ip, port, proto: ip_proto(proto) };
     let attempts = o.tc.map(|tc| {
         t.frontends.iter().map(|(ip, port, proto)| tc.attempts_to(&dest(*ip, *port, *proto)).0).sum::<u64>()
@@ -444,6 +465,7 @@ pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
         resets,
         backends,
         unmatched,
+        other_namespaces,
         lost_events: o.lost_events,
         diagnosis: Vec::new(),
         detail: None,
@@ -636,6 +658,12 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
         }
     }
     resets_lines(s, &mut out);
+    if s.other_namespaces > 0 {
+        out.push(format!(
+            "{} more matched the Service's addresses in network namespaces of none of the given nodes (another cluster on this host?): left out.",
+            s.other_namespaces
+        ));
+    }
     let mut classes: Vec<&str> = bad
         .iter()
         .flat_map(|b| b.top_reasons.iter())
@@ -784,6 +812,7 @@ mod tests {
             rows,
             tc,
             node_of,
+            nodes_given: false,
             lost_events: 0,
             duration_s: 5.0,
             time: String::new(),
@@ -853,7 +882,7 @@ mod tests {
         let node_of = |n: u32| (n == 99).then(|| "node-b".to_string());
         let s = build(
             &t,
-            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, lost_events: 0, duration_s: 10.0, time: String::new(), is_final: true },
+            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 10.0, time: String::new(), is_final: true },
         );
         assert_eq!(s.attempts, Some(1000));
         assert_eq!(s.drops, 330);
@@ -878,7 +907,7 @@ mod tests {
         let node_of = |n: u32| Some(if n == 98 { "node-a" } else { "node-b" }.to_string());
         let s = build(
             &t,
-            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true },
+            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true },
         );
         let text = s.diagnosis.join("\n");
         assert!(text.contains("The drops are on node-a: look there first."), "{text}");
@@ -887,7 +916,7 @@ mod tests {
         let rows = vec![row(bad, 50, 98), row(t.backends[1].tag, 40, 98), row(t.backends[2].tag, 45, 99)];
         let s = build(
             &t,
-            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true },
+            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true },
         );
         assert!(s.diagnosis.join("\n").contains("spread over most backends"), "{:?}", s.diagnosis);
     }
@@ -898,7 +927,7 @@ mod tests {
         let snap = tc(&t, 500, &[(1, 167), (2, 167), (3, 166)]);
         let s = build(
             &t,
-            &Observed { rows: &[], tc: Some(&snap), node_of: &|_| None, lost_events: 0, duration_s: 1.0, time: String::new(), is_final: true },
+            &Observed { rows: &[], tc: Some(&snap), node_of: &|_| None, nodes_given: false, lost_events: 0, duration_s: 1.0, time: String::new(), is_final: true },
         );
         assert_eq!(s.drops, 0);
         assert_eq!(s.diagnosis, vec!["default/web: no drops of 500 attempts.".to_string()]);
@@ -910,7 +939,7 @@ mod tests {
         let rows = vec![row(tag::FRONTEND, 7, 1)];
         let s = build(
             &t,
-            &Observed { rows: &rows, tc: None, node_of: &|_| None, lost_events: 0, duration_s: 1.0, time: String::new(), is_final: false },
+            &Observed { rows: &rows, tc: None, node_of: &|_| None, nodes_given: false, lost_events: 0, duration_s: 1.0, time: String::new(), is_final: false },
         );
         assert_eq!((s.unmatched.drops, s.drops, s.attempts), (7, 7, None));
         assert!(s.diagnosis.iter().any(|l| l.contains("7 drops matched the Service's address but no backend")));
@@ -1066,5 +1095,22 @@ mod tests {
         let rows = [data];
         let s = build(&t, &observed(&rows, Some(&snap), &node_of));
         assert_eq!((s.backends[0].attempts, s.backends[0].drops), (Some(0), 5));
+    }
+    /// Two clusters on one host with the same address plan: with the nodes named, the other
+    /// one's drops are left out (and counted as such), not blamed on this one's backends.
+    #[test]
+    fn drops_in_namespaces_of_no_given_node_are_left_out() {
+        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let web2 = t.backends[2].tag;
+        let rows = vec![row(web2, 10, 98), row(web2, 80, 12345)];
+        let snap = tc(&t, 100, &[(1, 33), (2, 33), (web2, 24)]);
+        let node_of = |n: u32| (n == 98).then(|| "node-b".to_string());
+        let o = Observed { nodes_given: true, ..observed(&rows, Some(&snap), &node_of) };
+        let s = build(&t, &o);
+        assert_eq!((s.backends[2].drops, s.other_namespaces, s.drops), (10, 80, 10));
+        assert!(s.diagnosis.iter().any(|l| l.starts_with("80 more matched")), "{:?}", s.diagnosis);
+        // Without named nodes nothing is left out: the namespace is merely unplaced.
+        let s = build(&t, &observed(&rows, Some(&snap), &node_of));
+        assert_eq!((s.backends[2].drops, s.other_namespaces), (90, 0));
     }
 }

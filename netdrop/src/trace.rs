@@ -174,6 +174,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         sinks: Vec::new(),
         shown: 0,
         node_of: HashMap::new(),
+        nodes_given: targets.as_ref().is_some_and(|t| t.nodes_given),
     };
     let live_table = targets.is_some() && std::io::stdout().is_terminal() && args.output != Some(Format::Json);
     let format = match (args.output, &targets) {
@@ -414,6 +415,9 @@ struct Pipeline {
     shown: u64,
     /// Node of each network namespace (node namespaces and their pods'), for multi-node traces.
     node_of: HashMap<u32, String>,
+    /// Nodes were named (`--node-netns`): events in namespaces of none of them are another
+    /// cluster's on this host and are left out, as the target summary leaves their counts out.
+    nodes_given: bool,
 }
 
 impl Pipeline {
@@ -429,6 +433,9 @@ impl Pipeline {
                 _ => 6,
             };
             if self.visibility.is_hidden(ev.reason, ip_version, ev.location, ev.exact_class) {
+                continue;
+            }
+            if self.nodes_given && !self.node_of.contains_key(&ev.netns) {
                 continue;
             }
             let mut record = self.decoder.decode(&ev);

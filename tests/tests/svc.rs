@@ -674,6 +674,75 @@ fn conntrack_table_full_is_classified_as_such() {
     assert_attempts_per_backend(&report, s);
 }
 
+/// UDP attempts are datagrams, like UDP drops: a resolver's retries from one socket and client
+/// ports that repeat within seconds at a high query rate each count as what they are, so the
+/// ratio stays a ratio. The reference is the generator's own datagram counts and the DROP rule's
+/// packet counter.
+#[test]
+fn udp_attempts_are_datagrams_with_retries_and_reused_ports() {
+    require_root!("udp_attempts_are_datagrams_with_retries_and_reused_ports");
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab();
+    let fault = lab
+        .fault(&FaultRequest::new(FaultKind::PolicyDrop))
+        .expect("fault");
+    let bad = fault.backend.clone().expect("targets a backend");
+    // 150 source ports at 200 queries/s: each port comes back every 0.75 s, well within
+    // conntrack's 30 s UDP timeout, so a port keeps its backend; 3 tries per query, 200 ms apart.
+    let opts = TrafficOptions {
+        rate: 200,
+        duration: Duration::from_secs(4),
+        proto: Proto::Udp,
+        timeout: Duration::from_millis(600),
+        udp_tries: 3,
+        udp_ports: Some((45000, 45149)),
+    };
+    let tracer = trace(&lab, "default/web");
+    let report = lab
+        .traffic("default/web", &opts)
+        .unwrap_or_else(|e| panic!("traffic: {e}"));
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = tracer.stop();
+    let rule_packets = lab.fault_packets(&fault).expect("rule counter");
+    let s = &out.summary;
+    println!("generator: {report:?}\nrule counter {rule_packets}\nnetdrop: {s}");
+    assert!(report.failures > 0, "queries to the dropped backend fail: {report:?}");
+    assert!(
+        report.datagrams > report.attempts,
+        "failed queries were retried from their socket: {report:?}"
+    );
+    assert_eq!(
+        s["attempts"].as_u64(),
+        Some(report.datagrams),
+        "the Service's attempts = datagrams the client sent"
+    );
+    let answered: u64 = report.datagrams_by_backend.values().sum();
+    for b in s["backends"].as_array().expect("backends") {
+        let pod = b["pod"].as_str().unwrap_or_default();
+        if pod == bad.pod {
+            // Every datagram of the unanswered queries went to it (one socket, one conntrack
+            // entry, one backend) and was dropped by the rule.
+            assert_eq!(b["drops"].as_u64(), Some(rule_packets), "{b}");
+            assert_eq!(b["attempts"].as_u64(), Some(rule_packets), "{b}");
+            assert_eq!(report.datagrams - answered, rule_packets, "{report:?}");
+            assert_eq!(b["drop_ratio"].as_f64(), Some(1.0), "{b}");
+        } else {
+            assert_eq!(
+                b["attempts"].as_u64(),
+                Some(report.datagrams_by_backend.get(pod).copied().unwrap_or(0)),
+                "{pod}: datagrams delivered = datagrams of the queries it answered: {b}"
+            );
+            assert_eq!(b["drops"], 0, "{b}");
+        }
+    }
+    let ratio = s["drop_ratio"].as_f64().expect("ratio");
+    assert!(ratio <= 1.0, "{s}");
+    assert_eq!(s["drops"].as_u64(), Some(rule_packets), "{s}");
+    assert_looks_at(s, &fault.node);
+}
+
 #[test]
 fn unknown_service_is_one_clear_line() {
     require_root!("unknown_service_is_one_clear_line");
