@@ -342,7 +342,7 @@ pub struct Config {
     /// This kernel's `TCP_TW_SYN` (`enum tcp_tw_status`): a SYN that reopens the connection
     /// leaves the TIME_WAIT socket for a listener and is not marked.
     pub tw_syn_status: u32,
-    /// 1: read the receiving socket (`rx_sk`) to tell TIME_WAIT segments; `--tw-hook` may pick
+    /// 1: read the receiving socket (`rx_sk`) to tell `TIME_WAIT` segments; `--tw-hook` may pick
     /// another way while `rx_sk` still gives the namespace and the LISTEN state.
     pub rx_sk_timewait: u32,
     /// Reasons that mean the receiver already had the segment's data ([`effect::LOSSLESS`]):

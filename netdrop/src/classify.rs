@@ -62,16 +62,12 @@ impl Effect {
     }
 }
 
-/// Serializes a namespace inode, 0 (the kernel gave no way to tell) as `null`.
-#[expect(
-    clippy::trivially_copy_pass_by_ref,
-    reason = "serde's serialize_with signature"
-)]
-pub fn netns_or_null<S: serde::Serializer>(netns: &u32, s: S) -> Result<S::Ok, S::Error> {
-    if *netns == 0 {
-        s.serialize_none()
-    } else {
-        s.serialize_u32(*netns)
+/// Serializes a namespace inode, 0 (the kernel gave no way to tell) as `null`. Generic over
+/// the integer only because serde's `serialize_with` hands a reference.
+pub fn netns_or_null<T: Copy + Into<u64>, S: serde::Serializer>(netns: &T, s: S) -> Result<S::Ok, S::Error> {
+    match (*netns).into() {
+        0 => s.serialize_none(),
+        n => s.serialize_u64(n),
     }
 }
 

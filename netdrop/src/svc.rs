@@ -542,6 +542,51 @@ fn merge_nodes<'a>(parts: impl Iterator<Item = &'a [NodeCount]>) -> Vec<NodeCoun
     v
 }
 
+/// " Not counted as drops: ..." for the discards counted apart, or nothing.
+fn discarded_text(s: &SvcSummary) -> String {
+    let mut discarded = Vec::new();
+    if s.lossless > 0 {
+        discarded.push(format!("{} discards that lost nothing (stale bare ACKs, data already received)", s.lossless));
+    }
+    if s.resets > 0 {
+        discarded.push(format!("{} segments answered with a reset", s.resets));
+    }
+    if discarded.is_empty() { String::new() } else { format!(" Not counted as drops: {}.", discarded.join("; ")) }
+}
+
+/// A hint per classification of the drops, in order of appearance.
+fn next_steps(s: &SvcSummary, bad: &[&BackendRow], out: &mut Vec<String>) {
+    let mut classes: Vec<&str> = bad
+        .iter()
+        .flat_map(|b| b.top_reasons.iter())
+        .chain(&s.unmatched.top_reasons)
+        .map(|r| r.classification.as_str())
+        .collect();
+    classes.dedup();
+    let mut seen = Vec::new();
+    for c in classes {
+        if seen.contains(&c) {
+            continue;
+        }
+        seen.push(c);
+        if let Some(h) = classify::hint(c) {
+            out.push(format!("Next ({c}): {h}."));
+        }
+    }
+}
+
+/// "The drops are on node-a: look there first.", with counts when on several nodes.
+fn where_to_look(nodes: &[NodeCount]) -> String {
+    let known: Vec<&NodeCount> = nodes.iter().filter(|n| n.node.is_some()).collect();
+    match known.as_slice() {
+        [] => "The drops happened in namespaces on no watched node: pass --node-netns for every node to see where.".into(),
+        [one] if nodes.len() == 1 => format!("The drops are on {}: look there first.", one.node.as_deref().unwrap_or_default()),
+        [first, ..] => {
+            format!("The drops are on {}: look at {} first.", nodes_text(nodes), first.node.as_deref().unwrap_or_default())
+        }
+    }
+}
+
 /// Resets matter when they reach this share of a backend's attempts (or whenever attempts are
 /// not known): a stray one after a server's early close is not worth a line.
 const RESETS_MATTER: f64 = 0.01;
@@ -558,21 +603,7 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
             s.service
         ));
     }
-    let mut discarded = Vec::new();
-    if s.lossless > 0 {
-        discarded.push(format!(
-            "{} discards that lost nothing (stale bare ACKs, data already received)",
-            s.lossless
-        ));
-    }
-    if s.resets > 0 {
-        discarded.push(format!("{} segments answered with a reset", s.resets));
-    }
-    let discarded = if discarded.is_empty() {
-        String::new()
-    } else {
-        format!(" Not counted as drops: {}.", discarded.join("; "))
-    };
+    let discarded = discarded_text(s);
     if s.drops == 0 {
         let tried = s
             .attempts
@@ -646,16 +677,7 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
         ));
     }
     if let Some(nodes) = carried_by {
-        let known: Vec<&NodeCount> = nodes.iter().filter(|n| n.node.is_some()).collect();
-        match known.as_slice() {
-            [] => out.push("The drops happened in namespaces on no watched node: pass --node-netns for every node to see where.".into()),
-            [one] if nodes.len() == 1 => out.push(format!("The drops are on {}: look there first.", one.node.as_deref().unwrap_or_default())),
-            [first, ..] => out.push(format!(
-                "The drops are on {}: look at {} first.",
-                nodes_text(&nodes),
-                first.node.as_deref().unwrap_or_default()
-            )),
-        }
+        out.push(where_to_look(&nodes));
     }
     resets_lines(s, &mut out);
     if s.other_namespaces > 0 {
@@ -664,27 +686,12 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
             s.other_namespaces
         ));
     }
-    let mut classes: Vec<&str> = bad
-        .iter()
-        .flat_map(|b| b.top_reasons.iter())
-        .chain(&s.unmatched.top_reasons)
-        .map(|r| r.classification.as_str())
-        .collect();
-    classes.dedup();
-    let mut seen = Vec::new();
-    for c in classes {
-        if seen.contains(&c) {
-            continue;
-        }
-        seen.push(c);
-        if let Some(h) = classify::hint(c) {
-            out.push(format!("Next ({c}): {h}."));
-        }
-    }
+    next_steps(s, &bad, &mut out);
     out
 }
 
 /// Backends whose resets matter ([`RESETS_MATTER`]): their clients see "connection reset".
+#[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
 fn resets_lines(s: &SvcSummary, out: &mut Vec<String>) {
     for b in s.backends.iter().filter(|b| b.resets > 0) {
         let matters = b
