@@ -311,9 +311,13 @@ impl Status {
         let svc = self
             .service(service)
             .ok_or_else(|| LabError::NoService(service.to_string()))?;
+        // Without endpoints kube-proxy writes no `KUBE-SVC-…` chain (a REJECT instead).
         let Some(port) = svc.ports.iter().find(|p| p.protocol == proto) else {
             return Ok(BTreeMap::new());
         };
+        if svc.backends.is_empty() {
+            return Ok(BTreeMap::new());
+        }
         let client = self
             .client()
             .ok_or_else(|| LabError::NoPod("client".into()))?;
