@@ -649,10 +649,6 @@ fn ack_to_a_listener_is_a_reset_in_the_servers_namespace() {
     const TEST: &str = "ack_to_a_listener_is_a_reset_in_the_servers_namespace";
     require_root!(TEST);
     netdrop_tests::require_reasons!(TEST);
-    if !have("iptables") {
-        skip(TEST, "iptables is not installed");
-        return;
-    }
     let client_ns = NetNs::new("lrc");
     let server_ns = NetNs::new("lrs");
     netdrop_tests::no_ipv6(&client_ns);

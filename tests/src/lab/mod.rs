@@ -302,7 +302,7 @@ impl Status {
 
     /// Per backend (`namespace/pod`), the packet counter of kube-proxy's rule that sends a new
     /// flow to it (`KUBE-SVC-…` → `KUBE-SEP-…`) in the client's node: the kernel's own count of
-    /// the flows DNATed to each backend (the nat table sees a flow's first packet only).
+    /// the flows `DNAT`ed to each backend (the nat table sees a flow's first packet only).
     pub fn endpoint_choices(
         &self,
         service: &str,
