@@ -262,9 +262,11 @@ pub struct KernelOffsets {
     pub tuple_dst_protonum: u32,
     /// `sock.__sk_common.skc_state` (a `u8`): read from the `kfree_skb` tracepoint's `rx_sk`.
     pub sk_state: u32,
-    /// `sk_buff._skb_refdst`: the route (`struct dst_entry *`, low bit a no-reference flag).
+    /// `sk_buff._skb_refdst`: the route (`struct dst_entry *`, low bit a no-reference flag);
+    /// [`ABSENT`] when the BTF lacks it.
     pub skb_refdst: u32,
-    /// `dst_entry.dev`: the route's device, whose namespace a drop without `skb->dev` is in.
+    /// `dst_entry.dev`: the route's device, whose namespace a drop without `skb->dev` is in;
+    /// [`ABSENT`] when the BTF lacks it.
     pub dst_dev: u32,
 }
 

@@ -604,6 +604,9 @@ fn netns_of(skb: *const u8, dev: *const u8, rx_sk: *const u8) -> u32 {
 /// `dev_net(skb_dst(skb)->dev)`, or null without a route.
 #[inline(always)]
 fn net_of_route(skb: *const u8) -> *const u8 {
+    if conf!(offsets.dst_dev) == ABSENT || conf!(offsets.skb_refdst) == ABSENT {
+        return core::ptr::null();
+    }
     // `SKB_DST_PTRMASK`: the low bit is `SKB_DST_NOREF`.
     let refdst: u64 = read(skb, conf!(offsets.skb_refdst)).unwrap_or(0) & !1;
     if refdst == 0 {
