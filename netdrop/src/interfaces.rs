@@ -1139,7 +1139,7 @@ fn print_snapshot(out: &mut impl io::Write, format: Format, snap: &TcSnapshot, m
     for d in &snap.destinations {
         let proto = if d.dest.proto == 17 { "udp" } else { "tcp" };
         let addr = std::net::SocketAddr::new(d.dest.ip, d.dest.port);
-        writeln!(out, "attempts to {addr}/{proto} on {}: {} opened by pods, {} delivered to pods", d.node, d.from_pod, d.to_pod)?;
+        writeln!(out, "attempts (TCP SYNs, UDP datagrams) to {addr}/{proto} on {}: {} sent by pods, {} delivered to pods", d.node, d.from_pod, d.to_pod)?;
     }
     let s = &snap.stats;
     writeln!(out, "{} mode; link events {}, attached {}, gone {}, attach errors {}, resyncs {}{}",

@@ -14,7 +14,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpStream, UdpSocket},
+    net::{TcpSocket, UdpSocket},
 };
 
 use super::{LabError, net::in_netns, topology::Proto};
@@ -95,10 +95,11 @@ pub struct TrafficReport {
     pub achieved_rate: f64,
     pub latency_ms_p50: f64,
     pub latency_ms_p99: f64,
-    /// TCP connections whose local port an earlier connection of this run had used: through a
-    /// ClusterIP the same client-side 4-tuple then names two backend connections in turn, and a
-    /// late segment of the first can reach the second (the client discards it: PAWS, out of
-    /// window).
+    /// TCP connections whose local port an earlier connection of this run had used, failed
+    /// ones included: through a ClusterIP the same client-side 4-tuple then names two backend
+    /// connections in turn, and a late segment of the first can reach the second (the client
+    /// discards it: PAWS, out of window); or, when the first never got an answer, the new SYN
+    /// joins its conntrack entry and goes to the same backend without a new DNAT.
     #[serde(default)]
     pub reused_ports: u64,
     /// New flows kube-proxy's rules on the client's node sent to each backend (`namespace/pod`):
@@ -147,16 +148,28 @@ fn kind_of(e: &std::io::Error) -> FailureKind {
 
 async fn tcp_once(target: SocketAddr, seq: u64, timeout: Duration, tally: &Mutex<Tally>) -> Result<String, FailureKind> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut sock = tokio::time::timeout_at(deadline, TcpStream::connect(target))
-        .await
-        .map_err(|_| FailureKind::Timeout)?
-        .map_err(|e| kind_of(&e))?;
-    if let Ok(local) = sock.local_addr() {
+    // Bound before connecting, so that the port of a connection that fails is known too: a
+    // failed flow's conntrack entry outlives the run, and a later SYN from its port joins it.
+    let socket = match target {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| kind_of(&e))?;
+    let any = match target {
+        SocketAddr::V4(_) => SocketAddr::from(([0u8; 4], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    };
+    socket.bind(any).map_err(|e| kind_of(&e))?;
+    if let Ok(local) = socket.local_addr() {
         let mut t = tally.lock().expect("tally");
         if !t.ports.insert(local.port()) {
             t.reused_ports += 1;
         }
     }
+    let mut sock = tokio::time::timeout_at(deadline, socket.connect(target))
+        .await
+        .map_err(|_| FailureKind::Timeout)?
+        .map_err(|e| kind_of(&e))?;
     let exchange = async {
         sock.write_all(format!("ndlab {seq}\n").as_bytes()).await?;
         let mut reply = Vec::with_capacity(128);
