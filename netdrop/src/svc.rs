@@ -587,8 +587,9 @@ fn where_to_look(nodes: &[NodeCount]) -> String {
     }
 }
 
-/// Resets matter when they reach this share of a backend's attempts (or whenever attempts are
-/// not known): a stray one after a server's early close is not worth a line.
+/// Resets matter when there are more than one and they reach this share of a backend's
+/// attempts (or attempts are not known): a stray one after a server's early close (the field
+/// notes' healthy lab: 1 in 150 connections, no request failed) is not worth a line.
 const RESETS_MATTER: f64 = 0.01;
 
 /// Which backends and nodes carry the drops, the share of the Service's attempts they explain,
@@ -694,7 +695,8 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
 #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
 fn resets_lines(s: &SvcSummary, out: &mut Vec<String>) {
     for b in s.backends.iter().filter(|b| b.resets > 0) {
-        let matters = b
+        let matters = b.resets > 1
+            && b
             .attempts
             .is_none_or(|a| b.resets as f64 >= RESETS_MATTER * a.max(1) as f64);
         if !matters {
@@ -1015,17 +1017,17 @@ mod tests {
             location: "tcp_v4_do_rcv+0x1c0".into(),
             classification: "tcp_flags".into(),
             effect: Effect::Reset,
-            ..row(web2, 1, 99)
+            ..row(web2, 2, 99)
         };
         let snap = tc(&t, 150, &[(1, 50), (2, 50), (web2, 50)]);
         let node_of = |n: u32| Some(if n == 98 { "node-a" } else { "node-b" }.to_string());
         let rows = vec![stale.clone(), reset.clone()];
         let s = build(&t, &observed(&rows, Some(&snap), &node_of));
-        assert_eq!((s.drops, s.lossless, s.resets), (0, 2, 1));
+        assert_eq!((s.drops, s.lossless, s.resets), (0, 2, 2));
         let b = &s.backends[2];
         assert_eq!(
             (b.drops, b.lossless, b.resets, b.drop_ratio),
-            (0, 2, 1, Some(0.0))
+            (0, 2, 2, Some(0.0))
         );
         assert_eq!(b.discard_reasons.len(), 2);
         assert!(
@@ -1033,11 +1035,11 @@ mod tests {
             "{:?}",
             s.diagnosis
         );
-        // 1 reset in 50 attempts (2%) matters: named, with where the kernel sent it.
+        // 2 resets in 50 attempts (4%) matter: named, with where the kernel sent them.
         assert!(
             s.diagnosis
                 .iter()
-                .any(|l| l.contains("1 segments met no connection")
+                .any(|l| l.contains("2 segments met no connection")
                     && l.contains("TCP_FLAGS at tcp_v4_do_rcv+0x1c0 on node-b")),
             "{:?}",
             s.diagnosis
@@ -1047,10 +1049,15 @@ mod tests {
             "{:?}",
             s.diagnosis
         );
-        // One in 500 does not.
+        // Two in 500 do not, nor does a single one in 50 (the field notes' healthy lab).
         let snap = tc(&t, 1500, &[(1, 500), (2, 500), (web2, 500)]);
         let s = build(&t, &observed(&rows, Some(&snap), &node_of));
         assert_eq!(s.diagnosis.len(), 1, "{:?}", s.diagnosis);
+        let one = [ReasonRow { count: 1, ..reset }];
+        let snap = tc(&t, 150, &[(1, 50), (2, 50), (web2, 50)]);
+        let s = build(&t, &observed(&one, Some(&snap), &node_of));
+        assert_eq!(s.diagnosis.len(), 1, "{:?}", s.diagnosis);
+        assert!(s.diagnosis[0].ends_with("Not counted as drops: 1 segments answered with a reset."), "{:?}", s.diagnosis);
     }
 
     /// A SYN delivered to the backend's namespace and refused there (NO_SOCKET) is one attempt,
