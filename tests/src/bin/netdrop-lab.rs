@@ -186,6 +186,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     Proto::Tcp
                 },
                 timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
+                ..TrafficOptions::default()
             };
             let shape = TrafficShape {
                 reply_bytes: *reply_bytes,
