@@ -1,4 +1,4 @@
-//! The lab of issue 7: a small Calico-style, kube-proxy-style Kubernetes cluster in network
+//! The lab: a small Calico-style, kube-proxy-style Kubernetes cluster in network
 //! namespaces on this machine, for `netdrop trace --svc` end-to-end tests, the demo and the
 //! benchmark. This module owns the lab's lifetime; [`topology`] says what it contains, [`net`]
 //! builds it, [`servers`] answers, [`kube`] describes it to the API stand-in, [`faults`] breaks
