@@ -467,13 +467,15 @@ pub fn render(s: &SvcSummary) -> String {
         pct(s.drop_ratio),
         s.duration_s
     );
-    let _ = writeln!(o, "{:<32} {:<12} {:>9} {:>7} {:>7}  TOP REASON", "BACKEND", "NODE", "ATTEMPTS", "DROPS", "DROP%");
+    let label = |b: &BackendRow| if b.ready { b.pod.clone() } else { format!("{} (not ready)", b.pod) };
+    // Long pod names widen the column rather than push the numbers out of line.
+    let w = s.backends.iter().map(|b| label(b).chars().count()).max().unwrap_or(0).max(32);
+    let _ = writeln!(o, "{:<w$} {:<12} {:>9} {:>7} {:>7}  TOP REASON", "BACKEND", "NODE", "ATTEMPTS", "DROPS", "DROP%");
     for b in &s.backends {
-        let ready = if b.ready { "" } else { " (not ready)" };
         let _ = writeln!(
             o,
-            "{:<32} {:<12} {:>9} {:>7} {:>7}  {}",
-            format!("{}{ready}", b.pod),
+            "{:<w$} {:<12} {:>9} {:>7} {:>7}  {}",
+            label(b),
             b.node.as_deref().unwrap_or("-"),
             b.attempts.map_or_else(|| "-".into(), |a| a.to_string()),
             b.drops,
@@ -483,7 +485,7 @@ pub fn render(s: &SvcSummary) -> String {
     }
     let _ = writeln!(
         o,
-        "{:<32} {:<12} {:>9} {:>7} {:>7}  {}",
+        "{:<w$} {:<12} {:>9} {:>7} {:>7}  {}",
         "(service, no backend)",
         "-",
         "-",
