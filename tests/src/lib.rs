@@ -282,9 +282,18 @@ impl Tracer {
         Self::spawn(cmd)
     }
 
+    /// Like [`Tracer::start`], with `-o text`; stop it with [`Tracer::stop_text`].
+    pub fn start_text(args: &[&str]) -> Self {
+        Self::spawn(Self::command_with("text", args))
+    }
+
     fn command(args: &[&str]) -> Command {
+        Self::command_with("json", args)
+    }
+
+    fn command_with(output: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(netdrop_bin());
-        cmd.args(["trace", "-o", "json"])
+        cmd.args(["trace", "-o", output])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -330,7 +339,31 @@ impl Tracer {
     }
 
     /// SIGINT, wait, parse the JSON lines.
-    pub fn stop(mut self) -> TraceOutput {
+    pub fn stop(self) -> TraceOutput {
+        let (stdout, stderr) = self.stop_text();
+        let mut out = TraceOutput {
+            stderr,
+            ..TraceOutput::default()
+        };
+        for line in stdout.lines() {
+            let v: Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            match v["type"].as_str() {
+                Some("drop") => out.drops.push(v),
+                Some("summary") => out.summary = v,
+                other => panic!("unexpected line type {other:?}: {line}"),
+            }
+        }
+        assert!(
+            out.summary.is_object(),
+            "no summary line; stderr: {}",
+            out.stderr.join("\n")
+        );
+        out
+    }
+
+    /// SIGINT, wait; what netdrop wrote to stdout, and its stderr lines.
+    pub fn stop_text(mut self) -> (String, Vec<String>) {
         let mut child = self.child.take().expect("running");
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
@@ -357,25 +390,7 @@ impl Tracer {
             "netdrop exited with {status}: {}",
             stderr.join("\n")
         );
-        let mut out = TraceOutput {
-            stderr,
-            ..TraceOutput::default()
-        };
-        for line in stdout.lines() {
-            let v: Value =
-                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-            match v["type"].as_str() {
-                Some("drop") => out.drops.push(v),
-                Some("summary") => out.summary = v,
-                other => panic!("unexpected line type {other:?}: {line}"),
-            }
-        }
-        assert!(
-            out.summary.is_object(),
-            "no summary line; stderr: {}",
-            out.stderr.join("\n")
-        );
-        out
+        (stdout, stderr)
     }
 
     fn kill(&mut self) {
@@ -505,7 +520,7 @@ pub fn ifname(tag: &str) -> String {
     name.chars().take(15).collect()
 }
 
-// ---- tc accounting (issue 4): workload veths, `netdrop interfaces`, kernel tc listings ----
+// ---- tc accounting: workload veths, `netdrop interfaces`, kernel tc listings ----
 
 /// A "node" namespace with Calico-style workload veths: `cali<11 hex>` on the node side, `eth0`
 /// in a pod namespace, static neighbours and no IPv6 so that only the test's own packets cross.

@@ -27,6 +27,13 @@ fn lab() -> Lab {
 
 /// One netdrop for both nodes, as for a kind cluster on a laptop.
 fn trace(lab: &Lab, svc: &str) -> Tracer {
+    let args = trace_args(lab, svc);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Tracer::start(&refs)
+}
+
+/// `trace --svc` on both of the lab's nodes.
+fn trace_args(lab: &Lab, svc: &str) -> Vec<String> {
     let st = lab.status();
     let mut args: Vec<String> = vec![
         "--svc".into(),
@@ -40,8 +47,7 @@ fn trace(lab: &Lab, svc: &str) -> Tracer {
         args.push("--node-netns".into());
         args.push(format!("{}={}", n.name, n.netns_path.display()));
     }
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Tracer::start(&refs)
+    args
 }
 
 fn traffic(lab: &Lab, svc: &str, secs: u64) -> TrafficReport {
@@ -268,6 +274,92 @@ fn policy_drop_on_one_of_three_backends_is_found() {
         assert!(e.get("orig_dst").is_none(), "{e}");
         assert_eq!(e["node"], fault.node, "the node the drop happened on: {e}");
     }
+}
+
+/// `-o text` names what the JSON names: each drop on the bad backend reads
+/// `default/client → default/web-2 via svc default/web:http … on node-b`, both ends and the node
+/// as the lab's topology has them, with the addresses after the names; one such line per packet
+/// the DROP rule counted. Piped, neither stdout nor stderr carries a terminal escape code.
+#[test]
+fn text_output_names_pods_service_and_node() {
+    require_root!("text_output_names_pods_service_and_node");
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab();
+    let fault = lab
+        .fault(&FaultRequest::new(FaultKind::PolicyDrop))
+        .expect("fault");
+    let bad = fault.backend.clone().expect("targets a backend");
+    let st = lab.status();
+    let client = st.client().expect("the lab's client pod");
+    let svc = st.service("default/web").expect("default/web");
+    let args = trace_args(&lab, "default/web");
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let tracer = Tracer::start_text(&refs);
+    let report = traffic(&lab, "default/web", 3);
+    std::thread::sleep(Duration::from_millis(1200));
+    let (stdout, stderr) = tracer.stop_text();
+    let rule_packets = lab.fault_packets(&fault).expect("rule counter");
+    println!("generator: {report:?}; rule counter {rule_packets}\n{stdout}");
+    assert!(rule_packets > 0, "traffic reached the bad backend");
+    // The Service's TCP port, by name or number, as kubectl shows it.
+    let port = svc
+        .ports
+        .iter()
+        .find(|p| p.protocol == Proto::Tcp)
+        .expect("a TCP port");
+    let ends = format!(
+        "{}/{} → {} via svc {}/{}:",
+        client.namespace, client.name, bad.pod, svc.namespace, svc.name
+    );
+    let lines: Vec<&str> = stdout.lines().filter(|l| l.contains(&ends)).collect();
+    assert_eq!(
+        lines.len() as u64,
+        rule_packets,
+        "one line naming both ends per packet the DROP rule counted"
+    );
+    for l in &lines {
+        let after = &l[l.find(&ends).expect("found") + ends.len()..];
+        assert!(
+            after.starts_with(&format!("{} ", port.name))
+                || after.starts_with(&format!("{} ", port.port)),
+            "the Service port: {l}"
+        );
+        assert!(
+            l.contains(&format!("  on {}  ", fault.node)),
+            "the node the drop happened on: {l}"
+        );
+        // The addresses stay on the line, after the names.
+        assert!(
+            l.contains(&format!("  {}:", client.ip)),
+            "the client's address: {l}"
+        );
+        assert!(
+            l.contains(&format!(" → {}:", bad.ip)),
+            "the backend's address: {l}"
+        );
+    }
+    // The table names every backend of the topology with its node.
+    for b in &svc.backends {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("{} ", b.pod))
+                    && l.contains(&format!(" {} ", b.node))),
+            "backend {} on {} in the table",
+            b.pod,
+            b.node
+        );
+    }
+    assert!(
+        !stdout.contains('\x1b'),
+        "no escape codes on a pipe: {stdout:?}"
+    );
+    assert!(
+        !stderr.iter().any(|l| l.contains('\x1b')),
+        "no escape codes on a piped stderr: {stderr:?}"
+    );
 }
 
 #[test]
