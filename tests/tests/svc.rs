@@ -313,7 +313,18 @@ fn text_output_names_pods_service_and_node() {
         "{}/{} → {} via svc {}/{}:",
         client.namespace, client.name, bad.pod, svc.namespace, svc.name
     );
-    let lines: Vec<&str> = stdout.lines().filter(|l| l.contains(&ends)).collect();
+    // This lab's namespaces: a lab another test runs meanwhile has the same addresses.
+    let ours: Vec<String> = st
+        .nodes
+        .iter()
+        .map(|n| n.netns_inode)
+        .chain(st.pods.iter().map(|p| p.netns_inode))
+        .map(|i| format!(" netns={i}"))
+        .collect();
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(&ends) && ours.iter().any(|n| l.ends_with(n.as_str())))
+        .collect();
     assert_eq!(
         lines.len() as u64,
         rule_packets,
