@@ -714,6 +714,21 @@ mod tests {
     }
 
     #[test]
+    fn long_pod_names_widen_the_backend_column_instead_of_shifting_the_numbers() {
+        let mut s = summary(2, 1);
+        s.backends[0].pod = "kube-system/coredns-5d78c9869d-x2x9z-canary".into();
+        s.backends[1].ready = false;
+        let table = crate::svc::render(&s);
+        let lines: Vec<&str> = table.lines().collect();
+        let node_col = lines[1].find("NODE").expect("header");
+        for row in &lines[2..5] {
+            assert_eq!(row.chars().nth(node_col - 1), Some(' '), "{table}");
+            assert_ne!(row.chars().nth(node_col), Some(' '), "the node starts under NODE: {table}");
+        }
+        assert!(lines[3].starts_with("default/big-01 (not ready) "), "{table}");
+    }
+
+    #[test]
     fn the_final_text_wraps_the_diagnosis_and_cuts_table_rows() {
         let s = summary(3, 2);
         let lines = final_text(&s, Some(60));
