@@ -1219,3 +1219,83 @@ macro_rules! require_reasons {
         }
     };
 }
+
+/// A program running with its stdout on a pseudo-terminal of a given size (stderr piped), as a
+/// person at a terminal would run it; what it draws is read from the terminal's other end.
+pub struct Terminal {
+    pub child: Child,
+    /// Everything written to the terminal, once the program exits.
+    screen: Option<thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Terminal {
+    /// Starts `cmd` with its stdout on a new `cols`×`rows` terminal.
+    pub fn spawn(mut cmd: Command, cols: u16, rows: u16) -> Self {
+        use std::os::fd::{FromRawFd as _, OwnedFd};
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let (mut master, mut slave) = (-1, -1);
+        // SAFETY: openpty writes two new descriptors to the pointers, which are valid; the name
+        // and termios pointers may be null; the window size is read only.
+        let rc = unsafe {
+            libc::openpty(
+                &raw mut master,
+                &raw mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &raw const ws,
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened by openpty and are owned by nobody else.
+        let (master, slave) =
+            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let child = cmd
+            .stdout(Stdio::from(slave))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn on a terminal");
+        // The parent's copy of the terminal's end goes with `cmd`: the reader sees EOF (EIO)
+        // when the child exits.
+        drop(cmd);
+        let screen = thread::spawn(move || {
+            let mut f = fs::File::from(master);
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match std::io::Read::read(&mut f, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                }
+            }
+            out
+        });
+        Self {
+            child,
+            screen: Some(screen),
+        }
+    }
+
+    /// Waits for the program to exit; what it wrote to the terminal.
+    pub fn wait(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.wait().expect("wait");
+        let screen = self
+            .screen
+            .take()
+            .expect("reader")
+            .join()
+            .expect("terminal reader");
+        (status, String::from_utf8_lossy(&screen).into_owned())
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

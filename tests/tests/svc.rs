@@ -373,6 +373,105 @@ fn text_output_names_pods_service_and_node() {
     );
 }
 
+/// In a terminal the `--svc` table is live and redraws in place: each frame starts at the
+/// top-left corner and fits the terminal's columns and rows, so the terminal never scrolls and
+/// keeps no copies of it; the final frame's bad backend has as many drops as the DROP rule
+/// counted, with the diagnosis's prose wrapped within the width.
+#[test]
+fn live_table_in_a_terminal_redraws_in_place_within_its_size() {
+    require_root!("live_table_in_a_terminal_redraws_in_place_within_its_size");
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab();
+    let fault = lab
+        .fault(&FaultRequest::new(FaultKind::PolicyDrop))
+        .expect("fault");
+    let bad = fault.backend.clone().expect("targets a backend");
+    let (cols, rows) = (90, 14);
+    let mut cmd = netdrop_tools::project(netdrop_tests::netdrop_bin());
+    cmd.arg("trace")
+        .args(trace_args(&lab, "default/web"))
+        .args(["--duration", "9s"]);
+    let mut term = netdrop_tests::Terminal::spawn(cmd, cols, rows);
+    let stderr = term.child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line.starts_with("netdrop: attached") {
+                let _ = tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    rx.recv_timeout(Duration::from_mins(1))
+        .expect("netdrop attached");
+    let report = traffic(&lab, "default/web", 3);
+    let (status, screen) = term.wait();
+    let stderr = log.join().expect("stderr reader");
+    assert!(status.success(), "{status}: {stderr:?}");
+    let rule_packets = lab.fault_packets(&fault).expect("rule counter");
+    println!("generator: {report:?}; rule counter {rule_packets}\n{screen:?}");
+    assert!(rule_packets > 0, "traffic reached the bad backend");
+    // Frames start with cursor home; the first one also clears the screen.
+    let (before, frames) = screen.split_once("\x1b[H").expect("a frame");
+    assert_eq!(before, "", "nothing drawn outside the frames");
+    let frames: Vec<Vec<String>> = frames
+        .split("\x1b[H")
+        .map(|f| {
+            let f = f
+                .replace("\x1b[2J", "")
+                .replace("\x1b[K", "")
+                .replace("\x1b[J", "")
+                .replace('\r', "");
+            assert!(!f.contains('\x1b'), "only home, clear and erase: {f:?}");
+            f.lines().map(String::from).collect()
+        })
+        .collect();
+    assert!(
+        frames.len() >= 5,
+        "redrawn each second: {} frames",
+        frames.len()
+    );
+    let (last, live) = frames.split_last().expect("frames");
+    for (i, f) in frames.iter().enumerate() {
+        assert!(
+            f.iter().all(|l| l.chars().count() <= usize::from(cols)),
+            "frame {i} fits {cols} columns: {f:#?}"
+        );
+    }
+    for (i, f) in live.iter().enumerate() {
+        assert!(
+            f.len() < usize::from(rows),
+            "live frame {i} fits {rows} rows: {f:#?}"
+        );
+    }
+    assert!(
+        live.iter()
+            .flatten()
+            .any(|l| l.contains(&format!("default/client → {}", bad.pod))),
+        "the recent drops name both ends: {live:#?}"
+    );
+    let row = last
+        .iter()
+        .find(|l| l.starts_with(&format!("{} ", bad.pod)))
+        .unwrap_or_else(|| panic!("{} in the final table: {last:#?}", bad.pod));
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(fields[1], bad.node, "{row}");
+    assert_eq!(
+        fields[3].parse::<u64>().ok(),
+        Some(rule_packets),
+        "final drops = the DROP rule's counter: {row}"
+    );
+    assert!(
+        last.iter()
+            .any(|l| l.starts_with(&format!("{} on {}: ", bad.pod, bad.node))),
+        "the diagnosis follows the final table: {last:#?}"
+    );
+}
+
 #[test]
 fn backend_not_listening_is_no_socket_on_that_backend() {
     require_root!("backend_not_listening_is_no_socket_on_that_backend");
