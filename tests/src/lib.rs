@@ -1229,8 +1229,9 @@ pub struct Terminal {
 }
 
 impl Terminal {
-    /// Starts `cmd` with its stdout on a new `cols`×`rows` terminal.
-    pub fn spawn(mut cmd: Command, cols: u16, rows: u16) -> Self {
+    /// Starts `cmd` with its stdout on a new `cols`×`rows` terminal; `Err` says why no terminal
+    /// can be made here (no `/dev/pts`, as in a minimal guest).
+    pub fn spawn(mut cmd: Command, cols: u16, rows: u16) -> Result<Self, String> {
         use std::os::fd::{FromRawFd as _, OwnedFd};
         let ws = libc::winsize {
             ws_row: rows,
@@ -1250,7 +1251,12 @@ impl Terminal {
                 &raw const ws,
             )
         };
-        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        if rc != 0 {
+            return Err(format!(
+                "no pseudo-terminal (openpty: {})",
+                std::io::Error::last_os_error()
+            ));
+        }
         // SAFETY: both descriptors were just opened by openpty and are owned by nobody else.
         let (master, slave) =
             unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
@@ -1274,10 +1280,10 @@ impl Terminal {
             }
             out
         });
-        Self {
+        Ok(Self {
             child,
             screen: Some(screen),
-        }
+        })
     }
 
     /// Waits for the program to exit; what it wrote to the terminal.
