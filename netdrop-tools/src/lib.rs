@@ -111,6 +111,7 @@ pub const TOOLS: &[Tool] = &[
     deb("xxd", "xxd", false),
     // Kernel matrix: Debian kernels fetched and unpacked, guests built and booted.
     deb("apt-get", "apt", false),
+    deb("apt-cache", "apt", false),
     deb("dpkg", "dpkg", false),
     deb("dpkg-query", "dpkg", false),
     deb("qemu-system-x86_64", "qemu-system-x86", false),
@@ -291,8 +292,8 @@ mod tests {
     }
 
     /// Programs named in code: the first string literal passed to `tool`, `try_tool`,
-    /// `available`, `path`, and the tests' and lab's command helpers (`run`, `cmd`, `exec`, `sh`,
-    /// `ns_exec`) — so a benchmark or lab path the tests do not take cannot name a program the
+    /// `available`, `path`, and the tests', lab's and xtask's command helpers (`run`, `cmd`, `exec`,
+    /// `sh`, `ns_sh`, `ns_exec`, `command`) — so a benchmark or lab path the tests do not take cannot name a program the
     /// table lacks. Also: nothing outside this crate calls `Command::new`.
     #[test]
     fn every_program_named_in_the_sources_is_in_the_table() {
@@ -303,7 +304,7 @@ mod tests {
         }
         assert!(files.len() > 20, "found the workspace's sources ({} files)", files.len());
         let callers =
-            ["tool(\"", "try_tool(\"", "available(\"", "tools::path(\"", "run(\"", "cmd(\"", "exec(\"", "sh(\"", "ns_sh(\"", "ns_exec(\""];
+            ["tool(\"", "try_tool(\"", "available(\"", "tools::path(\"", "run(\"", "cmd(\"", "exec(\"", "sh(\"", "ns_sh(\"", "ns_exec(\"", "command(\""];
         let mut unknown = Vec::new();
         let mut spawns = Vec::new();
         for f in &files {
