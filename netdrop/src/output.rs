@@ -382,6 +382,15 @@ pub fn final_text(s: &SvcSummary, width: Option<usize>) -> Vec<String> {
     out
 }
 
+/// A line of the drop summary in a terminal `width` columns wide: table rows (indented) are cut,
+/// prose (hints, conntrack statistics) is wrapped. `None`: the line as it is.
+fn fit_summary_line(line: &str, width: Option<usize>) -> Vec<String> {
+    match width {
+        Some(w) if line.starts_with(' ') => vec![truncate(line, w)],
+        _ => wrap(line, width),
+    }
+}
+
 /// Word-wraps a line of prose to `width` columns, continuation lines indented by two spaces.
 /// A word longer than a line is cut. `None`: the line as it is.
 pub fn wrap(line: &str, width: Option<usize>) -> Vec<String> {
@@ -429,7 +438,8 @@ impl<W: Write + Send> Sink for TextSink<W> {
     }
 
     fn on_summary(&mut self, s: &Summary) -> io::Result<()> {
-        let o = &mut self.out;
+        let mut text = Vec::new();
+        let o = &mut text;
         writeln!(o)?;
         writeln!(o, "--- netdrop summary: {:.1} s on {} via {} ---", s.duration_s, s.node, s.hook)?;
         if s.drops_total == 0 {
@@ -471,7 +481,12 @@ impl<W: Write + Send> Sink for TextSink<W> {
             events.push_str(&format!(", {} drops uncounted (counter map full)", s.uncounted_drops));
         }
         writeln!(o, "{events}")?;
-        o.flush()
+        for line in String::from_utf8_lossy(&text).lines() {
+            for l in fit_summary_line(line, self.width) {
+                writeln!(self.out, "{l}")?;
+            }
+        }
+        self.out.flush()
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -740,6 +755,16 @@ mod tests {
         assert!(lines[after_table + 2].starts_with("  "), "continuation lines are indented: {lines:#?}");
         let whole = final_text(&s, None);
         assert_eq!(whole[after_table..], s.diagnosis[..], "not a terminal: whole lines");
+    }
+
+    #[test]
+    fn the_drop_summary_fits_a_terminal() {
+        let row = "       812  NO_SOCKET            no_socket                  ipv4  4026532177   __udp4_lib_rcv+0x4bc";
+        assert_eq!(fit_summary_line(row, Some(60)), [format!("{}…", &row[..59])], "table rows are cut");
+        let hint = "hint: 3 no_socket: nothing listens on that port: the backend is not listening on targetPort, or the process is down";
+        let wrapped = fit_summary_line(hint, Some(60));
+        assert!(wrapped.len() > 1 && wrapped.iter().all(|l| l.chars().count() <= 60), "{wrapped:#?}");
+        assert_eq!(fit_summary_line(hint, None), [hint], "not a terminal: whole lines");
     }
 
     #[test]
