@@ -20,6 +20,8 @@ pub struct ReasonRow {
     pub reason: String,
     pub reason_code: u32,
     pub location: String,
+    /// `null` when the kernel left no way to tell.
+    #[serde(serialize_with = "classify::netns_or_null")]
     pub netns: u32,
     /// `ipv4`, `ipv6`, or `none` for skbs without an IP header.
     pub ip: &'static str,
@@ -31,6 +33,9 @@ pub struct ReasonRow {
     pub certainty: Certainty,
     /// The packets' conntrack state (`none`, `unconfirmed`, ...).
     pub conntrack: &'static str,
+    /// What the drops cost (`attempt`, `data`, `lossless`, `reset`, `unknown`), decided per
+    /// packet in the kernel.
+    pub effect: classify::Effect,
     /// The watched address the packets matched (`--svc`: a backend, or the frontend), else 0.
     #[serde(skip_serializing_if = "is_zero")]
     pub tag: u32,
@@ -159,6 +164,7 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
             classification,
             certainty,
             conntrack: classify::ct_state_name(k.ct_state),
+            effect: classify::Effect::from_raw(k.effect),
             tag: k.tag,
         })
         .collect();
@@ -264,7 +270,7 @@ mod tests {
             ip_version,
             ct_state: 0,
             exact_class: 0,
-            _pad: 0,
+            effect: 0,
             tag: 0,
         };
         let teardown = DropKey { location: 0x20b9, ..key(2, 4) };

@@ -27,6 +27,50 @@ use serde::Serialize;
 
 use crate::{conntrack::Evidence, reasons::ReasonTable};
 
+/// What a drop cost, as the kernel program decided it per packet (`netdrop_common::effect`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Effect {
+    /// The packet was not parsed (a trace without a target or filter) or has no IP header;
+    /// counted as a loss.
+    Unknown,
+    /// A TCP SYN or a UDP datagram: a lost attempt.
+    Attempt,
+    /// A segment with data the receiver did not have, a SYN-ACK/FIN/RST, ICMP, other protocols.
+    Data,
+    /// A bare ACK TCP discarded, or data the receiver already had: nothing lost.
+    Lossless,
+    /// The kernel answered with a reset (an ACK that met a listening socket or no socket).
+    Reset,
+}
+
+impl Effect {
+    pub fn from_raw(v: u8) -> Self {
+        use netdrop_common::effect as e;
+        match v {
+            e::ATTEMPT => Self::Attempt,
+            e::DATA => Self::Data,
+            e::LOSSLESS => Self::Lossless,
+            e::RESET => Self::Reset,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// Whether the drop lost an attempt or data (what drop counts and ratios count).
+    pub fn loses(self) -> bool {
+        matches!(self, Self::Unknown | Self::Attempt | Self::Data)
+    }
+}
+
+/// Serializes a namespace inode, 0 (the kernel gave no way to tell) as `null`. Generic over
+/// the integer only because serde's `serialize_with` hands a reference.
+pub fn netns_or_null<T: Copy + Into<u64>, S: serde::Serializer>(netns: &T, s: S) -> Result<S::Ok, S::Error> {
+    match (*netns).into() {
+        0 => s.serialize_none(),
+        n => s.serialize_u64(n),
+    }
+}
+
 /// Reasons that are end-of-life frees, never network drops.
 pub const BENIGN_REASONS: &[&str] =
     &["NOT_DROPPED_YET", "CONSUMED", "SOCKET_CLOSE", "QUEUE_PURGE", "UNIX_DISCONNECT", "UNIX_SKIP_OOB"];

@@ -10,6 +10,7 @@ use std::{
 
 use crate::{
     aggregate::Summary,
+    classify::Effect,
     event::{DropRecord, Endpoint},
     resolve::PeerKind,
     svc::SvcSummary,
@@ -288,15 +289,26 @@ pub fn text_fields(d: &DropRecord) -> TextLine {
     } else {
         d.icmp.map(|i| format!(" [type {} code {}]", i.kind, i.code))
     };
-    let class = (d.classification != d.reason.to_ascii_lowercase()).then(|| {
-        let mark = if d.certainty == crate::classify::Certainty::Inferred { "?" } else { "" };
-        format!(" ({}{mark})", d.classification)
-    });
+    // What the drop cost, when it lost nothing or was answered with a reset.
+    let cost = match d.effect {
+        Effect::Lossless => Some("lossless"),
+        Effect::Reset => Some("reset"),
+        Effect::Unknown | Effect::Attempt | Effect::Data => None,
+    };
+    let mark = if d.certainty == crate::classify::Certainty::Inferred { "?" } else { "" };
+    let class = match (d.classification != d.reason.to_ascii_lowercase(), cost) {
+        (true, Some(c)) => Some(format!(" ({}{mark}, {c})", d.classification)),
+        (true, None) => Some(format!(" ({}{mark})", d.classification)),
+        (false, Some(c)) => Some(format!(" ({c})")),
+        (false, None) => None,
+    };
     let pre_nat = [("orig-dst", &d.orig_dst), ("orig-src", &d.orig_src)]
         .into_iter()
         .filter_map(|(k, e)| e.as_ref().map(|e| (Keep::PreNat, format!(" {k}={}", endpoint(Some(e))))));
     let iface = if d.ifname.is_empty() { "-" } else { d.ifname.as_str() };
-    let interface = format!("  if={iface} netns={}", d.netns);
+    // Namespace 0: the kernel left no way to tell (JSON says null).
+    let netns = if d.netns == 0 { "unknown".to_string() } else { d.netns.to_string() };
+    let interface = format!("  if={iface} netns={netns}");
     let location = format!("  at {}", d.location);
     let addresses = format!("{} → {}", endpoint(d.src.as_ref()), endpoint(d.dst.as_ref()));
     // The client as it was before SNAT, the destination after DNAT (the backend it reached).
@@ -549,6 +561,7 @@ mod tests {
             icmp: None,
             classification: "conntrack_insert_failed".into(),
             certainty: Certainty::Exact,
+            effect: Effect::Attempt,
             conntrack: Some("unconfirmed"),
             orig_dst: None,
             orig_src: None,
@@ -608,6 +621,19 @@ mod tests {
         // A backend reached without conntrack's help still names its Service, by port name.
         d.dst = Some(ep("10.244.2.10:8080", Some(backend("default", "web-2", "node-b", "default/web", "http"))));
         assert!(text_line(&d).contains("default/client → default/web-2 via svc default/web:http [SYN]"), "{}", text_line(&d));
+    }
+
+    #[test]
+    fn discards_that_lose_nothing_or_reset_say_so_and_an_unknown_namespace_is_not_0() {
+        let mut d = record(ep("10.244.1.2:35632", Some(pod("default", "client", "node-a"))), ep("10.244.2.10:8080", None));
+        (d.reason, d.classification, d.tcp_flags, d.effect) = ("TCP_OLD_DATA".into(), "tcp_old_data".into(), Some("ACK".into()), Effect::Lossless);
+        assert!(text_line(&d).contains(" [ACK] (lossless)  on node-a"), "{}", text_line(&d));
+        (d.reason, d.classification, d.effect) = ("TCP_FLAGS".into(), "tcp_flags".into(), Effect::Reset);
+        assert!(text_line(&d).contains(" [ACK] (reset)  on node-a"), "{}", text_line(&d));
+        (d.classification, d.certainty) = ("conntrack_invalid".into(), Certainty::Inferred);
+        assert!(text_line(&d).contains(" (conntrack_invalid?, reset)"), "{}", text_line(&d));
+        d.netns = 0;
+        assert!(text_line(&d).ends_with(" netns=unknown"), "{}", text_line(&d));
     }
 
     #[test]
@@ -673,10 +699,15 @@ mod tests {
                         location: "nft_do_chain+0x3e8".into(),
                         node: Some("node-b".into()),
                         count: 40,
+                        effect: Effect::Attempt,
                     }]
                 } else {
                     vec![]
                 },
+                drops_by_node: vec![],
+                lossless: 0,
+                resets: 0,
+                discard_reasons: vec![],
             })
             .collect();
         SvcSummary {
@@ -688,8 +719,11 @@ mod tests {
             attempts: Some(100 * backends as u64),
             drops: 40,
             drop_ratio: Some(40.0 / (100.0 * f64::from(backends as u32))),
+            lossless: 0,
+            resets: 0,
             backends: rows,
             unmatched: Unmatched::default(),
+            other_namespaces: 0,
             lost_events: 0,
             diagnosis: vec![
                 "default/big: 40 drops for 5000 attempts (0.8% of attempts).".into(),

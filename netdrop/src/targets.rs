@@ -121,6 +121,8 @@ pub struct TargetMode {
     last: Option<Instant>,
     default_node: String,
     own_netns: u32,
+    /// Node namespaces were named (`--node-netns`): drops elsewhere are not this cluster's.
+    pub nodes_given: bool,
 }
 
 impl TargetMode {
@@ -179,6 +181,7 @@ impl TargetMode {
             last: None,
             default_node: node.to_string(),
             own_netns: crate::conntrack::own_netns(),
+            nodes_given: tc_args.is_some_and(|a| !a.node_netns.is_empty()),
         };
         me.snapshot = me.tc.as_ref().map(TcAccounting::snapshot);
         Ok(me)
@@ -240,6 +243,7 @@ impl TargetMode {
                 rows: &summary.drops,
                 tc: self.snapshot.as_ref(),
                 node_of: &lookup,
+                nodes_given: self.nodes_given,
                 lost_events: summary.lost_events,
                 duration_s: started.elapsed().as_secs_f64(),
                 time: summary.time.clone(),

@@ -171,6 +171,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     Proto::Tcp
                 },
                 timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
+                ..TrafficOptions::default()
             };
             if cli.output == Output::Text {
                 eprintln!(

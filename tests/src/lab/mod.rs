@@ -287,7 +287,72 @@ impl Status {
             .service(service)
             .map(|s| format!("{}/{}", s.namespace, s.name))
             .unwrap_or_default();
-        traffic::run(&client.netns_path, &key, target, opts)
+        let before = self.endpoint_choices(service, opts.proto)?;
+        let mut report = traffic::run(&client.netns_path, &key, target, opts)?;
+        let after = self.endpoint_choices(service, opts.proto)?;
+        report.flows_by_backend = after
+            .into_iter()
+            .map(|(pod, n)| {
+                let was = before.get(&pod).copied().unwrap_or(0);
+                (pod, n - was)
+            })
+            .collect();
+        Ok(report)
+    }
+
+    /// Per backend (`namespace/pod`), the packet counter of kube-proxy's rule that sends a new
+    /// flow to it (`KUBE-SVC-…` → `KUBE-SEP-…`) in the client's node: the kernel's own count of
+    /// the flows `DNAT`ed to each backend (the nat table sees a flow's first packet only).
+    pub fn endpoint_choices(
+        &self,
+        service: &str,
+        proto: Proto,
+    ) -> Result<BTreeMap<String, u64>, LabError> {
+        let svc = self
+            .service(service)
+            .ok_or_else(|| LabError::NoService(service.to_string()))?;
+        // Without endpoints kube-proxy writes no `KUBE-SVC-…` chain (a REJECT instead).
+        let Some(port) = svc.ports.iter().find(|p| p.protocol == proto) else {
+            return Ok(BTreeMap::new());
+        };
+        if svc.backends.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let client = self
+            .client()
+            .ok_or_else(|| LabError::NoPod("client".into()))?;
+        let node_ns = self
+            .nodes
+            .iter()
+            .find(|n| n.name == client.node)
+            .map(|n| n.netns.clone())
+            .ok_or_else(|| LabError::NoPod(client.node.clone()))?;
+        let spec = topology::ServiceSpec {
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+            cluster_ip: svc.cluster_ip,
+            ports: svc.ports.clone(),
+            selector: String::new(),
+        };
+        let chain = topology::svc_chain(&spec, port);
+        let text = net::ns_cmd(
+            &node_ns,
+            "iptables",
+            &["-t", "nat", "-L", &chain, "-v", "-x", "-n"],
+            None,
+        )?;
+        let sp = format!("{}:{}", spec.key(), port.name);
+        let mut out = BTreeMap::new();
+        for b in &svc.backends {
+            let needle = format!("/* {sp} -> {}:{} */", b.ip, port.target_port);
+            let n: u64 = text
+                .lines()
+                .filter(|l| l.contains(&needle))
+                .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+                .sum();
+            out.insert(b.pod.clone(), n);
+        }
+        Ok(out)
     }
 }
 

@@ -14,7 +14,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpStream, UdpSocket},
+    net::{TcpSocket, UdpSocket},
 };
 
 use super::{LabError, net::in_netns, topology::Proto};
@@ -32,6 +32,13 @@ pub struct TrafficOptions {
     pub proto: Proto,
     /// Per request (connect + request + reply).
     pub timeout: Duration,
+    /// UDP: datagrams per query, all from one socket, each after `timeout / udp_tries` without
+    /// a reply (a resolver's retries). 1 (the default): no retry.
+    pub udp_tries: u32,
+    /// UDP: bind the queries' sockets to the ports of this range in turn (inclusive), so that
+    /// ports repeat within seconds at a high query rate, as a busy resolver's do; `None`: the
+    /// kernel picks (rarely repeats).
+    pub udp_ports: Option<(u16, u16)>,
 }
 
 impl Default for TrafficOptions {
@@ -41,6 +48,8 @@ impl Default for TrafficOptions {
             duration: Duration::from_secs(10),
             proto: Proto::Tcp,
             timeout: DEFAULT_TIMEOUT,
+            udp_tries: 1,
+            udp_ports: None,
         }
     }
 }
@@ -86,12 +95,26 @@ pub struct TrafficReport {
     pub achieved_rate: f64,
     pub latency_ms_p50: f64,
     pub latency_ms_p99: f64,
-    /// TCP connections whose local port an earlier connection of this run had used: through a
-    /// ClusterIP the same client-side 4-tuple then names two backend connections in turn, and a
-    /// late segment of the first can reach the second (the client discards it: PAWS, out of
-    /// window).
+    /// TCP connections whose local port an earlier connection of this run had used, failed
+    /// ones included: through a ClusterIP the same client-side 4-tuple then names two backend
+    /// connections in turn, and a late segment of the first can reach the second (the client
+    /// discards it: PAWS, out of window); or, when the first never got an answer, the new SYN
+    /// joins its conntrack entry and goes to the same backend without a new DNAT.
     #[serde(default)]
     pub reused_ports: u64,
+    /// New flows kube-proxy's rules on the client's node sent to each backend (`namespace/pod`):
+    /// the per-endpoint rule's packet counter, the kernel's own record of where each flow went.
+    /// For TCP within one run (no reused port) that is one per connection attempt.
+    #[serde(default)]
+    pub flows_by_backend: BTreeMap<String, u64>,
+    /// UDP datagrams sent to the Service (retries included); 0 for TCP.
+    #[serde(default)]
+    pub datagrams: u64,
+    /// UDP datagrams of the queries each backend answered (`namespace/pod`), retries included:
+    /// all of a query's datagrams leave one socket, so one conntrack entry sends them to the
+    /// same backend. The rest (`datagrams` minus these) belong to unanswered queries.
+    #[serde(default)]
+    pub datagrams_by_backend: BTreeMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -104,6 +127,10 @@ struct Tally {
     /// Local ports of the TCP connections made so far, and how many were reused.
     ports: std::collections::HashSet<u16>,
     reused_ports: u64,
+    datagrams: u64,
+    datagrams_by_backend: BTreeMap<String, u64>,
+    /// The next port of `udp_ports` to try.
+    next_port: u32,
 }
 
 fn kind_of(e: &std::io::Error) -> FailureKind {
@@ -121,16 +148,28 @@ fn kind_of(e: &std::io::Error) -> FailureKind {
 
 async fn tcp_once(target: SocketAddr, seq: u64, timeout: Duration, tally: &Mutex<Tally>) -> Result<String, FailureKind> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut sock = tokio::time::timeout_at(deadline, TcpStream::connect(target))
-        .await
-        .map_err(|_| FailureKind::Timeout)?
-        .map_err(|e| kind_of(&e))?;
-    if let Ok(local) = sock.local_addr() {
+    // Bound before connecting, so that the port of a connection that fails is known too: a
+    // failed flow's conntrack entry outlives the run, and a later SYN from its port joins it.
+    let socket = match target {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| kind_of(&e))?;
+    let any = match target {
+        SocketAddr::V4(_) => SocketAddr::from(([0u8; 4], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    };
+    socket.bind(any).map_err(|e| kind_of(&e))?;
+    if let Ok(local) = socket.local_addr() {
         let mut t = tally.lock().expect("tally");
         if !t.ports.insert(local.port()) {
             t.reused_ports += 1;
         }
     }
+    let mut sock = tokio::time::timeout_at(deadline, socket.connect(target))
+        .await
+        .map_err(|_| FailureKind::Timeout)?
+        .map_err(|e| kind_of(&e))?;
     let exchange = async {
         sock.write_all(format!("ndlab {seq}\n").as_bytes()).await?;
         let mut reply = Vec::with_capacity(128);
@@ -144,21 +183,72 @@ async fn tcp_once(target: SocketAddr, seq: u64, timeout: Duration, tally: &Mutex
     String::from_utf8(reply).map_err(|_| FailureKind::Other)
 }
 
-async fn udp_once(target: SocketAddr, seq: u64, timeout: Duration) -> Result<String, FailureKind> {
-    let sock = UdpSocket::bind(("0.0.0.0", 0))
-        .await
-        .map_err(|e| kind_of(&e))?;
+/// A UDP socket on the next free port of `range` (the ports of queries still waiting are
+/// skipped), or on a port the kernel picks.
+async fn udp_socket(
+    range: Option<(u16, u16)>,
+    tally: &Mutex<Tally>,
+) -> Result<UdpSocket, FailureKind> {
+    let Some((lo, hi)) = range else {
+        return UdpSocket::bind(("0.0.0.0", 0))
+            .await
+            .map_err(|e| kind_of(&e));
+    };
+    let n = u32::from(hi - lo) + 1;
+    for _ in 0..n {
+        let port = {
+            let mut t = tally.lock().expect("tally");
+            t.next_port = (t.next_port + 1) % n;
+            lo + t.next_port as u16
+        };
+        if let Ok(s) = UdpSocket::bind(("0.0.0.0", port)).await {
+            return Ok(s);
+        }
+    }
+    Err(FailureKind::Other)
+}
+
+/// One query: up to `tries` datagrams from one socket, each waiting `timeout / tries` for the
+/// reply. Returns the reply and the datagrams sent.
+async fn udp_once(
+    target: SocketAddr,
+    seq: u64,
+    timeout: Duration,
+    tries: u32,
+    ports: Option<(u16, u16)>,
+    tally: &Mutex<Tally>,
+) -> (Result<String, FailureKind>, u64) {
+    let sock = match udp_socket(ports, tally).await {
+        Ok(s) => s,
+        Err(k) => return (Err(k), 0),
+    };
     // Connected: an ICMP error for this flow comes back as an error on recv.
-    sock.connect(target).await.map_err(|e| kind_of(&e))?;
-    sock.send(format!("ndlab {seq}\n").as_bytes())
-        .await
-        .map_err(|e| kind_of(&e))?;
-    let mut buf = [0u8; 600];
-    let n = tokio::time::timeout(timeout, sock.recv(&mut buf))
-        .await
-        .map_err(|_| FailureKind::Timeout)?
-        .map_err(|e| kind_of(&e))?;
-    String::from_utf8(buf[..n].to_vec()).map_err(|_| FailureKind::Other)
+    if let Err(e) = sock.connect(target).await {
+        return (Err(kind_of(&e)), 0);
+    }
+    let tries = tries.max(1);
+    let wait = timeout / tries;
+    let mut sent = 0;
+    let mut last = FailureKind::Timeout;
+    for _ in 0..tries {
+        if let Err(e) = sock.send(format!("ndlab {seq}\n").as_bytes()).await {
+            return (Err(kind_of(&e)), sent);
+        }
+        sent += 1;
+        tally.lock().expect("tally").datagrams += 1;
+        let mut buf = [0u8; 600];
+        match tokio::time::timeout(wait, sock.recv(&mut buf)).await {
+            Ok(Ok(n)) => {
+                return (
+                    String::from_utf8(buf[..n].to_vec()).map_err(|_| FailureKind::Other),
+                    sent,
+                );
+            }
+            Ok(Err(e)) => return (Err(kind_of(&e)), sent),
+            Err(_) => last = FailureKind::Timeout,
+        }
+    }
+    (Err(last), sent)
 }
 
 /// Parses `<ns>/<pod> <node> ndlab <seq>`; checks the sequence number came back.
@@ -219,6 +309,9 @@ pub fn run(
         failures_by_kind: t.failures.clone(),
         successes_by_backend: t.by_backend.clone(),
         backend_nodes: t.nodes.clone(),
+        flows_by_backend: BTreeMap::new(),
+        datagrams: t.datagrams,
+        datagrams_by_backend: t.datagrams_by_backend.clone(),
         achieved_rate: attempts as f64 / elapsed.as_secs_f64().max(1e-9),
         latency_ms_p50: pct(0.5),
         latency_ms_p99: pct(0.99),
@@ -240,11 +333,12 @@ async fn generate(
     for seq in 0..total {
         tick.tick().await;
         let (proto, timeout, tally) = (o.proto, o.timeout, tally.clone());
+        let (tries, ports) = (o.udp_tries, o.udp_ports);
         tasks.spawn(async move {
             let t0 = Instant::now();
-            let r = match proto {
-                Proto::Tcp => tcp_once(target, seq, timeout, &tally).await,
-                Proto::Udp => udp_once(target, seq, timeout).await,
+            let (r, datagrams) = match proto {
+                Proto::Tcp => (tcp_once(target, seq, timeout, &tally).await, 0),
+                Proto::Udp => udp_once(target, seq, timeout, tries, ports, &tally).await,
             };
             let mut t = tally.lock().expect("tally");
             match r.and_then(|reply| parse_reply(&reply, seq).ok_or(FailureKind::Other)) {
@@ -252,6 +346,9 @@ async fn generate(
                     t.successes += 1;
                     t.latencies_us.push(t0.elapsed().as_micros() as u64);
                     *t.by_backend.entry(pod.clone()).or_default() += 1;
+                    if datagrams > 0 {
+                        *t.datagrams_by_backend.entry(pod.clone()).or_default() += datagrams;
+                    }
                     t.nodes.insert(pod, node);
                 }
                 Err(k) => *t.failures.entry(k).or_default() += 1,
