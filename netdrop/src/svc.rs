@@ -450,6 +450,8 @@ pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
         discard_reasons: top(&sp.discards, o.node_of),
     };
     let drops = backends.iter().map(|b| b.drops).sum::<u64>() + unmatched.drops;
+    // Pods, namespaces and nodes have no frontends: their attempts are their own.
+    let attempts = if t.frontends.is_empty() { o.tc.map(|_| backends.iter().filter_map(|b| b.attempts).sum()) } else { attempts };
     let lossless = backends.iter().map(|b| b.lossless).sum::<u64>() + unmatched.lossless;
     let resets = backends.iter().map(|b| b.resets).sum::<u64>() + unmatched.resets;
     let mut s = SvcSummary {
@@ -729,13 +731,15 @@ pub fn render(s: &SvcSummary) -> String {
         pct(s.drop_ratio),
         s.duration_s
     );
-    let _ = writeln!(o, "{:<32} {:<12} {:>9} {:>7} {:>7}  TOP REASON", "BACKEND", "NODE", "ATTEMPTS", "DROPS", "DROP%");
+    let label = |b: &BackendRow| if b.ready { b.pod.clone() } else { format!("{} (not ready)", b.pod) };
+    // Long pod names widen the column rather than push the numbers out of line.
+    let w = s.backends.iter().map(|b| label(b).chars().count()).max().unwrap_or(0).max(32);
+    let _ = writeln!(o, "{:<w$} {:<12} {:>9} {:>7} {:>7}  TOP REASON", "BACKEND", "NODE", "ATTEMPTS", "DROPS", "DROP%");
     for b in &s.backends {
-        let ready = if b.ready { "" } else { " (not ready)" };
         let _ = writeln!(
             o,
-            "{:<32} {:<12} {:>9} {:>7} {:>7}  {}",
-            format!("{}{ready}", b.pod),
+            "{:<w$} {:<12} {:>9} {:>7} {:>7}  {}",
+            label(b),
             b.node.as_deref().unwrap_or("-"),
             b.attempts.map_or_else(|| "-".into(), |a| a.to_string()),
             b.drops,
@@ -745,7 +749,7 @@ pub fn render(s: &SvcSummary) -> String {
     }
     let _ = writeln!(
         o,
-        "{:<32} {:<12} {:>9} {:>7} {:>7}  {}",
+        "{:<w$} {:<12} {:>9} {:>7} {:>7}  {}",
         "(service, no backend)",
         "-",
         "-",
@@ -940,6 +944,37 @@ mod tests {
         );
         assert_eq!(s.drops, 0);
         assert_eq!(s.diagnosis, vec!["default/web: no drops of 500 attempts.".to_string()]);
+    }
+
+    /// `--pod`/`--node`/`-n`: no frontends, so the headline counts the targets' own attempts.
+    #[test]
+    fn pod_targets_headline_their_own_attempts() {
+        let peer = |pod: &str, node: &str| crate::resolve::Peer {
+            kind: crate::resolve::PeerKind::Pod,
+            namespace: Some(Name::new("default")),
+            pod: Some(Name::new(pod)),
+            node: Some(Name::new(node)),
+            ..crate::resolve::Peer::default()
+        };
+        let pods = [(peer("web-3", "node-b"), vec!["10.244.2.5".parse().expect("ip")]), (peer("web-4", "node-b"), vec!["10.244.2.6".parse().expect("ip")])];
+        let t = SvcTargets::from_pods("pod default/web-3".into(), &pods[..1]);
+        let snap = TcSnapshot { interfaces: vec![], destinations: vec![], stats: WatchStats::default() };
+        let rows = vec![row(t.backends[0].tag, 23, 99)];
+        let node_of = |_: u32| Some("node-b".to_string());
+        let obs = |rows| Observed { rows, tc: Some(&snap), node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true };
+        let s = build(&t, &obs(&rows));
+        assert_eq!(s.backends[0].attempts, Some(23));
+        assert_eq!((s.attempts, s.drops), (Some(23), 23), "the pod's own attempts: {s:?}");
+        assert_eq!(s.diagnosis[0], "pod default/web-3: 23 drops for 23 attempts (100.0% of attempts).");
+        // Two pods of a node: the sum of their rows.
+        let t = SvcTargets::from_pods("node node-b".into(), &pods);
+        let rows = vec![row(t.backends[0].tag, 23, 99)];
+        let s = build(&t, &obs(&rows));
+        let sum: u64 = s.backends.iter().filter_map(|b| b.attempts).sum();
+        assert_eq!(s.attempts, Some(sum));
+        // Without tc counters nobody knows the attempts.
+        let s = build(&t, &Observed { rows: &rows, tc: None, node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true });
+        assert_eq!(s.attempts, None);
     }
 
     #[test]

@@ -193,7 +193,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     };
     pipe.sinks.push(match (format, live_table) {
         (Format::Text, true) => Box::new(crate::output::RecentSink::new(targets.as_ref().map(|t| t.recent.clone()).unwrap_or_default())),
-        (Format::Text, false) => Box::new(TextSink::new(stdout)),
+        (Format::Text, false) => Box::new(TextSink::for_stdout(stdout)),
         (Format::Json, _) => Box::new(JsonSink::new(stdout)),
     });
 

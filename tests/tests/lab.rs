@@ -1,4 +1,4 @@
-//! The lab of issue 7 through its Rust API: real traffic to every Service, a policy drop
+//! The lab through its Rust API: real traffic to every Service, a policy drop
 //! measured against the rule's own packet counter, kubectl through the API stand-in, and
 //! nothing left behind (also after a simulated crash with a global sysctl changed).
 //!

@@ -27,6 +27,13 @@ fn lab() -> Lab {
 
 /// One netdrop for both nodes, as for a kind cluster on a laptop.
 fn trace(lab: &Lab, svc: &str) -> Tracer {
+    let args = trace_args(lab, svc);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    Tracer::start(&refs)
+}
+
+/// `trace --svc` on both of the lab's nodes.
+fn trace_args(lab: &Lab, svc: &str) -> Vec<String> {
     let st = lab.status();
     let mut args: Vec<String> = vec![
         "--svc".into(),
@@ -40,8 +47,7 @@ fn trace(lab: &Lab, svc: &str) -> Tracer {
         args.push("--node-netns".into());
         args.push(format!("{}={}", n.name, n.netns_path.display()));
     }
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    Tracer::start(&refs)
+    args
 }
 
 fn traffic(lab: &Lab, svc: &str, secs: u64) -> TrafficReport {
@@ -378,6 +384,211 @@ fn policy_drop_on_one_of_three_backends_is_found() {
         assert!(e.get("orig_dst").is_none(), "{e}");
         assert_eq!(e["node"], fault.node, "the node the drop happened on: {e}");
     }
+}
+
+/// `-o text` names what the JSON names: each drop on the bad backend reads
+/// `default/client → default/web-2 via svc default/web:http … on node-b`, both ends and the node
+/// as the lab's topology has them, with the addresses after the names; one such line per packet
+/// the DROP rule counted. Piped, neither stdout nor stderr carries a terminal escape code.
+#[test]
+fn text_output_names_pods_service_and_node() {
+    require_root!("text_output_names_pods_service_and_node");
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab();
+    let fault = lab
+        .fault(&FaultRequest::new(FaultKind::PolicyDrop))
+        .expect("fault");
+    let bad = fault.backend.clone().expect("targets a backend");
+    let st = lab.status();
+    let client = st.client().expect("the lab's client pod");
+    let svc = st.service("default/web").expect("default/web");
+    let args = trace_args(&lab, "default/web");
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let tracer = Tracer::start_text(&refs);
+    let report = traffic(&lab, "default/web", 3);
+    std::thread::sleep(Duration::from_millis(1200));
+    let (stdout, stderr) = tracer.stop_text();
+    let rule_packets = lab.fault_packets(&fault).expect("rule counter");
+    println!("generator: {report:?}; rule counter {rule_packets}\n{stdout}");
+    assert!(rule_packets > 0, "traffic reached the bad backend");
+    // The Service's TCP port, by name or number, as kubectl shows it.
+    let port = svc
+        .ports
+        .iter()
+        .find(|p| p.protocol == Proto::Tcp)
+        .expect("a TCP port");
+    let ends = format!(
+        "{}/{} → {} via svc {}/{}:",
+        client.namespace, client.name, bad.pod, svc.namespace, svc.name
+    );
+    // This lab's namespaces: a lab another test runs meanwhile has the same addresses.
+    let ours: Vec<String> = st
+        .nodes
+        .iter()
+        .map(|n| n.netns_inode)
+        .chain(st.pods.iter().map(|p| p.netns_inode))
+        .map(|i| format!(" netns={i}"))
+        .collect();
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(&ends) && ours.iter().any(|n| l.ends_with(n.as_str())))
+        .collect();
+    assert_eq!(
+        lines.len() as u64,
+        rule_packets,
+        "one line naming both ends per packet the DROP rule counted"
+    );
+    for l in &lines {
+        let after = &l[l.find(&ends).expect("found") + ends.len()..];
+        assert!(
+            after.starts_with(&format!("{} ", port.name))
+                || after.starts_with(&format!("{} ", port.port)),
+            "the Service port: {l}"
+        );
+        assert!(
+            l.contains(&format!("  on {}  ", fault.node)),
+            "the node the drop happened on: {l}"
+        );
+        // The addresses stay on the line, after the names.
+        assert!(
+            l.contains(&format!("  {}:", client.ip)),
+            "the client's address: {l}"
+        );
+        assert!(
+            l.contains(&format!(" → {}:", bad.ip)),
+            "the backend's address: {l}"
+        );
+    }
+    // The table names every backend of the topology with its node.
+    for b in &svc.backends {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("{} ", b.pod))
+                    && l.contains(&format!(" {} ", b.node))),
+            "backend {} on {} in the table",
+            b.pod,
+            b.node
+        );
+    }
+    assert!(
+        !stdout.contains('\x1b'),
+        "no escape codes on a pipe: {stdout:?}"
+    );
+    assert!(
+        !stderr.iter().any(|l| l.contains('\x1b')),
+        "no escape codes on a piped stderr: {stderr:?}"
+    );
+}
+
+/// In a terminal the `--svc` table is live and redraws in place: each frame starts at the
+/// top-left corner and fits the terminal's columns and rows, so the terminal never scrolls and
+/// keeps no copies of it; the final frame's bad backend has as many drops as the DROP rule
+/// counted, with the diagnosis's prose wrapped within the width.
+#[test]
+fn live_table_in_a_terminal_redraws_in_place_within_its_size() {
+    require_root!("live_table_in_a_terminal_redraws_in_place_within_its_size");
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab();
+    let fault = lab
+        .fault(&FaultRequest::new(FaultKind::PolicyDrop))
+        .expect("fault");
+    let bad = fault.backend.clone().expect("targets a backend");
+    let (cols, rows) = (90, 14);
+    let mut cmd = netdrop_tools::project(netdrop_tests::netdrop_bin());
+    cmd.arg("trace")
+        .args(trace_args(&lab, "default/web"))
+        .args(["--duration", "9s"]);
+    let mut term = match netdrop_tests::Terminal::spawn(cmd, cols, rows) {
+        Ok(t) => t,
+        Err(why) => {
+            netdrop_tests::skip(
+                "live_table_in_a_terminal_redraws_in_place_within_its_size",
+                &why,
+            );
+            return;
+        }
+    };
+    let stderr = term.child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if line.starts_with("netdrop: attached") {
+                let _ = tx.send(());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    rx.recv_timeout(Duration::from_mins(1))
+        .expect("netdrop attached");
+    let report = traffic(&lab, "default/web", 3);
+    let (status, screen) = term.wait();
+    let stderr = log.join().expect("stderr reader");
+    assert!(status.success(), "{status}: {stderr:?}");
+    let rule_packets = lab.fault_packets(&fault).expect("rule counter");
+    println!("generator: {report:?}; rule counter {rule_packets}\n{screen:?}");
+    assert!(rule_packets > 0, "traffic reached the bad backend");
+    // Frames start with cursor home; the first one also clears the screen.
+    let (before, frames) = screen.split_once("\x1b[H").expect("a frame");
+    assert_eq!(before, "", "nothing drawn outside the frames");
+    let frames: Vec<Vec<String>> = frames
+        .split("\x1b[H")
+        .map(|f| {
+            let f = f
+                .replace("\x1b[2J", "")
+                .replace("\x1b[K", "")
+                .replace("\x1b[J", "")
+                .replace('\r', "");
+            assert!(!f.contains('\x1b'), "only home, clear and erase: {f:?}");
+            f.lines().map(String::from).collect()
+        })
+        .collect();
+    assert!(
+        frames.len() >= 5,
+        "redrawn each second: {} frames",
+        frames.len()
+    );
+    let (last, live) = frames.split_last().expect("frames");
+    for (i, f) in frames.iter().enumerate() {
+        assert!(
+            f.iter().all(|l| l.chars().count() <= usize::from(cols)),
+            "frame {i} fits {cols} columns: {f:#?}"
+        );
+    }
+    for (i, f) in live.iter().enumerate() {
+        assert!(
+            f.len() < usize::from(rows),
+            "live frame {i} fits {rows} rows: {f:#?}"
+        );
+    }
+    assert!(
+        live.iter()
+            .flatten()
+            .any(|l| l.contains(&format!("default/client → {}", bad.pod))),
+        "the recent drops name both ends: {live:#?}"
+    );
+    let row = last
+        .iter()
+        .find(|l| l.starts_with(&format!("{} ", bad.pod)))
+        .unwrap_or_else(|| panic!("{} in the final table: {last:#?}", bad.pod));
+    let fields: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(fields[1], bad.node, "{row}");
+    assert_eq!(
+        fields[3].parse::<u64>().ok(),
+        Some(rule_packets),
+        "final drops = the DROP rule's counter: {row}"
+    );
+    assert!(
+        last.iter()
+            .any(|l| l.starts_with(&format!("{} on {}: ", bad.pod, bad.node))),
+        "the diagnosis follows the final table: {last:#?}"
+    );
 }
 
 #[test]

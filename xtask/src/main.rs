@@ -41,7 +41,7 @@ enum Cmd {
     },
     /// Run netdrop's integration tests on Debian kernels under qemu.
     VmTest(vm::Args),
-    /// The lab of issue 7: `lab up|down|status|fault NAME|traffic --svc default/web` (`lab --help`).
+    /// The lab (two nodes, Services, faults): `lab up|down|status|fault NAME|traffic --svc default/web` (`lab --help`).
     #[command(disable_help_flag = true)]
     Lab {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -1,4 +1,4 @@
-//! `netdrop-lab`: the lab of issue 7 from the command line (`cargo xtask lab ...` runs it).
+//! `netdrop-lab`: the lab from the command line (`cargo xtask lab ...` runs it).
 //!
 //! `up` starts a detached daemon (`netdrop-lab daemon`) that builds the lab and holds its servers
 //! and the Kubernetes API stand-in; `status`, `fault` and `traffic` talk to the lab through its
@@ -28,7 +28,7 @@ use nix::sys::signal::{SigSet, Signal};
 
 #[derive(Parser)]
 #[command(
-    about = "A Calico-style, kube-proxy-style Kubernetes lab in network namespaces"
+    about = "A Calico-style, kube-proxy-style Kubernetes lab in network namespaces, for netdrop's demo and tests"
 )]
 struct Cli {
     /// Run a separate lab instance (namespaces `ndlab-<NAME>-…`, state in /run/netdrop-lab-<NAME>)
