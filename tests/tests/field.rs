@@ -255,7 +255,7 @@ fn mtu_black_hole_drops_large_responses_across_nodes() {
     let frag_now = || snmp(&fault.node_netns, "Ip", "FragFails");
     let mut last = frag_now();
     for _ in 0..10 {
-        std::thread::sleep(Duration::from_millis(1000));
+        std::thread::sleep(Duration::from_secs(1));
         let now = frag_now();
         if now == last {
             break;
