@@ -18,6 +18,7 @@ use netdrop_tests::{
     lab::{
         Lab, LabOptions,
         faults::{FaultKind, FaultRecord, FaultRequest},
+        net as lab_net,
         topology::Proto,
         traffic::{TrafficOptions, TrafficReport, TrafficShape},
     },
@@ -240,6 +241,34 @@ fn mtu_black_hole_drops_large_responses_across_nodes() {
         small.successes_by_backend.contains_key(&bad.pod),
         "{small:?}"
     );
+    // The backend's segments too big for the overlay, counted as they enter its node (raw
+    // PREROUTING: before routing, where ip_forward drops them).
+    let too_big = "ndlab-test: too big for the overlay";
+    netdrop_tests::run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &fault.node_netns,
+            "iptables",
+            "-t",
+            "raw",
+            "-A",
+            "PREROUTING",
+            "-s",
+            &format!("{}/32", bad.ip),
+            "-m",
+            "length",
+            "--length",
+            "1451:65535",
+            "-m",
+            "comment",
+            "--comment",
+            too_big,
+            "-j",
+            "ACCEPT",
+        ],
+    );
     let frag_before = snmp(&fault.node_netns, "Ip", "FragFails");
     let ct = CtGuard::new(&lab);
     let tracer = trace(&lab, &["--svc", "default/web"]);
@@ -271,6 +300,12 @@ fn mtu_black_hole_drops_large_responses_across_nodes() {
     );
     ct.check(&lab, 0);
     let icmp_filtered = lab.fault_packets(&fault).expect("rule counter");
+    let entering = lab_net::rule_packets(&fault.node_netns, "raw", "PREROUTING", too_big)
+        .expect("raw rule counter");
+    println!(
+        "{entering} segments of {} larger than the overlay's MTU entered {}",
+        bad.pod, fault.node
+    );
     let s = &out.summary;
     let b = backend(s, &bad.pod);
     let node_ns = netns_inode(&lab, &fault.node);
@@ -303,9 +338,19 @@ fn mtu_black_hole_drops_large_responses_across_nodes() {
         "one ICMP 'fragmentation needed' per FragFails, all filtered"
     );
     assert_eq!(
-        ours, frag,
-        "netdrop's pkt_too_big on {} = {}'s Ip FragFails",
-        bad.pod, fault.node
+        ours,
+        entering,
+        "netdrop's pkt_too_big on {} = its segments too big for the overlay (raw PREROUTING counter); {} PKT_TOO_BIG events; rows {}",
+        bad.pod,
+        out.events("PKT_TOO_BIG").len(),
+        s["detail"]["drops"]
+    );
+    // Ip FragFails counts every too-big packet the node forwards, from any source: here the
+    // backend's only, the same number (printed above when it is not).
+    assert_eq!(
+        frag, entering,
+        "{}'s Ip FragFails vs {}'s too-big segments",
+        fault.node, bad.pod
     );
     assert_eq!(s["lost_events"], 0);
     let top = top_with(b, "PKT_TOO_BIG");
