@@ -152,7 +152,7 @@ fn lab_inodes(lab: &Lab) -> Vec<u64> {
         .collect()
 }
 
-/// netdrop's counted (not hidden) drops in these namespaces, of one classification or (`None`)
+/// netdrop's counted (not hidden, not lossless) drops in these namespaces, of one classification or (`None`)
 /// all: from the kernel-side counter rows, which carry the namespace. Other tests' labs use the
 /// same addresses and run at the same time; their drops match the same Service backends but
 /// happen in their own namespaces, so counts are taken by namespace.
@@ -166,6 +166,9 @@ fn drops_in(summary: &Value, inodes: &[u64], classification: Option<&str>) -> u6
         .expect("drop rows")
         .iter()
         .filter(|r| r["hidden"] == false)
+        // Discards that lose nothing (a stale ACK, e.g. PAWS on the client while a failed
+        // request is torn down) are counted apart from drops.
+        .filter(|r| r["effect"] != "lossless")
         .filter(|r| r["netns"].as_u64().is_some_and(|n| inodes.contains(&n)))
         .filter(|r| classification.is_none_or(|c| r["classification"] == c))
         .map(|r| r["count"].as_u64().unwrap_or(0))
