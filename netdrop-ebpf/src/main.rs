@@ -6,8 +6,6 @@
 //! be sent is counted. Struct offsets come from the loader (read from the kernel's BTF), because
 //! Rust eBPF cannot emit CO-RE relocations.
 #![no_std]
-#![feature(core_intrinsics)]
-#![allow(internal_features)]
 #![no_main]
 
 use core::ptr::read_volatile;
@@ -91,57 +89,19 @@ fn vread<T: Copy>(p: *const T) -> T {
     unsafe { read_volatile(p) }
 }
 
-/// Per CPU: 1 while [`kfree_skb_btf`] runs. The kernel does not run a tracing program again on
-/// a CPU where it is already running: a packet freed by an interrupt (a softirq forwarding and
-/// dropping a packet) while the program handles a drop in process context (a socket's queues
-/// purged on close) is skipped, and only the program's `recursion_misses` counts it. The lab's
-/// path-MTU black hole lost 1–4 of ~700 `PKT_TOO_BIG` drops that way (`perf stat` of the
-/// tracepoint = `Ip FragFails`, every BPF program short). [`kfree_skb_btf_nested`], a second
-/// program attached after it, takes exactly those drops.
-#[map]
-static BUSY: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
-
 /// `skb/kfree_skb` as a BTF-typed tracepoint (Linux 5.5+): arguments are the tracepoint's own
 /// `(skb, location, reason, rx_sk)`, with `reason` from 5.17 on and `rx_sk` from 6.11 on.
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn kfree_skb_btf(ctx: BtfTracePointContext) -> i32 {
-    set_busy(1);
-    kfree_skb_btf_body(&ctx);
-    set_busy(0);
-    0
-}
-
-/// The same, attached after [`kfree_skb_btf`]: it runs for every drop too (the tracepoint calls
-/// its programs in attach order) and handles one only while [`kfree_skb_btf`] is busy on this
-/// CPU, i.e. a drop that interrupted it, which the kernel did not run it for. A drop that
-/// interrupts this program is handled by the first, which is not running then.
-#[btf_tracepoint(function = "kfree_skb")]
-pub fn kfree_skb_btf_nested(ctx: BtfTracePointContext) -> i32 {
-    // SAFETY: per-CPU slot, read once.
-    if BUSY.get(0).is_some_and(|b| unsafe { read_volatile(b) } != 0) {
-        kfree_skb_btf_body(&ctx);
-    }
-    0
-}
-
-#[inline(always)]
-fn set_busy(v: u32) {
-    if let Some(b) = BUSY.get_ptr_mut(0) {
-        // SAFETY: per-CPU slot; only this CPU's programs touch it.
-        unsafe { core::ptr::write_volatile(b, v) };
-    }
-}
-
-#[inline(always)]
-fn kfree_skb_btf_body(ctx: &BtfTracePointContext) {
     let skb: *const u8 = ctx.arg(0);
     let location: u64 = ctx.arg(1);
     // The verifier rejects reading an argument the kernel's prototype lacks; with the frozen
     // config it prunes this branch on kernels without reasons.
     let reason: u32 = if conf!(btf_has_reason) != 0 { ctx.arg(2) } else { 0 };
     // Copied as a plain number: the verifier types the argument as a nullable trusted pointer
-    // and refuses the field arithmetic `read` does on it (the whole program was refused and the
-    // classic tracepoint used instead). The reads go through `bpf_probe_read_kernel` anyway.
+    // and refuses the field arithmetic `read` does on it ("pointer arithmetic on
+    // trusted_ptr_or_null_ prohibited"): the whole program was refused and the classic
+    // tracepoint used instead. The reads go through `bpf_probe_read_kernel` anyway.
     let rx_sk: *const u8 = if conf!(btf_has_rx_sk) != 0 {
         let slot = (ctx.as_ptr() as *const u64).wrapping_add(3);
         // SAFETY: the helper tolerates any address; the context holds the tracepoint's arguments.
@@ -150,6 +110,7 @@ fn kfree_skb_btf_body(ctx: &BtfTracePointContext) {
         core::ptr::null()
     };
     let _ = on_drop(skb, location, reason, rx_sk);
+    0
 }
 
 /// `skb/kfree_skb` as a classic tracepoint, the fallback where `tp_btf` cannot load. Field
@@ -185,7 +146,8 @@ fn read<T>(base: *const u8, off: u32) -> Result<T, i64> {
 #[inline(always)]
 fn bump(index: u32) {
     if let Some(slot) = STATS.get_ptr_mut(index) {
-        add_one(slot);
+        // SAFETY: per-CPU slot, no other writer on this CPU while we run.
+        unsafe { *slot += 1 };
     }
 }
 
@@ -395,25 +357,17 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     Ok(())
 }
 
-/// `*p += 1` as one atomic add: a drop [`kfree_skb_btf_nested`] handles may interrupt an
-/// increment of the same per-CPU value.
-#[inline(always)]
-fn add_one(p: *mut u64) {
-    // SAFETY: `p` is a map value of this CPU: aligned, live while the program runs. BPF's
-    // `lock *(u64 *)p += 1`; `AtomicU64` is not offered on this target.
-    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(p, 1) };
-}
-
 #[inline(always)]
 fn count(key: DropKey) {
     match DROPS.get_ptr_mut(&key) {
-        Some(count) => add_one(count),
+        // SAFETY: per-CPU value, only this CPU writes it while we run.
+        Some(count) => unsafe { *count += 1 },
         None => {
             // Another CPU may insert the same key first (EEXIST): its copy is per-CPU too, so
             // look ours up again rather than count the drop as lost.
             if DROPS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err() {
                 match DROPS.get_ptr_mut(&key) {
-                    Some(count) => add_one(count),
+                    Some(count) => unsafe { *count += 1 },
                     None => bump(stat::COUNTER_MAP_FULL),
                 }
             }

@@ -327,14 +327,6 @@ fn attach_tp_btf(ebpf: &mut Ebpf, kernel: &KernelInfo) -> Result<(), ProbeError>
         ebpf.program_mut(NAME).ok_or(ProbeError::Map(NAME))?.try_into().map_err(err)?;
     prog.load("kfree_skb", &btf).map_err(err)?;
     prog.attach().map_err(err)?;
-    // Attached after the first (the tracepoint runs its programs in that order): it takes the
-    // drops that interrupt the first on its CPU, which the kernel does not run it for.
-    const NESTED: &str = "kfree_skb_btf_nested";
-    let err = |source| ProbeError::Program { program: NESTED, source };
-    let prog: &mut BtfTracePoint =
-        ebpf.program_mut(NESTED).ok_or(ProbeError::Map(NESTED))?.try_into().map_err(err)?;
-    prog.load("kfree_skb", &btf).map_err(err)?;
-    prog.attach().map_err(err)?;
     Ok(())
 }
 
