@@ -480,6 +480,27 @@ fn pct(r: Option<f64>) -> String {
     r.map_or_else(|| "-".into(), |r| format!("{:.1}%", r * 100.0))
 }
 
+/// A drop ratio in the table: a percentage up to 100%, else drops per attempt (`2.1x`). Every
+/// retransmission of lost data is a drop of its own (a path-MTU black hole drops each
+/// retransmitted too-big segment), so drops can exceed attempts; a share above 100% would read
+/// as nonsense.
+fn ratio_cell(r: Option<f64>) -> String {
+    match r {
+        Some(r) if r > 1.0 => format!("{r:.1}x"),
+        _ => pct(r),
+    }
+}
+
+/// A drop ratio in the diagnosis, `of` naming the attempts ("attempts", "its own attempts").
+fn ratio_words(r: Option<f64>, of: &str) -> String {
+    match r {
+        Some(r) if r > 1.0 => format!(
+            "more drops than {of}: each lost {r:.1} packets on average, the same data retransmitted and dropped again"
+        ),
+        _ => format!("{} of {of}", pct(r)),
+    }
+}
+
 /// The share of a Service's backend drops that "carries" it: 90%.
 const MOST_DROPS: f64 = 0.9;
 
@@ -616,11 +637,11 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
         return out;
     }
     out.push(format!(
-        "{}: {} drops{} ({} of attempts).{discarded}",
+        "{}: {} drops{} ({}).{discarded}",
         s.service,
         s.drops,
         s.attempts.map_or_else(String::new, |a| format!(" for {a} attempts")),
-        pct(s.drop_ratio)
+        ratio_words(s.drop_ratio, "attempts")
     ));
     let mut bad: Vec<&BackendRow> = s.backends.iter().filter(|b| b.drops > 0).collect();
     bad.sort_by(|a, b| b.drops.cmp(&a.drops));
@@ -639,21 +660,36 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
             String::new()
         };
         out.push(format!(
-            "{}: {} drops ({:.0}% of the drops{}; {} of its own attempts): {reason}.{several}",
+            "{}: {} drops ({:.0}% of the drops{}; {}): {reason}.{several}",
             at(b),
             b.drops,
             share_of_drops(b.drops) * 100.0,
-            explains.map_or_else(String::new, |e| format!(", {:.1}% of the Service's attempts", e * 100.0)),
-            pct(b.drop_ratio),
+            explains.map_or_else(String::new, |e| if e > 1.0 {
+                format!(", {e:.1} per attempt to the Service")
+            } else {
+                format!(", {:.1}% of the Service's attempts", e * 100.0)
+            }),
+            ratio_words(b.drop_ratio, "its own attempts"),
         ));
     }
     if bad.len() > 5 {
         out.push(format!("... and {} more backends with drops.", bad.len() - 5));
     }
     let on_backends: u64 = bad.iter().map(|b| b.drops).sum();
+    // Out-of-order data the client's socket still held when the connection was aborted: it
+    // carries the Service's address (the reply, un-NATed) but is a consequence of a loss
+    // elsewhere, not a drop before any backend was chosen.
+    let ofo: u64 = s
+        .unmatched
+        .top_reasons
+        .iter()
+        .filter(|r| r.classification == classify::OFO_PURGED)
+        .map(|r| r.count)
+        .sum();
+    let before_backend = s.unmatched.drops.saturating_sub(ofo);
     // Where to look: the nodes of the drops that carry most of them — those before any backend
     // was chosen when they are the majority, else the few bad backends'.
-    let carried_by: Option<Vec<NodeCount>> = if s.unmatched.drops >= on_backends {
+    let carried_by: Option<Vec<NodeCount>> = if before_backend > 0 && before_backend >= on_backends {
         Some(s.unmatched.drops_by_node.clone())
     } else if concentrated {
         Some(merge_nodes(
@@ -669,14 +705,25 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
         if !healthy.is_empty() {
             out.push(format!("Healthy: {}.", healthy.join(", ")));
         }
-    } else if !bad.is_empty() && s.unmatched.drops < on_backends {
+    } else if !bad.is_empty() && before_backend < on_backends {
         out.push("The drops are spread over most backends: suspect something they share (the client's node, conntrack, DNS, a policy on every backend).".into());
     }
-    if s.unmatched.drops > 0 {
-        let reason = s.unmatched.top_reasons.first().map(why).unwrap_or_default();
+    if before_backend > 0 {
+        let reason = s
+            .unmatched
+            .top_reasons
+            .iter()
+            .find(|r| r.classification != classify::OFO_PURGED)
+            .map(why)
+            .unwrap_or_default();
         out.push(format!(
-            "{} drops matched the Service's address but no backend (before DNAT, or rejected for lack of endpoints): {reason}.",
-            s.unmatched.drops
+            "{before_backend} drops matched the Service's address but no backend (before DNAT, or rejected for lack of endpoints): {reason}.",
+        ));
+    }
+    if let Some(r) = s.unmatched.top_reasons.iter().find(|r| r.classification == classify::OFO_PURGED) {
+        out.push(format!(
+            "{ofo} drops on the client's side: {}: out-of-order data of the Service's replies the client's socket held when the connection was aborted; a consequence of the loss above, not a cause of its own.",
+            why(r)
         ));
     }
     if let Some(nodes) = carried_by {
@@ -728,7 +775,7 @@ pub fn render(s: &SvcSummary) -> String {
         s.service,
         s.attempts.map_or_else(|| "-".into(), |a| a.to_string()),
         s.drops,
-        pct(s.drop_ratio),
+        ratio_cell(s.drop_ratio),
         s.duration_s
     );
     let label = |b: &BackendRow| if b.ready { b.pod.clone() } else { format!("{} (not ready)", b.pod) };
@@ -743,7 +790,7 @@ pub fn render(s: &SvcSummary) -> String {
             b.node.as_deref().unwrap_or("-"),
             b.attempts.map_or_else(|| "-".into(), |a| a.to_string()),
             b.drops,
-            pct(b.drop_ratio),
+            ratio_cell(b.drop_ratio),
             b.top_reasons.first().map(why).unwrap_or_default()
         );
     }
@@ -757,6 +804,9 @@ pub fn render(s: &SvcSummary) -> String {
         "",
         s.unmatched.top_reasons.first().map(why).unwrap_or_default()
     );
+    if s.drop_ratio.is_some_and(|r| r > 1.0) || s.backends.iter().any(|b| b.drop_ratio.is_some_and(|r| r > 1.0)) {
+        let _ = writeln!(o, "(Nx: more drops than attempts, N drops per attempt: lost data retransmitted and dropped again)");
+    }
     if s.lost_events > 0 {
         let _ = writeln!(o, "({} events lost; counts above are exact)", s.lost_events);
     }
@@ -1093,6 +1143,59 @@ mod tests {
         let s = build(&t, &observed(&one, Some(&snap), &node_of));
         assert_eq!(s.diagnosis.len(), 1, "{:?}", s.diagnosis);
         assert!(s.diagnosis[0].ends_with("Not counted as drops: 1 segments answered with a reset."), "{:?}", s.diagnosis);
+    }
+
+    /// Retransmitted data dropped again (a path-MTU black hole: every too-big retransmission is
+    /// a drop): drops exceed attempts. The counts stay exact; the text says drops per attempt
+    /// instead of a share above 100%.
+    #[test]
+    fn more_drops_than_attempts_read_as_drops_per_attempt() {
+        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let bad = t.backends[2].tag;
+        let rows = vec![ReasonRow {
+            reason: "PKT_TOO_BIG".into(),
+            classification: "pkt_too_big".into(),
+            location: "ip_forward+0x2c0".into(),
+            effect: Effect::Data,
+            ..row(bad, 660, 99)
+        }];
+        let snap = tc(&t, 400, &[(1, 135), (2, 135), (bad, 130)]);
+        let node_of = |n: u32| (n == 99).then(|| "node-b".to_string());
+        let s = build(&t, &observed(&rows, Some(&snap), &node_of));
+        assert_eq!((s.drops, s.drop_ratio), (660, Some(1.65)));
+        assert_eq!(s.backends[2].drop_ratio, Some(660.0 / 130.0));
+        let text = s.diagnosis.join("\n");
+        assert!(
+            text.contains("default/web: 660 drops for 400 attempts (more drops than attempts: each lost 1.6 packets on average, the same data retransmitted and dropped again)."),
+            "{text}"
+        );
+        assert!(text.contains("1.6 per attempt to the Service; more drops than its own attempts: each lost 5.1 packets"), "{text}");
+        assert!(!text.contains("165.0%") && !text.contains("507.7%"), "{text}");
+        assert!(!text.contains("no backend"), "{text}");
+        // The client's socket purging the replies' out-of-order tails on abort: a consequence,
+        // on the client's side, not a drop before any backend.
+        let mut rows = rows;
+        rows.push(ReasonRow {
+            reason: "NOT_SPECIFIED".into(),
+            classification: classify::OFO_PURGED.into(),
+            location: "skb_rbtree_purge+0x4d".into(),
+            effect: Effect::Data,
+            ..row(tag::FRONTEND, 130, 98)
+        });
+        let node_of = |n: u32| match n {
+            99 => Some("node-b".to_string()),
+            98 => Some("node-a".to_string()),
+            _ => None,
+        };
+        let s = build(&t, &observed(&rows, Some(&snap), &node_of));
+        let text = s.diagnosis.join("\n");
+        assert!(!text.contains("no backend (before DNAT"), "{text}");
+        assert!(text.contains("130 drops on the client's side: tcp_ofo_purged"), "{text}");
+        assert!(text.contains("The drops are on node-b"), "{text}");
+        let table = render(&s);
+        assert!(table.contains(" 1.6x ") || table.contains("(1.6x)") || table.contains("(2.0x)"), "{table}");
+        assert!(table.contains("5.1x"), "{table}");
+        assert!(table.contains("Nx: more drops than attempts"), "{table}");
     }
 
     /// A SYN delivered to the backend's namespace and refused there (NO_SOCKET) is one attempt,
