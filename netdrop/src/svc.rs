@@ -178,13 +178,29 @@ impl SvcTargets {
             .iter()
             .filter(|(_, _, p)| tcp_udp(*p))
             .map(|(ip, port, proto)| Destination { ip: *ip, port: *port, proto: ip_proto(*proto) })
-            .chain(self.backends.iter().flat_map(|b| {
-                b.ports
-                    .iter()
-                    .filter(|(port, proto)| tcp_udp(*proto) && *port != 0)
-                    .map(|(port, proto)| Destination { ip: b.ip, port: *port, proto: ip_proto(*proto) })
-            }))
+            .chain(self.backends.iter().flat_map(Target::destinations))
             .collect()
+    }
+}
+
+impl Target {
+    /// The tc destinations whose attempts delivered to this target are its attempts: each
+    /// (port, protocol) of TCP and UDP; for port 0 (a pod: any port), the address's TCP and UDP
+    /// any-port entries, which count every SYN and datagram to it.
+    fn destinations(&self) -> Vec<Destination> {
+        let mut v = Vec::new();
+        for (port, proto) in &self.ports {
+            if *port == 0 {
+                for p in [6, 17] {
+                    v.push(Destination { ip: self.ip, port: 0, proto: p });
+                }
+            } else if matches!(proto, Proto::Tcp | Proto::Udp) {
+                v.push(Destination { ip: self.ip, port: *port, proto: ip_proto(*proto) });
+            }
+        }
+        v.sort_by_key(|d| (d.port, d.proto));
+        v.dedup();
+        v
     }
 }
 
@@ -417,13 +433,7 @@ pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
             .filter(|r| r.effect == Effect::Attempt && !delivered_ns.contains(&r.netns))
             .map(|r| r.count)
             .sum();
-        let attempts = o.tc.map(|tc| {
-            b.ports
-                .iter()
-                .map(|(port, proto)| tc.attempts_to(&dest(b.ip, *port, *proto)).1)
-                .sum::<u64>()
-                + dropped_attempts
-        });
+        let attempts = o.tc.map(|tc| b.destinations().iter().map(|d| tc.attempts_to(d).1).sum::<u64>() + dropped_attempts);
         backends.push(BackendRow {
             pod: b.label.clone(),
             node: b.node.clone(),
@@ -975,6 +985,41 @@ mod tests {
         // Without tc counters nobody knows the attempts.
         let s = build(&t, &Observed { rows: &rows, tc: None, node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true });
         assert_eq!(s.attempts, None);
+    }
+
+    /// A pod's attempts are the SYNs and datagrams delivered to it on any port (the tc
+    /// programs' port-0 entries, TCP and UDP) plus those dropped on the way; one refused inside
+    /// the pod (already counted as delivered) counts once.
+    #[test]
+    fn pod_targets_count_attempts_on_any_port() {
+        let peer = crate::resolve::Peer {
+            kind: crate::resolve::PeerKind::Pod,
+            namespace: Some(Name::new("default")),
+            pod: Some(Name::new("web-2")),
+            node: Some(Name::new("node-b")),
+            ..crate::resolve::Peer::default()
+        };
+        let ip: IpAddr = "10.244.2.5".parse().expect("ip");
+        let t = SvcTargets::from_pods("pod default/web-2".into(), &[(peer, vec![ip])]);
+        let any = |proto: u8| Destination { ip, port: 0, proto };
+        assert_eq!(t.destinations(), vec![any(6), any(17)]);
+        let delivered = |proto: u8, n: u64| DestinationSnapshot { node: "node-b".into(), dest: any(proto), from_pod: 0, to_pod: n };
+        let pod_ns = 4_026_532_600;
+        let snap = with_pod_netns(
+            TcSnapshot { interfaces: vec![], destinations: vec![delivered(6, 300), delivered(17, 40)], stats: WatchStats::default() },
+            &[(pod_ns, "node-b")],
+        );
+        let node_of = |n: u32| Some(if n == 98 { "node-a" } else { "node-b" }.to_string());
+        // Healthy: no drops of 340 attempts.
+        let s = build(&t, &observed(&[], Some(&snap), &node_of));
+        assert_eq!((s.backends[0].attempts, s.drops, s.attempts), (Some(340), 0, Some(340)));
+        assert_eq!(s.diagnosis[0], "pod default/web-2: no drops of 340 attempts.");
+        // 160 SYNs dropped on node-b before delivery, 20 refused inside the pod (delivered).
+        let refused = ReasonRow { reason: "NO_SOCKET".into(), classification: "no_socket".into(), ..row(t.backends[0].tag, 20, pod_ns) };
+        let rows = [row(t.backends[0].tag, 160, 99), refused];
+        let s = build(&t, &observed(&rows, Some(&snap), &node_of));
+        assert_eq!((s.backends[0].attempts, s.backends[0].drops), (Some(500), 180));
+        assert_eq!(s.attempts, Some(500));
     }
 
     #[test]
