@@ -293,6 +293,10 @@ pub struct SvcSummary {
     /// out of everything above; 0 when no node namespaces were given.
     pub other_namespaces: u64,
     pub lost_events: u64,
+    /// Pods, a namespace or a node (no Service addresses): the rows are not replicas of one
+    /// another, and the headline's attempts are the rows' own.
+    #[serde(skip)]
+    pub pods: bool,
     /// Plain-words diagnosis, first line the headline.
     pub diagnosis: Vec<String>,
     /// The full drop summary (reasons × locations, conntrack), in the final line only.
@@ -479,6 +483,7 @@ pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
         unmatched,
         other_namespaces,
         lost_events: o.lost_events,
+        pods: t.frontends.is_empty(),
         diagnosis: Vec::new(),
         detail: None,
     };
@@ -638,8 +643,11 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
     // Drops concentrated on a few backends: name them; spread over all: say so. Judged by the
     // drops, not by how many backends have any: one bad backend with a stray drop or two on the
     // others (a late retransmission meeting a TIME_WAIT socket) is still one bad backend.
+    // Pods, namespaces and nodes are not replicas of one another: their drops are theirs, never
+    // "spread over most backends" (one pod is all of its rows).
     let carriers = carriers_of_most(&bad);
-    let concentrated = carriers > 0 && carriers * 2 <= s.backends.len().max(1);
+    let concentrated = carriers > 0 && (s.pods || carriers * 2 <= s.backends.len().max(1));
+    let of_attempts = if s.pods { "all" } else { "the Service's" };
     for b in bad.iter().take(5) {
         let explains = s.attempts.filter(|a| *a > 0).map(|a| b.drops as f64 / a as f64);
         let reason = b.top_reasons.first().map(why).unwrap_or_default();
@@ -653,7 +661,7 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
             at(b),
             b.drops,
             share_of_drops(b.drops) * 100.0,
-            explains.map_or_else(String::new, |e| format!(", {:.1}% of the Service's attempts", e * 100.0)),
+            explains.map_or_else(String::new, |e| format!(", {:.1}% of {of_attempts} attempts", e * 100.0)),
             pct(b.drop_ratio),
         ));
     }
@@ -695,8 +703,9 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
     resets_lines(s, &mut out);
     if s.other_namespaces > 0 {
         out.push(format!(
-            "{} more matched the Service's addresses in network namespaces of none of the given nodes (another cluster on this host?): left out.",
-            s.other_namespaces
+            "{} more matched the {} addresses in network namespaces of none of the given nodes (another cluster on this host?): left out, and not shown as drop lines.",
+            s.other_namespaces,
+            if s.pods { "traced" } else { "Service's" }
         ));
     }
     next_steps(s, &bad, &mut out);
@@ -1020,6 +1029,11 @@ mod tests {
         let s = build(&t, &observed(&rows, Some(&snap), &node_of));
         assert_eq!((s.backends[0].attempts, s.backends[0].drops), (Some(500), 180));
         assert_eq!(s.attempts, Some(500));
+        // One pod is not "spread over most backends" of a Service: its node is named.
+        let text = s.diagnosis.join("\n");
+        assert!(text.contains("default/web-2 on node-b: 180 drops (100% of the drops, 36.0% of all attempts; 36.0% of its own attempts)"), "{text}");
+        assert!(text.contains("The drops are on node-b: look there first."), "{text}");
+        assert!(!text.contains("spread over") && !text.contains("Service"), "{text}");
     }
 
     #[test]
