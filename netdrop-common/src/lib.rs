@@ -583,7 +583,8 @@ pub struct TcCounters {
 pub struct TcDestKey {
     /// Destination address as on the wire; IPv4 in the first 4 bytes, the rest zero.
     pub addr: [u8; 16],
-    /// Destination port, host byte order.
+    /// Destination port, host byte order; 0 counts attempts to the address on any port (each
+    /// attempt also counts in its port's entry, if there is one).
     pub port: u16,
     /// IP protocol (6 TCP, 17 UDP).
     pub proto: u8,
