@@ -124,20 +124,31 @@ impl TcpSocket {
 /// so a test that needs a timewait socket must not leave this to timing.
 pub fn fin_and_wait_fin_wait2(s: &std::net::TcpStream) {
     use std::os::fd::AsRawFd as _;
-    s.shutdown(std::net::Shutdown::Write).expect("shutdown(SHUT_WR)");
+    s.shutdown(std::net::Shutdown::Write)
+        .expect("shutdown(SHUT_WR)");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         // SAFETY: getsockopt on an open socket into a zeroed tcp_info of the size we pass.
         let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
         let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
         let rc = unsafe {
-            libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &raw mut len)
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &raw mut len,
+            )
         };
         assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
         if info.tcpi_state == TcpSocket::FIN_WAIT2 {
             return;
         }
-        assert!(Instant::now() < deadline, "the peer did not acknowledge our FIN within 10 s (state {})", info.tcpi_state);
+        assert!(
+            Instant::now() < deadline,
+            "the peer did not acknowledge our FIN within 10 s (state {})",
+            info.tcpi_state
+        );
         thread::sleep(Duration::from_millis(5));
     }
 }
@@ -218,8 +229,16 @@ impl NetNs {
 
     /// The namespace's TCP sockets (`/proc/net/tcp`, or `tcp6`), as the kernel lists them.
     pub fn tcp_sockets(&self, ipv6: bool) -> Vec<TcpSocket> {
-        let file = if ipv6 { "/proc/net/tcp6" } else { "/proc/net/tcp" };
-        self.exec("cat", &[file]).lines().skip(1).filter_map(TcpSocket::parse).collect()
+        let file = if ipv6 {
+            "/proc/net/tcp6"
+        } else {
+            "/proc/net/tcp"
+        };
+        self.exec("cat", &[file])
+            .lines()
+            .skip(1)
+            .filter_map(TcpSocket::parse)
+            .collect()
     }
 
     /// A counter from /proc/net/snmp6 (`Udp6NoPorts`).

@@ -528,9 +528,15 @@ fn bare_ack_to_timewait(test: &str, tw_hook: Option<&str>) {
         drop(server); // closed in FIN_WAIT2: a timewait socket
         drop(listener);
         let port = at.port();
-        let tw: Vec<_> = server_ns.tcp_sockets(i == 1).into_iter().filter(|s| s.local_port == port).collect();
+        let tw: Vec<_> = server_ns
+            .tcp_sockets(i == 1)
+            .into_iter()
+            .filter(|s| s.local_port == port)
+            .collect();
         assert!(
-            tw.len() == 1 && tw[0].is_timewait() && tw[0].state == netdrop_tests::TcpSocket::FIN_WAIT2,
+            tw.len() == 1
+                && tw[0].is_timewait()
+                && tw[0].state == netdrop_tests::TcpSocket::FIN_WAIT2,
             "the server's side is one timewait socket in FIN_WAIT2: {tw:?}"
         );
         std::thread::sleep(Duration::from_millis(300));
@@ -634,7 +640,13 @@ fn listen_overflow_ack_stays_visible() {
     use nix::sys::socket::{Backlog, listen};
     let listener = server_ns.within(|| {
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, socket};
-        let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).expect("socket");
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
         bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::new(10, 98, 0, 2, 0)).expect("bind");
         listen(&fd, Backlog::new(16).expect("backlog")).expect("listen");
         std::net::TcpListener::from(fd)
@@ -658,9 +670,14 @@ fn listen_overflow_ack_stays_visible() {
     client_ns.exec("iptables", &[&["-A"][..], &hold[..]].concat());
     drop(listener); // the last reference: no request socket retransmits after this
     let port = at.port();
-    let left: Vec<_> = server_ns.tcp_sockets(false).into_iter().filter(|s| s.local_port == port).collect();
+    let left: Vec<_> = server_ns
+        .tcp_sockets(false)
+        .into_iter()
+        .filter(|s| s.local_port == port)
+        .collect();
     assert!(
-        left.iter().all(|s| s.state != netdrop_tests::TcpSocket::LISTEN),
+        left.iter()
+            .all(|s| s.state != netdrop_tests::TcpSocket::LISTEN),
         "the listener is closed (no process holds it open): {left:?}"
     );
     settle();
