@@ -57,7 +57,7 @@ macro_rules! require_root {
 
 /// Runs a command, panicking with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
+    let out = netdrop_tools::tool(cmd)
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
@@ -71,12 +71,9 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Whether a program is on PATH.
+/// Whether a program of the tool table is installed.
 pub fn have(program: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    netdrop_tools::available(program)
 }
 
 /// One line of `/proc/net/tcp{,6}` (`tcp4_seq_show`/`tcp6_seq_show`, net/ipv4/tcp_ipv4.c).
@@ -183,6 +180,8 @@ impl NetNs {
 
     /// Runs a program inside the namespace.
     pub fn exec(&self, cmd: &str, args: &[&str]) -> String {
+        // `ip` runs it: check it against the tool table here.
+        netdrop_tools::path(cmd).unwrap_or_else(|e| panic!("{e}"));
         let mut a = vec!["netns", "exec", self.name.as_str(), cmd];
         a.extend_from_slice(args);
         run("ip", &a)
@@ -254,7 +253,7 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
+        let _ = netdrop_tools::tool("ip")
             .args(["netns", "del", &self.name])
             .status();
     }
@@ -328,7 +327,7 @@ pub fn netdrop_bin() -> PathBuf {
 
 /// Runs netdrop with `args`; returns (exit success, stdout, stderr).
 pub fn netdrop(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(netdrop_bin())
+    let out = netdrop_tools::project(netdrop_bin())
         .args(args)
         .output()
         .expect("run netdrop");
@@ -371,7 +370,7 @@ impl Tracer {
     }
 
     fn command(args: &[&str]) -> Command {
-        let mut cmd = Command::new(netdrop_bin());
+        let mut cmd = netdrop_tools::project(netdrop_bin());
         cmd.args(["trace", "-o", "json"])
             .args(args)
             .stdout(Stdio::piped())
@@ -784,7 +783,7 @@ pub fn links_of(progs: &[u64]) -> usize {
     // links of a killed process do): try again.
     let mut text = None;
     for _ in 0..20 {
-        let out = Command::new("bpftool").args(["-j", "link", "show"]).output().expect("bpftool");
+        let out = netdrop_tools::tool("bpftool").args(["-j", "link", "show"]).output().expect("bpftool");
         if out.status.success() {
             text = Some(String::from_utf8_lossy(&out.stdout).into_owned());
             break;
@@ -829,7 +828,7 @@ pub struct TcWatch {
 impl TcWatch {
     /// Starts `netdrop interfaces -o json <args>` and waits until it has attached.
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(netdrop_bin())
+        let mut child = netdrop_tools::project(netdrop_bin())
             .args(["interfaces", "-o", "json", "--interval", "1h"])
             .args(args)
             .stdout(Stdio::piped())
@@ -1049,7 +1048,7 @@ pub fn sched_cls_prog_ids(pid: u32) -> Vec<u64> {
 
 /// Whether a BPF program with this id still exists.
 pub fn prog_exists(id: u64) -> bool {
-    Command::new("bpftool")
+    netdrop_tools::tool("bpftool")
         .args(["prog", "show", "id", &id.to_string()])
         .output()
         .is_ok_and(|o| o.status.success())
@@ -1081,7 +1080,7 @@ pub fn add_foreign_clsact_dropper(ns: &NetNs, ifname: &str, prio: u16, len: u32)
             "pinning the test dropper: {}",
             std::io::Error::last_os_error()
         );
-        let _ = Command::new("ip")
+        let _ = netdrop_tools::tool("ip")
             .args([
                 "netns", "exec", &ns.name, "tc", "qdisc", "add", "dev", ifname, "clsact",
             ])
@@ -1105,7 +1104,7 @@ pub fn add_foreign_clsact_dropper(ns: &NetNs, ifname: &str, prio: u16, len: u32)
             ],
         );
     });
-    let _ = Command::new("umount").arg(&dir).status();
+    let _ = netdrop_tools::tool("umount").arg(&dir).status();
     let _ = fs::remove_dir(&dir);
     if let Err(e) = result {
         std::panic::resume_unwind(e);

@@ -7,7 +7,7 @@
 use std::{net::TcpStream, sync::Mutex, time::Duration};
 
 use netdrop_tests::{
-    NatLab as Lab, NetNs, Sysctl, Tracer, have, require_root, send_flows, settle, skip,
+    NatLab as Lab, NetNs, Sysctl, Tracer, require_root, send_flows, settle,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -178,10 +178,6 @@ fn table_full_is_conntrack_table_full_not_insert_failed() {
 fn rule_drop(test: &str, iptables: &str) {
     require_root!(test);
     netdrop_tests::require_reasons!(test);
-    if !have(iptables) {
-        skip(test, &format!("{iptables} is not installed"));
-        return;
-    }
     let _serial = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use netdrop_tests::{NetNs, Tracer, have, netdrop, require_root, send_udp, settle, skip};
+use netdrop_tests::{NetNs, Tracer, netdrop, require_root, send_udp, settle, skip};
 
 const N: usize = 200;
 
@@ -125,13 +125,6 @@ fn tcp6_closed_port_is_no_socket_with_syn() {
 fn iptables_drop(test: &str, iptables: &str, loc_prefix: &str) {
     require_root!(test);
     netdrop_tests::require_reasons!(test);
-    if !have(iptables) {
-        skip(
-            test,
-            &format!("{iptables} is not installed (cargo xtask setup installs it)"),
-        );
-        return;
-    }
     let ns = NetNs::new("ipt");
     ns.exec(
         iptables,
@@ -382,15 +375,8 @@ fn unknown_reason_lists_close_matches() {
 fn unprivileged_user_gets_a_permission_message() {
     require_root!("unprivileged_user_gets_a_permission_message");
     netdrop_tests::require_reasons!("unprivileged_user_gets_a_permission_message");
-    if !have("setpriv") {
-        skip(
-            "unprivileged_user_gets_a_permission_message",
-            "setpriv (util-linux) is not installed",
-        );
-        return;
-    }
     let bin = netdrop_tests::netdrop_bin();
-    let mut child = std::process::Command::new("setpriv")
+    let mut child = netdrop_tools::tool("setpriv")
         .args([
             "--reuid=65534",
             "--regid=65534",
@@ -627,10 +613,6 @@ fn listen_overflow_ack_stays_visible() {
     const TEST: &str = "listen_overflow_ack_stays_visible";
     const CLIENTS: usize = 6;
     require_root!(TEST);
-    if !have("iptables") {
-        skip(TEST, "iptables is not installed");
-        return;
-    }
     let client_ns = NetNs::new("loc");
     let server_ns = NetNs::new("los");
     netdrop_tests::no_ipv6(&client_ns);

@@ -278,15 +278,11 @@ async fn server_errors_count_as_unavailable_not_fatal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_snapshot_made_by_kubectl_resolves_like_the_api() {
-    let Ok(kubectl) = which_kubectl() else {
-        netdrop_tests::skip("kube_snapshot_made_by_kubectl_resolves_like_the_api", "kubectl not installed");
-        return;
-    };
     let tmp = tempfile::tempdir().expect("tempdir");
     let server = StandIn::start(cluster(), fast()).await.expect("stand-in starts");
     let kc = tmp.path().join("kubeconfig");
     server.write_kubeconfig(&kc).expect("kubeconfig");
-    let out = tokio::process::Command::new(kubectl)
+    let out = tokio::process::Command::from(netdrop_tools::tool("kubectl"))
         .args(["--kubeconfig", kc.to_str().expect("utf-8"), "--cache-dir"])
         .arg(tmp.path().join("cache"))
         .args(["get", "pods,services,endpointslices,nodes", "-A", "-o", "json"])
@@ -318,12 +314,6 @@ async fn kube_snapshot_made_by_kubectl_resolves_like_the_api() {
         assert_eq!(a, b, "{addr} {port:?}");
     }
     assert_eq!(offline.service("default", "web"), live.service("default", "web"));
-}
-
-fn which_kubectl() -> Result<std::path::PathBuf, ()> {
-    std::env::var_os("PATH")
-        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("kubectl")).find(|f| f.is_file()))
-        .ok_or(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -103,16 +103,8 @@ async fn kube_runtime_watcher_list_watch_and_streaming_list() {
     }
 }
 
-fn kubectl() -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("kubectl")).find(|f| f.is_file()))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_kubectl_get_and_watch() {
-    let Some(kubectl) = kubectl() else {
-        netdrop_tests::skip("real_kubectl_get_and_watch", "kubectl not installed (Debian package kubectl)");
-        return;
-    };
     let (c, server, _client) = setup().await;
     let tmp = tempfile::tempdir().expect("tempdir");
     let kc = tmp.path().join("kubeconfig");
@@ -120,14 +112,14 @@ async fn real_kubectl_get_and_watch() {
     let base = |cmd: &mut tokio::process::Command| {
         cmd.arg("--kubeconfig").arg(&kc).arg("--cache-dir").arg(tmp.path().join("cache"));
     };
-    let mut cmd = tokio::process::Command::new(&kubectl);
+    let mut cmd = tokio::process::Command::from(netdrop_tools::tool("kubectl"));
     base(&mut cmd);
     let out = cmd.args(["get", "pods", "-A", "-o", "json"]).output().await.expect("kubectl");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["items"].as_array().map(Vec::len), Some(10));
 
-    let mut cmd = tokio::process::Command::new(&kubectl);
+    let mut cmd = tokio::process::Command::from(netdrop_tools::tool("kubectl"));
     base(&mut cmd);
     let mut child = cmd
         .args(["get", "pods", "-n", "default", "--watch", "-o", "name"])

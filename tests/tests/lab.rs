@@ -4,17 +4,16 @@
 //!
 //! The tests share the machine's global `nf_conntrack_max`, so they run one at a time.
 
-use std::{collections::BTreeSet, fs, process::Command, sync::Mutex, time::Duration};
+use std::{collections::BTreeSet, fs, sync::Mutex, time::Duration};
 
 use netdrop_tests::{
-    have,
     lab::{
         self, Lab, LabOptions,
         faults::{FaultKind, FaultRequest},
         topology::Proto,
         traffic::TrafficOptions,
     },
-    require_root, run, skip,
+    require_root, run,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -184,50 +183,43 @@ fn lab_traffic_faults_kubectl_and_clean_down() {
     lab.clear(None).expect("clear");
 
     // kubectl through the API stand-in lists the lab's pods with their IPs and nodes.
-    if have("kubectl") {
-        let out = Command::new("kubectl")
-            .args([
-                "--kubeconfig",
-                &lab.kubeconfig().to_string_lossy(),
-                "get",
-                "pods",
-                "-o",
-                "json",
-            ])
-            .output()
-            .expect("kubectl");
-        assert!(
-            out.status.success(),
-            "kubectl: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("kubectl json");
-        let got: BTreeSet<(String, String, String)> = v["items"]
-            .as_array()
-            .expect("items")
-            .iter()
-            .map(|p| {
-                let s = |ptr: &str| {
-                    p.pointer(ptr)
-                        .and_then(|x| x.as_str())
-                        .unwrap_or_default()
-                        .to_string()
-                };
-                (s("/metadata/name"), s("/status/podIP"), s("/spec/nodeName"))
-            })
-            .collect();
-        let want: BTreeSet<(String, String, String)> = st
-            .pods
-            .iter()
-            .map(|p| (p.name.clone(), p.ip.to_string(), p.node.clone()))
-            .collect();
-        assert_eq!(got, want, "kubectl sees the lab's pods");
-    } else {
-        skip(
-            "lab_traffic_faults_kubectl_and_clean_down (kubectl part)",
-            "kubectl not installed (`cargo xtask setup`)",
-        );
-    }
+    let out = netdrop_tools::tool("kubectl")
+        .args([
+            "--kubeconfig",
+            &lab.kubeconfig().to_string_lossy(),
+            "get",
+            "pods",
+            "-o",
+            "json",
+        ])
+        .output()
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("kubectl json");
+    let got: BTreeSet<(String, String, String)> = v["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|p| {
+            let s = |ptr: &str| {
+                p.pointer(ptr)
+                    .and_then(|x| x.as_str())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            (s("/metadata/name"), s("/status/podIP"), s("/spec/nodeName"))
+        })
+        .collect();
+    let want: BTreeSet<(String, String, String)> = st
+        .pods
+        .iter()
+        .map(|p| (p.name.clone(), p.ip.to_string(), p.node.clone()))
+        .collect();
+    assert_eq!(got, want, "kubectl sees the lab's pods");
 
     let dir = lab.state_dir().to_path_buf();
     let t1 = std::time::Instant::now();

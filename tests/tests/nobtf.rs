@@ -76,7 +76,7 @@ fn counts_only_without_btf_matches_noports() {
 #[test]
 fn packet_filters_refused_without_btf() {
     require_root!("packet_filters_refused_without_btf");
-    let mut cmd = std::process::Command::new(netdrop_tests::netdrop_bin());
+    let mut cmd = netdrop_tools::project(netdrop_tests::netdrop_bin());
     cmd.args(["trace", "--no-kube", "--port", "53", "--duration", "1s"]);
     netdrop_tests::hide_btf(&mut cmd);
     let out = cmd.output().expect("netdrop");

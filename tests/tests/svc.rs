@@ -313,6 +313,7 @@ fn healthy_service_has_no_drops_attributed() {
 }
 
 #[test]
+#[ignore = "full: the policy-drop case at 50 backends (cargo xtask test --full)"]
 fn one_bad_backend_of_fifty_is_found() {
     require_root!("one_bad_backend_of_fifty_is_found");
     let _serial = SERIAL

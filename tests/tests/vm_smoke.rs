@@ -32,11 +32,9 @@ fn is_root() -> bool {
 
 /// iproute2 by path where it is (busybox's `ip` applet lacks `netns`).
 fn ip() -> Command {
-    let path = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or("ip");
-    Command::new(path)
+    // The table's lookup prefers PATH, then the sbin directories: the real iproute2, not a
+    // busybox applet of the same name.
+    netdrop_tools::tool("ip")
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -227,7 +225,7 @@ fn netdrop_lists_reasons() {
         skip("netdrop_lists_reasons", "NETDROP_BIN is not set");
         return;
     };
-    let out = Command::new(&bin)
+    let out = netdrop_tools::project(&bin)
         .arg("reasons")
         .output()
         .unwrap_or_else(|e| panic!("running {bin:?}: {e}"));

@@ -8,7 +8,7 @@ use std::{
     fs,
     net::UdpSocket,
     os::fd::AsFd as _,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -30,7 +30,7 @@ struct Ns;
 
 impl Ns {
     fn new() -> anyhow::Result<Self> {
-        let _ = Command::new("ip").args(["netns", "del", NS]).status();
+        let _ = netdrop_tools::tool("ip").args(["netns", "del", NS]).status();
         sh("ip", &["netns", "add", NS])?;
         let ns = Self;
         sh("ip", &["-n", NS, "link", "set", "lo", "up"])?;
@@ -40,12 +40,12 @@ impl Ns {
 
 impl Drop for Ns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", NS]).status();
+        let _ = netdrop_tools::tool("ip").args(["netns", "del", NS]).status();
     }
 }
 
 fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    let out = netdrop_tools::try_tool(cmd)?.args(args).output().with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
         bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     }
@@ -127,7 +127,7 @@ struct Phase {
 
 fn netdrop_phase(bin: &str, name: &str, extra: &[&str]) -> anyhow::Result<Phase> {
     let out = std::env::temp_dir().join("netdrop-bench.json");
-    let mut child = Command::new(bin)
+    let mut child = netdrop_tools::project(bin)
         .args(["trace", "-o", "json", "--netns", NS])
         .args(extra)
         .stdout(fs::File::create(&out)?)
@@ -152,7 +152,7 @@ fn netdrop_phase(bin: &str, name: &str, extra: &[&str]) -> anyhow::Result<Phase>
 pub fn drop_storm() -> anyhow::Result<()> {
     setup::run()?;
     let root = setup::workspace_root();
-    let status = Command::new("cargo").args(["build", "--release", "-p", "netdrop"]).current_dir(&root).status()?;
+    let status = netdrop_tools::try_tool("cargo")?.args(["build", "--release", "-p", "netdrop"]).current_dir(&root).status()?;
     anyhow::ensure!(status.success(), "building netdrop failed");
     let bin = root.join("target/release/netdrop").display().to_string();
     let _ns = Ns::new()?;
@@ -163,7 +163,7 @@ pub fn drop_storm() -> anyhow::Result<()> {
         Ok(Phase { name: name.into(), rate, sent, noports: noports()? - before, counted: None, events: None, cpu: None })
     };
     let bpftrace = |name: &str| -> anyhow::Result<Phase> {
-        let mut child = Command::new("bpftrace")
+        let mut child = netdrop_tools::try_tool("bpftrace")?
             .args(["-e", "BEGIN { printf(\"attached\\n\"); } tracepoint:skb:kfree_skb { @[args->reason] = count(); }"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -252,9 +252,9 @@ pub fn drop_storm() -> anyhow::Result<()> {
 pub fn lab_bench(which: &str) -> anyhow::Result<()> {
     setup::run()?;
     let root = setup::workspace_root();
-    let status = Command::new("cargo").args(["build", "--release", "-p", "netdrop"]).current_dir(&root).status()?;
+    let status = netdrop_tools::try_tool("cargo")?.args(["build", "--release", "-p", "netdrop"]).current_dir(&root).status()?;
     anyhow::ensure!(status.success(), "building netdrop failed");
-    let status = Command::new("cargo")
+    let status = netdrop_tools::try_tool("cargo")?
         .args(["run", "--release", "-q", "-p", "netdrop-tests", "--bin", "netdrop-bench", "--", which])
         .env("NETDROP_BIN", root.join("target/release/netdrop"))
         .current_dir(&root)

@@ -103,7 +103,7 @@ fn target_dir() -> PathBuf {
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let out = netdrop_tools::try_tool("cargo")?
         .args(args)
         .current_dir(root())
         .stderr(Stdio::inherit())
@@ -118,7 +118,7 @@ fn cargo(args: &[&str]) -> anyhow::Result<String> {
 /// The resolver command: `netdrop resolve --serve-stats`, release build.
 fn resolver_command(kubeconfig: &Path) -> anyhow::Result<(Command, &'static str)> {
     cargo(&["build", "--release", "-p", "netdrop", "--bin", "netdrop"])?;
-    let mut cmd = Command::new(target_dir().join("release/netdrop"));
+    let mut cmd = netdrop_tools::project(target_dir().join("release/netdrop"));
     cmd.arg("resolve")
         .args(["--kubeconfig", &kubeconfig.display().to_string(), "--serve-stats", "--sync-timeout", "300s"]);
     Ok((cmd, "netdrop resolve --serve-stats"))
@@ -139,7 +139,7 @@ pub fn run() -> anyhow::Result<()> {
     let (resolver_cmd, how) = resolver_command(&kubeconfig)?;
 
     eprintln!("bench kube: generating {PODS} pods, {SERVICES} services, {SLICES} endpointslices, {NODES} nodes");
-    let mut standin_cmd = Command::new(target_dir().join("release/kube-standin"));
+    let mut standin_cmd = netdrop_tools::project(target_dir().join("release/kube-standin"));
     standin_cmd.args([
         "--synthetic",
         &format!("{PODS},{SERVICES},{SLICES},{NODES}"),

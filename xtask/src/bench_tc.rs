@@ -16,7 +16,7 @@ use std::{
     net::{TcpListener, TcpStream},
     os::fd::AsFd as _,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::{Arc, Mutex, mpsc},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -38,7 +38,7 @@ struct Namespaces(Vec<String>);
 
 impl Namespaces {
     fn add(&mut self, name: &str) -> anyhow::Result<()> {
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let _ = netdrop_tools::try_tool("ip")?.args(["netns", "del", name]).status();
         sh("ip", &["netns", "add", name])?;
         self.0.push(name.to_string());
         sh("ip", &["-n", name, "link", "set", "lo", "up"])?;
@@ -49,13 +49,13 @@ impl Namespaces {
 impl Drop for Namespaces {
     fn drop(&mut self) {
         for n in self.0.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
+            let _ = netdrop_tools::tool("ip").args(["netns", "del", n]).status();
         }
     }
 }
 
 fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(cmd).args(args).output().with_context(|| format!("running {cmd}"))?;
+    let out = netdrop_tools::try_tool(cmd)?.args(args).output().with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
         bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     }
@@ -63,6 +63,7 @@ fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn ns_sh(ns: &str, cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+    netdrop_tools::path(cmd)?; // `ip` runs it: check it against the tool table here
     let mut a = vec!["netns", "exec", ns, cmd];
     a.extend_from_slice(args);
     sh("ip", &a)
@@ -107,7 +108,7 @@ struct Netdrop {
 
 impl Netdrop {
     fn start(bin: &PathBuf, args: &[&str]) -> anyhow::Result<Self> {
-        let mut child = Command::new(bin)
+        let mut child = netdrop_tools::project(bin)
             .args(["interfaces", "-o", "json", "--interval", "1h"])
             .args(args)
             .stdout(Stdio::piped())
@@ -157,7 +158,7 @@ impl Drop for Netdrop {
 
 /// iperf3 from pod A to pod B: Gbit/s received (TCP) or (Gbit/s, loss %) for UDP.
 fn iperf(udp: bool) -> anyhow::Result<(f64, f64)> {
-    let mut server = Command::new("ip")
+    let mut server = netdrop_tools::try_tool("ip")?
         .args(["netns", "exec", POD_B, "iperf3", "-s", "-1", "-B", "10.123.2.2"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -233,7 +234,7 @@ fn measure() -> anyhow::Result<Overhead> {
 
 /// Creates `names` (with peers in the same namespace) through one `ip -batch`.
 fn create_veths(ns: &str, names: &[String]) -> anyhow::Result<()> {
-    let mut child = Command::new("ip").args(["-n", ns, "-force", "-batch", "-"]).stdin(Stdio::piped()).spawn()?;
+    let mut child = netdrop_tools::try_tool("ip")?.args(["-n", ns, "-force", "-batch", "-"]).stdin(Stdio::piped()).spawn()?;
     let mut stdin = child.stdin.take().context("stdin")?;
     for (i, n) in names.iter().enumerate() {
         writeln!(stdin, "link add {n} type veth peer name bp{i}")?;
@@ -277,7 +278,7 @@ struct ChurnResult {
 /// that many events earlier. Returns latency from writing the command to netdrop's event.
 fn churn(bin: &PathBuf, ns: &str, first: usize, creates: usize, rate: u32, delete_after: Option<usize>, mode: &str) -> anyhow::Result<ChurnResult> {
     let nd = Netdrop::start(bin, &["--node-netns", &format!("n={}", PathBuf::from("/run/netns").join(ns).display()), "--tc-mode", mode])?;
-    let mut child = Command::new("ip").args(["-n", ns, "-force", "-batch", "-"]).stdin(Stdio::piped()).spawn()?;
+    let mut child = netdrop_tools::try_tool("ip")?.args(["-n", ns, "-force", "-batch", "-"]).stdin(Stdio::piped()).spawn()?;
     let mut stdin = child.stdin.take().context("stdin")?;
     let mut created_at: HashMap<String, f64> = HashMap::new();
     let mut deleted_at: HashMap<String, f64> = HashMap::new();
@@ -370,7 +371,7 @@ pub fn run() -> anyhow::Result<()> {
     setup::run()?;
     let root = setup::workspace_root();
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let status = Command::new("cargo").args(["build", "--release", "-p", "netdrop"]).current_dir(&root).status()?;
+    let status = netdrop_tools::try_tool("cargo")?.args(["build", "--release", "-p", "netdrop"]).current_dir(&root).status()?;
     anyhow::ensure!(status.success(), "building netdrop failed");
     let bin = target.join("release/netdrop");
     let kernel = sh("uname", &["-r"])?.trim().to_string();

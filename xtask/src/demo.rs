@@ -6,7 +6,7 @@
 use std::{
     io::{BufRead as _, BufReader, IsTerminal as _},
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Stdio,
     sync::mpsc,
     thread,
     time::Duration,
@@ -20,7 +20,7 @@ struct LabGuard(PathBuf);
 
 impl LabGuard {
     fn lab(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(&self.0).args(args).stderr(Stdio::inherit()).output().context("running netdrop-lab")?;
+        let out = netdrop_tools::project(&self.0).args(args).stderr(Stdio::inherit()).output().context("running netdrop-lab")?;
         if !out.status.success() {
             bail!("netdrop-lab {} failed", args.join(" "));
         }
@@ -30,7 +30,7 @@ impl LabGuard {
 
 impl Drop for LabGuard {
     fn drop(&mut self) {
-        let _ = Command::new(&self.0).arg("down").stdout(Stdio::null()).status();
+        let _ = netdrop_tools::project(&self.0).arg("down").stdout(Stdio::null()).status();
     }
 }
 
@@ -38,7 +38,7 @@ pub fn run(fault: &str, seconds: u64) -> anyhow::Result<()> {
     anyhow::ensure!(nix::unistd::geteuid().is_root(), "the demo builds network namespaces and loads BPF programs: run as root");
     setup::run()?;
     let root = setup::workspace_root();
-    let status = Command::new("cargo")
+    let status = netdrop_tools::try_tool("cargo")?
         .args(["build", "--quiet", "-p", "netdrop", "-p", "netdrop-tests", "--bin", "netdrop", "--bin", "netdrop-lab"])
         .current_dir(&root)
         .status()?;
@@ -68,7 +68,7 @@ pub fn run(fault: &str, seconds: u64) -> anyhow::Result<()> {
         args.extend(["-o".into(), "text".into()]);
     }
     println!("==> netdrop {}", args.join(" "));
-    let mut nd = Command::new(root.join("target/debug/netdrop")).args(&args).stderr(Stdio::piped()).spawn()?;
+    let mut nd = netdrop_tools::project(root.join("target/debug/netdrop")).args(&args).stderr(Stdio::piped()).spawn()?;
     let stderr = nd.stderr.take().context("stderr")?;
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {

@@ -2,7 +2,7 @@
 //! the netdrop-tests crate (where the lab lives, next to the API stand-in and the end-to-end
 //! tests that use it as a guard) and runs it with the arguments given.
 
-use std::{path::PathBuf, process::Command};
+use std::path::PathBuf;
 
 use anyhow::Context as _;
 
@@ -19,7 +19,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         nix::unistd::geteuid().is_root(),
         "the lab creates network namespaces and iptables rules: run as root (sudo -E cargo xtask lab ...)"
     );
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = netdrop_tools::try_tool("cargo")?
         .args([
             "build",
             "--quiet",
@@ -33,7 +33,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         .context("running cargo build")?;
     anyhow::ensure!(status.success(), "building netdrop-lab failed");
     let bin = target_dir().join("debug/netdrop-lab");
-    let status = Command::new(&bin)
+    let status = netdrop_tools::project(&bin)
         .args(args)
         .status()
         .with_context(|| format!("running {}", bin.display()))?;

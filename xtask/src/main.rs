@@ -75,12 +75,12 @@ fn main() -> anyhow::Result<()> {
 fn run(args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
     let root = setup::workspace_root();
-    let status = std::process::Command::new("cargo")
+    let status = netdrop_tools::try_tool("cargo")?
         .args(["build", "-p", "netdrop"])
         .current_dir(&root)
         .status()?;
     anyhow::ensure!(status.success(), "building netdrop failed");
-    let mut cmd = std::process::Command::new(root.join("target/debug/netdrop"));
+    let mut cmd = netdrop_tools::project(root.join("target/debug/netdrop"));
     if args.is_empty() {
         cmd.arg("trace");
     } else {

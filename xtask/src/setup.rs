@@ -5,28 +5,10 @@
 use std::{
     env, fs,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use anyhow::{Context as _, bail};
 
-/// Debian packages the build, the tests, the benchmarks and the kernel matrix use.
-pub const PACKAGES: &[&str] = &[
-    "iproute2",        // ip, tc: namespaces and veths in tests
-    "iptables",        // iptables-nft and iptables-legacy: rule-drop tests
-    "nftables",        // nft
-    "conntrack",       // conntrack -S: the kernel's conntrack statistics
-    "util-linux",      // setpriv: the unprivileged-user test
-    "iperf3",          // benchmarks
-    "bpftrace",        // benchmark baseline
-    "kmod",            // modprobe
-    "busybox-static",  // kernel matrix: the guests' /init
-    "cpio",            // kernel matrix: initramfs
-    "xz-utils",        // kernel matrix: compressed modules
-    "zstd",            // kernel matrix: compressed modules (newer kernels)
-    "qemu-system-x86", // kernel matrix
-    "kubectl",         // checks the Kubernetes API stand-in against the real client
-];
 
 /// bpf-linker version known to build against the nightly toolchain's LLVM here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -43,21 +25,22 @@ fn is_root() -> bool {
 }
 
 fn installed(pkg: &str) -> bool {
-    Command::new("dpkg-query")
-        .args(["-W", "-f=${Status}", pkg])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+    netdrop_tools::try_tool("dpkg-query")
+        .and_then(|mut c| Ok(c.args(["-W", "-f=${Status}", pkg]).output()))
+        .is_ok_and(|o| o.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed")))
 }
 
 fn packages() -> anyhow::Result<()> {
-    if which::which("apt-get").is_err() || which::which("dpkg-query").is_err() {
+    if !netdrop_tools::available("apt-get") || !netdrop_tools::available("dpkg-query") {
         eprintln!(
             "setup: not a Debian system; install the equivalents of: {}",
-            PACKAGES.join(" ")
+            netdrop_tools::debian_packages().join(" ")
         );
         return Ok(());
     }
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    // Every package of the tool table: the one list of what the build, tests, benchmarks, lab
+    // and kernel matrix run.
+    let missing: Vec<&str> = netdrop_tools::debian_packages().into_iter().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -65,11 +48,11 @@ fn packages() -> anyhow::Result<()> {
         bail!("setup: missing Debian packages; run as root, or: sudo apt-get install -y {}", missing.join(" "));
     }
     eprintln!("setup: installing {}", missing.join(" "));
-    let status = Command::new("apt-get").args(["update", "-qq"]).status().context("apt-get update")?;
+    let status = netdrop_tools::try_tool("apt-get")?.args(["update", "-qq"]).status().context("apt-get update")?;
     if !status.success() {
         bail!("setup: apt-get update failed ({status})");
     }
-    let status = Command::new("apt-get")
+    let status = netdrop_tools::try_tool("apt-get")?
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive")
@@ -82,7 +65,7 @@ fn packages() -> anyhow::Result<()> {
 }
 
 fn nightly_sysroot() -> anyhow::Result<PathBuf> {
-    let out = Command::new("rustc")
+    let out = netdrop_tools::try_tool("rustc")?
         .args(["+nightly", "--print", "sysroot"])
         .output()
         .context("running rustc +nightly (is rustup installed?)")?;
@@ -100,7 +83,7 @@ fn rust_src() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("setup: adding rust-src to the nightly toolchain");
-    let status = Command::new("rustup")
+    let status = netdrop_tools::try_tool("rustup")?
         .args(["component", "add", "rust-src", "--toolchain", "nightly"])
         .status()
         .context("rustup component add")?;
@@ -114,7 +97,9 @@ fn rust_src() -> anyhow::Result<()> {
 /// backend). The prefix with the two symlinks lives in a stable place because the binary keeps
 /// an rpath to it.
 fn bpf_linker() -> anyhow::Result<()> {
-    if let Ok(out) = Command::new("bpf-linker").arg("--version").output()
+    // Not installed yet is the case this function exists for: no `?`.
+    if let Ok(mut cmd) = netdrop_tools::try_tool("bpf-linker")
+        && let Ok(out) = cmd.arg("--version").output()
         && out.status.success()
     {
         return Ok(());
@@ -138,7 +123,7 @@ fn bpf_linker() -> anyhow::Result<()> {
         std::os::unix::fs::symlink(&lib, &dst).with_context(|| format!("symlink {}", dst.display()))?;
     }
     eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about a minute)", lib.display());
-    let status = Command::new("cargo")
+    let status = netdrop_tools::try_tool("cargo")?
         .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features"])
         .args(["--features", &format!("llvm-{major}")])
         .env("LLVM_PREFIX", &prefix)

@@ -66,21 +66,8 @@ mod tests {
     #[test]
     fn matches_calico_rule() {
         // Computed independently: `printf default.web-0 | sha1sum`.
-        let expected = {
-            let out = std::process::Command::new("sha1sum")
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .and_then(|mut c| {
-                    use std::io::Write;
-                    c.stdin.take().expect("stdin").write_all(b"default.web-0")?;
-                    c.wait_with_output()
-                });
-            match out {
-                Ok(o) => format!("cali{}", &String::from_utf8_lossy(&o.stdout)[..11]),
-                Err(_) => return eprintln!("skipping: sha1sum not available"),
-            }
-        };
+        let out = netdrop_tools::filter("sha1sum", &[], b"default.web-0");
+        let expected = format!("cali{}", &String::from_utf8_lossy(&out)[..11]);
         assert_eq!(interface_name("default", "web-0"), expected);
         assert_eq!(parse_ifname(&expected), Some(if_key("default", "web-0")));
         assert_eq!(parse_ifname("eth0"), None);

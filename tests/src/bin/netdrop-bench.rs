@@ -5,7 +5,7 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -53,7 +53,7 @@ struct Netdrop {
 
 impl Netdrop {
     fn start(args: &[&str]) -> anyhow::Result<Self> {
-        let mut child = Command::new(netdrop_bin())
+        let mut child = netdrop_tools::project(netdrop_bin())
             .arg("trace")
             .args(args)
             .stdout(Stdio::piped())
@@ -111,12 +111,12 @@ fn snat_race(rounds: usize) -> anyhow::Result<Value> {
     let mut accuracy = Vec::new();
     for round in 0..rounds {
         // Entries of the previous phase would make every flow an insert failure at once.
-        let _ = Command::new("ip").args(["netns", "exec", &lab.node.name, "conntrack", "-F"]).output();
+        let _ = netdrop_tools::tool("ip").args(["netns", "exec", &lab.node.name, "conntrack", "-F"]).output();
         let t = Instant::now();
         let sent = send_flows(&lab.pod, 2, FLOWS / 2, "10.20.0.2:9999");
         without.push(sent as f64 / t.elapsed().as_secs_f64());
 
-        let _ = Command::new("ip").args(["netns", "exec", &lab.node.name, "conntrack", "-F"]).output();
+        let _ = netdrop_tools::tool("ip").args(["netns", "exec", &lab.node.name, "conntrack", "-F"]).output();
         let nd = Netdrop::start(&["-o", "json", "--netns", &node_arg])?;
         let before = lab.node.ct_stat("insert_failed");
         let t = Instant::now();

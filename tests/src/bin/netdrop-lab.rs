@@ -9,7 +9,7 @@ use std::{
     fs,
     io::Write as _,
     os::unix::process::CommandExt as _,
-    process::{Command, ExitCode, Stdio},
+    process::{ExitCode, Stdio},
     sync::Arc,
     thread,
     time::{Duration, Instant},
@@ -229,7 +229,7 @@ fn up(cli: &Cli, big: usize) -> anyhow::Result<()> {
     let log_path = dir.join("daemon.log");
     let log =
         fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-    let mut cmd = Command::new(std::env::current_exe()?);
+    let mut cmd = netdrop_tools::project(std::env::current_exe()?);
     if let Some(i) = inst {
         cmd.args(["--instance", i]);
     }

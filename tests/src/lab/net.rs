@@ -8,7 +8,7 @@ use std::{
     io::Write as _,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     thread,
 };
 
@@ -50,7 +50,7 @@ pub fn in_netns<T: Send + 'static>(
 /// Runs a command (in the caller's namespace), feeding `stdin`; fails with its stderr.
 pub fn cmd(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, LabError> {
     let line = format!("{program} {}", args.join(" "));
-    let mut child = Command::new(program)
+    let mut child = netdrop_tools::tool(program)
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()

@@ -389,16 +389,12 @@ mod tests {
     #[test]
     fn chain_hash_is_base32_of_sha256() {
         // Independently: printf 'default/web:httptcp' | sha256sum | xxd -r -p | base32 | cut -c1-16
-        let out = std::process::Command::new("sh")
-            .args(["-c", "printf 'default/web:httptcp' | sha256sum | cut -c1-64 | xxd -r -p | base32 | cut -c1-16"])
-            .output();
-        match out {
-            Ok(o) if o.status.success() && o.stdout.len() >= 16 => {
-                let want = String::from_utf8_lossy(&o.stdout).trim().to_string();
-                assert_eq!(chain_hash("default/web:httptcp"), want);
-            }
-            _ => eprintln!("skipping: sha256sum/xxd/base32 not available"),
-        }
+        use netdrop_tools::filter;
+        let hex = filter("sha256sum", &[], b"default/web:httptcp");
+        let digest = filter("xxd", &["-r", "-p"], &hex[..64]);
+        let b32 = filter("base32", &[], &digest);
+        let want = String::from_utf8_lossy(&b32[..16]).into_owned();
+        assert_eq!(chain_hash("default/web:httptcp"), want);
         assert_eq!(chain_hash("x").len(), 16);
     }
 

@@ -13,7 +13,7 @@ use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
     path::Path,
-    process::{Command, Stdio},
+    process::Stdio,
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -166,7 +166,7 @@ pub struct Boot<'a> {
 /// the serial console until qemu exits or the timeout kills it.
 pub fn boot(b: &Boot) -> anyhow::Result<Outcome> {
     let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
+    let mut child = netdrop_tools::try_tool("qemu-system-x86_64")?
         .args([
             "-nodefaults",
             "-no-user-config",

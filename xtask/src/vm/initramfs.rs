@@ -8,7 +8,6 @@ use std::{
     io::{self, BufWriter, Write},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::Command,
 };
 
 use anyhow::{Context as _, bail};
@@ -158,7 +157,7 @@ impl Tree {
         if !is_elf {
             return Ok(());
         }
-        let out = Command::new("ldd")
+        let out = netdrop_tools::try_tool("ldd")?
             .arg(elf)
             .output()
             .context("running ldd")?;
@@ -262,15 +261,6 @@ impl<W: Write> Cpio<W> {
     }
 }
 
-/// Finds a host program on PATH plus the sbin dirs (which a non-root PATH may lack).
-pub fn find_program(name: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':')
-        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
-
 /// Mirrors the host's merged-/usr symlinks (`/bin -> usr/bin`), so binaries' interpreter path
 /// (`/lib64/ld-linux-x86-64.so.2`) and absolute symlinks resolve in the guest as on the host.
 pub fn merged_usr(tree: &mut Tree) {
@@ -284,11 +274,10 @@ pub fn merged_usr(tree: &mut Tree) {
 /// busybox (Debian's busybox-static) with a symlink per applet, where the host does not provide
 /// the real program: the real iproute2/iptables must win over the applets for the tests.
 pub fn busybox(tree: &mut Tree) -> anyhow::Result<()> {
-    let bb = find_program("busybox")
-        .context("busybox is not installed (Debian: apt-get install busybox-static)")?;
+    let bb = netdrop_tools::path("busybox")?;
     tree.host(&bb)?;
     let bb_guest = fs::canonicalize(&bb)?.to_string_lossy().into_owned();
-    let out = Command::new(&bb)
+    let out = netdrop_tools::try_tool("busybox")?
         .arg("--list")
         .output()
         .context("running busybox --list")?;

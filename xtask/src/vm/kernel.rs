@@ -141,7 +141,7 @@ impl Apt {
     }
 
     fn command(&self, tool: &str) -> Command {
-        let mut cmd = Command::new(tool);
+        let mut cmd = netdrop_tools::tool(tool);
         let d = &self.dir;
         let opts = [
             format!("Dir::Etc::sourcelist={}", d.join("sources.list").display()),
@@ -332,7 +332,7 @@ pub fn fetch(spec: Spec, cache: &Path) -> anyhow::Result<Kernel> {
             let deb = deb_path(&debs, p, &version).with_context(|| {
                 format!("cannot fetch kernel package {p}: apt-get download left no .deb")
             })?;
-            let status = Command::new("dpkg")
+            let status = netdrop_tools::try_tool("dpkg")?
                 .arg("-x")
                 .arg(&deb)
                 .arg(&tree)
@@ -507,7 +507,7 @@ impl Resolver<'_> {
                 fs::copy(src, &tmp)?;
             }
             Some(tool) => {
-                let out = Command::new(tool)
+                let out = netdrop_tools::try_tool(tool)?
                     .args(["-dc"])
                     .arg(src)
                     .output()

@@ -85,7 +85,8 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         }
         v
     };
-    let mut libtest = Vec::new();
+    // The matrix runs the long variants too (`#[ignore = "full: ..."]`).
+    let mut libtest = vec!["--include-ignored".to_owned()];
     if args.nocapture {
         libtest.push("--nocapture".to_owned());
     }
@@ -109,7 +110,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 /// For `cargo xtask test` (CI): boots `kernels` (e.g. `&["6.1"]`) with the defaults, running
 /// only the named test binaries (`&["drops", "vm_smoke"]`; empty: all) to keep the run within
 /// its budget; errors when any kernel failed, hung or could not be fetched.
-pub fn run_kernels_tests(kernels: &[&str], tests: &[&str]) -> anyhow::Result<()> {
+pub fn run_kernels_tests(kernels: &[&str], tests: &[&str], full: bool) -> anyhow::Result<()> {
     for k in kernels {
         if kernel::spec(k).is_none() {
             bail!("unknown kernel {k:?}; the matrix has 5.10, 6.1, 6.12, 7.2");
@@ -122,7 +123,7 @@ pub fn run_kernels_tests(kernels: &[&str], tests: &[&str]) -> anyhow::Result<()>
             stall: Duration::from_mins(5),
             tests: tests.iter().map(|t| (*t).to_owned()).collect(),
             keep: false,
-            libtest_args: Vec::new(),
+            libtest_args: if full { vec!["--include-ignored".to_owned()] } else { Vec::new() },
             repeat: 1,
             console: false,
             memory: "2G".to_owned(),
@@ -222,54 +223,15 @@ const MODULES: &[&str] = &[
     "act_mirred",
 ];
 
-/// Host programs in the guest, with the Debian package that has them. Missing required ones stop
-/// the run; optional ones are left out.
-const PROGRAMS: &[(&str, &str, bool)] = &[
-    ("ip", "iproute2", true),
-    ("tc", "iproute2", true),
-    ("ss", "iproute2", true),
-    ("nstat", "iproute2", true),
-    ("bridge", "iproute2", true),
-    ("iptables", "iptables", true),
-    ("iptables-save", "iptables", true),
-    ("iptables-restore", "iptables", true),
-    ("ip6tables", "iptables", true),
-    ("iptables-nft", "iptables", true),
-    ("iptables-nft-save", "iptables", true),
-    ("iptables-nft-restore", "iptables", true),
-    ("iptables-legacy", "iptables", true),
-    ("iptables-legacy-save", "iptables", true),
-    ("iptables-legacy-restore", "iptables", true),
-    ("ip6tables-legacy", "iptables", true),
-    ("nft", "nftables", true),
-    ("conntrack", "conntrack", true),
-    // util-linux's, not busybox's (tests drop privileges with `setpriv --reuid`).
-    ("setpriv", "util-linux", false),
-    ("unshare", "util-linux", false),
-    ("nsenter", "util-linux", false),
-    ("ping", "iputils-ping", false),
-    ("socat", "socat", false),
-    ("hping3", "hping3", false),
-    ("iperf3", "iperf3", false),
-    ("bpftool", "bpftool", false),
-    ("tcpdump", "tcpdump", false),
-    ("kubectl", "kubectl", false),
-];
 
 /// Everything but the kernel modules and the payload: busybox, host tools and their libraries.
 fn base_tree() -> anyhow::Result<Tree> {
     let mut tree = Tree::default();
     initramfs::merged_usr(&mut tree);
-    for (name, package, required) in PROGRAMS {
-        match initramfs::find_program(name) {
-            Some(path) => tree
-                .host(&path)
-                .with_context(|| format!("adding {name} to the initramfs"))?,
-            None if *required => {
-                bail!("{name} is not installed on this host (Debian: apt-get install {package})")
-            }
-            None => {}
-        }
+    // The host programs the integration tests run (the tool table's `guest` entries).
+    for t in netdrop_tools::TOOLS.iter().filter(|t| t.guest) {
+        let path = netdrop_tools::path(t.name)?;
+        tree.host(&path).with_context(|| format!("adding {} to the initramfs", t.name))?;
     }
     // iptables loads its matches and targets with dlopen(): ldd cannot see them.
     for dir in glob_dirs("/usr/lib", "xtables") {
@@ -362,9 +324,9 @@ fn payload_tree(
 }
 
 /// Debug info is most of a debug binary and the guest keeps its initramfs in RAM: drop it
-/// (backtraces keep function names). Without `strip` on the host the binary goes as it is.
+/// (backtraces keep function names). Should `strip` fail, the binary goes as it is.
 fn strip(src: &Path, dst: &Path) -> PathBuf {
-    let ok = std::process::Command::new("strip")
+    let ok = netdrop_tools::tool("strip")
         .arg("--strip-debug")
         .arg("-o")
         .arg(dst)
@@ -431,9 +393,7 @@ fn run_matrix(names: &[&str], opts: &Options) -> anyhow::Result<()> {
         .iter()
         .map(|n| kernel::spec(n).with_context(|| format!("unknown kernel {n:?}")))
         .collect::<anyhow::Result<_>>()?;
-    if initramfs::find_program("qemu-system-x86_64").is_none() {
-        bail!("qemu-system-x86_64 is not installed (Debian: apt-get install qemu-system-x86)");
-    }
+    netdrop_tools::path("qemu-system-x86_64")?;
     let cache = kernel::cache_dir()?;
     fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
     let mut work = WorkDir {

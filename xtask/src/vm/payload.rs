@@ -3,7 +3,7 @@
 use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
 };
 
 use anyhow::{Context as _, bail};
@@ -65,9 +65,8 @@ fn cargo_artifacts(args: &[&str], release: bool) -> anyhow::Result<Vec<Artifact>
         .copied()
         .chain(release.then_some("--release"))
         .collect();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     eprintln!("vm-test: cargo {}", args.join(" "));
-    let mut child = Command::new(cargo)
+    let mut child = netdrop_tools::try_tool("cargo")?
         .args(&args)
         .arg("--message-format=json-render-diagnostics")
         .current_dir(workspace_root())
