@@ -76,12 +76,12 @@ pub fn have(program: &str) -> bool {
     netdrop_tools::available(program)
 }
 
-/// One line of `/proc/net/tcp{,6}` (`tcp4_seq_show`/`tcp6_seq_show`, net/ipv4/tcp_ipv4.c).
+/// One line of `/proc/net/tcp{,6}` (`tcp4_seq_show`/`tcp6_seq_show`, `net/ipv4/tcp_ipv4.c`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpSocket {
     pub local_port: u16,
     pub remote_port: u16,
-    /// `sk_state`: 0x0A LISTEN, 0x05 FIN_WAIT2; a timewait socket shows its substate.
+    /// `sk_state`: 0x0A `LISTEN`, 0x05 `FIN_WAIT2`; a timewait socket shows its substate.
     pub state: u8,
     /// The timer column: 2 a full socket's keepalive timer, 3 a timewait socket's own timer.
     pub timer: u8,
@@ -110,13 +110,13 @@ impl TcpSocket {
 }
 
 /// Shuts down `s`'s sending side and waits until the peer's kernel has acknowledged the FIN
-/// (`TCP_INFO` reports FIN_WAIT2). Closing the socket then makes it a timewait socket at once
-/// (`__tcp_close`, net/ipv4/tcp.c: "if (sk->sk_state == TCP_FIN_WAIT2) ... tcp_time_wait").
+/// (`TCP_INFO` reports `FIN_WAIT2`). Closing the socket then makes it a timewait socket at once
+/// (`__tcp_close` in `net/ipv4/tcp.c` calls `tcp_time_wait` for a `FIN_WAIT2` socket).
 ///
-/// Closing before the ACK is in (FIN_WAIT1) leaves it to the ACK, and when the ACK arrives
+/// Closing before the ACK is in (`FIN_WAIT1`) leaves it to the ACK, and when the ACK arrives
 /// while `close()` still owns the socket it is processed from the socket's backlog in
 /// `release_sock`, where `tcp_rcv_state_process` sees `sock_owned_by_user` and keeps a full
-/// orphaned FIN_WAIT2 socket on a keepalive timer instead ("Bad case. We could lose such FIN
+/// orphaned `FIN_WAIT2` socket on a keepalive timer instead ("Bad case. We could lose such FIN
 /// otherwise."). Such a socket answers segments as a full socket does (`tcp_validate_incoming`),
 /// so a test that needs a timewait socket must not leave this to timing.
 pub fn fin_and_wait_fin_wait2(s: &std::net::TcpStream) {

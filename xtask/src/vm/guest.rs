@@ -302,10 +302,9 @@ fn progress(line: &str) -> Option<String> {
         Some("booted, modules loaded".to_owned())
     } else if line.starts_with("test result:") {
         Some(line.to_owned())
-    } else if let Some(r) = line.strip_prefix("NETDROP-VM-ROUND ") {
-        Some(format!("round {r}"))
     } else {
-        None
+        line.strip_prefix("NETDROP-VM-ROUND ")
+            .map(|r| format!("round {r}"))
     }
 }
 
