@@ -39,7 +39,9 @@ pub struct DropKey {
     pub ct_state: u8,
     /// A classification the precise hooks established for this skb ([`class`]), else 0.
     pub exact_class: u8,
-    pub _pad: u8,
+    /// What the drop cost ([`effect`]), decided per packet by the kernel program, so that
+    /// counts of lost attempts and data stay exact.
+    pub effect: u8,
     /// The `ADDR_FILTER` entry the packet matched (a Service backend or frontend), else 0.
     pub tag: u32,
 }
@@ -118,6 +120,36 @@ pub mod class {
     pub const TCP_TIME_WAIT: u8 = 5;
 }
 
+/// `DropKey::effect` / `DropEvent::effect`: what a drop cost, decided in the kernel program from
+/// the packet (protocol, TCP flags, payload length), the drop reason and the receiving socket's
+/// state (`rx_sk`, Linux 6.11+).
+pub mod effect {
+    /// Not decided: the program did not parse the packet (a trace without a target or filter),
+    /// or it has no IP header. Counted as a loss.
+    pub const UNKNOWN: u8 = 0;
+    /// A connection attempt lost: a TCP SYN without ACK, or a UDP datagram (sent to the
+    /// watched address, when an address filter matched: one from it is [`DATA`]).
+    pub const ATTEMPT: u8 = 1;
+    /// Data lost: a TCP segment with payload the receiver did not have yet, a SYN-ACK, FIN or
+    /// RST, ICMP, any other protocol.
+    pub const DATA: u8 = 2;
+    /// Nothing lost: data the receiver already had ([`Config::stale_reasons`]: `TCP_OLD_DATA`,
+    /// `TCP_OLD_SEQUENCE`, `TCP_OFOMERGE`, PAWS), or a bare ACK (no payload, no SYN/FIN/RST)
+    /// TCP judged stale or duplicate ([`Config::stale_ack_reasons`]: out of window, old ACK) or
+    /// netfilter dropped as invalid (no conntrack entry): ACKs are cumulative, the next one says
+    /// the same.
+    pub const LOSSLESS: u8 = 3;
+    /// The kernel answered the segment with a reset: an ACK without SYN/RST that met a
+    /// listening socket (`TCP_FLAGS` at `tcp_v4_do_rcv`/`tcp_v6_do_rcv`, checked against the
+    /// receiving socket's LISTEN state where the kernel passes it) or no socket (`NO_SOCKET`).
+    pub const RESET: u8 = 4;
+}
+
+/// How many reasons [`Config::stale_reasons`] holds.
+pub const STALE_REASONS: usize = 6;
+/// How many reasons [`Config::stale_ack_reasons`] holds.
+pub const STALE_ACK_REASONS: usize = 4;
+
 /// One dropped packet, as sent through the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -152,7 +184,8 @@ pub struct DropEvent {
     pub ct_info: u8,
     /// [`class`] established by the precise hooks, else 0.
     pub exact_class: u8,
-    pub _pad: u8,
+    /// [`effect`], as in [`DropKey::effect`].
+    pub effect: u8,
     /// The entry's original-direction tuple (before NAT), valid when `ct_state` is
     /// unconfirmed or confirmed.
     pub ct_orig: ConntrackTuple,
@@ -229,6 +262,12 @@ pub struct KernelOffsets {
     pub tuple_dst_protonum: u32,
     /// `sock.__sk_common.skc_state` (a `u8`): read from the `kfree_skb` tracepoint's `rx_sk`.
     pub sk_state: u32,
+    /// `sk_buff._skb_refdst`: the route (`struct dst_entry *`, low bit a no-reference flag);
+    /// [`ABSENT`] when the BTF lacks it.
+    pub skb_refdst: u32,
+    /// `dst_entry.dev`: the route's device, whose namespace a drop without `skb->dev` is in;
+    /// [`ABSENT`] when the BTF lacks it.
+    pub dst_dev: u32,
 }
 
 /// Fields of the classic `skb/kfree_skb` tracepoint record, from its tracefs `format` file.
@@ -305,7 +344,22 @@ pub struct Config {
     /// This kernel's `TCP_TW_SYN` (`enum tcp_tw_status`): a SYN that reopens the connection
     /// leaves the TIME_WAIT socket for a listener and is not marked.
     pub tw_syn_status: u32,
-    pub _pad3: u32,
+    /// 1: read the receiving socket (`rx_sk`) to tell `TIME_WAIT` segments; `--tw-hook` may pick
+    /// another way while `rx_sk` still gives the namespace and the LISTEN state.
+    pub rx_sk_timewait: u32,
+    /// Reasons that mean the receiver already had the segment's data ([`effect::LOSSLESS`]):
+    /// `TCP_OLD_DATA`, `TCP_OLD_SEQUENCE`, `TCP_OFOMERGE`, `TCP_RFC7323_PAWS`,
+    /// `TCP_RFC7323_PAWS_ACK`; [`ABSENT`] for those this kernel does not have.
+    pub stale_reasons: [u32; STALE_REASONS],
+    /// Reasons that make a bare ACK stale ([`effect::LOSSLESS`]): `TCP_INVALID_SEQUENCE`,
+    /// `TCP_OLD_ACK`, `TCP_TOO_OLD_ACK`, `TCP_INVALID_ACK_SEQUENCE`.
+    pub stale_ack_reasons: [u32; STALE_ACK_REASONS],
+    /// This kernel's `TCP_FLAGS` reason: an ACK freed with it met a listening socket, which
+    /// answers with a reset ([`effect::RESET`]); [`ABSENT`] without it.
+    pub tcp_flags_reason: u32,
+    /// This kernel's `NO_SOCKET` reason: a segment without SYN/RST freed with it was answered
+    /// with a reset; [`ABSENT`] without it.
+    pub no_socket_reason: u32,
 }
 
 /// `Config::l4_proto` value that matches every protocol (IP protocol numbers stop at 255).
@@ -339,6 +393,8 @@ impl Config {
             tuple_dst_port: 0,
             tuple_dst_protonum: 0,
             sk_state: 0,
+            skb_refdst: 0,
+            dst_dev: 0,
         },
         tracepoint: TracepointLayout { skbaddr: 0, location: 0, reason: ABSENT, rx_sk: ABSENT },
         btf_has_reason: 0,
@@ -363,7 +419,11 @@ impl Config {
         btf_has_rx_sk: 0,
         timewait_marks: 0,
         tw_syn_status: ABSENT,
-        _pad3: 0,
+        rx_sk_timewait: 0,
+        stale_reasons: [ABSENT; STALE_REASONS],
+        stale_ack_reasons: [ABSENT; STALE_ACK_REASONS],
+        tcp_flags_reason: ABSENT,
+        no_socket_reason: ABSENT,
     };
 
     /// Whether a drop with `reason` becomes an event.
@@ -423,8 +483,8 @@ mod tests {
         assert_eq!(size_of::<DropKey>(), 24);
         assert_eq!(size_of::<ConntrackTuple>(), 40);
         assert_eq!(size_of::<DropEvent>(), 8 * 3 + 4 * 4 + 2 * 2 + 4 + IFNAMSIZ + 8 + 40 + 8 + HEADER_BYTES);
-        assert_eq!(size_of::<KernelOffsets>(), 24 * 4);
-        assert_eq!(size_of::<Config>(), 280);
+        assert_eq!(size_of::<KernelOffsets>(), 26 * 4);
+        assert_eq!(size_of::<Config>(), 336);
         assert_eq!(size_of::<AddrKey>(), 20);
     }
 
@@ -496,7 +556,9 @@ pub struct TcDestKey {
 }
 
 /// Per-CPU attempt counts of one destination, indexed by direction ([`TC_DIR_FROM_POD`]: a pod
-/// on a watched interface opened it; [`TC_DIR_TO_POD`]: it was delivered to a watched pod).
+/// on a watched interface sent it; [`TC_DIR_TO_POD`]: it was delivered to a watched pod). An
+/// attempt is a TCP SYN without ACK (retransmissions included) or a UDP datagram — every one,
+/// not only a flow's first: drops are counted per datagram too.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TcDestCounters {

@@ -21,7 +21,7 @@ use aya_ebpf::{
 };
 use netdrop_common::{
     ABSENT, ANY_PROTO, AddrKey, Config, ConntrackTuple, DropEvent, DropKey, HEADER_BYTES, IFNAMSIZ,
-    REASON_BITMAP_BITS, RateWindow, class, ct, stat,
+    REASON_BITMAP_BITS, RateWindow, STALE_ACK_REASONS, STALE_REASONS, class, ct, effect, stat,
 };
 
 mod tc;
@@ -69,6 +69,8 @@ const MARK_MAX_AGE_NS: u64 = 1_000_000_000;
 /// `TCP_TIME_WAIT` in `enum { TCP_ESTABLISHED = 1, ... }` (include/net/tcp_states.h), the
 /// state of every timewait socket, also of an orphaned FIN_WAIT2 one (its substate differs).
 const TCP_STATE_TIME_WAIT: u8 = 6;
+/// `TCP_LISTEN` in the same enum.
+const TCP_STATE_LISTEN: u8 = 10;
 /// `NF_DROP` verdict.
 const NF_DROP: i64 = 0;
 
@@ -147,6 +149,23 @@ struct Packet {
     dport: u16,
     /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ...); 0 for other protocols.
     tcp_flags: u8,
+    /// TCP payload bytes, from the IP and TCP header lengths; 0 for other protocols.
+    payload_len: u32,
+}
+
+/// What the drop accounting needs from the L4 header.
+#[derive(Clone, Copy)]
+struct L4 {
+    proto: u32,
+    tcp_flags: u8,
+    payload_len: u32,
+}
+
+impl L4 {
+    #[inline(always)]
+    fn of(p: &Packet) -> Self {
+        Self { proto: p.proto, tcp_flags: p.tcp_flags, payload_len: p.payload_len }
+    }
 }
 
 const TCP_FIN: u8 = 0x01;
@@ -162,11 +181,11 @@ const HEADER_UNSET: u16 = 0xffff;
 fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Result<(), i64> {
     if conf!(read_skb) == 0 {
         // No BTF, so no offsets: the "counts only" mode counts by (reason, location), no events.
-        count(DropKey { location, reason, netns: 0, ip_version: 0, ct_state: 0, exact_class: 0, _pad: 0, tag: 0 });
+        count(DropKey { location, reason, netns: 0, ip_version: 0, ct_state: 0, exact_class: 0, effect: effect::UNKNOWN, tag: 0 });
         return Ok(());
     }
     let dev: *const u8 = read(skb, conf!(offsets.skb_dev))?;
-    let netns = netns_of(skb, dev);
+    let netns = netns_of(skb, dev, rx_sk);
     let want_netns = conf!(netns);
     if want_netns != 0 && netns != want_netns {
         return Ok(());
@@ -183,8 +202,11 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     let want_family = conf!(ip_family);
     let want_addrs = conf!(addr_filter) != 0;
     let mut tag = 0u32;
-    // (protocol, TCP flags) once parsed, so that the classification below does not parse again.
-    let mut l4: Option<(u32, u8)> = None;
+    // The watched address is the packet's source: a reply (or the target's own flow), not an
+    // attempt towards it.
+    let mut tag_from_src = false;
+    // The L4 header once parsed, so that the classification below does not parse again.
+    let mut l4: Option<L4> = None;
     if want_proto != ANY_PROTO || want_port != 0 || want_family != 0 || want_addrs {
         if !has_l3 {
             return Ok(());
@@ -192,11 +214,12 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
         let head: *const u8 = read(skb, conf!(offsets.skb_head))?;
         let th: u16 = read(skb, conf!(offsets.skb_transport_header))?;
         let pkt = parse(head, nh, th, l3_proto)?;
-        l4 = Some((pkt.proto, pkt.tcp_flags));
+        l4 = Some(L4::of(&pkt));
         if want_addrs {
             tag = addr_tag(&pkt.daddr, pkt.dport, pkt.proto);
             if tag == 0 {
                 tag = addr_tag(&pkt.saddr, pkt.sport, pkt.proto);
+                tag_from_src = true;
             }
             if tag == 0 {
                 return Ok(());
@@ -230,11 +253,11 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     let exact_class = if conf!(precise_conntrack) != 0 && is_netfilter {
         take_mark(skb as u64)
     } else if has_l3 && reason == conf!(not_specified_reason) {
-        let l4 = l4.or_else(|| l4_of(skb, nh, l3_proto));
+        l4 = l4.or_else(|| l4_of(skb, nh, l3_proto));
         // Only a TCP segment can be a timewait socket's: other protocols (a UDP storm on kernels
         // without reasons, where every drop is "NOT_SPECIFIED") skip the socket read and the
         // mark lookup.
-        if matches!(l4, Some((6, _))) && took_by_timewait(skb, rx_sk) {
+        if matches!(l4, Some(L4 { proto: 6, .. })) && took_by_timewait(skb, rx_sk) {
             class::TCP_TIME_WAIT
         } else {
             tcp_class(l4)
@@ -242,7 +265,16 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     } else {
         0
     };
-    count(DropKey { location, reason, netns, ip_version, ct_state, exact_class, _pad: 0, tag });
+    // Decided only where the header was parsed anyway (every target trace and filtered trace):
+    // a plain trace of a drop storm pays no extra read.
+    let effect = match l4 {
+        Some(l4) => effect_of(reason, l4, rx_sk, is_netfilter && ct_state & ct::STATE_MASK == ct::NONE && conf!(conntrack) != 0),
+        None => effect::UNKNOWN,
+    };
+    // A datagram or SYN from the watched address (a backend's reply) is data lost, not an
+    // attempt to it: a backend's attempts are what was sent to it.
+    let effect = if tag_from_src && effect == effect::ATTEMPT { effect::DATA } else { effect };
+    count(DropKey { location, reason, netns, ip_version, ct_state, exact_class, effect, tag });
 
     if !emits(reason) || (!has_l3 && reason == conf!(quiet_reason_without_ip)) || !rate_allows() {
         return Ok(());
@@ -291,7 +323,7 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     ev.ct_state = ct_state;
     ev.ct_info = ct_info;
     ev.exact_class = exact_class;
-    ev._pad = 0;
+    ev.effect = effect;
     ev.ct_orig = ConntrackTuple::default();
     ev.tag = tag;
     ev._pad2 = 0;
@@ -498,7 +530,7 @@ fn recall_skb(slot: u32) -> Option<u64> {
 /// socket), else the timewait hooks' mark.
 #[inline(always)]
 fn took_by_timewait(skb: *const u8, rx_sk: *const u8) -> bool {
-    if !rx_sk.is_null() {
+    if conf!(rx_sk_timewait) != 0 {
         return read::<u8>(rx_sk, conf!(offsets.sk_state)).is_ok_and(|s| s == TCP_STATE_TIME_WAIT);
     }
     conf!(timewait_marks) != 0 && take_mark(skb as u64) == class::TCP_TIME_WAIT
@@ -543,37 +575,112 @@ pub fn tw_return(ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// The drop's network namespace: the device's, else the socket's (locally generated packets
-/// freed before they reach a device), else 0.
+/// The drop's network namespace: the device's; else the receiving socket's (`rx_sk`, 6.11+:
+/// `tcp_v4_rcv` clears `skb->dev` of every segment it hands to a full socket, and has stolen
+/// `skb->sk`); else the skb's own socket's (locally generated packets freed before a device);
+/// else the route's device's (`skb_dst`, still attached on receive until TCP queues the data);
+/// else 0, unknown.
+/// <https://github.com/torvalds/linux/blob/v6.18/net/ipv4/tcp_ipv4.c> (`tcp_v4_rcv`: "This is
+/// the only place where skb->dev is cleared")
 #[inline(always)]
-fn netns_of(skb: *const u8, dev: *const u8) -> u32 {
-    let net: Result<*const u8, i64> = if dev.is_null() {
-        match read::<*const u8>(skb, conf!(offsets.skb_sk)) {
-            Ok(sk) if !sk.is_null() => read(sk, conf!(offsets.sk_net)),
-            _ => return 0,
-        }
+fn netns_of(skb: *const u8, dev: *const u8, rx_sk: *const u8) -> u32 {
+    let net: *const u8 = if !dev.is_null() {
+        read(dev, conf!(offsets.dev_nd_net)).unwrap_or(core::ptr::null())
+    } else if !rx_sk.is_null() {
+        // Full, request and timewait sockets all start with `struct sock_common`.
+        read(rx_sk, conf!(offsets.sk_net)).unwrap_or(core::ptr::null())
     } else {
-        read(dev, conf!(offsets.dev_nd_net))
+        match read::<*const u8>(skb, conf!(offsets.skb_sk)) {
+            Ok(sk) if !sk.is_null() => read(sk, conf!(offsets.sk_net)).unwrap_or(core::ptr::null()),
+            _ => net_of_route(skb),
+        }
     };
-    match net {
-        Ok(net) if !net.is_null() => read(net, conf!(offsets.net_ns_inum)).unwrap_or(0),
-        _ => 0,
+    if net.is_null() {
+        return 0;
     }
+    read(net, conf!(offsets.net_ns_inum)).unwrap_or(0)
 }
 
-/// (protocol, TCP flags) of the skb, read only when a filter has not parsed it already.
+/// `dev_net(skb_dst(skb)->dev)`, or null without a route.
 #[inline(always)]
-fn l4_of(skb: *const u8, nh: u16, l3_proto: u16) -> Option<(u32, u8)> {
+fn net_of_route(skb: *const u8) -> *const u8 {
+    if conf!(offsets.dst_dev) == ABSENT || conf!(offsets.skb_refdst) == ABSENT {
+        return core::ptr::null();
+    }
+    // `SKB_DST_PTRMASK`: the low bit is `SKB_DST_NOREF`.
+    let refdst: u64 = read(skb, conf!(offsets.skb_refdst)).unwrap_or(0) & !1;
+    if refdst == 0 {
+        return core::ptr::null();
+    }
+    let dev: *const u8 = read(refdst as *const u8, conf!(offsets.dst_dev)).unwrap_or(core::ptr::null());
+    if dev.is_null() {
+        return core::ptr::null();
+    }
+    read(dev, conf!(offsets.dev_nd_net)).unwrap_or(core::ptr::null())
+}
+
+/// The L4 header of the skb, read only when a filter has not parsed it already.
+#[inline(always)]
+fn l4_of(skb: *const u8, nh: u16, l3_proto: u16) -> Option<L4> {
     let head: *const u8 = read(skb, conf!(offsets.skb_head)).ok()?;
     let th: u16 = read(skb, conf!(offsets.skb_transport_header)).ok()?;
-    parse(head, nh, th, l3_proto).ok().map(|p| (p.proto, p.tcp_flags))
+    parse(head, nh, th, l3_proto).ok().map(|p| L4::of(&p))
+}
+
+/// What the drop cost ([`effect`]): by protocol and TCP flags, the reason, and the receiving
+/// socket's state where the kernel passes it. `no_conntrack`: a NETFILTER_DROP of a packet
+/// without a conntrack entry (an invalid one, e.g. kube-proxy's `--ctstate INVALID -j DROP`).
+#[inline(always)]
+fn effect_of(reason: u32, l4: L4, rx_sk: *const u8, no_conntrack: bool) -> u8 {
+    match l4.proto {
+        // UDP and UDP-Lite: every datagram is an attempt of its own.
+        17 | 136 => return effect::ATTEMPT,
+        6 => {}
+        _ => return effect::DATA,
+    }
+    let flags = l4.tcp_flags;
+    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return effect::ATTEMPT;
+    }
+    if flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK {
+        // An ACK (with or without data) a listening socket or no socket received: the kernel
+        // sends a reset. `tcp_rcv_state_process` returns TCP_FLAGS for an ACK in LISTEN and
+        // `tcp_v4_do_rcv` resets (6.10+); `tcp_v4_rcv`'s `no_tcp_socket` resets anything but a
+        // RST. Where the kernel passes the socket, it must be the listener.
+        // <https://github.com/torvalds/linux/blob/v6.18/net/ipv4/tcp_input.c> (`tcp_rcv_state_process`)
+        let listener = rx_sk.is_null() || read::<u8>(rx_sk, conf!(offsets.sk_state)).is_ok_and(|s| s == TCP_STATE_LISTEN);
+        if (reason == conf!(tcp_flags_reason) && listener) || reason == conf!(no_socket_reason) {
+            return effect::RESET;
+        }
+    }
+    let mut i = 0;
+    while i < STALE_REASONS {
+        if reason == conf!(stale_reasons[i]) {
+            return effect::LOSSLESS;
+        }
+        i += 1;
+    }
+    if l4.payload_len == 0 && flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+        // A bare ACK: ACKs are cumulative, so a stale one loses nothing.
+        if no_conntrack {
+            return effect::LOSSLESS;
+        }
+        let mut i = 0;
+        while i < STALE_ACK_REASONS {
+            if reason == conf!(stale_ack_reasons[i]) {
+                return effect::LOSSLESS;
+            }
+            i += 1;
+        }
+    }
+    effect::DATA
 }
 
 /// [`class::TCP_FIN_OR_RST`] or [`class::TCP_SYN`] for a TCP segment with those flags, else 0
 /// (asked only for NOT_SPECIFIED drops).
 #[inline(always)]
-fn tcp_class(l4: Option<(u32, u8)>) -> u8 {
-    let Some((6, flags)) = l4 else {
+fn tcp_class(l4: Option<L4>) -> u8 {
+    let Some(L4 { proto: 6, tcp_flags: flags, .. }) = l4 else {
         return 0;
     };
     if flags & (TCP_FIN | TCP_RST) != 0 {
@@ -587,8 +694,10 @@ fn tcp_class(l4: Option<(u32, u8)>) -> u8 {
 
 #[inline(always)]
 fn parse(head: *const u8, nh: u16, th: u16, l3_proto: u16) -> Result<Packet, i64> {
-    let mut pkt = Packet { proto: 0, saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, tcp_flags: 0 };
+    let mut pkt = Packet { proto: 0, saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, tcp_flags: 0, payload_len: 0 };
     let l4_off: u32;
+    // IP payload bytes (L4 header included).
+    let l3_payload: u32;
     let mut first_fragment = true;
     if l3_proto == ETH_P_IP {
         let ip: [u8; 20] = read(head, u32::from(nh))?;
@@ -597,6 +706,7 @@ fn parse(head: *const u8, nh: u16, th: u16, l3_proto: u16) -> Result<Packet, i64
         pkt.daddr[..4].copy_from_slice(&ip[16..20]);
         // Only the first fragment (offset 0) carries the L4 header.
         first_fragment = (u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff) == 0;
+        l3_payload = u32::from(u16::from_be_bytes([ip[2], ip[3]])).saturating_sub(u32::from(ip[0] & 0x0f) * 4);
         l4_off = if th != HEADER_UNSET && th > nh {
             u32::from(th)
         } else {
@@ -609,6 +719,7 @@ fn parse(head: *const u8, nh: u16, th: u16, l3_proto: u16) -> Result<Packet, i64
         pkt.proto = u32::from(ip[6]);
         pkt.saddr.copy_from_slice(&ip[8..24]);
         pkt.daddr.copy_from_slice(&ip[24..40]);
+        l3_payload = u32::from(u16::from_be_bytes([ip[4], ip[5]]));
         l4_off = u32::from(nh) + 40;
     }
     // TCP, UDP, SCTP and UDP-Lite start with the two ports.
@@ -618,6 +729,7 @@ fn parse(head: *const u8, nh: u16, th: u16, l3_proto: u16) -> Result<Packet, i64
         pkt.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
         pkt.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
         pkt.tcp_flags = tcp[13];
+        pkt.payload_len = l3_payload.saturating_sub(u32::from(tcp[12] >> 4) * 4);
     } else if first_fragment && matches!(pkt.proto, 17 | 132 | 136) {
         let ports: [u8; 4] = read(head, l4_off)?;
         pkt.sport = u16::from_be_bytes([ports[0], ports[1]]);

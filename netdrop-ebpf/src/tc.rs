@@ -1,6 +1,7 @@
 //! Passive tc programs for the host side of workload veths (`cali*`): count what each pod sends
 //! (tc ingress) and receives (tc egress), exactly and per CPU, with connection attempts (TCP SYN
-//! without ACK, first UDP packet of a flow) and attempts per chosen destination.
+//! without ACK, first UDP packet of a flow) and attempts per chosen destination (TCP SYNs and
+//! every UDP datagram: the unit drops are counted in, so ratios compare like with like).
 //!
 //! They never change a verdict: both return `TC_ACT_UNSPEC`, which is also `TCX_NEXT`, so the
 //! next program in the TCX chain or the next clsact filter (Calico's, Cilium's) runs as if we were
@@ -114,12 +115,12 @@ fn account<const DIR: u32>(ctx: &TcContext) {
         bump(tc_stat::SHORT_PACKETS);
         return;
     };
-    let Some(dest) = attempt else { return };
+    let Some((dest, new_flow)) = attempt else { return };
     // SAFETY: as above.
     unsafe {
         if dest.proto == IPPROTO_TCP {
             (*counters).tcp_syn += 1;
-        } else {
+        } else if new_flow {
             (*counters).udp_new += 1;
         }
     }
@@ -129,10 +130,11 @@ fn account<const DIR: u32>(ctx: &TcContext) {
     }
 }
 
-/// The destination of a connection attempt (TCP SYN without ACK, or the first UDP packet of a
-/// flow), `None` for any other packet. `Err` when the IP or L4 header cannot be read.
+/// The destination of an attempt (a TCP SYN without ACK, or a UDP datagram) and whether it
+/// starts a flow (always for a SYN; for UDP, a 5-tuple unseen for the flow timeout), `None` for
+/// any other packet. `Err` when the IP or L4 header cannot be read.
 #[inline(always)]
-fn classify(ctx: &TcContext, ifindex: u32, ethertype: u16) -> Result<Option<TcDestKey>, i64> {
+fn classify(ctx: &TcContext, ifindex: u32, ethertype: u16) -> Result<Option<(TcDestKey, bool)>, i64> {
     let mut dest = TcDestKey { addr: [0; 16], port: 0, proto: 0, family: 0 };
     let mut saddr = [0u8; 16];
     let l4_off: usize;
@@ -164,19 +166,16 @@ fn classify(ctx: &TcContext, ifindex: u32, ethertype: u16) -> Result<Option<TcDe
             return Ok(None);
         }
         dest.port = u16::from_be_bytes([tcp[2], tcp[3]]);
-        return Ok(Some(dest));
+        return Ok(Some((dest, true)));
     }
-    if dest.proto != IPPROTO_UDP || tc_conf!(udp_flows) == 0 {
+    if dest.proto != IPPROTO_UDP {
         return Ok(None);
     }
     let udp: [u8; 4] = ctx.load(l4_off).map_err(|e| e as i64)?;
     let sport = u16::from_be_bytes([udp[0], udp[1]]);
     dest.port = u16::from_be_bytes([udp[2], udp[3]]);
-    if new_udp_flow(ifindex, &saddr, sport, &dest) {
-        Ok(Some(dest))
-    } else {
-        Ok(None)
-    }
+    let new_flow = tc_conf!(udp_flows) != 0 && new_udp_flow(ifindex, &saddr, sport, &dest);
+    Ok(Some((dest, new_flow)))
 }
 
 /// Whether this UDP packet starts a flow on this interface: its (normalised) 5-tuple was not

@@ -20,6 +20,8 @@ pub struct ReasonRow {
     pub reason: String,
     pub reason_code: u32,
     pub location: String,
+    /// `null` when the kernel left no way to tell.
+    #[serde(serialize_with = "classify::netns_or_null")]
     pub netns: u32,
     /// `ipv4`, `ipv6`, or `none` for skbs without an IP header.
     pub ip: &'static str,
@@ -31,6 +33,9 @@ pub struct ReasonRow {
     pub certainty: Certainty,
     /// The packets' conntrack state (`none`, `unconfirmed`, ...).
     pub conntrack: &'static str,
+    /// What the drops cost (`attempt`, `data`, `lossless`, `reset`, `unknown`), decided per
+    /// packet in the kernel.
+    pub effect: classify::Effect,
     /// The watched address the packets matched (`--svc`: a backend, or the frontend), else 0.
     #[serde(skip_serializing_if = "is_zero")]
     pub tag: u32,
@@ -159,6 +164,7 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
             classification,
             certainty,
             conntrack: classify::ct_state_name(k.ct_state),
+            effect: classify::Effect::from_raw(k.effect),
             tag: k.tag,
         })
         .collect();
@@ -218,6 +224,9 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
                 classify::hint(classify::TABLE_FULL).unwrap_or_default()
             ));
         }
+        if d.clash_resolve > 0 {
+            s.hints.push(format!("netns {netns}: {} conntrack clashes resolved: {}", d.clash_resolve, classify::CLASH_RESOLVED));
+        }
         if d.insert_failed > 0 {
             s.hints.push(format!(
                 "netns {netns}: {} conntrack insert failures ({:.0}/s): {}",
@@ -264,7 +273,7 @@ mod tests {
             ip_version,
             ct_state: 0,
             exact_class: 0,
-            _pad: 0,
+            effect: 0,
             tag: 0,
         };
         let teardown = DropKey { location: 0x20b9, ..key(2, 4) };
@@ -294,5 +303,32 @@ mod tests {
         assert_eq!(s.lost_events, 3);
         assert_eq!(s.drops.len(), 5, "zero rows are left out");
         assert_eq!(s.drops[0].count, 40);
+    }
+
+    #[test]
+    fn resolved_clashes_are_said_to_have_dropped_nothing() {
+        let reasons = ReasonTable::from_print_fmt(r#"__print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" })"#).expect("table");
+        let cfg = Config::DEFAULT;
+        let syms = std::sync::Arc::new(KernelSymbols::parse("0000000000001000 t udp_rcv\n"));
+        let vis = Visibility::new(&cfg, true, syms.clone());
+        let classify = |k: &DropKey| (k.reason.to_string(), Certainty::Exact);
+        let ct = CtStats { count: 10, max: 1000, clash_resolve: 3, ..CtStats::default() };
+        let ctx = SummaryContext {
+            reasons: &reasons,
+            symbols: &syms,
+            visibility: &vis,
+            node: "n1",
+            hook: "tp_btf/kfree_skb",
+            conntrack_hook: "off",
+            timewait_hook: "rx_sk",
+            classify: &classify,
+            conntrack: vec![(9, ct)],
+        };
+        let s = summarize(&KernelCounts::default(), &ctx, 1.0, 0);
+        assert_eq!(s.drops_total, 0);
+        assert_eq!(s.conntrack[0].clash_resolve, 3);
+        assert_eq!(s.hints.len(), 1, "{:?}", s.hints);
+        assert!(s.hints[0].starts_with("netns 9: 3 conntrack clashes resolved"), "{:?}", s.hints);
+        assert!(s.hints[0].contains("nothing was lost"), "{:?}", s.hints);
     }
 }

@@ -27,6 +27,50 @@ use serde::Serialize;
 
 use crate::{conntrack::Evidence, reasons::ReasonTable};
 
+/// What a drop cost, as the kernel program decided it per packet (`netdrop_common::effect`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Effect {
+    /// The packet was not parsed (a trace without a target or filter) or has no IP header;
+    /// counted as a loss.
+    Unknown,
+    /// A TCP SYN or a UDP datagram: a lost attempt.
+    Attempt,
+    /// A segment with data the receiver did not have, a SYN-ACK/FIN/RST, ICMP, other protocols.
+    Data,
+    /// A bare ACK TCP discarded, or data the receiver already had: nothing lost.
+    Lossless,
+    /// The kernel answered with a reset (an ACK that met a listening socket or no socket).
+    Reset,
+}
+
+impl Effect {
+    pub fn from_raw(v: u8) -> Self {
+        use netdrop_common::effect as e;
+        match v {
+            e::ATTEMPT => Self::Attempt,
+            e::DATA => Self::Data,
+            e::LOSSLESS => Self::Lossless,
+            e::RESET => Self::Reset,
+            _ => Self::Unknown,
+        }
+    }
+
+    /// Whether the drop lost an attempt or data (what drop counts and ratios count).
+    pub fn loses(self) -> bool {
+        matches!(self, Self::Unknown | Self::Attempt | Self::Data)
+    }
+}
+
+/// Serializes a namespace inode, 0 (the kernel gave no way to tell) as `null`. Generic over
+/// the integer only because serde's `serialize_with` hands a reference.
+pub fn netns_or_null<T: Copy + Into<u64>, S: serde::Serializer>(netns: &T, s: S) -> Result<S::Ok, S::Error> {
+    match (*netns).into() {
+        0 => s.serialize_none(),
+        n => s.serialize_u64(n),
+    }
+}
+
 /// Reasons that are end-of-life frees, never network drops.
 pub const BENIGN_REASONS: &[&str] =
     &["NOT_DROPPED_YET", "CONSUMED", "SOCKET_CLOSE", "QUEUE_PURGE", "UNIX_DISCONNECT", "UNIX_SKIP_OOB"];
@@ -128,6 +172,21 @@ pub const INSERT_FAILED: &str = "conntrack_insert_failed";
 pub const TABLE_FULL: &str = "conntrack_table_full";
 pub const INVALID: &str = "conntrack_invalid";
 pub const BLACKHOLE: &str = "route_blackhole";
+/// Out-of-order TCP data a socket still held when it was destroyed: a segment before it never
+/// arrived, so it could never be delivered. A consequence of another loss (e.g. a path-MTU black
+/// hole), seen on the receiver once the connection is aborted. Freed by `skb_rbtree_purge` on
+/// `tp->out_of_order_queue` (`tcp_v4_destroy_sock`, `tcp_disconnect`), no reason given; pruning
+/// under memory pressure has its own reason (`TCP_OFO_QUEUE_PRUNE`).
+/// <https://github.com/torvalds/linux/blob/v6.18/net/ipv4/tcp_ipv4.c> (`tcp_v4_destroy_sock`)
+pub const OFO_PURGED: &str = "tcp_ofo_purged";
+const OFO_PURGE_SITE: &str = "skb_rbtree_purge";
+/// `PKT_TOO_BIG`: forwarded, larger than the next hop's MTU, Don't Fragment set.
+pub const PKT_TOO_BIG: &str = "pkt_too_big";
+/// `IP_INNOROUTES`: no route on input (a forwarding host without a route to the destination).
+pub const NO_ROUTE: &str = "ip_innoroutes";
+
+/// What the conntrack statistics' `clash_resolve` rise means, for summaries and diagnoses.
+pub const CLASH_RESOLVED: &str = "packets of one new flow (parallel DNS A/AAAA queries from one socket) raced to create the same conntrack entry; Linux 5.6+ keeps the later packet (NF_ACCEPT, counted in `conntrack -S` clash_resolve) instead of dropping it, so nothing was lost to this race";
 
 /// TCP's receive entry points: a `NOT_SPECIFIED` segment freed here after a TIME_WAIT socket
 /// (or an orphaned FIN_WAIT2 one) took it — see [`TCP_TEARDOWN`].
@@ -197,6 +256,9 @@ pub fn classify(
     if reason == "NOT_SPECIFIED" && function.is_some_and(|f| BLACKHOLE_SITES.contains(&f)) {
         return (BLACKHOLE.into(), Certainty::Exact);
     }
+    if reason == "NOT_SPECIFIED" && function == Some(OFO_PURGE_SITE) {
+        return (OFO_PURGED.into(), Certainty::Exact);
+    }
     if is_tcp_teardown(function, exact_class) {
         return (TCP_TEARDOWN.into(), Certainty::Exact);
     }
@@ -263,11 +325,14 @@ pub fn ct_state_name(ct_state: u8) -> &'static str {
 pub fn hint(classification: &str) -> Option<&'static str> {
     Some(match classification {
         NETFILTER_RULE => "a firewall rule dropped it: find the chain with `iptables-save -c | grep -- '-j DROP'` or `nft list ruleset` (NetworkPolicy: `kubectl get networkpolicy -A`, Calico: `calicoctl get networkpolicy`)",
-        INSERT_FAILED => "conntrack insert failures: the SNAT/DNAT race on new flows (classic with DNS over UDP): spread source ports (`--random-fully` on MASQUERADE), use TCP or NodeLocal DNSCache for DNS, and watch `conntrack -S` insert_failed",
+        INSERT_FAILED => "conntrack insert failures: a new flow's tuple, after NAT, is already taken. Usually SNAT port exhaustion (many connections from one node address to one destination:port; compare `conntrack -L -d <dest> | wc -l` with the MASQUERADE/SNAT port range, add egress IPs or a NAT gateway, reuse connections); before Linux 5.6 also the UDP DNAT race of parallel DNS queries (A/AAAA from one socket: NodeLocal DNSCache, `single-request-reopen`). Watch `conntrack -S` insert_failed",
         TABLE_FULL => "the conntrack table is full: raise net.netfilter.nf_conntrack_max (and hashsize), shorten nf_conntrack_tcp_timeout_established/time_wait, find who opens so many flows (`conntrack -L | awk ...`)",
         INVALID => "conntrack marked the packets INVALID and a rule dropped them: asymmetric routing, out-of-window TCP, or a too-short timeout; check `conntrack -S` invalid and net.netfilter.nf_conntrack_tcp_be_liberal",
         "no_socket" => "nothing listens on that port: the backend is not listening on targetPort, or the process is down",
         "tcp_listen_overflow" => "the listener's accept queue is full: the application accepts too slowly for its backlog; raise the backlog (its listen() argument, capped by net.core.somaxconn), add workers or replicas, and watch `nstat -az TcpExtListenOverflows`",
+        PKT_TOO_BIG => "larger than the next hop's MTU with Don't Fragment set, dropped where it was forwarded (`nstat IpFragFails`): the ICMP 'fragmentation needed' sent back should make the sender shrink its packets; if large transfers keep stalling while small requests work, that ICMP is filtered (a path-MTU black hole). Make the pods' MTU fit the overlay (Calico: veth MTU = link MTU - 50 for VXLAN, - 20 for IP-in-IP), allow ICMP type 3 code 4 between nodes, or clamp the TCP MSS",
+        OFO_PURGED => "out-of-order data the receiving socket held until the connection ended: a segment before it never arrived, so this data could not be delivered. It follows from a loss elsewhere on the path (see the other drops: too-big packets, a rule, a missing route), it is not the cause",
+        NO_ROUTE => "no route to the destination where it was dropped (`nstat IpInNoRoutes`): for a pod address, the node that sent it lost its route to that pod's block (Calico BGP: `calicoctl node status`, `ip route | grep bird` on the sending node; `ip route get <pod IP>`). A drop outside the nodes (an upstream router) means the node sent it to its default gateway",
         BLACKHOLE => "a blackhole route took it: the node has no more specific route to the destination (Calico blackholes each node's IPAM block, so a local pod whose /32 route is missing lands here): run `ip route get <pod IP>` on that node and check calico-node/felix logs",
         _ => return None,
     })
@@ -316,6 +381,14 @@ mod class_tests {
     fn unspecified_drops_at_blackhole_sites_are_blackhole_routes() {
         assert_eq!(classify("NOT_SPECIFIED", Some("ip_error"), 0, 0, &NO_EVIDENCE), (BLACKHOLE.into(), Certainty::Exact));
         assert_eq!(classify("NOT_SPECIFIED", Some("tcp_v4_rcv"), 0, 0, &NO_EVIDENCE).0, "not_specified");
+    }
+
+    #[test]
+    fn purged_out_of_order_data_is_named() {
+        assert_eq!(classify("NOT_SPECIFIED", Some("skb_rbtree_purge"), 0, 0, &NO_EVIDENCE), (OFO_PURGED.into(), Certainty::Exact));
+        assert!(hint(OFO_PURGED).is_some_and(|h| h.contains("not the cause")));
+        assert!(hint(PKT_TOO_BIG).is_some_and(|h| h.contains("path-MTU black hole")));
+        assert_eq!(classify("IP_INNOROUTES", Some("ip_error"), 0, 0, &NO_EVIDENCE).0, NO_ROUTE);
     }
 
     #[test]

@@ -74,6 +74,7 @@ impl Decoder {
             // The classify stage fills these in.
             classification: String::new(),
             certainty: Certainty::Exact,
+            effect: classify::Effect::from_raw(ev.effect),
             conntrack: self.conntrack.then(|| classify::ct_state_name(ev.ct_state)),
             orig_dst,
             orig_src,

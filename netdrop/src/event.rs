@@ -31,7 +31,9 @@ pub struct DropRecord {
     pub dst: Option<Endpoint>,
     pub ifindex: u32,
     pub ifname: String,
-    /// Network namespace inode (as in `ls -l /proc/PID/ns/net`).
+    /// Network namespace inode (as in `ls -l /proc/PID/ns/net`); `null` when the kernel left
+    /// no way to tell (no device, receiving socket or route on the packet).
+    #[serde(serialize_with = "crate::classify::netns_or_null")]
     pub netns: u32,
     /// `skb->len`.
     pub len: u32,
@@ -47,6 +49,10 @@ pub struct DropRecord {
     pub classification: String,
     /// `exact` or `inferred`.
     pub certainty: Certainty,
+    /// What the drop cost, decided by the kernel program: `attempt` (SYN, UDP datagram),
+    /// `data`, `lossless` (a bare ACK or data already received), `reset` (answered with a
+    /// reset), `unknown` (not parsed; counted as a loss).
+    pub effect: crate::classify::Effect,
     /// The packet's conntrack entry: `none`, `unconfirmed`, `confirmed`, `untracked` (absent
     /// when the kernel has no conntrack).
     #[serde(skip_serializing_if = "Option::is_none")]

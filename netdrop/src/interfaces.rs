@@ -261,9 +261,9 @@ pub struct DestinationSnapshot {
     pub node: String,
     #[serde(flatten)]
     pub dest: Destination,
-    /// Opened by pods on this node (SYN/new flow on a from-pod path).
+    /// Sent by pods on this node (TCP SYNs, UDP datagrams on a from-pod path).
     pub from_pod: u64,
-    /// Delivered to pods on this node (SYN/new flow on a to-pod path).
+    /// Delivered to pods on this node (TCP SYNs, UDP datagrams on a to-pod path).
     pub to_pod: u64,
 }
 
@@ -1139,7 +1139,7 @@ fn print_snapshot(out: &mut impl io::Write, format: Format, snap: &TcSnapshot, m
     for d in &snap.destinations {
         let proto = if d.dest.proto == 17 { "udp" } else { "tcp" };
         let addr = std::net::SocketAddr::new(d.dest.ip, d.dest.port);
-        writeln!(out, "attempts to {addr}/{proto} on {}: {} opened by pods, {} delivered to pods", d.node, d.from_pod, d.to_pod)?;
+        writeln!(out, "attempts (TCP SYNs, UDP datagrams) to {addr}/{proto} on {}: {} sent by pods, {} delivered to pods", d.node, d.from_pod, d.to_pod)?;
     }
     let s = &snap.stats;
     writeln!(out, "{} mode; link events {}, attached {}, gone {}, attach errors {}, resyncs {}{}",

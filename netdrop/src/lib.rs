@@ -21,3 +21,6 @@ pub mod svc;
 pub mod symbols;
 pub mod targets;
 pub mod trace;
+
+#[cfg(test)]
+mod golden;

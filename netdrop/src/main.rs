@@ -1,4 +1,4 @@
-use std::process::ExitCode;
+use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
 use netdrop::cli::{Cli, Command};
@@ -7,6 +7,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(netdrop::output::log_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref()))
         // kube-rs warns on every retry of a 403; the resolver reports each state change once.
         .with_env_filter(tracing_subscriber::EnvFilter::new(format!("netdrop={},kube_runtime=error", cli.log)))
         .init();

@@ -3,22 +3,28 @@
 //!
 //! The Service's frontends (ClusterIPs, external IPs, NodePorts) and backends (endpoint IP and
 //! targetPort) go into the kernel's `ADDR_FILTER` map, each with a tag, so only their packets are
-//! counted and sent; drops are counted per tag in the kernel, exactly. Attempts come from the tc
-//! counters on the workload interfaces: connection attempts (TCP SYN, new UDP flows) sent by pods
-//! to the ClusterIP (the Service's attempts) and delivered to each backend pod. A backend's
-//! attempts are those delivered plus those dropped on the way, so the two add up whatever the
-//! drop point.
+//! counted and sent; drops are counted per tag in the kernel, exactly, and split there by what
+//! they cost ([`Effect`]): only drops that lose an attempt or data count as drops; discards that
+//! lose nothing (stale bare ACKs, data already received) and those the kernel answered with a
+//! reset are reported apart. Attempts come from the tc counters on the workload interfaces:
+//! attempts (TCP SYNs, UDP datagrams) sent by pods to the ClusterIP (the Service's attempts) and
+//! delivered to each backend pod. A backend's attempts are those delivered plus the attempts
+//! dropped before delivery — not those dropped inside the backend's own namespace, which tc
+//! already counted as delivered — so each attempt counts once wherever it ends.
 //!
 //! Everything here is computed from snapshots (no syscalls), so it is unit-tested without root.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+};
 
 use netdrop_common::{AddrKey, tag};
 use serde::Serialize;
 
 use crate::{
     aggregate::ReasonRow,
-    classify::{self, Certainty},
+    classify::{self, Certainty, Effect},
     interfaces::{Destination, TcSnapshot},
     resolve::{Proto, ServiceInfo},
 };
@@ -193,6 +199,15 @@ pub struct TopReason {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     pub count: u64,
+    /// What they cost (`attempt`, `data`, `lossless`, `reset`, `unknown`).
+    pub effect: Effect,
+}
+
+/// A node's share of some drops; `node` is `null` for namespaces no watched node holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NodeCount {
+    pub node: Option<String>,
+    pub count: u64,
 }
 
 /// One backend's row of the table.
@@ -205,11 +220,21 @@ pub struct BackendRow {
     /// Target ports, e.g. `["8080/tcp", "8081/udp"]`.
     pub ports: Vec<String>,
     pub ready: bool,
-    /// Delivered to the backend plus dropped on the way; `None` without tc counters.
+    /// Attempts (TCP SYNs, UDP datagrams) delivered to the backend plus those dropped before
+    /// delivery; `None` without tc counters.
     pub attempts: Option<u64>,
+    /// Drops that lost an attempt or data.
     pub drops: u64,
     pub drop_ratio: Option<f64>,
     pub top_reasons: Vec<TopReason>,
+    /// Where the drops happened (the node whose kernel dropped them), most first.
+    pub drops_by_node: Vec<NodeCount>,
+    /// Discards that lost nothing: stale or duplicate bare ACKs, data already received.
+    pub lossless: u64,
+    /// Discards the kernel answered with a reset (an ACK that met a listening socket or none).
+    pub resets: u64,
+    /// Reasons of the discards in `lossless` and `resets`.
+    pub discard_reasons: Vec<TopReason>,
 }
 
 /// Drops that matched the Service's frontends but no backend (before DNAT, or REJECTed for
@@ -218,6 +243,10 @@ pub struct BackendRow {
 pub struct Unmatched {
     pub drops: u64,
     pub top_reasons: Vec<TopReason>,
+    pub drops_by_node: Vec<NodeCount>,
+    pub lossless: u64,
+    pub resets: u64,
+    pub discard_reasons: Vec<TopReason>,
 }
 
 /// The `--svc` summary: `{"type":"summary","service":...}`.
@@ -231,12 +260,22 @@ pub struct SvcSummary {
     /// Final summary (at exit) or periodic.
     #[serde(rename = "final")]
     pub is_final: bool,
-    /// Connection attempts pods made to the Service's frontends; `None` without tc counters.
+    /// Attempts pods made to the Service's frontends (TCP SYNs, UDP datagrams); `None`
+    /// without tc counters.
     pub attempts: Option<u64>,
+    /// Drops that lost an attempt or data (backends and unmatched).
     pub drops: u64,
     pub drop_ratio: Option<f64>,
+    /// Discards that lost nothing, and those answered with a reset (backends and unmatched).
+    pub lossless: u64,
+    pub resets: u64,
     pub backends: Vec<BackendRow>,
     pub unmatched: Unmatched,
+    /// Drops, lossless discards and resets matching the Service's addresses in network
+    /// namespaces of none of the nodes given with `--node-netns` (nor their pods): another
+    /// cluster on this host with the same address plan (two kind clusters on a laptop). Left
+    /// out of everything above; 0 when no node namespaces were given.
+    pub other_namespaces: u64,
     pub lost_events: u64,
     /// Plain-words diagnosis, first line the headline.
     pub diagnosis: Vec<String>,
@@ -249,28 +288,83 @@ fn ratio(drops: u64, attempts: Option<u64>) -> Option<f64> {
     attempts.filter(|a| *a > 0).map(|a| drops as f64 / a as f64)
 }
 
+type ReasonKey = (String, String, String, Option<String>, Effect);
+
 fn top(rows: &[&ReasonRow], node_of: &dyn Fn(u32) -> Option<String>) -> Vec<TopReason> {
-    let mut by: HashMap<(String, String, String, Option<String>), (Certainty, u64)> = HashMap::new();
+    let mut by: HashMap<ReasonKey, (Certainty, u64)> = HashMap::new();
     for r in rows {
         let e = by
-            .entry((r.reason.clone(), r.classification.clone(), r.location.clone(), node_of(r.netns)))
+            .entry((
+                r.reason.clone(),
+                r.classification.clone(),
+                r.location.clone(),
+                node_of(r.netns),
+                r.effect,
+            ))
             .or_insert((r.certainty, 0));
         e.1 += r.count;
     }
     let mut v: Vec<TopReason> = by
         .into_iter()
-        .map(|((reason, classification, location, node), (certainty, count))| TopReason {
-            reason,
-            classification,
-            certainty,
-            location,
-            node,
-            count,
-        })
+        .map(
+            |((reason, classification, location, node, effect), (certainty, count))| TopReason {
+                reason,
+                classification,
+                certainty,
+                location,
+                node,
+                count,
+                effect,
+            },
+        )
         .collect();
     v.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.location.cmp(&b.location)));
     v.truncate(3);
     v
+}
+
+/// Drops per node they happened on, most first (unknown namespaces last).
+fn by_node(rows: &[&ReasonRow], node_of: &dyn Fn(u32) -> Option<String>) -> Vec<NodeCount> {
+    let mut m: BTreeMap<Option<String>, u64> = BTreeMap::new();
+    for r in rows {
+        *m.entry(node_of(r.netns)).or_default() += r.count;
+    }
+    let mut v: Vec<NodeCount> = m
+        .into_iter()
+        .map(|(node, count)| NodeCount { node, count })
+        .collect();
+    v.sort_by(|a, b| (a.node.is_none(), b.count).cmp(&(b.node.is_none(), a.count)));
+    v
+}
+
+/// One tag's counter rows, split by what they cost.
+struct Split<'a> {
+    loss: Vec<&'a ReasonRow>,
+    discards: Vec<&'a ReasonRow>,
+    drops: u64,
+    lossless: u64,
+    resets: u64,
+}
+
+fn split(rows: &[ReasonRow], tag: u32) -> Split<'_> {
+    let (loss, discards): (Vec<&ReasonRow>, Vec<&ReasonRow>) = rows
+        .iter()
+        .filter(|r| r.tag == tag && !r.hidden)
+        .partition(|r| r.effect.loses());
+    let sum = |e: Effect| {
+        discards
+            .iter()
+            .filter(|r| r.effect == e)
+            .map(|r| r.count)
+            .sum()
+    };
+    Split {
+        drops: loss.iter().map(|r| r.count).sum(),
+        lossless: sum(Effect::Lossless),
+        resets: sum(Effect::Reset),
+        loss,
+        discards,
+    }
 }
 
 /// Inputs of [`build`] besides the targets.
@@ -281,6 +375,9 @@ pub struct Observed<'a> {
     pub tc: Option<&'a TcSnapshot>,
     /// Node of a network namespace (a node's own, or a pod's on it).
     pub node_of: &'a dyn Fn(u32) -> Option<String>,
+    /// The nodes were named (`--node-netns`): rows in namespaces [`Observed::node_of`] does not
+    /// place belong to something else on this host and are left out.
+    pub nodes_given: bool,
     pub lost_events: u64,
     pub duration_s: f64,
     pub time: String,
@@ -289,16 +386,43 @@ pub struct Observed<'a> {
 
 /// The table and diagnosis for one moment.
 pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
+    let (rows, others): (Vec<ReasonRow>, Vec<ReasonRow>) =
+        o.rows.iter().cloned().partition(|r| !o.nodes_given || (o.node_of)(r.netns).is_some());
+    let other_namespaces = others.iter().filter(|r| !r.hidden && r.tag != 0).map(|r| r.count).sum();
+    let o = &Observed {
+        rows: &rows,
+        tc: o.tc,
+        node_of: o.node_of,
+        nodes_given: o.nodes_given,
+        lost_events: o.lost_events,
+        duration_s: o.duration_s,
+        time: o.time.clone(),
+        is_final: o.is_final,
+    };
     let dest = |ip: IpAddr, port: u16, proto: Proto| Destination { ip, port, proto: ip_proto(proto) };
     let attempts = o.tc.map(|tc| {
         t.frontends.iter().map(|(ip, port, proto)| tc.attempts_to(&dest(*ip, *port, *proto)).0).sum::<u64>()
     });
+    // Pod namespaces behind watched interfaces: an attempt dropped in one of them had already
+    // been counted as delivered by tc (a SYN nobody listens for, a datagram to a closed port).
+    let delivered_ns: HashSet<u32> =
+        o.tc.map(|tc| tc.interfaces.iter().filter_map(|i| i.peer_netns).collect())
+            .unwrap_or_default();
     let mut backends = Vec::with_capacity(t.backends.len());
     for b in &t.backends {
-        let rows: Vec<&ReasonRow> = o.rows.iter().filter(|r| r.tag == b.tag && !r.hidden).collect();
-        let drops: u64 = rows.iter().map(|r| r.count).sum();
+        let sp = split(o.rows, b.tag);
+        let dropped_attempts: u64 = sp
+            .loss
+            .iter()
+            .filter(|r| r.effect == Effect::Attempt && !delivered_ns.contains(&r.netns))
+            .map(|r| r.count)
+            .sum();
         let attempts = o.tc.map(|tc| {
-            b.ports.iter().map(|(port, proto)| tc.attempts_to(&dest(b.ip, *port, *proto)).1).sum::<u64>() + drops
+            b.ports
+                .iter()
+                .map(|(port, proto)| tc.attempts_to(&dest(b.ip, *port, *proto)).1)
+                .sum::<u64>()
+                + dropped_attempts
         });
         backends.push(BackendRow {
             pod: b.label.clone(),
@@ -307,14 +431,29 @@ pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
             ports: b.ports.iter().map(|(p, proto)| format!("{p}/{}", proto.as_str().to_ascii_lowercase())).collect(),
             ready: b.ready,
             attempts,
-            drops,
-            drop_ratio: ratio(drops, attempts),
-            top_reasons: top(&rows, o.node_of),
+            drops: sp.drops,
+            drop_ratio: ratio(sp.drops, attempts),
+            top_reasons: top(&sp.loss, o.node_of),
+            drops_by_node: by_node(&sp.loss, o.node_of),
+            lossless: sp.lossless,
+            resets: sp.resets,
+            discard_reasons: top(&sp.discards, o.node_of),
         });
     }
-    let unmatched_rows: Vec<&ReasonRow> = o.rows.iter().filter(|r| r.tag == tag::FRONTEND && !r.hidden).collect();
-    let unmatched = Unmatched { drops: unmatched_rows.iter().map(|r| r.count).sum(), top_reasons: top(&unmatched_rows, o.node_of) };
+    let sp = split(o.rows, tag::FRONTEND);
+    let unmatched = Unmatched {
+        drops: sp.drops,
+        top_reasons: top(&sp.loss, o.node_of),
+        drops_by_node: by_node(&sp.loss, o.node_of),
+        lossless: sp.lossless,
+        resets: sp.resets,
+        discard_reasons: top(&sp.discards, o.node_of),
+    };
     let drops = backends.iter().map(|b| b.drops).sum::<u64>() + unmatched.drops;
+    // Pods, namespaces and nodes have no frontends: their attempts are their own.
+    let attempts = if t.frontends.is_empty() { o.tc.map(|_| backends.iter().filter_map(|b| b.attempts).sum()) } else { attempts };
+    let lossless = backends.iter().map(|b| b.lossless).sum::<u64>() + unmatched.lossless;
+    let resets = backends.iter().map(|b| b.resets).sum::<u64>() + unmatched.resets;
     let mut s = SvcSummary {
         kind: "summary",
         service: t.service.clone(),
@@ -324,8 +463,11 @@ pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
         attempts,
         drops,
         drop_ratio: ratio(drops, attempts),
+        lossless,
+        resets,
         backends,
         unmatched,
+        other_namespaces,
         lost_events: o.lost_events,
         diagnosis: Vec::new(),
         detail: None,
@@ -368,72 +510,54 @@ fn why(r: &TopReason) -> String {
     format!("{} ({} at {}{place}{inferred})", r.classification, r.reason, r.location)
 }
 
-/// Which backends and nodes carry the drops, the share of the Service's attempts they explain,
-/// why, and what to check next.
-pub fn diagnose(s: &SvcSummary) -> Vec<String> {
-    let mut out = Vec::new();
-    if s.backends.is_empty() {
-        out.push(format!(
-            "{} has no endpoints: kube-proxy rejects its packets (ICMP/RST); check the selector and the pods' readiness (`kubectl get endpointslices -l kubernetes.io/service-name=...`)",
-            s.service
-        ));
+/// `node-a`, or `node-a (300), node-b (26)` when several; namespaces on no watched node are
+/// "an unwatched namespace".
+fn nodes_text(nodes: &[NodeCount]) -> String {
+    let name = |n: &NodeCount| {
+        n.node
+            .clone()
+            .unwrap_or_else(|| "an unwatched namespace".into())
+    };
+    match nodes {
+        [one] => name(one),
+        _ => nodes
+            .iter()
+            .map(|n| format!("{} ({})", name(n), n.count))
+            .collect::<Vec<_>>()
+            .join(", "),
     }
-    if s.drops == 0 {
-        let tried = s.attempts.map_or_else(String::new, |a| format!(" of {a} attempts"));
-        out.push(format!("{}: no drops{tried}.", s.service));
-        return out;
-    }
-    out.push(format!(
-        "{}: {} drops{} ({} of attempts).",
-        s.service,
-        s.drops,
-        s.attempts.map_or_else(String::new, |a| format!(" for {a} attempts")),
-        pct(s.drop_ratio)
-    ));
-    let mut bad: Vec<&BackendRow> = s.backends.iter().filter(|b| b.drops > 0).collect();
-    bad.sort_by(|a, b| b.drops.cmp(&a.drops));
-    let share_of_drops = |n: u64| n as f64 / s.drops as f64;
-    // Drops concentrated on a few backends: name them; spread over all: say so. Judged by the
-    // drops, not by how many backends have any: one bad backend with a stray drop or two on the
-    // others (a late retransmission meeting a TIME_WAIT socket) is still one bad backend.
-    let carriers = carriers_of_most(&bad);
-    let concentrated = carriers > 0 && carriers * 2 <= s.backends.len().max(1);
-    for b in bad.iter().take(5) {
-        let explains = s.attempts.filter(|a| *a > 0).map(|a| b.drops as f64 / a as f64);
-        let reason = b.top_reasons.first().map(why).unwrap_or_default();
-        out.push(format!(
-            "{}: {} drops ({:.0}% of the drops{}; {} of its own attempts): {reason}.",
-            at(b),
-            b.drops,
-            share_of_drops(b.drops) * 100.0,
-            explains.map_or_else(String::new, |e| format!(", {:.1}% of the Service's attempts", e * 100.0)),
-            pct(b.drop_ratio),
-        ));
-    }
-    if bad.len() > 5 {
-        out.push(format!("... and {} more backends with drops.", bad.len() - 5));
-    }
-    if concentrated {
-        let healthy: Vec<String> = s.backends.iter().filter(|b| b.drops == 0).map(at).collect();
-        if !healthy.is_empty() {
-            out.push(format!("Healthy: {}.", healthy.join(", ")));
+}
+
+/// Sums node counts of several rows.
+fn merge_nodes<'a>(parts: impl Iterator<Item = &'a [NodeCount]>) -> Vec<NodeCount> {
+    let mut m: BTreeMap<Option<String>, u64> = BTreeMap::new();
+    for p in parts {
+        for n in p {
+            *m.entry(n.node.clone()).or_default() += n.count;
         }
-        let mut nodes: Vec<&str> = bad.iter().take(carriers).filter_map(|b| b.node.as_deref()).collect();
-        nodes.sort_unstable();
-        nodes.dedup();
-        if !nodes.is_empty() {
-            out.push(format!("The drops are on {}: look there first.", nodes.join(", ")));
-        }
-    } else if !bad.is_empty() {
-        out.push("The drops are spread over most backends: suspect something they share (the client's node, conntrack, DNS, a policy on every backend).".into());
     }
-    if s.unmatched.drops > 0 {
-        let reason = s.unmatched.top_reasons.first().map(why).unwrap_or_default();
-        out.push(format!(
-            "{} drops matched the Service's address but no backend (before DNAT, or rejected for lack of endpoints): {reason}.",
-            s.unmatched.drops
-        ));
+    let mut v: Vec<NodeCount> = m
+        .into_iter()
+        .map(|(node, count)| NodeCount { node, count })
+        .collect();
+    v.sort_by(|a, b| (a.node.is_none(), b.count).cmp(&(b.node.is_none(), a.count)));
+    v
+}
+
+/// " Not counted as drops: ..." for the discards counted apart, or nothing.
+fn discarded_text(s: &SvcSummary) -> String {
+    let mut discarded = Vec::new();
+    if s.lossless > 0 {
+        discarded.push(format!("{} discards that lost nothing (stale bare ACKs, data already received)", s.lossless));
     }
+    if s.resets > 0 {
+        discarded.push(format!("{} segments answered with a reset", s.resets));
+    }
+    if discarded.is_empty() { String::new() } else { format!(" Not counted as drops: {}.", discarded.join("; ")) }
+}
+
+/// A hint per classification of the drops, in order of appearance.
+fn next_steps(s: &SvcSummary, bad: &[&BackendRow], out: &mut Vec<String>) {
     let mut classes: Vec<&str> = bad
         .iter()
         .flat_map(|b| b.top_reasons.iter())
@@ -451,7 +575,147 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
             out.push(format!("Next ({c}): {h}."));
         }
     }
+}
+
+/// "The drops are on node-a: look there first.", with counts when on several nodes.
+fn where_to_look(nodes: &[NodeCount]) -> String {
+    let known: Vec<&NodeCount> = nodes.iter().filter(|n| n.node.is_some()).collect();
+    match known.as_slice() {
+        [] => "The drops happened in namespaces on no watched node: pass --node-netns for every node to see where.".into(),
+        [one] if nodes.len() == 1 => format!("The drops are on {}: look there first.", one.node.as_deref().unwrap_or_default()),
+        [first, ..] => {
+            format!("The drops are on {}: look at {} first.", nodes_text(nodes), first.node.as_deref().unwrap_or_default())
+        }
+    }
+}
+
+/// Resets matter when there are more than one and they reach this share of a backend's
+/// attempts (or attempts are not known): a stray one after a server's early close (the field
+/// notes' healthy lab: 1 in 150 connections, no request failed) is not worth a line.
+const RESETS_MATTER: f64 = 0.01;
+
+/// Which backends and nodes carry the drops, the share of the Service's attempts they explain,
+/// why, and what to check next. "Where to look" is where the drops happened (the node whose
+/// kernel dropped them, e.g. the client's for a conntrack insert failure), never where the
+/// backend runs.
+pub fn diagnose(s: &SvcSummary) -> Vec<String> {
+    let mut out = Vec::new();
+    if s.backends.is_empty() {
+        out.push(format!(
+            "{} has no endpoints: kube-proxy rejects its packets (ICMP/RST); check the selector and the pods' readiness (`kubectl get endpointslices -l kubernetes.io/service-name=...`)",
+            s.service
+        ));
+    }
+    let discarded = discarded_text(s);
+    if s.drops == 0 {
+        let tried = s
+            .attempts
+            .map_or_else(String::new, |a| format!(" of {a} attempts"));
+        out.push(format!("{}: no drops{tried}.{discarded}", s.service));
+        resets_lines(s, &mut out);
+        return out;
+    }
+    out.push(format!(
+        "{}: {} drops{} ({} of attempts).{discarded}",
+        s.service,
+        s.drops,
+        s.attempts.map_or_else(String::new, |a| format!(" for {a} attempts")),
+        pct(s.drop_ratio)
+    ));
+    let mut bad: Vec<&BackendRow> = s.backends.iter().filter(|b| b.drops > 0).collect();
+    bad.sort_by(|a, b| b.drops.cmp(&a.drops));
+    let share_of_drops = |n: u64| n as f64 / s.drops as f64;
+    // Drops concentrated on a few backends: name them; spread over all: say so. Judged by the
+    // drops, not by how many backends have any: one bad backend with a stray drop or two on the
+    // others (a late retransmission meeting a TIME_WAIT socket) is still one bad backend.
+    let carriers = carriers_of_most(&bad);
+    let concentrated = carriers > 0 && carriers * 2 <= s.backends.len().max(1);
+    for b in bad.iter().take(5) {
+        let explains = s.attempts.filter(|a| *a > 0).map(|a| b.drops as f64 / a as f64);
+        let reason = b.top_reasons.first().map(why).unwrap_or_default();
+        let several = if b.drops_by_node.len() > 1 {
+            format!(" Dropped on {}.", nodes_text(&b.drops_by_node))
+        } else {
+            String::new()
+        };
+        out.push(format!(
+            "{}: {} drops ({:.0}% of the drops{}; {} of its own attempts): {reason}.{several}",
+            at(b),
+            b.drops,
+            share_of_drops(b.drops) * 100.0,
+            explains.map_or_else(String::new, |e| format!(", {:.1}% of the Service's attempts", e * 100.0)),
+            pct(b.drop_ratio),
+        ));
+    }
+    if bad.len() > 5 {
+        out.push(format!("... and {} more backends with drops.", bad.len() - 5));
+    }
+    let on_backends: u64 = bad.iter().map(|b| b.drops).sum();
+    // Where to look: the nodes of the drops that carry most of them — those before any backend
+    // was chosen when they are the majority, else the few bad backends'.
+    let carried_by: Option<Vec<NodeCount>> = if s.unmatched.drops >= on_backends {
+        Some(s.unmatched.drops_by_node.clone())
+    } else if concentrated {
+        Some(merge_nodes(
+            bad.iter()
+                .take(carriers)
+                .map(|b| b.drops_by_node.as_slice()),
+        ))
+    } else {
+        None
+    };
+    if concentrated {
+        let healthy: Vec<String> = s.backends.iter().filter(|b| b.drops == 0).map(at).collect();
+        if !healthy.is_empty() {
+            out.push(format!("Healthy: {}.", healthy.join(", ")));
+        }
+    } else if !bad.is_empty() && s.unmatched.drops < on_backends {
+        out.push("The drops are spread over most backends: suspect something they share (the client's node, conntrack, DNS, a policy on every backend).".into());
+    }
+    if s.unmatched.drops > 0 {
+        let reason = s.unmatched.top_reasons.first().map(why).unwrap_or_default();
+        out.push(format!(
+            "{} drops matched the Service's address but no backend (before DNAT, or rejected for lack of endpoints): {reason}.",
+            s.unmatched.drops
+        ));
+    }
+    if let Some(nodes) = carried_by {
+        out.push(where_to_look(&nodes));
+    }
+    resets_lines(s, &mut out);
+    if s.other_namespaces > 0 {
+        out.push(format!(
+            "{} more matched the Service's addresses in network namespaces of none of the given nodes (another cluster on this host?): left out.",
+            s.other_namespaces
+        ));
+    }
+    next_steps(s, &bad, &mut out);
     out
+}
+
+/// Backends whose resets matter ([`RESETS_MATTER`]): their clients see "connection reset".
+#[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+fn resets_lines(s: &SvcSummary, out: &mut Vec<String>) {
+    for b in s.backends.iter().filter(|b| b.resets > 0) {
+        let matters = b.resets > 1
+            && b
+            .attempts
+            .is_none_or(|a| b.resets as f64 >= RESETS_MATTER * a.max(1) as f64);
+        if !matters {
+            continue;
+        }
+        let place = b
+            .discard_reasons
+            .iter()
+            .find(|r| r.effect == Effect::Reset)
+            .map(why)
+            .unwrap_or_default();
+        out.push(format!(
+            "{}: {} segments met no connection and were answered with a reset: {place}; its clients see \"connection reset\" (expected once after a restart; if it keeps happening, connections outlive the server's sockets).",
+            at(b),
+            b.resets
+        ));
+    }
 }
 
 /// The live table (text), redrawn about once a second in a terminal.
@@ -467,13 +731,15 @@ pub fn render(s: &SvcSummary) -> String {
         pct(s.drop_ratio),
         s.duration_s
     );
-    let _ = writeln!(o, "{:<32} {:<12} {:>9} {:>7} {:>7}  TOP REASON", "BACKEND", "NODE", "ATTEMPTS", "DROPS", "DROP%");
+    let label = |b: &BackendRow| if b.ready { b.pod.clone() } else { format!("{} (not ready)", b.pod) };
+    // Long pod names widen the column rather than push the numbers out of line.
+    let w = s.backends.iter().map(|b| label(b).chars().count()).max().unwrap_or(0).max(32);
+    let _ = writeln!(o, "{:<w$} {:<12} {:>9} {:>7} {:>7}  TOP REASON", "BACKEND", "NODE", "ATTEMPTS", "DROPS", "DROP%");
     for b in &s.backends {
-        let ready = if b.ready { "" } else { " (not ready)" };
         let _ = writeln!(
             o,
-            "{:<32} {:<12} {:>9} {:>7} {:>7}  {}",
-            format!("{}{ready}", b.pod),
+            "{:<w$} {:<12} {:>9} {:>7} {:>7}  {}",
+            label(b),
             b.node.as_deref().unwrap_or("-"),
             b.attempts.map_or_else(|| "-".into(), |a| a.to_string()),
             b.drops,
@@ -483,7 +749,7 @@ pub fn render(s: &SvcSummary) -> String {
     }
     let _ = writeln!(
         o,
-        "{:<32} {:<12} {:>9} {:>7} {:>7}  {}",
+        "{:<w$} {:<12} {:>9} {:>7} {:>7}  {}",
         "(service, no backend)",
         "-",
         "-",
@@ -545,8 +811,46 @@ mod tests {
             classification: "netfilter_rule".into(),
             certainty: Certainty::Exact,
             conntrack: "unconfirmed",
+            effect: Effect::Attempt,
             tag,
         }
+    }
+
+    fn observed<'a>(
+        rows: &'a [ReasonRow],
+        tc: Option<&'a TcSnapshot>,
+        node_of: &'a dyn Fn(u32) -> Option<String>,
+    ) -> Observed<'a> {
+        Observed {
+            rows,
+            tc,
+            node_of,
+            nodes_given: false,
+            lost_events: 0,
+            duration_s: 5.0,
+            time: String::new(),
+            is_final: true,
+        }
+    }
+
+    /// The pod namespaces behind watched interfaces, as the tc snapshot reports them.
+    fn with_pod_netns(mut snap: TcSnapshot, pods: &[(u32, &str)]) -> TcSnapshot {
+        for (netns, node) in pods {
+            snap.interfaces.push(crate::interfaces::InterfaceSnapshot {
+                node: (*node).into(),
+                netns: 1,
+                ifindex: *netns,
+                name: format!("cali{netns}"),
+                peer_ifindex: Some(2),
+                peer_netnsid: Some(0),
+                peer_netns: Some(*netns),
+                mode: crate::probe::tc::TcMode::Tcx,
+                attached_unix_ms: 0,
+                from_pod: crate::interfaces::Counters::default(),
+                to_pod: crate::interfaces::Counters::default(),
+            });
+        }
+        snap
     }
 
     fn tc(targets: &SvcTargets, attempts: u64, delivered: &[(u32, u64)]) -> TcSnapshot {
@@ -591,7 +895,7 @@ mod tests {
         let node_of = |n: u32| (n == 99).then(|| "node-b".to_string());
         let s = build(
             &t,
-            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, lost_events: 0, duration_s: 10.0, time: String::new(), is_final: true },
+            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 10.0, time: String::new(), is_final: true },
         );
         assert_eq!(s.attempts, Some(1000));
         assert_eq!(s.drops, 330);
@@ -616,7 +920,7 @@ mod tests {
         let node_of = |n: u32| Some(if n == 98 { "node-a" } else { "node-b" }.to_string());
         let s = build(
             &t,
-            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true },
+            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true },
         );
         let text = s.diagnosis.join("\n");
         assert!(text.contains("The drops are on node-a: look there first."), "{text}");
@@ -625,7 +929,7 @@ mod tests {
         let rows = vec![row(bad, 50, 98), row(t.backends[1].tag, 40, 98), row(t.backends[2].tag, 45, 99)];
         let s = build(
             &t,
-            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true },
+            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true },
         );
         assert!(s.diagnosis.join("\n").contains("spread over most backends"), "{:?}", s.diagnosis);
     }
@@ -636,10 +940,41 @@ mod tests {
         let snap = tc(&t, 500, &[(1, 167), (2, 167), (3, 166)]);
         let s = build(
             &t,
-            &Observed { rows: &[], tc: Some(&snap), node_of: &|_| None, lost_events: 0, duration_s: 1.0, time: String::new(), is_final: true },
+            &Observed { rows: &[], tc: Some(&snap), node_of: &|_| None, nodes_given: false, lost_events: 0, duration_s: 1.0, time: String::new(), is_final: true },
         );
         assert_eq!(s.drops, 0);
         assert_eq!(s.diagnosis, vec!["default/web: no drops of 500 attempts.".to_string()]);
+    }
+
+    /// `--pod`/`--node`/`-n`: no frontends, so the headline counts the targets' own attempts.
+    #[test]
+    fn pod_targets_headline_their_own_attempts() {
+        let peer = |pod: &str, node: &str| crate::resolve::Peer {
+            kind: crate::resolve::PeerKind::Pod,
+            namespace: Some(Name::new("default")),
+            pod: Some(Name::new(pod)),
+            node: Some(Name::new(node)),
+            ..crate::resolve::Peer::default()
+        };
+        let pods = [(peer("web-3", "node-b"), vec!["10.244.2.5".parse().expect("ip")]), (peer("web-4", "node-b"), vec!["10.244.2.6".parse().expect("ip")])];
+        let t = SvcTargets::from_pods("pod default/web-3".into(), &pods[..1]);
+        let snap = TcSnapshot { interfaces: vec![], destinations: vec![], stats: WatchStats::default() };
+        let rows = vec![row(t.backends[0].tag, 23, 99)];
+        let node_of = |_: u32| Some("node-b".to_string());
+        let obs = |rows| Observed { rows, tc: Some(&snap), node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true };
+        let s = build(&t, &obs(&rows));
+        assert_eq!(s.backends[0].attempts, Some(23));
+        assert_eq!((s.attempts, s.drops), (Some(23), 23), "the pod's own attempts: {s:?}");
+        assert_eq!(s.diagnosis[0], "pod default/web-3: 23 drops for 23 attempts (100.0% of attempts).");
+        // Two pods of a node: the sum of their rows.
+        let t = SvcTargets::from_pods("node node-b".into(), &pods);
+        let rows = vec![row(t.backends[0].tag, 23, 99)];
+        let s = build(&t, &obs(&rows));
+        let sum: u64 = s.backends.iter().filter_map(|b| b.attempts).sum();
+        assert_eq!(s.attempts, Some(sum));
+        // Without tc counters nobody knows the attempts.
+        let s = build(&t, &Observed { rows: &rows, tc: None, node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true });
+        assert_eq!(s.attempts, None);
     }
 
     #[test]
@@ -648,9 +983,183 @@ mod tests {
         let rows = vec![row(tag::FRONTEND, 7, 1)];
         let s = build(
             &t,
-            &Observed { rows: &rows, tc: None, node_of: &|_| None, lost_events: 0, duration_s: 1.0, time: String::new(), is_final: false },
+            &Observed { rows: &rows, tc: None, node_of: &|_| None, nodes_given: false, lost_events: 0, duration_s: 1.0, time: String::new(), is_final: false },
         );
         assert_eq!((s.unmatched.drops, s.drops, s.attempts), (7, 7, None));
         assert!(s.diagnosis.iter().any(|l| l.contains("7 drops matched the Service's address but no backend")));
+    }
+    /// The conntrack insert failures of the field notes: the backend lives on node-b, its
+    /// packets fail on node-a (the client's node). The advice names node-a.
+    #[test]
+    fn where_to_look_is_where_the_drops_happened() {
+        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let bad = t.backends[2].tag; // web-2 on node-b
+        let rows = vec![ReasonRow {
+            classification: "conntrack_insert_failed".into(),
+            ..row(bad, 320, 98)
+        }];
+        let snap = tc(&t, 1000, &[(1, 340), (2, 340), (bad, 0)]);
+        let node_of = |n: u32| Some(if n == 98 { "node-a" } else { "node-b" }.to_string());
+        let s = build(&t, &observed(&rows, Some(&snap), &node_of));
+        let text = s.diagnosis.join("\n");
+        assert!(
+            text.contains("The drops are on node-a: look there first."),
+            "{text}"
+        );
+        assert!(!text.contains("The drops are on node-b"), "{text}");
+        assert_eq!(
+            s.backends[2].drops_by_node,
+            vec![NodeCount {
+                node: Some("node-a".into()),
+                count: 320
+            }]
+        );
+        // Spread over two nodes: both named, with counts, the larger first.
+        let rows = vec![row(bad, 300, 98), row(bad, 26, 99)];
+        let s = build(&t, &observed(&rows, Some(&snap), &node_of));
+        let text = s.diagnosis.join("\n");
+        assert!(
+            text.contains("Dropped on node-a (300), node-b (26)."),
+            "{text}"
+        );
+        assert!(
+            text.contains("The drops are on node-a (300), node-b (26): look at node-a first."),
+            "{text}"
+        );
+        // A namespace on no watched node is not passed off as one.
+        let s = build(&t, &observed(&rows[..1], Some(&snap), &|_| None));
+        assert!(
+            s.diagnosis.join("\n").contains("no watched node"),
+            "{:?}",
+            s.diagnosis
+        );
+    }
+
+    /// Discards that lose nothing and those answered with a reset are counted apart, per
+    /// backend, and neither makes a healthy Service look broken.
+    #[test]
+    fn lossless_and_reset_discards_are_not_drops() {
+        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let web2 = t.backends[2].tag;
+        let stale = ReasonRow {
+            reason: "TCP_RFC7323_PAWS".into(),
+            classification: "tcp_rfc7323_paws".into(),
+            effect: Effect::Lossless,
+            ..row(web2, 2, 98)
+        };
+        let reset = ReasonRow {
+            reason: "TCP_FLAGS".into(),
+            location: "tcp_v4_do_rcv+0x1c0".into(),
+            classification: "tcp_flags".into(),
+            effect: Effect::Reset,
+            ..row(web2, 2, 99)
+        };
+        let snap = tc(&t, 150, &[(1, 50), (2, 50), (web2, 50)]);
+        let node_of = |n: u32| Some(if n == 98 { "node-a" } else { "node-b" }.to_string());
+        let rows = vec![stale.clone(), reset.clone()];
+        let s = build(&t, &observed(&rows, Some(&snap), &node_of));
+        assert_eq!((s.drops, s.lossless, s.resets), (0, 2, 2));
+        let b = &s.backends[2];
+        assert_eq!(
+            (b.drops, b.lossless, b.resets, b.drop_ratio),
+            (0, 2, 2, Some(0.0))
+        );
+        assert_eq!(b.discard_reasons.len(), 2);
+        assert!(
+            s.diagnosis[0].starts_with("default/web: no drops of 150 attempts."),
+            "{:?}",
+            s.diagnosis
+        );
+        // 2 resets in 50 attempts (4%) matter: named, with where the kernel sent them.
+        assert!(
+            s.diagnosis
+                .iter()
+                .any(|l| l.contains("2 segments met no connection")
+                    && l.contains("TCP_FLAGS at tcp_v4_do_rcv+0x1c0 on node-b")),
+            "{:?}",
+            s.diagnosis
+        );
+        assert!(
+            !s.diagnosis.join("\n").contains("look there first"),
+            "{:?}",
+            s.diagnosis
+        );
+        // Two in 500 do not, nor does a single one in 50 (the field notes' healthy lab).
+        let snap = tc(&t, 1500, &[(1, 500), (2, 500), (web2, 500)]);
+        let s = build(&t, &observed(&rows, Some(&snap), &node_of));
+        assert_eq!(s.diagnosis.len(), 1, "{:?}", s.diagnosis);
+        let one = [ReasonRow { count: 1, ..reset }];
+        let snap = tc(&t, 150, &[(1, 50), (2, 50), (web2, 50)]);
+        let s = build(&t, &observed(&one, Some(&snap), &node_of));
+        assert_eq!(s.diagnosis.len(), 1, "{:?}", s.diagnosis);
+        assert!(s.diagnosis[0].ends_with("Not counted as drops: 1 segments answered with a reset."), "{:?}", s.diagnosis);
+    }
+
+    /// A SYN delivered to the backend's namespace and refused there (NO_SOCKET) is one attempt,
+    /// not two: 326 attempts, 326 drops, 100%.
+    #[test]
+    fn attempts_dropped_after_delivery_count_once() {
+        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let web0 = t.backends[0].tag;
+        let pod_ns = 4_026_532_500;
+        let refused = ReasonRow {
+            reason: "NO_SOCKET".into(),
+            classification: "no_socket".into(),
+            location: "tcp_v4_rcv+0x80".into(),
+            ..row(web0, 326, pod_ns)
+        };
+        let snap = with_pod_netns(
+            tc(&t, 1000, &[(web0, 326), (2, 337), (3, 337)]),
+            &[(pod_ns, "node-a")],
+        );
+        let node_of = |n: u32| (n == pod_ns).then(|| "node-a".to_string());
+        let rows = [refused.clone()];
+        let s = build(&t, &observed(&rows, Some(&snap), &node_of));
+        let b = &s.backends[0];
+        assert_eq!(
+            (b.attempts, b.drops, b.drop_ratio),
+            (Some(326), 326, Some(1.0))
+        );
+        assert!(
+            s.diagnosis
+                .join("\n")
+                .contains("100.0% of its own attempts"),
+            "{:?}",
+            s.diagnosis
+        );
+        // Dropped before delivery (on the node): added to what was delivered.
+        let on_node = ReasonRow {
+            netns: 7,
+            ..refused
+        };
+        let snap = tc(&t, 1000, &[(web0, 0), (2, 337), (3, 337)]);
+        let rows = [on_node];
+        let s = build(&t, &observed(&rows, Some(&snap), &node_of));
+        assert_eq!(s.backends[0].attempts, Some(326));
+        // Data lost on the way is a drop, not an attempt.
+        let data = ReasonRow {
+            effect: Effect::Data,
+            ..row(web0, 5, 7)
+        };
+        let rows = [data];
+        let s = build(&t, &observed(&rows, Some(&snap), &node_of));
+        assert_eq!((s.backends[0].attempts, s.backends[0].drops), (Some(0), 5));
+    }
+    /// Two clusters on one host with the same address plan: with the nodes named, the other
+    /// one's drops are left out (and counted as such), not blamed on this one's backends.
+    #[test]
+    fn drops_in_namespaces_of_no_given_node_are_left_out() {
+        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let web2 = t.backends[2].tag;
+        let rows = vec![row(web2, 10, 98), row(web2, 80, 12345)];
+        let snap = tc(&t, 100, &[(1, 33), (2, 33), (web2, 24)]);
+        let node_of = |n: u32| (n == 98).then(|| "node-b".to_string());
+        let o = Observed { nodes_given: true, ..observed(&rows, Some(&snap), &node_of) };
+        let s = build(&t, &o);
+        assert_eq!((s.backends[2].drops, s.other_namespaces, s.drops), (10, 80, 10));
+        assert!(s.diagnosis.iter().any(|l| l.starts_with("80 more matched")), "{:?}", s.diagnosis);
+        // Without named nodes nothing is left out: the namespace is merely unplaced.
+        let s = build(&t, &observed(&rows, Some(&snap), &node_of));
+        assert_eq!((s.backends[2].drops, s.other_namespaces), (90, 0));
     }
 }

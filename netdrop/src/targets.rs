@@ -5,6 +5,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     io::{self, Write as _},
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -18,7 +19,7 @@ use crate::{
     interfaces::{TcAccounting, TcArgs, TcSnapshot},
     output,
     probe::DropProbe,
-    resolve::Resolver,
+    resolve::{Proto, Resolver},
     svc::{self, Observed, SvcSummary, SvcTargets},
 };
 
@@ -101,6 +102,11 @@ impl TargetSpec {
     }
 }
 
+/// `10.96.0.10:80/TCP, [fd00:96::50]:80/TCP`.
+fn frontends(f: &[(IpAddr, u16, Proto)]) -> String {
+    f.iter().map(|(ip, port, proto)| format!("{}/{proto}", SocketAddr::new(*ip, *port))).collect::<Vec<_>>().join(", ")
+}
+
 /// A running target trace.
 pub struct TargetMode {
     spec: TargetSpec,
@@ -108,11 +114,15 @@ pub struct TargetMode {
     tc: Option<TcAccounting>,
     snapshot: Option<TcSnapshot>,
     /// Recent drops as text, for the live table.
-    pub recent: Arc<Mutex<VecDeque<String>>>,
+    pub recent: Arc<Mutex<VecDeque<output::TextLine>>>,
+    /// Whether the live table has been drawn (the first frame clears the screen).
+    drawn: bool,
     interval: Duration,
     last: Option<Instant>,
     default_node: String,
     own_netns: u32,
+    /// Node namespaces were named (`--node-netns`): drops elsewhere are not this cluster's.
+    pub nodes_given: bool,
 }
 
 impl TargetMode {
@@ -152,11 +162,10 @@ impl TargetMode {
         } else {
             None
         };
-        let frontends: Vec<String> = targets.frontends.iter().map(|(ip, port, proto)| format!("{ip}:{port}/{proto}")).collect();
         eprintln!(
             "netdrop: tracing {}{}: {} {}{}",
             spec.describe(),
-            if frontends.is_empty() { String::new() } else { format!(" ({})", frontends.join(", ")) },
+            if targets.frontends.is_empty() { String::new() } else { format!(" ({})", frontends(&targets.frontends)) },
             targets.backends.len(),
             if matches!(spec, TargetSpec::Svc { .. }) { "backends" } else { "addresses" },
             tc.as_ref().map_or_else(String::new, |t| format!("; attempts from tc ({}) on {} node namespace(s)", t.mode().name(), t.nodes().len())),
@@ -167,10 +176,12 @@ impl TargetMode {
             tc,
             snapshot: None,
             recent: Arc::default(),
+            drawn: false,
             interval: a.interval,
             last: None,
             default_node: node.to_string(),
             own_netns: crate::conntrack::own_netns(),
+            nodes_given: tc_args.is_some_and(|a| !a.node_netns.is_empty()),
         };
         me.snapshot = me.tc.as_ref().map(TcAccounting::snapshot);
         Ok(me)
@@ -226,12 +237,24 @@ impl TargetMode {
 
     pub fn build(&self, summary: &Summary, node_of: &HashMap<u32, String>, started: Instant, is_final: bool) -> SvcSummary {
         let lookup = |n: u32| node_of.get(&n).cloned();
+        let mut s = self.build_table(summary, &lookup, started, is_final);
+        // Conntrack findings that are not drops: a resolved clash (Linux 5.6+) dropped nothing,
+        // which is the answer to "is it the DNS insert race?".
+        for c in summary.conntrack.iter().filter(|c| c.clash_resolve > 0) {
+            let place = lookup(c.netns).unwrap_or_else(|| format!("netns {}", c.netns));
+            s.diagnosis.push(format!("{place}: {} conntrack clashes resolved: {}.", c.clash_resolve, crate::classify::CLASH_RESOLVED));
+        }
+        s
+    }
+
+    fn build_table(&self, summary: &Summary, lookup: &dyn Fn(u32) -> Option<String>, started: Instant, is_final: bool) -> SvcSummary {
         svc::build(
             &self.targets,
             &Observed {
                 rows: &summary.drops,
                 tc: self.snapshot.as_ref(),
-                node_of: &lookup,
+                node_of: lookup,
+                nodes_given: self.nodes_given,
                 lost_events: summary.lost_events,
                 duration_s: started.elapsed().as_secs_f64(),
                 time: summary.time.clone(),
@@ -240,26 +263,34 @@ impl TargetMode {
         )
     }
 
-    /// Redraws the live table in the terminal, with the most recent drops under it.
-    pub fn redraw(&self, s: &SvcSummary) -> io::Result<()> {
-        let mut out = io::stdout().lock();
-        // Home + clear: the table replaces itself.
-        write!(out, "\x1b[H\x1b[2J{}", svc::render(s))?;
-        let recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !recent.is_empty() {
-            writeln!(out, "\nmost recent drops (of the last {}):", output::RECENT)?;
-            for l in recent.iter() {
-                writeln!(out, "  {l}")?;
-            }
+    /// Redraws the live table in the terminal, with the most recent drops under it, in place:
+    /// the cursor goes home, each line erases what the previous frame left on it, and the frame
+    /// ends by erasing below itself. The frame fits the terminal (see [`output::live_frame`]), so
+    /// it never scrolls and leaves no copies of itself behind.
+    pub fn redraw(&mut self, s: &SvcSummary) -> io::Result<()> {
+        let (width, height) = output::terminal_size().unwrap_or((80, 24));
+        let frame = {
+            let recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            output::live_frame(s, &recent, width, height)
+        };
+        let mut buf = String::from(if self.drawn { "\x1b[H" } else { "\x1b[H\x1b[2J" });
+        self.drawn = true;
+        for line in frame {
+            buf.push_str(&line);
+            buf.push_str("\x1b[K\n");
         }
+        buf.push_str("\x1b[J");
+        let mut out = io::stdout().lock();
+        out.write_all(buf.as_bytes())?;
         out.flush()
     }
 
-    /// The final table and the diagnosis, as text.
+    /// The final table and the diagnosis, replacing the live table; it stays on screen.
     pub fn final_text(&self, s: &SvcSummary) -> String {
-        let mut t = format!("\x1b[H\x1b[2J{}\n", svc::render(s));
-        for line in &s.diagnosis {
-            t.push_str(line);
+        let width = output::terminal_size().map(|(w, _)| w);
+        let mut t = String::from("\x1b[H\x1b[J");
+        for line in output::final_text(s, width) {
+            t.push_str(&line);
             t.push('\n');
         }
         t
@@ -269,5 +300,16 @@ impl TargetMode {
         if let Some(tc) = self.tc.take() {
             tc.shutdown();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frontends_are_written_as_socket_addresses() {
+        let f = [("10.96.0.10".parse().expect("ip"), 80, Proto::Tcp), ("fd00:96::50".parse().expect("ip"), 53, Proto::Udp)];
+        assert_eq!(frontends(&f), "10.96.0.10:80/TCP, [fd00:96::50]:53/UDP");
     }
 }

@@ -64,7 +64,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     config.conntrack = u32::from(conntrack_on);
     config.netfilter_drop_reason = kernel.reasons.lookup("NETFILTER_DROP").unwrap_or(netdrop_common::ABSENT);
     // Without reasons (before 5.17) every drop is 0, and the TCP flags help classify all of them.
-    config.not_specified_reason = kernel.reasons.not_specified().unwrap_or(netdrop_common::ABSENT);
+    config.not_specified_reason = kernel
+        .reasons
+        .not_specified()
+        .unwrap_or(netdrop_common::ABSENT);
+    set_effect_reasons(&mut config, &kernel.reasons);
     // The kfree_skb program consults the precise hooks' marks only for NETFILTER_DROP.
     config.precise_conntrack = config.conntrack;
     let timewait = timewait_source(&kernel, &mut config, args.tw_hook)?;
@@ -142,6 +146,19 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         node: node.clone(),
         conntrack: conntrack_on,
     };
+    let mut monitor = CtMonitor::new();
+    if conntrack_on {
+        // Baselines before the first drop, and before "attached" (callers start traffic on
+        // that line): the summary reports rises over the whole run.
+        monitor.track(spec.netns.unwrap_or_else(crate::conntrack::own_netns));
+        // And the nodes named with --node-netns: their conntrack (a node's SNAT, a resolved
+        // clash) counts from the start, not from their first drop.
+        for n in &args.tc.node_netns {
+            if let Some(inode) = n.path.as_deref().and_then(|p| std::fs::metadata(p).ok()).map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32) {
+                monitor.track(inode);
+            }
+        }
+    }
     if let Some(why) = &probe.fallback {
         eprintln!("netdrop: tp_btf/kfree_skb not usable ({why}); using the tracepoint fallback");
     }
@@ -156,11 +173,6 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
 
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
     let hide_teardown = !spec.all_reasons && spec.reasons.is_empty();
-    let mut monitor = CtMonitor::new();
-    if conntrack_on {
-        // Baselines before the first drop: the summary reports rises over the whole run.
-        monitor.track(spec.netns.unwrap_or_else(crate::conntrack::own_netns));
-    }
     let mut pipe = Pipeline {
         decoder,
         visibility: Visibility::new(&config, hide_teardown, symbols.clone()),
@@ -170,6 +182,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         sinks: Vec::new(),
         shown: 0,
         node_of: HashMap::new(),
+        nodes_given: targets.as_ref().is_some_and(|t| t.nodes_given),
     };
     let live_table = targets.is_some() && std::io::stdout().is_terminal() && args.output != Some(Format::Json);
     let format = match (args.output, &targets) {
@@ -180,7 +193,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     };
     pipe.sinks.push(match (format, live_table) {
         (Format::Text, true) => Box::new(crate::output::RecentSink::new(targets.as_ref().map(|t| t.recent.clone()).unwrap_or_default())),
-        (Format::Text, false) => Box::new(TextSink::new(stdout)),
+        (Format::Text, false) => Box::new(TextSink::for_stdout(stdout)),
         (Format::Json, _) => Box::new(JsonSink::new(stdout)),
     });
 
@@ -296,11 +309,13 @@ fn timewait_source(kernel: &KernelInfo, config: &mut Config, want: Option<TwHook
         Some(TwHookArg::Fexit) => Timewait::Hooks(Some(PreciseHook::Fexit)),
         Some(TwHookArg::Kprobe) => Timewait::Hooks(Some(PreciseHook::Kprobe)),
     };
-    let use_rx_sk = matches!(source, Timewait::RxSk);
-    config.btf_has_rx_sk = u32::from(use_rx_sk && kernel.btf_has_rx_sk);
-    if !use_rx_sk {
+    // The receiving socket is read whenever the kernel passes it (the drop's namespace, a
+    // LISTEN socket's reset); it tells TIME_WAIT segments only when chosen for that.
+    config.btf_has_rx_sk = u32::from(rx_sk && kernel.btf_has_rx_sk);
+    if !rx_sk {
         config.tracepoint.rx_sk = netdrop_common::ABSENT;
     }
+    config.rx_sk_timewait = u32::from(matches!(source, Timewait::RxSk));
     if let Timewait::Hooks(_) = source {
         match &kernel.timewait {
             Ok(f) => {
@@ -314,6 +329,37 @@ fn timewait_source(kernel: &KernelInfo, config: &mut Config, want: Option<TwHook
         }
     }
     Ok(source)
+}
+
+/// The reasons the kernel program needs to tell what a drop cost (`netdrop_common::effect`).
+fn set_effect_reasons(config: &mut Config, reasons: &ReasonTable) {
+    let absent = netdrop_common::ABSENT;
+    // Data the receiver already had: entirely below `rcv_nxt` (OLD_DATA) or `rcv_wup`
+    // (OLD_SEQUENCE), already in the out-of-order queue (OFOMERGE), or an old duplicate by its
+    // timestamp (PAWS).
+    let stale = [
+        "TCP_OLD_DATA",
+        "TCP_OLD_SEQUENCE",
+        "TCP_OFOMERGE",
+        "TCP_RFC7323_PAWS",
+        "TCP_RFC7323_PAWS_ACK",
+    ];
+    for (slot, name) in config.stale_reasons.iter_mut().zip(stale) {
+        *slot = reasons.lookup(name).unwrap_or(absent);
+    }
+    // A bare ACK out of the window or acknowledging old data is stale; with data the same
+    // reasons lose the data (the sender retransmits it).
+    let stale_ack = [
+        "TCP_INVALID_SEQUENCE",
+        "TCP_OLD_ACK",
+        "TCP_TOO_OLD_ACK",
+        "TCP_INVALID_ACK_SEQUENCE",
+    ];
+    for (slot, name) in config.stale_ack_reasons.iter_mut().zip(stale_ack) {
+        *slot = reasons.lookup(name).unwrap_or(absent);
+    }
+    config.tcp_flags_reason = reasons.lookup("TCP_FLAGS").unwrap_or(absent);
+    config.no_socket_reason = reasons.lookup("NO_SOCKET").unwrap_or(absent);
 }
 
 /// The degraded mode when no socket-aware way works.
@@ -377,6 +423,9 @@ struct Pipeline {
     shown: u64,
     /// Node of each network namespace (node namespaces and their pods'), for multi-node traces.
     node_of: HashMap<u32, String>,
+    /// Nodes were named (`--node-netns`): events in namespaces of none of them are another
+    /// cluster's on this host and are left out, as the target summary leaves their counts out.
+    nodes_given: bool,
 }
 
 impl Pipeline {
@@ -392,6 +441,9 @@ impl Pipeline {
                 _ => 6,
             };
             if self.visibility.is_hidden(ev.reason, ip_version, ev.location, ev.exact_class) {
+                continue;
+            }
+            if self.nodes_given && !self.node_of.contains_key(&ev.netns) {
                 continue;
             }
             let mut record = self.decoder.decode(&ev);

@@ -369,9 +369,18 @@ impl Tracer {
         Self::spawn(cmd)
     }
 
+    /// Like [`Tracer::start`], with `-o text`; stop it with [`Tracer::stop_text`].
+    pub fn start_text(args: &[&str]) -> Self {
+        Self::spawn(Self::command_with("text", args))
+    }
+
     fn command(args: &[&str]) -> Command {
+        Self::command_with("json", args)
+    }
+
+    fn command_with(output: &str, args: &[&str]) -> Command {
         let mut cmd = netdrop_tools::project(netdrop_bin());
-        cmd.args(["trace", "-o", "json"])
+        cmd.args(["trace", "-o", output])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -417,7 +426,31 @@ impl Tracer {
     }
 
     /// SIGINT, wait, parse the JSON lines.
-    pub fn stop(mut self) -> TraceOutput {
+    pub fn stop(self) -> TraceOutput {
+        let (stdout, stderr) = self.stop_text();
+        let mut out = TraceOutput {
+            stderr,
+            ..TraceOutput::default()
+        };
+        for line in stdout.lines() {
+            let v: Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            match v["type"].as_str() {
+                Some("drop") => out.drops.push(v),
+                Some("summary") => out.summary = v,
+                other => panic!("unexpected line type {other:?}: {line}"),
+            }
+        }
+        assert!(
+            out.summary.is_object(),
+            "no summary line; stderr: {}",
+            out.stderr.join("\n")
+        );
+        out
+    }
+
+    /// SIGINT, wait; what netdrop wrote to stdout, and its stderr lines.
+    pub fn stop_text(mut self) -> (String, Vec<String>) {
         let mut child = self.child.take().expect("running");
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
@@ -444,25 +477,7 @@ impl Tracer {
             "netdrop exited with {status}: {}",
             stderr.join("\n")
         );
-        let mut out = TraceOutput {
-            stderr,
-            ..TraceOutput::default()
-        };
-        for line in stdout.lines() {
-            let v: Value =
-                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-            match v["type"].as_str() {
-                Some("drop") => out.drops.push(v),
-                Some("summary") => out.summary = v,
-                other => panic!("unexpected line type {other:?}: {line}"),
-            }
-        }
-        assert!(
-            out.summary.is_object(),
-            "no summary line; stderr: {}",
-            out.stderr.join("\n")
-        );
-        out
+        (stdout, stderr)
     }
 
     fn kill(&mut self) {
@@ -592,7 +607,7 @@ pub fn ifname(tag: &str) -> String {
     name.chars().take(15).collect()
 }
 
-// ---- tc accounting (issue 4): workload veths, `netdrop interfaces`, kernel tc listings ----
+// ---- tc accounting: workload veths, `netdrop interfaces`, kernel tc listings ----
 
 /// A "node" namespace with Calico-style workload veths: `cali<11 hex>` on the node side, `eth0`
 /// in a pod namespace, static neighbours and no IPv6 so that only the test's own packets cross.
@@ -1291,4 +1306,90 @@ macro_rules! require_reasons {
             return;
         }
     };
+}
+
+/// A program running with its stdout on a pseudo-terminal of a given size (stderr piped), as a
+/// person at a terminal would run it; what it draws is read from the terminal's other end.
+pub struct Terminal {
+    pub child: Child,
+    /// Everything written to the terminal, once the program exits.
+    screen: Option<thread::JoinHandle<Vec<u8>>>,
+}
+
+impl Terminal {
+    /// Starts `cmd` with its stdout on a new `cols`×`rows` terminal; `Err` says why no terminal
+    /// can be made here (no `/dev/pts`, as in a minimal guest).
+    pub fn spawn(mut cmd: Command, cols: u16, rows: u16) -> Result<Self, String> {
+        use std::os::fd::{FromRawFd as _, OwnedFd};
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let (mut master, mut slave) = (-1, -1);
+        // SAFETY: openpty writes two new descriptors to the pointers, which are valid; the name
+        // and termios pointers may be null; the window size is read only.
+        let rc = unsafe {
+            libc::openpty(
+                &raw mut master,
+                &raw mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &raw const ws,
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "no pseudo-terminal (openpty: {})",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: both descriptors were just opened by openpty and are owned by nobody else.
+        let (master, slave) =
+            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let child = cmd
+            .stdout(Stdio::from(slave))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn on a terminal");
+        // The parent's copy of the terminal's end goes with `cmd`: the reader sees EOF (EIO)
+        // when the child exits.
+        drop(cmd);
+        let screen = thread::spawn(move || {
+            let mut f = fs::File::from(master);
+            let mut out = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match std::io::Read::read(&mut f, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                }
+            }
+            out
+        });
+        Ok(Self {
+            child,
+            screen: Some(screen),
+        })
+    }
+
+    /// Waits for the program to exit; what it wrote to the terminal.
+    pub fn wait(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.wait().expect("wait");
+        let screen = self
+            .screen
+            .take()
+            .expect("reader")
+            .join()
+            .expect("terminal reader");
+        (status, String::from_utf8_lossy(&screen).into_owned())
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

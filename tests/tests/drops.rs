@@ -678,3 +678,82 @@ fn listen_overflow_ack_stays_visible() {
     assert_eq!(visible, overflows, "one visible drop per ListenOverflows: {}", out.summary);
     assert!(rows.iter().all(|r| r["classification"] != "tcp_teardown"), "nothing here is a teardown: {}", out.summary);
 }
+
+/// A keepalive probe (a bare ACK) that reaches a server whose connection is gone but whose
+/// listener remains meets the LISTEN socket: `tcp_v4_do_rcv` answers it with a reset and frees
+/// it (`TCP_FLAGS` from 6.10). `tcp_v4_rcv` cleared `skb->dev` first and stole `skb->sk`, so the
+/// namespace comes from the receiving socket (`rx_sk`, 6.11+) or the route: it must be the
+/// server namespace's inode, never 0. Each is counted with effect `reset`, one per reset the
+/// server's kernel sent (`Tcp: OutRsts`); the client never sees them (an iptables rule in its
+/// namespace drops incoming RSTs, so it keeps probing).
+#[test]
+fn ack_to_a_listener_is_a_reset_in_the_servers_namespace() {
+    const TEST: &str = "ack_to_a_listener_is_a_reset_in_the_servers_namespace";
+    require_root!(TEST);
+    netdrop_tests::require_reasons!(TEST);
+    let client_ns = NetNs::new("lrc");
+    let server_ns = NetNs::new("lrs");
+    netdrop_tests::no_ipv6(&client_ns);
+    netdrop_tests::no_ipv6(&server_ns);
+    let (c_if, s_if) = (netdrop_tests::ifname("c"), netdrop_tests::ifname("s"));
+    netdrop_tests::veth(&client_ns, &c_if, "10.99.0.1/24", &server_ns, &s_if, "10.99.0.2/24");
+    client_ns.exec("iptables", &["-A", "INPUT", "-p", "tcp", "--tcp-flags", "RST", "RST", "-j", "DROP"]);
+    let listener = server_ns.within(|| std::net::TcpListener::bind("10.99.0.2:0").expect("listen"));
+    let at = listener.local_addr().expect("addr");
+    // The protocol filter makes the kernel program parse every drop (and so decide its effect).
+    let tracer = Tracer::start(&["--netns", &server_ns.path().display().to_string(), "--proto", "tcp"]);
+    let client = client_ns.within(move || TcpStream::connect(at).expect("connect"));
+    let (server, _) = listener.accept().expect("accept");
+    // Abort the server's side (SO_LINGER 0: a RST, which the client drops): only the listener
+    // is left for the client's segments.
+    {
+        use std::os::fd::AsRawFd as _;
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: setsockopt on an open socket with a pointer to a local struct.
+        let rc = unsafe {
+            libc::setsockopt(
+                server.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    }
+    drop(server);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = server_ns.snmp("Tcp", "OutRsts");
+    keepalive(&client, true);
+    std::thread::sleep(Duration::from_millis(3500));
+    keepalive(&client, false);
+    std::thread::sleep(Duration::from_millis(300));
+    let resets_sent = server_ns.snmp("Tcp", "OutRsts") - before;
+    settle();
+    let out = tracer.stop();
+    drop((client, listener));
+    assert!(resets_sent >= 2, "the probes met the listener and were reset: {resets_sent}");
+    let at_do_rcv = |l: &serde_json::Value| l.as_str().is_some_and(|l| l.starts_with("tcp_v4_do_rcv+"));
+    let events: Vec<&serde_json::Value> = out.drops.iter().filter(|e| at_do_rcv(&e["location"])).collect();
+    assert!(!events.is_empty(), "the probes' drops were seen: {}", out.summary);
+    for e in &events {
+        assert_eq!(e["netns"], server_ns.inode(), "the server's namespace, from the socket or the route: {e}");
+        assert_eq!(e["tcp_flags"], "ACK", "{e}");
+    }
+    let rows: Vec<&serde_json::Value> = out.summary["drops"]
+        .as_array()
+        .expect("drops")
+        .iter()
+        .filter(|r| at_do_rcv(&r["location"]))
+        .collect();
+    assert!(rows.iter().all(|r| r["netns"] == server_ns.inode()), "no row without its namespace: {rows:?}");
+    let counted: u64 = rows.iter().map(|r| r["count"].as_u64().expect("count")).sum();
+    assert_eq!(counted, resets_sent, "one drop per reset the server sent (Tcp: OutRsts): {}", out.summary);
+    // The reason says "an ACK met a listener" from 6.10 on; before, the site frees it without one.
+    if netdrop_tests::kernel_version() >= (6, 10) {
+        for r in &rows {
+            assert_eq!(r["reason"], "TCP_FLAGS", "{r}");
+            assert_eq!(r["effect"], "reset", "answered with a reset, not a loss: {r}");
+        }
+    }
+}

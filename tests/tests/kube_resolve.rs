@@ -347,3 +347,39 @@ async fn bad_kubeconfig_is_one_clear_error() {
     assert_eq!(off.status().health, Health::Off);
     assert_eq!(off.lookup_ip(ip("10.244.1.7")).kind, PeerKind::Unresolved);
 }
+
+/// A log line (here: the API is unreachable) on a piped stderr is plain text: no colour escape
+/// codes for a file or a log collector to store.
+#[test]
+fn log_lines_on_a_piped_stderr_carry_no_escape_codes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let kc = tmp.path().join("kubeconfig");
+    std::fs::write(
+        &kc,
+        json!({"apiVersion":"v1","kind":"Config","current-context":"x",
+            "clusters":[{"name":"x","cluster":{"server":format!("http://127.0.0.1:{port}")}}],
+            "users":[{"name":"x","user":{}}],"contexts":[{"name":"x","context":{"cluster":"x","user":"x"}}]})
+        .to_string(),
+    )
+    .expect("kubeconfig");
+    let kc = kc.display().to_string();
+    let (_, _, err) = netdrop_tests::netdrop(&[
+        "resolve",
+        "10.244.1.7",
+        "--kubeconfig",
+        &kc,
+        "--sync-timeout",
+        "2s",
+    ]);
+    assert!(
+        err.contains("kube: API unreachable"),
+        "netdrop logged the outage: {err}"
+    );
+    assert!(err.contains("WARN"), "as a log line with its level: {err}");
+    assert!(!err.contains('\x1b'), "no escape codes: {err:?}");
+}

@@ -1,4 +1,4 @@
-//! The lab of issue 7 through its Rust API: real traffic to every Service, a policy drop
+//! The lab through its Rust API: real traffic to every Service, a policy drop
 //! measured against the rule's own packet counter, kubectl through the API stand-in, and
 //! nothing left behind (also after a simulated crash with a global sysctl changed).
 //!
@@ -11,7 +11,7 @@ use netdrop_tests::{
         self, Lab, LabOptions,
         faults::{FaultKind, FaultRequest},
         topology::Proto,
-        traffic::TrafficOptions,
+        traffic::{TrafficOptions, TrafficShape},
     },
     require_root, run,
 };
@@ -110,6 +110,22 @@ fn lab_traffic_faults_kubectl_and_clean_down() {
         .traffic("default/web", &traffic(200, 2, Proto::Udp))
         .expect("udp traffic");
     assert_eq!(udp.failures, 0, "UDP healthy: {udp:?}");
+    // DNS over UDP to kube-dns: both replicas (one per node) answer.
+    let dns = lab
+        .traffic("kube-system/kube-dns", &traffic(200, 2, Proto::Udp))
+        .expect("dns traffic");
+    assert_eq!(dns.failures, 0, "DNS healthy: {dns:?}");
+    assert_eq!(dns.successes_by_backend.len(), 2, "both replicas answer: {dns:?}");
+    // The "external" host, through the node's SNAT and the upstream router.
+    let ext = lab
+        .traffic_to(lab.external(), &traffic(200, 2, Proto::Tcp), TrafficShape::default())
+        .expect("external traffic");
+    assert_eq!(ext.failures, 0, "egress healthy: {ext:?}");
+    assert_eq!(
+        ext.successes_by_backend.keys().collect::<Vec<_>>(),
+        vec![lab::EXTERNAL_WHO.split(' ').next().expect("who")],
+        "{ext:?}"
+    );
     // No endpoints: kube-proxy's REJECT in FORWARD.
     let empty = lab
         .traffic("default/empty", &traffic(100, 1, Proto::Tcp))
@@ -189,6 +205,8 @@ fn lab_traffic_faults_kubectl_and_clean_down() {
             &lab.kubeconfig().to_string_lossy(),
             "get",
             "pods",
+            // Every namespace: the DNS replicas live in kube-system.
+            "--all-namespaces",
             "-o",
             "json",
         ])

@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: the headline on one machine, without a cluster. Brings the lab up (two
-//! Calico-style nodes, kube-proxy-style Services, the API stand-in), breaks one of `default/web`'s
-//! three backends with a policy drop, sends traffic, and runs `netdrop trace --svc default/web`
-//! over it; then takes the lab down (also when something fails).
+//! Calico-style nodes, kube-proxy-style Services, the API stand-in), injects a fault (by default
+//! a policy drop on one of `default/web`'s three backends), sends traffic, and runs `netdrop
+//! trace` over it (`--svc` of the fault's Service, or `--ip` of the external host for the egress
+//! faults); then takes the lab down (also when something fails).
 
 use std::{
     io::{BufRead as _, BufReader, IsTerminal as _},
@@ -34,6 +35,27 @@ impl Drop for LabGuard {
     }
 }
 
+/// What the demo traces and what traffic it sends for a fault: `trace` arguments naming the
+/// target, and `lab traffic` arguments.
+fn scenario(fault: &str) -> (Vec<&'static str>, Vec<&'static str>) {
+    const EXTERNAL: &str = "203.0.113.10:5432";
+    match fault {
+        "big-one-bad" => (vec!["--svc", "default/big"], vec!["--svc", "default/big"]),
+        // Responses larger than the overlay's MTU.
+        "mtu-blackhole" => (vec!["--svc", "default/web"], vec!["--svc", "default/web", "--reply-bytes", "4000"]),
+        // Not a Service: traced by the external address (before and after the node's SNAT).
+        "egress-deny" | "snat-exhaustion" => (vec!["--ip", "203.0.113.10/32"], vec!["--to", EXTERNAL]),
+        "dns-udp-drop" | "dns-conntrack-full" => {
+            (vec!["--svc", "kube-system/kube-dns"], vec!["--svc", "kube-system/kube-dns", "--proto", "udp"])
+        }
+        "dns-race" => (
+            vec!["--svc", "kube-system/kube-dns"],
+            vec!["--svc", "kube-system/kube-dns", "--proto", "udp", "--pairs"],
+        ),
+        _ => (vec!["--svc", "default/web"], vec!["--svc", "default/web"]),
+    }
+}
+
 pub fn run(fault: &str, seconds: u64) -> anyhow::Result<()> {
     anyhow::ensure!(nix::unistd::geteuid().is_root(), "the demo builds network namespaces and loads BPF programs: run as root");
     setup::run()?;
@@ -51,15 +73,15 @@ pub fn run(fault: &str, seconds: u64) -> anyhow::Result<()> {
     println!("==> fault {fault}");
     print!("{}", lab.lab(&["fault", fault])?);
 
-    let mut args = vec![
-        "trace".to_string(),
-        "--svc".into(),
-        "default/web".into(),
+    let (target, traffic) = scenario(fault);
+    let mut args = vec!["trace".to_string()];
+    args.extend(target.iter().map(|a| (*a).to_string()));
+    args.extend([
         "--kubeconfig".into(),
         status["kubeconfig"].as_str().context("kubeconfig")?.into(),
         "--duration".into(),
         format!("{}s", seconds + 4),
-    ];
+    ]);
     for n in status["nodes"].as_array().context("nodes")? {
         args.push("--node-netns".into());
         args.push(format!("{}={}", n["name"].as_str().unwrap_or_default(), n["netns_path"].as_str().unwrap_or_default()));
@@ -80,8 +102,12 @@ pub fn run(fault: &str, seconds: u64) -> anyhow::Result<()> {
         }
     });
     rx.recv_timeout(Duration::from_secs(60)).context("netdrop did not start")?;
-    println!("==> traffic: 100 requests/s to default/web for {seconds}s from the client pod");
-    let report = lab.lab(&["traffic", "--svc", "default/web", "--rate", "100", "--duration", &format!("{seconds}s")])?;
+    println!("==> traffic: 100 requests/s ({}) for {seconds}s from the client pod", traffic.join(" "));
+    let duration = format!("{seconds}s");
+    let mut targs = vec!["traffic"];
+    targs.extend(traffic);
+    targs.extend(["--rate", "100", "--duration", &duration]);
+    let report = lab.lab(&targs)?;
     let status = nd.wait()?;
     println!("\n==> the traffic generator's own view:\n{report}");
     anyhow::ensure!(status.success(), "netdrop failed");

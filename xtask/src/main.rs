@@ -31,7 +31,8 @@ enum Cmd {
     /// The headline without a cluster: lab up, a fault, traffic, `netdrop trace --svc`, lab down.
     Demo {
         /// The fault to inject: policy-drop, not-listening, conntrack-insert, conntrack-full,
-        /// route-missing.
+        /// route-missing, big-one-bad, mtu-blackhole, node-route-missing, egress-deny,
+        /// snat-exhaustion, dns-udp-drop, dns-conntrack-full, dns-race.
         #[arg(long, default_value = "policy-drop")]
         fault: String,
         /// Seconds of traffic.
@@ -40,7 +41,7 @@ enum Cmd {
     },
     /// Run netdrop's integration tests on Debian kernels under qemu.
     VmTest(vm::Args),
-    /// The lab of issue 7: `lab up|down|status|fault NAME|traffic --svc default/web` (`lab --help`).
+    /// The lab (two nodes, Services, faults): `lab up|down|status|fault NAME|traffic --svc default/web` (`lab --help`).
     #[command(disable_help_flag = true)]
     Lab {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

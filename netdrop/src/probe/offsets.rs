@@ -40,6 +40,11 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetError> {
         sk_net: member_offset(btf, "sock", &["__sk_common", "skc_net", "net"])?,
         sk_state: member_offset(btf, "sock", &["__sk_common", "skc_state"])?,
         net_ns_inum: member_offset(btf, "net", &["ns", "inum"])?,
+        // Optional: without them a drop TCP freed after clearing `skb->dev` (and with no
+        // `rx_sk`) has an unknown namespace, but everything else works. `dst_entry.dev` is a
+        // plain member before 6.16, in an anonymous union with `dev_rcu` since.
+        skb_refdst: skb(&["_skb_refdst"]).unwrap_or(netdrop_common::ABSENT),
+        dst_dev: member_offset(btf, "dst_entry", &["dev"]).unwrap_or(netdrop_common::ABSENT),
         ..KernelOffsets::default()
     })
 }

@@ -18,7 +18,7 @@ pub struct SynthSpec {
 }
 
 impl Default for SynthSpec {
-    /// The benchmark cluster.
+    /// The resolver benchmark's cluster (100,000 pods on 1,000 nodes).
     fn default() -> Self {
         Self {
             pods: 100_000,

@@ -146,7 +146,13 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
     args.extend(["-o".into(), "json".into()]);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     // A rate above what the generator reaches on this machine: achieved rate is the measure.
-    let load = TrafficOptions { rate: 5000, duration: Duration::from_secs(8), proto: Proto::Tcp, timeout: Duration::from_millis(700) };
+    let load = TrafficOptions {
+        rate: 5000,
+        duration: Duration::from_secs(8),
+        proto: Proto::Tcp,
+        timeout: Duration::from_millis(700),
+        ..TrafficOptions::default()
+    };
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         let r = lab.traffic("default/web", &load).map_err(|e| anyhow::anyhow!("traffic: {e}"))?;
@@ -170,7 +176,13 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
     let bad = fault.backend.context("fault backend")?.pod;
     let nd = Netdrop::start(&refs)?;
     // One request per call (rate 1/s for 1 s).
-    let one = TrafficOptions { rate: 1, duration: Duration::from_secs(1), proto: Proto::Tcp, timeout: Duration::from_millis(700) };
+    let one = TrafficOptions {
+        rate: 1,
+        duration: Duration::from_secs(1),
+        proto: Proto::Tcp,
+        timeout: Duration::from_millis(700),
+        ..TrafficOptions::default()
+    };
     let mut latencies = Vec::new();
     let mut seen = 0u64;
     for _ in 0..80 {

@@ -1,4 +1,4 @@
-//! `netdrop-lab`: the lab of issue 7 from the command line (`cargo xtask lab ...` runs it).
+//! `netdrop-lab`: the lab from the command line (`cargo xtask lab ...` runs it).
 //!
 //! `up` starts a detached daemon (`netdrop-lab daemon`) that builds the lab and holds its servers
 //! and the Kubernetes API stand-in; `status`, `fault` and `traffic` talk to the lab through its
@@ -22,13 +22,13 @@ use netdrop_tests::lab::{
     control::{self, Request},
     faults::{FaultKind, FaultRecord, FaultRequest},
     topology::{Proto, Sizes},
-    traffic::{DEFAULT_TIMEOUT, TrafficOptions, TrafficReport},
+    traffic::{DEFAULT_TIMEOUT, TrafficOptions, TrafficReport, TrafficShape},
 };
 use nix::sys::signal::{SigSet, Signal};
 
 #[derive(Parser)]
 #[command(
-    about = "A Calico-style, kube-proxy-style Kubernetes lab in network namespaces (netdrop issue 7)"
+    about = "A Calico-style, kube-proxy-style Kubernetes lab in network namespaces, for netdrop's demo and tests"
 )]
 struct Cli {
     /// Run a separate lab instance (namespaces `ndlab-<NAME>-…`, state in /run/netdrop-lab-<NAME>)
@@ -62,7 +62,9 @@ enum Cmd {
     /// Inject a fault, e.g. `lab fault policy-drop`, `lab fault not-listening --pod default/web-1`,
     /// `lab fault clear` (all) or `lab fault clear policy-drop`
     Fault {
-        /// policy-drop, not-listening, conntrack-insert, conntrack-full, route-missing, big-one-bad, clear
+        /// policy-drop, not-listening, conntrack-insert, conntrack-full, route-missing, big-one-bad,
+        /// mtu-blackhole, node-route-missing, egress-deny, snat-exhaustion, dns-udp-drop,
+        /// dns-conntrack-full, dns-race, clear
         name: String,
         /// With `clear`: which fault (default: all)
         which: Option<String>,
@@ -73,11 +75,21 @@ enum Cmd {
         #[arg(long)]
         max: Option<u64>,
     },
-    /// Requests from the client pod to a Service, e.g. `lab traffic --svc default/web --rate 200 --duration 10s`
+    /// Requests from the client pod to a Service, e.g. `lab traffic --svc default/web --rate 200 --duration 10s`,
+    /// or to an address outside the cluster, e.g. `lab traffic --to 203.0.113.10:5432`
     Traffic {
         /// Service as ns/name, e.g. `--svc default/web`
+        #[arg(long, required_unless_present = "to", conflicts_with = "to")]
+        svc: Option<String>,
+        /// An address instead of a Service, e.g. `--to 203.0.113.10:5432` (the lab's "external" host)
         #[arg(long)]
-        svc: String,
+        to: Option<std::net::SocketAddr>,
+        /// TCP: ask for this many bytes of response, e.g. `--reply-bytes 4000` (mtu-blackhole)
+        #[arg(long, default_value_t = 0)]
+        reply_bytes: usize,
+        /// UDP: send each query as an A/AAAA-style pair at once from one socket (dns-race)
+        #[arg(long)]
+        pairs: bool,
         /// New requests per second, e.g. `--rate 200`
         #[arg(long, default_value_t = 200)]
         rate: u32,
@@ -156,6 +168,9 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         } => fault(cli, name, which.as_deref(), pod.clone(), *max),
         Cmd::Traffic {
             svc,
+            to,
+            reply_bytes,
+            pairs,
             rate,
             duration,
             proto,
@@ -171,18 +186,31 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     Proto::Tcp
                 },
                 timeout: timeout.unwrap_or(DEFAULT_TIMEOUT),
+                ..TrafficOptions::default()
             };
+            let shape = TrafficShape {
+                reply_bytes: *reply_bytes,
+                pairs: *pairs,
+            };
+            let what = svc
+                .clone()
+                .or_else(|| to.map(|t| t.to_string()))
+                .unwrap_or_default();
             if cli.output == Output::Text {
                 eprintln!(
                     "netdrop-lab: {} {}/s for {} from {} ...",
-                    svc,
+                    what,
                     rate,
                     humantime::format_duration(*duration),
                     st.client()
                         .map_or("?".into(), |c| format!("{}/{}", c.namespace, c.name))
                 );
             }
-            let r = st.traffic(svc, &opts)?;
+            let r = match (svc, to) {
+                (Some(svc), _) => st.traffic_shaped(svc, &opts, shape)?,
+                (None, Some(to)) => st.traffic_to(*to, &opts, shape)?,
+                (None, None) => bail!("--svc or --to"),
+            };
             if cli.output == Output::Json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -415,6 +443,10 @@ fn print_fault(r: &FaultRecord) {
         .service
         .as_deref()
         .map_or(String::new(), |s| format!(" of {s}"));
+    let svc = match &r.external {
+        Some(to) => format!("{svc} (to the external {to})"),
+        None => svc,
+    };
     println!(
         "{} {}: node {} (netns {}){target}{svc}",
         r.fault, r.action, r.node, r.node_netns
@@ -449,6 +481,12 @@ fn print_status(st: &Status) {
             n.underlay_ip,
             n.pod_cidr,
             n.netns_inode
+        );
+    }
+    if !st.router_netns.is_empty() {
+        println!(
+            "upstream router {} (the nodes' default gateway; no pod routes), external host {}",
+            st.router_netns, st.external
         );
     }
     println!("\nSERVICE          CLUSTER-IP    PORTS               BACKENDS");

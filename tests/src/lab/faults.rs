@@ -5,7 +5,10 @@ use std::{fmt, fs, path::PathBuf, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
-use super::{BackendStatus, Lab, LabError, net, topology::PodSpec};
+use super::{
+    BackendStatus, Lab, LabError, net,
+    topology::{EXTERNAL_IP, EXTERNAL_PORT, PodSpec, VXLAN_DEV, VXLAN_MTU},
+};
 
 /// `conntrack-insert` squeezes MASQUERADE into 4 ports from here on, a fresh 4 each time it is
 /// applied: entries of the previous application (`TIME_WAIT`, UDP) must not decide the next one.
@@ -38,16 +41,44 @@ pub enum FaultKind {
     RouteMissing,
     /// One of `default/big`'s backends dropped on its node, like `policy-drop`.
     BigOneBad,
+    /// The nodes talk over a VXLAN overlay (Calico's `vxlan.calico`, MTU 1450) while pods keep
+    /// MTU 1500, ICMP "fragmentation needed" is filtered on the backend's node and GSO is off in
+    /// the backend's pod: its responses larger than 1450 bytes are dropped on its node
+    /// (`PKT_TOO_BIG`, `Ip FragFails`), small ones pass. Cross-node only.
+    MtuBlackhole,
+    /// The client's node lost its route to the other node's pod block (BGP withdrew it): packets
+    /// to every pod there follow the default route to the upstream router, which knows no pod
+    /// block and drops them (`IP_INNOROUTES`, its `IpExt InNoRoutes`).
+    NodeRouteMissing,
+    /// An egress policy on the client's node drops the client's packets to the "external" host.
+    EgressDeny,
+    /// SNAT port exhaustion on the client's node: the client's flows to the "external" host get
+    /// 4 source ports, all held by idle connections; conntrack's insert fails.
+    SnatExhaustion,
+    /// The node of one DNS replica (`kube-system/coredns-1`) drops UDP/53 it forwards.
+    DnsUdpDrop,
+    /// `conntrack-full` for DNS: `nf_conntrack_max` lowered (global; saved and restored).
+    DnsConntrackFull,
+    /// Nothing broken: parallel A/AAAA queries from one socket race to create one conntrack
+    /// entry; Linux 5.6+ resolves the clash and keeps both (`clash_resolve`), nothing drops.
+    DnsRace,
 }
 
 impl FaultKind {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 13] = [
         Self::PolicyDrop,
         Self::NotListening,
         Self::ConntrackInsert,
         Self::ConntrackFull,
         Self::RouteMissing,
         Self::BigOneBad,
+        Self::MtuBlackhole,
+        Self::NodeRouteMissing,
+        Self::EgressDeny,
+        Self::SnatExhaustion,
+        Self::DnsUdpDrop,
+        Self::DnsConntrackFull,
+        Self::DnsRace,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,16 +89,54 @@ impl FaultKind {
             Self::ConntrackFull => "conntrack-full",
             Self::RouteMissing => "route-missing",
             Self::BigOneBad => "big-one-bad",
+            Self::MtuBlackhole => "mtu-blackhole",
+            Self::NodeRouteMissing => "node-route-missing",
+            Self::EgressDeny => "egress-deny",
+            Self::SnatExhaustion => "snat-exhaustion",
+            Self::DnsUdpDrop => "dns-udp-drop",
+            Self::DnsConntrackFull => "dns-conntrack-full",
+            Self::DnsRace => "dns-race",
         }
+    }
+
+    /// The Service the fault is shown with (`cargo xtask demo` traces it), or `None` for the
+    /// egress faults (traced by the external address).
+    pub fn service(self) -> Option<&'static str> {
+        match self {
+            Self::BigOneBad => Some("default/big"),
+            Self::DnsUdpDrop | Self::DnsConntrackFull | Self::DnsRace => Some("kube-system/kube-dns"),
+            Self::EgressDeny | Self::SnatExhaustion => None,
+            _ => Some("default/web"),
+        }
+    }
+
+    /// Faults that change the same thing, one at a time: the route to the other node's pod
+    /// block, or the global `nf_conntrack_max` (saved once, restored once).
+    fn conflicts_with(self, other: Self) -> bool {
+        let group = |k: Self| match k {
+            Self::MtuBlackhole | Self::NodeRouteMissing => 1,
+            Self::ConntrackFull | Self::DnsConntrackFull => 2,
+            _ => 0,
+        };
+        group(self) != 0 && group(self) == group(other)
     }
 
     /// The backend aimed at when none is given.
     fn default_pod(self) -> Option<&'static str> {
         match self {
-            Self::PolicyDrop | Self::ConntrackInsert | Self::RouteMissing => Some("default/web-2"),
+            Self::PolicyDrop
+            | Self::ConntrackInsert
+            | Self::RouteMissing
+            | Self::MtuBlackhole
+            | Self::NodeRouteMissing => Some("default/web-2"),
             Self::NotListening => Some("default/web-0"),
             Self::BigOneBad => Some("default/big-17"),
-            Self::ConntrackFull => None,
+            Self::DnsUdpDrop => Some("kube-system/coredns-1"),
+            Self::ConntrackFull
+            | Self::DnsConntrackFull
+            | Self::DnsRace
+            | Self::EgressDeny
+            | Self::SnatExhaustion => None,
         }
     }
 }
@@ -150,6 +219,9 @@ pub struct FaultRecord {
     /// The iptables rules the fault added (their counters count the dropped packets).
     pub rules: Vec<RuleRef>,
     pub sysctl: Option<SysctlChange>,
+    /// The egress faults: the "external" `IP:PORT` the client's traffic is aimed at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<String>,
 }
 
 /// How to undo a fault.
@@ -167,6 +239,13 @@ pub(super) enum Undo {
     Route { netns: String, args: Vec<String> },
     /// Restore the saved sysctls.
     Sysctl,
+    /// Several steps: close held connections, delete iptables rules (netns, table, chain,
+    /// spec), then run `ip -n <netns> -batch` lines, in this order.
+    Many {
+        holders: Vec<tokio::task::AbortHandle>,
+        rules: Vec<(String, String, String, Vec<String>)>,
+        ip: Vec<(String, String)>,
+    },
 }
 
 /// The saved global sysctls (written before any change, removed after the restore), so that a
@@ -214,6 +293,7 @@ impl Lab {
             .clone();
         let must_serve = match req.kind {
             FaultKind::BigOneBad => Some("big"),
+            FaultKind::DnsUdpDrop => Some("kube-dns"),
             _ => None,
         };
         if self.topology.services_of(&pod).is_empty() || must_serve.is_some_and(|s| pod.app != s) {
@@ -225,12 +305,16 @@ impl Lab {
                 ),
             });
         }
-        if req.kind == FaultKind::RouteMissing && pod.node == self.topology.client().node {
+        let cross_node = matches!(
+            req.kind,
+            FaultKind::RouteMissing | FaultKind::MtuBlackhole | FaultKind::NodeRouteMissing | FaultKind::DnsUdpDrop
+        );
+        if cross_node && pod.node == self.topology.client().node {
             return Err(LabError::BadTarget {
                 fault: req.kind.to_string(),
                 why: format!(
-                    "{key} is on the client's node {}; route-missing needs a backend on another node",
-                    pod.node
+                    "{key} is on the client's node {}; {} needs a backend on another node",
+                    pod.node, req.kind
                 ),
             });
         }
@@ -244,16 +328,35 @@ impl Lab {
         if faults.iter().any(|(r, _)| r.fault == req.kind) {
             return Err(LabError::FaultActive(req.kind.to_string()));
         }
+        if let Some((other, _)) = faults.iter().find(|(r, _)| req.kind.conflicts_with(r.fault)) {
+            return Err(LabError::BadTarget {
+                fault: req.kind.to_string(),
+                why: format!(
+                    "{} changes the same route or sysctl; `lab fault clear {}` first",
+                    other.fault, other.fault
+                ),
+            });
+        }
         let pod = self.target(req)?;
         let client = self.topology.client().clone();
-        let service = pod
-            .as_ref()
-            .and_then(|p| self.topology.services_of(p).first().map(|s| s.key()));
+        let service = match req.kind {
+            FaultKind::DnsConntrackFull | FaultKind::DnsRace => req.kind.service().map(String::from),
+            _ => pod
+                .as_ref()
+                .and_then(|p| self.topology.services_of(p).first().map(|s| s.key())),
+        };
         let backend = pod.as_ref().map(Self::backend_status);
         let node_name = match req.kind {
-            FaultKind::ConntrackInsert | FaultKind::ConntrackFull => client.node.clone(),
+            FaultKind::ConntrackInsert
+            | FaultKind::ConntrackFull
+            | FaultKind::DnsConntrackFull
+            | FaultKind::DnsRace
+            | FaultKind::NodeRouteMissing
+            | FaultKind::EgressDeny
+            | FaultKind::SnatExhaustion => client.node.clone(),
             _ => pod.as_ref().map(|p| p.node.clone()).unwrap_or_default(),
         };
+        let mut external = None;
         let node_ns = self.names.node_ns(&node_name);
         let tag = |what: &str| format!("ndlab-fault:{} {what}", req.kind);
         let mut rules = Vec::new();
@@ -356,7 +459,8 @@ impl Lab {
                 // (nf_nat_used_tuple_harder, net/netfilter/nf_nat_core.c), so closed TCP flows
                 // free their port at once; idle connections hold the squeezed ports, as
                 // long-lived connections do on a real node. UDP entries hold theirs for 30 s.
-                let holders = match self.hold_ports(&client, p, 4) {
+                let to = std::net::SocketAddr::from((p.ip, p.port));
+                let holders = match self.hold_ports(&client, to, 4) {
                     Ok(h) => h,
                     Err(e) => {
                         let _ = self.undo(Undo::Rules {
@@ -392,7 +496,7 @@ impl Lab {
                     ),
                 )
             }
-            FaultKind::ConntrackFull => {
+            FaultKind::ConntrackFull | FaultKind::DnsConntrackFull => {
                 let max = req.max.unwrap_or(DEFAULT_CT_MAX);
                 let path = sysctl_path(CT_MAX_KEY);
                 let old = fs::read_to_string(&path)
@@ -457,6 +561,255 @@ impl Lab {
                     ),
                 )
             }
+            FaultKind::MtuBlackhole => {
+                let p = pod.as_ref().expect("target");
+                let (near, far) = (
+                    self.topology.node(&client.node).expect("client node").clone(),
+                    self.topology.node(&p.node).expect("pod node").clone(),
+                );
+                let mut ip_undo = Vec::new();
+                for (me, other) in [(&near, &far), (&far, &near)] {
+                    let ns = self.names.node_ns(&me.name);
+                    let cidr = format!("{}/{}", other.pod_cidr.0, other.pod_cidr.1);
+                    let lines = format!(
+                        "link add {VXLAN_DEV} address {mac} mtu {VXLAN_MTU} type vxlan id 4096 local {local} remote {remote} dstport 4789 dev eth0\n\
+                         link set {VXLAN_DEV} up\n\
+                         addr add {vtep}/32 dev {VXLAN_DEV}\n\
+                         neigh replace {peer} lladdr {peer_mac} dev {VXLAN_DEV} nud permanent\n\
+                         route replace {cidr} via {peer} dev {VXLAN_DEV} onlink proto bird\n",
+                        mac = me.vtep_mac(),
+                        local = me.underlay_ip,
+                        remote = other.underlay_ip,
+                        vtep = me.vtep_ip(),
+                        peer = other.vtep_ip(),
+                        peer_mac = other.vtep_mac(),
+                    );
+                    // Undone in reverse: the BGP route back first, then the device.
+                    ip_undo.push((
+                        ns.clone(),
+                        format!(
+                            "route replace {cidr} via {} dev eth0 proto bird\nlink del {VXLAN_DEV}\n",
+                            other.underlay_ip
+                        ),
+                    ));
+                    let r = net::ip_batch(Some(&ns), &lines);
+                    if let Err(e) = r {
+                        let _ = self.undo(Undo::Many { holders: Vec::new(), rules: Vec::new(), ip: ip_undo });
+                        return Err(e);
+                    }
+                    did.extend(lines.lines().map(|l| format!("ip -n {ns} {l}")));
+                }
+                // One segment per packet from the backend (no GSO/TSO): each too-big segment is
+                // one drop and one FragFails.
+                let pod_ns = self.names.pod_ns(p);
+                let gso = "link set eth0 gso_max_segs 1\n";
+                let r = net::ip_batch(Some(&pod_ns), gso);
+                ip_undo.push((pod_ns.clone(), "link set eth0 gso_max_segs 65535\n".into()));
+                if let Err(e) = r {
+                    let _ = self.undo(Undo::Many { holders: Vec::new(), rules: Vec::new(), ip: ip_undo });
+                    return Err(e);
+                }
+                did.push(format!("ip -n {pod_ns} {}", gso.trim_end()));
+                let comment = tag(&format!("icmp frag-needed on {}", p.node));
+                let spec: Vec<String> = [
+                    "-p",
+                    "icmp",
+                    "--icmp-type",
+                    "fragmentation-needed",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &comment,
+                    "-j",
+                    "DROP",
+                ]
+                .iter()
+                .map(|s| (*s).to_string())
+                .collect();
+                if let Err(e) = Self::iptables_insert(&node_ns, "filter", "OUTPUT", &spec, &mut did) {
+                    let _ = self.undo(Undo::Many { holders: Vec::new(), rules: Vec::new(), ip: ip_undo });
+                    return Err(e);
+                }
+                rules.push(RuleRef {
+                    netns: node_ns.clone(),
+                    table: "filter".into(),
+                    chain: "OUTPUT".into(),
+                    comment,
+                });
+                (
+                    Undo::Many {
+                        holders: Vec::new(),
+                        rules: vec![(node_ns.clone(), "filter".into(), "OUTPUT".into(), spec)],
+                        ip: ip_undo,
+                    },
+                    format!(
+                        "the nodes talk over {VXLAN_DEV} (MTU {VXLAN_MTU}) while pods keep MTU 1500: responses of {} larger than {VXLAN_MTU} bytes (`lab traffic --reply-bytes 4000`) are dropped on {node_name} (PKT_TOO_BIG in ip_forward, Ip FragFails in {node_ns}); the ICMP 'fragmentation needed' that would lower the path MTU is dropped by a rule in its OUTPUT, so the sender never learns: large responses time out, small ones pass, pods on {} are not affected",
+                        p.key(),
+                        client.node
+                    ),
+                )
+            }
+            FaultKind::NodeRouteMissing => {
+                let p = pod.as_ref().expect("target");
+                let far = self.topology.node(&p.node).expect("pod node").clone();
+                let cidr = format!("{}/{}", far.pod_cidr.0, far.pod_cidr.1);
+                let del = format!("route del {cidr}\n");
+                net::ip_batch(Some(&node_ns), &del)?;
+                did.push(format!("ip -n {node_ns} {}", del.trim_end()));
+                (
+                    Undo::Many {
+                        holders: Vec::new(),
+                        rules: Vec::new(),
+                        ip: vec![(
+                            node_ns.clone(),
+                            format!("route add {cidr} via {} dev eth0 proto bird\n", far.underlay_ip),
+                        )],
+                    },
+                    format!(
+                        "{node_name} has no route to {}'s pod block {cidr} any more: packets from {node_name}'s pods to every pod on {} ({} among them) follow the default route to the upstream router ({}), which has no route to pod blocks and drops them (IP_INNOROUTES, Ip InNoRoutes in its namespace); same-node traffic is fine",
+                        far.name,
+                        far.name,
+                        p.key(),
+                        self.names.router_ns()
+                    ),
+                )
+            }
+            FaultKind::EgressDeny => {
+                let to = format!("{EXTERNAL_IP}:{EXTERNAL_PORT}");
+                let comment = tag(&format!("{} -> {to}", client.key()));
+                let spec: Vec<String> = [
+                    "-i",
+                    &client.cali(),
+                    "-d",
+                    &format!("{EXTERNAL_IP}/32"),
+                    "-p",
+                    "tcp",
+                    "--dport",
+                    &EXTERNAL_PORT.to_string(),
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &comment,
+                    "-j",
+                    "DROP",
+                ]
+                .iter()
+                .map(|s| (*s).to_string())
+                .collect();
+                Self::iptables_insert(&node_ns, "filter", "FORWARD", &spec, &mut did)?;
+                rules.push(RuleRef {
+                    netns: node_ns.clone(),
+                    table: "filter".into(),
+                    chain: "FORWARD".into(),
+                    comment,
+                });
+                external = Some(to.clone());
+                (
+                    Undo::Rules {
+                        netns: node_ns.clone(),
+                        rules: vec![("filter".into(), "FORWARD".into(), spec)],
+                        holders: Vec::new(),
+                    },
+                    format!(
+                        "connections from {} to the external {to} (`lab traffic --to {to}`) time out: an egress policy rule in FORWARD on {node_name} drops them before SNAT"
+                    , client.key()),
+                )
+            }
+            FaultKind::SnatExhaustion => {
+                let to = std::net::SocketAddr::from((EXTERNAL_IP, EXTERNAL_PORT));
+                let comment = tag(&format!("{} -> {to}", client.key()));
+                let ports = squeezed_ports();
+                let spec: Vec<String> = [
+                    "-s",
+                    &format!("{}/32", client.ip),
+                    "-d",
+                    &format!("{EXTERNAL_IP}/32"),
+                    "-p",
+                    "tcp",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &comment,
+                    "-j",
+                    "MASQUERADE",
+                    "--to-ports",
+                    &ports,
+                ]
+                .iter()
+                .map(|s| (*s).to_string())
+                .collect();
+                Self::iptables_insert(&node_ns, "nat", "POSTROUTING", &spec, &mut did)?;
+                let rule = (node_ns.clone(), "nat".to_string(), "POSTROUTING".to_string(), spec);
+                let holders = match self.hold_ports(&client, to, 4) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        let _ = self.undo(Undo::Many { holders: Vec::new(), rules: vec![rule], ip: Vec::new() });
+                        return Err(e);
+                    }
+                };
+                did.push(format!(
+                    "opened {} idle TCP connections {} -> {to} holding the squeezed ports",
+                    holders.len(),
+                    client.key()
+                ));
+                rules.push(RuleRef {
+                    netns: node_ns.clone(),
+                    table: "nat".into(),
+                    chain: "POSTROUTING".into(),
+                    comment,
+                });
+                external = Some(to.to_string());
+                (
+                    Undo::Many { holders, rules: vec![rule], ip: Vec::new() },
+                    format!(
+                        "new connections from {} to the external {to} fail: the node's SNAT for them has 4 source ports ({ports}), all held by idle connections, so NAT finds no free tuple and conntrack's insert fails on {node_name} (insert_failed in {node_ns}'s /proc/net/stat/nf_conntrack), as a node does when too many connections go to one destination",
+                        client.key()
+                    ),
+                )
+            }
+            FaultKind::DnsUdpDrop => {
+                let p = pod.as_ref().expect("target");
+                let comment = tag(&format!("udp/53 on {}", p.node));
+                let spec: Vec<String> = [
+                    "-p",
+                    "udp",
+                    "--dport",
+                    "53",
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &comment,
+                    "-j",
+                    "DROP",
+                ]
+                .iter()
+                .map(|s| (*s).to_string())
+                .collect();
+                Self::iptables_insert(&node_ns, "filter", "FORWARD", &spec, &mut did)?;
+                rules.push(RuleRef {
+                    netns: node_ns.clone(),
+                    table: "filter".into(),
+                    chain: "FORWARD".into(),
+                    comment,
+                });
+                (
+                    Undo::Rules {
+                        netns: node_ns.clone(),
+                        rules: vec![("filter".into(), "FORWARD".into(), spec)],
+                        holders: Vec::new(),
+                    },
+                    format!(
+                        "DNS queries over UDP that kube-proxy sends to {} (about half) time out: {node_name} drops the UDP/53 it forwards; queries to the other replica are answered",
+                        p.key()
+                    ),
+                )
+            }
+            FaultKind::DnsRace => (
+                Undo::Many { holders: Vec::new(), rules: Vec::new(), ip: Vec::new() },
+                format!(
+                    "nothing is changed: send A/AAAA-style pairs at once from one socket (`lab traffic --svc kube-system/kube-dns --proto udp --pairs`); when both packets of a pair are new at the same time on {node_name}, they race to create one conntrack entry (possibly DNATed to different replicas): Linux 5.6+ keeps both and counts clash_resolve in {node_ns}'s /proc/net/stat/nf_conntrack instead of dropping one (insert_failed)"
+                ),
+            ),
         };
         let record = FaultRecord {
             kind_tag: "fault".into(),
@@ -471,6 +824,7 @@ impl Lab {
             expect,
             rules,
             sysctl,
+            external,
         };
         faults.push((record.clone(), undo));
         drop(faults);
@@ -553,18 +907,36 @@ impl Lab {
                 restore_sysctls(&self.state_dir.join(super::SYSCTL_FILE));
                 Ok(())
             }
+            Undo::Many { holders, rules, ip } => {
+                for h in holders {
+                    h.abort();
+                }
+                let mut first_err = None;
+                for (netns, table, chain, spec) in rules {
+                    let mut args: Vec<&str> = vec!["-w", "-t", &table, "-D", &chain];
+                    args.extend(spec.iter().map(String::as_str));
+                    if let Err(e) = net::ns_cmd(&netns, "iptables", &args, None) {
+                        first_err.get_or_insert(e);
+                    }
+                }
+                for (netns, lines) in ip {
+                    if let Err(e) = net::ip_batch(Some(&netns), &lines) {
+                        first_err.get_or_insert(e);
+                    }
+                }
+                first_err.map_or(Ok(()), Err)
+            }
         }
     }
 
-    /// Opens `n` idle TCP connections from the client pod straight to the backend's target port
-    /// and keeps them open on the lab's runtime until aborted.
+    /// Opens `n` idle TCP connections from the client pod straight to `to` (a backend's target
+    /// port, the "external" host) and keeps them open on the lab's runtime until aborted.
     fn hold_ports(
         &self,
         client: &PodSpec,
-        backend: &PodSpec,
+        to: std::net::SocketAddr,
         n: usize,
     ) -> Result<Vec<tokio::task::AbortHandle>, LabError> {
-        let to = std::net::SocketAddr::from((backend.ip, super::topology::TARGET_PORT));
         let streams = net::in_netns(&net::netns_path(&self.names.pod_ns(client)), move || {
             let mut v = Vec::new();
             for _ in 0..n {

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use super::topology::{PodSpec, Role, ServiceSpec, TARGET_PORT, Topology};
+use super::topology::{DNS_PORT, PodSpec, Role, ServiceSpec, Topology};
 
 fn node(n: &super::topology::NodeSpec, created: &str) -> Value {
     json!({
@@ -29,8 +29,9 @@ fn pod(topo: &Topology, p: &PodSpec, created: &str) -> Value {
         .map(|n| n.underlay_ip.to_string())
         .unwrap_or_default();
     let ports = if p.role == Role::Backend {
-        json!([{"name": "http", "containerPort": TARGET_PORT, "protocol": "TCP"},
-               {"name": "udp", "containerPort": TARGET_PORT, "protocol": "UDP"}])
+        let (tcp, udp) = if p.port == DNS_PORT { ("dns-tcp", "dns") } else { ("http", "udp") };
+        json!([{"name": tcp, "containerPort": p.port, "protocol": "TCP"},
+               {"name": udp, "containerPort": p.port, "protocol": "UDP"}])
     } else {
         json!([])
     };

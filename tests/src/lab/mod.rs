@@ -1,4 +1,4 @@
-//! The lab of issue 7: a small Calico-style, kube-proxy-style Kubernetes cluster in network
+//! The lab: a small Calico-style, kube-proxy-style Kubernetes cluster in network
 //! namespaces on this machine, for `netdrop trace --svc` end-to-end tests, the demo and the
 //! benchmark. This module owns the lab's lifetime; [`topology`] says what it contains, [`net`]
 //! builds it, [`servers`] answers, [`kube`] describes it to the API stand-in, [`faults`] breaks
@@ -19,8 +19,14 @@
 //! - one namespace per pod (`ndlab-pod-default-web-0`), joined to its node by a veth whose node
 //!   side is Calico's `cali` + 11 hex of sha1("default.web-0"); the pod has its IP as /32 and a
 //!   default route via 169.254.1.1; the node has a /32 route, a static neighbour and proxy-ARP;
-//! - kube-proxy's iptables rules in every node for the `ClusterIP` Services (10.96.0.0/16);
-//! - TCP and UDP echo on 8080 in every backend, the API stand-in on 127.0.0.1 and a kubeconfig.
+//! - kube-proxy's iptables rules in every node for the `ClusterIP` Services (10.96.0.0/16), and
+//!   Calico's `natOutgoing` MASQUERADE for pods' traffic leaving the cluster CIDR;
+//! - an upstream router `ndlab-ext-router`, each node's default gateway over a veth `uplink0`
+//!   (198.51.100.0/24, TEST-NET-2), knowing no pod block, with the "external" host 203.0.113.10
+//!   (TEST-NET-3) on its loopback; nothing is routed outside the lab's namespaces;
+//! - TCP and UDP echo on 8080 in every backend, on 53 in `kube-system/coredns-0`/`-1` (one per
+//!   node, behind `kube-system/kube-dns` 10.96.0.53) and on 5432 on the external host; the API
+//!   stand-in on 127.0.0.1 and a kubeconfig.
 
 pub mod control;
 pub mod faults;
@@ -51,9 +57,12 @@ use self::{
     faults::{FaultRecord, Undo},
     servers::EchoServer,
     topology::{Names, PodSpec, PortSpec, Proto, Role, Sizes, Topology},
-    traffic::{TrafficOptions, TrafficReport},
+    traffic::{TrafficOptions, TrafficReport, TrafficShape},
 };
 use crate::apiserver::{Cluster, ServeOptions, StandIn, StandInError, StoreError};
+
+/// How the "external" host names itself in replies (`<who> <where>`, as pods do).
+pub const EXTERNAL_WHO: &str = "external/db ext-router";
 
 /// The default instance's state directory.
 pub const STATE_DIR: &str = "/run/netdrop-lab";
@@ -102,7 +111,7 @@ pub enum LabError {
     #[error("the lab {instance} is not up; run `cargo xtask lab up`")]
     NotUp { instance: String },
     #[error(
-        "unknown fault {0:?}: policy-drop, not-listening, conntrack-insert, conntrack-full, route-missing, big-one-bad"
+        "unknown fault {0:?}: policy-drop, not-listening, conntrack-insert, conntrack-full, route-missing, big-one-bad, mtu-blackhole, node-route-missing, egress-deny, snat-exhaustion, dns-udp-drop, dns-conntrack-full, dns-race"
     )]
     UnknownFault(String),
     #[error("fault {0} is already active; `lab fault clear {0}` first")]
@@ -235,6 +244,12 @@ pub struct Status {
     pub pods: Vec<PodStatus>,
     pub services: Vec<ServiceStatus>,
     pub faults: Vec<FaultRecord>,
+    /// The upstream router's namespace (the nodes' default gateway, the "external" host's).
+    #[serde(default)]
+    pub router_netns: String,
+    /// The "external" host pods reach through their node's SNAT, `IP:PORT`.
+    #[serde(default)]
+    pub external: String,
 }
 
 impl Status {
@@ -277,6 +292,37 @@ impl Status {
         Ok(SocketAddr::from((svc.cluster_ip, port.port)))
     }
 
+    /// Runs the traffic generator from the client pod to any address (the "external" host).
+    pub fn traffic_to(
+        &self,
+        target: SocketAddr,
+        opts: &TrafficOptions,
+        shape: TrafficShape,
+    ) -> Result<TrafficReport, LabError> {
+        let client = self
+            .client()
+            .ok_or_else(|| LabError::NoPod("client".into()))?;
+        traffic::run_shaped(&client.netns_path, &target.to_string(), target, opts, shape)
+    }
+
+    /// [`Status::traffic`] with requests shaped by `shape` (large replies, parallel pairs).
+    pub fn traffic_shaped(
+        &self,
+        service: &str,
+        opts: &TrafficOptions,
+        shape: TrafficShape,
+    ) -> Result<TrafficReport, LabError> {
+        let target = self.target(service, opts.proto)?;
+        let client = self
+            .client()
+            .ok_or_else(|| LabError::NoPod("client".into()))?;
+        let key = self
+            .service(service)
+            .map(|s| format!("{}/{}", s.namespace, s.name))
+            .unwrap_or_default();
+        traffic::run_shaped(&client.netns_path, &key, target, opts, shape)
+    }
+
     /// Runs the traffic generator from the client pod (usable without the [`Lab`] object).
     pub fn traffic(&self, service: &str, opts: &TrafficOptions) -> Result<TrafficReport, LabError> {
         let target = self.target(service, opts.proto)?;
@@ -287,7 +333,72 @@ impl Status {
             .service(service)
             .map(|s| format!("{}/{}", s.namespace, s.name))
             .unwrap_or_default();
-        traffic::run(&client.netns_path, &key, target, opts)
+        let before = self.endpoint_choices(service, opts.proto)?;
+        let mut report = traffic::run(&client.netns_path, &key, target, opts)?;
+        let after = self.endpoint_choices(service, opts.proto)?;
+        report.flows_by_backend = after
+            .into_iter()
+            .map(|(pod, n)| {
+                let was = before.get(&pod).copied().unwrap_or(0);
+                (pod, n - was)
+            })
+            .collect();
+        Ok(report)
+    }
+
+    /// Per backend (`namespace/pod`), the packet counter of kube-proxy's rule that sends a new
+    /// flow to it (`KUBE-SVC-…` → `KUBE-SEP-…`) in the client's node: the kernel's own count of
+    /// the flows `DNAT`ed to each backend (the nat table sees a flow's first packet only).
+    pub fn endpoint_choices(
+        &self,
+        service: &str,
+        proto: Proto,
+    ) -> Result<BTreeMap<String, u64>, LabError> {
+        let svc = self
+            .service(service)
+            .ok_or_else(|| LabError::NoService(service.to_string()))?;
+        // Without endpoints kube-proxy writes no `KUBE-SVC-…` chain (a REJECT instead).
+        let Some(port) = svc.ports.iter().find(|p| p.protocol == proto) else {
+            return Ok(BTreeMap::new());
+        };
+        if svc.backends.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let client = self
+            .client()
+            .ok_or_else(|| LabError::NoPod("client".into()))?;
+        let node_ns = self
+            .nodes
+            .iter()
+            .find(|n| n.name == client.node)
+            .map(|n| n.netns.clone())
+            .ok_or_else(|| LabError::NoPod(client.node.clone()))?;
+        let spec = topology::ServiceSpec {
+            namespace: svc.namespace.clone(),
+            name: svc.name.clone(),
+            cluster_ip: svc.cluster_ip,
+            ports: svc.ports.clone(),
+            selector: String::new(),
+        };
+        let chain = topology::svc_chain(&spec, port);
+        let text = net::ns_cmd(
+            &node_ns,
+            "iptables",
+            &["-t", "nat", "-L", &chain, "-v", "-x", "-n"],
+            None,
+        )?;
+        let sp = format!("{}:{}", spec.key(), port.name);
+        let mut out = BTreeMap::new();
+        for b in &svc.backends {
+            let needle = format!("/* {sp} -> {}:{} */", b.ip, port.target_port);
+            let n: u64 = text
+                .lines()
+                .filter(|l| l.contains(&needle))
+                .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+                .sum();
+            out.insert(b.pod.clone(), n);
+        }
+        Ok(out)
     }
 }
 
@@ -505,6 +616,7 @@ impl Lab {
         for p in lab.topology.pods.iter().filter(|p| p.role == Role::Backend) {
             lab.start_server(p)?;
         }
+        lab.start_external()?;
         lab.start_standin()?;
         *lab.up_time.lock().expect("lock") = t0.elapsed();
         lab.write_state()?;
@@ -526,13 +638,28 @@ impl Lab {
         let s = servers::start(
             &self.handle(),
             &net::netns_path(&self.names.pod_ns(p)),
-            topology::TARGET_PORT,
+            p.port,
             who,
         )?;
         self.servers
             .lock()
             .expect("servers lock")
             .insert(p.key(), s);
+        Ok(())
+    }
+
+    /// The "external" host's echo on the router ([`topology::EXTERNAL_IP`]).
+    fn start_external(&self) -> Result<(), LabError> {
+        let s = servers::start(
+            &self.handle(),
+            &net::netns_path(&self.names.router_ns()),
+            topology::EXTERNAL_PORT,
+            EXTERNAL_WHO.into(),
+        )?;
+        self.servers
+            .lock()
+            .expect("servers lock")
+            .insert(EXTERNAL_WHO.into(), s);
         Ok(())
     }
 
@@ -670,6 +797,8 @@ impl Lab {
                 .iter()
                 .map(|(r, _)| r.clone())
                 .collect(),
+            router_netns: self.names.router_ns(),
+            external: format!("{}:{}", topology::EXTERNAL_IP, topology::EXTERNAL_PORT),
         }
     }
 
@@ -687,6 +816,31 @@ impl Lab {
     /// Runs the traffic generator from the client pod against a Service (`ns/name`).
     pub fn traffic(&self, service: &str, opts: &TrafficOptions) -> Result<TrafficReport, LabError> {
         self.status().traffic(service, opts)
+    }
+
+    /// Runs the traffic generator from the client pod to an address (the "external" host).
+    pub fn traffic_to(
+        &self,
+        target: SocketAddr,
+        opts: &TrafficOptions,
+        shape: TrafficShape,
+    ) -> Result<TrafficReport, LabError> {
+        self.status().traffic_to(target, opts, shape)
+    }
+
+    /// [`Lab::traffic`] with requests shaped by `shape`.
+    pub fn traffic_shaped(
+        &self,
+        service: &str,
+        opts: &TrafficOptions,
+        shape: TrafficShape,
+    ) -> Result<TrafficReport, LabError> {
+        self.status().traffic_shaped(service, opts, shape)
+    }
+
+    /// The "external" host's `IP:PORT`.
+    pub fn external(&self) -> SocketAddr {
+        SocketAddr::from((topology::EXTERNAL_IP, topology::EXTERNAL_PORT))
     }
 
     /// Removes everything: restores sysctls, stops servers and the stand-in, deletes the

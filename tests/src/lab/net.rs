@@ -15,8 +15,8 @@ use std::{
 use super::{
     LabError,
     topology::{
-        CALI_MAC, CLUSTER_CIDR, Names, NodeSpec, POD_GATEWAY, Topology, UNDERLAY_PREFIX, sep_chain,
-        svc_chain,
+        CALI_MAC, CLUSTER_CIDR, EXTERNAL_IP, Names, NodeSpec, POD_GATEWAY, Topology,
+        UNDERLAY_PREFIX, sep_chain, svc_chain,
     },
 };
 
@@ -105,7 +105,7 @@ pub fn ns_cmd(
 }
 
 /// `ip -n <netns> -batch -` with these lines.
-fn ip_batch(netns: Option<&str>, lines: &str) -> Result<(), LabError> {
+pub(crate) fn ip_batch(netns: Option<&str>, lines: &str) -> Result<(), LabError> {
     let mut args = Vec::new();
     if let Some(ns) = netns {
         args.extend(["-n", ns]);
@@ -184,6 +184,7 @@ pub fn build(topo: &Topology, names: &Names) -> Result<(), LabError> {
         .iter()
         .map(|n| names.node_ns(&n.name))
         .chain(topo.pods.iter().map(|p| names.pod_ns(p)))
+        .chain(std::iter::once(names.router_ns()))
         .collect();
     let add = all.iter().fold(String::new(), |mut s, n| {
         let _ = writeln!(s, "netns add {n}");
@@ -204,10 +205,21 @@ pub fn build(topo: &Topology, names: &Names) -> Result<(), LabError> {
             ],
         )?;
     }
+    ns_sysctls(
+        &names.router_ns(),
+        &[
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ],
+    )?;
     underlay(topo, names)?;
+    uplinks(topo, names)?;
     for node in &topo.nodes {
         workloads(topo, names, node)?;
-        iptables_restore(&names.node_ns(&node.name), &kube_proxy_rules(topo))?;
+        let ns = names.node_ns(&node.name);
+        iptables_restore(&ns, &kube_proxy_rules(topo))?;
+        ns_cmd(&ns, "iptables-restore", &["--noflush"], Some(NAT_OUTGOING)).map(drop)?;
     }
     for pod in &topo.pods {
         pod_side(names, pod)?;
@@ -239,13 +251,6 @@ fn underlay(topo: &Topology, names: &Names) -> Result<(), LabError> {
             "route add {}/{} via {} dev eth0 proto bird",
             other.pod_cidr.0, other.pod_cidr.1, other.underlay_ip
         );
-        // A real node has a default route: packets to a Service without endpoints are routed and
-        // reach FORWARD, where kube-proxy's REJECT answers them. Here the way out is an ifb
-        // device (like dummy, which this kernel may lack: it consumes what it is sent outside a
-        // tc redirect, with consume_skb, not as a drop), so nothing leaves the lab.
-        let _ = writeln!(s, "link add ext0 type ifb");
-        let _ = writeln!(s, "link set ext0 up");
-        let _ = writeln!(s, "route add default dev ext0");
         // Calico blackholes the node's own IPAM block: a pod IP without its /32 route goes nowhere.
         let _ = writeln!(
             s,
@@ -264,6 +269,43 @@ fn underlay(topo: &Topology, names: &Names) -> Result<(), LabError> {
             other.underlay_ip
         );
         ip_batch(Some(&ns), &s)?;
+    }
+    Ok(())
+}
+
+/// Calico's `natOutgoing`: pods' traffic to outside the cluster CIDR leaves with the node's
+/// address (Felix's `cali-nat-outgoing` chain, simplified to the CIDR instead of its ipset).
+const NAT_OUTGOING: &str = "*nat\n:cali-nat-outgoing - [0:0]\n\
+     -A POSTROUTING -m comment --comment \"cali:nat-outgoing\" -j cali-nat-outgoing\n\
+     -A cali-nat-outgoing -s 10.244.0.0/16 ! -d 10.244.0.0/16 -m comment --comment \"cali:natOutgoing\" -j MASQUERADE --random-fully\n\
+     COMMIT\n";
+
+/// The upstream router: a veth `uplink0` from each node (the node's default route: a real node
+/// has one, and packets to a Service without endpoints must be routed to reach FORWARD, where
+/// kube-proxy's REJECT answers them), the "external" host's address on its loopback, no route
+/// to any pod block (an upstream router does not know them), static neighbours (no ARP).
+fn uplinks(topo: &Topology, names: &Names) -> Result<(), LabError> {
+    let router = names.router_ns();
+    let mut r = format!("link set lo up\naddr add {EXTERNAL_IP}/32 dev lo\n");
+    for (i, node) in topo.nodes.iter().enumerate() {
+        let (node_mac, router_mac) = (format!("02:42:c6:33:64:{:02x}", 4 * i + 2), format!("02:42:c6:33:64:{:02x}", 4 * i + 1));
+        let _ = writeln!(
+            r,
+            "link add {name} address {router_mac} type veth peer name uplink0 address {node_mac} netns {ns}",
+            name = node.name,
+            ns = names.node_ns(&node.name)
+        );
+        let _ = writeln!(r, "addr add {}/30 dev {}", node.gateway_ip(), node.name);
+        let _ = writeln!(r, "link set {} up", node.name);
+        let _ = writeln!(r, "neigh replace {} lladdr {node_mac} dev {} nud permanent", node.uplink_ip(), node.name);
+        ip_batch(Some(&router), &r)?;
+        r.clear();
+        let n = format!(
+            "addr add {}/30 dev uplink0\nlink set uplink0 up\nneigh replace {gw} lladdr {router_mac} dev uplink0 nud permanent\nroute add default via {gw} dev uplink0\n",
+            node.uplink_ip(),
+            gw = node.gateway_ip()
+        );
+        ip_batch(Some(&names.node_ns(&node.name)), &n)?;
     }
     Ok(())
 }

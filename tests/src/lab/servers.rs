@@ -3,7 +3,8 @@
 //! so the traffic generator can count successes per backend.
 //!
 //! Protocol: the client sends one line (at most 512 bytes); the server answers
-//! `<namespace>/<pod> <node> <line>` (or, to [`HOLD`], nothing) and, for TCP, closes first, so `TIME_WAIT` stays on the
+//! `<namespace>/<pod> <node> <line>` (followed, over TCP, by N filler bytes when the line holds
+//! `pad=N`; to [`HOLD`], nothing) and, for TCP, closes first, so `TIME_WAIT` stays on the
 //! backend's side and a long traffic run does not exhaust the client's ephemeral ports.
 
 use std::{
@@ -23,6 +24,16 @@ use super::{LabError, net::in_netns};
 /// A request line asking the server to keep the connection open, without a reply, until the
 /// client closes it.
 pub const HOLD: &[u8] = b"ndlab-hold\n";
+
+/// The most filler a TCP request may ask for with `pad=N`.
+pub const MAX_PAD: usize = 64 * 1024;
+
+/// `pad=N` in a request line (TCP only), capped at [`MAX_PAD`].
+fn padding(line: &str) -> Option<usize> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("pad=")?.parse::<usize>().ok())
+        .map(|n| n.min(MAX_PAD))
+}
 
 /// How long a server waits for a client's request line.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,7 +100,12 @@ pub fn start(
                     while matches!(sock.read(&mut buf).await, Ok(k) if k > 0) {}
                 } else if read.is_ok() && n > 0 {
                     let line = String::from_utf8_lossy(&buf[..n]);
-                    let reply = format!("{who} {}\n", line.trim_end());
+                    let mut reply = format!("{who} {}\n", line.trim_end());
+                    // `pad=N`: a large response (the path-MTU fault), N filler bytes after the
+                    // reply line.
+                    if let Some(pad) = padding(&line) {
+                        reply.push_str(&".".repeat(pad));
+                    }
                     let _ = sock.write_all(reply.as_bytes()).await;
                 }
                 let _ = sock.shutdown().await;

@@ -18,8 +18,25 @@ pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 pub const CALI_MAC: &str = "ee:ee:ee:ee:ee:ee";
 /// The lab's underlay: one /24 shared by the nodes' `eth0`.
 pub const UNDERLAY_PREFIX: u8 = 24;
-/// The port every backend listens on (TCP and UDP echo).
+/// The port every backend listens on (TCP and UDP echo), except the DNS pods.
 pub const TARGET_PORT: u16 = 8080;
+/// The DNS pods' port (`kube-system/coredns-N`, behind `kube-system/kube-dns`).
+pub const DNS_PORT: u16 = 53;
+/// The lab's "outside world": the nodes' default route leads to an upstream router namespace
+/// (`<prefix>ext-router`), joined to each node by a veth `uplink0`, addressed from TEST-NET-2
+/// (RFC 5737, never routed on the Internet) and routed only inside the lab. The router knows no
+/// pod block (as a real upstream router does not) and holds the "external" host.
+pub const UPLINK_NET: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 0);
+/// The "external" host pods reach through their node's SNAT (TEST-NET-3, RFC 5737), on the
+/// router's loopback; a TCP/UDP echo listens on [`EXTERNAL_PORT`], like a database outside the
+/// cluster.
+pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const EXTERNAL_PORT: u16 = 5432;
+/// The router's namespace, after the instance prefix.
+pub const ROUTER_NS: &str = "ext-router";
+/// Calico's VXLAN device and its MTU (1500 minus the 50-byte VXLAN/UDP/IP/Ethernet overhead).
+pub const VXLAN_DEV: &str = "vxlan.calico";
+pub const VXLAN_MTU: u16 = 1450;
 
 /// IP protocol of a Service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -62,6 +79,37 @@ pub struct NodeSpec {
     pub pod_cidr: (Ipv4Addr, u8),
 }
 
+impl NodeSpec {
+    /// The node's index in the lab (its pod block's third octet minus 1).
+    fn index(&self) -> u8 {
+        self.pod_cidr.0.octets()[2].saturating_sub(1)
+    }
+
+    /// The node's `uplink0` address (a /30 per node from [`UPLINK_NET`]).
+    pub fn uplink_ip(&self) -> Ipv4Addr {
+        let o = UPLINK_NET.octets();
+        Ipv4Addr::new(o[0], o[1], o[2], 4 * self.index() + 2)
+    }
+
+    /// The router's end of the node's uplink (the node's default gateway).
+    pub fn gateway_ip(&self) -> Ipv4Addr {
+        let o = UPLINK_NET.octets();
+        Ipv4Addr::new(o[0], o[1], o[2], 4 * self.index() + 1)
+    }
+
+    /// The address of the node's `vxlan.calico` device (the first of its block, as Calico's
+    /// VTEP takes one from the node's block).
+    pub fn vtep_ip(&self) -> Ipv4Addr {
+        let o = self.pod_cidr.0.octets();
+        Ipv4Addr::new(o[0], o[1], o[2], 1)
+    }
+
+    /// The MAC of the node's `vxlan.calico` device.
+    pub fn vtep_mac(&self) -> String {
+        format!("66:ca:11:c0:00:{:02x}", self.index() + 10)
+    }
+}
+
 /// What a pod does in the lab.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -82,6 +130,13 @@ pub struct PodSpec {
     /// The `app` label Services select on.
     pub app: String,
     pub role: Role,
+    /// The port its servers listen on ([`TARGET_PORT`]; [`DNS_PORT`] for the DNS pods).
+    #[serde(default = "target_port")]
+    pub port: u16,
+}
+
+fn target_port() -> u16 {
+    TARGET_PORT
 }
 
 impl PodSpec {
@@ -192,6 +247,13 @@ impl Topology {
             ip: Ipv4Addr::new(10, 244, node as u8 + 1, host),
             app: app.into(),
             role,
+            port: TARGET_PORT,
+        };
+        // CoreDNS-like replicas, one per node, behind kube-dns (UDP and TCP echo on 53).
+        let dns = |node: usize| PodSpec {
+            namespace: "kube-system".into(),
+            port: DNS_PORT,
+            ..pod(format!("coredns-{node}"), node, 30, "kube-dns", Role::Backend)
         };
         let mut pods = vec![
             pod("client".into(), 0, 2, "client", Role::Client),
@@ -200,6 +262,8 @@ impl Topology {
             pod("web-2".into(), 1, 10, "web", Role::Backend),
             pod("healthy-0".into(), 0, 20, "healthy", Role::Backend),
             pod("healthy-1".into(), 1, 20, "healthy", Role::Backend),
+            dns(0),
+            dns(1),
         ];
         let half = big.div_ceil(2);
         for i in 0..big {
@@ -223,11 +287,26 @@ impl Topology {
             ports: echo_ports(),
             selector: name.into(),
         };
+        let dns_port = |name: &str, protocol| PortSpec {
+            name: name.into(),
+            protocol,
+            port: DNS_PORT,
+            target_port: DNS_PORT,
+        };
         let services = vec![
             svc("web", 10),
             svc("healthy", 20),
             svc("big", 30),
             svc("empty", 40),
+            // kube-dns's address in kubeadm clusters is the Service CIDR's tenth; `web` has it
+            // here, so the lab's DNS Service takes .53.
+            ServiceSpec {
+                namespace: "kube-system".into(),
+                name: "kube-dns".into(),
+                cluster_ip: Ipv4Addr::new(10, 96, 0, 53),
+                ports: vec![dns_port("dns", Proto::Udp), dns_port("dns-tcp", Proto::Tcp)],
+                selector: "kube-dns".into(),
+            },
         ];
         Self {
             nodes,
@@ -273,7 +352,7 @@ impl Topology {
                 p.role == Role::Backend && p.namespace == svc.namespace && p.app == svc.selector
             })
             .collect();
-        b.sort_by_key(|p| format!("{}:{TARGET_PORT}", p.ip));
+        b.sort_by_key(|p| format!("{}:{}", p.ip, p.port));
         b
     }
 
@@ -312,11 +391,18 @@ impl Names {
         format!("{}pod-{}-{}", self.prefix, pod.namespace, pod.name)
     }
 
-    /// Whether a namespace name belongs to this instance (`<prefix>node-…` or `<prefix>pod-…`).
+    /// The upstream router's namespace (also the "external" host's).
+    pub fn router_ns(&self) -> String {
+        format!("{}{ROUTER_NS}", self.prefix)
+    }
+
+    /// Whether a namespace name belongs to this instance (`<prefix>node-…`, `<prefix>pod-…` or
+    /// `<prefix>ext-…`).
     pub fn owns(&self, netns: &str) -> bool {
-        netns
-            .strip_prefix(&self.prefix)
-            .is_some_and(|rest| rest.starts_with("node-") || rest.starts_with("pod-"))
+        // The router by its whole name: an instance called `ext` has the prefix `ndlab-ext-`.
+        netns.strip_prefix(&self.prefix).is_some_and(|rest| {
+            rest.starts_with("node-") || rest.starts_with("pod-") || rest == ROUTER_NS
+        })
     }
 }
 
@@ -404,6 +490,8 @@ mod tests {
         assert!(n.owns("ndlab-node-a"));
         assert!(n.owns("ndlab-pod-default-web-0"));
         assert!(!n.owns("ndlab-t12-node-a"));
+        assert!(n.owns("ndlab-ext-router"));
+        assert!(!n.owns("ndlab-ext-node-a"), "an instance named ext is not the default's");
         let t = Names::new(Some("t12"));
         assert!(t.owns("ndlab-t12-node-a"));
         assert!(!t.owns("ndlab-node-a"));
