@@ -120,6 +120,30 @@ pub mod class {
     pub const TCP_TIME_WAIT: u8 = 5;
 }
 
+/// The precise hooks' per-skb marks: a [`class`] in the low byte, the time it was set
+/// (`bpf_ktime_get_ns`) in the 56 bits above, one `u64` map value.
+pub mod mark {
+    /// A mark set at `now_ns` for `class`.
+    #[inline(always)]
+    pub const fn new(now_ns: u64, class: u8) -> u64 {
+        (now_ns << 8) | class as u64
+    }
+
+    /// The mark's class.
+    #[inline(always)]
+    pub const fn class(mark: u64) -> u8 {
+        (mark & 0xff) as u8
+    }
+
+    /// How long ago the mark was set. The time is kept modulo 2^56 ns (834 days): the
+    /// difference is taken in that same width, so it stays right once the uptime passes it
+    /// (comparing `now` with `mark >> 8` would then call every mark stale).
+    #[inline(always)]
+    pub const fn age_ns(now_ns: u64, mark: u64) -> u64 {
+        (now_ns << 8).wrapping_sub(mark & !0xff) >> 8
+    }
+}
+
 /// `DropKey::effect` / `DropEvent::effect`: what a drop cost, decided in the kernel program from
 /// the packet (protocol, TCP flags, payload length), the drop reason and the receiving socket's
 /// state (`rx_sk`, Linux 6.11+).
@@ -477,6 +501,18 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn mark_age_survives_the_56_bit_wrap() {
+        let wrap = 1u64 << 56;
+        for set in [5_000, wrap - 300, wrap + 7, 3 * wrap + 1_000_000] {
+            let m = mark::new(set, class::TCP_TIME_WAIT);
+            assert_eq!(mark::class(m), class::TCP_TIME_WAIT);
+            assert_eq!(mark::age_ns(set, m), 0, "set at {set}");
+            assert_eq!(mark::age_ns(set + 900, m), 900, "set at {set}, read 900 ns later");
+            assert_eq!(mark::age_ns(set + 2_000_000_000, m), 2_000_000_000);
+        }
+    }
+
     /// Layouts must have no implicit padding: the kernel and userspace read the same bytes.
     #[test]
     fn layouts_have_no_hidden_padding() {
@@ -547,7 +583,8 @@ pub struct TcCounters {
 pub struct TcDestKey {
     /// Destination address as on the wire; IPv4 in the first 4 bytes, the rest zero.
     pub addr: [u8; 16],
-    /// Destination port, host byte order.
+    /// Destination port, host byte order; 0 counts attempts to the address on any port (each
+    /// attempt also counts in its port's entry, if there is one).
     pub port: u16,
     /// IP protocol (6 TCP, 17 UDP).
     pub proto: u8,

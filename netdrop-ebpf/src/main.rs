@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 use netdrop_common::{
     ABSENT, ANY_PROTO, AddrKey, Config, ConntrackTuple, DropEvent, DropKey, HEADER_BYTES, IFNAMSIZ,
-    REASON_BITMAP_BITS, RateWindow, STALE_ACK_REASONS, STALE_REASONS, class, ct, effect, stat,
+    REASON_BITMAP_BITS, RateWindow, mark, STALE_ACK_REASONS, STALE_REASONS, class, ct, effect, stat,
 };
 
 mod tc;
@@ -51,7 +51,7 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map]
 static ADDR_FILTER: HashMap<AddrKey, u32> = HashMap::with_max_entries(4096, 0);
 
-/// skb address → (mark time << 8 | [`class`]) set by the precise conntrack and timewait hooks
+/// skb address → [`mark`] (time and [`class`]) set by the precise conntrack and timewait hooks
 /// and consumed by the kfree_skb program. An skb a hook marks always reaches `kfree_skb` within
 /// the same traversal (the netfilter hook, `tcp_v4_rcv`), so marks do not linger; the time only
 /// guards against one left behind and its address reused, and is generous because a guest's
@@ -435,19 +435,19 @@ fn read_tuple(entry: *const u8, out: &mut ConntrackTuple) {
 #[inline(always)]
 fn take_mark(skb: u64) -> u8 {
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(mark) = (unsafe { SKB_CLASS.get(&skb) }).copied() else { return 0 };
+    let Some(m) = (unsafe { SKB_CLASS.get(&skb) }).copied() else { return 0 };
     let _ = SKB_CLASS.remove(&skb);
     let now = unsafe { bpf_ktime_get_ns() };
-    if now.wrapping_sub(mark >> 8) > MARK_MAX_AGE_NS {
+    if mark::age_ns(now, m) > MARK_MAX_AGE_NS {
         return 0;
     }
-    (mark & 0xff) as u8
+    mark::class(m)
 }
 
 #[inline(always)]
-fn mark(skb: u64, class: u8) {
+fn set_mark(skb: u64, class: u8) {
     let now = unsafe { bpf_ktime_get_ns() };
-    let _ = SKB_CLASS.insert(&skb, &((now << 8) | u64::from(class)), 0);
+    let _ = SKB_CLASS.insert(&skb, &mark::new(now, class), 0);
 }
 
 /// Precise path (fexit, Linux 5.5+ with BTF for the function): `__nf_conntrack_confirm(skb)`
@@ -459,7 +459,7 @@ pub fn ct_confirm_exit(ctx: FExitContext) -> i32 {
     let skb: u64 = ctx.arg(0);
     let ret: i64 = ctx.arg::<i32>(1).into();
     if ret == NF_DROP {
-        mark(skb, class::INSERT_FAILED);
+        set_mark(skb, class::INSERT_FAILED);
     }
     0
 }
@@ -471,7 +471,7 @@ pub fn ct_in_exit(ctx: FExitContext) -> i32 {
     let skb: u64 = ctx.arg(0);
     let ret: i64 = ctx.arg::<i32>(2).into();
     if ret == NF_DROP && no_entry(skb as *const u8) {
-        mark(skb, class::TABLE_FULL);
+        set_mark(skb, class::TABLE_FULL);
     }
     0
 }
@@ -495,7 +495,7 @@ pub fn ct_confirm_return(ctx: RetProbeContext) -> u32 {
     if let Some(skb) = recall_skb(0)
         && ret == NF_DROP
     {
-        mark(skb, class::INSERT_FAILED);
+        set_mark(skb, class::INSERT_FAILED);
     }
     0
 }
@@ -513,7 +513,7 @@ pub fn ct_in_return(ctx: RetProbeContext) -> u32 {
         && ret == NF_DROP
         && no_entry(skb as *const u8)
     {
-        mark(skb, class::TABLE_FULL);
+        set_mark(skb, class::TABLE_FULL);
     }
     0
 }
@@ -566,7 +566,7 @@ pub fn tw_exit(ctx: FExitContext) -> i32 {
 #[inline(always)]
 fn mark_timewait(skb: u64, status: u32) {
     if skb != 0 && status != conf!(tw_syn_status) {
-        mark(skb, class::TCP_TIME_WAIT);
+        set_mark(skb, class::TCP_TIME_WAIT);
     }
 }
 

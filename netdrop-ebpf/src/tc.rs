@@ -34,7 +34,8 @@ static TC_CONFIG: TcConfig = TcConfig::DEFAULT;
 #[map]
 static TC_COUNTERS: PerCpuHashMap<TcKey, TcCounters> = PerCpuHashMap::with_max_entries(8192, 0);
 
-/// Attempts per destination (Service backends); entries inserted by userspace only.
+/// Attempts per destination (Service backends; port 0: any port of the address, for pods as
+/// targets); entries inserted by userspace only.
 #[map]
 static TC_DESTS: PerCpuHashMap<TcDestKey, TcDestCounters> = PerCpuHashMap::with_max_entries(4096, 0);
 
@@ -124,7 +125,19 @@ fn account<const DIR: u32>(ctx: &TcContext) {
             (*counters).udp_new += 1;
         }
     }
-    if let Some(d) = TC_DESTS.get_ptr_mut(&dest) {
+    count_dest::<DIR>(&dest);
+    // Pods as targets (`--pod`, `--node`, `-n`): an entry with port 0 counts attempts to the
+    // address on any port. Only attempts pay this second lookup, not established flows.
+    if dest.port != 0 {
+        let mut any = dest;
+        any.port = 0;
+        count_dest::<DIR>(&any);
+    }
+}
+
+#[inline(always)]
+fn count_dest<const DIR: u32>(dest: &TcDestKey) {
+    if let Some(d) = TC_DESTS.get_ptr_mut(dest) {
         // SAFETY: per-CPU value, only this CPU writes it while we run. DIR is 0 or 1.
         unsafe { (*d).attempts[DIR as usize] += 1 };
     }

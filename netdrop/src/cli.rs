@@ -91,11 +91,11 @@ pub struct TraceArgs {
 pub struct TargetArgs {
     /// A Service, `NAMESPACE/NAME` or `NAME` with `-n`: its ClusterIPs, NodePorts and every
     /// backend; a live per-backend table and a diagnosis, e.g. `--svc default/web`.
-    #[arg(long, value_name = "[NS/]NAME")]
+    #[arg(long, value_name = "[NS/]NAME", value_parser = crate::resolve::ns_name_arg)]
     pub svc: Option<String>,
 
     /// A pod, `NAMESPACE/NAME` or `NAME` with `-n`, e.g. `--pod kube-system/coredns-5d78c9869d-x2x9z`.
-    #[arg(long, value_name = "[NS/]NAME", conflicts_with = "svc")]
+    #[arg(long, value_name = "[NS/]NAME", conflicts_with = "svc", value_parser = crate::resolve::ns_name_arg)]
     pub pod: Option<String>,
 
     /// The namespace of `--svc`/`--pod`, or alone: every pod in it, e.g. `-n default`.

@@ -23,7 +23,7 @@ use std::{
     path::PathBuf,
     str::FromStr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicU64, Ordering},
         mpsc,
     },
@@ -66,7 +66,7 @@ pub enum InterfacesError {
     Watch { node: String, #[source] source: io::Error },
     #[error("the watcher of node {0} stopped before it was ready")]
     WatcherDied(String),
-    #[error("{count} destinations asked for, the map holds {max}: raise --max-destinations")]
+    #[error("{count} destinations to count attempts for, the kernel map holds {max}: trace fewer Services or pods at once")]
     TooManyDestinations { count: usize, max: u32 },
     #[error("invalid --node-netns {0:?}: expected NAME=PATH, e.g. node-a=/run/netns/node-a")]
     BadNodeNetns(String),
@@ -244,14 +244,12 @@ impl FromStr for Destination {
 
     /// `IP:PORT/PROTO`, e.g. `10.96.0.10:53/udp`, `[fd00::1]:443/tcp`; PROTO defaults to tcp.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, proto) = s.rsplit_once('/').unwrap_or((s, "tcp"));
-        let proto = match proto {
-            "tcp" => 6,
-            "udp" => 17,
-            other => return Err(format!("protocol {other:?}: tcp or udp")),
-        };
-        let sa: std::net::SocketAddr = addr.parse().map_err(|_| format!("{addr:?} is not IP:PORT"))?;
-        Ok(Self { ip: sa.ip(), port: sa.port(), proto })
+        match crate::resolve::parse_addr_port_proto(s)? {
+            (ip, Some((port, crate::resolve::Proto::Tcp))) => Ok(Self { ip, port, proto: 6 }),
+            (ip, Some((port, crate::resolve::Proto::Udp))) => Ok(Self { ip, port, proto: 17 }),
+            (_, Some(_)) => Err(format!("{s:?}: attempts are counted for tcp and udp")),
+            (_, None) => Err(format!("{s:?}: expected IP:PORT[/tcp|/udp], e.g. 10.96.0.10:53/udp")),
+        }
     }
 }
 
@@ -364,6 +362,8 @@ pub struct TcAccounting {
     mode: TcMode,
     mode_note: String,
     reports: Vec<NodeReport>,
+    /// Entries the kernel's destination map holds.
+    max_destinations: u32,
 }
 
 impl TcAccounting {
@@ -400,7 +400,8 @@ impl TcAccounting {
         let (mode, mode_note) = choose_mode(opts.mode, &prepared[0].2)?;
 
         let owner = Owner::current();
-        let mut started = Self { nodes: Vec::new(), mode, mode_note, reports: Vec::new() };
+        let mut started =
+            Self { nodes: Vec::new(), mode, mode_note, reports: Vec::new(), max_destinations: opts.load.max_destinations };
         let mut waits = Vec::new();
         for (spec, netns, instance) in prepared {
             // SAFETY: plain syscall; the fd is checked and then owned.
@@ -434,7 +435,7 @@ impl TcAccounting {
                 .name(format!("netdrop-links-{}", spec.node))
                 .spawn(move || worker.run(&ready_tx))
                 .map_err(|source| InterfacesError::Watch { node: spec.node.clone(), source })?;
-            *node.thread.lock().expect("lock") = Some(handle);
+            *node.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
             started.nodes.push(node);
             waits.push(ready_rx);
         }
@@ -476,8 +477,8 @@ impl TcAccounting {
         let mut stats = WatchStats::default();
         for node in &self.nodes {
             let entries: Vec<(u32, Entry)> =
-                node.entries.lock().expect("lock").iter().map(|(k, v)| (*k, v.clone())).collect();
-            let instance = node.instance.lock().expect("lock");
+                node.entries.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(k, v)| (*k, v.clone())).collect();
+            let instance = node.instance.lock().unwrap_or_else(PoisonError::into_inner);
             for (ifindex, e) in entries {
                 // An interface forgotten between the two locks has no counters any more: skip it.
                 let Some([from_pod, to_pod]) = instance.read(ifindex) else { continue };
@@ -525,11 +526,15 @@ impl TcAccounting {
 
     /// Sets the destinations whose attempts are counted (e.g. a Service's `ClusterIP` and
     /// backends), on every node. Destinations already set keep their counts; others start at 0.
+    ///
+    /// Locks here and below recover from poisoning: a watcher thread that panicked leaves the
+    /// entry table and the loaded programs whole (each update is one insert or remove), and
+    /// the trace must not go down with it.
     pub fn set_destinations(&self, dests: &[Destination]) -> Result<(), InterfacesError> {
         let wanted: HashSet<TcDestKey> = dests.iter().map(Destination::key).collect();
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| InterfacesError::Watch { node: "-".into(), source: e })?;
         for node in &self.nodes {
-            let mut instance = node.instance.lock().expect("lock");
+            let mut instance = node.instance.lock().unwrap_or_else(PoisonError::into_inner);
             let present: HashSet<TcDestKey> = instance.dests.keys().filter_map(Result::ok).collect();
             for k in present.difference(&wanted) {
                 let _ = instance.dests.remove(k);
@@ -539,7 +544,7 @@ impl TcAccounting {
                     .map_err(|e| TcError::Map { name: "TC_DESTS", source: e.into() })?;
                 if let Err(source) = instance.dests.insert(*k, zero, 0) {
                     if matches!(&source, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG)) {
-                        return Err(InterfacesError::TooManyDestinations { count: wanted.len(), max: instance.dests.keys().count() as u32 });
+                        return Err(InterfacesError::TooManyDestinations { count: wanted.len(), max: self.max_destinations });
                     }
                     return Err(TcError::Map { name: "TC_DESTS", source }.into());
                 }
@@ -561,7 +566,7 @@ impl TcAccounting {
         }
         let mut detached = 0;
         for node in self.nodes.drain(..) {
-            if let Some(h) = node.thread.lock().expect("lock").take() {
+            if let Some(h) = node.thread.lock().unwrap_or_else(PoisonError::into_inner).take() {
                 detached += h.join().unwrap_or(0);
             }
         }
@@ -843,7 +848,7 @@ impl Worker {
             if matches {
                 // Renamed, still ours: keep the attachment, update the name.
                 name.clone_from(&info.name);
-                if let Some(e) = self.node.entries.lock().expect("lock").get_mut(&info.ifindex) {
+                if let Some(e) = self.node.entries.lock().unwrap_or_else(PoisonError::into_inner).get_mut(&info.ifindex) {
                     e.name.clone_from(&info.name);
                 }
             } else {
@@ -858,7 +863,7 @@ impl Worker {
 
     fn attach(&mut self, ctl: &mut RouteSocket, info: LinkInfo) {
         let result = {
-            let mut instance = self.node.instance.lock().expect("lock");
+            let mut instance = self.node.instance.lock().unwrap_or_else(PoisonError::into_inner);
             // Counters first, so not one packet goes uncounted.
             instance.register(info.ifindex).and_then(|()| {
                 tc::attach(&instance, ctl, info.ifindex, &info.name, self.mode, self.priority, self.owner).inspect_err(|_| {
@@ -870,7 +875,7 @@ impl Worker {
             Ok(att) => {
                 let peer_netns = info.peer_netnsid.and_then(|id| self.nsids.resolve(ctl, id));
                 let at = unix_ms();
-                self.node.entries.lock().expect("lock").insert(
+                self.node.entries.lock().unwrap_or_else(PoisonError::into_inner).insert(
                     info.ifindex,
                     Entry {
                         name: info.name.clone(),
@@ -906,11 +911,11 @@ impl Worker {
 
     fn forget(&mut self, ctl: &mut RouteSocket, ifindex: u32) {
         let Some((name, att)) = self.attached.remove(&ifindex) else { return };
-        self.node.entries.lock().expect("lock").remove(&ifindex);
+        self.node.entries.lock().unwrap_or_else(PoisonError::into_inner).remove(&ifindex);
         if let Err(e) = att.detach(ctl) {
             debug!("node {}: detaching from {name}: {e}", self.node.name);
         }
-        self.node.instance.lock().expect("lock").unregister(ifindex);
+        self.node.instance.lock().unwrap_or_else(PoisonError::into_inner).unregister(ifindex);
         self.node.stats.forgotten.fetch_add(1, Ordering::Relaxed);
         self.emit(WatchEvent::Forgotten { node: self.node.name.clone(), ifindex, name, unix_ms: unix_ms() });
     }

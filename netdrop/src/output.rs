@@ -724,6 +724,7 @@ mod tests {
             backends: rows,
             unmatched: Unmatched::default(),
             other_namespaces: 0,
+            pods: false,
             lost_events: 0,
             diagnosis: vec![
                 "default/big: 40 drops for 5000 attempts (0.8% of attempts).".into(),

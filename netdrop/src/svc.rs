@@ -178,13 +178,29 @@ impl SvcTargets {
             .iter()
             .filter(|(_, _, p)| tcp_udp(*p))
             .map(|(ip, port, proto)| Destination { ip: *ip, port: *port, proto: ip_proto(*proto) })
-            .chain(self.backends.iter().flat_map(|b| {
-                b.ports
-                    .iter()
-                    .filter(|(port, proto)| tcp_udp(*proto) && *port != 0)
-                    .map(|(port, proto)| Destination { ip: b.ip, port: *port, proto: ip_proto(*proto) })
-            }))
+            .chain(self.backends.iter().flat_map(Target::destinations))
             .collect()
+    }
+}
+
+impl Target {
+    /// The tc destinations whose attempts delivered to this target are its attempts: each
+    /// (port, protocol) of TCP and UDP; for port 0 (a pod: any port), the address's TCP and UDP
+    /// any-port entries, which count every SYN and datagram to it.
+    fn destinations(&self) -> Vec<Destination> {
+        let mut v = Vec::new();
+        for (port, proto) in &self.ports {
+            if *port == 0 {
+                for p in [6, 17] {
+                    v.push(Destination { ip: self.ip, port: 0, proto: p });
+                }
+            } else if matches!(proto, Proto::Tcp | Proto::Udp) {
+                v.push(Destination { ip: self.ip, port: *port, proto: ip_proto(*proto) });
+            }
+        }
+        v.sort_by_key(|d| (d.port, d.proto));
+        v.dedup();
+        v
     }
 }
 
@@ -277,6 +293,10 @@ pub struct SvcSummary {
     /// out of everything above; 0 when no node namespaces were given.
     pub other_namespaces: u64,
     pub lost_events: u64,
+    /// Pods, a namespace or a node (no Service addresses): the rows are not replicas of one
+    /// another, and the headline's attempts are the rows' own.
+    #[serde(skip)]
+    pub pods: bool,
     /// Plain-words diagnosis, first line the headline.
     pub diagnosis: Vec<String>,
     /// The full drop summary (reasons × locations, conntrack), in the final line only.
@@ -417,13 +437,7 @@ pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
             .filter(|r| r.effect == Effect::Attempt && !delivered_ns.contains(&r.netns))
             .map(|r| r.count)
             .sum();
-        let attempts = o.tc.map(|tc| {
-            b.ports
-                .iter()
-                .map(|(port, proto)| tc.attempts_to(&dest(b.ip, *port, *proto)).1)
-                .sum::<u64>()
-                + dropped_attempts
-        });
+        let attempts = o.tc.map(|tc| b.destinations().iter().map(|d| tc.attempts_to(d).1).sum::<u64>() + dropped_attempts);
         backends.push(BackendRow {
             pod: b.label.clone(),
             node: b.node.clone(),
@@ -469,6 +483,7 @@ pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
         unmatched,
         other_namespaces,
         lost_events: o.lost_events,
+        pods: t.frontends.is_empty(),
         diagnosis: Vec::new(),
         detail: None,
     };
@@ -649,8 +664,11 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
     // Drops concentrated on a few backends: name them; spread over all: say so. Judged by the
     // drops, not by how many backends have any: one bad backend with a stray drop or two on the
     // others (a late retransmission meeting a TIME_WAIT socket) is still one bad backend.
+    // Pods, namespaces and nodes are not replicas of one another: their drops are theirs, never
+    // "spread over most backends" (one pod is all of its rows).
     let carriers = carriers_of_most(&bad);
-    let concentrated = carriers > 0 && carriers * 2 <= s.backends.len().max(1);
+    let concentrated = carriers > 0 && (s.pods || carriers * 2 <= s.backends.len().max(1));
+    let of_attempts = if s.pods { "all" } else { "the Service's" };
     for b in bad.iter().take(5) {
         let explains = s.attempts.filter(|a| *a > 0).map(|a| b.drops as f64 / a as f64);
         let reason = b.top_reasons.first().map(why).unwrap_or_default();
@@ -665,9 +683,9 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
             b.drops,
             share_of_drops(b.drops) * 100.0,
             explains.map_or_else(String::new, |e| if e > 1.0 {
-                format!(", {e:.1} per attempt to the Service")
+                format!(", {e:.1} per attempt ({of_attempts} attempts)")
             } else {
-                format!(", {:.1}% of the Service's attempts", e * 100.0)
+                format!(", {:.1}% of {of_attempts} attempts", e * 100.0)
             }),
             ratio_words(b.drop_ratio, "its own attempts"),
         ));
@@ -732,8 +750,9 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
     resets_lines(s, &mut out);
     if s.other_namespaces > 0 {
         out.push(format!(
-            "{} more matched the Service's addresses in network namespaces of none of the given nodes (another cluster on this host?): left out.",
-            s.other_namespaces
+            "{} more matched the {} addresses in network namespaces of none of the given nodes (another cluster on this host?): left out, and not shown as drop lines.",
+            s.other_namespaces,
+            if s.pods { "traced" } else { "Service's" }
         ));
     }
     next_steps(s, &bad, &mut out);
@@ -1027,6 +1046,46 @@ mod tests {
         assert_eq!(s.attempts, None);
     }
 
+    /// A pod's attempts are the SYNs and datagrams delivered to it on any port (the tc
+    /// programs' port-0 entries, TCP and UDP) plus those dropped on the way; one refused inside
+    /// the pod (already counted as delivered) counts once.
+    #[test]
+    fn pod_targets_count_attempts_on_any_port() {
+        let peer = crate::resolve::Peer {
+            kind: crate::resolve::PeerKind::Pod,
+            namespace: Some(Name::new("default")),
+            pod: Some(Name::new("web-2")),
+            node: Some(Name::new("node-b")),
+            ..crate::resolve::Peer::default()
+        };
+        let ip: IpAddr = "10.244.2.5".parse().expect("ip");
+        let t = SvcTargets::from_pods("pod default/web-2".into(), &[(peer, vec![ip])]);
+        let any = |proto: u8| Destination { ip, port: 0, proto };
+        assert_eq!(t.destinations(), vec![any(6), any(17)]);
+        let delivered = |proto: u8, n: u64| DestinationSnapshot { node: "node-b".into(), dest: any(proto), from_pod: 0, to_pod: n };
+        let pod_ns = 4_026_532_600;
+        let snap = with_pod_netns(
+            TcSnapshot { interfaces: vec![], destinations: vec![delivered(6, 300), delivered(17, 40)], stats: WatchStats::default() },
+            &[(pod_ns, "node-b")],
+        );
+        let node_of = |n: u32| Some(if n == 98 { "node-a" } else { "node-b" }.to_string());
+        // Healthy: no drops of 340 attempts.
+        let s = build(&t, &observed(&[], Some(&snap), &node_of));
+        assert_eq!((s.backends[0].attempts, s.drops, s.attempts), (Some(340), 0, Some(340)));
+        assert_eq!(s.diagnosis[0], "pod default/web-2: no drops of 340 attempts.");
+        // 160 SYNs dropped on node-b before delivery, 20 refused inside the pod (delivered).
+        let refused = ReasonRow { reason: "NO_SOCKET".into(), classification: "no_socket".into(), ..row(t.backends[0].tag, 20, pod_ns) };
+        let rows = [row(t.backends[0].tag, 160, 99), refused];
+        let s = build(&t, &observed(&rows, Some(&snap), &node_of));
+        assert_eq!((s.backends[0].attempts, s.backends[0].drops), (Some(500), 180));
+        assert_eq!(s.attempts, Some(500));
+        // One pod is not "spread over most backends" of a Service: its node is named.
+        let text = s.diagnosis.join("\n");
+        assert!(text.contains("default/web-2 on node-b: 180 drops (100% of the drops, 36.0% of all attempts; 36.0% of its own attempts)"), "{text}");
+        assert!(text.contains("The drops are on node-b: look there first."), "{text}");
+        assert!(!text.contains("spread over") && !text.contains("Service"), "{text}");
+    }
+
     #[test]
     fn frontend_only_drops_are_unmatched() {
         let t = SvcTargets::from_service(&info(), &|_| vec![]);
@@ -1169,7 +1228,7 @@ mod tests {
             text.contains("default/web: 660 drops for 400 attempts (more drops than attempts: each lost 1.6 packets on average, the same data retransmitted and dropped again)."),
             "{text}"
         );
-        assert!(text.contains("1.6 per attempt to the Service; more drops than its own attempts: each lost 5.1 packets"), "{text}");
+        assert!(text.contains("1.6 per attempt (the Service's attempts); more drops than its own attempts: each lost 5.1 packets"), "{text}");
         assert!(!text.contains("165.0%") && !text.contains("507.7%"), "{text}");
         assert!(!text.contains("no backend"), "{text}");
         // The client's socket purging the replies' out-of-order tails on abort: a consequence,

@@ -32,12 +32,11 @@ pub enum TargetSpec {
     Node(String),
 }
 
-/// `ns/name`, or `name` with `-n ns`, or `name` in `default` (kubectl's rule).
+/// `ns/name`, or `name` with `-n ns`, or `name` in `default` (kubectl's rule); clap checked the
+/// syntax (`resolve::ns_name_arg`), so a bad value here can only be an empty one from code.
 fn ns_name(value: &str, namespace: Option<&str>) -> (String, String) {
-    match value.split_once('/') {
-        Some((ns, name)) => (ns.to_string(), name.to_string()),
-        None => (namespace.unwrap_or("default").to_string(), value.to_string()),
-    }
+    crate::resolve::parse_ns_name(value, namespace)
+        .unwrap_or_else(|_| (namespace.unwrap_or("default").to_string(), value.to_string()))
 }
 
 impl TargetSpec {

@@ -265,10 +265,21 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     }
     pipe.drain(ring.get_mut())?;
 
-    let summary = summarizer.summary(&probe, &mut pipe, started);
+    let counts = probe.counts();
+    let summary = summarizer.summary_of(&counts, &mut pipe, started);
     if let Some(t) = &mut targets {
         let mut svc = t.build(&summary, &pipe.node_of, started, true);
-        svc.detail = Some(summary);
+        // The full drop summary as the target's: with the nodes named, without the namespaces of
+        // none of them (counted as `other_namespaces`), as their drops are no events either.
+        svc.detail = Some(if pipe.nodes_given {
+            let ours = probe::KernelCounts {
+                drops: counts.drops.iter().filter(|(k, _)| pipe.node_of.contains_key(&k.netns)).copied().collect(),
+                stats: counts.stats,
+            };
+            summarizer.summary_of(&ours, &mut pipe, started)
+        } else {
+            summary
+        });
         for s in &mut pipe.sinks {
             s.on_target_summary(&svc)?;
         }
@@ -381,7 +392,10 @@ struct Summarizer {
 
 impl Summarizer {
     fn summary(&self, probe: &probe::DropProbe, pipe: &mut Pipeline, started: Instant) -> aggregate::Summary {
-        let counts = probe.counts();
+        self.summary_of(&probe.counts(), pipe, started)
+    }
+
+    fn summary_of(&self, counts: &probe::KernelCounts, pipe: &mut Pipeline, started: Instant) -> aggregate::Summary {
         if self.conntrack {
             for (key, _) in &counts.drops {
                 if key.reason == self.netfilter_drop_reason {
@@ -407,7 +421,7 @@ impl Summarizer {
             classify: &classify_row,
             conntrack: ct_report,
         };
-        aggregate::summarize(&counts, &ctx, started.elapsed().as_secs_f64(), pipe.shown)
+        aggregate::summarize(counts, &ctx, started.elapsed().as_secs_f64(), pipe.shown)
     }
 }
 

@@ -76,6 +76,80 @@ pub fn have(program: &str) -> bool {
     netdrop_tools::available(program)
 }
 
+/// One line of `/proc/net/tcp{,6}` (`tcp4_seq_show`/`tcp6_seq_show`, `net/ipv4/tcp_ipv4.c`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// `sk_state`: 0x0A `LISTEN`, 0x05 `FIN_WAIT2`; a timewait socket shows its substate.
+    pub state: u8,
+    /// The timer column: 2 a full socket's keepalive timer, 3 a timewait socket's own timer.
+    pub timer: u8,
+}
+
+impl TcpSocket {
+    pub const LISTEN: u8 = 0x0a;
+    pub const FIN_WAIT2: u8 = 0x05;
+    pub const TIMER_TIMEWAIT: u8 = 3;
+
+    fn parse(line: &str) -> Option<Self> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let port = |addr: &str| u16::from_str_radix(addr.rsplit_once(':')?.1, 16).ok();
+        Some(Self {
+            local_port: port(f.get(1)?)?,
+            remote_port: port(f.get(2)?)?,
+            state: u8::from_str_radix(f.get(3)?, 16).ok()?,
+            timer: u8::from_str_radix(f.get(5)?.split_once(':')?.0, 16).ok()?,
+        })
+    }
+
+    /// A timewait socket (`struct inet_timewait_sock`), not a full socket in the same state.
+    pub fn is_timewait(&self) -> bool {
+        self.timer == Self::TIMER_TIMEWAIT
+    }
+}
+
+/// Shuts down `s`'s sending side and waits until the peer's kernel has acknowledged the FIN
+/// (`TCP_INFO` reports `FIN_WAIT2`). Closing the socket then makes it a timewait socket at once
+/// (`__tcp_close` in `net/ipv4/tcp.c` calls `tcp_time_wait` for a `FIN_WAIT2` socket).
+///
+/// Closing before the ACK is in (`FIN_WAIT1`) leaves it to the ACK, and when the ACK arrives
+/// while `close()` still owns the socket it is processed from the socket's backlog in
+/// `release_sock`, where `tcp_rcv_state_process` sees `sock_owned_by_user` and keeps a full
+/// orphaned `FIN_WAIT2` socket on a keepalive timer instead ("Bad case. We could lose such FIN
+/// otherwise."). Such a socket answers segments as a full socket does (`tcp_validate_incoming`),
+/// so a test that needs a timewait socket must not leave this to timing.
+pub fn fin_and_wait_fin_wait2(s: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    s.shutdown(std::net::Shutdown::Write)
+        .expect("shutdown(SHUT_WR)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // SAFETY: getsockopt on an open socket into a zeroed tcp_info of the size we pass.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &raw mut len,
+            )
+        };
+        assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+        if info.tcpi_state == TcpSocket::FIN_WAIT2 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the peer did not acknowledge our FIN within 10 s (state {})",
+            info.tcpi_state
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
 static NS_SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A network namespace made for one test, deleted on drop (also when the test panics).
@@ -150,6 +224,20 @@ impl NetNs {
             .and_then(|t| t.get(field))
             .copied()
             .unwrap_or_else(|| panic!("no {table}:{field} in netstat"))
+    }
+
+    /// The namespace's TCP sockets (`/proc/net/tcp`, or `tcp6`), as the kernel lists them.
+    pub fn tcp_sockets(&self, ipv6: bool) -> Vec<TcpSocket> {
+        let file = if ipv6 {
+            "/proc/net/tcp6"
+        } else {
+            "/proc/net/tcp"
+        };
+        self.exec("cat", &[file])
+            .lines()
+            .skip(1)
+            .filter_map(TcpSocket::parse)
+            .collect()
     }
 
     /// A counter from /proc/net/snmp6 (`Udp6NoPorts`).

@@ -423,10 +423,8 @@ fn fin_to_a_closed_socket_is_tcp_teardown_and_hidden() {
             for _ in 0..CLOSES {
                 let client = TcpStream::connect(at).expect("connect");
                 let (server, _) = listener.accept().expect("accept");
-                server.shutdown(std::net::Shutdown::Write).expect("server FIN");
-                std::thread::sleep(Duration::from_millis(20)); // the client's kernel ACKs it
-                drop(server); // FIN_WAIT2, orphaned: a timewait socket
-                std::thread::sleep(Duration::from_millis(20));
+                netdrop_tests::fin_and_wait_fin_wait2(&server); // the client's kernel ACKed it
+                drop(server); // closed in FIN_WAIT2: a timewait socket
                 drop(client); // FIN|ACK, taken by the timewait socket
                 closed[i] += 1;
             }
@@ -487,7 +485,10 @@ fn keepalive(s: &TcpStream, on: bool) {
 /// flags look like any ACK — a listen-queue overflow frees the same — so only the socket tells:
 /// the tracepoint's `rx_sk` (6.11+) or the timewait hooks. The client's keepalive probes are such
 /// ACKs; every segment the server's namespace receives while they run (`Tcp: InSegs`) is one, and
-/// each must be counted as a hidden `tcp_teardown`, none shown.
+/// each must be counted as a hidden `tcp_teardown`, none shown. The server closes only once its
+/// FIN is acknowledged, so that the kernel makes it a timewait socket (checked in
+/// `/proc/net/tcp`) rather than, now and then, a full FIN_WAIT2 one (see
+/// `fin_and_wait_fin_wait2`).
 fn bare_ack_to_timewait(test: &str, tw_hook: Option<&str>) {
     let client_ns = NetNs::new("twc");
     let server_ns = NetNs::new("tws");
@@ -509,8 +510,21 @@ fn bare_ack_to_timewait(test: &str, tw_hook: Option<&str>) {
         let at = listener.local_addr().expect("addr");
         let client = client_ns.within(move || TcpStream::connect(at).expect("connect"));
         let (server, _) = listener.accept().expect("accept");
-        drop(server); // FIN; the client's kernel ACKs it: an orphaned FIN_WAIT2, a timewait socket
+        netdrop_tests::fin_and_wait_fin_wait2(&server); // the client's kernel ACKed the FIN
+        drop(server); // closed in FIN_WAIT2: a timewait socket
         drop(listener);
+        let port = at.port();
+        let tw: Vec<_> = server_ns
+            .tcp_sockets(i == 1)
+            .into_iter()
+            .filter(|s| s.local_port == port)
+            .collect();
+        assert!(
+            tw.len() == 1
+                && tw[0].is_timewait()
+                && tw[0].state == netdrop_tests::TcpSocket::FIN_WAIT2,
+            "the server's side is one timewait socket in FIN_WAIT2: {tw:?}"
+        );
         std::thread::sleep(Duration::from_millis(300));
         let before = server_ns.snmp("Tcp", "InSegs");
         keepalive(&client, true);
@@ -587,7 +601,13 @@ fn bare_ack_to_a_timewait_socket_via_kprobe() {
 /// The lab: a listener that never accepts; the clients' handshake ACKs are held back by an
 /// iptables rule in the client namespace while every client gets its request socket (backlog 16,
 /// so no SYN cookies), then the backlog is cut to 1 and the ACKs let through (the server's
-/// SYN-ACK retransmission draws them): two fill the accept queue, the others overflow.
+/// SYN-ACK retransmission draws them): two fill the accept queue, the others overflow. Each
+/// retransmission round overflows again, so the ACKs are held back again before the listener
+/// closes, and the kernel's counter is read once netdrop has stopped.
+///
+/// The listening socket is close-on-exec: without it netdrop (spawned after it) held it open,
+/// `drop(listener)` did not close it, and a later round's overflows were counted by netdrop
+/// after the test had read `ListenOverflows` (6.1 guest: 8 drops for 4).
 #[test]
 fn listen_overflow_ack_stays_visible() {
     const TEST: &str = "listen_overflow_ack_stays_visible";
@@ -602,7 +622,13 @@ fn listen_overflow_ack_stays_visible() {
     use nix::sys::socket::{Backlog, listen};
     let listener = server_ns.within(|| {
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, socket};
-        let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None).expect("socket");
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
         bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::new(10, 98, 0, 2, 0)).expect("bind");
         listen(&fd, Backlog::new(16).expect("backlog")).expect("listen");
         std::net::TcpListener::from(fd)
@@ -619,10 +645,26 @@ fn listen_overflow_ack_stays_visible() {
     client_ns.exec("iptables", &[&["-D"][..], &hold[..]].concat());
     // The server retransmits its SYN-ACKs after 1 s; each client answers with an ACK.
     std::thread::sleep(Duration::from_millis(2500));
-    drop(listener); // no more retransmissions, so no more overflows
+    // No ACK may meet the listener while it closes: `inet_csk_listen_stop` empties the accept
+    // queue after the state went to CLOSE, so an ACK that saw it listening would get a child
+    // that `inet_csk_reqsk_queue_add` then forgets, dropped without a ListenOverflows
+    // (net/ipv4/inet_connection_sock.c). Held ACKs die in the client's namespace.
+    client_ns.exec("iptables", &[&["-A"][..], &hold[..]].concat());
+    drop(listener); // the last reference: no request socket retransmits after this
+    let port = at.port();
+    let left: Vec<_> = server_ns
+        .tcp_sockets(false)
+        .into_iter()
+        .filter(|s| s.local_port == port)
+        .collect();
+    assert!(
+        left.iter()
+            .all(|s| s.state != netdrop_tests::TcpSocket::LISTEN),
+        "the listener is closed (no process holds it open): {left:?}"
+    );
     settle();
-    let overflows = server_ns.netstat("TcpExt", "ListenOverflows") - before;
     let out = tracer.stop();
+    let overflows = server_ns.netstat("TcpExt", "ListenOverflows") - before;
     drop(clients);
     assert!(overflows >= 1, "the accept queue overflowed: {overflows}");
     let rows = out.rows_in(server_ns.inode());

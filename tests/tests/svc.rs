@@ -27,22 +27,30 @@ fn lab() -> Lab {
 
 /// One netdrop for both nodes, as for a kind cluster on a laptop.
 fn trace(lab: &Lab, svc: &str) -> Tracer {
-    let args = trace_args(lab, svc);
+    trace_target(lab, &["--svc", svc])
+}
+
+/// `trace <target>` (`--svc`, `--pod`, `--node`) on both of the lab's nodes.
+fn trace_target(lab: &Lab, target: &[&str]) -> Tracer {
+    let args = target_args(lab, target);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     Tracer::start(&refs)
 }
 
 /// `trace --svc` on both of the lab's nodes.
 fn trace_args(lab: &Lab, svc: &str) -> Vec<String> {
+    target_args(lab, &["--svc", svc])
+}
+
+fn target_args(lab: &Lab, target: &[&str]) -> Vec<String> {
     let st = lab.status();
-    let mut args: Vec<String> = vec![
-        "--svc".into(),
-        svc.into(),
+    let mut args: Vec<String> = target.iter().map(|a| (*a).to_string()).collect();
+    args.extend([
         "--kubeconfig".into(),
         st.kubeconfig.display().to_string(),
         "--interval".into(),
         "1s".into(),
-    ];
+    ]);
     for n in &st.nodes {
         args.push("--node-netns".into());
         args.push(format!("{}={}", n.name, n.netns_path.display()));
@@ -74,8 +82,13 @@ struct Traced {
 /// `trace --svc` over `secs` of traffic (netdrop stopped a little after the traffic, so the
 /// last drops are drained and counted).
 fn traced(lab: &Lab, svc: &str, secs: u64) -> Traced {
+    traced_target(lab, &["--svc", svc], svc, secs)
+}
+
+/// `trace <target>` over `secs` of traffic to the Service `svc`.
+fn traced_target(lab: &Lab, target: &[&str], svc: &str, secs: u64) -> Traced {
     let before = retransmitted(lab);
-    let tracer = trace(lab, svc);
+    let tracer = trace_target(lab, target);
     let report = traffic(lab, svc, secs);
     std::thread::sleep(Duration::from_millis(1200));
     let out = tracer.stop();
@@ -953,6 +966,182 @@ fn udp_attempts_are_datagrams_with_retries_and_reused_ports() {
     assert!(ratio <= 1.0, "{s}");
     assert_eq!(s["drops"].as_u64(), Some(rule_packets), "{s}");
     assert_looks_at(s, &fault.node);
+}
+
+/// `--pod` and `--node`: a pod's attempts are the SYNs delivered to it on any port plus those
+/// dropped on the way to it, each counted once, against the flows kube-proxy's rules sent it (the
+/// generator's per-backend count) and the DROP rule's counter. Healthy: no drops of that many
+/// attempts. With the policy drop on it: every attempt dropped, 100%. `--node` sums its pods.
+#[test]
+fn pod_and_node_targets_count_their_own_attempts() {
+    require_root!("pod_and_node_targets_count_their_own_attempts");
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab();
+    // Each row's attempts against the flows kube-proxy sent that pod (none for pods, and the
+    // node's own addresses, outside the Service). Besides this run's reused ports, a port of an
+    // earlier run's unanswered connection (`unanswered_before`: its conntrack entry waits in
+    // SYN_SENT for 2 minutes) re-sends into that flow without a new DNAT: an attempt the
+    // per-endpoint rule does not count.
+    let rows_match_flows = |t: &Traced, unanswered_before: u64| {
+        let (report, s) = (&t.report, &t.out.summary);
+        let mut sum = 0;
+        for b in s["backends"].as_array().expect("rows") {
+            let pod = b["pod"].as_str().unwrap_or_default();
+            let flows = report.flows_by_backend.get(pod).copied().unwrap_or(0);
+            let attempts = b["attempts"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{pod}: attempts (tc counters): {b}"));
+            assert!(
+                attempts.abs_diff(flows) <= report.reused_ports + unanswered_before,
+                "{pod}: netdrop {attempts} attempts vs {flows} flows kube-proxy sent it ({} ports reused, {unanswered_before} unanswered before): {b}",
+                report.reused_ports
+            );
+            sum += attempts;
+        }
+        assert_eq!(s["attempts"].as_u64(), Some(sum), "the headline counts the rows' own attempts: {s}");
+        println!("attempts per row match the generator's flows: {:?}", report.flows_by_backend);
+        sum
+    };
+
+    // A healthy pod.
+    let pod = "default/web-2";
+    let t = traced_target(&lab, &["--pod", pod], "default/web", 5);
+    let (report, s) = (&t.report, &t.out.summary);
+    println!("generator: {report:?}\nnetdrop: {s}");
+    assert_eq!(report.failures, 0, "{report:?}");
+    assert!(report.flows_by_backend.get(pod).copied().unwrap_or(0) > 0, "kube-proxy sent {pod} flows: {report:?}");
+    assert_eq!(s["backends"].as_array().map(Vec::len), Some(1), "{s}");
+    let attempts = rows_match_flows(&t, 0);
+    assert_no_drops_except(&t, None);
+    if s["drops"] == 0 {
+        assert_eq!(s["diagnosis"][0], format!("pod {pod}: no drops of {attempts} attempts."), "{s}");
+    }
+
+    // A healthy node: one backend of default/healthy lives there.
+    let t = traced_target(&lab, &["--node", "node-b"], "default/healthy", 5);
+    let (report, s) = (&t.report, &t.out.summary);
+    println!("generator: {report:?}\nnetdrop: {s}");
+    assert_eq!(report.failures, 0, "{report:?}");
+    let on_b = backend(s, "default/healthy-1");
+    assert!(on_b["attempts"].as_u64().unwrap_or(0) > 0, "{on_b}");
+    rows_match_flows(&t, 0);
+    assert_no_drops_except(&t, None);
+
+    // The policy drop on one pod: every attempt to it dropped in its node's FORWARD chain.
+    let fault = lab
+        .fault(&FaultRequest::new(FaultKind::PolicyDrop))
+        .expect("fault");
+    let bad = fault.backend.clone().expect("targets a backend");
+    let before = lab.fault_packets(&fault).expect("rule counter");
+    let t = traced_target(&lab, &["--pod", &bad.pod], "default/web", 5);
+    let rule = lab.fault_packets(&fault).expect("rule counter") - before;
+    let (report, s) = (&t.report, &t.out.summary);
+    println!("generator: {report:?}\nrule counter {rule}\nnetdrop: {s}");
+    assert!(rule > 0, "traffic reached the bad pod");
+    let b = backend(s, &bad.pod);
+    assert_eq!(b["drops"].as_u64(), Some(rule), "drops = the DROP rule's counter: {b}");
+    assert_eq!(b["attempts"].as_u64(), Some(rule), "every attempt was one the rule dropped: {b}");
+    assert_eq!(b["drop_ratio"].as_f64(), Some(1.0), "{b}");
+    assert_eq!(report.failures, rule, "one dropped SYN per failed request: {report:?}");
+    rows_match_flows(&t, 0);
+    let unanswered = report.failures;
+    assert_eq!(
+        s["diagnosis"][0],
+        format!("pod {}: {rule} drops for {rule} attempts (100.0% of attempts).", bad.pod),
+        "{s}"
+    );
+    assert_looks_at(s, &fault.node);
+    assert_no_drops_except(&t, Some(&bad.pod));
+
+    // Its node: the bad pod's row as above, the node's other pods without drops.
+    let before = lab.fault_packets(&fault).expect("rule counter");
+    let t = traced_target(&lab, &["--node", &bad.node], "default/web", 5);
+    let rule = lab.fault_packets(&fault).expect("rule counter") - before;
+    let (report, s) = (&t.report, &t.out.summary);
+    println!("generator: {report:?}\nrule counter {rule}\nnetdrop: {s}");
+    assert!(rule > 0, "traffic reached the bad pod");
+    let b = backend(s, &bad.pod);
+    assert_eq!((b["attempts"].as_u64(), b["drops"].as_u64()), (Some(rule), Some(rule)), "{b}");
+    assert_eq!(report.failures, rule, "one dropped SYN per failed request: {report:?}");
+    let attempts = rows_match_flows(&t, unanswered);
+    assert_eq!(s["drops"].as_u64(), Some(rule), "{s}");
+    #[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+    let ratio = rule as f64 / attempts as f64;
+    assert_eq!(s["drop_ratio"].as_f64(), Some(ratio), "{s}");
+    assert_looks_at(s, &fault.node);
+    assert_no_drops_except(&t, Some(&bad.pod));
+}
+
+/// Two clusters on one host with the same address plan: with the nodes named (`--node-netns`),
+/// drops in a namespace that is none of theirs nor their pods' are neither events nor the
+/// target's drops; they are counted apart as `other_namespaces`. Here a namespace of this test
+/// holds the traced pod's address and refuses datagrams to it (`Udp: NoPorts` counts them).
+#[test]
+fn drops_outside_the_traced_nodes_are_counted_apart_not_sent() {
+    require_root!("drops_outside_the_traced_nodes_are_counted_apart_not_sent");
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lab = lab();
+    let st = lab.status();
+    let web2 = st
+        .pods
+        .iter()
+        .find(|p| p.namespace == "default" && p.name == "web-2")
+        .expect("web-2 in the lab");
+    let other = netdrop_tests::NetNs::new("othercluster");
+    other.ip(&["addr", "add", &format!("{}/32", web2.ip), "dev", "lo"]);
+    let before = retransmitted(&lab);
+    let tracer = trace_target(&lab, &["--pod", "default/web-2"]);
+    let to = std::net::SocketAddr::new(web2.ip.into(), 9);
+    let sent = other.within(move || {
+        netdrop_tests::send_udp("0.0.0.0:0".parse().expect("addr"), to, 40)
+    });
+    let report = traffic(&lab, "default/web", 3);
+    std::thread::sleep(Duration::from_millis(1200));
+    let out = tracer.stop();
+    let t = Traced { report, out, retransmitted: retransmitted(&lab) - before };
+    let refused = other.snmp("Udp", "NoPorts");
+    let s = &t.out.summary;
+    println!("{sent} datagrams sent in {} ({} refused)\nnetdrop: {s}", other.name, refused);
+    assert_eq!(refused, sent as u64, "every datagram was refused in the other namespace");
+    assert!(refused > 0);
+    // Other lab instances running at the same time have the same addresses: theirs count too.
+    let apart = s["other_namespaces"].as_u64().expect("other_namespaces");
+    assert!(apart >= refused, "{apart} counted apart < {refused} refused in {}: {s}", other.name);
+    // Every event is in a namespace of the lab (its nodes and pods) or netdrop's own.
+    let own = {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata("/proc/self/ns/net").expect("own netns").ino()
+    };
+    let traced: std::collections::HashSet<u64> = st
+        .nodes
+        .iter()
+        .map(|n| n.netns_inode)
+        .chain(st.pods.iter().map(|p| p.netns_inode))
+        .chain([own])
+        .collect();
+    for e in &t.out.drops {
+        let ns = e["netns"].as_u64().unwrap_or_else(|| panic!("an event in an unknown namespace: {e}"));
+        assert_ne!(ns, u64::from(other.inode()), "an event from {}: {e}", other.name);
+        assert!(traced.contains(&ns), "an event from a namespace outside the lab ({traced:?}): {e}");
+    }
+    // Nor are they in the full drop summary under the target's.
+    for r in s["detail"]["drops"].as_array().expect("detail rows") {
+        let ns = r["netns"].as_u64().unwrap_or_else(|| panic!("a row in an unknown namespace: {r}"));
+        assert!(traced.contains(&ns), "a row from a namespace outside the lab ({traced:?}): {r}");
+    }
+    assert_eq!(s["detail"]["events_shown"].as_u64(), Some(t.out.drops.len() as u64), "{s}");
+    // The pod's own row: the flows kube-proxy sent it, none of the refused datagrams.
+    let b = backend(s, "default/web-2");
+    let flows = t.report.flows_by_backend.get("default/web-2").copied().unwrap_or(0);
+    let attempts = b["attempts"].as_u64().expect("attempts");
+    assert!(attempts.abs_diff(flows) <= t.report.reused_ports, "{attempts} attempts vs {flows} flows: {b}");
+    assert_eq!(t.report.failures, 0, "{:?}", t.report);
+    assert_no_drops_except(&t, None);
+    println!("{} events, all from the lab's namespaces; {apart} drops counted apart", t.out.drops.len());
 }
 
 #[test]

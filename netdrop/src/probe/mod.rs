@@ -55,6 +55,8 @@ pub enum ProbeError {
     NoHook { tp_btf: String, tracepoint: String },
     #[error("map {0} missing from the kernel programs")]
     Map(&'static str),
+    #[error("program {0} missing from the kernel programs")]
+    MissingProgram(&'static str),
     #[error("map {name}: {source}")]
     MapType { name: &'static str, #[source] source: aya::maps::MapError },
     #[error(transparent)]
@@ -324,7 +326,7 @@ fn attach_tp_btf(ebpf: &mut Ebpf, kernel: &KernelInfo) -> Result<(), ProbeError>
     let err = |source| ProbeError::Program { program: NAME, source };
     let btf = aya::Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
     let prog: &mut BtfTracePoint =
-        ebpf.program_mut(NAME).ok_or(ProbeError::Map(NAME))?.try_into().map_err(err)?;
+        ebpf.program_mut(NAME).ok_or(ProbeError::MissingProgram(NAME))?.try_into().map_err(err)?;
     prog.load("kfree_skb", &btf).map_err(err)?;
     prog.attach().map_err(err)?;
     Ok(())
@@ -339,7 +341,7 @@ fn attach_tracepoint(ebpf: &mut Ebpf, kernel: &KernelInfo) -> Result<(), ProbeEr
         }));
     }
     let err = |source| ProbeError::Program { program: NAME, source };
-    let prog: &mut TracePoint = ebpf.program_mut(NAME).ok_or(ProbeError::Map(NAME))?.try_into().map_err(err)?;
+    let prog: &mut TracePoint = ebpf.program_mut(NAME).ok_or(ProbeError::MissingProgram(NAME))?.try_into().map_err(err)?;
     prog.load().map_err(err)?;
     prog.attach("skb", "kfree_skb").map_err(err)?;
     Ok(())
@@ -447,7 +449,7 @@ fn attach_fexit(ebpf: &mut Ebpf, set: &[Watched]) -> Result<(), ProbeError> {
     for w in set {
         let program = w.fexit;
         let err = |source| ProbeError::Program { program, source };
-        let prog: &mut FExit = ebpf.program_mut(program).ok_or(ProbeError::Map(program))?.try_into().map_err(err)?;
+        let prog: &mut FExit = ebpf.program_mut(program).ok_or(ProbeError::MissingProgram(program))?.try_into().map_err(err)?;
         prog.load(w.function, &btf).map_err(err)?;
         prog.attach().map_err(err)?;
     }
@@ -459,7 +461,7 @@ fn attach_kprobes(ebpf: &mut Ebpf, set: &[Watched]) -> Result<(), ProbeError> {
     for w in set {
         for program in [w.entry, w.ret] {
             let err = |source| ProbeError::Program { program, source };
-            let prog: &mut KProbe = ebpf.program_mut(program).ok_or(ProbeError::Map(program))?.try_into().map_err(err)?;
+            let prog: &mut KProbe = ebpf.program_mut(program).ok_or(ProbeError::MissingProgram(program))?.try_into().map_err(err)?;
             prog.load().map_err(err)?;
             prog.attach(w.function, 0).map_err(err)?;
         }

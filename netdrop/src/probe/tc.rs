@@ -100,6 +100,8 @@ pub enum TcError {
     Program { program: &'static str, #[source] source: ProgramError },
     #[error("map {0} missing from the kernel programs")]
     MissingMap(&'static str),
+    #[error("program {0} missing from the kernel programs")]
+    MissingProgram(&'static str),
     #[error("map {name}: {source}")]
     Map { name: &'static str, #[source] source: aya::maps::MapError },
     #[error("TCX is not available on this kernel (needs Linux 6.6+): {0}; use --tc-mode clsact or auto")]
@@ -242,7 +244,7 @@ impl TcInstance {
 
 fn load_program(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<OwnedFd, TcError> {
     let err = |source| TcError::Program { program: name, source };
-    let prog: &mut SchedClassifier = ebpf.program_mut(name).ok_or(TcError::MissingMap(name))?.try_into().map_err(err)?;
+    let prog: &mut SchedClassifier = ebpf.program_mut(name).ok_or(TcError::MissingProgram(name))?.try_into().map_err(err)?;
     prog.load().map_err(|e| match &e {
         ProgramError::LoadError { io_error, .. } if io_error.kind() == io::ErrorKind::PermissionDenied => {
             TcError::NoPermission

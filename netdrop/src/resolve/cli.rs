@@ -29,7 +29,7 @@ pub struct ResolveArgs {
     pub targets: Vec<String>,
 
     /// Show a Service, its ports and its backends, e.g. `--svc default/web` (or `--svc web -n default`)
-    #[arg(long, value_name = "NS/NAME")]
+    #[arg(long, value_name = "NS/NAME", value_parser = super::ns_name_arg)]
     pub svc: Option<String>,
 
     /// Namespace for `--svc NAME`, e.g. `-n kube-system`
@@ -63,15 +63,8 @@ enum Target {
 impl FromStr for Target {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, proto) = match s.rsplit_once('/') {
-            Some((a, p)) => (a, Some(p.parse::<Proto>()?)),
-            None => (s, None),
-        };
-        if let Ok(ip) = addr.parse::<IpAddr>() {
-            return Ok(Self::Addr(ip, None));
-        }
-        if let Ok(sa) = addr.parse::<SocketAddr>() {
-            return Ok(Self::Addr(sa.ip(), Some((sa.port(), proto.unwrap_or(Proto::Tcp)))));
+        if let Ok((ip, port)) = super::parse_addr_port_proto(s) {
+            return Ok(Self::Addr(ip, port));
         }
         if super::calico::parse_ifname(s).is_some() {
             return Ok(Self::Interface(s.to_owned()));
@@ -265,11 +258,7 @@ async fn serve_stats(r: Resolver, started: Instant, synced: bool) -> anyhow::Res
 }
 
 fn service_name(args: &ResolveArgs, svc: &str) -> anyhow::Result<(String, String)> {
-    match svc.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() => Ok((ns.to_owned(), name.to_owned())),
-        Some(_) => anyhow::bail!("--svc {svc:?}: expected NAMESPACE/NAME, e.g. default/web"),
-        None => Ok((args.namespace.clone().unwrap_or_else(|| "default".to_owned()), svc.to_owned())),
-    }
+    super::parse_ns_name(svc, args.namespace.as_deref()).map_err(|e| anyhow::anyhow!("--svc {e}"))
 }
 
 /// Runs `netdrop resolve`.

@@ -33,7 +33,7 @@ use std::{
 };
 
 pub use index::{IndexStats, Kind};
-pub use model::{Backend, Name, Peer, PeerKind, Proto, ServiceInfo, ServicePort};
+pub use model::{Backend, Name, Peer, PeerKind, Proto, ServiceInfo, ServicePort, ns_name_arg, parse_addr_port_proto, parse_ns_name};
 pub use source::{KubeArgs, SERVICEACCOUNT_DIR, node_name};
 pub use status::{Health, KindStatus, Status};
 use index::Index;

@@ -113,6 +113,39 @@ impl FromStr for Proto {
     }
 }
 
+/// `NAMESPACE/NAME`, or `NAME` in `namespace` (`-n`), else in `default` — kubectl's rule. The
+/// one parser of that syntax (`--svc`, `--pod`, `netdrop resolve --svc`).
+pub fn parse_ns_name(value: &str, namespace: Option<&str>) -> Result<(String, String), String> {
+    match value.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok((ns.to_owned(), name.to_owned())),
+        Some(_) => Err(format!("{value:?}: expected NAMESPACE/NAME or NAME, e.g. default/web")),
+        None if value.is_empty() => Err("an empty name: expected NAMESPACE/NAME or NAME, e.g. default/web".to_owned()),
+        None => Ok((namespace.unwrap_or("default").to_owned(), value.to_owned())),
+    }
+}
+
+/// clap's check of a `[NS/]NAME` value, so a malformed one is refused with the other flag errors.
+pub fn ns_name_arg(value: &str) -> Result<String, String> {
+    parse_ns_name(value, None).map(|_| value.to_owned())
+}
+
+/// `IP`, `IP:PORT`, `[IPv6]:PORT`, each optionally `/PROTO` (`10.96.0.10:53/udp`): the address
+/// and, with a port, the port and protocol (TCP unless given). The one parser of that syntax
+/// (`netdrop resolve`, `netdrop interfaces --dest`).
+pub fn parse_addr_port_proto(s: &str) -> Result<(IpAddr, Option<(u16, Proto)>), String> {
+    let (addr, proto) = match s.rsplit_once('/') {
+        Some((a, p)) => (a, Some(p.parse::<Proto>()?)),
+        None => (s, None),
+    };
+    if let Ok(ip) = addr.parse::<IpAddr>() {
+        return Ok((ip, None));
+    }
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(sa) => Ok((sa.ip(), Some((sa.port(), proto.unwrap_or(Proto::Tcp))))),
+        Err(_) => Err(format!("{s:?} is not an address: use IP, IP:PORT, [IPv6]:PORT, optionally /tcp, /udp or /sctp")),
+    }
+}
+
 /// What an address turned out to be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -265,6 +298,31 @@ pub struct ServiceInfo {
     pub external_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub backends: Vec<Backend>,
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    #[test]
+    fn ns_name_follows_kubectl() {
+        assert_eq!(parse_ns_name("default/web", None), Ok(("default".into(), "web".into())));
+        assert_eq!(parse_ns_name("web", Some("shop")), Ok(("shop".into(), "web".into())));
+        assert_eq!(parse_ns_name("web", None), Ok(("default".into(), "web".into())));
+        for bad in ["/web", "default/", "a/b/c", "", "/"] {
+            assert!(parse_ns_name(bad, None).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn addr_port_proto() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        assert_eq!(parse_addr_port_proto("10.0.0.1"), Ok((ip("10.0.0.1"), None)));
+        assert_eq!(parse_addr_port_proto("10.96.0.10:53/udp"), Ok((ip("10.96.0.10"), Some((53, Proto::Udp)))));
+        assert_eq!(parse_addr_port_proto("[fd00::1]:443"), Ok((ip("fd00::1"), Some((443, Proto::Tcp)))));
+        assert!(parse_addr_port_proto("10.0.0.1:80/icmp").is_err());
+        assert!(parse_addr_port_proto("cali123").is_err());
+    }
 }
 
 #[cfg(test)]

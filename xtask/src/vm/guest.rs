@@ -6,6 +6,7 @@
 //! - `NETDROP-VM-MODULES loaded=<n> failed=<file ...>`
 //! - `NETDROP-VM-FEATURE <name> <yes|no> <detail>` (from `xtask vm-test --probe-here`)
 //! - `NETDROP-VM-BEGIN <test binary>` ... libtest's output ... `NETDROP-VM-END <test binary> exit=<code>`
+//! - `NETDROP-VM-ROUND <i>/<n> passed=<n> failed=<n> skipped=<n>` after each round (`--repeat`)
 //! - `NETDROP-VM-SKIP <test name>\t<reason>` (lines of `$NETDROP_SKIP_FILE`)
 //! - `NETDROP-VM-RESULT passed=<n> failed=<n> skipped=<n>`: the last line before `poweroff -f`.
 use std::{
@@ -33,8 +34,8 @@ fn sh_quote(s: &str) -> String {
 
 /// The guest's `/init`: mounts what netdrop and `ip netns` need, loads the modules in
 /// dependency order, probes the kernel's BPF features, runs every test binary one test at a
-/// time, prints the result marker and powers off.
-pub fn init_script(libtest_args: &[String]) -> String {
+/// time (`repeat` rounds of them), prints the result marker and powers off.
+pub fn init_script(libtest_args: &[String], repeat: u32) -> String {
     let args: Vec<String> = libtest_args.iter().map(|a| sh_quote(a)).collect();
     let args = args.join(" ");
     let (modules, xtask, netdrop, tests, skip_file) =
@@ -80,6 +81,12 @@ echo "NETDROP-VM-MODULES loaded=$loaded failed=${{bad# }}"
 export NETDROP_BIN={netdrop} NETDROP_SKIP_FILE={skip_file} RUST_BACKTRACE=1
 passed=0
 failed=0
+round=0
+while [ "$round" -lt {repeat} ]; do
+round=$((round + 1))
+round_passed=$passed
+round_failed=$failed
+round_skips=$(grep -c . {skip_file})
 for t in {tests}/*; do
     [ -x "$t" ] || continue
     name=${{t##*/}}
@@ -97,10 +104,13 @@ for t in {tests}/*; do
     passed=$((passed + p))
     failed=$((failed + f))
 done
+round_skips=$(($(grep -c . {skip_file}) - round_skips))
+echo "NETDROP-VM-ROUND $round/{repeat} passed=$((passed - round_passed - round_skips)) failed=$((failed - round_failed)) skipped=$round_skips"
+done
 skipped=$(sort -u {skip_file} | grep -c .)
 sort -u {skip_file} | while IFS= read -r line; do echo "NETDROP-VM-SKIP $line"; done
 # libtest counts a test that skipped itself as passed; the table does not.
-passed=$((passed - skipped))
+passed=$((passed - skipped * {repeat}))
 [ "$passed" -ge 0 ] || passed=0
 echo "NETDROP-VM-RESULT passed=$passed failed=$failed skipped=$skipped"
 sync
@@ -293,7 +303,8 @@ fn progress(line: &str) -> Option<String> {
     } else if line.starts_with("test result:") {
         Some(line.to_owned())
     } else {
-        None
+        line.strip_prefix("NETDROP-VM-ROUND ")
+            .map(|r| format!("round {r}"))
     }
 }
 

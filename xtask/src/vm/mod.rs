@@ -42,9 +42,14 @@ pub struct Args {
     /// Keep the work dir (initramfs, /init, serial console logs) and print its path.
     #[arg(long)]
     keep: bool,
-    /// Run only the tests whose name contains this (libtest's filter), e.g. `--filter veth`.
-    #[arg(long)]
-    filter: Option<String>,
+    /// Run only the tests whose name contains one of these (libtest's filters), repeatable or
+    /// comma-separated: `--filter veth`, `--filter listen_overflow,timewait`.
+    #[arg(long, value_delimiter = ',')]
+    filter: Vec<String>,
+    /// Run the selected tests this many times in each guest, one round after another (to
+    /// hunt flaky tests without a boot per round), e.g. `--repeat 10`. Every round is counted.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
     /// Show the tests' own output for passing tests too (libtest's --nocapture).
     #[arg(long)]
     nocapture: bool,
@@ -85,9 +90,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     if args.nocapture {
         libtest.push("--nocapture".to_owned());
     }
-    if let Some(f) = &args.filter {
-        libtest.push(f.clone());
-    }
+    libtest.extend(args.filter.iter().cloned());
     run_matrix(
         &names,
         &Options {
@@ -96,6 +99,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             tests: args.test.clone(),
             keep: args.keep,
             libtest_args: libtest,
+            repeat: args.repeat,
             console: args.console,
             memory: args.memory.clone(),
             release: args.release,
@@ -120,6 +124,7 @@ pub fn run_kernels_tests(kernels: &[&str], tests: &[&str], full: bool) -> anyhow
             tests: tests.iter().map(|t| (*t).to_owned()).collect(),
             keep: false,
             libtest_args: if full { vec!["--include-ignored".to_owned()] } else { Vec::new() },
+            repeat: 1,
             console: false,
             memory: "2G".to_owned(),
             release: false,
@@ -135,6 +140,8 @@ struct Options {
     tests: Vec<String>,
     keep: bool,
     libtest_args: Vec<String>,
+    /// Rounds of the tests per guest.
+    repeat: u32,
     console: bool,
     memory: String,
 }
@@ -283,9 +290,10 @@ fn payload_tree(
     payload: &payload::Payload,
     work: &Path,
     libtest_args: &[String],
+    repeat: u32,
 ) -> anyhow::Result<Tree> {
     let mut tree = Tree::default();
-    tree.data("/init", guest::init_script(libtest_args), 0o755);
+    tree.data("/init", guest::init_script(libtest_args, repeat), 0o755);
     // Tests open their fixtures by absolute host path (`env!("CARGO_MANIFEST_DIR")`).
     let fixtures = payload::workspace_root().join("tests").join("fixtures");
     if fixtures.is_dir() {
@@ -419,7 +427,7 @@ fn run_matrix(names: &[&str], opts: &Options) -> anyhow::Result<()> {
     let base = work.path.join("base.cpio");
     base_tree()?.write_cpio(fs::File::create(&base)?)?;
     let tests = work.path.join("payload.cpio");
-    payload_tree(&payload, &work.path, &opts.libtest_args)?
+    payload_tree(&payload, &work.path, &opts.libtest_args, opts.repeat)?
         .write_cpio(fs::File::create(&tests)?)?;
     let archive_time = t.elapsed();
     eprintln!(
