@@ -49,6 +49,11 @@ fn udp4_closed_port_counts_match_snmp_noports() {
         assert!(e["reason_code"].as_u64().is_some());
     }
     assert_eq!(out.summary["lost_events"], 0);
+    // With BTF the preferred hook must load: the tracepoint fallback would hide a verifier
+    // refusal of the tp_btf program (every kernel of the matrix accepts tp_btf/kfree_skb).
+    if std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        assert_eq!(out.summary["hook"], "tp_btf/kfree_skb", "the tp_btf program loads on this kernel (stderr: {:?})", out.stderr);
+    }
 }
 
 #[test]
