@@ -378,6 +378,11 @@ pub struct Config {
     /// Reasons that make a bare ACK stale ([`effect::LOSSLESS`]): `TCP_INVALID_SEQUENCE`,
     /// `TCP_OLD_ACK`, `TCP_TOO_OLD_ACK`, `TCP_INVALID_ACK_SEQUENCE`.
     pub stale_ack_reasons: [u32; STALE_ACK_REASONS],
+    /// [`Config::stale_reasons`] as a bitmap by reason number: the kernel program tests one bit
+    /// instead of looping (a loop per drop multiplied the verifier's states past its limit on 6.1).
+    pub stale_bits: [u64; REASON_BITMAP_BITS / 64],
+    /// [`Config::stale_ack_reasons`] as a bitmap, likewise.
+    pub stale_ack_bits: [u64; REASON_BITMAP_BITS / 64],
     /// This kernel's `TCP_FLAGS` reason: an ACK freed with it met a listening socket, which
     /// answers with a reset ([`effect::RESET`]); [`ABSENT`] without it.
     pub tcp_flags_reason: u32,
@@ -446,6 +451,8 @@ impl Config {
         rx_sk_timewait: 0,
         stale_reasons: [ABSENT; STALE_REASONS],
         stale_ack_reasons: [ABSENT; STALE_ACK_REASONS],
+        stale_bits: [0; REASON_BITMAP_BITS / 64],
+        stale_ack_bits: [0; REASON_BITMAP_BITS / 64],
         tcp_flags_reason: ABSENT,
         no_socket_reason: ABSENT,
     };
@@ -458,6 +465,20 @@ impl Config {
             self.emit_reasons[r / 64] & (1u64 << (r % 64)) != 0
         } else {
             self.emit_other_reasons != 0
+        }
+    }
+
+    /// Sets the lossless-reason bitmaps from [`Config::stale_reasons`] and
+    /// [`Config::stale_ack_reasons`].
+    pub fn set_stale_bits(&mut self) {
+        for (bits, list) in [(&mut self.stale_bits, &self.stale_reasons[..]), (&mut self.stale_ack_bits, &self.stale_ack_reasons[..])] {
+            *bits = [0; REASON_BITMAP_BITS / 64];
+            for &r in list {
+                let r = r as usize;
+                if r < REASON_BITMAP_BITS {
+                    bits[r / 64] |= 1u64 << (r % 64);
+                }
+            }
         }
     }
 
@@ -520,7 +541,7 @@ mod tests {
         assert_eq!(size_of::<ConntrackTuple>(), 40);
         assert_eq!(size_of::<DropEvent>(), 8 * 3 + 4 * 4 + 2 * 2 + 4 + IFNAMSIZ + 8 + 40 + 8 + HEADER_BYTES);
         assert_eq!(size_of::<KernelOffsets>(), 26 * 4);
-        assert_eq!(size_of::<Config>(), 336);
+        assert_eq!(size_of::<Config>(), 464);
         assert_eq!(size_of::<AddrKey>(), 20);
     }
 

@@ -369,6 +369,7 @@ fn set_effect_reasons(config: &mut Config, reasons: &ReasonTable) {
     for (slot, name) in config.stale_ack_reasons.iter_mut().zip(stale_ack) {
         *slot = reasons.lookup(name).unwrap_or(absent);
     }
+    config.set_stale_bits();
     config.tcp_flags_reason = reasons.lookup("TCP_FLAGS").unwrap_or(absent);
     config.no_socket_reason = reasons.lookup("NO_SOCKET").unwrap_or(absent);
 }

@@ -300,6 +300,14 @@ pub fn parse_snmp(text: &str) -> HashMap<String, HashMap<String, u64>> {
     out
 }
 
+/// How long netdrop may take to print that it attached before a test calls it hung: 60 s, or
+/// `$NETDROP_ATTACH_TIMEOUT_S` — the kernel matrix's guests set more, as a debug netdrop under
+/// software emulation spends tens of seconds parsing BTF and in the verifier.
+pub fn attach_timeout() -> Duration {
+    let secs = std::env::var("NETDROP_ATTACH_TIMEOUT_S").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    Duration::from_secs(secs)
+}
+
 /// Sends `count` UDP datagrams from `from` (port 0: any) to `to`. Returns how many were sent.
 pub fn send_udp(from: SocketAddr, to: SocketAddr, count: usize) -> usize {
     let s = UdpSocket::bind(from).expect("bind udp");
@@ -415,7 +423,7 @@ impl Tracer {
             stderr: lines,
             stdout: Some(stdout),
         };
-        match rx.recv_timeout(Duration::from_secs(60)) {
+        match rx.recv_timeout(attach_timeout()) {
             Ok(true) => t,
             _ => {
                 let err = t.stderr.lock().expect("lock").join("\n");
@@ -881,7 +889,7 @@ impl TcWatch {
             lines,
             stderr: errs,
         };
-        if rx.recv_timeout(Duration::from_secs(60)) != Ok(true) {
+        if rx.recv_timeout(attach_timeout()) != Ok(true) {
             w.kill();
             panic!(
                 "netdrop interfaces did not attach:\n{}",

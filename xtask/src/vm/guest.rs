@@ -78,7 +78,8 @@ echo "NETDROP-VM-MODULES loaded=$loaded failed=${{bad# }}"
 {xtask} vm-test --probe-here 2>&1
 
 : > {skip_file}
-export NETDROP_BIN={netdrop} NETDROP_SKIP_FILE={skip_file} RUST_BACKTRACE=1
+# Emulated: netdrop's start (BTF, verifier) is tens of times slower than on hardware.
+export NETDROP_BIN={netdrop} NETDROP_SKIP_FILE={skip_file} RUST_BACKTRACE=1 NETDROP_ATTACH_TIMEOUT_S=240
 passed=0
 failed=0
 round=0
