@@ -371,6 +371,11 @@ pub struct Config {
     /// 1: read the receiving socket (`rx_sk`) to tell `TIME_WAIT` segments; `--tw-hook` may pick
     /// another way while `rx_sk` still gives the namespace and the LISTEN state.
     pub rx_sk_timewait: u32,
+    /// 1: decide each drop's [`effect`] and fall back to the route's device for its namespace.
+    /// 0 where the kernel's verifier refuses the program with them (too many states on Debian
+    /// 6.1): effects are then `unknown` and such drops' namespace unknown.
+    pub effects: u32,
+    pub _pad_effects: u32,
     /// Reasons that mean the receiver already had the segment's data ([`effect::LOSSLESS`]):
     /// `TCP_OLD_DATA`, `TCP_OLD_SEQUENCE`, `TCP_OFOMERGE`, `TCP_RFC7323_PAWS`,
     /// `TCP_RFC7323_PAWS_ACK`; [`ABSENT`] for those this kernel does not have.
@@ -449,6 +454,8 @@ impl Config {
         timewait_marks: 0,
         tw_syn_status: ABSENT,
         rx_sk_timewait: 0,
+        effects: 1,
+        _pad_effects: 0,
         stale_reasons: [ABSENT; STALE_REASONS],
         stale_ack_reasons: [ABSENT; STALE_ACK_REASONS],
         stale_bits: [0; REASON_BITMAP_BITS / 64],
@@ -541,7 +548,7 @@ mod tests {
         assert_eq!(size_of::<ConntrackTuple>(), 40);
         assert_eq!(size_of::<DropEvent>(), 8 * 3 + 4 * 4 + 2 * 2 + 4 + IFNAMSIZ + 8 + 40 + 8 + HEADER_BYTES);
         assert_eq!(size_of::<KernelOffsets>(), 26 * 4);
-        assert_eq!(size_of::<Config>(), 464);
+        assert_eq!(size_of::<Config>(), 472);
         assert_eq!(size_of::<AddrKey>(), 20);
     }
 

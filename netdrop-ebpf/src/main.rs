@@ -279,8 +279,8 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     // Decided only where the header was parsed anyway (every target trace and filtered trace):
     // a plain trace of a drop storm pays no extra read.
     let effect = match l4 {
-        Some(l4) => effect_of(reason, l4, rx_sk, is_netfilter && ct_state & ct::STATE_MASK == ct::NONE && conf!(conntrack) != 0),
-        None => effect::UNKNOWN,
+        Some(l4) if conf!(effects) != 0 => effect_of(reason, l4, rx_sk, is_netfilter && ct_state & ct::STATE_MASK == ct::NONE && conf!(conntrack) != 0),
+        _ => effect::UNKNOWN,
     };
     // A datagram or SYN from the watched address (a backend's reply) is data lost, not an
     // attempt to it: a backend's attempts are what was sent to it.
@@ -603,7 +603,8 @@ fn netns_of(skb: *const u8, dev: *const u8, rx_sk: *const u8) -> u32 {
     } else {
         match read::<*const u8>(skb, conf!(offsets.skb_sk)) {
             Ok(sk) if !sk.is_null() => read(sk, conf!(offsets.sk_net)).unwrap_or(core::ptr::null()),
-            _ => net_of_route(skb),
+            _ if conf!(effects) != 0 => net_of_route(skb),
+            _ => core::ptr::null(),
         }
     };
     if net.is_null() {

@@ -77,11 +77,19 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     config.wakeup_bytes = WAKEUP_BYTES.min(args.ring_kib * 1024 / 4);
     config.addr_filter = u32::from(args.target.any());
 
-    let mut probe = probe::attach(
-        &kernel,
-        &config,
-        AttachOptions { hook: args.hook, ring_bytes: args.ring_kib * 1024 },
-    )?;
+    let attach_opts = AttachOptions { hook: args.hook, ring_bytes: args.ring_kib * 1024 };
+    let mut probe = match probe::attach(&kernel, &config, attach_opts) {
+        // The verifier's limit (1M instructions processed) is reached on some kernels (Debian
+        // 6.1) by the per-drop effect decision: the same program without it, named.
+        Err(e) if is_too_large(&e) => {
+            config.effects = 0;
+            eprintln!(
+                "netdrop: drop effects off (lossless/reset discards counted as drops, effect \"unknown\"): this kernel's verifier refused the full program ({e})"
+            );
+            probe::attach(&kernel, &config, attach_opts)?
+        }
+        r => r?,
+    };
     let ct_hook = match (&kernel.conntrack, conntrack_on) {
         (Err(why), _) => {
             eprintln!("netdrop: conntrack classification off: {why}");
@@ -294,6 +302,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The verifier gave up on the program's size (`E2BIG`, "BPF program is too large").
+fn is_too_large(e: &probe::ProbeError) -> bool {
+    let text = format!("{e}");
+    text.contains("too large") || text.contains("Argument list too long")
 }
 
 /// How segments a TIME_WAIT socket answered and freed are told from drops.
