@@ -737,6 +737,11 @@ fn ack_to_a_listener_is_a_reset_in_the_servers_namespace() {
     settle();
     let out = tracer.stop();
     drop((client, listener));
+    if out.stderr.iter().any(|l| l.starts_with("netdrop: drop effects off")) {
+        // Without rx_sk (before 6.11) the namespace comes from the route, which that mode leaves out.
+        netdrop_tests::skip(TEST, "drop effects and the route's namespace are off here: the verifier refused the full program");
+        return;
+    }
     assert!(resets_sent >= 2, "the probes met the listener and were reset: {resets_sent}");
     let at_do_rcv = |l: &serde_json::Value| l.as_str().is_some_and(|l| l.starts_with("tcp_v4_do_rcv+"));
     let events: Vec<&serde_json::Value> = out.drops.iter().filter(|e| at_do_rcv(&e["location"])).collect();
