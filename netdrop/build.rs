@@ -15,7 +15,11 @@ fn main() -> anyhow::Result<()> {
     }
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../netdrop-ebpf");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "netdrop-ebpf", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "netdrop-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Nightly,
     )
 }

@@ -430,7 +430,12 @@ impl Config {
             skb_refdst: 0,
             dst_dev: 0,
         },
-        tracepoint: TracepointLayout { skbaddr: 0, location: 0, reason: ABSENT, rx_sk: ABSENT },
+        tracepoint: TracepointLayout {
+            skbaddr: 0,
+            location: 0,
+            reason: ABSENT,
+            rx_sk: ABSENT,
+        },
         btf_has_reason: 0,
         netns: 0,
         l4_proto: ANY_PROTO,
@@ -478,7 +483,10 @@ impl Config {
     /// Sets the lossless-reason bitmaps from [`Config::stale_reasons`] and
     /// [`Config::stale_ack_reasons`].
     pub fn set_stale_bits(&mut self) {
-        for (bits, list) in [(&mut self.stale_bits, &self.stale_reasons[..]), (&mut self.stale_ack_bits, &self.stale_ack_reasons[..])] {
+        for (bits, list) in [
+            (&mut self.stale_bits, &self.stale_reasons[..]),
+            (&mut self.stale_ack_bits, &self.stale_ack_reasons[..]),
+        ] {
             *bits = [0; REASON_BITMAP_BITS / 64];
             for &r in list {
                 let r = r as usize;
@@ -546,7 +554,10 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<DropKey>(), 24);
         assert_eq!(size_of::<ConntrackTuple>(), 40);
-        assert_eq!(size_of::<DropEvent>(), 8 * 3 + 4 * 4 + 2 * 2 + 4 + IFNAMSIZ + 8 + 40 + 8 + HEADER_BYTES);
+        assert_eq!(
+            size_of::<DropEvent>(),
+            8 * 3 + 4 * 4 + 2 * 2 + 4 + IFNAMSIZ + 8 + 40 + 8 + HEADER_BYTES
+        );
         assert_eq!(size_of::<KernelOffsets>(), 26 * 4);
         assert_eq!(size_of::<Config>(), 472);
         assert_eq!(size_of::<AddrKey>(), 20);
@@ -659,7 +670,11 @@ pub struct TcConfig {
 }
 
 impl TcConfig {
-    pub const DEFAULT: Self = Self { netns: 0, udp_flows: 1, udp_flow_timeout_ns: 30_000_000_000 };
+    pub const DEFAULT: Self = Self {
+        netns: 0,
+        udp_flows: 1,
+        udp_flow_timeout_ns: 30_000_000_000,
+    };
 }
 
 /// Indexes of the per-CPU `TC_STATS` array.

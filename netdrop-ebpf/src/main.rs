@@ -13,16 +13,14 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{
-        bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
-    },
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
     macros::{btf_tracepoint, fexit, kprobe, kretprobe, map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePointContext, FExitContext, ProbeContext, RetProbeContext, TracePointContext},
 };
 use netdrop_common::{
-    ABSENT, ANY_PROTO, AddrKey, Config, ConntrackTuple, DropEvent, DropKey, HEADER_BYTES, IFNAMSIZ,
-    REASON_BITMAP_BITS, RateWindow, mark, class, ct, effect, stat,
+    ABSENT, ANY_PROTO, AddrKey, Config, ConntrackTuple, DropEvent, DropKey, HEADER_BYTES, IFNAMSIZ, REASON_BITMAP_BITS,
+    RateWindow, class, ct, effect, mark, stat,
 };
 
 mod tc;
@@ -124,8 +122,7 @@ pub fn kfree_skb_tp(ctx: TracePointContext) -> u32 {
 fn try_kfree_skb_tp(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: offsets come from this tracepoint's format file; read_at bounds-checks via the helper.
     let skb: u64 = unsafe { ctx.read_at(conf!(tracepoint.skbaddr) as usize) }.map_err(i64::from)?;
-    let location: u64 =
-        unsafe { ctx.read_at(conf!(tracepoint.location) as usize) }.map_err(i64::from)?;
+    let location: u64 = unsafe { ctx.read_at(conf!(tracepoint.location) as usize) }.map_err(i64::from)?;
     let reason_off = conf!(tracepoint.reason);
     let reason: u32 = if reason_off == ABSENT {
         0
@@ -133,7 +130,11 @@ fn try_kfree_skb_tp(ctx: &TracePointContext) -> Result<(), i64> {
         unsafe { ctx.read_at(reason_off as usize) }.map_err(i64::from)?
     };
     let rx_sk_off = conf!(tracepoint.rx_sk);
-    let rx_sk: u64 = if rx_sk_off == ABSENT { 0 } else { unsafe { ctx.read_at(rx_sk_off as usize) }.unwrap_or(0) };
+    let rx_sk: u64 = if rx_sk_off == ABSENT {
+        0
+    } else {
+        unsafe { ctx.read_at(rx_sk_off as usize) }.unwrap_or(0)
+    };
     on_drop(skb as *const u8, location, reason, rx_sk as *const u8)
 }
 
@@ -175,7 +176,11 @@ struct L4 {
 impl L4 {
     #[inline(always)]
     fn of(p: &Packet) -> Self {
-        Self { proto: p.proto, tcp_flags: p.tcp_flags, payload_len: p.payload_len }
+        Self {
+            proto: p.proto,
+            tcp_flags: p.tcp_flags,
+            payload_len: p.payload_len,
+        }
     }
 }
 
@@ -192,7 +197,16 @@ const HEADER_UNSET: u16 = 0xffff;
 fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Result<(), i64> {
     if conf!(read_skb) == 0 {
         // No BTF, so no offsets: the "counts only" mode counts by (reason, location), no events.
-        count(DropKey { location, reason, netns: 0, ip_version: 0, ct_state: 0, exact_class: 0, effect: effect::UNKNOWN, tag: 0 });
+        count(DropKey {
+            location,
+            reason,
+            netns: 0,
+            ip_version: 0,
+            ct_state: 0,
+            exact_class: 0,
+            effect: effect::UNKNOWN,
+            tag: 0,
+        });
         return Ok(());
     }
     let dev: *const u8 = read(skb, conf!(offsets.skb_dev))?;
@@ -279,13 +293,31 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     // Decided only where the header was parsed anyway (every target trace and filtered trace):
     // a plain trace of a drop storm pays no extra read.
     let effect = match l4 {
-        Some(l4) if conf!(effects) != 0 => effect_of(reason, l4, rx_sk, is_netfilter && ct_state & ct::STATE_MASK == ct::NONE && conf!(conntrack) != 0),
+        Some(l4) if conf!(effects) != 0 => effect_of(
+            reason,
+            l4,
+            rx_sk,
+            is_netfilter && ct_state & ct::STATE_MASK == ct::NONE && conf!(conntrack) != 0,
+        ),
         _ => effect::UNKNOWN,
     };
     // A datagram or SYN from the watched address (a backend's reply) is data lost, not an
     // attempt to it: a backend's attempts are what was sent to it.
-    let effect = if tag_from_src && effect == effect::ATTEMPT { effect::DATA } else { effect };
-    count(DropKey { location, reason, netns, ip_version, ct_state, exact_class, effect, tag });
+    let effect = if tag_from_src && effect == effect::ATTEMPT {
+        effect::DATA
+    } else {
+        effect
+    };
+    count(DropKey {
+        location,
+        reason,
+        netns,
+        ip_version,
+        ct_state,
+        exact_class,
+        effect,
+        tag,
+    });
 
     if !emits(reason) || (!has_l3 && reason == conf!(quiet_reason_without_ip)) || !rate_allows() {
         return Ok(());
@@ -302,7 +334,11 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
         // names the ClusterIP it was meant for).
         (ct_ptr, ct_info, ct_status, ct_state) = conntrack_of(skb);
     }
-    let head: *const u8 = if has_l3 { read(skb, conf!(offsets.skb_head)).unwrap_or(core::ptr::null()) } else { core::ptr::null() };
+    let head: *const u8 = if has_l3 {
+        read(skb, conf!(offsets.skb_head)).unwrap_or(core::ptr::null())
+    } else {
+        core::ptr::null()
+    };
     let Some(mut entry) = EVENTS.reserve::<DropEvent>(0) else {
         bump(stat::EVENTS_LOST);
         return Ok(());
@@ -348,7 +384,11 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     if !head.is_null() && unsafe { bpf_probe_read_kernel_buf(l3, &mut ev.headers) }.is_ok() {
         let tail: u32 = read(skb, conf!(offsets.skb_tail)).unwrap_or(0);
         let avail = tail.saturating_sub(u32::from(nh));
-        ev.header_len = if avail > HEADER_BYTES as u32 { HEADER_BYTES as u16 } else { avail as u16 };
+        ev.header_len = if avail > HEADER_BYTES as u32 {
+            HEADER_BYTES as u16
+        } else {
+            avail as u16
+        };
     } else {
         ev.headers = [0; HEADER_BYTES];
     }
@@ -387,7 +427,11 @@ fn conntrack_of(skb: *const u8) -> (*const u8, u8, u32, u8) {
     let info = (nfct & 7) as u8;
     let entry = (nfct & !7) as *const u8;
     if entry.is_null() {
-        let state = if nfct == ct::IP_CT_UNTRACKED { ct::UNTRACKED } else { ct::NONE };
+        let state = if nfct == ct::IP_CT_UNTRACKED {
+            ct::UNTRACKED
+        } else {
+            ct::NONE
+        };
         return (core::ptr::null(), info, 0, state);
     }
     let status: u64 = read(entry, conf!(offsets.ct_status)).unwrap_or(0);
@@ -435,7 +479,9 @@ fn read_tuple(entry: *const u8, out: &mut ConntrackTuple) {
 #[inline(always)]
 fn take_mark(skb: u64) -> u8 {
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(m) = (unsafe { SKB_CLASS.get(&skb) }).copied() else { return 0 };
+    let Some(m) = (unsafe { SKB_CLASS.get(&skb) }).copied() else {
+        return 0;
+    };
     let _ = SKB_CLASS.remove(&skb);
     let now = unsafe { bpf_ktime_get_ns() };
     if mark::age_ns(now, m) > MARK_MAX_AGE_NS {
@@ -660,7 +706,8 @@ fn effect_of(reason: u32, l4: L4, rx_sk: *const u8, no_conntrack: bool) -> u8 {
         // `tcp_v4_do_rcv` resets (6.10+); `tcp_v4_rcv`'s `no_tcp_socket` resets anything but a
         // RST. Where the kernel passes the socket, it must be the listener.
         // <https://github.com/torvalds/linux/blob/v6.18/net/ipv4/tcp_input.c> (`tcp_rcv_state_process`)
-        let listener = rx_sk.is_null() || read::<u8>(rx_sk, conf!(offsets.sk_state)).is_ok_and(|s| s == TCP_STATE_LISTEN);
+        let listener =
+            rx_sk.is_null() || read::<u8>(rx_sk, conf!(offsets.sk_state)).is_ok_and(|s| s == TCP_STATE_LISTEN);
         if (reason == conf!(tcp_flags_reason) && listener) || reason == conf!(no_socket_reason) {
             return effect::RESET;
         }
@@ -688,7 +735,12 @@ fn effect_of(reason: u32, l4: L4, rx_sk: *const u8, no_conntrack: bool) -> u8 {
 /// (asked only for NOT_SPECIFIED drops).
 #[inline(always)]
 fn tcp_class(l4: Option<L4>) -> u8 {
-    let Some(L4 { proto: 6, tcp_flags: flags, .. }) = l4 else {
+    let Some(L4 {
+        proto: 6,
+        tcp_flags: flags,
+        ..
+    }) = l4
+    else {
         return 0;
     };
     if flags & (TCP_FIN | TCP_RST) != 0 {
@@ -702,7 +754,15 @@ fn tcp_class(l4: Option<L4>) -> u8 {
 
 #[inline(always)]
 fn parse(head: *const u8, nh: u16, th: u16, l3_proto: u16) -> Result<Packet, i64> {
-    let mut pkt = Packet { proto: 0, saddr: [0; 16], daddr: [0; 16], sport: 0, dport: 0, tcp_flags: 0, payload_len: 0 };
+    let mut pkt = Packet {
+        proto: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+        payload_len: 0,
+    };
     let l4_off: u32;
     // IP payload bytes (L4 header included).
     let l3_payload: u32;
@@ -749,7 +809,12 @@ fn parse(head: *const u8, nh: u16, th: u16, l3_proto: u16) -> Result<Packet, i64
 /// The tag of (address, port, protocol), or of (address, any port); 0 when not watched.
 #[inline(always)]
 fn addr_tag(addr: &[u8; 16], port: u16, proto: u32) -> u32 {
-    let mut key = AddrKey { addr: *addr, port, proto: proto as u8, _pad: 0 };
+    let mut key = AddrKey {
+        addr: *addr,
+        port,
+        proto: proto as u8,
+        _pad: 0,
+    };
     // SAFETY: values are plain u32s copied out at once.
     if let Some(t) = unsafe { ADDR_FILTER.get(&key) } {
         return *t;

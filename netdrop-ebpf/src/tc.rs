@@ -21,8 +21,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use netdrop_common::{
-    TC_DIR_FROM_POD, TC_DIR_TO_POD, TcConfig, TcCounters, TcDestCounters, TcDestKey, TcFlowKey,
-    TcKey, tc_stat,
+    TC_DIR_FROM_POD, TC_DIR_TO_POD, TcConfig, TcCounters, TcDestCounters, TcDestKey, TcFlowKey, TcKey, tc_stat,
 };
 
 /// Settings of this instance; the loader overrides it before loading (`.rodata`, frozen).
@@ -99,7 +98,12 @@ fn account<const DIR: u32>(ctx: &TcContext) {
     let skb = ctx.skb.skb;
     // SAFETY: the context pointer the kernel handed us; the verifier checks the field access.
     let (ifindex, protocol) = unsafe { ((*skb).ifindex, (*skb).protocol) };
-    let key = TcKey { ifindex, netns: tc_conf!(netns), direction: DIR, _pad: 0 };
+    let key = TcKey {
+        ifindex,
+        netns: tc_conf!(netns),
+        direction: DIR,
+        _pad: 0,
+    };
     let Some(counters) = TC_COUNTERS.get_ptr_mut(&key) else {
         bump(tc_stat::UNREGISTERED);
         return;
@@ -148,7 +152,12 @@ fn count_dest<const DIR: u32>(dest: &TcDestKey) {
 /// any other packet. `Err` when the IP or L4 header cannot be read.
 #[inline(always)]
 fn classify(ctx: &TcContext, ifindex: u32, ethertype: u16) -> Result<Option<(TcDestKey, bool)>, i64> {
-    let mut dest = TcDestKey { addr: [0; 16], port: 0, proto: 0, family: 0 };
+    let mut dest = TcDestKey {
+        addr: [0; 16],
+        port: 0,
+        proto: 0,
+        family: 0,
+    };
     let mut saddr = [0u8; 16];
     let l4_off: usize;
     if ethertype == ETH_P_IP {

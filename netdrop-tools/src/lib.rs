@@ -51,7 +51,11 @@ pub struct Tool {
 }
 
 const fn deb(name: &'static str, package: &'static str, guest: bool) -> Tool {
-    Tool { name, source: Source::Debian(package), guest }
+    Tool {
+        name,
+        source: Source::Debian(package),
+        guest,
+    }
 }
 
 /// The table. Grouped by what needs it; `guest: true` for what the integration tests run, since
@@ -121,10 +125,26 @@ pub const TOOLS: &[Tool] = &[
     deb("xz", "xz-utils", false),
     deb("zstd", "zstd", false),
     // Build.
-    Tool { name: "cargo", source: Source::Rustup, guest: false },
-    Tool { name: "rustc", source: Source::Rustup, guest: false },
-    Tool { name: "rustup", source: Source::Rustup, guest: false },
-    Tool { name: "bpf-linker", source: Source::CargoInstall("bpf-linker"), guest: false },
+    Tool {
+        name: "cargo",
+        source: Source::Rustup,
+        guest: false,
+    },
+    Tool {
+        name: "rustc",
+        source: Source::Rustup,
+        guest: false,
+    },
+    Tool {
+        name: "rustup",
+        source: Source::Rustup,
+        guest: false,
+    },
+    Tool {
+        name: "bpf-linker",
+        source: Source::CargoInstall("bpf-linker"),
+        guest: false,
+    },
 ];
 
 /// Why a program cannot be run.
@@ -143,12 +163,18 @@ impl fmt::Display for ToolError {
                 f,
                 "`{name}` is not in the tool table (netdrop-tools/src/lib.rs): add it with the package that has it, so `cargo xtask setup` installs it on a fresh machine"
             ),
-            Self::Missing { name, source: source @ Source::Debian(p) } => write!(
+            Self::Missing {
+                name,
+                source: source @ Source::Debian(p),
+            } => write!(
                 f,
                 "`{name}` is not installed: it comes from {source} (`cargo xtask setup` installs it, or: apt-get install {p})"
             ),
             Self::Missing { name, source } => {
-                write!(f, "`{name}` is not installed: it comes from {source} (`cargo xtask setup` installs it)")
+                write!(
+                    f,
+                    "`{name}` is not installed: it comes from {source} (`cargo xtask setup` installs it)"
+                )
             }
         }
     }
@@ -158,14 +184,20 @@ impl std::error::Error for ToolError {}
 
 /// The table's entry for `name`.
 pub fn lookup(name: &str) -> Result<&'static Tool, ToolError> {
-    TOOLS.iter().find(|t| t.name == name).ok_or_else(|| ToolError::NotInTable { name: name.to_string() })
+    TOOLS
+        .iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| ToolError::NotInTable { name: name.to_string() })
 }
 
 /// Where `name` is installed (searched on `PATH`, then in the sbin directories a non-login
 /// root shell may lack).
 pub fn path(name: &str) -> Result<PathBuf, ToolError> {
     let tool = lookup(name)?;
-    find_on_path(name).ok_or(ToolError::Missing { name: tool.name, source: tool.source })
+    find_on_path(name).ok_or(ToolError::Missing {
+        name: tool.name,
+        source: tool.source,
+    })
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
@@ -175,7 +207,10 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path)
         .chain(extra.iter().map(|p| p.to_path_buf()))
         .map(|d| d.join(name))
-        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 /// A `Command` for a program of the table, or why there is none.
@@ -205,7 +240,10 @@ pub fn available(name: &str) -> bool {
 /// A `Command` for one of the project's own binaries (built by cargo: netdrop, the lab, test
 /// helpers, the running executable itself).
 pub fn project(program: impl AsRef<OsStr>) -> Command {
-    #[expect(clippy::disallowed_methods, reason = "the project's own binaries, not external programs")]
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "the project's own binaries, not external programs"
+    )]
     Command::new(program)
 }
 
@@ -226,9 +264,19 @@ pub fn filter(name: &str, args: &[&str], input: &[u8]) -> Vec<u8> {
     // otherwise deadlock on a full pipe.
     let input = input.to_vec();
     let writer = std::thread::spawn(move || stdin.write_all(&input));
-    let out = child.wait_with_output().unwrap_or_else(|e| panic!("running {name}: {e}"));
-    writer.join().expect("stdin writer").unwrap_or_else(|e| panic!("writing to {name}: {e}"));
-    assert!(out.status.success(), "{name} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("running {name}: {e}"));
+    writer
+        .join()
+        .expect("stdin writer")
+        .unwrap_or_else(|e| panic!("writing to {name}: {e}"));
+    assert!(
+        out.status.success(),
+        "{name} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -262,9 +310,15 @@ mod tests {
     fn errors_name_the_package() {
         assert_eq!(
             lookup("definitely-not-a-tool").map(|t| t.name),
-            Err(ToolError::NotInTable { name: "definitely-not-a-tool".into() })
+            Err(ToolError::NotInTable {
+                name: "definitely-not-a-tool".into()
+            })
         );
-        let e = ToolError::Missing { name: "bpftool", source: Source::Debian("bpftool") }.to_string();
+        let e = ToolError::Missing {
+            name: "bpftool",
+            source: Source::Debian("bpftool"),
+        }
+        .to_string();
         assert!(e.contains("apt-get install bpftool"), "{e}");
     }
 
@@ -302,9 +356,24 @@ mod tests {
         for crate_dir in ["netdrop", "netdrop-common", "netdrop-ebpf", "xtask", "tests"] {
             rust_files(&root.join(crate_dir), &mut files);
         }
-        assert!(files.len() > 20, "found the workspace's sources ({} files)", files.len());
-        let callers =
-            ["tool(\"", "try_tool(\"", "available(\"", "tools::path(\"", "run(\"", "cmd(\"", "exec(\"", "sh(\"", "ns_sh(\"", "ns_exec(\"", "command(\""];
+        assert!(
+            files.len() > 20,
+            "found the workspace's sources ({} files)",
+            files.len()
+        );
+        let callers = [
+            "tool(\"",
+            "try_tool(\"",
+            "available(\"",
+            "tools::path(\"",
+            "run(\"",
+            "cmd(\"",
+            "exec(\"",
+            "sh(\"",
+            "ns_sh(\"",
+            "ns_exec(\"",
+            "command(\"",
+        ];
         let mut unknown = Vec::new();
         let mut spawns = Vec::new();
         for f in &files {
@@ -342,7 +411,11 @@ mod tests {
                 }
             }
         }
-        assert!(unknown.is_empty(), "programs named in code but missing from TOOLS:\n{}", unknown.join("\n"));
+        assert!(
+            unknown.is_empty(),
+            "programs named in code but missing from TOOLS:\n{}",
+            unknown.join("\n")
+        );
         assert!(
             spawns.is_empty(),
             "Command::new outside netdrop-tools (use netdrop_tools::tool or ::project):\n{}",

@@ -113,8 +113,16 @@ pub struct Visibility {
 }
 
 impl Visibility {
-    pub fn new(config: &netdrop_common::Config, hide_benign_locations: bool, symbols: std::sync::Arc<KernelSymbols>) -> Self {
-        Self { config: *config, hide_benign_locations, symbols }
+    pub fn new(
+        config: &netdrop_common::Config,
+        hide_benign_locations: bool,
+        symbols: std::sync::Arc<KernelSymbols>,
+    ) -> Self {
+        Self {
+            config: *config,
+            hide_benign_locations,
+            symbols,
+        }
     }
 
     pub fn is_hidden(&self, reason: u32, ip_version: u32, location: u64, exact_class: u8) -> bool {
@@ -122,10 +130,9 @@ impl Visibility {
         !self.config.emits(reason)
             || (ip_version == 0 && reason == quiet && quiet != ABSENT)
             || (self.hide_benign_locations
-                && self
-                    .symbols
-                    .function(location)
-                    .is_some_and(|f| classify::is_benign_location(f) || classify::is_tcp_teardown(Some(f), exact_class)))
+                && self.symbols.function(location).is_some_and(|f| {
+                    classify::is_benign_location(f) || classify::is_tcp_teardown(Some(f), exact_class)
+                }))
     }
 }
 
@@ -160,7 +167,9 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
                 _ => "none",
             },
             count: *n,
-            hidden: ctx.visibility.is_hidden(k.reason, u32::from(k.ip_version), k.location, k.exact_class),
+            hidden: ctx
+                .visibility
+                .is_hidden(k.reason, u32::from(k.ip_version), k.location, k.exact_class),
             classification,
             certainty,
             conntrack: classify::ct_state_name(k.ct_state),
@@ -225,7 +234,11 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
             ));
         }
         if d.clash_resolve > 0 {
-            s.hints.push(format!("netns {netns}: {} conntrack clashes resolved: {}", d.clash_resolve, classify::CLASH_RESOLVED));
+            s.hints.push(format!(
+                "netns {netns}: {} conntrack clashes resolved: {}",
+                d.clash_resolve,
+                classify::CLASH_RESOLVED
+            ));
         }
         if d.insert_failed > 0 {
             s.hints.push(format!(
@@ -261,7 +274,9 @@ mod tests {
         )
         .expect("table");
         let mut cfg = Config::DEFAULT;
-        crate::filter::FilterSpec::default().apply(&mut cfg, &reasons).expect("apply");
+        crate::filter::FilterSpec::default()
+            .apply(&mut cfg, &reasons)
+            .expect("apply");
         let syms = std::sync::Arc::new(KernelSymbols::parse(
             "0000000000001000 t udp_rcv\n0000000000002000 t udp_destruct_common\n",
         ));
@@ -276,10 +291,19 @@ mod tests {
             effect: 0,
             tag: 0,
         };
-        let teardown = DropKey { location: 0x20b9, ..key(2, 4) };
+        let teardown = DropKey {
+            location: 0x20b9,
+            ..key(2, 4)
+        };
         let mut counts = KernelCounts::default();
-        counts.drops =
-            vec![(key(3, 4), 40), (key(4, 4), 5), (key(2, 0), 9), (key(2, 6), 2), (key(3, 6), 0), (teardown, 20)];
+        counts.drops = vec![
+            (key(3, 4), 40),
+            (key(4, 4), 5),
+            (key(2, 0), 9),
+            (key(2, 6), 2),
+            (key(3, 6), 0),
+            (teardown, 20),
+        ];
         counts.stats[stat::EVENTS_LOST as usize] = 3;
         let classify = |k: &DropKey| (k.reason.to_string(), Certainty::Exact);
         let ctx = SummaryContext {
@@ -299,7 +323,10 @@ mod tests {
         assert_eq!(s.by_reason["NOT_SPECIFIED"], 2);
         assert_eq!(s.hidden_drops, 34);
         assert_eq!(s.hidden_by_reason["SOCKET_CLOSE"], 5);
-        assert_eq!(s.hidden_by_reason["NOT_SPECIFIED"], 29, "non-IP and teardown-location frees");
+        assert_eq!(
+            s.hidden_by_reason["NOT_SPECIFIED"], 29,
+            "non-IP and teardown-location frees"
+        );
         assert_eq!(s.lost_events, 3);
         assert_eq!(s.drops.len(), 5, "zero rows are left out");
         assert_eq!(s.drops[0].count, 40);
@@ -307,12 +334,18 @@ mod tests {
 
     #[test]
     fn resolved_clashes_are_said_to_have_dropped_nothing() {
-        let reasons = ReasonTable::from_print_fmt(r#"__print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" })"#).expect("table");
+        let reasons =
+            ReasonTable::from_print_fmt(r#"__print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" })"#).expect("table");
         let cfg = Config::DEFAULT;
         let syms = std::sync::Arc::new(KernelSymbols::parse("0000000000001000 t udp_rcv\n"));
         let vis = Visibility::new(&cfg, true, syms.clone());
         let classify = |k: &DropKey| (k.reason.to_string(), Certainty::Exact);
-        let ct = CtStats { count: 10, max: 1000, clash_resolve: 3, ..CtStats::default() };
+        let ct = CtStats {
+            count: 10,
+            max: 1000,
+            clash_resolve: 3,
+            ..CtStats::default()
+        };
         let ctx = SummaryContext {
             reasons: &reasons,
             symbols: &syms,
@@ -328,7 +361,11 @@ mod tests {
         assert_eq!(s.drops_total, 0);
         assert_eq!(s.conntrack[0].clash_resolve, 3);
         assert_eq!(s.hints.len(), 1, "{:?}", s.hints);
-        assert!(s.hints[0].starts_with("netns 9: 3 conntrack clashes resolved"), "{:?}", s.hints);
+        assert!(
+            s.hints[0].starts_with("netns 9: 3 conntrack clashes resolved"),
+            "{:?}",
+            s.hints
+        );
         assert!(s.hints[0].contains("nothing was lost"), "{:?}", s.hints);
     }
 }

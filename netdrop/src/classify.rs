@@ -72,8 +72,14 @@ pub fn netns_or_null<T: Copy + Into<u64>, S: serde::Serializer>(netns: &T, s: S)
 }
 
 /// Reasons that are end-of-life frees, never network drops.
-pub const BENIGN_REASONS: &[&str] =
-    &["NOT_DROPPED_YET", "CONSUMED", "SOCKET_CLOSE", "QUEUE_PURGE", "UNIX_DISCONNECT", "UNIX_SKIP_OOB"];
+pub const BENIGN_REASONS: &[&str] = &[
+    "NOT_DROPPED_YET",
+    "CONSUMED",
+    "SOCKET_CLOSE",
+    "QUEUE_PURGE",
+    "UNIX_DISCONNECT",
+    "UNIX_SKIP_OOB",
+];
 
 /// Socket destructors and queue purges: any reason freed here is a teardown, not a drop. And
 /// `ip6_mc_input`, which frees IPv6 multicast for groups this host has not joined (neighbour
@@ -113,10 +119,23 @@ mod tests {
     fn without_reasons_the_site_and_flags_classify() {
         let none = Evidence::default();
         let c = |f: &str, class: u8| classify(NO_REASON, Some(f), 0, class, &none);
-        assert_eq!(c("tcp_v4_rcv", class::TCP_SYN), ("no_socket".into(), Certainty::Inferred));
-        assert_eq!(c("tcp_v6_rcv", class::TCP_FIN_OR_RST), (TCP_TEARDOWN.into(), Certainty::Inferred));
-        assert_eq!(c("tcp_v4_rcv", class::TCP_TIME_WAIT), (TCP_TEARDOWN.into(), Certainty::Exact));
-        assert_eq!(c("tcp_v4_rcv", 0).0, "unclassified", "a bare ACK there may be a listen overflow");
+        assert_eq!(
+            c("tcp_v4_rcv", class::TCP_SYN),
+            ("no_socket".into(), Certainty::Inferred)
+        );
+        assert_eq!(
+            c("tcp_v6_rcv", class::TCP_FIN_OR_RST),
+            (TCP_TEARDOWN.into(), Certainty::Inferred)
+        );
+        assert_eq!(
+            c("tcp_v4_rcv", class::TCP_TIME_WAIT),
+            (TCP_TEARDOWN.into(), Certainty::Exact)
+        );
+        assert_eq!(
+            c("tcp_v4_rcv", 0).0,
+            "unclassified",
+            "a bare ACK there may be a listen overflow"
+        );
         assert_eq!(c("__udp4_lib_rcv", 0).0, "no_socket");
         assert_eq!(c("ip_error", 0).0, BLACKHOLE);
         assert_eq!(c("nf_hook_slow", 0), (NETFILTER_RULE.into(), Certainty::Inferred));
@@ -127,13 +146,29 @@ mod tests {
     fn a_fin_or_rst_freed_by_tcp_rcv_is_teardown() {
         let none = Evidence::default();
         for f in ["tcp_v4_rcv", "tcp_v6_rcv"] {
-            assert_eq!(classify("NOT_SPECIFIED", Some(f), 0, class::TCP_FIN_OR_RST, &none).0, TCP_TEARDOWN);
+            assert_eq!(
+                classify("NOT_SPECIFIED", Some(f), 0, class::TCP_FIN_OR_RST, &none).0,
+                TCP_TEARDOWN
+            );
             // Any segment a TIME_WAIT socket took, a bare ACK included: the socket says so.
-            assert_eq!(classify("NOT_SPECIFIED", Some(f), 0, class::TCP_TIME_WAIT, &none).0, TCP_TEARDOWN);
+            assert_eq!(
+                classify("NOT_SPECIFIED", Some(f), 0, class::TCP_TIME_WAIT, &none).0,
+                TCP_TEARDOWN
+            );
             // A plain ACK or data segment there may be a listen-queue overflow: stays visible.
             assert_eq!(classify("NOT_SPECIFIED", Some(f), 0, 0, &none).0, "not_specified");
         }
-        assert_eq!(classify("NOT_SPECIFIED", Some("e1000_clean_rx_irq"), 0, class::TCP_FIN_OR_RST, &none).0, "not_specified");
+        assert_eq!(
+            classify(
+                "NOT_SPECIFIED",
+                Some("e1000_clean_rx_irq"),
+                0,
+                class::TCP_FIN_OR_RST,
+                &none
+            )
+            .0,
+            "not_specified"
+        );
     }
 
     #[test]
@@ -151,7 +186,6 @@ mod tests {
 
 // ---- NETFILTER_DROP classification ----
 
-
 /// How a classification was reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -164,8 +198,15 @@ pub enum Certainty {
 }
 
 /// Functions that evaluate rules and free the packets their rules drop.
-pub const RULE_ENGINES: &[&str] =
-    &["nft_do_chain", "ipt_do_table", "ip6t_do_table", "arpt_do_table", "ebt_do_table", "nft_do_chain_ipv4", "nft_do_chain_inet"];
+pub const RULE_ENGINES: &[&str] = &[
+    "nft_do_chain",
+    "ipt_do_table",
+    "ip6t_do_table",
+    "arpt_do_table",
+    "ebt_do_table",
+    "nft_do_chain_ipv4",
+    "nft_do_chain_inet",
+];
 
 pub const NETFILTER_RULE: &str = "netfilter_rule";
 pub const INSERT_FAILED: &str = "conntrack_insert_failed";
@@ -220,14 +261,21 @@ pub const NETFILTER_SITES: &[&str] = &["nf_hook_slow", "nft_do_chain", "ipt_do_t
 /// only among `NOT_SPECIFIED` drops (every drop on kernels without reasons), so the mark implies
 /// the reason.
 pub fn is_tcp_teardown(function: Option<&str>, exact_class: u8) -> bool {
-    matches!(exact_class, class::TCP_FIN_OR_RST | class::TCP_TIME_WAIT) && function.is_some_and(|f| TCP_RCV_SITES.contains(&f))
+    matches!(exact_class, class::TCP_FIN_OR_RST | class::TCP_TIME_WAIT)
+        && function.is_some_and(|f| TCP_RCV_SITES.contains(&f))
 }
 
 /// Where the kernel frees packets routed to a blackhole route with no reason of its own:
 /// `ip_error` on input for `RTN_BLACKHOLE` (`dst.error` is `-EINVAL`: no SNMP counter moves), and
 /// `dst_discard`/`dst_discard_out` on output.
 /// <https://github.com/torvalds/linux/blob/v6.18/net/ipv4/route.c> (`ip_error`)
-pub const BLACKHOLE_SITES: &[&str] = &["ip_error", "dst_discard", "dst_discard_out", "ip6_pkt_discard", "ip6_pkt_discard_out"];
+pub const BLACKHOLE_SITES: &[&str] = &[
+    "ip_error",
+    "dst_discard",
+    "dst_discard_out",
+    "ip6_pkt_discard",
+    "ip6_pkt_discard_out",
+];
 
 /// What a drop is, in the words the summary and hints use.
 ///
@@ -294,7 +342,11 @@ fn by_location(function: Option<&str>, ct_state: u8, exact_class: u8, evidence: 
     };
     if is_tcp_teardown(function, exact_class) {
         // The socket itself said TIME_WAIT; flags alone only suggest it.
-        let certainty = if exact_class == class::TCP_TIME_WAIT { Certainty::Exact } else { Certainty::Inferred };
+        let certainty = if exact_class == class::TCP_TIME_WAIT {
+            Certainty::Exact
+        } else {
+            Certainty::Inferred
+        };
         return (TCP_TEARDOWN.into(), certainty);
     }
     let c = if TCP_RCV_SITES.contains(&f) && exact_class == class::TCP_SYN {
@@ -304,7 +356,10 @@ fn by_location(function: Option<&str>, ct_state: u8, exact_class: u8, evidence: 
     } else if BLACKHOLE_SITES.contains(&f) {
         BLACKHOLE
     } else if NETFILTER_SITES.contains(&f) {
-        return (classify("NETFILTER_DROP", function, ct_state, 0, evidence).0, Certainty::Inferred);
+        return (
+            classify("NETFILTER_DROP", function, ct_state, 0, evidence).0,
+            Certainty::Inferred,
+        );
     } else {
         "unclassified"
     };
@@ -324,16 +379,36 @@ pub fn ct_state_name(ct_state: u8) -> &'static str {
 /// What to check next, per classification (from the on-call field notes this tool grew from).
 pub fn hint(classification: &str) -> Option<&'static str> {
     Some(match classification {
-        NETFILTER_RULE => "a firewall rule dropped it: find the chain with `iptables-save -c | grep -- '-j DROP'` or `nft list ruleset` (NetworkPolicy: `kubectl get networkpolicy -A`, Calico: `calicoctl get networkpolicy`)",
-        INSERT_FAILED => "conntrack insert failures: a new flow's tuple, after NAT, is already taken. Usually SNAT port exhaustion (many connections from one node address to one destination:port; compare `conntrack -L -d <dest> | wc -l` with the MASQUERADE/SNAT port range, add egress IPs or a NAT gateway, reuse connections); before Linux 5.6 also the UDP DNAT race of parallel DNS queries (A/AAAA from one socket: NodeLocal DNSCache, `single-request-reopen`). Watch `conntrack -S` insert_failed",
-        TABLE_FULL => "the conntrack table is full: raise net.netfilter.nf_conntrack_max (and hashsize), shorten nf_conntrack_tcp_timeout_established/time_wait, find who opens so many flows (`conntrack -L | awk ...`)",
-        INVALID => "conntrack marked the packets INVALID and a rule dropped them: asymmetric routing, out-of-window TCP, or a too-short timeout; check `conntrack -S` invalid and net.netfilter.nf_conntrack_tcp_be_liberal",
-        "no_socket" => "nothing listens on that port: the backend is not listening on targetPort, or the process is down",
-        "tcp_listen_overflow" => "the listener's accept queue is full: the application accepts too slowly for its backlog; raise the backlog (its listen() argument, capped by net.core.somaxconn), add workers or replicas, and watch `nstat -az TcpExtListenOverflows`",
-        PKT_TOO_BIG => "larger than the next hop's MTU with Don't Fragment set, dropped where it was forwarded (`nstat IpFragFails`): the ICMP 'fragmentation needed' sent back should make the sender shrink its packets; if large transfers keep stalling while small requests work, that ICMP is filtered (a path-MTU black hole). Make the pods' MTU fit the overlay (Calico: veth MTU = link MTU - 50 for VXLAN, - 20 for IP-in-IP), allow ICMP type 3 code 4 between nodes, or clamp the TCP MSS",
-        OFO_PURGED => "out-of-order data the receiving socket held until the connection ended: a segment before it never arrived, so this data could not be delivered. It follows from a loss elsewhere on the path (see the other drops: too-big packets, a rule, a missing route), it is not the cause",
-        NO_ROUTE => "no route to the destination where it was dropped (`nstat IpInNoRoutes`): for a pod address, the node that sent it lost its route to that pod's block (Calico BGP: `calicoctl node status`, `ip route | grep bird` on the sending node; `ip route get <pod IP>`). A drop outside the nodes (an upstream router) means the node sent it to its default gateway",
-        BLACKHOLE => "a blackhole route took it: the node has no more specific route to the destination (Calico blackholes each node's IPAM block, so a local pod whose /32 route is missing lands here): run `ip route get <pod IP>` on that node and check calico-node/felix logs",
+        NETFILTER_RULE => {
+            "a firewall rule dropped it: find the chain with `iptables-save -c | grep -- '-j DROP'` or `nft list ruleset` (NetworkPolicy: `kubectl get networkpolicy -A`, Calico: `calicoctl get networkpolicy`)"
+        }
+        INSERT_FAILED => {
+            "conntrack insert failures: a new flow's tuple, after NAT, is already taken. Usually SNAT port exhaustion (many connections from one node address to one destination:port; compare `conntrack -L -d <dest> | wc -l` with the MASQUERADE/SNAT port range, add egress IPs or a NAT gateway, reuse connections); before Linux 5.6 also the UDP DNAT race of parallel DNS queries (A/AAAA from one socket: NodeLocal DNSCache, `single-request-reopen`). Watch `conntrack -S` insert_failed"
+        }
+        TABLE_FULL => {
+            "the conntrack table is full: raise net.netfilter.nf_conntrack_max (and hashsize), shorten nf_conntrack_tcp_timeout_established/time_wait, find who opens so many flows (`conntrack -L | awk ...`)"
+        }
+        INVALID => {
+            "conntrack marked the packets INVALID and a rule dropped them: asymmetric routing, out-of-window TCP, or a too-short timeout; check `conntrack -S` invalid and net.netfilter.nf_conntrack_tcp_be_liberal"
+        }
+        "no_socket" => {
+            "nothing listens on that port: the backend is not listening on targetPort, or the process is down"
+        }
+        "tcp_listen_overflow" => {
+            "the listener's accept queue is full: the application accepts too slowly for its backlog; raise the backlog (its listen() argument, capped by net.core.somaxconn), add workers or replicas, and watch `nstat -az TcpExtListenOverflows`"
+        }
+        PKT_TOO_BIG => {
+            "larger than the next hop's MTU with Don't Fragment set, dropped where it was forwarded (`nstat IpFragFails`): the ICMP 'fragmentation needed' sent back should make the sender shrink its packets; if large transfers keep stalling while small requests work, that ICMP is filtered (a path-MTU black hole). Make the pods' MTU fit the overlay (Calico: veth MTU = link MTU - 50 for VXLAN, - 20 for IP-in-IP), allow ICMP type 3 code 4 between nodes, or clamp the TCP MSS"
+        }
+        OFO_PURGED => {
+            "out-of-order data the receiving socket held until the connection ended: a segment before it never arrived, so this data could not be delivered. It follows from a loss elsewhere on the path (see the other drops: too-big packets, a rule, a missing route), it is not the cause"
+        }
+        NO_ROUTE => {
+            "no route to the destination where it was dropped (`nstat IpInNoRoutes`): for a pod address, the node that sent it lost its route to that pod's block (Calico BGP: `calicoctl node status`, `ip route | grep bird` on the sending node; `ip route get <pod IP>`). A drop outside the nodes (an upstream router) means the node sent it to its default gateway"
+        }
+        BLACKHOLE => {
+            "a blackhole route took it: the node has no more specific route to the destination (Calico blackholes each node's IPAM block, so a local pod whose /32 route is missing lands here): run `ip route get <pod IP>` on that node and check calico-node/felix logs"
+        }
         _ => return None,
     })
 }
@@ -342,7 +417,12 @@ pub fn hint(classification: &str) -> Option<&'static str> {
 mod class_tests {
     use super::*;
 
-    const NO_EVIDENCE: Evidence = Evidence { known: true, insert_failed: false, table_full: false, invalid: false };
+    const NO_EVIDENCE: Evidence = Evidence {
+        known: true,
+        insert_failed: false,
+        table_full: false,
+        invalid: false,
+    };
 
     #[test]
     fn rule_engine_locations_are_exact_rules() {
@@ -352,7 +432,13 @@ mod class_tests {
 
     #[test]
     fn precise_marks_win() {
-        let (c, k) = classify("NETFILTER_DROP", Some("nf_hook_slow"), ct::NONE, class::TABLE_FULL, &NO_EVIDENCE);
+        let (c, k) = classify(
+            "NETFILTER_DROP",
+            Some("nf_hook_slow"),
+            ct::NONE,
+            class::TABLE_FULL,
+            &NO_EVIDENCE,
+        );
         assert_eq!((c.as_str(), k), (TABLE_FULL, Certainty::Exact));
     }
 
@@ -365,34 +451,67 @@ mod class_tests {
 
     #[test]
     fn legacy_rule_on_a_new_flow_is_a_rule() {
-        let (c, k) = classify("NETFILTER_DROP", Some("nf_hook_slow"), ct::UNCONFIRMED | ct::DST_NAT_DONE, 0, &NO_EVIDENCE);
+        let (c, k) = classify(
+            "NETFILTER_DROP",
+            Some("nf_hook_slow"),
+            ct::UNCONFIRMED | ct::DST_NAT_DONE,
+            0,
+            &NO_EVIDENCE,
+        );
         assert_eq!((c.as_str(), k), (NETFILTER_RULE, Certainty::Inferred));
     }
 
     #[test]
     fn no_entry_with_allocation_drops_is_table_full() {
-        let ev = Evidence { table_full: true, ..NO_EVIDENCE };
-        assert_eq!(classify("NETFILTER_DROP", Some("nf_hook_slow"), ct::NONE, 0, &ev).0, TABLE_FULL);
-        let ev = Evidence { invalid: true, ..NO_EVIDENCE };
-        assert_eq!(classify("NETFILTER_DROP", Some("nf_hook_slow"), ct::NONE, 0, &ev).0, INVALID);
+        let ev = Evidence {
+            table_full: true,
+            ..NO_EVIDENCE
+        };
+        assert_eq!(
+            classify("NETFILTER_DROP", Some("nf_hook_slow"), ct::NONE, 0, &ev).0,
+            TABLE_FULL
+        );
+        let ev = Evidence {
+            invalid: true,
+            ..NO_EVIDENCE
+        };
+        assert_eq!(
+            classify("NETFILTER_DROP", Some("nf_hook_slow"), ct::NONE, 0, &ev).0,
+            INVALID
+        );
     }
 
     #[test]
     fn unspecified_drops_at_blackhole_sites_are_blackhole_routes() {
-        assert_eq!(classify("NOT_SPECIFIED", Some("ip_error"), 0, 0, &NO_EVIDENCE), (BLACKHOLE.into(), Certainty::Exact));
-        assert_eq!(classify("NOT_SPECIFIED", Some("tcp_v4_rcv"), 0, 0, &NO_EVIDENCE).0, "not_specified");
+        assert_eq!(
+            classify("NOT_SPECIFIED", Some("ip_error"), 0, 0, &NO_EVIDENCE),
+            (BLACKHOLE.into(), Certainty::Exact)
+        );
+        assert_eq!(
+            classify("NOT_SPECIFIED", Some("tcp_v4_rcv"), 0, 0, &NO_EVIDENCE).0,
+            "not_specified"
+        );
     }
 
     #[test]
     fn purged_out_of_order_data_is_named() {
-        assert_eq!(classify("NOT_SPECIFIED", Some("skb_rbtree_purge"), 0, 0, &NO_EVIDENCE), (OFO_PURGED.into(), Certainty::Exact));
+        assert_eq!(
+            classify("NOT_SPECIFIED", Some("skb_rbtree_purge"), 0, 0, &NO_EVIDENCE),
+            (OFO_PURGED.into(), Certainty::Exact)
+        );
         assert!(hint(OFO_PURGED).is_some_and(|h| h.contains("not the cause")));
         assert!(hint(PKT_TOO_BIG).is_some_and(|h| h.contains("path-MTU black hole")));
-        assert_eq!(classify("IP_INNOROUTES", Some("ip_error"), 0, 0, &NO_EVIDENCE).0, NO_ROUTE);
+        assert_eq!(
+            classify("IP_INNOROUTES", Some("ip_error"), 0, 0, &NO_EVIDENCE).0,
+            NO_ROUTE
+        );
     }
 
     #[test]
     fn other_reasons_classify_as_themselves() {
-        assert_eq!(classify("NO_SOCKET", None, 0, 0, &NO_EVIDENCE), ("no_socket".into(), Certainty::Exact));
+        assert_eq!(
+            classify("NO_SOCKET", None, 0, 0, &NO_EVIDENCE),
+            ("no_socket".into(), Certainty::Exact)
+        );
     }
 }

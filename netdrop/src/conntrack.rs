@@ -10,8 +10,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    fs,
-    io,
+    fs, io,
     os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -63,12 +62,16 @@ impl CtStats {
 /// ignored and missing ones stay 0 (the column set changed over the years: `clashres` is 5.x+).
 pub fn parse_stat(text: &str) -> CtStats {
     let mut lines = text.lines();
-    let Some(header) = lines.next() else { return CtStats::default() };
+    let Some(header) = lines.next() else {
+        return CtStats::default();
+    };
     let names: Vec<&str> = header.split_whitespace().collect();
     let mut s = CtStats::default();
     for line in lines {
         for (name, value) in names.iter().zip(line.split_whitespace()) {
-            let Ok(v) = u64::from_str_radix(value, 16) else { continue };
+            let Ok(v) = u64::from_str_radix(value, 16) else {
+                continue;
+            };
             match *name {
                 // Same value on every row: the namespace's entry count.
                 "entries" => s.count = v,
@@ -192,7 +195,10 @@ impl Evidence {
 
 impl CtMonitor {
     pub fn new() -> Self {
-        Self { own: own_netns(), ..Self::default() }
+        Self {
+            own: own_netns(),
+            ..Self::default()
+        }
     }
 
     /// Starts tracking a namespace (first call reads its baseline). Returns whether it is tracked.
@@ -200,10 +206,18 @@ impl CtMonitor {
         if self.tracked.contains_key(&inode) {
             return true;
         }
-        if self.unreachable.get(&inode).is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
+        if self
+            .unreachable
+            .get(&inode)
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
             return false;
         }
-        let path = if inode == self.own || inode == 0 { None } else { netns_path(inode) };
+        let path = if inode == self.own || inode == 0 {
+            None
+        } else {
+            netns_path(inode)
+        };
         if path.is_none() && inode != self.own && inode != 0 {
             self.unreachable.insert(inode, Instant::now());
             return false;
@@ -211,7 +225,14 @@ impl CtMonitor {
         let now = monotonic_ns();
         match read(path.as_deref()) {
             Ok(s) => {
-                self.tracked.insert(inode, Tracked { path, first: s, samples: VecDeque::from([(now, s)]) });
+                self.tracked.insert(
+                    inode,
+                    Tracked {
+                        path,
+                        first: s,
+                        samples: VecDeque::from([(now, s)]),
+                    },
+                );
                 true
             }
             Err(_) => {
@@ -252,20 +273,36 @@ impl CtMonitor {
         if t.samples.back().is_none_or(|(ts, _)| *ts <= at_ns) {
             Self::refresh(t);
         }
-        let before = t.samples.iter().rev().find(|(ts, _)| *ts <= at_ns).map_or(t.first, |(_, s)| *s);
-        let after = t.samples.iter().find(|(ts, _)| *ts > at_ns).map_or_else(|| Self::last(t), |(_, s)| *s);
+        let before = t
+            .samples
+            .iter()
+            .rev()
+            .find(|(ts, _)| *ts <= at_ns)
+            .map_or(t.first, |(_, s)| *s);
+        let after = t
+            .samples
+            .iter()
+            .find(|(ts, _)| *ts > at_ns)
+            .map_or_else(|| Self::last(t), |(_, s)| *s);
         Evidence::from(&after.since(&before))
     }
 
     /// Evidence over the whole run in `inode` (for the summary's rows).
     pub fn over_run(&self, inode: u32) -> Evidence {
-        self.tracked.get(&inode).map(|t| Evidence::from(&Self::last(t).since(&t.first))).unwrap_or_default()
+        self.tracked
+            .get(&inode)
+            .map(|t| Evidence::from(&Self::last(t).since(&t.first)))
+            .unwrap_or_default()
     }
 
     /// (namespace, run delta) for every tracked namespace, after a final sample.
     pub fn report(&mut self) -> Vec<(u32, CtStats)> {
         self.sample_all();
-        let mut v: Vec<(u32, CtStats)> = self.tracked.iter().map(|(n, t)| (*n, Self::last(t).since(&t.first))).collect();
+        let mut v: Vec<(u32, CtStats)> = self
+            .tracked
+            .iter()
+            .map(|(n, t)| (*n, Self::last(t).since(&t.first)))
+            .collect();
         v.sort_by_key(|(n, _)| *n);
         v
     }
@@ -294,11 +331,26 @@ mod tests {
 
     #[test]
     fn evidence_separates_insert_failures_from_allocation_drops() {
-        let before = CtStats { max: 100, ..CtStats::default() };
-        let insert = CtStats { insert_failed: 10, drop: 10, count: 5, max: 100, ..CtStats::default() };
+        let before = CtStats {
+            max: 100,
+            ..CtStats::default()
+        };
+        let insert = CtStats {
+            insert_failed: 10,
+            drop: 10,
+            count: 5,
+            max: 100,
+            ..CtStats::default()
+        };
         let e = Evidence::from(&insert.since(&before));
         assert!(e.insert_failed && !e.table_full);
-        let full = CtStats { drop: 7, early_drop: 7, count: 100, max: 100, ..CtStats::default() };
+        let full = CtStats {
+            drop: 7,
+            early_drop: 7,
+            count: 100,
+            max: 100,
+            ..CtStats::default()
+        };
         let e = Evidence::from(&full.since(&before));
         assert!(e.table_full && !e.insert_failed);
     }

@@ -29,7 +29,10 @@ pub struct ShortRecord {
 /// Reads a [`DropEvent`] out of a ring-buffer record.
 pub fn parse_event(bytes: &[u8]) -> Result<DropEvent, ShortRecord> {
     if bytes.len() < size_of::<DropEvent>() {
-        return Err(ShortRecord { got: bytes.len(), want: size_of::<DropEvent>() });
+        return Err(ShortRecord {
+            got: bytes.len(),
+            want: size_of::<DropEvent>(),
+        });
     }
     // SAFETY: length checked; DropEvent is plain old data (integers and byte arrays), any bit
     // pattern is valid; read_unaligned because ring-buffer records are only 8-byte aligned.
@@ -117,9 +120,7 @@ pub fn pre_nat(ev: &DropEvent, src: Option<&Endpoint>, dst: Option<&Endpoint>) -
         }
     };
     let has_ports = matches!(t.protonum, 6 | 17 | 132 | 136 | 33);
-    let ep = |raw: &[u8; 16], port: u16| {
-        ip(raw).map(|ip| Endpoint::new(ip, has_ports.then_some(u16::from_be(port))))
-    };
+    let ep = |raw: &[u8; 16], port: u16| ip(raw).map(|ip| Endpoint::new(ip, has_ports.then_some(u16::from_be(port))));
     let differs = |orig: &Option<Endpoint>, now: Option<&Endpoint>| match (orig, now) {
         (Some(o), Some(n)) => o.ip != n.ip || (o.port.is_some() && o.port != n.port),
         _ => false,
@@ -161,20 +162,35 @@ pub struct Headers {
 /// Decodes captured L3+L4 headers. Truncated captures are expected (we keep 128 bytes), so the
 /// lax etherparse slicer is used: it decodes what is there.
 pub fn decode_headers(l3_proto: u16, headers: &[u8]) -> Headers {
-    let mut out = Headers { protocol: l3_name(l3_proto), ..Headers::default() };
+    let mut out = Headers {
+        protocol: l3_name(l3_proto),
+        ..Headers::default()
+    };
     if headers.is_empty() {
         return out;
     }
-    let Ok(pkt) = LaxSlicedPacket::from_ip(headers) else { return out };
+    let Ok(pkt) = LaxSlicedPacket::from_ip(headers) else {
+        return out;
+    };
     // Where the IP packet ends, counted from the start of the capture.
     let (src, dst, proto, ip_end) = match &pkt.net {
         Some(LaxNetSlice::Ipv4(ip)) => {
             let h = ip.header();
-            (IpAddr::V4(h.source_addr()), IpAddr::V4(h.destination_addr()), ip.payload().ip_number, usize::from(h.total_len()))
+            (
+                IpAddr::V4(h.source_addr()),
+                IpAddr::V4(h.destination_addr()),
+                ip.payload().ip_number,
+                usize::from(h.total_len()),
+            )
         }
         Some(LaxNetSlice::Ipv6(ip)) => {
             let h = ip.header();
-            (IpAddr::V6(h.source_addr()), IpAddr::V6(h.destination_addr()), ip.payload().ip_number, 40 + usize::from(h.payload_length()))
+            (
+                IpAddr::V6(h.source_addr()),
+                IpAddr::V6(h.destination_addr()),
+                ip.payload().ip_number,
+                40 + usize::from(h.payload_length()),
+            )
         }
         _ => return out,
     };
@@ -196,10 +212,16 @@ pub fn decode_headers(l3_proto: u16, headers: &[u8]) -> Headers {
             out.payload_len = u.length().checked_sub(8).map(u32::from);
         }
         Some(TransportSlice::Icmpv4(i)) => {
-            out.icmp = Some(Icmp { kind: i.type_u8(), code: i.code_u8() });
+            out.icmp = Some(Icmp {
+                kind: i.type_u8(),
+                code: i.code_u8(),
+            });
         }
         Some(TransportSlice::Icmpv6(i)) => {
-            out.icmp = Some(Icmp { kind: i.type_u8(), code: i.code_u8() });
+            out.icmp = Some(Icmp {
+                kind: i.type_u8(),
+                code: i.code_u8(),
+            });
         }
         _ => {}
     }
@@ -275,12 +297,20 @@ mod tests {
 
     #[test]
     fn payload_lengths_come_from_the_headers_not_the_capture() {
-        assert_eq!(decode_headers(0x0800, &udp4()).payload_len, Some(300), "the capture keeps 128 bytes");
-        let b = PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64).tcp(1234, 80, 7, 1000).ack(9);
+        assert_eq!(
+            decode_headers(0x0800, &udp4()).payload_len,
+            Some(300),
+            "the capture keeps 128 bytes"
+        );
+        let b = PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(1234, 80, 7, 1000)
+            .ack(9);
         let mut v = Vec::new();
         b.write(&mut v, &[]).expect("build");
         assert_eq!(decode_headers(0x0800, &v).payload_len, Some(0), "a bare ACK");
-        let b = PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64).tcp(1234, 80, 7, 1000).ack(9);
+        let b = PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64)
+            .tcp(1234, 80, 7, 1000)
+            .ack(9);
         let mut v = Vec::new();
         b.write(&mut v, &[1; 500]).expect("build");
         v.truncate(netdrop_common::HEADER_BYTES);
@@ -289,7 +319,9 @@ mod tests {
 
     #[test]
     fn decodes_tcp6_syn() {
-        let b = PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64).tcp(1234, 80, 1, 1000).syn();
+        let b = PacketBuilder::ipv6([0xfd; 16], [0xfe; 16], 64)
+            .tcp(1234, 80, 1, 1000)
+            .syn();
         let mut v = Vec::new();
         b.write(&mut v, &[]).expect("build");
         let h = decode_headers(0x86dd, &v);

@@ -136,7 +136,8 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
             return Err(format!("prefix length {len} is longer than {max}"));
         }
     }
-    s.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR (10.0.0.0/8, fd00::/64)"))
+    s.parse()
+        .map_err(|_| format!("{s:?} is not an IP address or CIDR (10.0.0.0/8, fd00::/64)"))
 }
 
 /// `--netns`: an inode number, or a path to a namespace file (`/run/netns/NAME`,
@@ -145,10 +146,17 @@ pub fn parse_netns(s: &str) -> Result<u32, String> {
     if let Ok(n) = s.parse::<u32>() {
         return Ok(n);
     }
-    let path = if s.contains('/') { Path::new(s).to_path_buf() } else { Path::new("/run/netns").join(s) };
-    std::fs::metadata(&path)
-        .map(|m| m.ino() as u32)
-        .map_err(|e| format!("{}: {e} (give an inode number, a /proc/PID/ns/net path or a name in /run/netns)", path.display()))
+    let path = if s.contains('/') {
+        Path::new(s).to_path_buf()
+    } else {
+        Path::new("/run/netns").join(s)
+    };
+    std::fs::metadata(&path).map(|m| m.ino() as u32).map_err(|e| {
+        format!(
+            "{}: {e} (give an inode number, a /proc/PID/ns/net path or a name in /run/netns)",
+            path.display()
+        )
+    })
 }
 
 #[cfg(test)]
@@ -164,7 +172,10 @@ mod tests {
 
     #[test]
     fn cidr_errors_are_specific() {
-        assert_eq!(parse_cidr("10.0.0.0/33").unwrap_err(), "prefix length 33 is longer than 32");
+        assert_eq!(
+            parse_cidr("10.0.0.0/33").unwrap_err(),
+            "prefix length 33 is longer than 32"
+        );
         assert!(parse_cidr("fd00::/129").unwrap_err().contains("128"));
         assert!(parse_cidr("nonsense").is_err());
         assert_eq!(parse_cidr("10.1.2.3").expect("ip").prefix_len(), 32);
@@ -196,7 +207,9 @@ mod tests {
     #[test]
     fn without_reasons_drops_without_ip_are_quiet_too() {
         let mut cfg = Config::DEFAULT;
-        FilterSpec::default().apply(&mut cfg, &crate::reasons::ReasonTable::without_reasons()).expect("apply");
+        FilterSpec::default()
+            .apply(&mut cfg, &crate::reasons::ReasonTable::without_reasons())
+            .expect("apply");
         assert!(cfg.emits(0), "every drop is reason 0 there");
         assert_eq!(cfg.quiet_reason_without_ip, 0);
     }
@@ -204,7 +217,12 @@ mod tests {
     #[test]
     fn all_reasons_shows_everything() {
         let mut cfg = Config::DEFAULT;
-        FilterSpec { all_reasons: true, ..FilterSpec::default() }.apply(&mut cfg, &table()).expect("apply");
+        FilterSpec {
+            all_reasons: true,
+            ..FilterSpec::default()
+        }
+        .apply(&mut cfg, &table())
+        .expect("apply");
         assert!(cfg.emits(4));
         assert_eq!(cfg.quiet_reason_without_ip, ABSENT);
     }
@@ -212,7 +230,10 @@ mod tests {
     #[test]
     fn reason_filter_selects_exactly() {
         let mut cfg = Config::DEFAULT;
-        let spec = FilterSpec { reasons: vec!["no_socket".into()], ..FilterSpec::default() };
+        let spec = FilterSpec {
+            reasons: vec!["no_socket".into()],
+            ..FilterSpec::default()
+        };
         spec.apply(&mut cfg, &table()).expect("apply");
         assert!(cfg.emits(3));
         assert!(!cfg.emits(12));
@@ -221,15 +242,24 @@ mod tests {
 
     #[test]
     fn unknown_reason_suggests() {
-        let spec = FilterSpec { reasons: vec!["NO_SOCKT".into()], ..FilterSpec::default() };
+        let spec = FilterSpec {
+            reasons: vec!["NO_SOCKT".into()],
+            ..FilterSpec::default()
+        };
         let err = spec.apply(&mut Config::DEFAULT, &table()).unwrap_err().to_string();
-        assert_eq!(err, "--reason NO_SOCKT: this kernel has no such drop reason (did you mean NO_SOCKET?)");
+        assert_eq!(
+            err,
+            "--reason NO_SOCKT: this kernel has no such drop reason (did you mean NO_SOCKET?)"
+        );
     }
 
     #[test]
     fn ip_filter_fills_mask() {
         let mut cfg = Config::DEFAULT;
-        let spec = FilterSpec { ip: Some("10.1.0.0/16".parse().expect("net")), ..FilterSpec::default() };
+        let spec = FilterSpec {
+            ip: Some("10.1.0.0/16".parse().expect("net")),
+            ..FilterSpec::default()
+        };
         spec.apply(&mut cfg, &table()).expect("apply");
         assert_eq!(cfg.ip_family, 4);
         assert_eq!(&cfg.ip_addr[..4], &[10, 1, 0, 0]);

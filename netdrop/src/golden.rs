@@ -72,7 +72,13 @@ fn event(reason: u32, location: u64, packet: &[u8], l3_proto: u16) -> DropEvent 
 fn decoder(conntrack: bool) -> Decoder {
     let (reasons, symbols) = tables();
     // 2026-11-26T09:51:57Z at a monotonic 1 s.
-    Decoder { reasons, symbols, clock_offset_ns: 1_795_168_316_000_000_000, node: "node-a".into(), conntrack }
+    Decoder {
+        reasons,
+        symbols,
+        clock_offset_ns: 1_795_168_316_000_000_000,
+        node: "node-a".into(),
+        conntrack,
+    }
 }
 
 fn classified(d: &Decoder, ev: &DropEvent) -> DropRecord {
@@ -101,11 +107,18 @@ fn peer(kind: PeerKind, pod: Option<&str>, node: &str, service: Option<(&str, &s
 fn drop_lines() -> Vec<DropRecord> {
     let mut out = Vec::new();
     let mut pkt = Vec::new();
-    PacketBuilder::ipv4([127, 0, 0, 1], [127, 0, 0, 1], 64).udp(40713, 9999).write(&mut pkt, &[0; 10]).expect("udp");
+    PacketBuilder::ipv4([127, 0, 0, 1], [127, 0, 0, 1], 64)
+        .udp(40713, 9999)
+        .write(&mut pkt, &[0; 10])
+        .expect("udp");
     out.push(classified(&decoder(false), &event(3, UDP_RCV, &pkt, 0x0800)));
 
     let mut pkt = Vec::new();
-    PacketBuilder::ipv4([10, 244, 1, 7], [10, 244, 2, 10], 63).tcp(35632, 8080, 1, 64240).syn().write(&mut pkt, &[]).expect("tcp");
+    PacketBuilder::ipv4([10, 244, 1, 7], [10, 244, 2, 10], 63)
+        .tcp(35632, 8080, 1, 64240)
+        .syn()
+        .write(&mut pkt, &[])
+        .expect("tcp");
     let mut ev = event(12, NFT, &pkt, 0x0800);
     ev.ct_state = ct::UNCONFIRMED;
     ev.exact_class = 0;
@@ -133,10 +146,14 @@ fn drop_lines() -> Vec<DropRecord> {
     out.push(r);
 
     let mut pkt = Vec::new();
-    PacketBuilder::ipv6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], 64)
-        .icmpv6_echo_request(1, 2)
-        .write(&mut pkt, &[0; 8])
-        .expect("icmpv6");
+    PacketBuilder::ipv6(
+        [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+        64,
+    )
+    .icmpv6_echo_request(1, 2)
+    .write(&mut pkt, &[0; 8])
+    .expect("icmpv6");
     let mut ev = event(2, UDP_RCV, &pkt, 0x86dd);
     ev.effect = effect::DATA;
     ev.netns = 0;
@@ -145,7 +162,16 @@ fn drop_lines() -> Vec<DropRecord> {
 }
 
 fn key(reason: u32, location: u64, netns: u32, tag: u32, eff: u8) -> DropKey {
-    DropKey { location, reason, netns, ip_version: 4, ct_state: ct::NONE, exact_class: 0, effect: eff, tag }
+    DropKey {
+        location,
+        reason,
+        netns,
+        ip_version: 4,
+        ct_state: ct::NONE,
+        exact_class: 0,
+        effect: eff,
+        tag,
+    }
 }
 
 fn plain_summary() -> aggregate::Summary {
@@ -167,9 +193,20 @@ fn plain_summary() -> aggregate::Summary {
     let visibility = Visibility::new(&cfg, true, symbols.clone());
     let classify_row = |k: &DropKey| {
         let reason = reasons.display(k.reason).to_string();
-        classify::classify(&reason, symbols.function(k.location), k.ct_state, k.exact_class, &Evidence::default())
+        classify::classify(
+            &reason,
+            symbols.function(k.location),
+            k.ct_state,
+            k.exact_class,
+            &Evidence::default(),
+        )
     };
-    let ct_stats = CtStats { count: 120, max: 262_144, insert_failed: 3, ..CtStats::default() };
+    let ct_stats = CtStats {
+        count: 120,
+        max: 262_144,
+        insert_failed: 3,
+        ..CtStats::default()
+    };
     let ctx = SummaryContext {
         reasons: &reasons,
         symbols: &symbols,
@@ -205,7 +242,13 @@ fn service() -> ServiceInfo {
         type_: None,
         cluster_ips: vec!["10.96.0.20".parse().expect("ip")],
         external_ips: vec![],
-        ports: vec![ServicePort { name: Some(Name::new("http")), port: 80, protocol: Proto::Tcp, target_port: "8080".into(), node_port: None }],
+        ports: vec![ServicePort {
+            name: Some(Name::new("http")),
+            port: 80,
+            protocol: Proto::Tcp,
+            target_port: "8080".into(),
+            node_port: None,
+        }],
         backends: vec![
             backend("web-0", "node-a", "10.244.1.10"),
             backend("web-1", "node-a", "10.244.1.11"),
@@ -229,9 +272,24 @@ fn svc_summaries() -> Vec<svc::SvcSummary> {
     let snap = TcSnapshot {
         interfaces: vec![],
         destinations: vec![
-            DestinationSnapshot { node: "node-a".into(), dest: dest(t.frontends[0].0, 80), from_pod: 500, to_pod: 0 },
-            DestinationSnapshot { node: "node-a".into(), dest: dest(t.backends[0].ip, 8080), from_pod: 0, to_pod: 179 },
-            DestinationSnapshot { node: "node-a".into(), dest: dest(t.backends[1].ip, 8080), from_pod: 0, to_pod: 169 },
+            DestinationSnapshot {
+                node: "node-a".into(),
+                dest: dest(t.frontends[0].0, 80),
+                from_pod: 500,
+                to_pod: 0,
+            },
+            DestinationSnapshot {
+                node: "node-a".into(),
+                dest: dest(t.backends[0].ip, 8080),
+                from_pod: 0,
+                to_pod: 179,
+            },
+            DestinationSnapshot {
+                node: "node-a".into(),
+                dest: dest(t.backends[1].ip, 8080),
+                from_pod: 0,
+                to_pod: 169,
+            },
         ],
         stats: WatchStats::default(),
     };
@@ -281,7 +339,13 @@ fn json_lines_are_unchanged() {
     }
     assert_eq!(got.lines().count(), want.lines().count(), "number of lines");
     // Every line type is there.
-    for kind in [r#"{"type":"drop""#, r#""type":"summary""#, r#""service":"default/web""#, r#""final":true"#, r#""final":false"#] {
+    for kind in [
+        r#"{"type":"drop""#,
+        r#""type":"summary""#,
+        r#""service":"default/web""#,
+        r#""final":true"#,
+        r#""final":false"#,
+    ] {
         assert!(got.contains(kind), "{kind} missing");
     }
 }

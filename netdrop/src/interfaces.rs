@@ -59,14 +59,25 @@ pub enum InterfacesError {
     #[error(transparent)]
     Tc(#[from] TcError),
     #[error("network namespace of node {node} ({path}): {source}")]
-    Netns { node: String, path: String, #[source] source: io::Error },
+    Netns {
+        node: String,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("nodes {a} and {b} name the same network namespace (inode {inode})")]
     DuplicateNetns { a: String, b: String, inode: u32 },
     #[error("watching links in the namespace of node {node}: {source}")]
-    Watch { node: String, #[source] source: io::Error },
+    Watch {
+        node: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("the watcher of node {0} stopped before it was ready")]
     WatcherDied(String),
-    #[error("{count} destinations to count attempts for, the kernel map holds {max}: trace fewer Services or pods at once")]
+    #[error(
+        "{count} destinations to count attempts for, the kernel map holds {max}: trace fewer Services or pods at once"
+    )]
     TooManyDestinations { count: usize, max: u32 },
     #[error("invalid --node-netns {0:?}: expected NAME=PATH, e.g. node-a=/run/netns/node-a")]
     BadNodeNetns(String),
@@ -86,12 +97,21 @@ impl FromStr for NodeNetns {
     /// `NAME=PATH`, PATH a file such as `/run/netns/x` or `/proc/PID/ns/net`, or a bare name
     /// from `ip netns list`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (node, path) = s.split_once('=').ok_or_else(|| InterfacesError::BadNodeNetns(s.into()))?;
+        let (node, path) = s
+            .split_once('=')
+            .ok_or_else(|| InterfacesError::BadNodeNetns(s.into()))?;
         if node.is_empty() || path.is_empty() {
             return Err(InterfacesError::BadNodeNetns(s.into()));
         }
-        let path = if path.contains('/') { PathBuf::from(path) } else { PathBuf::from("/run/netns").join(path) };
-        Ok(Self { node: node.into(), path: Some(path) })
+        let path = if path.contains('/') {
+            PathBuf::from(path)
+        } else {
+            PathBuf::from("/run/netns").join(path)
+        };
+        Ok(Self {
+            node: node.into(),
+            path: Some(path),
+        })
     }
 }
 
@@ -185,7 +205,12 @@ impl Counters {
 
 impl From<netdrop_common::TcCounters> for Counters {
     fn from(c: netdrop_common::TcCounters) -> Self {
-        Self { packets: c.packets, bytes: c.bytes, tcp_syn: c.tcp_syn, udp_new: c.udp_new }
+        Self {
+            packets: c.packets,
+            bytes: c.bytes,
+            tcp_syn: c.tcp_syn,
+            udp_new: c.udp_new,
+        }
     }
 }
 
@@ -235,7 +260,12 @@ impl Destination {
                 6
             }
         };
-        TcDestKey { addr, port: self.port, proto: self.proto, family }
+        TcDestKey {
+            addr,
+            port: self.port,
+            proto: self.proto,
+            family,
+        }
     }
 }
 
@@ -298,7 +328,10 @@ impl TcSnapshot {
 
     /// Attempts to `dest` summed over nodes: (from pods, to pods).
     pub fn attempts_to(&self, dest: &Destination) -> (u64, u64) {
-        self.destinations.iter().filter(|d| d.dest == *dest).fold((0, 0), |(a, b), d| (a + d.from_pod, b + d.to_pod))
+        self.destinations
+            .iter()
+            .filter(|d| d.dest == *dest)
+            .fold((0, 0), |(a, b), d| (a + d.from_pod, b + d.to_pod))
     }
 }
 
@@ -306,9 +339,24 @@ impl TcSnapshot {
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum WatchEvent {
-    Attached { node: String, ifindex: u32, name: String, unix_ms: u64 },
-    Forgotten { node: String, ifindex: u32, name: String, unix_ms: u64 },
-    Error { node: String, ifindex: u32, name: String, message: String },
+    Attached {
+        node: String,
+        ifindex: u32,
+        name: String,
+        unix_ms: u64,
+    },
+    Forgotten {
+        node: String,
+        ifindex: u32,
+        name: String,
+        unix_ms: u64,
+    },
+    Error {
+        node: String,
+        ifindex: u32,
+        name: String,
+        message: String,
+    },
 }
 
 /// Metadata of a watched interface (the counters live in the kernel).
@@ -379,20 +427,38 @@ impl TcAccounting {
         events: Option<UnboundedSender<WatchEvent>>,
     ) -> Result<Self, InterfacesError> {
         let nodes: Vec<NodeNetns> = if nodes.is_empty() {
-            vec![NodeNetns { node: default_node.to_string(), path: None }]
+            vec![NodeNetns {
+                node: default_node.to_string(),
+                path: None,
+            }]
         } else {
             nodes.to_vec()
         };
-        crate::probe::raise_memlock(&nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default());
+        crate::probe::raise_memlock(
+            &nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
         let mut seen: HashMap<u32, String> = HashMap::new();
         let mut prepared = Vec::new();
         for spec in &nodes {
-            let path = spec.path.clone().unwrap_or_else(|| PathBuf::from("/proc/thread-self/ns/net"));
+            let path = spec
+                .path
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/proc/thread-self/ns/net"));
             let inode = fs::metadata(&path)
-                .map_err(|source| InterfacesError::Netns { node: spec.node.clone(), path: path.display().to_string(), source })?
+                .map_err(|source| InterfacesError::Netns {
+                    node: spec.node.clone(),
+                    path: path.display().to_string(),
+                    source,
+                })?
                 .ino() as u32;
             if let Some(other) = seen.insert(inode, spec.node.clone()) {
-                return Err(InterfacesError::DuplicateNetns { a: other, b: spec.node.clone(), inode });
+                return Err(InterfacesError::DuplicateNetns {
+                    a: other,
+                    b: spec.node.clone(),
+                    inode,
+                });
             }
             let instance = TcInstance::load(inode, opts.load)?;
             prepared.push((spec.clone(), inode, instance));
@@ -400,14 +466,22 @@ impl TcAccounting {
         let (mode, mode_note) = choose_mode(opts.mode, &prepared[0].2)?;
 
         let owner = Owner::current();
-        let mut started =
-            Self { nodes: Vec::new(), mode, mode_note, reports: Vec::new(), max_destinations: opts.load.max_destinations };
+        let mut started = Self {
+            nodes: Vec::new(),
+            mode,
+            mode_note,
+            reports: Vec::new(),
+            max_destinations: opts.load.max_destinations,
+        };
         let mut waits = Vec::new();
         for (spec, netns, instance) in prepared {
             // SAFETY: plain syscall; the fd is checked and then owned.
             let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
             if efd < 0 {
-                return Err(InterfacesError::Watch { node: spec.node, source: io::Error::last_os_error() });
+                return Err(InterfacesError::Watch {
+                    node: spec.node,
+                    source: io::Error::last_os_error(),
+                });
             }
             let node = Arc::new(Node {
                 name: spec.node.clone(),
@@ -434,7 +508,10 @@ impl TcAccounting {
             let handle = thread::Builder::new()
                 .name(format!("netdrop-links-{}", spec.node))
                 .spawn(move || worker.run(&ready_tx))
-                .map_err(|source| InterfacesError::Watch { node: spec.node.clone(), source })?;
+                .map_err(|source| InterfacesError::Watch {
+                    node: spec.node.clone(),
+                    source,
+                })?;
             *node.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
             started.nodes.push(node);
             waits.push(ready_rx);
@@ -476,12 +553,19 @@ impl TcAccounting {
         let mut destinations = Vec::new();
         let mut stats = WatchStats::default();
         for node in &self.nodes {
-            let entries: Vec<(u32, Entry)> =
-                node.entries.lock().unwrap_or_else(PoisonError::into_inner).iter().map(|(k, v)| (*k, v.clone())).collect();
+            let entries: Vec<(u32, Entry)> = node
+                .entries
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect();
             let instance = node.instance.lock().unwrap_or_else(PoisonError::into_inner);
             for (ifindex, e) in entries {
                 // An interface forgotten between the two locks has no counters any more: skip it.
-                let Some([from_pod, to_pod]) = instance.read(ifindex) else { continue };
+                let Some([from_pod, to_pod]) = instance.read(ifindex) else {
+                    continue;
+                };
                 interfaces.push(InterfaceSnapshot {
                     node: node.name.clone(),
                     netns: node.netns,
@@ -498,7 +582,9 @@ impl TcAccounting {
             }
             for item in &instance.dests {
                 let Ok((key, values)) = item else { continue };
-                let sum = values.iter().fold([0u64; 2], |acc, v: &TcDestCounters| [acc[0] + v.attempts[0], acc[1] + v.attempts[1]]);
+                let sum = values.iter().fold([0u64; 2], |acc, v: &TcDestCounters| {
+                    [acc[0] + v.attempts[0], acc[1] + v.attempts[1]]
+                });
                 destinations.push(DestinationSnapshot {
                     node: node.name.clone(),
                     dest: dest_from_key(&key),
@@ -521,7 +607,11 @@ impl TcAccounting {
         }
         interfaces.sort_by(|a, b| (&a.node, &a.name).cmp(&(&b.node, &b.name)));
         destinations.sort_by(|a, b| (&a.node, a.dest.ip, a.dest.port).cmp(&(&b.node, b.dest.ip, b.dest.port)));
-        TcSnapshot { interfaces, destinations, stats }
+        TcSnapshot {
+            interfaces,
+            destinations,
+            stats,
+        }
     }
 
     /// Sets the destinations whose attempts are counted (e.g. a Service's `ClusterIP` and
@@ -532,7 +622,10 @@ impl TcAccounting {
     /// the trace must not go down with it.
     pub fn set_destinations(&self, dests: &[Destination]) -> Result<(), InterfacesError> {
         let wanted: HashSet<TcDestKey> = dests.iter().map(Destination::key).collect();
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| InterfacesError::Watch { node: "-".into(), source: e })?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| InterfacesError::Watch {
+            node: "-".into(),
+            source: e,
+        })?;
         for node in &self.nodes {
             let mut instance = node.instance.lock().unwrap_or_else(PoisonError::into_inner);
             let present: HashSet<TcDestKey> = instance.dests.keys().filter_map(Result::ok).collect();
@@ -540,13 +633,23 @@ impl TcAccounting {
                 let _ = instance.dests.remove(k);
             }
             for k in wanted.difference(&present) {
-                let zero = PerCpuValues::try_from(vec![TcDestCounters::default(); cpus])
-                    .map_err(|e| TcError::Map { name: "TC_DESTS", source: e.into() })?;
+                let zero = PerCpuValues::try_from(vec![TcDestCounters::default(); cpus]).map_err(|e| TcError::Map {
+                    name: "TC_DESTS",
+                    source: e.into(),
+                })?;
                 if let Err(source) = instance.dests.insert(*k, zero, 0) {
-                    if matches!(&source, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG)) {
-                        return Err(InterfacesError::TooManyDestinations { count: wanted.len(), max: self.max_destinations });
+                    if matches!(&source, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG))
+                    {
+                        return Err(InterfacesError::TooManyDestinations {
+                            count: wanted.len(),
+                            max: self.max_destinations,
+                        });
                     }
-                    return Err(TcError::Map { name: "TC_DESTS", source }.into());
+                    return Err(TcError::Map {
+                        name: "TC_DESTS",
+                        source,
+                    }
+                    .into());
                 }
             }
         }
@@ -586,7 +689,11 @@ fn dest_from_key(k: &TcDestKey) -> Destination {
     } else {
         IpAddr::from(k.addr)
     };
-    Destination { ip, port: k.port, proto: k.proto }
+    Destination {
+        ip,
+        port: k.port,
+        proto: k.proto,
+    }
 }
 
 fn choose_mode(choice: TcModeChoice, instance: &TcInstance) -> Result<(TcMode, String), InterfacesError> {
@@ -600,18 +707,26 @@ fn choose_mode(choice: TcModeChoice, instance: &TcInstance) -> Result<(TcMode, S
     match choice {
         TcModeChoice::Clsact => Ok((TcMode::Clsact, format!("{clsact_note} (--tc-mode clsact)"))),
         TcModeChoice::Tcx => match tc::probe_tcx(instance) {
-            Ok(()) => Ok((TcMode::Tcx, "tcx, first in each interface's chain (--tc-mode tcx)".into())),
+            Ok(()) => Ok((
+                TcMode::Tcx,
+                "tcx, first in each interface's chain (--tc-mode tcx)".into(),
+            )),
             Err(e) => Err(TcError::NoTcx(e).into()),
         },
         TcModeChoice::Auto => match tc::probe_tcx(instance) {
             Ok(()) => Ok((TcMode::Tcx, "tcx (Linux 6.6+), first in each interface's chain".into())),
-            Err(e) => Ok((TcMode::Clsact, format!("{clsact_note}: TCX unavailable ({e}; needs Linux 6.6+)"))),
+            Err(e) => Ok((
+                TcMode::Clsact,
+                format!("{clsact_note}: TCX unavailable ({e}; needs Linux 6.6+)"),
+            )),
         },
     }
 }
 
 fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// nsid (as seen from the watched namespace) → namespace inode.
@@ -642,7 +757,11 @@ impl NsidCache {
         if let Ok(dir) = fs::read_dir("/proc") {
             candidates.extend(
                 dir.filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+                    .filter(|e| {
+                        e.file_name()
+                            .to_str()
+                            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                    })
                     .map(|e| e.path().join("ns/net")),
             );
         }
@@ -672,7 +791,12 @@ struct LinkInfo {
 }
 
 fn link_info(l: &LinkMessage) -> Option<LinkInfo> {
-    let mut info = LinkInfo { ifindex: l.header.index, name: String::new(), peer_ifindex: None, peer_netnsid: None };
+    let mut info = LinkInfo {
+        ifindex: l.header.index,
+        name: String::new(),
+        peer_ifindex: None,
+        peer_netnsid: None,
+    };
     for a in &l.attributes {
         match a {
             LinkAttribute::IfName(n) => info.name.clone_from(n),
@@ -708,7 +832,10 @@ impl Worker {
             }
         };
         if let Err(e) = self.resync(&mut ctl) {
-            let _ = ready.send(Err(InterfacesError::Watch { node: self.node.name.clone(), source: e }));
+            let _ = ready.send(Err(InterfacesError::Watch {
+                node: self.node.name.clone(),
+                source: e,
+            }));
             return self.teardown(&mut ctl);
         }
         let report = NodeReport {
@@ -722,9 +849,16 @@ impl Worker {
             return self.teardown(&mut ctl);
         }
         if let Err(e) = self.follow(&events_sock, &mut ctl) {
-            warn!("node {}: following link events failed ({e}); interfaces are no longer followed", self.node.name);
+            warn!(
+                "node {}: following link events failed ({e}); interfaces are no longer followed",
+                self.node.name
+            );
             // Keep what is attached until asked to stop.
-            let mut pfd = libc::pollfd { fd: self.node.stop.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd: self.node.stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: one valid pollfd.
             while unsafe { libc::poll(&raw mut pfd, 1, -1) } < 0 {}
         }
@@ -740,10 +874,17 @@ impl Worker {
                 source,
             })?;
             nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                InterfacesError::Netns { node: node.clone(), path: path.display().to_string(), source: e.into() }
+                InterfacesError::Netns {
+                    node: node.clone(),
+                    path: path.display().to_string(),
+                    source: e.into(),
+                }
             })?;
         }
-        let watch = |source| InterfacesError::Watch { node: node.clone(), source };
+        let watch = |source| InterfacesError::Watch {
+            node: node.clone(),
+            source,
+        };
         // Subscribe first, list second: a link created in between shows up in one or both.
         let mut events = Socket::new(NETLINK_ROUTE).map_err(watch)?;
         events.bind_auto().map_err(watch)?;
@@ -752,7 +893,10 @@ impl Worker {
         events.set_non_blocking(true).map_err(watch)?;
         let mut ctl = RouteSocket::open().map_err(watch)?;
         let removed = tc::remove_leftovers(&mut ctl)?;
-        self.node.stats.leftovers_removed.fetch_add(removed as u64, Ordering::Relaxed);
+        self.node
+            .stats
+            .leftovers_removed
+            .fetch_add(removed as u64, Ordering::Relaxed);
         Ok((events, ctl, removed))
     }
 
@@ -776,8 +920,16 @@ impl Worker {
     fn follow(&mut self, events: &Socket, ctl: &mut RouteSocket) -> io::Result<()> {
         let mut buf = vec![0u8; 256 * 1024];
         let mut fds = [
-            libc::pollfd { fd: events.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: self.node.stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: events.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.node.stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         loop {
             // SAFETY: two valid pollfds.
@@ -802,7 +954,10 @@ impl Worker {
                     Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                         // Events were lost: the kernel's list is the truth.
                         self.node.stats.resyncs.fetch_add(1, Ordering::Relaxed);
-                        debug!("node {}: link event socket overflowed; listing links again", self.node.name);
+                        debug!(
+                            "node {}: link event socket overflowed; listing links again",
+                            self.node.name
+                        );
                         self.resync(ctl)?;
                     }
                     Err(e) => return Err(e),
@@ -848,7 +1003,13 @@ impl Worker {
             if matches {
                 // Renamed, still ours: keep the attachment, update the name.
                 name.clone_from(&info.name);
-                if let Some(e) = self.node.entries.lock().unwrap_or_else(PoisonError::into_inner).get_mut(&info.ifindex) {
+                if let Some(e) = self
+                    .node
+                    .entries
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get_mut(&info.ifindex)
+                {
                     e.name.clone_from(&info.name);
                 }
             } else {
@@ -866,7 +1027,16 @@ impl Worker {
             let mut instance = self.node.instance.lock().unwrap_or_else(PoisonError::into_inner);
             // Counters first, so not one packet goes uncounted.
             instance.register(info.ifindex).and_then(|()| {
-                tc::attach(&instance, ctl, info.ifindex, &info.name, self.mode, self.priority, self.owner).inspect_err(|_| {
+                tc::attach(
+                    &instance,
+                    ctl,
+                    info.ifindex,
+                    &info.name,
+                    self.mode,
+                    self.priority,
+                    self.owner,
+                )
+                .inspect_err(|_| {
                     instance.unregister(info.ifindex);
                 })
             })
@@ -888,7 +1058,12 @@ impl Worker {
                 );
                 self.attached.insert(info.ifindex, (info.name.clone(), att));
                 self.node.stats.attached.fetch_add(1, Ordering::Relaxed);
-                self.emit(WatchEvent::Attached { node: self.node.name.clone(), ifindex: info.ifindex, name: info.name, unix_ms: at });
+                self.emit(WatchEvent::Attached {
+                    node: self.node.name.clone(),
+                    ifindex: info.ifindex,
+                    name: info.name,
+                    unix_ms: at,
+                });
             }
             Err(e) => {
                 // The interface may be gone already (deleted right after it appeared): not an error.
@@ -910,14 +1085,29 @@ impl Worker {
     }
 
     fn forget(&mut self, ctl: &mut RouteSocket, ifindex: u32) {
-        let Some((name, att)) = self.attached.remove(&ifindex) else { return };
-        self.node.entries.lock().unwrap_or_else(PoisonError::into_inner).remove(&ifindex);
+        let Some((name, att)) = self.attached.remove(&ifindex) else {
+            return;
+        };
+        self.node
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&ifindex);
         if let Err(e) = att.detach(ctl) {
             debug!("node {}: detaching from {name}: {e}", self.node.name);
         }
-        self.node.instance.lock().unwrap_or_else(PoisonError::into_inner).unregister(ifindex);
+        self.node
+            .instance
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .unregister(ifindex);
         self.node.stats.forgotten.fetch_add(1, Ordering::Relaxed);
-        self.emit(WatchEvent::Forgotten { node: self.node.name.clone(), ifindex, name, unix_ms: unix_ms() });
+        self.emit(WatchEvent::Forgotten {
+            node: self.node.name.clone(),
+            ifindex,
+            name,
+            unix_ms: unix_ms(),
+        });
     }
 
     fn teardown(&mut self, ctl: &mut RouteSocket) -> usize {
@@ -942,7 +1132,13 @@ fn set_rcvbuf(sock: &Socket) {
     let size = EVENT_BUFFER_BYTES;
     // SAFETY: setsockopt with a valid int. SO_RCVBUFFORCE (CAP_NET_ADMIN) ignores rmem_max.
     let rc = unsafe {
-        libc::setsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&raw const size).cast(), size_of::<libc::c_int>() as u32)
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const size).cast(),
+            size_of::<libc::c_int>() as u32,
+        )
     };
     if rc != 0 {
         let _ = sock.set_rx_buf_sz(size);
@@ -1031,26 +1227,37 @@ pub async fn run(args: InterfacesArgs) -> anyhow::Result<()> {
     let nodes = args.tc.node_netns.clone();
     let default_node = crate::trace::node_name(args.node_name.as_deref());
     let opts = WatchOptions {
-        load: LoadOptions { max_interfaces: args.max_interfaces, ..LoadOptions::default() },
+        load: LoadOptions {
+            max_interfaces: args.max_interfaces,
+            ..LoadOptions::default()
+        },
         ..args.tc.watch_options()
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let started = Instant::now();
-    let acct = tokio::task::spawn_blocking(move || TcAccounting::start(&nodes, &default_node, &opts, Some(tx))).await??;
+    let acct =
+        tokio::task::spawn_blocking(move || TcAccounting::start(&nodes, &default_node, &opts, Some(tx))).await??;
     acct.set_destinations(&args.dests)?;
     let total: usize = acct.reports().iter().map(|r| r.interfaces).sum();
     let leftovers: usize = acct.reports().iter().map(|r| r.leftovers_removed).sum();
-    let per_node: Vec<String> =
-        acct.reports().iter().map(|r| format!("{} {} in {:.0} ms", r.node, r.interfaces, r.attach_ms)).collect();
+    let per_node: Vec<String> = acct
+        .reports()
+        .iter()
+        .map(|r| format!("{} {} in {:.0} ms", r.node, r.interfaces, r.attach_ms))
+        .collect();
     eprintln!("netdrop: tc programs: {}", acct.mode_note());
     eprintln!(
         "netdrop: attached to {total} interfaces matching {} ({}; {:.0} ms since start){}",
         IfacePattern::new(&args.tc.iface_patterns),
         per_node.join(", "),
         started.elapsed().as_secs_f64() * 1e3,
-        if leftovers > 0 { format!("; removed {leftovers} filters left by killed earlier runs") } else { String::new() }
+        if leftovers > 0 {
+            format!("; removed {leftovers} filters left by killed earlier runs")
+        } else {
+            String::new()
+        }
     );
 
     let mut out = io::BufWriter::new(io::stdout());
@@ -1104,14 +1311,26 @@ fn print_event(out: &mut impl io::Write, format: Format, ev: &WatchEvent) -> io:
             writeln!(out, "{v}")
         }
         Format::Text => match ev {
-            WatchEvent::Attached { node, ifindex, name, .. } => writeln!(out, "+ {node}/{name} (ifindex {ifindex}) attached"),
-            WatchEvent::Forgotten { node, ifindex, name, .. } => writeln!(out, "- {node}/{name} (ifindex {ifindex}) gone"),
-            WatchEvent::Error { node, name, message, .. } => writeln!(out, "! {node}/{name}: {message}"),
+            WatchEvent::Attached {
+                node, ifindex, name, ..
+            } => writeln!(out, "+ {node}/{name} (ifindex {ifindex}) attached"),
+            WatchEvent::Forgotten {
+                node, ifindex, name, ..
+            } => writeln!(out, "- {node}/{name} (ifindex {ifindex}) gone"),
+            WatchEvent::Error {
+                node, name, message, ..
+            } => writeln!(out, "! {node}/{name}: {message}"),
         },
     }
 }
 
-fn print_snapshot(out: &mut impl io::Write, format: Format, snap: &TcSnapshot, mode: TcMode, last: bool) -> io::Result<()> {
+fn print_snapshot(
+    out: &mut impl io::Write,
+    format: Format,
+    snap: &TcSnapshot,
+    mode: TcMode,
+    last: bool,
+) -> io::Result<()> {
     if format == Format::Json {
         let v = serde_json::json!({
             "type": if last { "summary" } else { "interfaces" },
@@ -1125,31 +1344,88 @@ fn print_snapshot(out: &mut impl io::Write, format: Format, snap: &TcSnapshot, m
     }
     let mut total_from = Counters::default();
     let mut total_to = Counters::default();
-    writeln!(out, "{:<12} {:<16} {:>7} {:>11}  {:>10} {:>12} {:>7} {:>7}  {:>10} {:>12} {:>7} {:>7}",
-        "NODE", "INTERFACE", "IFINDEX", "POD-NETNS", "OUT-PKTS", "OUT-BYTES", "OUT-SYN", "OUT-UDP", "IN-PKTS", "IN-BYTES", "IN-SYN", "IN-UDP")?;
+    writeln!(
+        out,
+        "{:<12} {:<16} {:>7} {:>11}  {:>10} {:>12} {:>7} {:>7}  {:>10} {:>12} {:>7} {:>7}",
+        "NODE",
+        "INTERFACE",
+        "IFINDEX",
+        "POD-NETNS",
+        "OUT-PKTS",
+        "OUT-BYTES",
+        "OUT-SYN",
+        "OUT-UDP",
+        "IN-PKTS",
+        "IN-BYTES",
+        "IN-SYN",
+        "IN-UDP"
+    )?;
     for i in &snap.interfaces {
         let peer = i.peer_netns.map_or_else(|| "-".to_string(), |n| n.to_string());
-        writeln!(out, "{:<12} {:<16} {:>7} {:>11}  {:>10} {:>12} {:>7} {:>7}  {:>10} {:>12} {:>7} {:>7}",
-            i.node, i.name, i.ifindex, peer,
-            i.from_pod.packets, i.from_pod.bytes, i.from_pod.tcp_syn, i.from_pod.udp_new,
-            i.to_pod.packets, i.to_pod.bytes, i.to_pod.tcp_syn, i.to_pod.udp_new)?;
+        writeln!(
+            out,
+            "{:<12} {:<16} {:>7} {:>11}  {:>10} {:>12} {:>7} {:>7}  {:>10} {:>12} {:>7} {:>7}",
+            i.node,
+            i.name,
+            i.ifindex,
+            peer,
+            i.from_pod.packets,
+            i.from_pod.bytes,
+            i.from_pod.tcp_syn,
+            i.from_pod.udp_new,
+            i.to_pod.packets,
+            i.to_pod.bytes,
+            i.to_pod.tcp_syn,
+            i.to_pod.udp_new
+        )?;
         total_from.add(&i.from_pod);
         total_to.add(&i.to_pod);
     }
-    writeln!(out, "{:<12} {:<16} {:>7} {:>11}  {:>10} {:>12} {:>7} {:>7}  {:>10} {:>12} {:>7} {:>7}",
-        "total", format!("{} interfaces", snap.interfaces.len()), "", "",
-        total_from.packets, total_from.bytes, total_from.tcp_syn, total_from.udp_new,
-        total_to.packets, total_to.bytes, total_to.tcp_syn, total_to.udp_new)?;
-    writeln!(out, "OUT = sent by the pod (tc ingress of the host-side veth), IN = delivered to the pod (tc egress); SYN = TCP SYN without ACK, UDP = new UDP flows")?;
+    writeln!(
+        out,
+        "{:<12} {:<16} {:>7} {:>11}  {:>10} {:>12} {:>7} {:>7}  {:>10} {:>12} {:>7} {:>7}",
+        "total",
+        format!("{} interfaces", snap.interfaces.len()),
+        "",
+        "",
+        total_from.packets,
+        total_from.bytes,
+        total_from.tcp_syn,
+        total_from.udp_new,
+        total_to.packets,
+        total_to.bytes,
+        total_to.tcp_syn,
+        total_to.udp_new
+    )?;
+    writeln!(
+        out,
+        "OUT = sent by the pod (tc ingress of the host-side veth), IN = delivered to the pod (tc egress); SYN = TCP SYN without ACK, UDP = new UDP flows"
+    )?;
     for d in &snap.destinations {
         let proto = if d.dest.proto == 17 { "udp" } else { "tcp" };
         let addr = std::net::SocketAddr::new(d.dest.ip, d.dest.port);
-        writeln!(out, "attempts (TCP SYNs, UDP datagrams) to {addr}/{proto} on {}: {} sent by pods, {} delivered to pods", d.node, d.from_pod, d.to_pod)?;
+        writeln!(
+            out,
+            "attempts (TCP SYNs, UDP datagrams) to {addr}/{proto} on {}: {} sent by pods, {} delivered to pods",
+            d.node, d.from_pod, d.to_pod
+        )?;
     }
     let s = &snap.stats;
-    writeln!(out, "{} mode; link events {}, attached {}, gone {}, attach errors {}, resyncs {}{}",
-        mode.name(), s.link_events, s.attached, s.forgotten, s.attach_errors, s.resyncs,
-        if s.unregistered_packets > 0 { format!(", unregistered packets {}", s.unregistered_packets) } else { String::new() })?;
+    writeln!(
+        out,
+        "{} mode; link events {}, attached {}, gone {}, attach errors {}, resyncs {}{}",
+        mode.name(),
+        s.link_events,
+        s.attached,
+        s.forgotten,
+        s.attach_errors,
+        s.resyncs,
+        if s.unregistered_packets > 0 {
+            format!(", unregistered packets {}", s.unregistered_packets)
+        } else {
+            String::new()
+        }
+    )?;
     writeln!(out)
 }
 
@@ -1174,7 +1450,13 @@ mod tests {
     #[test]
     fn node_netns_parses() {
         let n: NodeNetns = "node-a=/run/netns/node-a".parse().expect("parses");
-        assert_eq!(n, NodeNetns { node: "node-a".into(), path: Some("/run/netns/node-a".into()) });
+        assert_eq!(
+            n,
+            NodeNetns {
+                node: "node-a".into(),
+                path: Some("/run/netns/node-a".into())
+            }
+        );
         let n: NodeNetns = "b=lab-b".parse().expect("bare name");
         assert_eq!(n.path, Some(PathBuf::from("/run/netns/lab-b")));
         assert!("nopath".parse::<NodeNetns>().is_err());
@@ -1184,9 +1466,19 @@ mod tests {
     #[test]
     fn destinations_parse_and_key() {
         let d: Destination = "10.96.0.10:53/udp".parse().expect("v4");
-        assert_eq!(d, Destination { ip: "10.96.0.10".parse().expect("ip"), port: 53, proto: 17 });
+        assert_eq!(
+            d,
+            Destination {
+                ip: "10.96.0.10".parse().expect("ip"),
+                port: 53,
+                proto: 17
+            }
+        );
         let k = d.key();
-        assert_eq!((k.family, k.port, k.proto, &k.addr[..4]), (4, 53, 17, &[10, 96, 0, 10][..]));
+        assert_eq!(
+            (k.family, k.port, k.proto, &k.addr[..4]),
+            (4, 53, 17, &[10, 96, 0, 10][..])
+        );
         assert_eq!(dest_from_key(&k), d);
         let d6: Destination = "[fd00::1]:443".parse().expect("v6");
         assert_eq!(d6.proto, 6);

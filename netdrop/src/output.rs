@@ -119,12 +119,22 @@ pub struct TextSink<W: Write + Send> {
 impl<W: Write + Send> TextSink<W> {
     /// Whole lines, whatever their length (files, pipes).
     pub fn new(out: W) -> Self {
-        Self { out, header_done: false, width: None, measure: false }
+        Self {
+            out,
+            header_done: false,
+            width: None,
+            measure: false,
+        }
     }
 
     /// Lines fit the terminal on stdout, when stdout is one (measured again after each batch).
     pub fn for_stdout(out: W) -> Self {
-        Self { out, header_done: false, width: terminal_size().map(|(w, _)| w), measure: true }
+        Self {
+            out,
+            header_done: false,
+            width: terminal_size().map(|(w, _)| w),
+            measure: true,
+        }
     }
 }
 
@@ -141,13 +151,31 @@ pub fn terminal_size() -> Option<(usize, usize)> {
     if !stdout.is_terminal() {
         return None;
     }
-    let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCGWINSZ writes one `struct winsize` to the pointer, which is valid and
     // exclusively borrowed for the call.
     let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&stdout), libc::TIOCGWINSZ, &raw mut ws) };
-    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0);
-    let cols = if rc == 0 && ws.ws_col > 0 { usize::from(ws.ws_col) } else { env("COLUMNS").unwrap_or(80) };
-    let rows = if rc == 0 && ws.ws_row > 0 { usize::from(ws.ws_row) } else { env("LINES").unwrap_or(24) };
+    let env = |k: &str| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| *n > 0)
+    };
+    let cols = if rc == 0 && ws.ws_col > 0 {
+        usize::from(ws.ws_col)
+    } else {
+        env("COLUMNS").unwrap_or(80)
+    };
+    let rows = if rc == 0 && ws.ws_row > 0 {
+        usize::from(ws.ws_row)
+    } else {
+        env("LINES").unwrap_or(24)
+    };
     Some((cols, rows))
 }
 
@@ -190,7 +218,12 @@ fn via_service(d: &DropRecord) -> Option<String> {
     if dst.k8s.as_ref().is_some_and(|p| p.kind == PeerKind::Service) {
         return None;
     }
-    if let Some(name) = d.orig_dst.as_ref().filter(|o| o.k8s.as_ref().is_some_and(|p| p.kind == PeerKind::Service)).and_then(k8s_name) {
+    if let Some(name) = d
+        .orig_dst
+        .as_ref()
+        .filter(|o| o.k8s.as_ref().is_some_and(|p| p.kind == PeerKind::Service))
+        .and_then(k8s_name)
+    {
         return Some(name);
     }
     let p = dst.k8s.as_ref()?;
@@ -266,7 +299,13 @@ impl TextLine {
             keep[i] = false;
             len -= columns(&self.fields[i].1);
         }
-        let line: String = self.fields.iter().zip(&keep).filter(|(_, k)| **k).map(|((_, f), _)| f.as_str()).collect();
+        let line: String = self
+            .fields
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|((_, f), _)| f.as_str())
+            .collect();
         truncate(&line, width)
     }
 }
@@ -295,7 +334,11 @@ pub fn text_fields(d: &DropRecord) -> TextLine {
         Effect::Reset => Some("reset"),
         Effect::Unknown | Effect::Attempt | Effect::Data => None,
     };
-    let mark = if d.certainty == crate::classify::Certainty::Inferred { "?" } else { "" };
+    let mark = if d.certainty == crate::classify::Certainty::Inferred {
+        "?"
+    } else {
+        ""
+    };
     let class = match (d.classification != d.reason.to_ascii_lowercase(), cost) {
         (true, Some(c)) => Some(format!(" ({}{mark}, {c})", d.classification)),
         (true, None) => Some(format!(" ({}{mark})", d.classification)),
@@ -304,10 +347,17 @@ pub fn text_fields(d: &DropRecord) -> TextLine {
     };
     let pre_nat = [("orig-dst", &d.orig_dst), ("orig-src", &d.orig_src)]
         .into_iter()
-        .filter_map(|(k, e)| e.as_ref().map(|e| (Keep::PreNat, format!(" {k}={}", endpoint(Some(e))))));
+        .filter_map(|(k, e)| {
+            e.as_ref()
+                .map(|e| (Keep::PreNat, format!(" {k}={}", endpoint(Some(e)))))
+        });
     let iface = if d.ifname.is_empty() { "-" } else { d.ifname.as_str() };
     // Namespace 0: the kernel left no way to tell (JSON says null).
-    let netns = if d.netns == 0 { "unknown".to_string() } else { d.netns.to_string() };
+    let netns = if d.netns == 0 {
+        "unknown".to_string()
+    } else {
+        d.netns.to_string()
+    };
     let interface = format!("  if={iface} netns={netns}");
     let location = format!("  at {}", d.location);
     let addresses = format!("{} → {}", endpoint(d.src.as_ref()), endpoint(d.dst.as_ref()));
@@ -358,8 +408,13 @@ pub fn live_frame(s: &SvcSummary, recent: &VecDeque<TextLine>, width: usize, hei
         let mut trimmed = s.clone();
         trimmed.backends = shown.iter().map(|i| s.backends[*i].clone()).collect();
         trimmed.detail = None;
-        let hidden: Vec<&crate::svc::BackendRow> =
-            s.backends.iter().enumerate().filter(|(i, _)| !shown.contains(i)).map(|(_, b)| b).collect();
+        let hidden: Vec<&crate::svc::BackendRow> = s
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !shown.contains(i))
+            .map(|(_, b)| b)
+            .collect();
         let with_drops = hidden.iter().filter(|b| b.drops > 0).count();
         table = crate::svc::render(&trimmed).lines().map(String::from).collect();
         table.push(format!(
@@ -385,8 +440,11 @@ pub fn live_frame(s: &SvcSummary, recent: &VecDeque<TextLine>, width: usize, hei
 /// The final table and the diagnosis for a terminal `width` columns wide (`None`: whole lines):
 /// table rows cut to fit, the diagnosis's prose wrapped.
 pub fn final_text(s: &SvcSummary, width: Option<usize>) -> Vec<String> {
-    let mut out: Vec<String> =
-        crate::svc::render(s).lines().map(str::trim_end).map(|l| width.map_or_else(|| l.to_string(), |w| truncate(l, w))).collect();
+    let mut out: Vec<String> = crate::svc::render(s)
+        .lines()
+        .map(str::trim_end)
+        .map(|l| width.map_or_else(|| l.to_string(), |w| truncate(l, w)))
+        .collect();
     out.push(String::new());
     for line in &s.diagnosis {
         out.extend(wrap(line, width));
@@ -406,7 +464,9 @@ fn fit_summary_line(line: &str, width: Option<usize>) -> Vec<String> {
 /// Word-wraps a line of prose to `width` columns, continuation lines indented by two spaces.
 /// A word longer than a line is cut. `None`: the line as it is.
 pub fn wrap(line: &str, width: Option<usize>) -> Vec<String> {
-    let Some(width) = width.filter(|w| *w > 8) else { return vec![line.to_string()] };
+    let Some(width) = width.filter(|w| *w > 8) else {
+        return vec![line.to_string()];
+    };
     let mut out = Vec::new();
     let mut cur = String::new();
     for word in line.split(' ') {
@@ -443,7 +503,11 @@ impl<W: Write + Send> Sink for TextSink<W> {
     fn on_drop(&mut self, drop: &DropRecord) -> io::Result<()> {
         if !self.header_done {
             let header = "TIME            REASON           PROTO  SOURCE → DESTINATION";
-            writeln!(self.out, "{}", self.width.map_or_else(|| header.to_string(), |w| truncate(header, w)))?;
+            writeln!(
+                self.out,
+                "{}",
+                self.width.map_or_else(|| header.to_string(), |w| truncate(header, w))
+            )?;
             self.header_done = true;
         }
         writeln!(self.out, "{}", text_fields(drop).fit(self.width))
@@ -453,17 +517,29 @@ impl<W: Write + Send> Sink for TextSink<W> {
         let mut text = Vec::new();
         let o = &mut text;
         writeln!(o)?;
-        writeln!(o, "--- netdrop summary: {:.1} s on {} via {} ---", s.duration_s, s.node, s.hook)?;
+        writeln!(
+            o,
+            "--- netdrop summary: {:.1} s on {} via {} ---",
+            s.duration_s, s.node, s.hook
+        )?;
         if s.drops_total == 0 {
             writeln!(o, "no drops matched")?;
         } else {
-            writeln!(o, "{:>10}  {:<20} {:<26} {:<5} {:<12} LOCATION", "COUNT", "REASON", "CLASSIFICATION", "IP", "NETNS")?;
+            writeln!(
+                o,
+                "{:>10}  {:<20} {:<26} {:<5} {:<12} LOCATION",
+                "COUNT", "REASON", "CLASSIFICATION", "IP", "NETNS"
+            )?;
             for r in s.drops.iter().filter(|r| !r.hidden).take(20) {
                 let class = match r.certainty {
                     crate::classify::Certainty::Exact => r.classification.clone(),
                     crate::classify::Certainty::Inferred => format!("{} (inferred)", r.classification),
                 };
-                writeln!(o, "{:>10}  {:<20} {:<26} {:<5} {:<12} {}", r.count, r.reason, class, r.ip, r.netns, r.location)?;
+                writeln!(
+                    o,
+                    "{:>10}  {:<20} {:<26} {:<5} {:<12} {}",
+                    r.count, r.reason, class, r.ip, r.netns, r.location
+                )?;
             }
             let rows = s.drops.iter().filter(|r| !r.hidden).count();
             if rows > 20 {
@@ -473,13 +549,26 @@ impl<W: Write + Send> Sink for TextSink<W> {
         }
         if s.hidden_drops > 0 {
             let parts: Vec<String> = s.hidden_by_reason.iter().map(|(r, n)| format!("{r} {n}")).collect();
-            writeln!(o, "hidden (benign or not selected; --all-reasons shows them): {} ({})", s.hidden_drops, parts.join(", "))?;
+            writeln!(
+                o,
+                "hidden (benign or not selected; --all-reasons shows them): {} ({})",
+                s.hidden_drops,
+                parts.join(", ")
+            )?;
         }
         for c in &s.conntrack {
             writeln!(
                 o,
                 "conntrack netns {}: {}/{} entries; over the run: insert_failed +{} ({:.0}/s), drop +{}, early_drop +{}, invalid +{}, clash_resolve +{}",
-                c.netns, c.count, c.max, c.insert_failed, c.insert_failed_per_s, c.drop, c.early_drop, c.invalid, c.clash_resolve
+                c.netns,
+                c.count,
+                c.max,
+                c.insert_failed,
+                c.insert_failed_per_s,
+                c.drop,
+                c.early_drop,
+                c.invalid,
+                c.clash_resolve
             )?;
         }
         for h in &s.hints {
@@ -522,23 +611,48 @@ mod tests {
 
     fn ep(addr: &str, peer: Option<Peer>) -> Endpoint {
         let a: SocketAddr = addr.parse().expect("addr");
-        Endpoint { ip: a.ip(), port: Some(a.port()), k8s: peer }
+        Endpoint {
+            ip: a.ip(),
+            port: Some(a.port()),
+            k8s: peer,
+        }
     }
 
     fn pod(ns: &str, name: &str, node: &str) -> Peer {
-        Peer { kind: PeerKind::Pod, namespace: Some(Name::new(ns)), pod: Some(Name::new(name)), node: Some(Name::new(node)), ..Peer::default() }
+        Peer {
+            kind: PeerKind::Pod,
+            namespace: Some(Name::new(ns)),
+            pod: Some(Name::new(name)),
+            node: Some(Name::new(node)),
+            ..Peer::default()
+        }
     }
 
     fn backend(ns: &str, name: &str, node: &str, svc: &str, port: &str) -> Peer {
-        Peer { service: Some(Name::new(svc)), service_port: Some(Name::new(port)), ready: Some(true), ..pod(ns, name, node) }
+        Peer {
+            service: Some(Name::new(svc)),
+            service_port: Some(Name::new(port)),
+            ready: Some(true),
+            ..pod(ns, name, node)
+        }
     }
 
     fn service(svc: &str, port: &str) -> Peer {
-        Peer { kind: PeerKind::Service, namespace: Some(Name::new("default")), service: Some(Name::new(svc)), service_port: Some(Name::new(port)), ..Peer::default() }
+        Peer {
+            kind: PeerKind::Service,
+            namespace: Some(Name::new("default")),
+            service: Some(Name::new(svc)),
+            service_port: Some(Name::new(port)),
+            ..Peer::default()
+        }
     }
 
     fn node(name: &str) -> Peer {
-        Peer { kind: PeerKind::Node, node: Some(Name::new(name)), ..Peer::default() }
+        Peer {
+            kind: PeerKind::Node,
+            node: Some(Name::new(name)),
+            ..Peer::default()
+        }
     }
 
     fn record(src: Endpoint, dst: Endpoint) -> DropRecord {
@@ -573,7 +687,10 @@ mod tests {
     fn snat_dnat() -> DropRecord {
         let mut d = record(
             ep("192.168.50.10:40002", Some(node("node-a"))),
-            ep("10.244.2.10:8080", Some(backend("default", "web-2", "node-b", "default/web", "http"))),
+            ep(
+                "10.244.2.10:8080",
+                Some(backend("default", "web-2", "node-b", "default/web", "http")),
+            ),
         );
         d.orig_dst = Some(ep("10.96.0.10:80", Some(service("default/web", "http"))));
         d.orig_src = Some(ep("10.244.1.2:35632", Some(pod("default", "client", "node-a"))));
@@ -593,7 +710,10 @@ mod tests {
     #[test]
     fn without_kubernetes_the_line_is_addresses_as_before() {
         let mut d = snat_dnat();
-        for e in [&mut d.src, &mut d.dst, &mut d.orig_src, &mut d.orig_dst].into_iter().flatten() {
+        for e in [&mut d.src, &mut d.dst, &mut d.orig_src, &mut d.orig_dst]
+            .into_iter()
+            .flatten()
+        {
             e.k8s = None;
         }
         assert_eq!(
@@ -602,36 +722,75 @@ mod tests {
              orig-dst=10.96.0.10:80 orig-src=10.244.1.2:35632  if=eth0 netns=4026531840  at nf_hook_slow+0x7d"
         );
         // Resolution on, the addresses outside the cluster: the same.
-        for e in [&mut d.src, &mut d.dst, &mut d.orig_src, &mut d.orig_dst].into_iter().flatten() {
+        for e in [&mut d.src, &mut d.dst, &mut d.orig_src, &mut d.orig_dst]
+            .into_iter()
+            .flatten()
+        {
             e.k8s = Some(Peer::external());
         }
-        assert!(text_line(&d).starts_with("10:21:33.123456 NETFILTER_DROP   tcp    192.168.50.10:40002 → 10.244.2.10:8080 [SYN]"));
+        assert!(
+            text_line(&d)
+                .starts_with("10:21:33.123456 NETFILTER_DROP   tcp    192.168.50.10:40002 → 10.244.2.10:8080 [SYN]")
+        );
     }
 
     #[test]
     fn a_drop_before_dnat_names_the_service_as_the_destination() {
-        let mut d = record(ep("10.244.1.2:35632", Some(pod("default", "client", "node-a"))), ep("10.96.0.10:80", Some(service("default/web", "http"))));
+        let mut d = record(
+            ep("10.244.1.2:35632", Some(pod("default", "client", "node-a"))),
+            ep("10.96.0.10:80", Some(service("default/web", "http"))),
+        );
         d.classification = "netfilter_rule".into();
         let line = text_line(&d);
-        assert!(line.contains("   default/client → svc default/web:80 [SYN] (netfilter_rule)  on node-a  at "), "{line}");
+        assert!(
+            line.contains("   default/client → svc default/web:80 [SYN] (netfilter_rule)  on node-a  at "),
+            "{line}"
+        );
         assert!(!line.contains(" via "), "{line}");
         // One end unknown: its address stands in for the name.
         d.dst = Some(ep("203.0.113.9:443", Some(Peer::external())));
-        assert!(text_line(&d).contains("   default/client → 203.0.113.9:443 [SYN]"), "{}", text_line(&d));
+        assert!(
+            text_line(&d).contains("   default/client → 203.0.113.9:443 [SYN]"),
+            "{}",
+            text_line(&d)
+        );
         // A backend reached without conntrack's help still names its Service, by port name.
-        d.dst = Some(ep("10.244.2.10:8080", Some(backend("default", "web-2", "node-b", "default/web", "http"))));
-        assert!(text_line(&d).contains("default/client → default/web-2 via svc default/web:http [SYN]"), "{}", text_line(&d));
+        d.dst = Some(ep(
+            "10.244.2.10:8080",
+            Some(backend("default", "web-2", "node-b", "default/web", "http")),
+        ));
+        assert!(
+            text_line(&d).contains("default/client → default/web-2 via svc default/web:http [SYN]"),
+            "{}",
+            text_line(&d)
+        );
     }
 
     #[test]
     fn discards_that_lose_nothing_or_reset_say_so_and_an_unknown_namespace_is_not_0() {
-        let mut d = record(ep("10.244.1.2:35632", Some(pod("default", "client", "node-a"))), ep("10.244.2.10:8080", None));
-        (d.reason, d.classification, d.tcp_flags, d.effect) = ("TCP_OLD_DATA".into(), "tcp_old_data".into(), Some("ACK".into()), Effect::Lossless);
-        assert!(text_line(&d).contains(" [ACK] (lossless)  on node-a"), "{}", text_line(&d));
+        let mut d = record(
+            ep("10.244.1.2:35632", Some(pod("default", "client", "node-a"))),
+            ep("10.244.2.10:8080", None),
+        );
+        (d.reason, d.classification, d.tcp_flags, d.effect) = (
+            "TCP_OLD_DATA".into(),
+            "tcp_old_data".into(),
+            Some("ACK".into()),
+            Effect::Lossless,
+        );
+        assert!(
+            text_line(&d).contains(" [ACK] (lossless)  on node-a"),
+            "{}",
+            text_line(&d)
+        );
         (d.reason, d.classification, d.effect) = ("TCP_FLAGS".into(), "tcp_flags".into(), Effect::Reset);
         assert!(text_line(&d).contains(" [ACK] (reset)  on node-a"), "{}", text_line(&d));
         (d.classification, d.certainty) = ("conntrack_invalid".into(), Certainty::Inferred);
-        assert!(text_line(&d).contains(" (conntrack_invalid?, reset)"), "{}", text_line(&d));
+        assert!(
+            text_line(&d).contains(" (conntrack_invalid?, reset)"),
+            "{}",
+            text_line(&d)
+        );
         d.netns = 0;
         assert!(text_line(&d).ends_with(" netns=unknown"), "{}", text_line(&d));
     }
@@ -641,7 +800,10 @@ mod tests {
         let mut d = record(ep("[fd00:10:244:1::2]:35632", None), ep("[fd00:96::50]:80", None));
         d.orig_dst = Some(ep("[fd00:96::50]:80", None));
         let line = text_line(&d);
-        assert!(line.contains("[fd00:10:244:1::2]:35632 → [fd00:96::50]:80 [SYN]"), "{line}");
+        assert!(
+            line.contains("[fd00:10:244:1::2]:35632 → [fd00:96::50]:80 [SYN]"),
+            "{line}"
+        );
         assert!(line.contains("orig-dst=[fd00:96::50]:80"), "{line}");
         let no_port = Endpoint::new("fd00::1".parse::<IpAddr>().expect("ip"), None);
         assert_eq!(endpoint(Some(&no_port)), "fd00::1");
@@ -658,22 +820,44 @@ mod tests {
         for width in [80, 100, 120, 160, 200] {
             let fit = line.fit(Some(width));
             assert!(fit.chars().count() <= width, "{width}: {fit}");
-            assert!(fit.starts_with("10:21:33.123456 NETFILTER_DROP   tcp    default/client"), "{width}: {fit}");
-            assert!(!fit.contains("netns=4026") || fit == full, "the interface goes first: {width}: {fit}");
+            assert!(
+                fit.starts_with("10:21:33.123456 NETFILTER_DROP   tcp    default/client"),
+                "{width}: {fit}"
+            );
+            assert!(
+                !fit.contains("netns=4026") || fit == full,
+                "the interface goes first: {width}: {fit}"
+            );
         }
         // 200 columns: all but the interface and the pre-NAT addresses.
-        assert!(line.fit(Some(200)).ends_with("  at nf_hook_slow+0x7d  192.168.50.10:40002 → 10.244.2.10:8080"), "{}", line.fit(Some(200)));
+        assert!(
+            line.fit(Some(200))
+                .ends_with("  at nf_hook_slow+0x7d  192.168.50.10:40002 → 10.244.2.10:8080"),
+            "{}",
+            line.fit(Some(200))
+        );
         // 160: the addresses give way; the location stays.
-        assert!(line.fit(Some(160)).ends_with("(conntrack_insert_failed)  on node-a  at nf_hook_slow+0x7d"), "{}", line.fit(Some(160)));
+        assert!(
+            line.fit(Some(160))
+                .ends_with("(conntrack_insert_failed)  on node-a  at nf_hook_slow+0x7d"),
+            "{}",
+            line.fit(Some(160))
+        );
         // 120: the location, flags and node too; names, Service and classification stay.
         assert_eq!(
             line.fit(Some(120)),
             "10:21:33.123456 NETFILTER_DROP   tcp    default/client → default/web-2 via svc default/web:80 (conntrack_insert_failed)"
         );
         // 100: the Service gives way before the classification.
-        assert_eq!(line.fit(Some(100)), "10:21:33.123456 NETFILTER_DROP   tcp    default/client → default/web-2 (conntrack_insert_failed)");
+        assert_eq!(
+            line.fit(Some(100)),
+            "10:21:33.123456 NETFILTER_DROP   tcp    default/client → default/web-2 (conntrack_insert_failed)"
+        );
         // 80: the names, whole; fields are left out, not cut.
-        assert_eq!(line.fit(Some(80)), "10:21:33.123456 NETFILTER_DROP   tcp    default/client → default/web-2");
+        assert_eq!(
+            line.fit(Some(80)),
+            "10:21:33.123456 NETFILTER_DROP   tcp    default/client → default/web-2"
+        );
         // Narrower than the names: cut, never wrapped.
         let narrow = line.fit(Some(30));
         assert_eq!((narrow.chars().count(), narrow.ends_with('…')), (30, true), "{narrow}");
@@ -750,16 +934,28 @@ mod tests {
             let frame = live_frame(&s, &recent(8), w, h);
             assert!(frame.len() < h, "{w}x{h}: {} lines", frame.len());
             assert!(frame.iter().all(|l| l.chars().count() <= w), "{w}x{h}: {frame:#?}");
-            assert!(frame[0].starts_with("default/big — attempts 300  drops 40"), "{frame:#?}");
+            assert!(
+                frame[0].starts_with("default/big — attempts 300  drops 40"),
+                "{frame:#?}"
+            );
         }
         // 50 backends in 24 rows: the bad one stays, a line counts the others, no drops shown.
         let s = summary(50, 37);
         let frame = live_frame(&s, &recent(8), 100, 24);
         assert_eq!(frame.len(), 23, "{frame:#?}");
         assert!(frame.iter().any(|l| l.starts_with("default/big-37 ")), "{frame:#?}");
-        let more = frame.iter().find(|l| l.starts_with("... ")).expect("a line counts the backends left out");
+        let more = frame
+            .iter()
+            .find(|l| l.starts_with("... "))
+            .expect("a line counts the backends left out");
         let shown = frame.iter().filter(|l| l.starts_with("default/big-")).count();
-        assert_eq!(more, &format!("... {} more backends (0 with drops; a taller terminal or -o json shows them)", 50 - shown));
+        assert_eq!(
+            more,
+            &format!(
+                "... {} more backends (0 with drops; a taller terminal or -o json shows them)",
+                50 - shown
+            )
+        );
         assert!(!frame.iter().any(|l| l.starts_with("most recent drops")), "{frame:#?}");
     }
 
@@ -773,7 +969,11 @@ mod tests {
         let node_col = lines[1].find("NODE").expect("header");
         for row in &lines[2..5] {
             assert_eq!(row.chars().nth(node_col - 1), Some(' '), "{table}");
-            assert_ne!(row.chars().nth(node_col), Some(' '), "the node starts under NODE: {table}");
+            assert_ne!(
+                row.chars().nth(node_col),
+                Some(' '),
+                "the node starts under NODE: {table}"
+            );
         }
         assert!(lines[3].starts_with("default/big-01 (not ready) "), "{table}");
     }
@@ -785,9 +985,16 @@ mod tests {
         assert!(lines.iter().all(|l| l.chars().count() <= 60), "{lines:#?}");
         let words = |t: &str| t.split_whitespace().map(String::from).collect::<Vec<_>>();
         let after_table = crate::svc::render(&s).lines().count() + 1;
-        assert_eq!(words(&lines[after_table..].join(" ")), words(&s.diagnosis.join(" ")), "wrapped, nothing lost");
+        assert_eq!(
+            words(&lines[after_table..].join(" ")),
+            words(&s.diagnosis.join(" ")),
+            "wrapped, nothing lost"
+        );
         assert_eq!(lines[after_table], s.diagnosis[0], "a short line stays whole");
-        assert!(lines[after_table + 2].starts_with("  "), "continuation lines are indented: {lines:#?}");
+        assert!(
+            lines[after_table + 2].starts_with("  "),
+            "continuation lines are indented: {lines:#?}"
+        );
         let whole = final_text(&s, None);
         assert_eq!(whole[after_table..], s.diagnosis[..], "not a terminal: whole lines");
     }
@@ -795,10 +1002,17 @@ mod tests {
     #[test]
     fn the_drop_summary_fits_a_terminal() {
         let row = "       812  NO_SOCKET            no_socket                  ipv4  4026532177   __udp4_lib_rcv+0x4bc";
-        assert_eq!(fit_summary_line(row, Some(60)), [format!("{}…", &row[..59])], "table rows are cut");
+        assert_eq!(
+            fit_summary_line(row, Some(60)),
+            [format!("{}…", &row[..59])],
+            "table rows are cut"
+        );
         let hint = "hint: 3 no_socket: nothing listens on that port: the backend is not listening on targetPort, or the process is down";
         let wrapped = fit_summary_line(hint, Some(60));
-        assert!(wrapped.len() > 1 && wrapped.iter().all(|l| l.chars().count() <= 60), "{wrapped:#?}");
+        assert!(
+            wrapped.len() > 1 && wrapped.iter().all(|l| l.chars().count() <= 60),
+            "{wrapped:#?}"
+        );
         assert_eq!(fit_summary_line(hint, None), [hint], "not a terminal: whole lines");
     }
 
@@ -812,7 +1026,10 @@ mod tests {
     #[test]
     fn log_lines_are_coloured_only_on_a_terminal_without_no_color() {
         assert!(log_colour(true, None));
-        assert!(log_colour(true, Some(OsStr::new(""))), "an empty NO_COLOR does not count");
+        assert!(
+            log_colour(true, Some(OsStr::new(""))),
+            "an empty NO_COLOR does not count"
+        );
         assert!(!log_colour(true, Some(OsStr::new("1"))));
         assert!(!log_colour(false, None), "piped or redirected: no escape codes");
     }

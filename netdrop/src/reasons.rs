@@ -38,9 +38,7 @@ pub struct ReasonTable {
 #[derive(Debug, thiserror::Error)]
 pub enum ReasonError {
     /// Neither BTF nor a tracefs format file with a reason list was usable.
-    #[error(
-        "cannot name drop reasons: no kernel BTF ({btf}) and no reason list in the tracepoint format ({tracefs})"
-    )]
+    #[error("cannot name drop reasons: no kernel BTF ({btf}) and no reason list in the tracepoint format ({tracefs})")]
     NoSource { btf: String, tracefs: String },
 }
 
@@ -62,18 +60,26 @@ impl ReasonTable {
                 btf: btf_err,
                 tracefs: "format has no reason list".into(),
             }),
-            None => Err(ReasonError::NoSource { btf: btf_err, tracefs: "not readable".into() }),
+            None => Err(ReasonError::NoSource {
+                btf: btf_err,
+                tracefs: "not readable".into(),
+            }),
         }
     }
 
     fn empty(source: ReasonSource) -> Self {
-        Self { names: BTreeMap::new(), subsystems: BTreeMap::new(), source }
+        Self {
+            names: BTreeMap::new(),
+            subsystems: BTreeMap::new(),
+            source,
+        }
     }
 
     /// The number `NOT_SPECIFIED` has on this kernel; 0 on kernels without reasons, where every
     /// drop is 0.
     pub fn not_specified(&self) -> Option<u32> {
-        self.lookup("NOT_SPECIFIED").or((self.source == ReasonSource::None).then_some(0))
+        self.lookup("NOT_SPECIFIED")
+            .or((self.source == ReasonSource::None).then_some(0))
     }
 
     /// The table of a kernel without drop reasons (before 5.17).
@@ -85,7 +91,9 @@ impl ReasonTable {
     /// From `enum skb_drop_reason` (and `enum skb_drop_reason_subsys`); `None` if the kernel has
     /// no such enum.
     pub fn from_btf(btf: &Btf) -> Result<Option<Self>, btf_rs::Error> {
-        let Some(core) = enum_members(btf, "skb_drop_reason")? else { return Ok(None) };
+        let Some(core) = enum_members(btf, "skb_drop_reason")? else {
+            return Ok(None);
+        };
         let mut t = Self::empty(ReasonSource::Btf);
         for (name, value) in core {
             // A mask, not a reason. (`MAX` stays: the tracepoint's own list names it too.)
@@ -195,7 +203,9 @@ impl fmt::Display for ReasonName<'_> {
 /// `SKB_DROP_REASON_NO_SOCKET` → `NO_SOCKET`, `SKB_CONSUMED` → `CONSUMED` (the tracepoint's
 /// own spelling).
 fn short_name(name: &str) -> &str {
-    name.strip_prefix("SKB_DROP_REASON_").or_else(|| name.strip_prefix("SKB_")).unwrap_or(name)
+    name.strip_prefix("SKB_DROP_REASON_")
+        .or_else(|| name.strip_prefix("SKB_"))
+        .unwrap_or(name)
 }
 
 /// The members of C enum `name`, `None` when this kernel has no such enum.

@@ -66,7 +66,12 @@ fn addr_key(ip: IpAddr, port: u16, proto: Proto) -> AddrKey {
         IpAddr::V4(v4) => addr[..4].copy_from_slice(&v4.octets()),
         IpAddr::V6(v6) => addr = v6.octets(),
     }
-    AddrKey { addr, port, proto: ip_proto(proto), _pad: 0 }
+    AddrKey {
+        addr,
+        port,
+        proto: ip_proto(proto),
+        _pad: 0,
+    }
 }
 
 impl SvcTargets {
@@ -121,7 +126,11 @@ impl SvcTargets {
         for (i, b) in backends.iter_mut().enumerate() {
             b.tag = tag::FIRST_BACKEND + i as u32;
         }
-        Self { service: format!("{}/{}", info.namespace, info.name), frontends, backends }
+        Self {
+            service: format!("{}/{}", info.namespace, info.name),
+            frontends,
+            backends,
+        }
     }
 
     /// Pods as targets (`--pod`, `--namespace`, `--node`): every address of each, any port and
@@ -148,13 +157,20 @@ impl SvcTargets {
         for (i, b) in backends.iter_mut().enumerate() {
             b.tag = tag::FIRST_BACKEND + i as u32;
         }
-        Self { service: label, frontends: Vec::new(), backends }
+        Self {
+            service: label,
+            frontends: Vec::new(),
+            backends,
+        }
     }
 
     /// `ADDR_FILTER` entries. A target with port 0 matches any port, for every IP protocol.
     pub fn addr_entries(&self) -> Vec<(AddrKey, u32)> {
-        let mut v: Vec<(AddrKey, u32)> =
-            self.frontends.iter().map(|(ip, port, proto)| (addr_key(*ip, *port, *proto), tag::FRONTEND)).collect();
+        let mut v: Vec<(AddrKey, u32)> = self
+            .frontends
+            .iter()
+            .map(|(ip, port, proto)| (addr_key(*ip, *port, *proto), tag::FRONTEND))
+            .collect();
         for b in &self.backends {
             for (port, proto) in &b.ports {
                 if *port == 0 {
@@ -177,7 +193,11 @@ impl SvcTargets {
         self.frontends
             .iter()
             .filter(|(_, _, p)| tcp_udp(*p))
-            .map(|(ip, port, proto)| Destination { ip: *ip, port: *port, proto: ip_proto(*proto) })
+            .map(|(ip, port, proto)| Destination {
+                ip: *ip,
+                port: *port,
+                proto: ip_proto(*proto),
+            })
             .chain(self.backends.iter().flat_map(Target::destinations))
             .collect()
     }
@@ -192,10 +212,18 @@ impl Target {
         for (port, proto) in &self.ports {
             if *port == 0 {
                 for p in [6, 17] {
-                    v.push(Destination { ip: self.ip, port: 0, proto: p });
+                    v.push(Destination {
+                        ip: self.ip,
+                        port: 0,
+                        proto: p,
+                    });
                 }
             } else if matches!(proto, Proto::Tcp | Proto::Udp) {
-                v.push(Destination { ip: self.ip, port: *port, proto: ip_proto(*proto) });
+                v.push(Destination {
+                    ip: self.ip,
+                    port: *port,
+                    proto: ip_proto(*proto),
+                });
             }
         }
         v.sort_by_key(|d| (d.port, d.proto));
@@ -349,10 +377,7 @@ fn by_node(rows: &[&ReasonRow], node_of: &dyn Fn(u32) -> Option<String>) -> Vec<
     for r in rows {
         *m.entry(node_of(r.netns)).or_default() += r.count;
     }
-    let mut v: Vec<NodeCount> = m
-        .into_iter()
-        .map(|(node, count)| NodeCount { node, count })
-        .collect();
+    let mut v: Vec<NodeCount> = m.into_iter().map(|(node, count)| NodeCount { node, count }).collect();
     v.sort_by(|a, b| (a.node.is_none(), b.count).cmp(&(b.node.is_none(), a.count)));
     v
 }
@@ -371,13 +396,7 @@ fn split(rows: &[ReasonRow], tag: u32) -> Split<'_> {
         .iter()
         .filter(|r| r.tag == tag && !r.hidden)
         .partition(|r| r.effect.loses());
-    let sum = |e: Effect| {
-        discards
-            .iter()
-            .filter(|r| r.effect == e)
-            .map(|r| r.count)
-            .sum()
-    };
+    let sum = |e: Effect| discards.iter().filter(|r| r.effect == e).map(|r| r.count).sum();
     Split {
         drops: loss.iter().map(|r| r.count).sum(),
         lossless: sum(Effect::Lossless),
@@ -406,8 +425,11 @@ pub struct Observed<'a> {
 
 /// The table and diagnosis for one moment.
 pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
-    let (rows, others): (Vec<ReasonRow>, Vec<ReasonRow>) =
-        o.rows.iter().cloned().partition(|r| !o.nodes_given || (o.node_of)(r.netns).is_some());
+    let (rows, others): (Vec<ReasonRow>, Vec<ReasonRow>) = o
+        .rows
+        .iter()
+        .cloned()
+        .partition(|r| !o.nodes_given || (o.node_of)(r.netns).is_some());
     let other_namespaces = others.iter().filter(|r| !r.hidden && r.tag != 0).map(|r| r.count).sum();
     let o = &Observed {
         rows: &rows,
@@ -419,9 +441,16 @@ pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
         time: o.time.clone(),
         is_final: o.is_final,
     };
-    let dest = |ip: IpAddr, port: u16, proto: Proto| Destination { ip, port, proto: ip_proto(proto) };
+    let dest = |ip: IpAddr, port: u16, proto: Proto| Destination {
+        ip,
+        port,
+        proto: ip_proto(proto),
+    };
     let attempts = o.tc.map(|tc| {
-        t.frontends.iter().map(|(ip, port, proto)| tc.attempts_to(&dest(*ip, *port, *proto)).0).sum::<u64>()
+        t.frontends
+            .iter()
+            .map(|(ip, port, proto)| tc.attempts_to(&dest(*ip, *port, *proto)).0)
+            .sum::<u64>()
     });
     // Pod namespaces behind watched interfaces: an attempt dropped in one of them had already
     // been counted as delivered by tc (a SYN nobody listens for, a datagram to a closed port).
@@ -437,12 +466,17 @@ pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
             .filter(|r| r.effect == Effect::Attempt && !delivered_ns.contains(&r.netns))
             .map(|r| r.count)
             .sum();
-        let attempts = o.tc.map(|tc| b.destinations().iter().map(|d| tc.attempts_to(d).1).sum::<u64>() + dropped_attempts);
+        let attempts =
+            o.tc.map(|tc| b.destinations().iter().map(|d| tc.attempts_to(d).1).sum::<u64>() + dropped_attempts);
         backends.push(BackendRow {
             pod: b.label.clone(),
             node: b.node.clone(),
             ip: b.ip,
-            ports: b.ports.iter().map(|(p, proto)| format!("{p}/{}", proto.as_str().to_ascii_lowercase())).collect(),
+            ports: b
+                .ports
+                .iter()
+                .map(|(p, proto)| format!("{p}/{}", proto.as_str().to_ascii_lowercase()))
+                .collect(),
             ready: b.ready,
             attempts,
             drops: sp.drops,
@@ -465,7 +499,11 @@ pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
     };
     let drops = backends.iter().map(|b| b.drops).sum::<u64>() + unmatched.drops;
     // Pods, namespaces and nodes have no frontends: their attempts are their own.
-    let attempts = if t.frontends.is_empty() { o.tc.map(|_| backends.iter().filter_map(|b| b.attempts).sum()) } else { attempts };
+    let attempts = if t.frontends.is_empty() {
+        o.tc.map(|_| backends.iter().filter_map(|b| b.attempts).sum())
+    } else {
+        attempts
+    };
     let lossless = backends.iter().map(|b| b.lossless).sum::<u64>() + unmatched.lossless;
     let resets = backends.iter().map(|b| b.resets).sum::<u64>() + unmatched.resets;
     let mut s = SvcSummary {
@@ -541,7 +579,11 @@ fn at(b: &BackendRow) -> String {
 }
 
 fn why(r: &TopReason) -> String {
-    let inferred = if r.certainty == Certainty::Inferred { ", inferred" } else { "" };
+    let inferred = if r.certainty == Certainty::Inferred {
+        ", inferred"
+    } else {
+        ""
+    };
     let place = r.node.as_ref().map(|n| format!(" on {n}")).unwrap_or_default();
     format!("{} ({} at {}{place}{inferred})", r.classification, r.reason, r.location)
 }
@@ -549,11 +591,7 @@ fn why(r: &TopReason) -> String {
 /// `node-a`, or `node-a (300), node-b (26)` when several; namespaces on no watched node are
 /// "an unwatched namespace".
 fn nodes_text(nodes: &[NodeCount]) -> String {
-    let name = |n: &NodeCount| {
-        n.node
-            .clone()
-            .unwrap_or_else(|| "an unwatched namespace".into())
-    };
+    let name = |n: &NodeCount| n.node.clone().unwrap_or_else(|| "an unwatched namespace".into());
     match nodes {
         [one] => name(one),
         _ => nodes
@@ -572,10 +610,7 @@ fn merge_nodes<'a>(parts: impl Iterator<Item = &'a [NodeCount]>) -> Vec<NodeCoun
             *m.entry(n.node.clone()).or_default() += n.count;
         }
     }
-    let mut v: Vec<NodeCount> = m
-        .into_iter()
-        .map(|(node, count)| NodeCount { node, count })
-        .collect();
+    let mut v: Vec<NodeCount> = m.into_iter().map(|(node, count)| NodeCount { node, count }).collect();
     v.sort_by(|a, b| (a.node.is_none(), b.count).cmp(&(b.node.is_none(), a.count)));
     v
 }
@@ -584,12 +619,19 @@ fn merge_nodes<'a>(parts: impl Iterator<Item = &'a [NodeCount]>) -> Vec<NodeCoun
 fn discarded_text(s: &SvcSummary) -> String {
     let mut discarded = Vec::new();
     if s.lossless > 0 {
-        discarded.push(format!("{} discards that lost nothing (stale bare ACKs, data already received)", s.lossless));
+        discarded.push(format!(
+            "{} discards that lost nothing (stale bare ACKs, data already received)",
+            s.lossless
+        ));
     }
     if s.resets > 0 {
         discarded.push(format!("{} segments answered with a reset", s.resets));
     }
-    if discarded.is_empty() { String::new() } else { format!(" Not counted as drops: {}.", discarded.join("; ")) }
+    if discarded.is_empty() {
+        String::new()
+    } else {
+        format!(" Not counted as drops: {}.", discarded.join("; "))
+    }
 }
 
 /// A hint per classification of the drops, in order of appearance.
@@ -617,10 +659,19 @@ fn next_steps(s: &SvcSummary, bad: &[&BackendRow], out: &mut Vec<String>) {
 fn where_to_look(nodes: &[NodeCount]) -> String {
     let known: Vec<&NodeCount> = nodes.iter().filter(|n| n.node.is_some()).collect();
     match known.as_slice() {
-        [] => "The drops happened in namespaces on no watched node: pass --node-netns for every node to see where.".into(),
-        [one] if nodes.len() == 1 => format!("The drops are on {}: look there first.", one.node.as_deref().unwrap_or_default()),
+        [] => {
+            "The drops happened in namespaces on no watched node: pass --node-netns for every node to see where.".into()
+        }
+        [one] if nodes.len() == 1 => format!(
+            "The drops are on {}: look there first.",
+            one.node.as_deref().unwrap_or_default()
+        ),
         [first, ..] => {
-            format!("The drops are on {}: look at {} first.", nodes_text(nodes), first.node.as_deref().unwrap_or_default())
+            format!(
+                "The drops are on {}: look at {} first.",
+                nodes_text(nodes),
+                first.node.as_deref().unwrap_or_default()
+            )
         }
     }
 }
@@ -644,9 +695,7 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
     }
     let discarded = discarded_text(s);
     if s.drops == 0 {
-        let tried = s
-            .attempts
-            .map_or_else(String::new, |a| format!(" of {a} attempts"));
+        let tried = s.attempts.map_or_else(String::new, |a| format!(" of {a} attempts"));
         out.push(format!("{}: no drops{tried}.{discarded}", s.service));
         resets_lines(s, &mut out);
         return out;
@@ -711,9 +760,7 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
         Some(s.unmatched.drops_by_node.clone())
     } else if concentrated {
         Some(merge_nodes(
-            bad.iter()
-                .take(carriers)
-                .map(|b| b.drops_by_node.as_slice()),
+            bad.iter().take(carriers).map(|b| b.drops_by_node.as_slice()),
         ))
     } else {
         None
@@ -738,7 +785,12 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
             "{before_backend} drops matched the Service's address but no backend (before DNAT, or rejected for lack of endpoints): {reason}.",
         ));
     }
-    if let Some(r) = s.unmatched.top_reasons.iter().find(|r| r.classification == classify::OFO_PURGED) {
+    if let Some(r) = s
+        .unmatched
+        .top_reasons
+        .iter()
+        .find(|r| r.classification == classify::OFO_PURGED)
+    {
         out.push(format!(
             "{ofo} drops on the client's side: {}: out-of-order data of the Service's replies the client's socket held when the connection was aborted; a consequence of the loss above, not a cause of its own.",
             why(r)
@@ -764,9 +816,8 @@ pub fn diagnose(s: &SvcSummary) -> Vec<String> {
 fn resets_lines(s: &SvcSummary, out: &mut Vec<String>) {
     for b in s.backends.iter().filter(|b| b.resets > 0) {
         let matters = b.resets > 1
-            && b
-            .attempts
-            .is_none_or(|a| b.resets as f64 >= RESETS_MATTER * a.max(1) as f64);
+            && b.attempts
+                .is_none_or(|a| b.resets as f64 >= RESETS_MATTER * a.max(1) as f64);
         if !matters {
             continue;
         }
@@ -797,10 +848,26 @@ pub fn render(s: &SvcSummary) -> String {
         ratio_cell(s.drop_ratio),
         s.duration_s
     );
-    let label = |b: &BackendRow| if b.ready { b.pod.clone() } else { format!("{} (not ready)", b.pod) };
+    let label = |b: &BackendRow| {
+        if b.ready {
+            b.pod.clone()
+        } else {
+            format!("{} (not ready)", b.pod)
+        }
+    };
     // Long pod names widen the column rather than push the numbers out of line.
-    let w = s.backends.iter().map(|b| label(b).chars().count()).max().unwrap_or(0).max(32);
-    let _ = writeln!(o, "{:<w$} {:<12} {:>9} {:>7} {:>7}  TOP REASON", "BACKEND", "NODE", "ATTEMPTS", "DROPS", "DROP%");
+    let w = s
+        .backends
+        .iter()
+        .map(|b| label(b).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(32);
+    let _ = writeln!(
+        o,
+        "{:<w$} {:<12} {:>9} {:>7} {:>7}  TOP REASON",
+        "BACKEND", "NODE", "ATTEMPTS", "DROPS", "DROP%"
+    );
     for b in &s.backends {
         let _ = writeln!(
             o,
@@ -824,7 +891,10 @@ pub fn render(s: &SvcSummary) -> String {
         s.unmatched.top_reasons.first().map(why).unwrap_or_default()
     );
     if s.drop_ratio.is_some_and(|r| r > 1.0) || s.backends.iter().any(|b| b.drop_ratio.is_some_and(|r| r > 1.0)) {
-        let _ = writeln!(o, "(Nx: more drops than attempts, N drops per attempt: lost data retransmitted and dropped again)");
+        let _ = writeln!(
+            o,
+            "(Nx: more drops than attempts, N drops per attempt: lost data retransmitted and dropped again)"
+        );
     }
     if s.lost_events > 0 {
         let _ = writeln!(o, "({} events lost; counts above are exact)", s.lost_events);
@@ -859,7 +929,13 @@ mod tests {
             type_: None,
             cluster_ips: vec!["10.96.0.20".parse().expect("ip")],
             external_ips: vec![],
-            ports: vec![ServicePort { name: None, port: 80, protocol: Proto::Tcp, target_port: "8080".into(), node_port: None }],
+            ports: vec![ServicePort {
+                name: None,
+                port: 80,
+                protocol: Proto::Tcp,
+                target_port: "8080".into(),
+                node_port: None,
+            }],
             backends: vec![
                 backend("web-2", "node-b", "10.244.2.5"),
                 backend("web-0", "node-a", "10.244.1.5"),
@@ -925,7 +1001,11 @@ mod tests {
     fn tc(targets: &SvcTargets, attempts: u64, delivered: &[(u32, u64)]) -> TcSnapshot {
         let mut destinations = vec![DestinationSnapshot {
             node: "node-a".into(),
-            dest: Destination { ip: targets.frontends[0].0, port: 80, proto: 6 },
+            dest: Destination {
+                ip: targets.frontends[0].0,
+                port: 80,
+                proto: 6,
+            },
             from_pod: attempts,
             to_pod: 0,
         }];
@@ -933,12 +1013,20 @@ mod tests {
             let b = targets.backends.iter().find(|b| b.tag == *tag).expect("backend");
             destinations.push(DestinationSnapshot {
                 node: b.node.clone().unwrap_or_default(),
-                dest: Destination { ip: b.ip, port: b.ports[0].0, proto: 6 },
+                dest: Destination {
+                    ip: b.ip,
+                    port: b.ports[0].0,
+                    proto: 6,
+                },
                 from_pod: 0,
                 to_pod: *n,
             });
         }
-        TcSnapshot { interfaces: vec![], destinations, stats: WatchStats::default() }
+        TcSnapshot {
+            interfaces: vec![],
+            destinations,
+            stats: WatchStats::default(),
+        }
     }
 
     #[test]
@@ -964,7 +1052,16 @@ mod tests {
         let node_of = |n: u32| (n == 99).then(|| "node-b".to_string());
         let s = build(
             &t,
-            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 10.0, time: String::new(), is_final: true },
+            &Observed {
+                rows: &rows,
+                tc: Some(&snap),
+                node_of: &node_of,
+                nodes_given: false,
+                lost_events: 0,
+                duration_s: 10.0,
+                time: String::new(),
+                is_final: true,
+            },
         );
         assert_eq!(s.attempts, Some(1000));
         assert_eq!(s.drops, 330);
@@ -973,7 +1070,10 @@ mod tests {
         assert_eq!(b.drop_ratio, Some(1.0));
         assert_eq!(b.top_reasons[0].node.as_deref(), Some("node-b"));
         let text = s.diagnosis.join("\n");
-        assert!(text.contains("default/web-2 on node-b: 330 drops (100% of the drops, 33.0% of the Service's attempts"), "{text}");
+        assert!(
+            text.contains("default/web-2 on node-b: 330 drops (100% of the drops, 33.0% of the Service's attempts"),
+            "{text}"
+        );
         assert!(text.contains("The drops are on node-b"), "{text}");
         assert!(text.contains("Next (netfilter_rule)"), "{text}");
         assert!(render(&s).contains("default/web-2"));
@@ -984,23 +1084,57 @@ mod tests {
     fn stray_drops_elsewhere_do_not_hide_the_bad_backend() {
         let t = SvcTargets::from_service(&info(), &|_| vec![]);
         let bad = t.backends[0].tag;
-        let rows = vec![row(bad, 164, 98), row(t.backends[1].tag, 1, 98), row(t.backends[2].tag, 1, 99)];
-        let snap = tc(&t, 500, &[(bad, 328), (t.backends[1].tag, 170), (t.backends[2].tag, 166)]);
+        let rows = vec![
+            row(bad, 164, 98),
+            row(t.backends[1].tag, 1, 98),
+            row(t.backends[2].tag, 1, 99),
+        ];
+        let snap = tc(
+            &t,
+            500,
+            &[(bad, 328), (t.backends[1].tag, 170), (t.backends[2].tag, 166)],
+        );
         let node_of = |n: u32| Some(if n == 98 { "node-a" } else { "node-b" }.to_string());
         let s = build(
             &t,
-            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true },
+            &Observed {
+                rows: &rows,
+                tc: Some(&snap),
+                node_of: &node_of,
+                nodes_given: false,
+                lost_events: 0,
+                duration_s: 5.0,
+                time: String::new(),
+                is_final: true,
+            },
         );
         let text = s.diagnosis.join("\n");
         assert!(text.contains("The drops are on node-a: look there first."), "{text}");
         assert!(!text.contains("spread over most backends"), "{text}");
         // Evenly spread drops are still called spread.
-        let rows = vec![row(bad, 50, 98), row(t.backends[1].tag, 40, 98), row(t.backends[2].tag, 45, 99)];
+        let rows = vec![
+            row(bad, 50, 98),
+            row(t.backends[1].tag, 40, 98),
+            row(t.backends[2].tag, 45, 99),
+        ];
         let s = build(
             &t,
-            &Observed { rows: &rows, tc: Some(&snap), node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true },
+            &Observed {
+                rows: &rows,
+                tc: Some(&snap),
+                node_of: &node_of,
+                nodes_given: false,
+                lost_events: 0,
+                duration_s: 5.0,
+                time: String::new(),
+                is_final: true,
+            },
         );
-        assert!(s.diagnosis.join("\n").contains("spread over most backends"), "{:?}", s.diagnosis);
+        assert!(
+            s.diagnosis.join("\n").contains("spread over most backends"),
+            "{:?}",
+            s.diagnosis
+        );
     }
 
     #[test]
@@ -1009,7 +1143,16 @@ mod tests {
         let snap = tc(&t, 500, &[(1, 167), (2, 167), (3, 166)]);
         let s = build(
             &t,
-            &Observed { rows: &[], tc: Some(&snap), node_of: &|_| None, nodes_given: false, lost_events: 0, duration_s: 1.0, time: String::new(), is_final: true },
+            &Observed {
+                rows: &[],
+                tc: Some(&snap),
+                node_of: &|_| None,
+                nodes_given: false,
+                lost_events: 0,
+                duration_s: 1.0,
+                time: String::new(),
+                is_final: true,
+            },
         );
         assert_eq!(s.drops, 0);
         assert_eq!(s.diagnosis, vec!["default/web: no drops of 500 attempts.".to_string()]);
@@ -1025,16 +1168,35 @@ mod tests {
             node: Some(Name::new(node)),
             ..crate::resolve::Peer::default()
         };
-        let pods = [(peer("web-3", "node-b"), vec!["10.244.2.5".parse().expect("ip")]), (peer("web-4", "node-b"), vec!["10.244.2.6".parse().expect("ip")])];
+        let pods = [
+            (peer("web-3", "node-b"), vec!["10.244.2.5".parse().expect("ip")]),
+            (peer("web-4", "node-b"), vec!["10.244.2.6".parse().expect("ip")]),
+        ];
         let t = SvcTargets::from_pods("pod default/web-3".into(), &pods[..1]);
-        let snap = TcSnapshot { interfaces: vec![], destinations: vec![], stats: WatchStats::default() };
+        let snap = TcSnapshot {
+            interfaces: vec![],
+            destinations: vec![],
+            stats: WatchStats::default(),
+        };
         let rows = vec![row(t.backends[0].tag, 23, 99)];
         let node_of = |_: u32| Some("node-b".to_string());
-        let obs = |rows| Observed { rows, tc: Some(&snap), node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true };
+        let obs = |rows| Observed {
+            rows,
+            tc: Some(&snap),
+            node_of: &node_of,
+            nodes_given: false,
+            lost_events: 0,
+            duration_s: 5.0,
+            time: String::new(),
+            is_final: true,
+        };
         let s = build(&t, &obs(&rows));
         assert_eq!(s.backends[0].attempts, Some(23));
         assert_eq!((s.attempts, s.drops), (Some(23), 23), "the pod's own attempts: {s:?}");
-        assert_eq!(s.diagnosis[0], "pod default/web-3: 23 drops for 23 attempts (100.0% of attempts).");
+        assert_eq!(
+            s.diagnosis[0],
+            "pod default/web-3: 23 drops for 23 attempts (100.0% of attempts)."
+        );
         // Two pods of a node: the sum of their rows.
         let t = SvcTargets::from_pods("node node-b".into(), &pods);
         let rows = vec![row(t.backends[0].tag, 23, 99)];
@@ -1042,7 +1204,19 @@ mod tests {
         let sum: u64 = s.backends.iter().filter_map(|b| b.attempts).sum();
         assert_eq!(s.attempts, Some(sum));
         // Without tc counters nobody knows the attempts.
-        let s = build(&t, &Observed { rows: &rows, tc: None, node_of: &node_of, nodes_given: false, lost_events: 0, duration_s: 5.0, time: String::new(), is_final: true });
+        let s = build(
+            &t,
+            &Observed {
+                rows: &rows,
+                tc: None,
+                node_of: &node_of,
+                nodes_given: false,
+                lost_events: 0,
+                duration_s: 5.0,
+                time: String::new(),
+                is_final: true,
+            },
+        );
         assert_eq!(s.attempts, None);
     }
 
@@ -1062,10 +1236,19 @@ mod tests {
         let t = SvcTargets::from_pods("pod default/web-2".into(), &[(peer, vec![ip])]);
         let any = |proto: u8| Destination { ip, port: 0, proto };
         assert_eq!(t.destinations(), vec![any(6), any(17)]);
-        let delivered = |proto: u8, n: u64| DestinationSnapshot { node: "node-b".into(), dest: any(proto), from_pod: 0, to_pod: n };
+        let delivered = |proto: u8, n: u64| DestinationSnapshot {
+            node: "node-b".into(),
+            dest: any(proto),
+            from_pod: 0,
+            to_pod: n,
+        };
         let pod_ns = 4_026_532_600;
         let snap = with_pod_netns(
-            TcSnapshot { interfaces: vec![], destinations: vec![delivered(6, 300), delivered(17, 40)], stats: WatchStats::default() },
+            TcSnapshot {
+                interfaces: vec![],
+                destinations: vec![delivered(6, 300), delivered(17, 40)],
+                stats: WatchStats::default(),
+            },
             &[(pod_ns, "node-b")],
         );
         let node_of = |n: u32| Some(if n == 98 { "node-a" } else { "node-b" }.to_string());
@@ -1074,7 +1257,11 @@ mod tests {
         assert_eq!((s.backends[0].attempts, s.drops, s.attempts), (Some(340), 0, Some(340)));
         assert_eq!(s.diagnosis[0], "pod default/web-2: no drops of 340 attempts.");
         // 160 SYNs dropped on node-b before delivery, 20 refused inside the pod (delivered).
-        let refused = ReasonRow { reason: "NO_SOCKET".into(), classification: "no_socket".into(), ..row(t.backends[0].tag, 20, pod_ns) };
+        let refused = ReasonRow {
+            reason: "NO_SOCKET".into(),
+            classification: "no_socket".into(),
+            ..row(t.backends[0].tag, 20, pod_ns)
+        };
         let rows = [row(t.backends[0].tag, 160, 99), refused];
         let s = build(&t, &observed(&rows, Some(&snap), &node_of));
         assert_eq!((s.backends[0].attempts, s.backends[0].drops), (Some(500), 180));
@@ -1092,10 +1279,23 @@ mod tests {
         let rows = vec![row(tag::FRONTEND, 7, 1)];
         let s = build(
             &t,
-            &Observed { rows: &rows, tc: None, node_of: &|_| None, nodes_given: false, lost_events: 0, duration_s: 1.0, time: String::new(), is_final: false },
+            &Observed {
+                rows: &rows,
+                tc: None,
+                node_of: &|_| None,
+                nodes_given: false,
+                lost_events: 0,
+                duration_s: 1.0,
+                time: String::new(),
+                is_final: false,
+            },
         );
         assert_eq!((s.unmatched.drops, s.drops, s.attempts), (7, 7, None));
-        assert!(s.diagnosis.iter().any(|l| l.contains("7 drops matched the Service's address but no backend")));
+        assert!(
+            s.diagnosis
+                .iter()
+                .any(|l| l.contains("7 drops matched the Service's address but no backend"))
+        );
     }
     /// The conntrack insert failures of the field notes: the backend lives on node-b, its
     /// packets fail on node-a (the client's node). The advice names node-a.
@@ -1111,10 +1311,7 @@ mod tests {
         let node_of = |n: u32| Some(if n == 98 { "node-a" } else { "node-b" }.to_string());
         let s = build(&t, &observed(&rows, Some(&snap), &node_of));
         let text = s.diagnosis.join("\n");
-        assert!(
-            text.contains("The drops are on node-a: look there first."),
-            "{text}"
-        );
+        assert!(text.contains("The drops are on node-a: look there first."), "{text}");
         assert!(!text.contains("The drops are on node-b"), "{text}");
         assert_eq!(
             s.backends[2].drops_by_node,
@@ -1127,21 +1324,14 @@ mod tests {
         let rows = vec![row(bad, 300, 98), row(bad, 26, 99)];
         let s = build(&t, &observed(&rows, Some(&snap), &node_of));
         let text = s.diagnosis.join("\n");
-        assert!(
-            text.contains("Dropped on node-a (300), node-b (26)."),
-            "{text}"
-        );
+        assert!(text.contains("Dropped on node-a (300), node-b (26)."), "{text}");
         assert!(
             text.contains("The drops are on node-a (300), node-b (26): look at node-a first."),
             "{text}"
         );
         // A namespace on no watched node is not passed off as one.
         let s = build(&t, &observed(&rows[..1], Some(&snap), &|_| None));
-        assert!(
-            s.diagnosis.join("\n").contains("no watched node"),
-            "{:?}",
-            s.diagnosis
-        );
+        assert!(s.diagnosis.join("\n").contains("no watched node"), "{:?}", s.diagnosis);
     }
 
     /// Discards that lose nothing and those answered with a reset are counted apart, per
@@ -1169,10 +1359,7 @@ mod tests {
         let s = build(&t, &observed(&rows, Some(&snap), &node_of));
         assert_eq!((s.drops, s.lossless, s.resets), (0, 2, 2));
         let b = &s.backends[2];
-        assert_eq!(
-            (b.drops, b.lossless, b.resets, b.drop_ratio),
-            (0, 2, 2, Some(0.0))
-        );
+        assert_eq!((b.drops, b.lossless, b.resets, b.drop_ratio), (0, 2, 2, Some(0.0)));
         assert_eq!(b.discard_reasons.len(), 2);
         assert!(
             s.diagnosis[0].starts_with("default/web: no drops of 150 attempts."),
@@ -1181,10 +1368,8 @@ mod tests {
         );
         // 2 resets in 50 attempts (4%) matter: named, with where the kernel sent them.
         assert!(
-            s.diagnosis
-                .iter()
-                .any(|l| l.contains("2 segments met no connection")
-                    && l.contains("TCP_FLAGS at tcp_v4_do_rcv+0x1c0 on node-b")),
+            s.diagnosis.iter().any(|l| l.contains("2 segments met no connection")
+                && l.contains("TCP_FLAGS at tcp_v4_do_rcv+0x1c0 on node-b")),
             "{:?}",
             s.diagnosis
         );
@@ -1201,7 +1386,11 @@ mod tests {
         let snap = tc(&t, 150, &[(1, 50), (2, 50), (web2, 50)]);
         let s = build(&t, &observed(&one, Some(&snap), &node_of));
         assert_eq!(s.diagnosis.len(), 1, "{:?}", s.diagnosis);
-        assert!(s.diagnosis[0].ends_with("Not counted as drops: 1 segments answered with a reset."), "{:?}", s.diagnosis);
+        assert!(
+            s.diagnosis[0].ends_with("Not counted as drops: 1 segments answered with a reset."),
+            "{:?}",
+            s.diagnosis
+        );
     }
 
     /// Retransmitted data dropped again (a path-MTU black hole: every too-big retransmission is
@@ -1228,7 +1417,12 @@ mod tests {
             text.contains("default/web: 660 drops for 400 attempts (more drops than attempts: each lost 1.6 packets on average, the same data retransmitted and dropped again)."),
             "{text}"
         );
-        assert!(text.contains("1.6 per attempt (the Service's attempts); more drops than its own attempts: each lost 5.1 packets"), "{text}");
+        assert!(
+            text.contains(
+                "1.6 per attempt (the Service's attempts); more drops than its own attempts: each lost 5.1 packets"
+            ),
+            "{text}"
+        );
         assert!(!text.contains("165.0%") && !text.contains("507.7%"), "{text}");
         assert!(!text.contains("no backend"), "{text}");
         // The client's socket purging the replies' out-of-order tails on abort: a consequence,
@@ -1249,10 +1443,16 @@ mod tests {
         let s = build(&t, &observed(&rows, Some(&snap), &node_of));
         let text = s.diagnosis.join("\n");
         assert!(!text.contains("no backend (before DNAT"), "{text}");
-        assert!(text.contains("130 drops on the client's side: tcp_ofo_purged"), "{text}");
+        assert!(
+            text.contains("130 drops on the client's side: tcp_ofo_purged"),
+            "{text}"
+        );
         assert!(text.contains("The drops are on node-b"), "{text}");
         let table = render(&s);
-        assert!(table.contains(" 1.6x ") || table.contains("(1.6x)") || table.contains("(2.0x)"), "{table}");
+        assert!(
+            table.contains(" 1.6x ") || table.contains("(1.6x)") || table.contains("(2.0x)"),
+            "{table}"
+        );
         assert!(table.contains("5.1x"), "{table}");
         assert!(table.contains("Nx: more drops than attempts"), "{table}");
     }
@@ -1270,30 +1470,19 @@ mod tests {
             location: "tcp_v4_rcv+0x80".into(),
             ..row(web0, 326, pod_ns)
         };
-        let snap = with_pod_netns(
-            tc(&t, 1000, &[(web0, 326), (2, 337), (3, 337)]),
-            &[(pod_ns, "node-a")],
-        );
+        let snap = with_pod_netns(tc(&t, 1000, &[(web0, 326), (2, 337), (3, 337)]), &[(pod_ns, "node-a")]);
         let node_of = |n: u32| (n == pod_ns).then(|| "node-a".to_string());
         let rows = [refused.clone()];
         let s = build(&t, &observed(&rows, Some(&snap), &node_of));
         let b = &s.backends[0];
-        assert_eq!(
-            (b.attempts, b.drops, b.drop_ratio),
-            (Some(326), 326, Some(1.0))
-        );
+        assert_eq!((b.attempts, b.drops, b.drop_ratio), (Some(326), 326, Some(1.0)));
         assert!(
-            s.diagnosis
-                .join("\n")
-                .contains("100.0% of its own attempts"),
+            s.diagnosis.join("\n").contains("100.0% of its own attempts"),
             "{:?}",
             s.diagnosis
         );
         // Dropped before delivery (on the node): added to what was delivered.
-        let on_node = ReasonRow {
-            netns: 7,
-            ..refused
-        };
+        let on_node = ReasonRow { netns: 7, ..refused };
         let snap = tc(&t, 1000, &[(web0, 0), (2, 337), (3, 337)]);
         let rows = [on_node];
         let s = build(&t, &observed(&rows, Some(&snap), &node_of));
@@ -1316,10 +1505,17 @@ mod tests {
         let rows = vec![row(web2, 10, 98), row(web2, 80, 12345)];
         let snap = tc(&t, 100, &[(1, 33), (2, 33), (web2, 24)]);
         let node_of = |n: u32| (n == 98).then(|| "node-b".to_string());
-        let o = Observed { nodes_given: true, ..observed(&rows, Some(&snap), &node_of) };
+        let o = Observed {
+            nodes_given: true,
+            ..observed(&rows, Some(&snap), &node_of)
+        };
         let s = build(&t, &o);
         assert_eq!((s.backends[2].drops, s.other_namespaces, s.drops), (10, 80, 10));
-        assert!(s.diagnosis.iter().any(|l| l.starts_with("80 more matched")), "{:?}", s.diagnosis);
+        assert!(
+            s.diagnosis.iter().any(|l| l.starts_with("80 more matched")),
+            "{:?}",
+            s.diagnosis
+        );
         // Without named nodes nothing is left out: the namespace is merely unplaced.
         let s = build(&t, &observed(&rows, Some(&snap), &node_of));
         assert_eq!((s.backends[2].drops, s.other_namespaces), (90, 0));

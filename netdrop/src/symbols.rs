@@ -32,7 +32,9 @@ impl KernelSymbols {
             if !matches!(kind, "t" | "T" | "w" | "W") {
                 continue;
             }
-            let Ok(addr) = u64::from_str_radix(addr, 16) else { continue };
+            let Ok(addr) = u64::from_str_radix(addr, 16) else {
+                continue;
+            };
             if addr == 0 {
                 continue;
             }
@@ -40,7 +42,10 @@ impl KernelSymbols {
             syms.push((addr, name.into(), module));
         }
         syms.sort_unstable_by_key(|s| s.0);
-        Self { syms, cache: Mutex::new(HashMap::new()) }
+        Self {
+            syms,
+            cache: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -84,7 +89,10 @@ mod tests {
         let k = KernelSymbols::parse(KALLSYMS);
         assert_eq!(k.symbolize(0xffff_ffff_81a0_052f), "__udp4_lib_rcv+0x52f");
         assert_eq!(k.symbolize(0xffff_ffff_81a0_0800), "udp_rcv+0x0");
-        assert_eq!(k.symbolize(0xffff_ffff_c010_0010), "nf_conntrack_in+0x10 [nf_conntrack]");
+        assert_eq!(
+            k.symbolize(0xffff_ffff_c010_0010),
+            "nf_conntrack_in+0x10 [nf_conntrack]"
+        );
         assert_eq!(k.function(0xffff_ffff_81a0_0001), Some("__udp4_lib_rcv"));
         assert_eq!(k.symbolize(0x10), "0x10");
     }

@@ -77,7 +77,9 @@ impl TargetSpec {
             Self::Pod { namespace, name } => {
                 let pods = r.pods(Some(namespace), None, Some(name));
                 if pods.is_empty() {
-                    return Err(format!("pod {namespace}/{name} not found (kubectl get pods -n {namespace})"));
+                    return Err(format!(
+                        "pod {namespace}/{name} not found (kubectl get pods -n {namespace})"
+                    ));
                 }
                 Ok(SvcTargets::from_pods(self.describe(), &pods))
             }
@@ -90,9 +92,15 @@ impl TargetSpec {
             }
             Self::Node(node) => {
                 let mut pods = r.pods(None, Some(node), None);
-                let ips = r.node_ips(node).ok_or_else(|| format!("node {node} not found (kubectl get nodes)"))?;
+                let ips = r
+                    .node_ips(node)
+                    .ok_or_else(|| format!("node {node} not found (kubectl get nodes)"))?;
                 pods.push((
-                    crate::resolve::Peer { kind: crate::resolve::PeerKind::Node, node: Some(node.as_str().into()), ..Default::default() },
+                    crate::resolve::Peer {
+                        kind: crate::resolve::PeerKind::Node,
+                        node: Some(node.as_str().into()),
+                        ..Default::default()
+                    },
                     ips,
                 ));
                 Ok(SvcTargets::from_pods(self.describe(), &pods))
@@ -103,7 +111,10 @@ impl TargetSpec {
 
 /// `10.96.0.10:80/TCP, [fd00:96::50]:80/TCP`.
 fn frontends(f: &[(IpAddr, u16, Proto)]) -> String {
-    f.iter().map(|(ip, port, proto)| format!("{}/{proto}", SocketAddr::new(*ip, *port))).collect::<Vec<_>>().join(", ")
+    f.iter()
+        .map(|(ip, port, proto)| format!("{}/{proto}", SocketAddr::new(*ip, *port)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A running target trace.
@@ -133,7 +144,9 @@ impl TargetMode {
         probe: &mut DropProbe,
         node: &str,
     ) -> anyhow::Result<Self> {
-        let Some(spec) = TargetSpec::from_args(a) else { bail!("no target given") };
+        let Some(spec) = TargetSpec::from_args(a) else {
+            bail!("no target given")
+        };
         let targets = match spec.resolve(r) {
             Ok(t) => t,
             Err(e) => bail!("{e}"),
@@ -164,10 +177,22 @@ impl TargetMode {
         eprintln!(
             "netdrop: tracing {}{}: {} {}{}",
             spec.describe(),
-            if targets.frontends.is_empty() { String::new() } else { format!(" ({})", frontends(&targets.frontends)) },
+            if targets.frontends.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", frontends(&targets.frontends))
+            },
             targets.backends.len(),
-            if matches!(spec, TargetSpec::Svc { .. }) { "backends" } else { "addresses" },
-            tc.as_ref().map_or_else(String::new, |t| format!("; attempts from tc ({}) on {} node namespace(s)", t.mode().name(), t.nodes().len())),
+            if matches!(spec, TargetSpec::Svc { .. }) {
+                "backends"
+            } else {
+                "addresses"
+            },
+            tc.as_ref().map_or_else(String::new, |t| format!(
+                "; attempts from tc ({}) on {} node namespace(s)",
+                t.mode().name(),
+                t.nodes().len()
+            )),
         );
         let mut me = Self {
             spec,
@@ -199,7 +224,11 @@ impl TargetMode {
             {
                 warn!("updating tc destinations: {e}");
             }
-            eprintln!("netdrop: {} changed: now {} backends/addresses", self.spec.describe(), t.backends.len());
+            eprintln!(
+                "netdrop: {} changed: now {} backends/addresses",
+                self.spec.describe(),
+                t.backends.len()
+            );
             self.targets = t;
         }
         self.snapshot = self.tc.as_ref().map(TcAccounting::snapshot);
@@ -227,26 +256,44 @@ impl TargetMode {
 
     /// Whether a periodic summary is due.
     pub fn due(&mut self) -> bool {
-        let due = self.last.is_none_or(|l| l.elapsed() + Duration::from_millis(50) >= self.interval);
+        let due = self
+            .last
+            .is_none_or(|l| l.elapsed() + Duration::from_millis(50) >= self.interval);
         if due {
             self.last = Some(Instant::now());
         }
         due
     }
 
-    pub fn build(&self, summary: &Summary, node_of: &HashMap<u32, String>, started: Instant, is_final: bool) -> SvcSummary {
+    pub fn build(
+        &self,
+        summary: &Summary,
+        node_of: &HashMap<u32, String>,
+        started: Instant,
+        is_final: bool,
+    ) -> SvcSummary {
         let lookup = |n: u32| node_of.get(&n).cloned();
         let mut s = self.build_table(summary, &lookup, started, is_final);
         // Conntrack findings that are not drops: a resolved clash (Linux 5.6+) dropped nothing,
         // which is the answer to "is it the DNS insert race?".
         for c in summary.conntrack.iter().filter(|c| c.clash_resolve > 0) {
             let place = lookup(c.netns).unwrap_or_else(|| format!("netns {}", c.netns));
-            s.diagnosis.push(format!("{place}: {} conntrack clashes resolved: {}.", c.clash_resolve, crate::classify::CLASH_RESOLVED));
+            s.diagnosis.push(format!(
+                "{place}: {} conntrack clashes resolved: {}.",
+                c.clash_resolve,
+                crate::classify::CLASH_RESOLVED
+            ));
         }
         s
     }
 
-    fn build_table(&self, summary: &Summary, lookup: &dyn Fn(u32) -> Option<String>, started: Instant, is_final: bool) -> SvcSummary {
+    fn build_table(
+        &self,
+        summary: &Summary,
+        lookup: &dyn Fn(u32) -> Option<String>,
+        started: Instant,
+        is_final: bool,
+    ) -> SvcSummary {
         svc::build(
             &self.targets,
             &Observed {
@@ -308,7 +355,10 @@ mod tests {
 
     #[test]
     fn frontends_are_written_as_socket_addresses() {
-        let f = [("10.96.0.10".parse().expect("ip"), 80, Proto::Tcp), ("fd00:96::50".parse().expect("ip"), 53, Proto::Udp)];
+        let f = [
+            ("10.96.0.10".parse().expect("ip"), 80, Proto::Tcp),
+            ("fd00:96::50".parse().expect("ip"), 53, Proto::Udp),
+        ];
         assert_eq!(frontends(&f), "10.96.0.10:80/TCP, [fd00:96::50]:53/UDP");
     }
 }

@@ -23,12 +23,12 @@ use crate::{
     classify,
     cli::{CtHookArg, TraceArgs, TwHookArg},
     conntrack::{CtMonitor, Evidence},
-    event::DropRecord,
-    resolve::{Health, Proto, Resolver},
     decode::{self, Decoder},
+    event::DropRecord,
     output::{Format, JsonSink, Sink, TextSink},
-    probe::{self, AttachOptions, PreciseHook, KernelInfo},
+    probe::{self, AttachOptions, KernelInfo, PreciseHook},
     reasons::ReasonTable,
+    resolve::{Health, Proto, Resolver},
     symbols::KernelSymbols,
     targets::TargetMode,
 };
@@ -53,7 +53,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             if spec.needs_packet() {
                 return Err(crate::filter::FilterError::NeedsBtf(why).into());
             }
-            eprintln!("netdrop: degraded mode \"counts only\": no kernel BTF ({why}); drops are counted by reason and location, no per-packet events");
+            eprintln!(
+                "netdrop: degraded mode \"counts only\": no kernel BTF ({why}); drops are counted by reason and location, no per-packet events"
+            );
         }
     }
     if let Some(tp) = kernel.tracepoint {
@@ -62,22 +64,29 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     config.btf_has_reason = u32::from(kernel.btf_has_reason);
     let conntrack_on = config.read_skb == 1 && kernel.conntrack.is_ok() && args.ct_hook != Some(CtHookArg::Off);
     config.conntrack = u32::from(conntrack_on);
-    config.netfilter_drop_reason = kernel.reasons.lookup("NETFILTER_DROP").unwrap_or(netdrop_common::ABSENT);
-    // Without reasons (before 5.17) every drop is 0, and the TCP flags help classify all of them.
-    config.not_specified_reason = kernel
+    config.netfilter_drop_reason = kernel
         .reasons
-        .not_specified()
+        .lookup("NETFILTER_DROP")
         .unwrap_or(netdrop_common::ABSENT);
+    // Without reasons (before 5.17) every drop is 0, and the TCP flags help classify all of them.
+    config.not_specified_reason = kernel.reasons.not_specified().unwrap_or(netdrop_common::ABSENT);
     set_effect_reasons(&mut config, &kernel.reasons);
     // The kfree_skb program consults the precise hooks' marks only for NETFILTER_DROP.
     config.precise_conntrack = config.conntrack;
     let timewait = timewait_source(&kernel, &mut config, args.tw_hook)?;
     let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
-    config.events_per_cpu_sec = if args.event_rate == 0 { 0 } else { args.event_rate.div_ceil(cpus) };
+    config.events_per_cpu_sec = if args.event_rate == 0 {
+        0
+    } else {
+        args.event_rate.div_ceil(cpus)
+    };
     config.wakeup_bytes = WAKEUP_BYTES.min(args.ring_kib * 1024 / 4);
     config.addr_filter = u32::from(args.target.any());
 
-    let attach_opts = AttachOptions { hook: args.hook, ring_bytes: args.ring_kib * 1024 };
+    let attach_opts = AttachOptions {
+        hook: args.hook,
+        ring_bytes: args.ring_kib * 1024,
+    };
     let mut probe = match probe::attach(&kernel, &config, attach_opts) {
         // The verifier's limit (1M instructions processed) is reached on some kernels (Debian
         // 6.1) by the per-drop effect decision: the same program without it, named.
@@ -101,7 +110,10 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             let (hook, why) = probe::attach_conntrack(&mut probe, want);
             match hook {
                 PreciseHook::Fexit => eprintln!("netdrop: conntrack verdicts via fexit (exact)"),
-                PreciseHook::Kprobe => eprintln!("netdrop: conntrack verdicts via kprobe (exact; {})", why.unwrap_or_default()),
+                PreciseHook::Kprobe => eprintln!(
+                    "netdrop: conntrack verdicts via kprobe (exact; {})",
+                    why.unwrap_or_default()
+                ),
                 PreciseHook::Inferred => eprintln!(
                     "netdrop: conntrack classification inferred from conntrack state and statistics ({})",
                     why.unwrap_or_else(|| "--ct-hook inferred".into())
@@ -130,12 +142,17 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     if kube_on {
         // Resolve the first drops too: wait briefly for the first lists (the trace runs anyway).
         if !resolver.wait_synced(Duration::from_secs(5)).await {
-            eprintln!("netdrop: kubernetes not synced yet ({}); tracing anyway, names appear once it is", resolver.status());
+            eprintln!(
+                "netdrop: kubernetes not synced yet ({}); tracing anyway, names appear once it is",
+                resolver.status()
+            );
         }
     }
     let mut targets = if args.target.any() {
         if !kube_on {
-            anyhow::bail!("--svc/--pod/--node/--namespace need Kubernetes: pass --kubeconfig FILE or --kube-snapshot FILE");
+            anyhow::bail!(
+                "--svc/--pod/--node/--namespace need Kubernetes: pass --kubeconfig FILE or --kube-snapshot FILE"
+            );
         }
         let tc = (!args.no_tc).then_some(&args.tc);
         Some(TargetMode::start(&args.target, tc, &resolver, &mut probe, &node)?)
@@ -162,7 +179,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         // And the nodes named with --node-netns: their conntrack (a node's SNAT, a resolved
         // clash) counts from the start, not from their first drop.
         for n in &args.tc.node_netns {
-            if let Some(inode) = n.path.as_deref().and_then(|p| std::fs::metadata(p).ok()).map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32) {
+            if let Some(inode) = n
+                .path
+                .as_deref()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
+            {
                 monitor.track(inode);
             }
         }
@@ -200,7 +222,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         (None, _) => Format::Text,
     };
     pipe.sinks.push(match (format, live_table) {
-        (Format::Text, true) => Box::new(crate::output::RecentSink::new(targets.as_ref().map(|t| t.recent.clone()).unwrap_or_default())),
+        (Format::Text, true) => Box::new(crate::output::RecentSink::new(
+            targets.as_ref().map(|t| t.recent.clone()).unwrap_or_default(),
+        )),
         (Format::Text, false) => Box::new(TextSink::for_stdout(stdout)),
         (Format::Json, _) => Box::new(JsonSink::new(stdout)),
     });
@@ -281,7 +305,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         // none of them (counted as `other_namespaces`), as their drops are no events either.
         svc.detail = Some(if pipe.nodes_given {
             let ours = probe::KernelCounts {
-                drops: counts.drops.iter().filter(|(k, _)| pipe.node_of.contains_key(&k.netns)).copied().collect(),
+                drops: counts
+                    .drops
+                    .iter()
+                    .filter(|(k, _)| pipe.node_of.contains_key(&k.netns))
+                    .copied()
+                    .collect(),
                 stats: counts.stats,
             };
             summarizer.summary_of(&ours, &mut pipe, started)
@@ -326,7 +355,9 @@ fn timewait_source(kernel: &KernelInfo, config: &mut Config, want: Option<TwHook
     let source = match want {
         None | Some(TwHookArg::RxSk) if rx_sk => Timewait::RxSk,
         Some(TwHookArg::RxSk) => {
-            anyhow::bail!("--tw-hook rx-sk: this kernel's kfree_skb passes no receiving socket (Linux 6.11+); use fexit or kprobe")
+            anyhow::bail!(
+                "--tw-hook rx-sk: this kernel's kfree_skb passes no receiving socket (Linux 6.11+); use fexit or kprobe"
+            )
         }
         Some(TwHookArg::Flags) => Timewait::Flags,
         _ if config.read_skb == 0 => Timewait::Flags,
@@ -418,7 +449,11 @@ impl Summarizer {
                 }
             }
         }
-        let ct_report = if self.conntrack { pipe.monitor.report() } else { Vec::new() };
+        let ct_report = if self.conntrack {
+            pipe.monitor.report()
+        } else {
+            Vec::new()
+        };
         let monitor = &pipe.monitor;
         let classify_row = |k: &netdrop_common::DropKey| {
             let reason = self.reasons.display(k.reason).to_string();
@@ -469,7 +504,10 @@ impl Pipeline {
                 (_, 0x0800) => 4,
                 _ => 6,
             };
-            if self.visibility.is_hidden(ev.reason, ip_version, ev.location, ev.exact_class) {
+            if self
+                .visibility
+                .is_hidden(ev.reason, ip_version, ev.location, ev.exact_class)
+            {
                 continue;
             }
             if self.nodes_given && !self.node_of.contains_key(&ev.netns) {
@@ -503,15 +541,24 @@ impl Pipeline {
         let needs_evidence = self.conntrack
             && r.reason == "NETFILTER_DROP"
             && r.raw.exact_class == 0
-            && !function.is_some_and(|f| classify::RULE_ENGINES.contains(&f) && r.raw.ct_state & ct::STATE_MASK != ct::NONE);
-        let evidence = if needs_evidence { self.monitor.around(netns, at_ns) } else { Evidence::default() };
-        (r.classification, r.certainty) = classify::classify(&r.reason, function, r.raw.ct_state, r.raw.exact_class, &evidence);
+            && !function
+                .is_some_and(|f| classify::RULE_ENGINES.contains(&f) && r.raw.ct_state & ct::STATE_MASK != ct::NONE);
+        let evidence = if needs_evidence {
+            self.monitor.around(netns, at_ns)
+        } else {
+            Evidence::default()
+        };
+        (r.classification, r.certainty) =
+            classify::classify(&r.reason, function, r.raw.ct_state, r.raw.exact_class, &evidence);
     }
 }
 
 /// This node's name: `flag` (`--node-name`/`$NODE_NAME`), else the hostname.
 pub fn node_name(flag: Option<&str>) -> String {
-    crate::resolve::node_name(&crate::resolve::KubeArgs { node_name: flag.map(String::from), ..Default::default() })
+    crate::resolve::node_name(&crate::resolve::KubeArgs {
+        node_name: flag.map(String::from),
+        ..Default::default()
+    })
 }
 
 /// Names both ends (and the pre-NAT ends) of a drop.
@@ -522,7 +569,10 @@ pub fn resolve_record(r: &Resolver, d: &mut DropRecord) {
         "sctp" => Some(Proto::Sctp),
         _ => None,
     };
-    for e in [&mut d.src, &mut d.dst, &mut d.orig_src, &mut d.orig_dst].into_iter().flatten() {
+    for e in [&mut d.src, &mut d.dst, &mut d.orig_src, &mut d.orig_dst]
+        .into_iter()
+        .flatten()
+    {
         let port = e.port.zip(proto);
         e.k8s = Some(r.lookup_opt(e.ip, port));
     }
@@ -546,7 +596,12 @@ pub fn reasons(args: &crate::cli::ReasonsArgs) -> anyhow::Result<()> {
             writeln!(out, "{doc}")?;
         }
         Format::Text => {
-            writeln!(out, "drop reasons of kernel {} (from {:?}); * = benign, hidden by default", kernel.release, t.source())?;
+            writeln!(
+                out,
+                "drop reasons of kernel {} (from {:?}); * = benign, hidden by default",
+                kernel.release,
+                t.source()
+            )?;
             for (code, name) in t.iter() {
                 let mark = if classify::is_benign(name) { "*" } else { " " };
                 writeln!(out, "{code:>8} {mark} {name}")?;

@@ -121,8 +121,7 @@ impl TcpSocket {
 /// so a test that needs a timewait socket must not leave this to timing.
 pub fn fin_and_wait_fin_wait2(s: &std::net::TcpStream) {
     use std::os::fd::AsRawFd as _;
-    s.shutdown(std::net::Shutdown::Write)
-        .expect("shutdown(SHUT_WR)");
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown(SHUT_WR)");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         // SAFETY: getsockopt on an open socket into a zeroed tcp_info of the size we pass.
@@ -228,11 +227,7 @@ impl NetNs {
 
     /// The namespace's TCP sockets (`/proc/net/tcp`, or `tcp6`), as the kernel lists them.
     pub fn tcp_sockets(&self, ipv6: bool) -> Vec<TcpSocket> {
-        let file = if ipv6 {
-            "/proc/net/tcp6"
-        } else {
-            "/proc/net/tcp"
-        };
+        let file = if ipv6 { "/proc/net/tcp6" } else { "/proc/net/tcp" };
         self.exec("cat", &[file])
             .lines()
             .skip(1)
@@ -253,9 +248,7 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = netdrop_tools::tool("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = netdrop_tools::tool("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
@@ -267,14 +260,26 @@ pub fn netns_snmp(name: &str) -> HashMap<String, HashMap<String, u64>> {
 /// Runs `cmd` in a private mount namespace where /sys/kernel/btf is an empty tmpfs: a kernel
 /// without BTF, as far as the program can tell.
 pub fn hide_btf(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt as _;
     use nix::mount::{MsFlags, mount};
+    use std::os::unix::process::CommandExt as _;
     // SAFETY: only async-signal-safe syscalls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
-            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)?;
-            mount(Some("none"), "/sys/kernel/btf", Some("tmpfs"), MsFlags::empty(), None::<&str>)?;
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )?;
+            mount(
+                Some("none"),
+                "/sys/kernel/btf",
+                Some("tmpfs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )?;
             Ok(())
         });
     }
@@ -286,8 +291,7 @@ pub fn parse_snmp(text: &str) -> HashMap<String, HashMap<String, u64>> {
     let lines: Vec<&str> = text.lines().collect();
     for pair in lines.chunks(2) {
         let [head, vals] = pair else { continue };
-        let (Some((t, names)), Some((_, values))) = (head.split_once(':'), vals.split_once(':'))
-        else {
+        let (Some((t, names)), Some((_, values))) = (head.split_once(':'), vals.split_once(':')) else {
             continue;
         };
         let table = out.entry(t.to_string()).or_default();
@@ -304,7 +308,10 @@ pub fn parse_snmp(text: &str) -> HashMap<String, HashMap<String, u64>> {
 /// `$NETDROP_ATTACH_TIMEOUT_S` — the kernel matrix's guests set more, as a debug netdrop under
 /// software emulation spends tens of seconds parsing BTF and in the verifier.
 pub fn attach_timeout() -> Duration {
-    let secs = std::env::var("NETDROP_ATTACH_TIMEOUT_S").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let secs = std::env::var("NETDROP_ATTACH_TIMEOUT_S")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
     Duration::from_secs(secs)
 }
 
@@ -441,8 +448,7 @@ impl Tracer {
             ..TraceOutput::default()
         };
         for line in stdout.lines() {
-            let v: Value =
-                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
             match v["type"].as_str() {
                 Some("drop") => out.drops.push(v),
                 Some("summary") => out.summary = v,
@@ -464,27 +470,15 @@ impl Tracer {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
         let deadline = Instant::now() + Duration::from_secs(30);
         while child.try_wait().expect("wait").is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "netdrop did not exit after SIGINT"
-            );
+            assert!(Instant::now() < deadline, "netdrop did not exit after SIGINT");
             thread::sleep(Duration::from_millis(20));
         }
         let status = child.wait().expect("wait");
-        let stdout = self
-            .stdout
-            .take()
-            .expect("reader")
-            .join()
-            .expect("stdout reader");
+        let stdout = self.stdout.take().expect("reader").join().expect("stdout reader");
         // Let the stderr reader catch up.
         thread::sleep(Duration::from_millis(50));
         let stderr = self.stderr.lock().expect("lock").clone();
-        assert!(
-            status.success(),
-            "netdrop exited with {status}: {}",
-            stderr.join("\n")
-        );
+        assert!(status.success(), "netdrop exited with {status}: {}", stderr.join("\n"));
         (stdout, stderr)
     }
 
@@ -516,10 +510,7 @@ impl TraceOutput {
 
     /// Drop events with this reason.
     pub fn events(&self, reason: &str) -> Vec<&Value> {
-        self.drops
-            .iter()
-            .filter(|d| d["reason"] == reason)
-            .collect()
+        self.drops.iter().filter(|d| d["reason"] == reason).collect()
     }
 }
 
@@ -576,15 +567,17 @@ impl NetNs {
 pub fn ct_stat_column(text: &str, column: &str) -> Option<u64> {
     let mut lines = text.lines();
     let idx = lines.next()?.split_whitespace().position(|c| c == column)?;
-    Some(lines.filter_map(|l| l.split_whitespace().nth(idx)).filter_map(|v| u64::from_str_radix(v, 16).ok()).sum())
+    Some(
+        lines
+            .filter_map(|l| l.split_whitespace().nth(idx))
+            .filter_map(|v| u64::from_str_radix(v, 16).ok())
+            .sum(),
+    )
 }
 
 /// Connects two namespaces with a veth pair: `a_if` (addr `a_addr`) in `a`, `b_if` in `b`.
 pub fn veth(a: &NetNs, a_if: &str, a_addr: &str, b: &NetNs, b_if: &str, b_addr: &str) {
-    run(
-        "ip",
-        &["link", "add", a_if, "type", "veth", "peer", "name", b_if],
-    );
+    run("ip", &["link", "add", a_if, "type", "veth", "peer", "name", b_if]);
     a.take_link(a_if, a_addr);
     b.take_link(b_if, b_addr);
 }
@@ -601,7 +594,12 @@ impl TraceOutput {
 
     /// The summary's counter rows of one netns.
     pub fn rows_in(&self, netns: u32) -> Vec<&Value> {
-        self.summary["drops"].as_array().expect("drops array").iter().filter(|r| r["netns"] == netns).collect()
+        self.summary["drops"]
+            .as_array()
+            .expect("drops array")
+            .iter()
+            .filter(|r| r["netns"] == netns)
+            .collect()
     }
 }
 
@@ -634,21 +632,14 @@ pub struct TcPod {
 
 /// Turns IPv6 off in a namespace (no ND/MLD/RS packets to disturb exact counts).
 pub fn no_ipv6(ns: &NetNs) {
-    for key in [
-        "net.ipv6.conf.all.disable_ipv6",
-        "net.ipv6.conf.default.disable_ipv6",
-    ] {
+    for key in ["net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"] {
         ns.exec("sysctl", &["-qw", &format!("{key}=1")]);
     }
 }
 
 /// `cali` + 11 hex characters, unique per call in this process.
 pub fn cali_name(n: u32) -> String {
-    format!(
-        "cali{:05x}{:06x}",
-        std::process::id() & 0xfffff,
-        n & 0xff_ffff
-    )
+    format!("cali{:05x}{:06x}", std::process::id() & 0xfffff, n & 0xff_ffff)
 }
 
 impl TcNode {
@@ -673,13 +664,12 @@ impl TcNode {
             format!("02:00:00:{subnet:02x}:{n:02x}:02"),
         );
         self.ns.ip(&[
-            "link", "add", &host_if, "address", &hmac, "type", "veth", "peer", "name", "eth0",
-            "address", &pmac, "netns", &pod.name,
+            "link", "add", &host_if, "address", &hmac, "type", "veth", "peer", "name", "eth0", "address", &pmac,
+            "netns", &pod.name,
         ]);
         let node_ip = std::net::Ipv4Addr::new(10, subnet, n, 1);
         let pod_ip = std::net::Ipv4Addr::new(10, subnet, n, 2);
-        self.ns
-            .ip(&["addr", "add", &format!("{node_ip}/24"), "dev", &host_if]);
+        self.ns.ip(&["addr", "add", &format!("{node_ip}/24"), "dev", &host_if]);
         self.ns.ip(&["link", "set", &host_if, "up"]);
         pod.ip(&["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"]);
         pod.ip(&["link", "set", "eth0", "up"]);
@@ -716,10 +706,7 @@ impl TcNode {
     /// `/sys/class/net/<if>/statistics/<stat>` of a node interface.
     pub fn if_stat(&self, ifname: &str, stat: &str) -> u64 {
         self.ns
-            .exec(
-                "cat",
-                &[&format!("/sys/class/net/{ifname}/statistics/{stat}")],
-            )
+            .exec("cat", &[&format!("/sys/class/net/{ifname}/statistics/{stat}")])
             .trim()
             .parse()
             .expect("statistics counter")
@@ -745,10 +732,7 @@ impl TcNode {
                 .map(|n| {
                     (
                         n.clone(),
-                        (
-                            query(n, TcAttachType::Ingress),
-                            query(n, TcAttachType::Egress),
-                        ),
+                        (query(n, TcAttachType::Ingress), query(n, TcAttachType::Egress)),
                     )
                 })
                 .collect()
@@ -790,8 +774,7 @@ impl TcNode {
 
 /// Prog ids of programs called `name` (`bpftool -j prog show`).
 pub fn prog_ids(name: &str) -> Vec<u64> {
-    let v: Value =
-        serde_json::from_str(&run("bpftool", &["-j", "prog", "show"])).expect("bpftool json");
+    let v: Value = serde_json::from_str(&run("bpftool", &["-j", "prog", "show"])).expect("bpftool json");
     v.as_array()
         .expect("array")
         .iter()
@@ -806,7 +789,10 @@ pub fn links_of(progs: &[u64]) -> usize {
     // links of a killed process do): try again.
     let mut text = None;
     for _ in 0..20 {
-        let out = netdrop_tools::tool("bpftool").args(["-j", "link", "show"]).output().expect("bpftool");
+        let out = netdrop_tools::tool("bpftool")
+            .args(["-j", "link", "show"])
+            .output()
+            .expect("bpftool");
         if out.status.success() {
             text = Some(String::from_utf8_lossy(&out.stdout).into_owned());
             break;
@@ -823,18 +809,13 @@ pub fn links_of(progs: &[u64]) -> usize {
 
 /// Entries of the map called `map` used by program `prog` (`bpftool map dump`).
 pub fn map_entries_of(prog: u64, map: &str) -> usize {
-    let p: Value = serde_json::from_str(&run(
-        "bpftool",
-        &["-j", "prog", "show", "id", &prog.to_string()],
-    ))
-    .expect("json");
+    let p: Value =
+        serde_json::from_str(&run("bpftool", &["-j", "prog", "show", "id", &prog.to_string()])).expect("json");
     for id in p["map_ids"].as_array().cloned().unwrap_or_default() {
         let id = id.as_u64().expect("id").to_string();
-        let m: Value =
-            serde_json::from_str(&run("bpftool", &["-j", "map", "show", "id", &id])).expect("json");
+        let m: Value = serde_json::from_str(&run("bpftool", &["-j", "map", "show", "id", &id])).expect("json");
         if m["name"] == map {
-            let d: Value = serde_json::from_str(&run("bpftool", &["-j", "map", "dump", "id", &id]))
-                .expect("json");
+            let d: Value = serde_json::from_str(&run("bpftool", &["-j", "map", "dump", "id", &id])).expect("json");
             return d.as_array().map_or(0, Vec::len);
         }
     }
@@ -867,8 +848,7 @@ impl TcWatch {
         let keep = lines.clone();
         thread::spawn(move || {
             for l in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let v: Value =
-                    serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+                let v: Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
                 keep.lock().expect("lock").push(v);
             }
         });
@@ -991,12 +971,7 @@ pub fn load_len_dropper(len: u32) -> std::os::fd::OwnedFd {
     ];
     let mut code = Vec::new();
     for (op, regs, off, imm) in insns {
-        code.push(
-            u64::from(op)
-                | u64::from(regs) << 8
-                | u64::from(off as u16) << 16
-                | u64::from(imm as u32) << 32,
-        );
+        code.push(u64::from(op) | u64::from(regs) << 8 | u64::from(off as u16) << 16 | u64::from(imm as u32) << 32);
     }
     let license = b"GPL\0";
     let name = b"test_len_drop\0\0\0";
@@ -1010,22 +985,14 @@ pub fn load_len_dropper(len: u32) -> std::os::fd::OwnedFd {
     attr[48..64].copy_from_slice(name);
     // SAFETY: bpf(BPF_PROG_LOAD) with pointers valid for the call.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len()) };
-    assert!(
-        fd >= 0,
-        "loading the test dropper: {}",
-        std::io::Error::last_os_error()
-    );
+    assert!(fd >= 0, "loading the test dropper: {}", std::io::Error::last_os_error());
     // SAFETY: fresh fd from the kernel.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
 }
 
 /// Attaches `prog` with TCX to `ifname` in `ns` (ingress, appended last); the link lives as long
 /// as the returned fd.
-pub fn tcx_attach_last(
-    ns: &NetNs,
-    prog: &std::os::fd::OwnedFd,
-    ifname: &str,
-) -> std::os::fd::OwnedFd {
+pub fn tcx_attach_last(ns: &NetNs, prog: &std::os::fd::OwnedFd, ifname: &str) -> std::os::fd::OwnedFd {
     use std::os::fd::{AsRawFd as _, FromRawFd as _};
     let prog_fd = prog.as_raw_fd() as u32;
     let ifname = ifname.to_string();
@@ -1098,15 +1065,9 @@ pub fn add_foreign_clsact_dropper(ns: &NetNs, ifname: &str, prio: u16, len: u32)
     // SAFETY: bpf(BPF_OBJ_PIN) with a valid path and fd.
     let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, attr.as_ptr(), attr.len()) };
     let result = std::panic::catch_unwind(|| {
-        assert!(
-            rc == 0,
-            "pinning the test dropper: {}",
-            std::io::Error::last_os_error()
-        );
+        assert!(rc == 0, "pinning the test dropper: {}", std::io::Error::last_os_error());
         let _ = netdrop_tools::tool("ip")
-            .args([
-                "netns", "exec", &ns.name, "tc", "qdisc", "add", "dev", ifname, "clsact",
-            ])
+            .args(["netns", "exec", &ns.name, "tc", "qdisc", "add", "dev", ifname, "clsact"])
             .status();
         ns.exec(
             "tc",
@@ -1135,13 +1096,7 @@ pub fn add_foreign_clsact_dropper(ns: &NetNs, ifname: &str, prio: u16, len: u32)
 }
 
 /// Sends `count` UDP datagrams of `payload` bytes from `from` (in `src`) to `to`.
-pub fn udp_burst(
-    src: &NetNs,
-    from: std::net::Ipv4Addr,
-    to: SocketAddr,
-    payload: usize,
-    count: usize,
-) {
+pub fn udp_burst(src: &NetNs, from: std::net::Ipv4Addr, to: SocketAddr, payload: usize, count: usize) {
     src.within(move || {
         let s = UdpSocket::bind((from, 0)).expect("bind");
         for _ in 0..count {
@@ -1159,8 +1114,7 @@ pub struct UdpCounter {
 impl UdpCounter {
     pub fn start(ns: &NetNs, at: SocketAddr) -> Self {
         let sock = ns.within(move || UdpSocket::bind(at).expect("bind receiver"));
-        sock.set_read_timeout(Some(Duration::from_millis(50)))
-            .expect("timeout");
+        sock.set_read_timeout(Some(Duration::from_millis(50))).expect("timeout");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let handle = thread::spawn(move || {
@@ -1186,11 +1140,7 @@ impl UdpCounter {
     pub fn stop(mut self) -> usize {
         thread::sleep(Duration::from_millis(200));
         self.stop.store(true, Ordering::Relaxed);
-        self.handle
-            .take()
-            .expect("running")
-            .join()
-            .expect("receiver")
+        self.handle.take().expect("running").join().expect("receiver")
     }
 }
 
@@ -1247,11 +1197,7 @@ pub fn send_flows(ns: &NetNs, threads: usize, per_thread: usize, to: &'static st
         let path = ns.path();
         handles.push(thread::spawn(move || {
             let f = fs::File::open(path).expect("netns");
-            nix::sched::setns(
-                std::os::fd::AsFd::as_fd(&f),
-                nix::sched::CloneFlags::CLONE_NEWNET,
-            )
-            .expect("setns");
+            nix::sched::setns(std::os::fd::AsFd::as_fd(&f), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             let to: SocketAddr = to.parse().expect("addr");
             (0..per_thread)
                 .filter(|_| {
@@ -1268,7 +1214,9 @@ pub fn send_flows(ns: &NetNs, threads: usize, per_thread: usize, to: &'static st
 /// The running kernel's (major, minor) from its release (`uname -r`), e.g. (6, 1) for "6.1.0-56-cloud-amd64".
 pub fn kernel_version() -> (u32, u32) {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("/proc/sys/kernel/osrelease");
-    let mut nums = release.split(|c: char| !c.is_ascii_digit()).map(|n| n.parse().unwrap_or(0));
+    let mut nums = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse().unwrap_or(0));
     (nums.next().unwrap_or(0), nums.next().unwrap_or(0))
 }
 
@@ -1300,7 +1248,12 @@ pub fn needs_reasons() -> Option<String> {
             return Some(format!("netdrop reasons failed: {}", err.trim()));
         }
         let v: Value = serde_json::from_str(&out).ok()?;
-        (v["source"] == "none").then(|| format!("kernel {} has no drop reasons (Linux 5.17+)", v["kernel"].as_str().unwrap_or("?")))
+        (v["source"] == "none").then(|| {
+            format!(
+                "kernel {} has no drop reasons (Linux 5.17+)",
+                v["kernel"].as_str().unwrap_or("?")
+            )
+        })
     })
     .clone()
 }
@@ -1354,8 +1307,7 @@ impl Terminal {
             ));
         }
         // SAFETY: both descriptors were just opened by openpty and are owned by nobody else.
-        let (master, slave) =
-            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
         let child = cmd
             .stdout(Stdio::from(slave))
             .stderr(Stdio::piped())
@@ -1385,12 +1337,7 @@ impl Terminal {
     /// Waits for the program to exit; what it wrote to the terminal.
     pub fn wait(mut self) -> (std::process::ExitStatus, String) {
         let status = self.child.wait().expect("wait");
-        let screen = self
-            .screen
-            .take()
-            .expect("reader")
-            .join()
-            .expect("terminal reader");
+        let screen = self.screen.take().expect("reader").join().expect("terminal reader");
         (status, String::from_utf8_lossy(&screen).into_owned())
     }
 }

@@ -6,9 +6,7 @@
 
 use std::{net::TcpStream, sync::Mutex, time::Duration};
 
-use netdrop_tests::{
-    NatLab as Lab, NetNs, Sysctl, Tracer, require_root, send_flows, settle,
-};
+use netdrop_tests::{NatLab as Lab, NetNs, Sysctl, Tracer, require_root, send_flows, settle};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -18,9 +16,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 fn snat_port_exhaustion_is_conntrack_insert_failed() {
     require_root!("snat_port_exhaustion_is_conntrack_insert_failed");
     netdrop_tests::require_reasons!("snat_port_exhaustion_is_conntrack_insert_failed");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = Lab::new("iptables");
     lab.node.exec(
         "iptables",
@@ -86,10 +82,7 @@ fn snat_port_exhaustion_is_conntrack_insert_failed() {
 
 /// Where a precise hook (fexit/kprobe) is attached, the classification must come from it.
 fn assert_precise_is_exact(out: &netdrop_tests::TraceOutput, class: &str) {
-    let hook = out.summary["conntrack_hook"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let hook = out.summary["conntrack_hook"].as_str().unwrap_or_default().to_string();
     println!("conntrack hook: {hook}");
     if hook == "fexit" || hook == "kprobe" {
         for r in out.summary["drops"]
@@ -109,23 +102,12 @@ fn assert_precise_is_exact(out: &netdrop_tests::TraceOutput, class: &str) {
 fn table_full_is_conntrack_table_full_not_insert_failed() {
     require_root!("table_full_is_conntrack_table_full_not_insert_failed");
     netdrop_tests::require_reasons!("table_full_is_conntrack_table_full_not_insert_failed");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let ns = NetNs::new("full");
     // Any conntrack-using rule turns conntrack on in the namespace.
     ns.exec(
         "iptables",
-        &[
-            "-A",
-            "INPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "INVALID",
-            "-j",
-            "DROP",
-        ],
+        &["-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"],
     );
     let _max = Sysctl::set("net.netfilter.nf_conntrack_max", "120");
     let before_drop = ns.ct_stat("drop");
@@ -154,10 +136,7 @@ fn table_full_is_conntrack_table_full_not_insert_failed() {
     );
     assert!(failed > 0 && drops > 0, "the table must overflow");
     assert_eq!(insert_failed, 0);
-    assert_eq!(
-        full, drops,
-        "every allocation drop classified as table full"
-    );
+    assert_eq!(full, drops, "every allocation drop classified as table full");
     assert_eq!(
         out.class_count("conntrack_insert_failed", ns.inode()),
         0,
@@ -178,9 +157,7 @@ fn table_full_is_conntrack_table_full_not_insert_failed() {
 fn rule_drop(test: &str, iptables: &str) {
     require_root!(test);
     netdrop_tests::require_reasons!(test);
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = Lab::new(iptables);
     lab.node.exec(
         iptables,
@@ -201,9 +178,7 @@ fn rule_drop(test: &str, iptables: &str) {
     let sent = send_flows(&lab.pod, 1, 300, "10.20.0.2:7777");
     settle();
     let out = tracer.stop();
-    let rules = lab
-        .node
-        .exec(iptables, &["-L", "FORWARD", "-v", "-x", "-n"]);
+    let rules = lab.node.exec(iptables, &["-L", "FORWARD", "-v", "-x", "-n"]);
     let counted: u64 = rules
         .lines()
         .find(|l| l.contains("dpt:7777"))
@@ -212,11 +187,7 @@ fn rule_drop(test: &str, iptables: &str) {
         .expect("rule counter");
     assert_eq!((sent, counted), (300, 300));
     assert_eq!(out.class_count("netfilter_rule", lab.node.inode()), counted);
-    for c in [
-        "conntrack_insert_failed",
-        "conntrack_table_full",
-        "conntrack_invalid",
-    ] {
+    for c in ["conntrack_insert_failed", "conntrack_table_full", "conntrack_invalid"] {
         assert_eq!(out.class_count(c, lab.node.inode()), 0, "{c}");
     }
     drop(lab.remote);
@@ -238,9 +209,7 @@ fn legacy_rule_drop_is_netfilter_rule() {
 fn drop_after_dnat_carries_the_cluster_ip_as_orig_dst() {
     require_root!("drop_after_dnat_carries_the_cluster_ip_as_orig_dst");
     netdrop_tests::require_reasons!("drop_after_dnat_carries_the_cluster_ip_as_orig_dst");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = Lab::new("iptables");
     lab.node.exec(
         "iptables",
@@ -278,17 +247,11 @@ fn drop_after_dnat_carries_the_cluster_ip_as_orig_dst() {
     );
     let tracer = Tracer::start(&["--netns", &lab.node.name, "--reason", "NETFILTER_DROP"]);
     lab.pod.within(|| {
-        let _ = TcpStream::connect_timeout(
-            &"10.96.0.10:80".parse().expect("addr"),
-            Duration::from_millis(1500),
-        );
+        let _ = TcpStream::connect_timeout(&"10.96.0.10:80".parse().expect("addr"), Duration::from_millis(1500));
     });
     settle();
     let out = tracer.stop();
-    assert!(
-        !out.drops.is_empty(),
-        "the SYN (and its retransmits) are dropped"
-    );
+    assert!(!out.drops.is_empty(), "the SYN (and its retransmits) are dropped");
     for e in &out.drops {
         assert_eq!(e["dst"]["ip"], "10.20.0.2");
         assert_eq!(e["dst"]["port"], 8080);

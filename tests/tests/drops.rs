@@ -45,14 +45,21 @@ fn udp4_closed_port_counts_match_snmp_noports() {
         // The UDP receive path; which function frees depends on inlining (6.18: __udp4_lib_rcv,
         // Debian 7.2: udp_rcv).
         let loc = e["location"].as_str().expect("location");
-        assert!(loc.starts_with("__udp4_lib_rcv+0x") || loc.starts_with("udp_rcv+0x"), "{e}");
+        assert!(
+            loc.starts_with("__udp4_lib_rcv+0x") || loc.starts_with("udp_rcv+0x"),
+            "{e}"
+        );
         assert!(e["reason_code"].as_u64().is_some());
     }
     assert_eq!(out.summary["lost_events"], 0);
     // With BTF the preferred hook must load: the tracepoint fallback would hide a verifier
     // refusal of the tp_btf program (every kernel of the matrix accepts tp_btf/kfree_skb).
     if std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
-        assert_eq!(out.summary["hook"], "tp_btf/kfree_skb", "the tp_btf program loads on this kernel (stderr: {:?})", out.stderr);
+        assert_eq!(
+            out.summary["hook"], "tp_btf/kfree_skb",
+            "the tp_btf program loads on this kernel (stderr: {:?})",
+            out.stderr
+        );
     }
 }
 
@@ -100,30 +107,19 @@ fn tcp_closed(test: &str, target: &'static str, loc_prefix: &str) {
         assert_eq!(e["protocol"], "tcp");
         assert_eq!(e["tcp_flags"], "SYN");
         assert_eq!(e["dst"]["port"], 7);
-        assert!(
-            e["location"].as_str().expect("loc").starts_with(loc_prefix),
-            "{e}"
-        );
+        assert!(e["location"].as_str().expect("loc").starts_with(loc_prefix), "{e}");
     }
     assert_eq!(out.count("NO_SOCKET", ns.inode()), 20);
 }
 
 #[test]
 fn tcp4_closed_port_is_no_socket_with_syn() {
-    tcp_closed(
-        "tcp4_closed_port_is_no_socket_with_syn",
-        "127.0.0.1:7",
-        "tcp_v4_rcv",
-    );
+    tcp_closed("tcp4_closed_port_is_no_socket_with_syn", "127.0.0.1:7", "tcp_v4_rcv");
 }
 
 #[test]
 fn tcp6_closed_port_is_no_socket_with_syn() {
-    tcp_closed(
-        "tcp6_closed_port_is_no_socket_with_syn",
-        "[::1]:7",
-        "tcp_v6_rcv",
-    );
+    tcp_closed("tcp6_closed_port_is_no_socket_with_syn", "[::1]:7", "tcp_v6_rcv");
 }
 
 /// An iptables DROP rule in INPUT; the rule's own packet counter is the reference.
@@ -131,10 +127,7 @@ fn iptables_drop(test: &str, iptables: &str, loc_prefix: &str) {
     require_root!(test);
     netdrop_tests::require_reasons!(test);
     let ns = NetNs::new("ipt");
-    ns.exec(
-        iptables,
-        &["-A", "INPUT", "-p", "udp", "--dport", "5555", "-j", "DROP"],
-    );
+    ns.exec(iptables, &["-A", "INPUT", "-p", "udp", "--dport", "5555", "-j", "DROP"]);
     let tracer = Tracer::start(&["--netns", &ns.name]);
     let sent = ns.within(|| send_udp(addr("127.0.0.1:0"), addr("127.0.0.1:5555"), N));
     settle();
@@ -155,10 +148,7 @@ fn iptables_drop(test: &str, iptables: &str, loc_prefix: &str) {
     let ev = out.events("NETFILTER_DROP");
     assert_eq!(ev.len(), N);
     for e in ev {
-        assert!(
-            e["location"].as_str().expect("loc").starts_with(loc_prefix),
-            "{e}"
-        );
+        assert!(e["location"].as_str().expect("loc").starts_with(loc_prefix), "{e}");
         assert_eq!(e["dst"]["port"], 5555);
     }
 }
@@ -292,9 +282,7 @@ fn event_rate_limit_keeps_counts_exact() {
     let delta = ns.snmp("Udp", "NoPorts") - before;
     assert_eq!(out.count("NO_SOCKET", ns.inode()), delta);
     let shown = out.summary["events_shown"].as_u64().expect("shown");
-    let limited = out.summary["rate_limited_events"]
-        .as_u64()
-        .expect("limited");
+    let limited = out.summary["rate_limited_events"].as_u64().expect("limited");
     assert_eq!(shown as usize, out.drops.len());
     assert_eq!(
         shown + limited,
@@ -344,11 +332,7 @@ fn reason_table_matches_tracefs_print_fmt() {
             continue;
         };
         let name = rest.split('"').nth(1).expect("quoted name");
-        assert_eq!(
-            ours.get(&num).map(String::as_str),
-            Some(name),
-            "reason {num}"
-        );
+        assert_eq!(ours.get(&num).map(String::as_str), Some(name), "reason {num}");
         compared += 1;
     }
     assert!(compared > 50, "compared only {compared} reasons");
@@ -403,10 +387,7 @@ fn unprivileged_user_gets_a_permission_message() {
         .expect("read");
     let status = child.wait().expect("wait");
     assert!(!status.success());
-    assert!(
-        err.contains("netdrop needs root, or CAP_BPF and CAP_PERFMON"),
-        "{err}"
-    );
+    assert!(err.contains("netdrop needs root, or CAP_BPF and CAP_PERFMON"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -446,7 +427,11 @@ fn fin_to_a_closed_socket_is_tcp_teardown_and_hidden() {
             .filter(|r| r["netns"] == ns.inode() && r["ip"] == ip && r["classification"] == "tcp_teardown")
             .collect();
         let count: u64 = rows.iter().map(|r| r["count"].as_u64().expect("count")).sum();
-        assert_eq!(count, n as u64, "{ip}: one tcp_teardown per FIN to a closed socket: {}", out.summary);
+        assert_eq!(
+            count, n as u64,
+            "{ip}: one tcp_teardown per FIN to a closed socket: {}",
+            out.summary
+        );
         for r in rows {
             assert_eq!(r["reason"], "NOT_SPECIFIED");
             assert!(r["location"].as_str().is_some_and(|l| l.starts_with(site)), "{r}");
@@ -474,7 +459,13 @@ fn keepalive(s: &TcpStream, on: bool) {
     let set = |level: i32, opt: i32, v: i32| {
         // SAFETY: plain setsockopt on an open socket with a pointer to a local int.
         let rc = unsafe {
-            libc::setsockopt(s.as_raw_fd(), level, opt, (&raw const v).cast(), size_of::<i32>() as libc::socklen_t)
+            libc::setsockopt(
+                s.as_raw_fd(),
+                level,
+                opt,
+                (&raw const v).cast(),
+                size_of::<i32>() as libc::socklen_t,
+            )
         };
         assert_eq!(rc, 0, "setsockopt {opt}: {}", std::io::Error::last_os_error());
     };
@@ -525,9 +516,7 @@ fn bare_ack_to_timewait(test: &str, tw_hook: Option<&str>) {
             .filter(|s| s.local_port == port)
             .collect();
         assert!(
-            tw.len() == 1
-                && tw[0].is_timewait()
-                && tw[0].state == netdrop_tests::TcpSocket::FIN_WAIT2,
+            tw.len() == 1 && tw[0].is_timewait() && tw[0].state == netdrop_tests::TcpSocket::FIN_WAIT2,
             "the server's side is one timewait socket in FIN_WAIT2: {tw:?}"
         );
         std::thread::sleep(Duration::from_millis(300));
@@ -546,20 +535,42 @@ fn bare_ack_to_timewait(test: &str, tw_hook: Option<&str>) {
     if let Some(want) = tw_hook
         && hook != want.replace('-', "_")
     {
-        skip(test, &format!("--tw-hook {want} is not available here (got {hook}): {}", out.stderr.join(" | ")));
+        skip(
+            test,
+            &format!(
+                "--tw-hook {want} is not available here (got {hook}): {}",
+                out.stderr.join(" | ")
+            ),
+        );
         return;
     }
-    assert!(["rx_sk", "fexit", "kprobe"].contains(&hook.as_str()), "the socket decides here, not flags: {hook}");
+    assert!(
+        ["rx_sk", "fexit", "kprobe"].contains(&hook.as_str()),
+        "the socket decides here, not flags: {hook}"
+    );
     if tw_hook.is_none() && netdrop_tests::kernel_version() >= (6, 11) {
         assert_eq!(hook, "rx_sk", "kfree_skb passes the receiving socket from 6.11 on");
     }
     let rows = out.rows_in(server_ns.inode());
-    for (i, (ip, site)) in [("ipv4", "tcp_v4_rcv+"), ("ipv6", "tcp_v6_rcv+")].into_iter().enumerate() {
-        assert!(probes[i] >= 2, "{ip}: keepalive probes reached the server: {}", probes[i]);
-        let teardown: Vec<&&serde_json::Value> =
-            rows.iter().filter(|r| r["ip"] == ip && r["classification"] == "tcp_teardown").collect();
+    for (i, (ip, site)) in [("ipv4", "tcp_v4_rcv+"), ("ipv6", "tcp_v6_rcv+")]
+        .into_iter()
+        .enumerate()
+    {
+        assert!(
+            probes[i] >= 2,
+            "{ip}: keepalive probes reached the server: {}",
+            probes[i]
+        );
+        let teardown: Vec<&&serde_json::Value> = rows
+            .iter()
+            .filter(|r| r["ip"] == ip && r["classification"] == "tcp_teardown")
+            .collect();
         let count: u64 = teardown.iter().map(|r| r["count"].as_u64().expect("count")).sum();
-        assert_eq!(count, probes[i], "{ip}: one tcp_teardown per probe the server received (Tcp InSegs): {}", out.summary);
+        assert_eq!(
+            count, probes[i],
+            "{ip}: one tcp_teardown per probe the server received (Tcp InSegs): {}",
+            out.summary
+        );
         for r in teardown {
             assert!(r["reason"] == "NOT_SPECIFIED" || r["reason"] == "0", "{r}");
             assert!(r["location"].as_str().is_some_and(|l| l.starts_with(site)), "{r}");
@@ -572,9 +583,15 @@ fn bare_ack_to_timewait(test: &str, tw_hook: Option<&str>) {
         .iter()
         .filter(|r| r["hidden"] == false && r["location"].as_str().is_some_and(|l| l.starts_with("tcp_")))
         .collect();
-    assert!(visible.is_empty(), "keepalive probes to a closed peer drop nothing visible: {visible:?}");
+    assert!(
+        visible.is_empty(),
+        "keepalive probes to a closed peer drop nothing visible: {visible:?}"
+    );
     let tcp_events: Vec<&serde_json::Value> = out.drops.iter().filter(|e| e["protocol"] == "tcp").collect();
-    assert!(tcp_events.is_empty(), "hidden drops are not shown as events: {tcp_events:?}");
+    assert!(
+        tcp_events.is_empty(),
+        "hidden drops are not shown as events: {tcp_events:?}"
+    );
 }
 
 #[test]
@@ -627,13 +644,7 @@ fn listen_overflow_ack_stays_visible() {
     use nix::sys::socket::{Backlog, listen};
     let listener = server_ns.within(|| {
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, socket};
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .expect("socket");
+        let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).expect("socket");
         bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::new(10, 98, 0, 2, 0)).expect("bind");
         listen(&fd, Backlog::new(16).expect("backlog")).expect("listen");
         std::net::TcpListener::from(fd)
@@ -644,7 +655,9 @@ fn listen_overflow_ack_stays_visible() {
     let hold = ["OUTPUT", "-p", "tcp", "--tcp-flags", "ALL", "ACK", "-j", "DROP"];
     client_ns.exec("iptables", &[&["-A"][..], &hold[..]].concat());
     let clients = client_ns.within(move || {
-        (0..CLIENTS).map(|_| TcpStream::connect_timeout(&at, Duration::from_secs(10)).expect("connect")).collect::<Vec<_>>()
+        (0..CLIENTS)
+            .map(|_| TcpStream::connect_timeout(&at, Duration::from_secs(10)).expect("connect"))
+            .collect::<Vec<_>>()
     });
     listen(&listener, Backlog::new(1).expect("backlog")).expect("listen again");
     client_ns.exec("iptables", &[&["-D"][..], &hold[..]].concat());
@@ -663,8 +676,7 @@ fn listen_overflow_ack_stays_visible() {
         .filter(|s| s.local_port == port)
         .collect();
     assert!(
-        left.iter()
-            .all(|s| s.state != netdrop_tests::TcpSocket::LISTEN),
+        left.iter().all(|s| s.state != netdrop_tests::TcpSocket::LISTEN),
         "the listener is closed (no process holds it open): {left:?}"
     );
     settle();
@@ -673,15 +685,28 @@ fn listen_overflow_ack_stays_visible() {
     drop(clients);
     assert!(overflows >= 1, "the accept queue overflowed: {overflows}");
     let rows = out.rows_in(server_ns.inode());
-    let at_rcv: Vec<&&serde_json::Value> =
-        rows.iter().filter(|r| r["location"].as_str().is_some_and(|l| l.starts_with("tcp_v4_rcv+"))).collect();
+    let at_rcv: Vec<&&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["location"].as_str().is_some_and(|l| l.starts_with("tcp_v4_rcv+")))
+        .collect();
     let visible: u64 = at_rcv
         .iter()
-        .filter(|r| r["hidden"] == false && ["NOT_SPECIFIED", "TCP_LISTEN_OVERFLOW", "0"].contains(&r["reason"].as_str().unwrap_or_default()))
+        .filter(|r| {
+            r["hidden"] == false
+                && ["NOT_SPECIFIED", "TCP_LISTEN_OVERFLOW", "0"].contains(&r["reason"].as_str().unwrap_or_default())
+        })
         .map(|r| r["count"].as_u64().expect("count"))
         .sum();
-    assert_eq!(visible, overflows, "one visible drop per ListenOverflows: {}", out.summary);
-    assert!(rows.iter().all(|r| r["classification"] != "tcp_teardown"), "nothing here is a teardown: {}", out.summary);
+    assert_eq!(
+        visible, overflows,
+        "one visible drop per ListenOverflows: {}",
+        out.summary
+    );
+    assert!(
+        rows.iter().all(|r| r["classification"] != "tcp_teardown"),
+        "nothing here is a teardown: {}",
+        out.summary
+    );
 }
 
 /// A keepalive probe (a bare ACK) that reaches a server whose connection is gone but whose
@@ -702,7 +727,10 @@ fn ack_to_a_listener_is_a_reset_in_the_servers_namespace() {
     netdrop_tests::no_ipv6(&server_ns);
     let (c_if, s_if) = (netdrop_tests::ifname("c"), netdrop_tests::ifname("s"));
     netdrop_tests::veth(&client_ns, &c_if, "10.99.0.1/24", &server_ns, &s_if, "10.99.0.2/24");
-    client_ns.exec("iptables", &["-A", "INPUT", "-p", "tcp", "--tcp-flags", "RST", "RST", "-j", "DROP"]);
+    client_ns.exec(
+        "iptables",
+        &["-A", "INPUT", "-p", "tcp", "--tcp-flags", "RST", "RST", "-j", "DROP"],
+    );
     let listener = server_ns.within(|| std::net::TcpListener::bind("10.99.0.2:0").expect("listen"));
     let at = listener.local_addr().expect("addr");
     // The protocol filter makes the kernel program parse every drop (and so decide its effect).
@@ -713,7 +741,10 @@ fn ack_to_a_listener_is_a_reset_in_the_servers_namespace() {
     // is left for the client's segments.
     {
         use std::os::fd::AsRawFd as _;
-        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
         // SAFETY: setsockopt on an open socket with a pointer to a local struct.
         let rc = unsafe {
             libc::setsockopt(
@@ -739,15 +770,25 @@ fn ack_to_a_listener_is_a_reset_in_the_servers_namespace() {
     drop((client, listener));
     if out.stderr.iter().any(|l| l.starts_with("netdrop: drop effects off")) {
         // Without rx_sk (before 6.11) the namespace comes from the route, which that mode leaves out.
-        netdrop_tests::skip(TEST, "drop effects and the route's namespace are off here: the verifier refused the full program");
+        netdrop_tests::skip(
+            TEST,
+            "drop effects and the route's namespace are off here: the verifier refused the full program",
+        );
         return;
     }
-    assert!(resets_sent >= 2, "the probes met the listener and were reset: {resets_sent}");
+    assert!(
+        resets_sent >= 2,
+        "the probes met the listener and were reset: {resets_sent}"
+    );
     let at_do_rcv = |l: &serde_json::Value| l.as_str().is_some_and(|l| l.starts_with("tcp_v4_do_rcv+"));
     let events: Vec<&serde_json::Value> = out.drops.iter().filter(|e| at_do_rcv(&e["location"])).collect();
     assert!(!events.is_empty(), "the probes' drops were seen: {}", out.summary);
     for e in &events {
-        assert_eq!(e["netns"], server_ns.inode(), "the server's namespace, from the socket or the route: {e}");
+        assert_eq!(
+            e["netns"],
+            server_ns.inode(),
+            "the server's namespace, from the socket or the route: {e}"
+        );
         assert_eq!(e["tcp_flags"], "ACK", "{e}");
     }
     let rows: Vec<&serde_json::Value> = out.summary["drops"]
@@ -756,9 +797,16 @@ fn ack_to_a_listener_is_a_reset_in_the_servers_namespace() {
         .iter()
         .filter(|r| at_do_rcv(&r["location"]))
         .collect();
-    assert!(rows.iter().all(|r| r["netns"] == server_ns.inode()), "no row without its namespace: {rows:?}");
+    assert!(
+        rows.iter().all(|r| r["netns"] == server_ns.inode()),
+        "no row without its namespace: {rows:?}"
+    );
     let counted: u64 = rows.iter().map(|r| r["count"].as_u64().expect("count")).sum();
-    assert_eq!(counted, resets_sent, "one drop per reset the server sent (Tcp: OutRsts): {}", out.summary);
+    assert_eq!(
+        counted, resets_sent,
+        "one drop per reset the server sent (Tcp: OutRsts): {}",
+        out.summary
+    );
     // The reason says "an ACK met a listener" from 6.10 on; before, the site frees it without one.
     if netdrop_tests::kernel_version() >= (6, 10) {
         for r in &rows {

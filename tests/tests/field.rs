@@ -113,9 +113,7 @@ fn opts(rate: u32, secs: u64, proto: Proto) -> TrafficOptions {
 }
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn backend<'a>(summary: &'a Value, pod: &str) -> &'a Value {
@@ -232,19 +230,12 @@ fn mtu_black_hole_drops_large_responses_across_nodes() {
     netdrop_tests::require_reasons!("mtu_black_hole_drops_large_responses_across_nodes");
     let _serial = serial();
     let lab = lab();
-    let fault = lab
-        .fault(&FaultRequest::new(FaultKind::MtuBlackhole))
-        .expect("fault");
+    let fault = lab.fault(&FaultRequest::new(FaultKind::MtuBlackhole)).expect("fault");
     let bad = fault.backend.clone().expect("a backend");
     // Small responses cross the overlay.
-    let small = lab
-        .traffic("default/web", &opts(100, 2, Proto::Tcp))
-        .expect("traffic");
+    let small = lab.traffic("default/web", &opts(100, 2, Proto::Tcp)).expect("traffic");
     assert_eq!(small.failures, 0, "small responses pass: {small:?}");
-    assert!(
-        small.successes_by_backend.contains_key(&bad.pod),
-        "{small:?}"
-    );
+    assert!(small.successes_by_backend.contains_key(&bad.pod), "{small:?}");
     // The backend's segments too big for the overlay, counted as they enter its node (raw
     // PREROUTING: before routing, where ip_forward drops them).
     let too_big = "ndlab-test: too big for the overlay";
@@ -297,15 +288,10 @@ fn mtu_black_hole_drops_large_responses_across_nodes() {
     }
     let out = tracer.stop();
     let frag = frag_now() - frag_before;
-    assert_eq!(
-        frag,
-        last - frag_before,
-        "no too-big segment while netdrop stopped"
-    );
+    assert_eq!(frag, last - frag_before, "no too-big segment while netdrop stopped");
     ct.check(&lab, 0);
     let icmp_filtered = lab.fault_packets(&fault).expect("rule counter");
-    let entering = lab_net::rule_packets(&fault.node_netns, "raw", "PREROUTING", too_big)
-        .expect("raw rule counter");
+    let entering = lab_net::rule_packets(&fault.node_netns, "raw", "PREROUTING", too_big).expect("raw rule counter");
     println!(
         "{entering} segments of {} larger than the overlay's MTU entered {}",
         bad.pod, fault.node
@@ -318,19 +304,14 @@ fn mtu_black_hole_drops_large_responses_across_nodes() {
         "generator {} of {} failed ({:?}); {} FragFails +{frag}, ICMP frag-needed filtered {icmp_filtered}; netdrop pkt_too_big {ours}: {}",
         report.failures, report.attempts, report.failures_by_kind, fault.node, b["top_reasons"]
     );
-    assert!(
-        report.failures > 0,
-        "large responses from {} must fail",
-        bad.pod
-    );
+    assert!(report.failures > 0, "large responses from {} must fail", bad.pod);
     assert!(
         !report.successes_by_backend.contains_key(&bad.pod),
         "every large response of {} is lost: {report:?}",
         bad.pod
     );
     assert!(
-        report.successes_by_backend.keys().all(|p| p != &bad.pod)
-            && report.successes_by_backend.len() == 2,
+        report.successes_by_backend.keys().all(|p| p != &bad.pod) && report.successes_by_backend.len() == 2,
         "the same-node backends answer: {report:?}"
     );
     assert!(
@@ -358,14 +339,9 @@ fn mtu_black_hole_drops_large_responses_across_nodes() {
     );
     assert_eq!(s["lost_events"], 0);
     let top = top_with(b, "PKT_TOO_BIG");
-    assert_eq!(
-        top["node"], fault.node,
-        "dropped on the backend's node: {b}"
-    );
+    assert_eq!(top["node"], fault.node, "dropped on the backend's node: {b}");
     assert!(
-        top["location"]
-            .as_str()
-            .is_some_and(|l| l.starts_with("ip_forward")),
+        top["location"].as_str().is_some_and(|l| l.starts_with("ip_forward")),
         "{b}"
     );
     for other in s["backends"]
@@ -374,11 +350,7 @@ fn mtu_black_hole_drops_large_responses_across_nodes() {
         .iter()
         .filter(|o| o["pod"] != bad.pod)
     {
-        assert_eq!(
-            class_drops(other, "pkt_too_big"),
-            0,
-            "same-node backends: {other}"
-        );
+        assert_eq!(class_drops(other, "pkt_too_big"), 0, "same-node backends: {other}");
     }
     // The client's side: each failed request's tail (the last, small data segment, and the FIN
     // when it travels alone) arrived after the hole the dropped segments left; the client's
@@ -439,9 +411,7 @@ fn node_route_missing_loses_the_other_nodes_pod_block() {
         &["--svc", "default/web"],
         &[format!("{UPSTREAM}=/run/netns/{router}")],
     );
-    let report = lab
-        .traffic("default/web", &opts(100, 4, Proto::Tcp))
-        .expect("traffic");
+    let report = lab.traffic("default/web", &opts(100, 4, Proto::Tcp)).expect("traffic");
     std::thread::sleep(Duration::from_millis(1200));
     let out = tracer.stop();
     let kernel = snmp(&router, "IpExt", "InNoRoutes") - before;
@@ -472,10 +442,7 @@ fn node_route_missing_loses_the_other_nodes_pod_block() {
     );
     assert!(!report.successes_by_backend.contains_key(&bad.pod));
     assert!(
-        healthy.failures > 0
-            && !healthy
-                .successes_by_backend
-                .contains_key("default/healthy-1"),
+        healthy.failures > 0 && !healthy.successes_by_backend.contains_key("default/healthy-1"),
         "{healthy:?}"
     );
     assert_eq!(
@@ -486,9 +453,7 @@ fn node_route_missing_loses_the_other_nodes_pod_block() {
     );
     let top = top_with(b, "IP_INNOROUTES");
     assert!(
-        top["location"]
-            .as_str()
-            .is_some_and(|l| l.starts_with("ip_error")),
+        top["location"].as_str().is_some_and(|l| l.starts_with("ip_error")),
         "{b}"
     );
     // Placed where it happened: the router, not the backend's node.
@@ -509,36 +474,18 @@ fn node_route_missing_loses_the_other_nodes_pod_block() {
 /// The egress faults are traced by the external address (`--ip`): the client's packets before
 /// the node's SNAT and the node's after it. Returns the record, the generator's report and
 /// netdrop's output.
-fn egress(
-    kind: FaultKind,
-    name: &str,
-) -> (
-    Lab,
-    FaultRecord,
-    TrafficReport,
-    netdrop_tests::TraceOutput,
-    u64,
-) {
+fn egress(kind: FaultKind, name: &str) -> (Lab, FaultRecord, TrafficReport, netdrop_tests::TraceOutput, u64) {
     let lab = lab();
     let fault = lab.fault(&FaultRequest::new(kind)).expect("fault");
-    let before = lab
-        .conntrack_stat(&fault.node, "insert_failed")
-        .expect("ct stat");
+    let before = lab.conntrack_stat(&fault.node, "insert_failed").expect("ct stat");
     let ct = CtGuard::new(&lab);
     let tracer = trace(&lab, &["--ip", "203.0.113.10/32"]);
     let report = lab
-        .traffic_to(
-            lab.external(),
-            &opts(50, 3, Proto::Tcp),
-            TrafficShape::default(),
-        )
+        .traffic_to(lab.external(), &opts(50, 3, Proto::Tcp), TrafficShape::default())
         .expect("traffic");
     std::thread::sleep(Duration::from_millis(1200));
     let out = tracer.stop();
-    let insert_failed = lab
-        .conntrack_stat(&fault.node, "insert_failed")
-        .expect("ct stat")
-        - before;
+    let insert_failed = lab.conntrack_stat(&fault.node, "insert_failed").expect("ct stat") - before;
     // Failed inserts count in `drop` too; nothing else may.
     ct.check(&lab, insert_failed);
     println!("{name}: generator {report:?}\nnetdrop {}", out.summary);
@@ -561,19 +508,12 @@ fn egress_policy_deny_is_a_rule_on_the_clients_node() {
     let (lab, fault, report, out, _) = egress(FaultKind::EgressDeny, "egress-deny");
     let rule = lab.fault_packets(&fault).expect("rule counter");
     let s = &out.summary;
-    assert_eq!(
-        report.successes, 0,
-        "every connection to the external host is denied"
-    );
+    assert_eq!(report.successes, 0, "every connection to the external host is denied");
     assert_eq!(
         rule, report.failures,
         "the rule's counter vs the generator's failures (one SYN each)"
     );
-    assert_eq!(
-        s["by_classification"]["netfilter_rule"].as_u64(),
-        Some(rule),
-        "{s}"
-    );
+    assert_eq!(s["by_classification"]["netfilter_rule"].as_u64(), Some(rule), "{s}");
     assert_eq!(
         s["drops_total"].as_u64(),
         Some(rule),
@@ -602,17 +542,11 @@ fn egress_policy_deny_is_a_rule_on_the_clients_node() {
 #[test]
 fn snat_port_exhaustion_is_an_insert_failure_on_the_clients_node() {
     require_root!("snat_port_exhaustion_is_an_insert_failure_on_the_clients_node");
-    netdrop_tests::require_reasons!(
-        "snat_port_exhaustion_is_an_insert_failure_on_the_clients_node"
-    );
+    netdrop_tests::require_reasons!("snat_port_exhaustion_is_an_insert_failure_on_the_clients_node");
     let _serial = serial();
-    let (lab, fault, report, out, insert_failed) =
-        egress(FaultKind::SnatExhaustion, "snat-exhaustion");
+    let (lab, fault, report, out, insert_failed) = egress(FaultKind::SnatExhaustion, "snat-exhaustion");
     let s = &out.summary;
-    assert_eq!(
-        report.successes, 0,
-        "no free source port for any new connection"
-    );
+    assert_eq!(report.successes, 0, "no free source port for any new connection");
     assert_eq!(
         insert_failed, report.failures,
         "the kernel's insert_failed vs the generator's failures"
@@ -633,16 +567,11 @@ fn snat_port_exhaustion_is_an_insert_failure_on_the_clients_node() {
             fault.node
         );
         // After SNAT: the packet carries the node's address; conntrack still names the pod.
-        assert_eq!(
-            e["orig_src"]["pod"], "client",
-            "the pod behind the SNAT is named: {e}"
-        );
+        assert_eq!(e["orig_src"]["pod"], "client", "the pod behind the SNAT is named: {e}");
     }
     let hints = s["hints"].to_string();
     assert!(
-        hints.contains(&format!(
-            "netns {node_ns}: {insert_failed} conntrack insert failures"
-        )),
+        hints.contains(&format!("netns {node_ns}: {insert_failed} conntrack insert failures")),
         "{hints}"
     );
     assert!(hints.contains("SNAT port exhaustion"), "{hints}");
@@ -662,15 +591,11 @@ fn dns_replica_node_dropping_udp53_is_named() {
     require_root!("dns_replica_node_dropping_udp53_is_named");
     let _serial = serial();
     let lab = lab();
-    let fault = lab
-        .fault(&FaultRequest::new(FaultKind::DnsUdpDrop))
-        .expect("fault");
+    let fault = lab.fault(&FaultRequest::new(FaultKind::DnsUdpDrop)).expect("fault");
     let bad = fault.backend.clone().expect("a replica");
     let ct = CtGuard::new(&lab);
     let tracer = trace(&lab, &["--svc", "kube-system/kube-dns"]);
-    let report = lab
-        .traffic("kube-system/kube-dns", &dns_udp(100, 4))
-        .expect("traffic");
+    let report = lab.traffic("kube-system/kube-dns", &dns_udp(100, 4)).expect("traffic");
     ct.check(&lab, 0);
     std::thread::sleep(Duration::from_millis(1200));
     let out = tracer.stop();
@@ -682,10 +607,7 @@ fn dns_replica_node_dropping_udp53_is_named() {
         report.failures, report.attempts, b
     );
     assert!(rule > 0);
-    assert_eq!(
-        rule, report.failures,
-        "the rule's counter vs the generator's failures"
-    );
+    assert_eq!(rule, report.failures, "the rule's counter vs the generator's failures");
     assert_eq!(
         b["drops"].as_u64(),
         Some(rule),
@@ -704,10 +626,7 @@ fn dns_replica_node_dropping_udp53_is_named() {
         rule,
         "nothing else dropped in the lab"
     );
-    assert_eq!(
-        b["top_reasons"][0]["classification"], "netfilter_rule",
-        "{b}"
-    );
+    assert_eq!(b["top_reasons"][0]["classification"], "netfilter_rule", "{b}");
     assert_eq!(b["top_reasons"][0]["node"], fault.node, "{b}");
     let other = s["backends"]
         .as_array()
@@ -747,9 +666,7 @@ fn dns_conntrack_table_full_is_classified_as_such() {
     let fault = lab
         .fault(&FaultRequest::new(FaultKind::DnsConntrackFull))
         .expect("fault");
-    let report = lab
-        .traffic("kube-system/kube-dns", &dns_udp(100, 5))
-        .expect("traffic");
+    let report = lab.traffic("kube-system/kube-dns", &dns_udp(100, 5)).expect("traffic");
     let kernel = drops(&lab) - before;
     lab.clear(Some(fault.fault)).expect("clear");
     std::thread::sleep(Duration::from_millis(1200));
@@ -789,9 +706,7 @@ fn dns_parallel_queries_clash_is_resolved_not_dropped() {
     require_root!("dns_parallel_queries_clash_is_resolved_not_dropped");
     let _serial = serial();
     let lab = lab();
-    let fault = lab
-        .fault(&FaultRequest::new(FaultKind::DnsRace))
-        .expect("fault");
+    let fault = lab.fault(&FaultRequest::new(FaultKind::DnsRace)).expect("fault");
     let stat = |c: &str| lab.conntrack_stat(&fault.node, c).expect("ct stat");
     let (clash0, failed0) = (stat("clashres"), stat("insert_failed"));
     let ct = CtGuard::new(&lab);
@@ -819,10 +734,7 @@ fn dns_parallel_queries_clash_is_resolved_not_dropped() {
         "{} pairs, {} failed; kernel clash_resolve +{clash}, insert_failed +{failed}; netdrop {ours:?}",
         report.attempts, report.failures
     );
-    assert_eq!(
-        report.failures, 0,
-        "every query of every pair is answered: {report:?}"
-    );
+    assert_eq!(report.failures, 0, "every query of every pair is answered: {report:?}");
     assert_eq!(failed, 0, "no insert failed");
     assert_eq!(s["drops"], 0, "{s}");
     assert_eq!(
@@ -835,10 +747,7 @@ fn dns_parallel_queries_clash_is_resolved_not_dropped() {
     println!("{d}");
     if clash > 0 {
         assert!(
-            d.contains(&format!(
-                "{}: {clash} conntrack clashes resolved",
-                fault.node
-            )),
+            d.contains(&format!("{}: {clash} conntrack clashes resolved", fault.node)),
             "{d}"
         );
         assert!(d.contains("nothing was lost"), "{d}");

@@ -10,13 +10,19 @@ use netdrop_tests::apiserver::{Cluster, ServeOptions, StandIn, TlsMaterial};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_cluster_service_account_over_tls() {
     let c = Arc::new(Cluster::new());
-    c.load_fixture(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/kube/cluster.json")))
-        .expect("fixture");
-    let server = StandIn::start(c, ServeOptions {
-        tls: Some(TlsMaterial::generate().expect("tls")),
-        token: Some("sa-token-123".into()),
-        ..ServeOptions::default()
-    })
+    c.load_fixture(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/kube/cluster.json"
+    )))
+    .expect("fixture");
+    let server = StandIn::start(
+        c,
+        ServeOptions {
+            tls: Some(TlsMaterial::generate().expect("tls")),
+            token: Some("sa-token-123".into()),
+            ..ServeOptions::default()
+        },
+    )
     .await
     .expect("stand-in");
     let tmp = tempfile::tempdir().expect("tempdir");

@@ -61,11 +61,14 @@ fn pod_json(name: &str, ip: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn syncs_over_tls_with_token_and_resolves() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let server = StandIn::start(cluster(), ServeOptions {
-        tls: Some(TlsMaterial::generate().expect("tls")),
-        token: Some("t0ken".into()),
-        ..fast()
-    })
+    let server = StandIn::start(
+        cluster(),
+        ServeOptions {
+            tls: Some(TlsMaterial::generate().expect("tls")),
+            token: Some("t0ken".into()),
+            ..fast()
+        },
+    )
     .await
     .expect("stand-in starts");
     let r = start_resolver(&server, tmp.path()).await;
@@ -76,7 +79,12 @@ async fn syncs_over_tls_with_token_and_resolves() {
     let p = r.lookup(ip("10.244.2.14"), 8080, Proto::Tcp);
     assert_eq!(
         (p.kind, p.pod.as_deref(), p.service.as_deref(), p.ready),
-        (PeerKind::Pod, Some("web-7d4b9c8f6d-klmno"), Some("default/web"), Some(false))
+        (
+            PeerKind::Pod,
+            Some("web-7d4b9c8f6d-klmno"),
+            Some("default/web"),
+            Some(false)
+        )
     );
     let p = r.lookup(ip("fd00:96::50"), 443, Proto::Tcp);
     assert_eq!((p.kind, p.service_port.as_deref()), (PeerKind::Service, Some("https")));
@@ -102,17 +110,26 @@ async fn watch_events_are_reflected_within_a_second() {
     })
     .await;
     eprintln!("add visible after {t:?}");
-    assert_eq!(r.lookup_ip(ip("10.244.2.50")).workload.as_deref(), Some("Deployment/api"));
+    assert_eq!(
+        r.lookup_ip(ip("10.244.2.50")).workload.as_deref(),
+        Some("Deployment/api")
+    );
 
-    c.apply(pod_json("api-5f8d7c9b4d-aaaaa", "10.244.2.51")).expect("modify");
+    c.apply(pod_json("api-5f8d7c9b4d-aaaaa", "10.244.2.51"))
+        .expect("modify");
     within(second, "modified IP moves", || {
-        r.lookup_ip(ip("10.244.2.51")).kind == PeerKind::Pod && r.lookup_ip(ip("10.244.2.50")).kind == PeerKind::External
+        r.lookup_ip(ip("10.244.2.51")).kind == PeerKind::Pod
+            && r.lookup_ip(ip("10.244.2.50")).kind == PeerKind::External
     })
     .await;
 
     // IP reuse: the pod is deleted and a new pod gets its address.
-    c.delete(ResKind::Pods, "default", "api-5f8d7c9b4d-aaaaa").expect("delete");
-    within(second, "deleted pod gone", || r.lookup_ip(ip("10.244.2.51")).kind == PeerKind::External).await;
+    c.delete(ResKind::Pods, "default", "api-5f8d7c9b4d-aaaaa")
+        .expect("delete");
+    within(second, "deleted pod gone", || {
+        r.lookup_ip(ip("10.244.2.51")).kind == PeerKind::External
+    })
+    .await;
     c.apply(pod_json("api-5f8d7c9b4d-bbbbb", "10.244.2.51")).expect("reuse");
     within(second, "reused IP names the new pod", || {
         r.lookup_ip(ip("10.244.2.51")).pod.as_deref() == Some("api-5f8d7c9b4d-bbbbb")
@@ -130,9 +147,15 @@ async fn watch_events_are_reflected_within_a_second() {
     let mut slice = c.get(ResKind::EndpointSlices, "default", "web-4x7kq").expect("slice");
     slice["endpoints"][2]["conditions"]["ready"] = json!(true);
     c.apply(slice).expect("slice update");
-    within(second, "backend ready", || r.lookup(ip("10.244.2.14"), 8080, Proto::Tcp).ready == Some(true)).await;
+    within(second, "backend ready", || {
+        r.lookup(ip("10.244.2.14"), 8080, Proto::Tcp).ready == Some(true)
+    })
+    .await;
     c.delete(ResKind::Nodes, "", "node-b").expect("node delete");
-    within(second, "node gone", || r.lookup_ip(ip("192.168.50.11")).kind == PeerKind::External).await;
+    within(second, "node gone", || {
+        r.lookup_ip(ip("192.168.50.11")).kind == PeerKind::External
+    })
+    .await;
     assert!(r.events_applied() >= 7);
 }
 
@@ -145,23 +168,35 @@ async fn api_killed_and_restarted_with_compaction_relists() {
     assert!(r.wait_synced(Duration::from_secs(20)).await, "{}", r.status());
 
     let options = server.stop().await;
-    within(Duration::from_secs(15), "stale after the API is gone", || r.status().health == Health::Stale).await;
+    within(Duration::from_secs(15), "stale after the API is gone", || {
+        r.status().health == Health::Stale
+    })
+    .await;
     let st = r.status();
     assert!(st.to_string().contains("using the last known state"), "{st}");
     // Last known state keeps resolving.
-    assert_eq!(r.lookup_ip(ip("10.244.1.7")).pod.as_deref(), Some("web-7d4b9c8f6d-abcde"));
+    assert_eq!(
+        r.lookup_ip(ip("10.244.1.7")).pod.as_deref(),
+        Some("web-7d4b9c8f6d-abcde")
+    );
 
     // While it is down: a pod goes, another comes, and history is compacted (watch → 410 → relist).
-    c.delete(ResKind::Pods, "default", "web-7d4b9c8f6d-abcde").expect("delete");
+    c.delete(ResKind::Pods, "default", "web-7d4b9c8f6d-abcde")
+        .expect("delete");
     c.apply(pod_json("api-5f8d7c9b4d-ccccc", "10.244.2.60")).expect("add");
     c.compact();
-    let _server = StandIn::start(c.clone(), options).await.expect("restart on the same port");
+    let _server = StandIn::start(c.clone(), options)
+        .await
+        .expect("restart on the same port");
     let t = within(Duration::from_secs(40), "resynced after restart", || {
         r.lookup_ip(ip("10.244.2.60")).kind == PeerKind::Pod && r.lookup_ip(ip("10.244.1.7")).kind == PeerKind::External
     })
     .await;
     eprintln!("resynced {t:?} after restart");
-    within(Duration::from_secs(40), "healthy again", || r.status().health == Health::Synced).await;
+    within(Duration::from_secs(40), "healthy again", || {
+        r.status().health == Health::Synced
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,7 +209,10 @@ async fn api_restarted_without_compaction_resumes_the_watch() {
     let options = server.stop().await;
     c.delete(ResKind::Pods, "default", "db-0").expect("delete");
     let _server = StandIn::start(c.clone(), options).await.expect("restart");
-    within(Duration::from_secs(40), "deletion replayed", || r.lookup_ip(ip("10.244.1.20")).kind == PeerKind::External).await;
+    within(Duration::from_secs(40), "deletion replayed", || {
+        r.lookup_ip(ip("10.244.1.20")).kind == PeerKind::External
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,7 +235,10 @@ async fn forbidden_kind_is_named_and_the_rest_resolves() {
     );
     let p = r.lookup(ip("10.244.1.7"), 8080, Proto::Tcp);
     assert_eq!((p.kind, p.service), (PeerKind::Pod, None));
-    assert_eq!(r.lookup(ip("10.96.0.50"), 80, Proto::Tcp).service.as_deref(), Some("default/web"));
+    assert_eq!(
+        r.lookup(ip("10.96.0.50"), 80, Proto::Tcp).service.as_deref(),
+        Some("default/web")
+    );
 
     c.set_faults(Faults::default());
     within(Duration::from_mins(1), "permission granted later", || {
@@ -241,7 +282,10 @@ async fn unreachable_at_start_then_up() {
     assert_eq!(r.lookup_ip(ip("10.244.1.7")).kind, PeerKind::Unresolved);
 
     let _server = StandIn::start(cluster(), options).await.expect("stand-in starts");
-    within(Duration::from_secs(40), "synced once the API is up", || r.status().health == Health::Synced).await;
+    within(Duration::from_secs(40), "synced once the API is up", || {
+        r.status().health == Health::Synced
+    })
+    .await;
     assert_eq!(r.lookup_ip(ip("10.244.1.7")).kind, PeerKind::Pod);
 }
 
@@ -273,7 +317,10 @@ async fn server_errors_count_as_unavailable_not_fatal() {
     assert!(!r.wait_synced(Duration::from_secs(2)).await);
     assert!(r.status().to_string().contains("API error 500"), "{}", r.status());
     c.set_faults(Faults::default());
-    within(Duration::from_secs(40), "synced after the 500s stop", || r.status().health == Health::Synced).await;
+    within(Duration::from_secs(40), "synced after the 500s stop", || {
+        r.status().health == Health::Synced
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,7 +336,11 @@ async fn kube_snapshot_made_by_kubectl_resolves_like_the_api() {
         .output()
         .await
         .expect("kubectl runs");
-    assert!(out.status.success(), "kubectl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kubectl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let snap = tmp.path().join("snapshot.json");
     std::fs::write(&snap, &out.stdout).expect("snapshot written");
 
@@ -308,7 +359,10 @@ async fn kube_snapshot_made_by_kubectl_resolves_like_the_api() {
         ("9.9.9.9", None),
     ] {
         let (a, b) = match port {
-            Some(p) => (offline.lookup(ip(addr), p, Proto::Tcp), live.lookup(ip(addr), p, Proto::Tcp)),
+            Some(p) => (
+                offline.lookup(ip(addr), p, Proto::Tcp),
+                live.lookup(ip(addr), p, Proto::Tcp),
+            ),
             None => (offline.lookup_ip(ip(addr)), live.lookup_ip(ip(addr))),
         };
         assert_eq!(a, b, "{addr} {port:?}");
@@ -329,7 +383,10 @@ async fn bad_kubeconfig_is_one_clear_error() {
     .err()
     .expect("broken kubeconfig fails");
     let msg = err.to_string();
-    assert!(msg.starts_with("cannot use ") && msg.contains("--no-kube") && !msg.contains('\n'), "{msg}");
+    assert!(
+        msg.starts_with("cannot use ") && msg.contains("--no-kube") && !msg.contains('\n'),
+        "{msg}"
+    );
     let err = Resolver::start(&KubeArgs {
         kube_snapshot: Some(tmp.path().join("missing.json")),
         ..KubeArgs::default()
@@ -368,14 +425,7 @@ fn log_lines_on_a_piped_stderr_carry_no_escape_codes() {
     )
     .expect("kubeconfig");
     let kc = kc.display().to_string();
-    let (_, _, err) = netdrop_tests::netdrop(&[
-        "resolve",
-        "10.244.1.7",
-        "--kubeconfig",
-        &kc,
-        "--sync-timeout",
-        "2s",
-    ]);
+    let (_, _, err) = netdrop_tests::netdrop(&["resolve", "10.244.1.7", "--kubeconfig", &kc, "--sync-timeout", "2s"]);
     assert!(
         err.contains("kube: API unreachable"),
         "netdrop logged the outage: {err}"

@@ -21,14 +21,19 @@ const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/kube/cluste
 async fn setup() -> (Arc<Cluster>, StandIn, Client) {
     let c = Arc::new(Cluster::new());
     c.load_fixture(Path::new(FIXTURE)).expect("fixture");
-    let server = StandIn::start(c.clone(), ServeOptions {
-        bookmark_interval: Duration::from_millis(300),
-        ..ServeOptions::default()
-    })
+    let server = StandIn::start(
+        c.clone(),
+        ServeOptions {
+            bookmark_interval: Duration::from_millis(300),
+            ..ServeOptions::default()
+        },
+    )
     .await
     .expect("stand-in");
     let kc = Kubeconfig::from_yaml(&server.kubeconfig().to_string()).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("config");
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("config");
     let client = Client::try_from(config).expect("client");
     (c, server, client)
 }
@@ -45,7 +50,10 @@ async fn paged_list_and_namespaced_list() {
     let first = all.list(&ListParams::default().limit(4)).await.expect("page 1");
     assert_eq!(first.items.len(), 4);
     let token = first.metadata.continue_.clone().expect("continue token");
-    let second = all.list(&ListParams::default().limit(100).continue_token(&token)).await.expect("page 2");
+    let second = all
+        .list(&ListParams::default().limit(100).continue_token(&token))
+        .await
+        .expect("page 2");
     assert_eq!(second.items.len(), 6);
     assert!(second.metadata.continue_.is_none());
     let ks: Api<Pod> = Api::namespaced(client, "kube-system");
@@ -59,17 +67,42 @@ async fn paged_list_and_namespaced_list() {
 async fn watch_resume_and_410_after_compaction() {
     let (c, _server, client) = setup().await;
     let api: Api<Pod> = Api::all(client);
-    let rv = api.list(&ListParams::default()).await.expect("list").metadata.resource_version.expect("rv");
+    let rv = api
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .metadata
+        .resource_version
+        .expect("rv");
     c.apply(pod("after-list")).expect("add");
     c.delete(ResKind::Pods, "default", "db-0").expect("delete");
     let mut s = api.watch(&WatchParams::default(), &rv).await.expect("watch").boxed();
     let e1 = s.try_next().await.expect("ok").expect("event");
-    assert!(matches!(&e1, WatchEvent::Added(p) if p.metadata.name.as_deref() == Some("after-list")), "{e1:?}");
+    assert!(
+        matches!(&e1, WatchEvent::Added(p) if p.metadata.name.as_deref() == Some("after-list")),
+        "{e1:?}"
+    );
     let e2 = s.try_next().await.expect("ok").expect("event");
-    assert!(matches!(&e2, WatchEvent::Deleted(p) if p.metadata.name.as_deref() == Some("db-0")), "{e2:?}");
+    assert!(
+        matches!(&e2, WatchEvent::Deleted(p) if p.metadata.name.as_deref() == Some("db-0")),
+        "{e2:?}"
+    );
     // Bookmarks arrive when asked for.
-    let mut bm = api.watch(&WatchParams { bookmarks: true, ..WatchParams::default() }, &c.resource_version().to_string()).await.expect("watch").boxed();
-    let e = tokio::time::timeout(Duration::from_secs(3), bm.try_next()).await.expect("bookmark in time").expect("ok");
+    let mut bm = api
+        .watch(
+            &WatchParams {
+                bookmarks: true,
+                ..WatchParams::default()
+            },
+            &c.resource_version().to_string(),
+        )
+        .await
+        .expect("watch")
+        .boxed();
+    let e = tokio::time::timeout(Duration::from_secs(3), bm.try_next())
+        .await
+        .expect("bookmark in time")
+        .expect("ok");
     assert!(matches!(e, Some(WatchEvent::Bookmark(_))), "{e:?}");
 
     c.compact();
@@ -98,8 +131,14 @@ async fn kube_runtime_watcher_list_watch_and_streaming_list() {
         assert_eq!(initial, c.count(ResKind::Pods));
         let name = format!("live-{}", c.resource_version());
         c.apply(pod(&name)).expect("add");
-        let e = tokio::time::timeout(Duration::from_secs(5), s.try_next()).await.expect("in time").expect("ok");
-        assert!(matches!(&e, Some(watcher::Event::Apply(p)) if p.metadata.name.as_deref() == Some(name.as_str())), "{e:?}");
+        let e = tokio::time::timeout(Duration::from_secs(5), s.try_next())
+            .await
+            .expect("in time")
+            .expect("ok");
+        assert!(
+            matches!(&e, Some(watcher::Event::Apply(p)) if p.metadata.name.as_deref() == Some(name.as_str())),
+            "{e:?}"
+        );
     }
 }
 
@@ -110,11 +149,18 @@ async fn real_kubectl_get_and_watch() {
     let kc = tmp.path().join("kubeconfig");
     server.write_kubeconfig(&kc).expect("kubeconfig");
     let base = |cmd: &mut tokio::process::Command| {
-        cmd.arg("--kubeconfig").arg(&kc).arg("--cache-dir").arg(tmp.path().join("cache"));
+        cmd.arg("--kubeconfig")
+            .arg(&kc)
+            .arg("--cache-dir")
+            .arg(tmp.path().join("cache"));
     };
     let mut cmd = tokio::process::Command::from(netdrop_tools::tool("kubectl"));
     base(&mut cmd);
-    let out = cmd.args(["get", "pods", "-A", "-o", "json"]).output().await.expect("kubectl");
+    let out = cmd
+        .args(["get", "pods", "-A", "-o", "json"])
+        .output()
+        .await
+        .expect("kubectl");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(v["items"].as_array().map(Vec::len), Some(10));
@@ -149,5 +195,7 @@ async fn real_kubectl_get_and_watch() {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(20), read).await.unwrap_or_else(|_| panic!("kubectl --watch saw {seen:?}"));
+    tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .unwrap_or_else(|_| panic!("kubectl --watch saw {seen:?}"));
 }

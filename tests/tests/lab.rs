@@ -52,15 +52,10 @@ fn ct_max() -> String {
 }
 
 #[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one lab, brought up once, many checks"
-)]
+#[expect(clippy::too_many_lines, reason = "one lab, brought up once, many checks")]
 fn lab_traffic_faults_kubectl_and_clean_down() {
     require_root!("lab_traffic_faults_kubectl_and_clean_down");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let max_before = ct_max();
     let t0 = std::time::Instant::now();
     let lab = Lab::up(&LabOptions::for_test()).expect("lab up");
@@ -75,23 +70,13 @@ fn lab_traffic_faults_kubectl_and_clean_down() {
     let prefix = st.prefix.clone();
     let ifnames: Vec<String> = st.pods.iter().map(|p| p.interface.clone()).collect();
     assert_eq!(st.nodes.len(), 2);
-    assert!(
-        st.nodes
-            .iter()
-            .all(|n| n.netns_path.exists() && n.netns_inode != 0)
-    );
+    assert!(st.nodes.iter().all(|n| n.netns_path.exists() && n.netns_inode != 0));
     assert_eq!(st.service("default/web").expect("web").backends.len(), 3);
     assert_eq!(st.service("default/big").expect("big").backends.len(), 50);
 
     // Healthy: every request to every Service with endpoints answers, TCP and UDP.
-    for (svc, backends) in [
-        ("default/web", 3),
-        ("default/healthy", 2),
-        ("default/big", 50),
-    ] {
-        let r = lab
-            .traffic(svc, &traffic(200, 2, Proto::Tcp))
-            .expect("traffic");
+    for (svc, backends) in [("default/web", 3), ("default/healthy", 2), ("default/big", 50)] {
+        let r = lab.traffic(svc, &traffic(200, 2, Proto::Tcp)).expect("traffic");
         println!(
             "{svc}: {} attempts, {} failures, {:.0}/s, p99 {:.2} ms",
             r.attempts, r.failures, r.achieved_rate, r.latency_ms_p99
@@ -159,10 +144,7 @@ fn lab_traffic_faults_kubectl_and_clean_down() {
         "generator failures vs the DROP rule's packet counter"
     );
     // Binomial(1000, 1/3): sd ≈ 15; ±5 sd.
-    assert!(
-        (0.26..=0.41).contains(&r.failure_ratio),
-        "about 1/3 fail: {r:?}"
-    );
+    assert!((0.26..=0.41).contains(&r.failure_ratio), "about 1/3 fail: {r:?}");
     lab.clear(None).expect("clear");
     let r = lab
         .traffic("default/web", &traffic(200, 2, Proto::Tcp))
@@ -174,16 +156,11 @@ fn lab_traffic_faults_kubectl_and_clean_down() {
     let fault = lab
         .fault(&FaultRequest::new(FaultKind::ConntrackInsert))
         .expect("conntrack-insert");
-    let before = lab
-        .conntrack_stat(&fault.node, "insert_failed")
-        .expect("ct stat");
+    let before = lab.conntrack_stat(&fault.node, "insert_failed").expect("ct stat");
     let r = lab
         .traffic("default/web", &traffic(200, 3, Proto::Tcp))
         .expect("traffic");
-    let failed = lab
-        .conntrack_stat(&fault.node, "insert_failed")
-        .expect("ct stat")
-        - before;
+    let failed = lab.conntrack_stat(&fault.node, "insert_failed").expect("ct stat") - before;
     println!(
         "conntrack-insert on {}: {} of {} failed, insert_failed +{failed}",
         fault.node, r.failures, r.attempts
@@ -192,10 +169,7 @@ fn lab_traffic_faults_kubectl_and_clean_down() {
         r.failures, failed,
         "generator failures vs the kernel's insert_failed: {r:?}"
     );
-    assert!(
-        (0.22..=0.45).contains(&r.failure_ratio),
-        "about 1/3 fail: {r:?}"
-    );
+    assert!((0.22..=0.45).contains(&r.failure_ratio), "about 1/3 fail: {r:?}");
     lab.clear(None).expect("clear");
 
     // kubectl through the API stand-in lists the lab's pods with their IPs and nodes.
@@ -223,12 +197,7 @@ fn lab_traffic_faults_kubectl_and_clean_down() {
         .expect("items")
         .iter()
         .map(|p| {
-            let s = |ptr: &str| {
-                p.pointer(ptr)
-                    .and_then(|x| x.as_str())
-                    .unwrap_or_default()
-                    .to_string()
-            };
+            let s = |ptr: &str| p.pointer(ptr).and_then(|x| x.as_str()).unwrap_or_default().to_string();
             (s("/metadata/name"), s("/status/podIP"), s("/spec/nodeName"))
         })
         .collect();
@@ -255,9 +224,7 @@ fn lab_traffic_faults_kubectl_and_clean_down() {
 #[test]
 fn crashed_lab_is_cleaned_up_and_sysctl_restored() {
     require_root!("crashed_lab_is_cleaned_up_and_sysctl_restored");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let max_before = ct_max();
     let opts = LabOptions {
         sizes: lab::topology::Sizes { big: 4 },
@@ -265,12 +232,7 @@ fn crashed_lab_is_cleaned_up_and_sysctl_restored() {
     };
     let lab = Lab::up(&opts).expect("lab up");
     let prefix = lab.names().prefix.clone();
-    let ifnames: Vec<String> = lab
-        .status()
-        .pods
-        .iter()
-        .map(|p| p.interface.clone())
-        .collect();
+    let ifnames: Vec<String> = lab.status().pods.iter().map(|p| p.interface.clone()).collect();
     // Whatever happens, the sysctl comes back (a guard of our own in case the lab code fails).
     let _restore = netdrop_tests::Sysctl::set("net.netfilter.nf_conntrack_max", &max_before);
     let f = lab
@@ -279,10 +241,7 @@ fn crashed_lab_is_cleaned_up_and_sysctl_restored() {
             ..FaultRequest::new(FaultKind::ConntrackFull)
         })
         .expect("conntrack-full");
-    assert_eq!(
-        f.sysctl.as_ref().map(|s| s.old.as_str()),
-        Some(max_before.as_str())
-    );
+    assert_eq!(f.sysctl.as_ref().map(|s| s.old.as_str()), Some(max_before.as_str()));
     assert_eq!(ct_max(), "4096");
     // The crash: no down, no drop.
     std::mem::forget(lab);
@@ -292,11 +251,7 @@ fn crashed_lab_is_cleaned_up_and_sysctl_restored() {
         c.namespaces.len(),
         c.sysctls_restored
     );
-    assert_eq!(
-        ct_max(),
-        max_before,
-        "nf_conntrack_max restored from the saved state"
-    );
+    assert_eq!(ct_max(), max_before, "nf_conntrack_max restored from the saved state");
     let (ns, links) = leftovers(&prefix, &ifnames);
     assert!(ns.is_empty(), "namespaces left: {ns:?}");
     assert!(links.is_empty(), "links left: {links:?}");

@@ -67,8 +67,7 @@ fn traffic(lab: &Lab, svc: &str, secs: u64) -> TrafficReport {
         timeout: Duration::from_millis(700),
         ..TrafficOptions::default()
     };
-    lab.traffic(svc, &opts)
-        .unwrap_or_else(|e| panic!("traffic: {e}"))
+    lab.traffic(svc, &opts).unwrap_or_else(|e| panic!("traffic: {e}"))
 }
 
 /// What a traced run saw: the generator's report, netdrop's output, and how many TCP segments
@@ -92,7 +91,11 @@ fn traced_target(lab: &Lab, target: &[&str], svc: &str, secs: u64) -> Traced {
     let report = traffic(lab, svc, secs);
     std::thread::sleep(Duration::from_millis(1200));
     let out = tracer.stop();
-    Traced { report, out, retransmitted: retransmitted(lab) - before }
+    Traced {
+        report,
+        out,
+        retransmitted: retransmitted(lab) - before,
+    }
 }
 
 /// `Tcp: RetransSegs` summed over the lab's node and pod namespaces.
@@ -127,7 +130,10 @@ fn backend<'a>(summary: &'a Value, pod: &str) -> &'a Value {
 /// with data.
 fn tcp_leftover(r: &Value) -> bool {
     // TCP_RFC7323_PAWS_ACK: the name 7.2 gives a PAWS-rejected pure ACK.
-    matches!(r["reason"].as_str(), Some("TCP_OLD_DATA" | "TCP_INVALID_SEQUENCE" | "TCP_RFC7323_PAWS" | "TCP_RFC7323_PAWS_ACK"))
+    matches!(
+        r["reason"].as_str(),
+        Some("TCP_OLD_DATA" | "TCP_INVALID_SEQUENCE" | "TCP_RFC7323_PAWS" | "TCP_RFC7323_PAWS_ACK")
+    )
 }
 
 /// Reasons by which a segment's data was already received (netdrop's kernel program counts
@@ -143,9 +149,7 @@ const STALE_DATA: [&str; 5] = [
 /// A bare ACK: ACK flag only (PSH/ECE/CWR aside), no payload.
 fn bare_ack(e: &Value) -> bool {
     let flags = e["tcp_flags"].as_str().unwrap_or_default();
-    e["payload_len"] == 0
-        && flags.contains("ACK")
-        && !["SYN", "FIN", "RST"].iter().any(|f| flags.contains(f))
+    e["payload_len"] == 0 && flags.contains("ACK") && !["SYN", "FIN", "RST"].iter().any(|f| flags.contains(f))
 }
 
 /// Whether a drop event names this pod (`namespace/name`) at either end.
@@ -219,8 +223,12 @@ fn assert_discards_counted_apart(t: &Traced) {
 /// segments: `TCP_CLOSE`, PAWS, out of window); they are printed, not asserted.
 fn assert_no_drops_except(t: &Traced, bad_pod: Option<&str>) {
     let s = &t.out.summary;
-    let others: Vec<&Value> =
-        s["backends"].as_array().expect("backends").iter().filter(|b| Some(b["pod"].as_str().unwrap_or_default()) != bad_pod).collect();
+    let others: Vec<&Value> = s["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .filter(|b| Some(b["pod"].as_str().unwrap_or_default()) != bad_pod)
+        .collect();
     let on_others: u64 = others.iter().map(|b| b["drops"].as_u64().expect("drops")).sum();
     let unmatched = s["unmatched"]["drops"].as_u64().unwrap_or(0);
     let (count, causes) = match bad_pod {
@@ -252,7 +260,10 @@ fn assert_no_drops_except(t: &Traced, bad_pod: Option<&str>) {
         count <= causes,
         "{count} drops outside {bad_pod:?} > {causes} retransmissions and reused ports: {s}"
     );
-    let mut reasons: Vec<Value> = others.iter().flat_map(|b| b["top_reasons"].as_array().cloned().unwrap_or_default()).collect();
+    let mut reasons: Vec<Value> = others
+        .iter()
+        .flat_map(|b| b["top_reasons"].as_array().cloned().unwrap_or_default())
+        .collect();
     if bad_pod.is_none() {
         reasons.extend(s["unmatched"]["top_reasons"].as_array().cloned().unwrap_or_default());
     }
@@ -323,13 +334,9 @@ fn diagnosis(s: &Value) -> String {
 #[test]
 fn policy_drop_on_one_of_three_backends_is_found() {
     require_root!("policy_drop_on_one_of_three_backends_is_found");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
-    let fault = lab
-        .fault(&FaultRequest::new(FaultKind::PolicyDrop))
-        .expect("fault");
+    let fault = lab.fault(&FaultRequest::new(FaultKind::PolicyDrop)).expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
     let t = traced(&lab, "default/web", 5);
     let (report, s) = (&t.report, &t.out.summary);
@@ -347,10 +354,7 @@ fn policy_drop_on_one_of_three_backends_is_found() {
         "drops on the bad backend = the DROP rule's own counter"
     );
     assert_eq!(b["top_reasons"][0]["classification"], "netfilter_rule");
-    assert_eq!(
-        b["top_reasons"][0]["node"], fault.node,
-        "where the drops happened"
-    );
+    assert_eq!(b["top_reasons"][0]["node"], fault.node, "where the drops happened");
     assert_no_drops_except(&t, Some(&bad.pod));
     assert_attempts_per_backend(report, s);
     // The DROP rule is in the FORWARD chain of the backend's node.
@@ -406,13 +410,9 @@ fn policy_drop_on_one_of_three_backends_is_found() {
 #[test]
 fn text_output_names_pods_service_and_node() {
     require_root!("text_output_names_pods_service_and_node");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
-    let fault = lab
-        .fault(&FaultRequest::new(FaultKind::PolicyDrop))
-        .expect("fault");
+    let fault = lab.fault(&FaultRequest::new(FaultKind::PolicyDrop)).expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
     let st = lab.status();
     let client = st.client().expect("the lab's client pod");
@@ -427,11 +427,7 @@ fn text_output_names_pods_service_and_node() {
     println!("generator: {report:?}; rule counter {rule_packets}\n{stdout}");
     assert!(rule_packets > 0, "traffic reached the bad backend");
     // The Service's TCP port, by name or number, as kubectl shows it.
-    let port = svc
-        .ports
-        .iter()
-        .find(|p| p.protocol == Proto::Tcp)
-        .expect("a TCP port");
+    let port = svc.ports.iter().find(|p| p.protocol == Proto::Tcp).expect("a TCP port");
     let ends = format!(
         "{}/{} → {} via svc {}/{}:",
         client.namespace, client.name, bad.pod, svc.namespace, svc.name
@@ -456,8 +452,7 @@ fn text_output_names_pods_service_and_node() {
     for l in &lines {
         let after = &l[l.find(&ends).expect("found") + ends.len()..];
         assert!(
-            after.starts_with(&format!("{} ", port.name))
-                || after.starts_with(&format!("{} ", port.port)),
+            after.starts_with(&format!("{} ", port.name)) || after.starts_with(&format!("{} ", port.port)),
             "the Service port: {l}"
         );
         assert!(
@@ -465,31 +460,21 @@ fn text_output_names_pods_service_and_node() {
             "the node the drop happened on: {l}"
         );
         // The addresses stay on the line, after the names.
-        assert!(
-            l.contains(&format!("  {}:", client.ip)),
-            "the client's address: {l}"
-        );
-        assert!(
-            l.contains(&format!(" → {}:", bad.ip)),
-            "the backend's address: {l}"
-        );
+        assert!(l.contains(&format!("  {}:", client.ip)), "the client's address: {l}");
+        assert!(l.contains(&format!(" → {}:", bad.ip)), "the backend's address: {l}");
     }
     // The table names every backend of the topology with its node.
     for b in &svc.backends {
         assert!(
             stdout
                 .lines()
-                .any(|l| l.starts_with(&format!("{} ", b.pod))
-                    && l.contains(&format!(" {} ", b.node))),
+                .any(|l| l.starts_with(&format!("{} ", b.pod)) && l.contains(&format!(" {} ", b.node))),
             "backend {} on {} in the table",
             b.pod,
             b.node
         );
     }
-    assert!(
-        !stdout.contains('\x1b'),
-        "no escape codes on a pipe: {stdout:?}"
-    );
+    assert!(!stdout.contains('\x1b'), "no escape codes on a pipe: {stdout:?}");
     assert!(
         !stderr.iter().any(|l| l.contains('\x1b')),
         "no escape codes on a piped stderr: {stderr:?}"
@@ -503,13 +488,9 @@ fn text_output_names_pods_service_and_node() {
 #[test]
 fn live_table_in_a_terminal_redraws_in_place_within_its_size() {
     require_root!("live_table_in_a_terminal_redraws_in_place_within_its_size");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
-    let fault = lab
-        .fault(&FaultRequest::new(FaultKind::PolicyDrop))
-        .expect("fault");
+    let fault = lab.fault(&FaultRequest::new(FaultKind::PolicyDrop)).expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
     let (cols, rows) = (90, 14);
     let mut cmd = netdrop_tools::project(netdrop_tests::netdrop_bin());
@@ -519,10 +500,7 @@ fn live_table_in_a_terminal_redraws_in_place_within_its_size() {
     let mut term = match netdrop_tests::Terminal::spawn(cmd, cols, rows) {
         Ok(t) => t,
         Err(why) => {
-            netdrop_tests::skip(
-                "live_table_in_a_terminal_redraws_in_place_within_its_size",
-                &why,
-            );
+            netdrop_tests::skip("live_table_in_a_terminal_redraws_in_place_within_its_size", &why);
             return;
         }
     };
@@ -538,8 +516,7 @@ fn live_table_in_a_terminal_redraws_in_place_within_its_size() {
         }
         lines
     });
-    rx.recv_timeout(Duration::from_mins(1))
-        .expect("netdrop attached");
+    rx.recv_timeout(Duration::from_mins(1)).expect("netdrop attached");
     let report = traffic(&lab, "default/web", 3);
     let (status, screen) = term.wait();
     let stderr = log.join().expect("stderr reader");
@@ -562,11 +539,7 @@ fn live_table_in_a_terminal_redraws_in_place_within_its_size() {
             f.lines().map(String::from).collect()
         })
         .collect();
-    assert!(
-        frames.len() >= 5,
-        "redrawn each second: {} frames",
-        frames.len()
-    );
+    assert!(frames.len() >= 5, "redrawn each second: {} frames", frames.len());
     let (last, live) = frames.split_last().expect("frames");
     for (i, f) in frames.iter().enumerate() {
         assert!(
@@ -575,10 +548,7 @@ fn live_table_in_a_terminal_redraws_in_place_within_its_size() {
         );
     }
     for (i, f) in live.iter().enumerate() {
-        assert!(
-            f.len() < usize::from(rows),
-            "live frame {i} fits {rows} rows: {f:#?}"
-        );
+        assert!(f.len() < usize::from(rows), "live frame {i} fits {rows} rows: {f:#?}");
     }
     assert!(
         live.iter()
@@ -607,13 +577,9 @@ fn live_table_in_a_terminal_redraws_in_place_within_its_size() {
 #[test]
 fn backend_not_listening_is_no_socket_on_that_backend() {
     require_root!("backend_not_listening_is_no_socket_on_that_backend");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
-    let fault = lab
-        .fault(&FaultRequest::new(FaultKind::NotListening))
-        .expect("fault");
+    let fault = lab.fault(&FaultRequest::new(FaultKind::NotListening)).expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
     let t = traced(&lab, "default/web", 5);
     let (report, s) = (&t.report, &t.out.summary);
@@ -635,11 +601,7 @@ fn backend_not_listening_is_no_socket_on_that_backend() {
     );
     assert_eq!(b["attempts"].as_u64(), Some(report.failures), "{b}");
     assert_eq!(b["drop_ratio"].as_f64(), Some(1.0), "{b}");
-    assert!(
-        diagnosis(s).contains("100.0% of its own attempts"),
-        "{}",
-        diagnosis(s)
-    );
+    assert!(diagnosis(s).contains("100.0% of its own attempts"), "{}", diagnosis(s));
     assert_attempts_per_backend(report, s);
     // Refused inside the pod, on the backend's node.
     assert_eq!(fault.node, bad.node);
@@ -650,9 +612,7 @@ fn backend_not_listening_is_no_socket_on_that_backend() {
 #[test]
 fn healthy_service_has_no_drops_attributed() {
     require_root!("healthy_service_has_no_drops_attributed");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
     let t = traced(&lab, "default/healthy", 5);
     let (report, s) = (&t.report, &t.out.summary);
@@ -666,7 +626,11 @@ fn healthy_service_has_no_drops_attributed() {
         diagnosis(s)
     );
     if s["drops"] == 0 {
-        assert_eq!(s["diagnosis"][0].as_str().map(|l| l.contains("no drops")), Some(true), "{s}");
+        assert_eq!(
+            s["diagnosis"][0].as_str().map(|l| l.contains("no drops")),
+            Some(true),
+            "{s}"
+        );
     }
 }
 
@@ -674,13 +638,9 @@ fn healthy_service_has_no_drops_attributed() {
 #[ignore = "full: the policy-drop case at 50 backends (cargo xtask test --full)"]
 fn one_bad_backend_of_fifty_is_found() {
     require_root!("one_bad_backend_of_fifty_is_found");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
-    let fault = lab
-        .fault(&FaultRequest::new(FaultKind::BigOneBad))
-        .expect("fault");
+    let fault = lab.fault(&FaultRequest::new(FaultKind::BigOneBad)).expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
     let t = traced(&lab, "default/big", 8);
     let (report, s) = (&t.report, &t.out.summary);
@@ -697,9 +657,7 @@ fn one_bad_backend_of_fifty_is_found() {
     assert_eq!(fault.node, bad.node);
     assert_looks_at(s, &fault.node);
     assert!(
-        s["diagnosis"][1]
-            .as_str()
-            .is_some_and(|l| l.starts_with(&bad.pod)),
+        s["diagnosis"][1].as_str().is_some_and(|l| l.starts_with(&bad.pod)),
         "{}",
         s["diagnosis"]
     );
@@ -710,9 +668,7 @@ fn conntrack_insert_failures_are_classified_on_the_clients_node() {
     require_root!("conntrack_insert_failures_are_classified_on_the_clients_node");
     // Classified by the kernel's drop reason (Linux 5.17+).
     netdrop_tests::require_reasons!("conntrack_insert_failures_are_classified_on_the_clients_node");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
     let fault = lab
         .fault(&FaultRequest::new(FaultKind::ConntrackInsert))
@@ -736,16 +692,15 @@ fn conntrack_insert_failures_are_classified_on_the_clients_node() {
         ours.abs_diff(kernel) as f64 <= kernel as f64 * 0.02,
         "netdrop {ours} vs kernel {kernel}"
     );
-    assert!(
-        s["diagnosis"]
-            .to_string()
-            .contains("conntrack_insert_failed")
-    );
+    assert!(s["diagnosis"].to_string().contains("conntrack_insert_failed"));
     // The insert fails in the client's node's table, whatever node the backend is on.
     let client = lab.status().client().expect("client").node.clone();
     assert_eq!(fault.node, client);
     let bad = fault.backend.clone().expect("targets a backend");
-    assert_ne!(bad.node, client, "the lab squeezes flows to a backend on the other node");
+    assert_ne!(
+        bad.node, client,
+        "the lab squeezes flows to a backend on the other node"
+    );
     assert_looks_at(s, &client);
     assert_attempts_per_backend(&t.report, s);
 }
@@ -775,13 +730,9 @@ fn missing_route_to_a_backend_is_named_with_the_kernels_reason() {
     require_root!("missing_route_to_a_backend_is_named_with_the_kernels_reason");
     // Classified by the kernel's drop reason (Linux 5.17+).
     netdrop_tests::require_reasons!("missing_route_to_a_backend_is_named_with_the_kernels_reason");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
-    let fault = lab
-        .fault(&FaultRequest::new(FaultKind::RouteMissing))
-        .expect("fault");
+    let fault = lab.fault(&FaultRequest::new(FaultKind::RouteMissing)).expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
     let before = netdrop_tests::netns_snmp(&fault.node_netns);
     let t = traced(&lab, "default/web", 5);
@@ -836,9 +787,7 @@ fn conntrack_table_full_is_classified_as_such() {
     require_root!("conntrack_table_full_is_classified_as_such");
     // Classified by the kernel's drop reason (Linux 5.17+).
     netdrop_tests::require_reasons!("conntrack_table_full_is_classified_as_such");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
     let nodes: Vec<String> = lab.status().nodes.iter().map(|n| n.name.clone()).collect();
     let table_drops = || -> Vec<u64> {
@@ -849,9 +798,7 @@ fn conntrack_table_full_is_classified_as_such() {
     };
     let before = table_drops();
     let tracer = trace(&lab, "default/web");
-    let fault = lab
-        .fault(&FaultRequest::new(FaultKind::ConntrackFull))
-        .expect("fault");
+    let fault = lab.fault(&FaultRequest::new(FaultKind::ConntrackFull)).expect("fault");
     let report = traffic(&lab, "default/web", 5);
     std::thread::sleep(Duration::from_millis(1200));
     let out = tracer.stop();
@@ -883,12 +830,7 @@ fn conntrack_table_full_is_classified_as_such() {
     assert!(s["diagnosis"].to_string().contains("conntrack_table_full"));
     // Where to look first: the node whose table dropped the most, by the kernel's own `drop`
     // statistic (the client's, where new flows start).
-    let deltas: Vec<(u64, &String)> = after
-        .iter()
-        .zip(&before)
-        .map(|(a, b)| a - b)
-        .zip(&nodes)
-        .collect();
+    let deltas: Vec<(u64, &String)> = after.iter().zip(&before).map(|(a, b)| a - b).zip(&nodes).collect();
     println!("conntrack drop per node: {deltas:?}");
     let most = deltas
         .iter()
@@ -906,13 +848,9 @@ fn conntrack_table_full_is_classified_as_such() {
 #[test]
 fn udp_attempts_are_datagrams_with_retries_and_reused_ports() {
     require_root!("udp_attempts_are_datagrams_with_retries_and_reused_ports");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
-    let fault = lab
-        .fault(&FaultRequest::new(FaultKind::PolicyDrop))
-        .expect("fault");
+    let fault = lab.fault(&FaultRequest::new(FaultKind::PolicyDrop)).expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
     // 150 source ports at 200 queries/s: each port comes back every 0.75 s, well within
     // conntrack's 30 s UDP timeout, so a port keeps its backend; 3 tries per query, 200 ms apart.
@@ -975,9 +913,7 @@ fn udp_attempts_are_datagrams_with_retries_and_reused_ports() {
 #[test]
 fn pod_and_node_targets_count_their_own_attempts() {
     require_root!("pod_and_node_targets_count_their_own_attempts");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
     // Each row's attempts against the flows kube-proxy sent that pod (none for pods, and the
     // node's own addresses, outside the Service). Besides this run's reused ports, a port of an
@@ -1000,8 +936,15 @@ fn pod_and_node_targets_count_their_own_attempts() {
             );
             sum += attempts;
         }
-        assert_eq!(s["attempts"].as_u64(), Some(sum), "the headline counts the rows' own attempts: {s}");
-        println!("attempts per row match the generator's flows: {:?}", report.flows_by_backend);
+        assert_eq!(
+            s["attempts"].as_u64(),
+            Some(sum),
+            "the headline counts the rows' own attempts: {s}"
+        );
+        println!(
+            "attempts per row match the generator's flows: {:?}",
+            report.flows_by_backend
+        );
         sum
     };
 
@@ -1011,12 +954,19 @@ fn pod_and_node_targets_count_their_own_attempts() {
     let (report, s) = (&t.report, &t.out.summary);
     println!("generator: {report:?}\nnetdrop: {s}");
     assert_eq!(report.failures, 0, "{report:?}");
-    assert!(report.flows_by_backend.get(pod).copied().unwrap_or(0) > 0, "kube-proxy sent {pod} flows: {report:?}");
+    assert!(
+        report.flows_by_backend.get(pod).copied().unwrap_or(0) > 0,
+        "kube-proxy sent {pod} flows: {report:?}"
+    );
     assert_eq!(s["backends"].as_array().map(Vec::len), Some(1), "{s}");
     let attempts = rows_match_flows(&t, 0);
     assert_no_drops_except(&t, None);
     if s["drops"] == 0 {
-        assert_eq!(s["diagnosis"][0], format!("pod {pod}: no drops of {attempts} attempts."), "{s}");
+        assert_eq!(
+            s["diagnosis"][0],
+            format!("pod {pod}: no drops of {attempts} attempts."),
+            "{s}"
+        );
     }
 
     // A healthy node: one backend of default/healthy lives there.
@@ -1030,9 +980,7 @@ fn pod_and_node_targets_count_their_own_attempts() {
     assert_no_drops_except(&t, None);
 
     // The policy drop on one pod: every attempt to it dropped in its node's FORWARD chain.
-    let fault = lab
-        .fault(&FaultRequest::new(FaultKind::PolicyDrop))
-        .expect("fault");
+    let fault = lab.fault(&FaultRequest::new(FaultKind::PolicyDrop)).expect("fault");
     let bad = fault.backend.clone().expect("targets a backend");
     let before = lab.fault_packets(&fault).expect("rule counter");
     let t = traced_target(&lab, &["--pod", &bad.pod], "default/web", 5);
@@ -1042,14 +990,21 @@ fn pod_and_node_targets_count_their_own_attempts() {
     assert!(rule > 0, "traffic reached the bad pod");
     let b = backend(s, &bad.pod);
     assert_eq!(b["drops"].as_u64(), Some(rule), "drops = the DROP rule's counter: {b}");
-    assert_eq!(b["attempts"].as_u64(), Some(rule), "every attempt was one the rule dropped: {b}");
+    assert_eq!(
+        b["attempts"].as_u64(),
+        Some(rule),
+        "every attempt was one the rule dropped: {b}"
+    );
     assert_eq!(b["drop_ratio"].as_f64(), Some(1.0), "{b}");
     assert_eq!(report.failures, rule, "one dropped SYN per failed request: {report:?}");
     rows_match_flows(&t, 0);
     let unanswered = report.failures;
     assert_eq!(
         s["diagnosis"][0],
-        format!("pod {}: {rule} drops for {rule} attempts (100.0% of attempts).", bad.pod),
+        format!(
+            "pod {}: {rule} drops for {rule} attempts (100.0% of attempts).",
+            bad.pod
+        ),
         "{s}"
     );
     assert_looks_at(s, &fault.node);
@@ -1063,7 +1018,11 @@ fn pod_and_node_targets_count_their_own_attempts() {
     println!("generator: {report:?}\nrule counter {rule}\nnetdrop: {s}");
     assert!(rule > 0, "traffic reached the bad pod");
     let b = backend(s, &bad.pod);
-    assert_eq!((b["attempts"].as_u64(), b["drops"].as_u64()), (Some(rule), Some(rule)), "{b}");
+    assert_eq!(
+        (b["attempts"].as_u64(), b["drops"].as_u64()),
+        (Some(rule), Some(rule)),
+        "{b}"
+    );
     assert_eq!(report.failures, rule, "one dropped SYN per failed request: {report:?}");
     let attempts = rows_match_flows(&t, unanswered);
     assert_eq!(s["drops"].as_u64(), Some(rule), "{s}");
@@ -1081,9 +1040,7 @@ fn pod_and_node_targets_count_their_own_attempts() {
 #[test]
 fn drops_outside_the_traced_nodes_are_counted_apart_not_sent() {
     require_root!("drops_outside_the_traced_nodes_are_counted_apart_not_sent");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
     let st = lab.status();
     let web2 = st
@@ -1096,21 +1053,33 @@ fn drops_outside_the_traced_nodes_are_counted_apart_not_sent() {
     let before = retransmitted(&lab);
     let tracer = trace_target(&lab, &["--pod", "default/web-2"]);
     let to = std::net::SocketAddr::new(web2.ip.into(), 9);
-    let sent = other.within(move || {
-        netdrop_tests::send_udp("0.0.0.0:0".parse().expect("addr"), to, 40)
-    });
+    let sent = other.within(move || netdrop_tests::send_udp("0.0.0.0:0".parse().expect("addr"), to, 40));
     let report = traffic(&lab, "default/web", 3);
     std::thread::sleep(Duration::from_millis(1200));
     let out = tracer.stop();
-    let t = Traced { report, out, retransmitted: retransmitted(&lab) - before };
+    let t = Traced {
+        report,
+        out,
+        retransmitted: retransmitted(&lab) - before,
+    };
     let refused = other.snmp("Udp", "NoPorts");
     let s = &t.out.summary;
-    println!("{sent} datagrams sent in {} ({} refused)\nnetdrop: {s}", other.name, refused);
-    assert_eq!(refused, sent as u64, "every datagram was refused in the other namespace");
+    println!(
+        "{sent} datagrams sent in {} ({} refused)\nnetdrop: {s}",
+        other.name, refused
+    );
+    assert_eq!(
+        refused, sent as u64,
+        "every datagram was refused in the other namespace"
+    );
     assert!(refused > 0);
     // Other lab instances running at the same time have the same addresses: theirs count too.
     let apart = s["other_namespaces"].as_u64().expect("other_namespaces");
-    assert!(apart >= refused, "{apart} counted apart < {refused} refused in {}: {s}", other.name);
+    assert!(
+        apart >= refused,
+        "{apart} counted apart < {refused} refused in {}: {s}",
+        other.name
+    );
     // Every event is in a namespace of the lab (its nodes and pods) or netdrop's own.
     let own = {
         use std::os::unix::fs::MetadataExt as _;
@@ -1124,32 +1093,50 @@ fn drops_outside_the_traced_nodes_are_counted_apart_not_sent() {
         .chain([own])
         .collect();
     for e in &t.out.drops {
-        let ns = e["netns"].as_u64().unwrap_or_else(|| panic!("an event in an unknown namespace: {e}"));
+        let ns = e["netns"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("an event in an unknown namespace: {e}"));
         assert_ne!(ns, u64::from(other.inode()), "an event from {}: {e}", other.name);
-        assert!(traced.contains(&ns), "an event from a namespace outside the lab ({traced:?}): {e}");
+        assert!(
+            traced.contains(&ns),
+            "an event from a namespace outside the lab ({traced:?}): {e}"
+        );
     }
     // Nor are they in the full drop summary under the target's.
     for r in s["detail"]["drops"].as_array().expect("detail rows") {
-        let ns = r["netns"].as_u64().unwrap_or_else(|| panic!("a row in an unknown namespace: {r}"));
-        assert!(traced.contains(&ns), "a row from a namespace outside the lab ({traced:?}): {r}");
+        let ns = r["netns"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("a row in an unknown namespace: {r}"));
+        assert!(
+            traced.contains(&ns),
+            "a row from a namespace outside the lab ({traced:?}): {r}"
+        );
     }
-    assert_eq!(s["detail"]["events_shown"].as_u64(), Some(t.out.drops.len() as u64), "{s}");
+    assert_eq!(
+        s["detail"]["events_shown"].as_u64(),
+        Some(t.out.drops.len() as u64),
+        "{s}"
+    );
     // The pod's own row: the flows kube-proxy sent it, none of the refused datagrams.
     let b = backend(s, "default/web-2");
     let flows = t.report.flows_by_backend.get("default/web-2").copied().unwrap_or(0);
     let attempts = b["attempts"].as_u64().expect("attempts");
-    assert!(attempts.abs_diff(flows) <= t.report.reused_ports, "{attempts} attempts vs {flows} flows: {b}");
+    assert!(
+        attempts.abs_diff(flows) <= t.report.reused_ports,
+        "{attempts} attempts vs {flows} flows: {b}"
+    );
     assert_eq!(t.report.failures, 0, "{:?}", t.report);
     assert_no_drops_except(&t, None);
-    println!("{} events, all from the lab's namespaces; {apart} drops counted apart", t.out.drops.len());
+    println!(
+        "{} events, all from the lab's namespaces; {apart} drops counted apart",
+        t.out.drops.len()
+    );
 }
 
 #[test]
 fn unknown_service_is_one_clear_line() {
     require_root!("unknown_service_is_one_clear_line");
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _serial = SERIAL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let lab = lab();
     let kubeconfig = lab.status().kubeconfig.display().to_string();
     let (ok, _, err) = netdrop_tests::netdrop(&[
@@ -1163,8 +1150,5 @@ fn unknown_service_is_one_clear_line() {
     ]);
     assert!(!ok);
     let last = err.trim().lines().last().unwrap_or_default();
-    assert!(
-        last.starts_with("netdrop: Service default/nope not found"),
-        "{err}"
-    );
+    assert!(last.starts_with("netdrop: Service default/nope not found"), "{err}");
 }

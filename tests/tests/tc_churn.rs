@@ -3,14 +3,11 @@
 //! one forgotten, and nothing may leak: checked with the kernel's own listings (BPF_PROG_QUERY
 //! for TCX, `bpftool net` for clsact, `bpftool link`, `bpftool map dump`, `bpftool prog`).
 
-use std::{
-    collections::BTreeSet,
-    io::Write as _,
-    process::Stdio,
-    time::Duration,
-};
+use std::{collections::BTreeSet, io::Write as _, process::Stdio, time::Duration};
 
-use netdrop_tests::{TcNode, TcWatch, cali_name, links_of, map_entries_of, prog_exists, require_root, require_tcx, sched_cls_prog_ids};
+use netdrop_tests::{
+    TcNode, TcWatch, cali_name, links_of, map_entries_of, prog_exists, require_root, require_tcx, sched_cls_prog_ids,
+};
 
 fn batch(node: &TcNode, lines: &[String]) {
     let mut child = netdrop_tools::tool("ip")
@@ -27,7 +24,12 @@ fn batch(node: &TcNode, lines: &[String]) {
 }
 
 fn add_line(n: u32) -> String {
-    format!("link add {} type veth peer name p{:x}x{}", cali_name(n), n, std::process::id() % 1000)
+    format!(
+        "link add {} type veth peer name p{:x}x{}",
+        cali_name(n),
+        n,
+        std::process::id() % 1000
+    )
 }
 
 fn churn(mode: &str, test: &str, base: u32) {
@@ -63,7 +65,10 @@ fn churn(mode: &str, test: &str, base: u32) {
         live.remove(v);
     }
     let victims: Vec<String> = live.iter().rev().take(70).cloned().collect();
-    batch(&node, &victims.iter().map(|v| format!("link del {v}")).collect::<Vec<_>>());
+    batch(
+        &node,
+        &victims.iter().map(|v| format!("link del {v}")).collect::<Vec<_>>(),
+    );
     for v in &victims {
         live.remove(v);
     }
@@ -71,7 +76,9 @@ fn churn(mode: &str, test: &str, base: u32) {
     assert_eq!(live.len(), 70);
     assert_eq!(node.cali_links().into_iter().collect::<BTreeSet<_>>(), live);
 
-    watch.wait_until("netdrop to follow the churn", Duration::from_secs(30), |w| w.attached() == live);
+    watch.wait_until("netdrop to follow the churn", Duration::from_secs(30), |w| {
+        w.attached() == live
+    });
 
     // The kernel agrees: exactly our two programs on every live interface.
     let names: Vec<String> = live.iter().cloned().collect();
@@ -81,30 +88,51 @@ fn churn(mode: &str, test: &str, base: u32) {
             assert_eq!(ingress, &["netdrop_ingress"], "{ifname} ingress");
             assert_eq!(egress, &["netdrop_egress"], "{ifname} egress");
         }
-        assert_eq!(links_of(&progs), 2 * live.len(), "TCX links = 2 per live interface (no leaked links)");
+        assert_eq!(
+            links_of(&progs),
+            2 * live.len(),
+            "TCX links = 2 per live interface (no leaked links)"
+        );
         assert!(node.bpftool_tc().is_empty(), "no clsact filters in tcx mode");
     } else {
         let listed = node.bpftool_tc();
         for ifname in &live {
             for kind in ["clsact/ingress", "clsact/egress"] {
-                let ours: Vec<_> = listed.iter().filter(|(d, k, n)| d == ifname && k == kind && n.starts_with("netdrop_")).collect();
+                let ours: Vec<_> = listed
+                    .iter()
+                    .filter(|(d, k, n)| d == ifname && k == kind && n.starts_with("netdrop_"))
+                    .collect();
                 assert_eq!(ours.len(), 1, "{ifname} {kind}: {ours:?}");
             }
         }
         assert_eq!(listed.len(), 2 * live.len(), "filters only on live interfaces");
         assert_eq!(links_of(&progs), 0);
     }
-    assert_eq!(map_entries_of(progs[0], "TC_COUNTERS"), 2 * live.len(), "counter entries of deleted interfaces removed");
+    assert_eq!(
+        map_entries_of(progs[0], "TC_COUNTERS"),
+        2 * live.len(),
+        "counter entries of deleted interfaces removed"
+    );
 
     let mut watch = watch;
     assert!(watch.signal(nix::sys::signal::Signal::SIGTERM), "clean exit on SIGTERM");
     let summary = watch.summary();
-    assert_eq!(summary["stats"]["attached"], 200, "every created interface was attached once: {summary}");
-    assert_eq!(summary["stats"]["forgotten"], 130, "every deleted interface was forgotten once");
+    assert_eq!(
+        summary["stats"]["attached"], 200,
+        "every created interface was attached once: {summary}"
+    );
+    assert_eq!(
+        summary["stats"]["forgotten"], 130,
+        "every deleted interface was forgotten once"
+    );
     assert_eq!(summary["stats"]["attach_errors"], 0);
     assert_eq!(summary["interfaces"].as_array().map(Vec::len), Some(70));
     // Nothing left after SIGTERM.
-    assert!(node.tcx_programs(&names).values().all(|(i, e)| i.is_empty() && e.is_empty()));
+    assert!(
+        node.tcx_programs(&names)
+            .values()
+            .all(|(i, e)| i.is_empty() && e.is_empty())
+    );
     assert!(node.bpftool_tc().is_empty(), "filters left: {:?}", node.bpftool_tc());
     assert_eq!(links_of(&progs), 0);
     assert!(progs.iter().all(|p| !prog_exists(*p)), "programs unloaded");

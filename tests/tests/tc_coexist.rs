@@ -4,7 +4,10 @@
 
 use std::net::SocketAddr;
 
-use netdrop_tests::{TcNode, TcWatch, UdpCounter, add_foreign_clsact_dropper, load_len_dropper, require_root, require_tcx, tcx_attach_last, udp_burst};
+use netdrop_tests::{
+    TcNode, TcWatch, UdpCounter, add_foreign_clsact_dropper, load_len_dropper, require_root, require_tcx,
+    tcx_attach_last, udp_burst,
+};
 
 /// Marked datagrams: payload 333 → skb->len 14 + 20 + 8 + 333 at tc ingress.
 const MARKED_PAYLOAD: usize = 333;
@@ -31,21 +34,44 @@ fn coexist(netdrop_mode: &str, foreign_tcx: bool, test: &str, subnet: u8) {
         udp_burst(&pod.ns, pod.pod_ip, to, MARKED_PAYLOAD, count_marked);
         rx.stop()
     };
-    assert_eq!(foreign_drops(5, 5), 5, "the foreign program drops marked packets before netdrop starts");
+    assert_eq!(
+        foreign_drops(5, 5),
+        5,
+        "the foreign program drops marked packets before netdrop starts"
+    );
 
     let mut w = TcWatch::start(&["--node-netns", &node.arg("n1"), "--tc-mode", netdrop_mode]);
     if foreign_tcx {
         let order = node.tcx_programs(std::slice::from_ref(&pod.host_if));
-        assert_eq!(order[&pod.host_if].0, ["netdrop_ingress", "test_len_drop"], "netdrop first, the other kept");
+        assert_eq!(
+            order[&pod.host_if].0,
+            ["netdrop_ingress", "test_len_drop"],
+            "netdrop first, the other kept"
+        );
     }
-    assert_eq!(foreign_drops(50, 20), 50, "marked packets still dropped, others delivered, while netdrop runs");
+    assert_eq!(
+        foreign_drops(50, 20),
+        50,
+        "marked packets still dropped, others delivered, while netdrop runs"
+    );
     assert!(w.signal(nix::sys::signal::Signal::SIGTERM));
     let s = w.summary();
-    let i = s["interfaces"].as_array().and_then(|a| a.first()).cloned().expect("interface in summary");
-    assert_eq!(i["from_pod"]["packets"], 70, "netdrop saw every packet, dropped ones included: {i}");
+    let i = s["interfaces"]
+        .as_array()
+        .and_then(|a| a.first())
+        .cloned()
+        .expect("interface in summary");
+    assert_eq!(
+        i["from_pod"]["packets"], 70,
+        "netdrop saw every packet, dropped ones included: {i}"
+    );
     assert_eq!(i["from_pod"]["udp_new"], 2, "two flows (one socket per burst)");
 
-    assert_eq!(foreign_drops(5, 5), 5, "the foreign program still works after netdrop left");
+    assert_eq!(
+        foreign_drops(5, 5),
+        5,
+        "the foreign program still works after netdrop left"
+    );
     if foreign_tcx {
         let order = node.tcx_programs(std::slice::from_ref(&pod.host_if));
         assert_eq!(order[&pod.host_if].0, ["test_len_drop"]);

@@ -29,9 +29,20 @@ fn exact_counts(mode: TcModeChoice, test: &str, subnet: u8) {
     let node = TcNode::new("tcnode");
     let pod = node.add_pod(subnet, 1);
     let other = node.add_pod(subnet, 2); // attached too, must stay silent
-    let opts = WatchOptions { mode, ..WatchOptions::default() };
-    let acct = TcAccounting::start(&[NodeNetns { node: "n1".into(), path: Some(node.ns.path()) }], "unused", &opts, None)
-        .expect("start tc accounting");
+    let opts = WatchOptions {
+        mode,
+        ..WatchOptions::default()
+    };
+    let acct = TcAccounting::start(
+        &[NodeNetns {
+            node: "n1".into(),
+            path: Some(node.ns.path()),
+        }],
+        "unused",
+        &opts,
+        None,
+    )
+    .expect("start tc accounting");
     // `auto`: TCX where the kernel has it (6.6+), clsact below.
     let expected = match mode {
         TcModeChoice::Tcx => TcMode::Tcx,
@@ -41,17 +52,40 @@ fn exact_counts(mode: TcModeChoice, test: &str, subnet: u8) {
     };
     assert_eq!(acct.mode(), expected, "attach mode ({})", acct.mode_note());
     let (node_ip, pod_ip) = (pod.node_ip, pod.pod_ip);
-    let listening = Destination { ip: node_ip.into(), port: 9002, proto: 6 };
-    let udp_dest = Destination { ip: node_ip.into(), port: 9003, proto: 17 };
-    let inbound = Destination { ip: pod_ip.into(), port: 9100, proto: 6 };
-    acct.set_destinations(&[listening, udp_dest, inbound]).expect("destinations");
+    let listening = Destination {
+        ip: node_ip.into(),
+        port: 9002,
+        proto: 6,
+    };
+    let udp_dest = Destination {
+        ip: node_ip.into(),
+        port: 9003,
+        proto: 17,
+    };
+    let inbound = Destination {
+        ip: pod_ip.into(),
+        port: 9100,
+        proto: 6,
+    };
+    acct.set_destinations(&[listening, udp_dest, inbound])
+        .expect("destinations");
 
-    let rx0 = (node.if_stat(&pod.host_if, "rx_packets"), node.if_stat(&pod.host_if, "rx_bytes"));
-    let tx0 = (node.if_stat(&pod.host_if, "tx_packets"), node.if_stat(&pod.host_if, "tx_bytes"));
+    let rx0 = (
+        node.if_stat(&pod.host_if, "rx_packets"),
+        node.if_stat(&pod.host_if, "rx_bytes"),
+    );
+    let tx0 = (
+        node.if_stat(&pod.host_if, "tx_packets"),
+        node.if_stat(&pod.host_if, "tx_bytes"),
+    );
 
     // Listeners: node side (9002) and pod side (9100).
-    let node_listener = node.ns.within(move || TcpListener::bind((node_ip, 9002)).expect("listen 9002"));
-    let pod_listener = pod.ns.within(move || TcpListener::bind((pod_ip, 9100)).expect("listen 9100"));
+    let node_listener = node
+        .ns
+        .within(move || TcpListener::bind((node_ip, 9002)).expect("listen 9002"));
+    let pod_listener = pod
+        .ns
+        .within(move || TcpListener::bind((pod_ip, 9100)).expect("listen 9100"));
     let accept_all = |l: TcpListener, n: usize| {
         std::thread::spawn(move || {
             for _ in 0..n {
@@ -104,21 +138,49 @@ fn exact_counts(mode: TcModeChoice, test: &str, subnet: u8) {
     std::thread::sleep(Duration::from_millis(500));
 
     let snap = acct.snapshot();
-    let rx = (node.if_stat(&pod.host_if, "rx_packets") - rx0.0, node.if_stat(&pod.host_if, "rx_bytes") - rx0.1);
-    let tx = (node.if_stat(&pod.host_if, "tx_packets") - tx0.0, node.if_stat(&pod.host_if, "tx_bytes") - tx0.1);
+    let rx = (
+        node.if_stat(&pod.host_if, "rx_packets") - rx0.0,
+        node.if_stat(&pod.host_if, "rx_bytes") - rx0.1,
+    );
+    let tx = (
+        node.if_stat(&pod.host_if, "tx_packets") - tx0.0,
+        node.if_stat(&pod.host_if, "tx_bytes") - tx0.1,
+    );
     let i = snap.interface("n1", &pod.host_if).expect("pod interface watched");
-    eprintln!("{test}: from pod {:?} (veth rx {rx:?}); to pod {:?} (veth tx {tx:?})", i.from_pod, i.to_pod);
-    assert_eq!((i.from_pod.packets, i.from_pod.bytes), rx, "from-pod packets/bytes = host veth rx statistics");
-    assert_eq!((i.to_pod.packets, i.to_pod.bytes), tx, "to-pod packets/bytes = host veth tx statistics");
-    assert_eq!(i.from_pod.tcp_syn, (CLOSED_CONNECTS + OPEN_CONNECTS) as u64, "SYNs the pod sent");
+    eprintln!(
+        "{test}: from pod {:?} (veth rx {rx:?}); to pod {:?} (veth tx {tx:?})",
+        i.from_pod, i.to_pod
+    );
+    assert_eq!(
+        (i.from_pod.packets, i.from_pod.bytes),
+        rx,
+        "from-pod packets/bytes = host veth rx statistics"
+    );
+    assert_eq!(
+        (i.to_pod.packets, i.to_pod.bytes),
+        tx,
+        "to-pod packets/bytes = host veth tx statistics"
+    );
+    assert_eq!(
+        i.from_pod.tcp_syn,
+        (CLOSED_CONNECTS + OPEN_CONNECTS) as u64,
+        "SYNs the pod sent"
+    );
     assert_eq!(i.from_pod.udp_new, (1 + UDP_FLOWS) as u64, "UDP flows the pod opened");
-    assert_eq!(i.to_pod.tcp_syn, INBOUND_CONNECTS as u64, "SYNs to the pod (SYN-ACKs are not attempts)");
+    assert_eq!(
+        i.to_pod.tcp_syn, INBOUND_CONNECTS as u64,
+        "SYNs to the pod (SYN-ACKs are not attempts)"
+    );
     assert_eq!(i.to_pod.udp_new, 0, "no UDP flow towards the pod");
     assert!(i.from_pod.packets >= (UDP_ONE_FLOW + CLOSED_CONNECTS + 3 * UDP_FLOWS) as u64);
     assert_eq!(snap.attempts_to(&listening), (OPEN_CONNECTS as u64, 0));
     // Per destination, every datagram is an attempt (drops count datagrams too); per interface,
     // `udp_new` still counts flows.
-    assert_eq!(snap.attempts_to(&udp_dest), (3 * UDP_FLOWS as u64, 0), "datagrams sent to the destination");
+    assert_eq!(
+        snap.attempts_to(&udp_dest),
+        (3 * UDP_FLOWS as u64, 0),
+        "datagrams sent to the destination"
+    );
     assert_eq!(snap.attempts_to(&inbound), (0, INBOUND_CONNECTS as u64));
     assert_eq!(i.peer_netns, Some(pod.ns.inode()), "peer (pod) namespace found");
     assert_eq!(i.netns, node.ns.inode());
@@ -131,8 +193,15 @@ fn exact_counts(mode: TcModeChoice, test: &str, subnet: u8) {
     let detached = acct.shutdown();
     assert_eq!(detached, 2);
     let progs = node.tcx_programs(&[pod.host_if.clone(), other.host_if.clone()]);
-    assert!(progs.values().all(|(i, e)| i.is_empty() && e.is_empty()), "TCX programs left: {progs:?}");
-    assert!(node.bpftool_tc().is_empty(), "tc programs left: {:?}", node.bpftool_tc());
+    assert!(
+        progs.values().all(|(i, e)| i.is_empty() && e.is_empty()),
+        "TCX programs left: {progs:?}"
+    );
+    assert!(
+        node.bpftool_tc().is_empty(),
+        "tc programs left: {:?}",
+        node.bpftool_tc()
+    );
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! die with a killed process; clsact filters outlive it and the next run removes them, without
 //! touching another dataplane's filter.
 
-use netdrop_tests::{TcNode, TcWatch, add_foreign_clsact_dropper, links_of, prog_exists, require_root, require_tcx, sched_cls_prog_ids};
+use netdrop_tests::{
+    TcNode, TcWatch, add_foreign_clsact_dropper, links_of, prog_exists, require_root, require_tcx, sched_cls_prog_ids,
+};
 use nix::sys::signal::Signal;
 
 /// A node with three pods (the pods must live as long as the test: deleting a pod namespace
@@ -16,8 +18,15 @@ fn setup() -> (TcNode, Vec<String>, Vec<netdrop_tests::TcPod>) {
 
 fn nothing_attached(node: &TcNode, names: &[String], progs: &[u64]) {
     let tcx = node.tcx_programs(names);
-    assert!(tcx.values().all(|(i, e)| i.is_empty() && e.is_empty()), "TCX programs left: {tcx:?}");
-    let ours: Vec<_> = node.bpftool_tc().into_iter().filter(|(_, _, n)| n.starts_with("netdrop_")).collect();
+    assert!(
+        tcx.values().all(|(i, e)| i.is_empty() && e.is_empty()),
+        "TCX programs left: {tcx:?}"
+    );
+    let ours: Vec<_> = node
+        .bpftool_tc()
+        .into_iter()
+        .filter(|(_, _, n)| n.starts_with("netdrop_"))
+        .collect();
     assert!(ours.is_empty(), "netdrop filters left: {ours:?}");
     assert_eq!(links_of(progs), 0, "links left");
     assert!(progs.iter().all(|p| !prog_exists(*p)), "programs left loaded");
@@ -31,9 +40,17 @@ fn sigterm(mode: &str, test: &str) {
     let (node, names, _pods) = setup();
     let mut w = TcWatch::start(&["--node-netns", &node.arg("n1"), "--tc-mode", mode]);
     let progs = sched_cls_prog_ids(w.pid());
-    w.wait_until("3 interfaces attached", std::time::Duration::from_secs(10), |w| w.attached().len() == 3);
+    w.wait_until("3 interfaces attached", std::time::Duration::from_secs(10), |w| {
+        w.attached().len() == 3
+    });
     assert!(w.signal(Signal::SIGTERM), "exit status after SIGTERM");
-    assert!(w.stderr.lock().expect("lock").iter().any(|l| l.contains("detached from 3 interfaces")));
+    assert!(
+        w.stderr
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|l| l.contains("detached from 3 interfaces"))
+    );
     nothing_attached(&node, &names, &progs);
 }
 
@@ -70,13 +87,25 @@ fn tc_sigkill_clsact_then_restart_removes_leftovers_only() {
     add_foreign_clsact_dropper(&node.ns, &names[0], 7, 1);
     let mut w = TcWatch::start(&["--node-netns", &node.arg("n1"), "--tc-mode", "clsact"]);
     w.signal(Signal::SIGKILL);
-    let left: Vec<_> = node.bpftool_tc().into_iter().filter(|(_, _, n)| n.starts_with("netdrop_")).collect();
-    assert_eq!(left.len(), 6, "a killed clsact run leaves its 6 filters (that is why restarts clean up): {left:?}");
+    let left: Vec<_> = node
+        .bpftool_tc()
+        .into_iter()
+        .filter(|(_, _, n)| n.starts_with("netdrop_"))
+        .collect();
+    assert_eq!(
+        left.len(),
+        6,
+        "a killed clsact run leaves its 6 filters (that is why restarts clean up): {left:?}"
+    );
 
     // The restart (auto mode: TCX here) removes them and says so.
     let mut w = TcWatch::start(&["--node-netns", &node.arg("n1")]);
     assert!(
-        w.stderr.lock().expect("lock").iter().any(|l| l.contains("removed 6 filters left by killed earlier runs")),
+        w.stderr
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|l| l.contains("removed 6 filters left by killed earlier runs")),
         "restart reports the clean-up: {:?}",
         w.stderr.lock().expect("lock")
     );
@@ -85,5 +114,8 @@ fn tc_sigkill_clsact_then_restart_removes_leftovers_only() {
     nothing_attached(&node, &names, &progs);
     // The other dataplane's filter is untouched.
     let filters = node.ns.exec("tc", &["filter", "show", "dev", &names[0], "ingress"]);
-    assert!(filters.contains("pref 7") && filters.contains("handle 0x7"), "foreign filter kept: {filters}");
+    assert!(
+        filters.contains("pref 7") && filters.contains("handle 0x7"),
+        "foreign filter kept: {filters}"
+    );
 }

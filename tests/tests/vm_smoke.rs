@@ -38,9 +38,7 @@ fn ip() -> Command {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}",
@@ -65,8 +63,7 @@ impl Netns {
     fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = PathBuf::from("/run/netns").join(&self.name);
         std::thread::spawn(move || {
-            let ns =
-                fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            let ns = fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
             setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns into the test namespace");
             f()
         })
@@ -100,13 +97,9 @@ fn link_stats(ns: &Netns, dev: &str) -> (u64, u64) {
 
 /// `Udp: NoPorts` from /proc/net/snmp of the calling thread's namespace.
 fn udp_no_ports() -> u64 {
-    let snmp =
-        fs::read_to_string("/proc/thread-self/net/snmp").expect("read /proc/thread-self/net/snmp");
+    let snmp = fs::read_to_string("/proc/thread-self/net/snmp").expect("read /proc/thread-self/net/snmp");
     let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
-    let (names, values) = (
-        udp.next().expect("Udp header"),
-        udp.next().expect("Udp values"),
-    );
+    let (names, values) = (udp.next().expect("Udp header"), udp.next().expect("Udp values"));
     let i = names
         .split_whitespace()
         .position(|n| n == "NoPorts")
@@ -123,10 +116,7 @@ fn udp_no_ports() -> u64 {
 #[test]
 fn veth_pair_carries_and_drops() {
     if !is_root() {
-        skip(
-            "veth_pair_carries_and_drops",
-            "needs root for network namespaces",
-        );
+        skip("veth_pair_carries_and_drops", "needs root for network namespaces");
         return;
     }
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
@@ -147,9 +137,7 @@ fn veth_pair_carries_and_drops() {
     let (b_rx0, _) = link_stats(&b, "nd-b");
 
     // Receiver in b: bound before the sender starts, so no datagram races the bind.
-    let receiver = b.run(|| {
-        UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::new(10, 213, 0, 2), 0)).expect("bind in b")
-    });
+    let receiver = b.run(|| UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::new(10, 213, 0, 2), 0)).expect("bind in b"));
     let port = receiver.local_addr().expect("local addr").port();
     receiver
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -159,8 +147,7 @@ fn veth_pair_carries_and_drops() {
     const SENT: u64 = 5;
     const TO_CLOSED: u64 = 3;
     a.run(move || {
-        let s =
-            UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::new(10, 213, 0, 1), 0)).expect("bind in a");
+        let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::new(10, 213, 0, 1), 0)).expect("bind in a");
         for i in 0..SENT {
             s.send_to(
                 format!("netdrop smoke {i}").as_bytes(),
@@ -235,10 +222,7 @@ fn netdrop_lists_reasons() {
     if stderr.contains("unrecognized subcommand")
         || (out.status.success() && stdout.trim().is_empty() && stderr.trim().is_empty())
     {
-        skip(
-            "netdrop_lists_reasons",
-            "this netdrop has no `reasons` subcommand yet",
-        );
+        skip("netdrop_lists_reasons", "this netdrop has no `reasons` subcommand yet");
         return;
     }
     assert!(out.status.success(), "netdrop reasons failed: {stderr}");
@@ -248,10 +232,7 @@ fn netdrop_lists_reasons() {
     if has_reasons {
         // Every kernel with drop reasons has these two (include/net/dropreason-core.h).
         let upper = stdout.to_uppercase();
-        assert!(
-            upper.contains("NOT_SPECIFIED"),
-            "no NOT_SPECIFIED in:\n{stdout}"
-        );
+        assert!(upper.contains("NOT_SPECIFIED"), "no NOT_SPECIFIED in:\n{stdout}");
         assert!(upper.contains("NO_SOCKET"), "no NO_SOCKET in:\n{stdout}");
     }
 }

@@ -45,9 +45,16 @@ impl Drop for Ns {
 }
 
 fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = netdrop_tools::try_tool(cmd)?.args(args).output().with_context(|| format!("running {cmd}"))?;
+    let out = netdrop_tools::try_tool(cmd)?
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
-        bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -55,8 +62,13 @@ fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
 fn noports() -> anyhow::Result<u64> {
     let text = sh("ip", &["netns", "exec", NS, "cat", "/proc/net/snmp"])?;
     let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("Udp:")).collect();
-    let [names, values] = lines[..] else { bail!("no Udp lines in snmp") };
-    let idx = names.split_whitespace().position(|n| n == "NoPorts").context("NoPorts")?;
+    let [names, values] = lines[..] else {
+        bail!("no Udp lines in snmp")
+    };
+    let idx = names
+        .split_whitespace()
+        .position(|n| n == "NoPorts")
+        .context("NoPorts")?;
     Ok(values.split_whitespace().nth(idx).context("value")?.parse()?)
 }
 
@@ -93,7 +105,8 @@ fn cpu_seconds(pid: u32) -> f64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let ticks: f64 =
+        f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     // SAFETY: sysconf has no preconditions.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
@@ -110,7 +123,8 @@ fn wait_attached(child: &mut Child, marker: &str) -> anyhow::Result<()> {
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(60)).context("tracer did not attach")?;
+    rx.recv_timeout(Duration::from_secs(60))
+        .context("tracer did not attach")?;
     Ok(())
 }
 
@@ -140,19 +154,33 @@ fn netdrop_phase(bin: &str, name: &str, extra: &[&str]) -> anyhow::Result<Phase>
     thread::sleep(Duration::from_millis(300));
     let cpu = (cpu_seconds(child.id()) - cpu0) / SECONDS as f64;
     let noports = noports()? - before;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )?;
     child.wait()?;
     let text = fs::read_to_string(&out)?;
     let summary: serde_json::Value = serde_json::from_str(text.lines().last().context("no summary")?)?;
     let counted = summary["by_reason"]["NO_SOCKET"].as_u64().unwrap_or(0);
     let events = summary["events_shown"].as_u64().unwrap_or(0);
-    Ok(Phase { name: name.into(), rate, sent, noports, counted: Some(counted), events: Some(events), cpu: Some(cpu) })
+    Ok(Phase {
+        name: name.into(),
+        rate,
+        sent,
+        noports,
+        counted: Some(counted),
+        events: Some(events),
+        cpu: Some(cpu),
+    })
 }
 
 pub fn drop_storm() -> anyhow::Result<()> {
     setup::run()?;
     let root = setup::workspace_root();
-    let status = netdrop_tools::try_tool("cargo")?.args(["build", "--release", "-p", "netdrop"]).current_dir(&root).status()?;
+    let status = netdrop_tools::try_tool("cargo")?
+        .args(["build", "--release", "-p", "netdrop"])
+        .current_dir(&root)
+        .status()?;
     anyhow::ensure!(status.success(), "building netdrop failed");
     let bin = root.join("target/release/netdrop").display().to_string();
     let _ns = Ns::new()?;
@@ -160,11 +188,22 @@ pub fn drop_storm() -> anyhow::Result<()> {
     let base = |name: &str| -> anyhow::Result<Phase> {
         let before = noports()?;
         let (rate, sent) = storm()?;
-        Ok(Phase { name: name.into(), rate, sent, noports: noports()? - before, counted: None, events: None, cpu: None })
+        Ok(Phase {
+            name: name.into(),
+            rate,
+            sent,
+            noports: noports()? - before,
+            counted: None,
+            events: None,
+            cpu: None,
+        })
     };
     let bpftrace = |name: &str| -> anyhow::Result<Phase> {
         let mut child = netdrop_tools::try_tool("bpftrace")?
-            .args(["-e", "BEGIN { printf(\"attached\\n\"); } tracepoint:skb:kfree_skb { @[args->reason] = count(); }"])
+            .args([
+                "-e",
+                "BEGIN { printf(\"attached\\n\"); } tracepoint:skb:kfree_skb { @[args->reason] = count(); }",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()?;
@@ -179,18 +218,27 @@ pub fn drop_storm() -> anyhow::Result<()> {
                 }
             }
         });
-        rx.recv_timeout(Duration::from_secs(60)).context("bpftrace did not start")?;
+        rx.recv_timeout(Duration::from_secs(60))
+            .context("bpftrace did not start")?;
         let cpu0 = cpu_seconds(child.id());
         let mut p = base(name)?;
         p.cpu = Some((cpu_seconds(child.id()) - cpu0) / SECONDS as f64);
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
         let _ = child.wait();
         Ok(p)
     };
     let have_bpftrace = which::which("bpftrace").is_ok();
     // Rounds of alternating phases: this 2-core machine is shared, and a drift between phases
     // would otherwise read as overhead. Each phase reports its median round.
-    let names = ["no tracer", "netdrop (defaults)", "netdrop --event-rate 0 (every event)", "bpftrace (count by reason)"];
+    let names = [
+        "no tracer",
+        "netdrop (defaults)",
+        "netdrop --event-rate 0 (every event)",
+        "bpftrace (count by reason)",
+    ];
     let mut rounds: Vec<Vec<Phase>> = vec![Vec::new(); names.len()];
     for _ in 0..ROUNDS {
         rounds[0].push(base(names[0])?);
@@ -215,8 +263,12 @@ pub fn drop_storm() -> anyhow::Result<()> {
         .collect();
 
     let baseline = phases[0].rate;
-    println!("\ndrop storm: {SENDERS} senders → closed UDP port, {SECONDS} s per phase, {ROUNDS} rounds (median), kernel {kernel}");
-    println!("| phase | sender rate (pkt/s) | vs no tracer | NoPorts delta | netdrop count | exact (all rounds) | events shown | tracer CPU (cores) |");
+    println!(
+        "\ndrop storm: {SENDERS} senders → closed UDP port, {SECONDS} s per phase, {ROUNDS} rounds (median), kernel {kernel}"
+    );
+    println!(
+        "| phase | sender rate (pkt/s) | vs no tracer | NoPorts delta | netdrop count | exact (all rounds) | events shown | tracer CPU (cores) |"
+    );
     println!("|---|---:|---:|---:|---:|---|---:|---:|");
     let mut json = Vec::new();
     for p in &phases {
@@ -232,17 +284,24 @@ pub fn drop_storm() -> anyhow::Result<()> {
             p.rate,
             100.0 * p.rate / baseline,
             p.noports,
-            p.counted.filter(|c| *c != u64::MAX).map_or("-".into(), |c| c.to_string()),
+            p.counted
+                .filter(|c| *c != u64::MAX)
+                .map_or("-".into(), |c| c.to_string()),
             exact,
             p.events.map_or("-".into(), |c| c.to_string()),
             p.cpu.map_or("-".into(), |c| format!("{c:.3}")),
         );
-        json.push(serde_json::json!({"phase": p.name, "rate": p.rate, "ratio": p.rate / baseline, "sent": p.sent,
-            "noports": p.noports, "counted": p.counted, "events": p.events, "cpu_cores": p.cpu}));
+        json.push(
+            serde_json::json!({"phase": p.name, "rate": p.rate, "ratio": p.rate / baseline, "sent": p.sent,
+            "noports": p.noports, "counted": p.counted, "events": p.events, "cpu_cores": p.cpu}),
+        );
     }
     let dir = root.join("target/bench");
     fs::create_dir_all(&dir)?;
-    fs::write(dir.join("drop-storm.json"), serde_json::to_string_pretty(&serde_json::json!({"kernel": kernel, "phases": json}))?)?;
+    fs::write(
+        dir.join("drop-storm.json"),
+        serde_json::to_string_pretty(&serde_json::json!({"kernel": kernel, "phases": json}))?,
+    )?;
     println!("(also in target/bench/drop-storm.json)");
     Ok(())
 }
@@ -252,10 +311,23 @@ pub fn drop_storm() -> anyhow::Result<()> {
 pub fn lab_bench(which: &str) -> anyhow::Result<()> {
     setup::run()?;
     let root = setup::workspace_root();
-    let status = netdrop_tools::try_tool("cargo")?.args(["build", "--release", "-p", "netdrop"]).current_dir(&root).status()?;
+    let status = netdrop_tools::try_tool("cargo")?
+        .args(["build", "--release", "-p", "netdrop"])
+        .current_dir(&root)
+        .status()?;
     anyhow::ensure!(status.success(), "building netdrop failed");
     let status = netdrop_tools::try_tool("cargo")?
-        .args(["run", "--release", "-q", "-p", "netdrop-tests", "--bin", "netdrop-bench", "--", which])
+        .args([
+            "run",
+            "--release",
+            "-q",
+            "-p",
+            "netdrop-tests",
+            "--bin",
+            "netdrop-bench",
+            "--",
+            which,
+        ])
         .env("NETDROP_BIN", root.join("target/release/netdrop"))
         .current_dir(&root)
         .status()?;

@@ -95,7 +95,10 @@ impl Drop for Proc {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
 }
 
 fn target_dir() -> PathBuf {
@@ -119,8 +122,13 @@ fn cargo(args: &[&str]) -> anyhow::Result<String> {
 fn resolver_command(kubeconfig: &Path) -> anyhow::Result<(Command, &'static str)> {
     cargo(&["build", "--release", "-p", "netdrop", "--bin", "netdrop"])?;
     let mut cmd = netdrop_tools::project(target_dir().join("release/netdrop"));
-    cmd.arg("resolve")
-        .args(["--kubeconfig", &kubeconfig.display().to_string(), "--serve-stats", "--sync-timeout", "300s"]);
+    cmd.arg("resolve").args([
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--serve-stats",
+        "--sync-timeout",
+        "300s",
+    ]);
     Ok((cmd, "netdrop resolve --serve-stats"))
 }
 
@@ -151,7 +159,11 @@ pub fn run() -> anyhow::Result<()> {
     let t = Instant::now();
     let mut standin = Proc::spawn("kube-standin", standin_cmd)?;
     let ready = standin.next(Duration::from_mins(10))?;
-    eprintln!("bench kube: stand-in ready in {:.1}s: {}", t.elapsed().as_secs_f64(), ready["objects"]);
+    eprintln!(
+        "bench kube: stand-in ready in {:.1}s: {}",
+        t.elapsed().as_secs_f64(),
+        ready["objects"]
+    );
 
     eprintln!("bench kube: starting the resolver ({how})");
     let mut resolver = Proc::spawn("resolver", resolver_cmd)?;
@@ -166,7 +178,8 @@ pub fn run() -> anyhow::Result<()> {
 
     eprintln!(
         "bench kube: synced in {} ms, RSS {:.1} MiB; churning {CHURN_RATE} pod updates/s for {CHURN_SECS} s",
-        synced["sync_ms"], mib(&synced["rss_kib"])
+        synced["sync_ms"],
+        mib(&synced["rss_kib"])
     );
     // Churn: 1,000 pod IP changes per second for 10 s, sampled every second.
     writeln!(standin.stdin, "churn {CHURN_RATE} {CHURN_SECS}")?;
@@ -181,7 +194,11 @@ pub fn run() -> anyhow::Result<()> {
         let s = resolver.ask("stats", Duration::from_secs(10))?;
         let applied = s["events"].as_u64().unwrap_or(0) - events0;
         let sent = (t_churn.elapsed().as_secs_f64() * CHURN_RATE as f64) as u64;
-        samples.push((t_churn.elapsed().as_secs_f64(), sent.min(CHURN_RATE * CHURN_SECS), applied));
+        samples.push((
+            t_churn.elapsed().as_secs_f64(),
+            sent.min(CHURN_RATE * CHURN_SECS),
+            applied,
+        ));
         if t_churn.elapsed() > Duration::from_secs(CHURN_SECS * 6) {
             bail!("churn did not finish");
         }
@@ -192,7 +209,12 @@ pub fn run() -> anyhow::Result<()> {
     let lag = loop {
         let v = resolver.ask(&format!("lookup {last_ip}"), Duration::from_secs(10))?;
         let p = &v["peer"];
-        if format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["pod"].as_str().unwrap_or("")) == last_pod {
+        if format!(
+            "{}/{}",
+            p["namespace"].as_str().unwrap_or(""),
+            p["pod"].as_str().unwrap_or("")
+        ) == last_pod
+        {
             break t_done.elapsed();
         }
         if t_done.elapsed() > Duration::from_secs(30) {
@@ -212,8 +234,14 @@ pub fn run() -> anyhow::Result<()> {
     println!("netdrop kube resolver benchmark ({how})");
     println!("  cluster:            {PODS} pods, {SERVICES} services, {SLICES} endpointslices, {NODES} nodes");
     println!("  indexed:            {stats}");
-    println!("  time to sync:       {:.2} s (process start to all four kinds listed)", synced["sync_ms"].as_f64().unwrap_or(0.0) / 1000.0);
-    println!("  RSS after sync:     {rss:.1} MiB (peak during sync {:.1} MiB; target <= 150 MB)", mib(&synced["peak_rss_kib"]));
+    println!(
+        "  time to sync:       {:.2} s (process start to all four kinds listed)",
+        synced["sync_ms"].as_f64().unwrap_or(0.0) / 1000.0
+    );
+    println!(
+        "  RSS after sync:     {rss:.1} MiB (peak during sync {:.1} MiB; target <= 150 MB)",
+        mib(&synced["peak_rss_kib"])
+    );
     println!(
         "  lookup latency:     mean {:.0} ns, p50 {} ns, p99 {} ns, max {} ns over {} addresses (target <= 1000 ns)",
         lk["mean_ns"].as_f64().unwrap_or(0.0),
@@ -235,7 +263,10 @@ pub fn run() -> anyhow::Result<()> {
         lag.as_secs_f64() * 1000.0
     );
     for (t, sent, applied) in &samples {
-        println!("    t={t:>5.1}s  sent~{sent:>6}  applied {applied:>6}  behind {:>5}", sent.saturating_sub(*applied));
+        println!(
+            "    t={t:>5.1}s  sent~{sent:>6}  applied {applied:>6}  behind {:>5}",
+            sent.saturating_sub(*applied)
+        );
     }
     let ok_rss = rss <= 150.0 * 1_000_000.0 / 1_048_576.0;
     let ok_lookup = lk["mean_ns"].as_f64().unwrap_or(f64::MAX) <= 1000.0;

@@ -55,9 +55,16 @@ impl Drop for Namespaces {
 }
 
 fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = netdrop_tools::try_tool(cmd)?.args(args).output().with_context(|| format!("running {cmd}"))?;
+    let out = netdrop_tools::try_tool(cmd)?
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
     if !out.status.success() {
-        bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -70,11 +77,16 @@ fn ns_sh(ns: &str, cmd: &str, args: &[&str]) -> anyhow::Result<String> {
 }
 
 fn unix_ms() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 /// Runs `f` on a thread inside network namespace `ns`.
-fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<thread::JoinHandle<T>> {
+fn within<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<thread::JoinHandle<T>> {
     let file = fs::File::open(format!("/run/netns/{ns}"))?;
     Ok(thread::spawn(move || {
         nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
@@ -89,12 +101,42 @@ fn topology(ns: &mut Namespaces) -> anyhow::Result<()> {
     }
     ns_sh(NODE, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
     for (pod, host, subnet) in [(POD_A, "calibencha0001", 1), (POD_B, "calibenchb0002", 2)] {
-        sh("ip", &["-n", NODE, "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", pod])?;
-        sh("ip", &["-n", NODE, "addr", "add", &format!("10.123.{subnet}.1/24"), "dev", host])?;
+        sh(
+            "ip",
+            &[
+                "-n", NODE, "link", "add", host, "type", "veth", "peer", "name", "eth0", "netns", pod,
+            ],
+        )?;
+        sh(
+            "ip",
+            &["-n", NODE, "addr", "add", &format!("10.123.{subnet}.1/24"), "dev", host],
+        )?;
         sh("ip", &["-n", NODE, "link", "set", host, "up"])?;
-        sh("ip", &["-n", pod, "addr", "add", &format!("10.123.{subnet}.2/24"), "dev", "eth0"])?;
+        sh(
+            "ip",
+            &[
+                "-n",
+                pod,
+                "addr",
+                "add",
+                &format!("10.123.{subnet}.2/24"),
+                "dev",
+                "eth0",
+            ],
+        )?;
         sh("ip", &["-n", pod, "link", "set", "eth0", "up"])?;
-        sh("ip", &["-n", pod, "route", "add", "default", "via", &format!("10.123.{subnet}.1")])?;
+        sh(
+            "ip",
+            &[
+                "-n",
+                pod,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.123.{subnet}.1"),
+            ],
+        )?;
     }
     Ok(())
 }
@@ -135,15 +177,24 @@ impl Netdrop {
                 eprintln!("  {l}");
             }
         });
-        let attached_line = rx.recv_timeout(Duration::from_secs(120)).context("netdrop did not attach")?;
+        let attached_line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .context("netdrop did not attach")?;
         if !attached_line.starts_with("netdrop: attached") {
             bail!("netdrop failed: {attached_line}");
         }
-        Ok(Self { child, lines, attached_line })
+        Ok(Self {
+            child,
+            lines,
+            attached_line,
+        })
     }
 
     fn stop(mut self) -> anyhow::Result<()> {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )?;
         self.child.wait()?;
         Ok(())
     }
@@ -180,13 +231,21 @@ fn iperf(udp: bool) -> anyhow::Result<(f64, f64)> {
         let lost = sum["lost_percent"].as_f64().unwrap_or(0.0);
         Ok((sent_bps * (1.0 - lost / 100.0) / 1e9, lost))
     } else {
-        Ok((v["end"]["sum_received"]["bits_per_second"].as_f64().context("tcp bps")? / 1e9, 0.0))
+        Ok((
+            v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .context("tcp bps")?
+                / 1e9,
+            0.0,
+        ))
     }
 }
 
 /// One-byte TCP request/response between the pods for 3 s: (mean µs, p99 µs).
 fn latency() -> anyhow::Result<(f64, f64)> {
-    let listener = within(POD_B, || TcpListener::bind("10.123.2.2:7007").expect("bind"))?.join().expect("listener");
+    let listener = within(POD_B, || TcpListener::bind("10.123.2.2:7007").expect("bind"))?
+        .join()
+        .expect("listener");
     let server = thread::spawn(move || {
         if let Ok((mut s, _)) = listener.accept() {
             let _ = s.set_nodelay(true);
@@ -229,12 +288,21 @@ fn measure() -> anyhow::Result<Overhead> {
     let tcp = iperf(false)?.0;
     let (udp, loss) = iperf(true)?;
     let (mean, p99) = latency()?;
-    Ok(Overhead { tcp_gbps: tcp, udp_gbps: udp, udp_loss: loss, rr_mean_us: mean, rr_p99_us: p99 })
+    Ok(Overhead {
+        tcp_gbps: tcp,
+        udp_gbps: udp,
+        udp_loss: loss,
+        rr_mean_us: mean,
+        rr_p99_us: p99,
+    })
 }
 
 /// Creates `names` (with peers in the same namespace) through one `ip -batch`.
 fn create_veths(ns: &str, names: &[String]) -> anyhow::Result<()> {
-    let mut child = netdrop_tools::try_tool("ip")?.args(["-n", ns, "-force", "-batch", "-"]).stdin(Stdio::piped()).spawn()?;
+    let mut child = netdrop_tools::try_tool("ip")?
+        .args(["-n", ns, "-force", "-batch", "-"])
+        .stdin(Stdio::piped())
+        .spawn()?;
     let mut stdin = child.stdin.take().context("stdin")?;
     for (i, n) in names.iter().enumerate() {
         writeln!(stdin, "link add {n} type veth peer name bp{i}")?;
@@ -261,7 +329,9 @@ fn event_times(nd: &Netdrop, action: &str) -> HashMap<String, f64> {
 
 fn percentile(v: &mut [f64], p: usize) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get((v.len() * p / 100).min(v.len().saturating_sub(1))).copied().unwrap_or(0.0)
+    v.get((v.len() * p / 100).min(v.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0.0)
 }
 
 struct ChurnResult {
@@ -276,15 +346,38 @@ struct ChurnResult {
 /// Offers link events through one `ip -batch` at `rate` per second (0 = as fast as possible):
 /// creations of new cali veths, and (when `delete_after` is set) deletions of those created
 /// that many events earlier. Returns latency from writing the command to netdrop's event.
-fn churn(bin: &PathBuf, ns: &str, first: usize, creates: usize, rate: u32, delete_after: Option<usize>, mode: &str) -> anyhow::Result<ChurnResult> {
-    let nd = Netdrop::start(bin, &["--node-netns", &format!("n={}", PathBuf::from("/run/netns").join(ns).display()), "--tc-mode", mode])?;
-    let mut child = netdrop_tools::try_tool("ip")?.args(["-n", ns, "-force", "-batch", "-"]).stdin(Stdio::piped()).spawn()?;
+fn churn(
+    bin: &PathBuf,
+    ns: &str,
+    first: usize,
+    creates: usize,
+    rate: u32,
+    delete_after: Option<usize>,
+    mode: &str,
+) -> anyhow::Result<ChurnResult> {
+    let nd = Netdrop::start(
+        bin,
+        &[
+            "--node-netns",
+            &format!("n={}", PathBuf::from("/run/netns").join(ns).display()),
+            "--tc-mode",
+            mode,
+        ],
+    )?;
+    let mut child = netdrop_tools::try_tool("ip")?
+        .args(["-n", ns, "-force", "-batch", "-"])
+        .stdin(Stdio::piped())
+        .spawn()?;
     let mut stdin = child.stdin.take().context("stdin")?;
     let mut created_at: HashMap<String, f64> = HashMap::new();
     let mut deleted_at: HashMap<String, f64> = HashMap::new();
     let start = Instant::now();
     let mut offered = 0usize;
-    let interval = if rate == 0 { Duration::ZERO } else { Duration::from_secs_f64(1.0 / f64::from(rate)) };
+    let interval = if rate == 0 {
+        Duration::ZERO
+    } else {
+        Duration::from_secs_f64(1.0 / f64::from(rate))
+    };
     let mut order = Vec::new();
     for i in 0..creates {
         let name = cali(first + i);
@@ -371,7 +464,10 @@ pub fn run() -> anyhow::Result<()> {
     setup::run()?;
     let root = setup::workspace_root();
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let status = netdrop_tools::try_tool("cargo")?.args(["build", "--release", "-p", "netdrop"]).current_dir(&root).status()?;
+    let status = netdrop_tools::try_tool("cargo")?
+        .args(["build", "--release", "-p", "netdrop"])
+        .current_dir(&root)
+        .status()?;
     anyhow::ensure!(status.success(), "building netdrop failed");
     let bin = target.join("release/netdrop");
     let kernel = sh("uname", &["-r"])?.trim().to_string();
@@ -381,7 +477,9 @@ pub fn run() -> anyhow::Result<()> {
 
     // 1. Overhead, same run, interleaved twice: without, TCX, clsact, ..., without.
     let mut phases: Vec<(String, Overhead)> = Vec::new();
-    println!("overhead: iperf3 TCP/UDP pod A → pod B through two cali veths and the node ({SECONDS} s each) + 1-byte TCP RR (3 s)");
+    println!(
+        "overhead: iperf3 TCP/UDP pod A → pod B through two cali veths and the node ({SECONDS} s each) + 1-byte TCP RR (3 s)"
+    );
     for _round in 0..2 {
         phases.push(("no netdrop".into(), measure()?));
         for mode in ["tcx", "clsact"] {
@@ -404,8 +502,10 @@ pub fn run() -> anyhow::Result<()> {
         }
     };
     let base = mean_of("no netdrop");
-    let means: Vec<(String, Overhead)> =
-        ["netdrop (tcx)", "netdrop (clsact)"].into_iter().map(|n| (format!("mean: {n}"), mean_of(n))).collect();
+    let means: Vec<(String, Overhead)> = ["netdrop (tcx)", "netdrop (clsact)"]
+        .into_iter()
+        .map(|n| (format!("mean: {n}"), mean_of(n)))
+        .collect();
     phases.extend(means);
     phases.push(("mean: no netdrop".into(), base));
 
@@ -442,7 +542,9 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     println!("\nkernel {kernel}, {} CPUs", aya::util::nr_cpus().map_or(0, |n| n));
-    println!("| phase | TCP Gbit/s | vs none | UDP Gbit/s (loss) | vs none | RR mean µs | RR p99 µs | RR mean vs none |");
+    println!(
+        "| phase | TCP Gbit/s | vs none | UDP Gbit/s (loss) | vs none | RR mean µs | RR p99 µs | RR mean vs none |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut jphases = Vec::new();
     for (name, m) in &phases {
@@ -457,16 +559,22 @@ pub fn run() -> anyhow::Result<()> {
             m.rr_p99_us,
             100.0 * m.rr_mean_us / base.rr_mean_us
         );
-        jphases.push(json!({"phase": name, "tcp_gbps": m.tcp_gbps, "tcp_ratio": m.tcp_gbps / base.tcp_gbps,
+        jphases.push(
+            json!({"phase": name, "tcp_gbps": m.tcp_gbps, "tcp_ratio": m.tcp_gbps / base.tcp_gbps,
             "udp_gbps": m.udp_gbps, "udp_loss_percent": m.udp_loss, "udp_ratio": m.udp_gbps / base.udp_gbps,
-            "rr_mean_us": m.rr_mean_us, "rr_p99_us": m.rr_p99_us, "rr_mean_ratio": m.rr_mean_us / base.rr_mean_us}));
+            "rr_mean_us": m.rr_mean_us, "rr_p99_us": m.rr_p99_us, "rr_mean_ratio": m.rr_mean_us / base.rr_mean_us}),
+        );
     }
-    println!("\n| attach 1,000 cali veths | attach phase (ms) | process start → attached (ms) | wall incl. exec (ms) | detach + exit (ms) |");
+    println!(
+        "\n| attach 1,000 cali veths | attach phase (ms) | process start → attached (ms) | wall incl. exec (ms) | detach + exit (ms) |"
+    );
     println!("|---|---:|---:|---:|---:|");
     for (mode, p, s, w, d) in &attach {
         println!("| {mode} | {p:.0} | {s:.0} | {w:.0} | {d:.0} |");
     }
-    println!("\n| churn | link events offered | over (s) | rate (events/s) | missed | latency p50 (ms) | p99 (ms) | max (ms) |");
+    println!(
+        "\n| churn | link events offered | over (s) | rate (events/s) | missed | latency p50 (ms) | p99 (ms) | max (ms) |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (name, c) in &churns {
         println!(

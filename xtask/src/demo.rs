@@ -21,7 +21,11 @@ struct LabGuard(PathBuf);
 
 impl LabGuard {
     fn lab(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = netdrop_tools::project(&self.0).args(args).stderr(Stdio::inherit()).output().context("running netdrop-lab")?;
+        let out = netdrop_tools::project(&self.0)
+            .args(args)
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running netdrop-lab")?;
         if !out.status.success() {
             bail!("netdrop-lab {} failed", args.join(" "));
         }
@@ -31,7 +35,10 @@ impl LabGuard {
 
 impl Drop for LabGuard {
     fn drop(&mut self) {
-        let _ = netdrop_tools::project(&self.0).arg("down").stdout(Stdio::null()).status();
+        let _ = netdrop_tools::project(&self.0)
+            .arg("down")
+            .stdout(Stdio::null())
+            .status();
     }
 }
 
@@ -42,12 +49,16 @@ fn scenario(fault: &str) -> (Vec<&'static str>, Vec<&'static str>) {
     match fault {
         "big-one-bad" => (vec!["--svc", "default/big"], vec!["--svc", "default/big"]),
         // Responses larger than the overlay's MTU.
-        "mtu-blackhole" => (vec!["--svc", "default/web"], vec!["--svc", "default/web", "--reply-bytes", "4000"]),
+        "mtu-blackhole" => (
+            vec!["--svc", "default/web"],
+            vec!["--svc", "default/web", "--reply-bytes", "4000"],
+        ),
         // Not a Service: traced by the external address (before and after the node's SNAT).
         "egress-deny" | "snat-exhaustion" => (vec!["--ip", "203.0.113.10/32"], vec!["--to", EXTERNAL]),
-        "dns-udp-drop" | "dns-conntrack-full" => {
-            (vec!["--svc", "kube-system/kube-dns"], vec!["--svc", "kube-system/kube-dns", "--proto", "udp"])
-        }
+        "dns-udp-drop" | "dns-conntrack-full" => (
+            vec!["--svc", "kube-system/kube-dns"],
+            vec!["--svc", "kube-system/kube-dns", "--proto", "udp"],
+        ),
         "dns-race" => (
             vec!["--svc", "kube-system/kube-dns"],
             vec!["--svc", "kube-system/kube-dns", "--proto", "udp", "--pairs"],
@@ -57,11 +68,25 @@ fn scenario(fault: &str) -> (Vec<&'static str>, Vec<&'static str>) {
 }
 
 pub fn run(fault: &str, seconds: u64) -> anyhow::Result<()> {
-    anyhow::ensure!(nix::unistd::geteuid().is_root(), "the demo builds network namespaces and loads BPF programs: run as root");
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the demo builds network namespaces and loads BPF programs: run as root"
+    );
     setup::run()?;
     let root = setup::workspace_root();
     let status = netdrop_tools::try_tool("cargo")?
-        .args(["build", "--quiet", "-p", "netdrop", "-p", "netdrop-tests", "--bin", "netdrop", "--bin", "netdrop-lab"])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "netdrop",
+            "-p",
+            "netdrop-tests",
+            "--bin",
+            "netdrop",
+            "--bin",
+            "netdrop-lab",
+        ])
         .current_dir(&root)
         .status()?;
     anyhow::ensure!(status.success(), "build failed");
@@ -84,13 +109,20 @@ pub fn run(fault: &str, seconds: u64) -> anyhow::Result<()> {
     ]);
     for n in status["nodes"].as_array().context("nodes")? {
         args.push("--node-netns".into());
-        args.push(format!("{}={}", n["name"].as_str().unwrap_or_default(), n["netns_path"].as_str().unwrap_or_default()));
+        args.push(format!(
+            "{}={}",
+            n["name"].as_str().unwrap_or_default(),
+            n["netns_path"].as_str().unwrap_or_default()
+        ));
     }
     if !std::io::stdout().is_terminal() {
         args.extend(["-o".into(), "text".into()]);
     }
     println!("==> netdrop {}", args.join(" "));
-    let mut nd = netdrop_tools::project(root.join("target/debug/netdrop")).args(&args).stderr(Stdio::piped()).spawn()?;
+    let mut nd = netdrop_tools::project(root.join("target/debug/netdrop"))
+        .args(&args)
+        .stderr(Stdio::piped())
+        .spawn()?;
     let stderr = nd.stderr.take().context("stderr")?;
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
@@ -101,8 +133,12 @@ pub fn run(fault: &str, seconds: u64) -> anyhow::Result<()> {
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(60)).context("netdrop did not start")?;
-    println!("==> traffic: 100 requests/s ({}) for {seconds}s from the client pod", traffic.join(" "));
+    rx.recv_timeout(Duration::from_secs(60))
+        .context("netdrop did not start")?;
+    println!(
+        "==> traffic: 100 requests/s ({}) for {seconds}s from the client pod",
+        traffic.join(" ")
+    );
     let duration = format!("{seconds}s");
     let mut targs = vec!["traffic"];
     targs.extend(traffic);

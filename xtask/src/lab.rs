@@ -9,8 +9,7 @@ use anyhow::Context as _;
 use crate::setup::workspace_root;
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
 /// Builds `netdrop-lab` and runs it; exits with its exit code.
@@ -20,14 +19,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         "the lab creates network namespaces and iptables rules: run as root (sudo -E cargo xtask lab ...)"
     );
     let status = netdrop_tools::try_tool("cargo")?
-        .args([
-            "build",
-            "--quiet",
-            "--package",
-            "netdrop-tests",
-            "--bin",
-            "netdrop-lab",
-        ])
+        .args(["build", "--quiet", "--package", "netdrop-tests", "--bin", "netdrop-lab"])
         .current_dir(workspace_root())
         .status()
         .context("running cargo build")?;

@@ -3,9 +3,9 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_kube;
-mod lab;
 mod bench_tc;
 mod demo;
+mod lab;
 mod setup;
 mod test;
 mod vm;

@@ -9,7 +9,6 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-
 /// bpf-linker version known to build against the nightly toolchain's LLVM here.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -40,15 +39,24 @@ fn packages() -> anyhow::Result<()> {
     }
     // Every package of the tool table: the one list of what the build, tests, benchmarks, lab
     // and kernel matrix run.
-    let missing: Vec<&str> = netdrop_tools::debian_packages().into_iter().filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = netdrop_tools::debian_packages()
+        .into_iter()
+        .filter(|p| !installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
-        bail!("setup: missing Debian packages; run as root, or: sudo apt-get install -y {}", missing.join(" "));
+        bail!(
+            "setup: missing Debian packages; run as root, or: sudo apt-get install -y {}",
+            missing.join(" ")
+        );
     }
     eprintln!("setup: installing {}", missing.join(" "));
-    let status = netdrop_tools::try_tool("apt-get")?.args(["update", "-qq"]).status().context("apt-get update")?;
+    let status = netdrop_tools::try_tool("apt-get")?
+        .args(["update", "-qq"])
+        .status()
+        .context("apt-get update")?;
     if !status.success() {
         bail!("setup: apt-get update failed ({status})");
     }
@@ -109,11 +117,19 @@ fn bpf_linker() -> anyhow::Result<()> {
         .context("reading the nightly sysroot")?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
         .context("the nightly toolchain has no libLLVM.so.*: cannot build bpf-linker")?;
     let name = lib.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     // libLLVM.so.22.1-rust-1.97.0-nightly → 22
-    let major: String = name.trim_start_matches("libLLVM.so.").chars().take_while(char::is_ascii_digit).collect();
+    let major: String = name
+        .trim_start_matches("libLLVM.so.")
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
     let home = env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
     let prefix = home.join(".local/share/netdrop/llvm");
     fs::create_dir_all(prefix.join("lib"))?;
@@ -122,9 +138,19 @@ fn bpf_linker() -> anyhow::Result<()> {
         let _ = fs::remove_file(&dst);
         std::os::unix::fs::symlink(&lib, &dst).with_context(|| format!("symlink {}", dst.display()))?;
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about a minute)", lib.display());
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {} (about a minute)",
+        lib.display()
+    );
     let status = netdrop_tools::try_tool("cargo")?
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features"])
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--no-default-features",
+        ])
         .args(["--features", &format!("llvm-{major}")])
         .env("LLVM_PREFIX", &prefix)
         .status()
@@ -137,5 +163,8 @@ fn bpf_linker() -> anyhow::Result<()> {
 
 /// The workspace root (xtask's parent).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is in the workspace")
+        .to_path_buf()
 }

@@ -27,7 +27,11 @@ pub struct Args {
     /// kfree_skb drops; conntrack classification, which on Debian's modular nf_conntrack takes
     /// the kprobe path (aya 0.14 cannot fexit module functions); tc accounting, which on 6.1
     /// (no TCX) takes the clsact path, also under `auto`; and the no-BTF mode.
-    #[arg(long, default_value = "vm_smoke,drops,conntrack,tc_counts,tc_signals,nobtf", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "vm_smoke,drops,conntrack,tc_counts,tc_signals,nobtf",
+        value_delimiter = ','
+    )]
     pub vm_tests: Vec<String>,
     /// Also the long variants (tests marked `#[ignore = "full: ..."]`), here and in the guests.
     #[arg(long)]
@@ -113,9 +117,19 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         }
     }
 
-    let kernels: Vec<&str> = args.vm_kernels.iter().map(String::as_str).filter(|k| *k != "none").collect();
+    let kernels: Vec<&str> = args
+        .vm_kernels
+        .iter()
+        .map(String::as_str)
+        .filter(|k| *k != "none")
+        .collect();
     if !kernels.is_empty() {
-        let tests: Vec<&str> = args.vm_tests.iter().map(String::as_str).filter(|t| *t != "all").collect();
+        let tests: Vec<&str> = args
+            .vm_tests
+            .iter()
+            .map(String::as_str)
+            .filter(|t| *t != "all")
+            .collect();
         let t0 = Instant::now();
         let failed = match crate::vm::run_kernels_tests(&kernels, &tests, args.full) {
             Ok(()) => {
@@ -130,12 +144,18 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         tally.failed += failed;
         timings.push(Timing {
             name: format!("guests {} ({})", kernels.join(","), tests.join(",")),
-            tally: Tally { failed, ..Tally::default() },
+            tally: Tally {
+                failed,
+                ..Tally::default()
+            },
             time: t0.elapsed(),
         });
     }
     print_timings(&timings, started.elapsed());
-    println!("total: {} passed, {} failed, {} skipped", tally.passed, tally.failed, tally.skipped);
+    println!(
+        "total: {} passed, {} failed, {} skipped",
+        tally.passed, tally.failed, tally.skipped
+    );
     if tally.failed > 0 {
         std::process::exit(1);
     }
@@ -148,12 +168,34 @@ fn lint(root: &Path) -> anyhow::Result<Timing> {
     println!("\n=== clippy: disallowed methods ===");
     let t0 = Instant::now();
     let status = netdrop_tools::try_tool("cargo")?
-        .args(["clippy", "--all-targets", "--", "-A", "warnings", "-D", "clippy::disallowed_methods"])
+        .args([
+            "clippy",
+            "--all-targets",
+            "--",
+            "-A",
+            "warnings",
+            "-D",
+            "clippy::disallowed_methods",
+        ])
         .current_dir(root)
         .status()
         .context("cargo clippy")?;
-    let tally = if status.success() { Tally { passed: 1, ..Tally::default() } } else { Tally { failed: 1, ..Tally::default() } };
-    Ok(Timing { name: "clippy (disallowed methods)".into(), tally, time: t0.elapsed() })
+    let tally = if status.success() {
+        Tally {
+            passed: 1,
+            ..Tally::default()
+        }
+    } else {
+        Tally {
+            failed: 1,
+            ..Tally::default()
+        }
+    };
+    Ok(Timing {
+        name: "clippy (disallowed methods)".into(),
+        tally,
+        time: t0.elapsed(),
+    })
 }
 
 /// Builds every test binary of the default members and lists them, as `cargo test` would run
@@ -181,9 +223,16 @@ fn suites(root: &Path) -> anyhow::Result<Vec<Suite>> {
         let kind = v["target"]["kind"][0].as_str().unwrap_or("?");
         let manifest = PathBuf::from(v["manifest_path"].as_str().unwrap_or_default());
         out.push(Suite {
-            name: if kind == "test" { name.to_string() } else { format!("{name} ({kind})") },
+            name: if kind == "test" {
+                name.to_string()
+            } else {
+                format!("{name} ({kind})")
+            },
             executable: PathBuf::from(exe),
-            package_dir: manifest.parent().map(Path::to_path_buf).unwrap_or_else(|| root.to_path_buf()),
+            package_dir: manifest
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| root.to_path_buf()),
         });
     }
     let status = child.wait()?;
@@ -197,7 +246,9 @@ fn suites(root: &Path) -> anyhow::Result<Vec<Suite>> {
 
 fn run_suite(s: &Suite, args: &Args, netdrop: &Path, skip_file: &Path) -> anyhow::Result<Timing> {
     let mut cmd = netdrop_tools::project(&s.executable);
-    cmd.current_dir(&s.package_dir).env("CARGO_MANIFEST_DIR", &s.package_dir).env("NETDROP_BIN", netdrop);
+    cmd.current_dir(&s.package_dir)
+        .env("CARGO_MANIFEST_DIR", &s.package_dir)
+        .env("NETDROP_BIN", netdrop);
     if args.full {
         cmd.arg("--include-ignored");
     }
@@ -237,10 +288,16 @@ fn run_libtest(name: &str, mut cmd: std::process::Command, skip_file: &Path) -> 
     // A skipped test returned early and libtest counted it as passed: take it back.
     tally.passed = tally.passed.saturating_sub(tally.skipped);
     if (!status.success() || !saw_result) && tally.failed == 0 {
-        println!("{name}: exited with {status} without a failed test (a crash or a build failure): counted as one failure");
+        println!(
+            "{name}: exited with {status} without a failed test (a crash or a build failure): counted as one failure"
+        );
         tally.failed += 1; // never report green
     }
-    Ok(Timing { name: name.to_string(), tally, time: t0.elapsed() })
+    Ok(Timing {
+        name: name.to_string(),
+        tally,
+        time: t0.elapsed(),
+    })
 }
 
 fn count_lines(path: &Path) -> u64 {
@@ -249,7 +306,10 @@ fn count_lines(path: &Path) -> u64 {
 
 fn print_timings(timings: &[Timing], total: Duration) {
     println!("\nsuite times:");
-    println!("  {:<44} {:>7} {:>7} {:>7} {:>9}", "SUITE", "PASSED", "FAILED", "SKIPPED", "SECONDS");
+    println!(
+        "  {:<44} {:>7} {:>7} {:>7} {:>9}",
+        "SUITE", "PASSED", "FAILED", "SKIPPED", "SECONDS"
+    );
     for t in timings {
         println!(
             "  {:<44} {:>7} {:>7} {:>7} {:>9.1}",
@@ -260,13 +320,26 @@ fn print_timings(timings: &[Timing], total: Duration) {
             t.time.as_secs_f64()
         );
     }
-    println!("  {:<44} {:>7} {:>7} {:>7} {:>9.1}", "whole run (set-up and builds included)", "", "", "", total.as_secs_f64());
+    println!(
+        "  {:<44} {:>7} {:>7} {:>7} {:>9.1}",
+        "whole run (set-up and builds included)",
+        "",
+        "",
+        "",
+        total.as_secs_f64()
+    );
 }
 
 /// `"ok. 15 passed; 1 failed; ..."` → the number before `what`.
 fn count(s: &str, what: &str) -> u64 {
     s.split(';')
-        .find_map(|part| part.trim().trim_start_matches("ok.").trim_start_matches("FAILED.").trim().strip_suffix(what.trim()))
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok.")
+                .trim_start_matches("FAILED.")
+                .trim()
+                .strip_suffix(what.trim())
+        })
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0)
 }

@@ -50,7 +50,11 @@ pub enum ProbeError {
     #[error("loading the kernel programs failed: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("kernel program {program}: {source}")]
-    Program { program: &'static str, #[source] source: ProgramError },
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
     #[error("no hook for kfree_skb works here: tp_btf ({tp_btf}); tracepoint ({tracepoint})")]
     NoHook { tp_btf: String, tracepoint: String },
     #[error("map {0} missing from the kernel programs")]
@@ -58,7 +62,11 @@ pub enum ProbeError {
     #[error("program {0} missing from the kernel programs")]
     MissingProgram(&'static str),
     #[error("map {name}: {source}")]
-    MapType { name: &'static str, #[source] source: aya::maps::MapError },
+    MapType {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error(transparent)]
     Reasons(#[from] crate::reasons::ReasonError),
     #[error(transparent)]
@@ -182,7 +190,10 @@ fn conntrack_offsets(vmlinux: &Btf, into: &mut KernelOffsets) -> Result<(), Stri
         return Ok(());
     }
     let Some(module) = crate::reasons::module_btf(vmlinux, "nf_conntrack") else {
-        return Err("nf_conntrack is not loaded (no /sys/kernel/btf/nf_conntrack); restart netdrop once conntrack is in use".into());
+        return Err(
+            "nf_conntrack is not loaded (no /sys/kernel/btf/nf_conntrack); restart netdrop once conntrack is in use"
+                .into(),
+        );
     };
     offsets::conntrack_offsets(vmlinux, &module, into).map_err(|e| e.to_string())
 }
@@ -200,8 +211,12 @@ fn loaded_btf_modules() -> Vec<String> {
 fn tracepoint_arg_count(btf: &Btf, typedef: &str) -> Option<usize> {
     let t = btf.resolve_types_by_name(typedef).ok()?.into_iter().next()?;
     let Type::Typedef(td) = t else { return None };
-    let Type::Ptr(p) = btf.resolve_chained_type(&td).ok()? else { return None };
-    let Type::FuncProto(fp) = btf.resolve_chained_type(&p).ok()? else { return None };
+    let Type::Ptr(p) = btf.resolve_chained_type(&td).ok()? else {
+        return None;
+    };
+    let Type::FuncProto(fp) = btf.resolve_chained_type(&p).ok()? else {
+        return None;
+    };
     Some(fp.parameters.len())
 }
 
@@ -230,13 +245,21 @@ pub fn check_permission() -> Result<(), ProbeError> {
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it. Newer kernels charge the
 /// memory cgroup instead, so a refusal there (some sandboxes refuse even root) is harmless.
 pub fn raise_memlock(release: &str) {
-    let rl = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rl = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid pointer to a local.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rl) } != 0 {
-        let mut v = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+        let mut v = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|p| p.parse::<u32>().ok());
         let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
         if (major, minor) >= (5, 11) {
-            debug!("RLIMIT_MEMLOCK not lifted ({}); not needed on {release}", io::Error::last_os_error());
+            debug!(
+                "RLIMIT_MEMLOCK not lifted ({}); not needed on {release}",
+                io::Error::last_os_error()
+            );
             return;
         }
         warn!(
@@ -308,7 +331,10 @@ pub fn attach(kernel: &KernelInfo, config: &Config, opts: AttachOptions) -> Resu
     }
     match attach_tracepoint(&mut ebpf, kernel) {
         Ok(()) => finish(ebpf, Hook::Tracepoint, try_btf.then_some(tp_btf_error)),
-        Err(e) => Err(ProbeError::NoHook { tp_btf: tp_btf_error, tracepoint: describe(&e) }),
+        Err(e) => Err(ProbeError::NoHook {
+            tp_btf: tp_btf_error,
+            tracepoint: describe(&e),
+        }),
     }
 }
 
@@ -325,8 +351,11 @@ fn attach_tp_btf(ebpf: &mut Ebpf, kernel: &KernelInfo) -> Result<(), ProbeError>
     }
     let err = |source| ProbeError::Program { program: NAME, source };
     let btf = aya::Btf::from_sys_fs().map_err(|e| err(ProgramError::Btf(e)))?;
-    let prog: &mut BtfTracePoint =
-        ebpf.program_mut(NAME).ok_or(ProbeError::MissingProgram(NAME))?.try_into().map_err(err)?;
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(NAME)
+        .ok_or(ProbeError::MissingProgram(NAME))?
+        .try_into()
+        .map_err(err)?;
     prog.load("kfree_skb", &btf).map_err(err)?;
     prog.attach().map_err(err)?;
     Ok(())
@@ -341,7 +370,11 @@ fn attach_tracepoint(ebpf: &mut Ebpf, kernel: &KernelInfo) -> Result<(), ProbeEr
         }));
     }
     let err = |source| ProbeError::Program { program: NAME, source };
-    let prog: &mut TracePoint = ebpf.program_mut(NAME).ok_or(ProbeError::MissingProgram(NAME))?.try_into().map_err(err)?;
+    let prog: &mut TracePoint = ebpf
+        .program_mut(NAME)
+        .ok_or(ProbeError::MissingProgram(NAME))?
+        .try_into()
+        .map_err(err)?;
     prog.load().map_err(err)?;
     prog.attach("skb", "kfree_skb").map_err(err)?;
     Ok(())
@@ -349,13 +382,26 @@ fn attach_tracepoint(ebpf: &mut Ebpf, kernel: &KernelInfo) -> Result<(), ProbeEr
 
 /// One line for a load/attach failure; the verifier log goes to debug output.
 fn describe(e: &ProbeError) -> String {
-    if let ProbeError::Program { program, source: ProgramError::LoadError { io_error, verifier_log } } = e {
+    if let ProbeError::Program {
+        program,
+        source: ProgramError::LoadError { io_error, verifier_log },
+    } = e
+    {
         debug!("verifier log:\n{verifier_log}");
         // The verifier's last words name what it refused; the whole log is at debug level.
         let log = verifier_log.to_string();
         let statistics = ["processed ", "stack depth", "verification time"];
-        let why = log.lines().rev().map(str::trim).find(|l| !l.is_empty() && !statistics.iter().any(|p| l.starts_with(p))).unwrap_or("");
-        let why = if why.is_empty() { String::new() } else { format!(" (verifier: {why})") };
+        let why = log
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !statistics.iter().any(|p| l.starts_with(p)))
+            .unwrap_or("");
+        let why = if why.is_empty() {
+            String::new()
+        } else {
+            format!(" (verifier: {why})")
+        };
         return format!("{program}: load refused: {io_error}{why}");
     }
     let mut s = e.to_string();
@@ -404,12 +450,26 @@ struct Watched {
 }
 
 const CT_FUNCTIONS: &[Watched] = &[
-    Watched { function: "__nf_conntrack_confirm", fexit: "ct_confirm_exit", entry: "ct_confirm_entry", ret: "ct_confirm_return" },
-    Watched { function: "nf_conntrack_in", fexit: "ct_in_exit", entry: "ct_in_entry", ret: "ct_in_return" },
+    Watched {
+        function: "__nf_conntrack_confirm",
+        fexit: "ct_confirm_exit",
+        entry: "ct_confirm_entry",
+        ret: "ct_confirm_return",
+    },
+    Watched {
+        function: "nf_conntrack_in",
+        fexit: "ct_in_exit",
+        entry: "ct_in_entry",
+        ret: "ct_in_return",
+    },
 ];
 
-const TW_FUNCTIONS: &[Watched] =
-    &[Watched { function: TimewaitFunction::NAME, fexit: "tw_exit", entry: "tw_entry", ret: "tw_return" }];
+const TW_FUNCTIONS: &[Watched] = &[Watched {
+    function: TimewaitFunction::NAME,
+    fexit: "tw_exit",
+    entry: "tw_entry",
+    ret: "tw_return",
+}];
 
 /// Attaches the precise conntrack hooks, fexit first, kprobes as the fallback. Returns the hook
 /// used and, when it is not fexit, why the better ones failed. Never fails: without hooks the
@@ -445,11 +505,18 @@ fn attach_precise(ebpf: &mut Ebpf, set: &[Watched], want: Option<PreciseHook>) -
 fn attach_fexit(ebpf: &mut Ebpf, set: &[Watched]) -> Result<(), ProbeError> {
     use aya::programs::FExit;
     let Some(first) = set.first() else { return Ok(()) };
-    let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Program { program: first.fexit, source: ProgramError::Btf(e) })?;
+    let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Program {
+        program: first.fexit,
+        source: ProgramError::Btf(e),
+    })?;
     for w in set {
         let program = w.fexit;
         let err = |source| ProbeError::Program { program, source };
-        let prog: &mut FExit = ebpf.program_mut(program).ok_or(ProbeError::MissingProgram(program))?.try_into().map_err(err)?;
+        let prog: &mut FExit = ebpf
+            .program_mut(program)
+            .ok_or(ProbeError::MissingProgram(program))?
+            .try_into()
+            .map_err(err)?;
         prog.load(w.function, &btf).map_err(err)?;
         prog.attach().map_err(err)?;
     }
@@ -461,7 +528,11 @@ fn attach_kprobes(ebpf: &mut Ebpf, set: &[Watched]) -> Result<(), ProbeError> {
     for w in set {
         for program in [w.entry, w.ret] {
             let err = |source| ProbeError::Program { program, source };
-            let prog: &mut KProbe = ebpf.program_mut(program).ok_or(ProbeError::MissingProgram(program))?.try_into().map_err(err)?;
+            let prog: &mut KProbe = ebpf
+                .program_mut(program)
+                .ok_or(ProbeError::MissingProgram(program))?
+                .try_into()
+                .map_err(err)?;
             prog.load().map_err(err)?;
             prog.attach(w.function, 0).map_err(err)?;
         }
@@ -477,8 +548,20 @@ fn finish(mut ebpf: Ebpf, hook: Hook, fallback: Option<String>) -> Result<DropPr
     let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or(ProbeError::Map("STATS"))?)
         .map_err(|source| ProbeError::MapType { name: "STATS", source })?;
     let addrs = aya::maps::HashMap::try_from(ebpf.take_map("ADDR_FILTER").ok_or(ProbeError::Map("ADDR_FILTER"))?)
-        .map_err(|source| ProbeError::MapType { name: "ADDR_FILTER", source })?;
-    Ok(DropProbe { ebpf, hook, fallback, events: Some(events), drops, stats, addrs, addr_set: Default::default() })
+        .map_err(|source| ProbeError::MapType {
+            name: "ADDR_FILTER",
+            source,
+        })?;
+    Ok(DropProbe {
+        ebpf,
+        hook,
+        fallback,
+        events: Some(events),
+        drops,
+        stats,
+        addrs,
+        addr_set: Default::default(),
+    })
 }
 
 /// Kernel-side totals: exact drop counts and what happened to events.
@@ -494,14 +577,22 @@ impl DropProbe {
     /// counters keyed by unchanged tags carry on).
     pub fn set_addr_filter(&mut self, entries: &[(AddrKey, u32)]) -> Result<(), ProbeError> {
         let want: std::collections::HashMap<AddrKey, u32> = entries.iter().copied().collect();
-        let stale: Vec<AddrKey> = self.addr_set.keys().filter(|k| !want.contains_key(k)).copied().collect();
+        let stale: Vec<AddrKey> = self
+            .addr_set
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
         for k in stale {
             let _ = self.addrs.remove(&k);
             self.addr_set.remove(&k);
         }
         for (k, v) in &want {
             if self.addr_set.get(k) != Some(v) {
-                self.addrs.insert(k, v, 0).map_err(|source| ProbeError::MapType { name: "ADDR_FILTER", source })?;
+                self.addrs.insert(k, v, 0).map_err(|source| ProbeError::MapType {
+                    name: "ADDR_FILTER",
+                    source,
+                })?;
                 self.addr_set.insert(*k, *v);
             }
         }

@@ -75,10 +75,18 @@ pub fn member_offset(btf: &Btf, strukt: &str, path: &[&str]) -> Result<u32, Offs
     let mut ty = find_struct(btf, strukt)?;
     let mut bits = 0u32;
     for (i, name) in path.iter().enumerate() {
-        let not_found = || OffsetError::NoMember { strukt: strukt.into(), path: path.join(".") };
-        let Some((off, member)) = find_member(btf, &ty, name)? else { return Err(not_found()) };
+        let not_found = || OffsetError::NoMember {
+            strukt: strukt.into(),
+            path: path.join("."),
+        };
+        let Some((off, member)) = find_member(btf, &ty, name)? else {
+            return Err(not_found());
+        };
         if member.bitfield_size().is_some_and(|s| s != 0) {
-            return Err(OffsetError::Bitfield { strukt: strukt.into(), path: path.join(".") });
+            return Err(OffsetError::Bitfield {
+                strukt: strukt.into(),
+                path: path.join("."),
+            });
         }
         bits += off;
         if i + 1 < path.len() {
@@ -111,11 +119,7 @@ fn strip_modifiers(btf: &Btf, mut ty: Type) -> Result<Type, OffsetError> {
 
 /// Finds `name` among the members of a struct/union, descending into anonymous members.
 /// Returns its bit offset relative to `ty`.
-fn find_member(
-    btf: &Btf,
-    ty: &Type,
-    name: &str,
-) -> Result<Option<(u32, btf_rs::Member)>, OffsetError> {
+fn find_member(btf: &Btf, ty: &Type, name: &str) -> Result<Option<(u32, btf_rs::Member)>, OffsetError> {
     let members = match ty {
         Type::Struct(s) | Type::Union(s) => &s.members,
         _ => return Ok(None),

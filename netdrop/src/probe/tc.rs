@@ -27,8 +27,7 @@ use aya::{
 };
 use netdrop_common::{TcConfig, TcCounters, TcDestCounters, TcDestKey, TcKey, tc_stat};
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::{
     RouteNetlinkMessage,
@@ -97,21 +96,41 @@ pub enum TcError {
     #[error("loading the tc programs failed: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("tc program {program}: {source}")]
-    Program { program: &'static str, #[source] source: ProgramError },
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
     #[error("map {0} missing from the kernel programs")]
     MissingMap(&'static str),
     #[error("program {0} missing from the kernel programs")]
     MissingProgram(&'static str),
     #[error("map {name}: {source}")]
-    Map { name: &'static str, #[source] source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("TCX is not available on this kernel (needs Linux 6.6+): {0}; use --tc-mode clsact or auto")]
     NoTcx(#[source] io::Error),
     #[error("attaching to {ifname} (ifindex {ifindex}) with {mode}: {source}")]
-    Attach { ifname: String, ifindex: u32, mode: &'static str, #[source] source: io::Error },
-    #[error("a filter with priority {priority} and handle {FILTER_HANDLE:#x} already exists on {ifname} (another netdrop running? choose another --tc-priority)")]
+    Attach {
+        ifname: String,
+        ifindex: u32,
+        mode: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "a filter with priority {priority} and handle {FILTER_HANDLE:#x} already exists on {ifname} (another netdrop running? choose another --tc-priority)"
+    )]
     FilterExists { ifname: String, priority: u16 },
     #[error("netlink {what}: {source}")]
-    Netlink { what: &'static str, #[source] source: io::Error },
+    Netlink {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl TcError {
@@ -146,7 +165,11 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { max_interfaces: 4096, max_destinations: 4096, udp_flows: true }
+        Self {
+            max_interfaces: 4096,
+            max_destinations: 4096,
+            udp_flows: true,
+        }
     }
 }
 
@@ -160,7 +183,11 @@ impl TcInstance {
         if object.is_empty() {
             return Err(TcError::NoPrograms);
         }
-        let config = TcConfig { netns, udp_flows: u32::from(opts.udp_flows), ..TcConfig::DEFAULT };
+        let config = TcConfig {
+            netns,
+            udp_flows: u32::from(opts.udp_flows),
+            ..TcConfig::DEFAULT
+        };
         // SAFETY: sysconf has no preconditions.
         let page = u32::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         let mut ebpf = EbpfLoader::new()
@@ -184,7 +211,15 @@ impl TcInstance {
         let counters = take_map(&mut ebpf, "TC_COUNTERS", PerCpuHashMap::try_from)?;
         let dests = take_map(&mut ebpf, "TC_DESTS", PerCpuHashMap::try_from)?;
         let stats = take_map(&mut ebpf, "TC_STATS", PerCpuArray::try_from)?;
-        Ok(Self { _ebpf: ebpf, ingress, egress, netns, counters, dests, stats })
+        Ok(Self {
+            _ebpf: ebpf,
+            ingress,
+            egress,
+            netns,
+            counters,
+            dests,
+            stats,
+        })
     }
 
     pub fn ingress_fd(&self) -> BorrowedFd<'_> {
@@ -210,10 +245,20 @@ impl TcInstance {
     pub fn register(&mut self, ifindex: u32) -> Result<(), TcError> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| TcError::netlink("counting CPUs")(e))?;
         for direction in [netdrop_common::TC_DIR_FROM_POD, netdrop_common::TC_DIR_TO_POD] {
-            let key = TcKey { ifindex, netns: self.netns, direction, _pad: 0 };
-            let zero = PerCpuValues::try_from(vec![TcCounters::default(); cpus])
-                .map_err(|e| TcError::Map { name: "TC_COUNTERS", source: e.into() })?;
-            self.counters.insert(key, zero, 0).map_err(|source| TcError::Map { name: "TC_COUNTERS", source })?;
+            let key = TcKey {
+                ifindex,
+                netns: self.netns,
+                direction,
+                _pad: 0,
+            };
+            let zero = PerCpuValues::try_from(vec![TcCounters::default(); cpus]).map_err(|e| TcError::Map {
+                name: "TC_COUNTERS",
+                source: e.into(),
+            })?;
+            self.counters.insert(key, zero, 0).map_err(|source| TcError::Map {
+                name: "TC_COUNTERS",
+                source,
+            })?;
         }
         Ok(())
     }
@@ -221,7 +266,12 @@ impl TcInstance {
     /// Forgets an interface's counters.
     pub fn unregister(&mut self, ifindex: u32) {
         for direction in [netdrop_common::TC_DIR_FROM_POD, netdrop_common::TC_DIR_TO_POD] {
-            let _ = self.counters.remove(&TcKey { ifindex, netns: self.netns, direction, _pad: 0 });
+            let _ = self.counters.remove(&TcKey {
+                ifindex,
+                netns: self.netns,
+                direction,
+                _pad: 0,
+            });
         }
     }
 
@@ -229,7 +279,12 @@ impl TcInstance {
     pub fn read(&self, ifindex: u32) -> Option<[TcCounters; 2]> {
         let mut out = [TcCounters::default(); 2];
         for (direction, slot) in out.iter_mut().enumerate() {
-            let key = TcKey { ifindex, netns: self.netns, direction: direction as u32, _pad: 0 };
+            let key = TcKey {
+                ifindex,
+                netns: self.netns,
+                direction: direction as u32,
+                _pad: 0,
+            };
             let values = self.counters.get(&key, 0).ok()?;
             for v in values.iter() {
                 slot.packets += v.packets;
@@ -244,7 +299,11 @@ impl TcInstance {
 
 fn load_program(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<OwnedFd, TcError> {
     let err = |source| TcError::Program { program: name, source };
-    let prog: &mut SchedClassifier = ebpf.program_mut(name).ok_or(TcError::MissingProgram(name))?.try_into().map_err(err)?;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(TcError::MissingProgram(name))?
+        .try_into()
+        .map_err(err)?;
     prog.load().map_err(|e| match &e {
         ProgramError::LoadError { io_error, .. } if io_error.kind() == io::ErrorKind::PermissionDenied => {
             TcError::NoPermission
@@ -252,7 +311,9 @@ fn load_program(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<OwnedFd, TcE
         _ => err(e),
     })?;
     let fd = prog.fd().map_err(err)?;
-    fd.as_fd().try_clone_to_owned().map_err(|e| err(ProgramError::IOError(e)))
+    fd.as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| err(ProgramError::IOError(e)))
 }
 
 fn take_map<T>(
@@ -289,7 +350,12 @@ fn tcx_link_create(prog: BorrowedFd<'_>, ifindex: u32, attach_type: u32) -> io::
     };
     // SAFETY: bpf(2) with a valid, fully initialised attr of the size passed.
     let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_LINK_CREATE, &raw const attr, size_of::<LinkCreateTcx>())
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            &raw const attr,
+            size_of::<LinkCreateTcx>(),
+        )
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -333,7 +399,10 @@ pub struct Owner {
 impl Owner {
     pub fn current() -> Self {
         let pid = std::process::id();
-        Self { pid, start: process_start(pid).unwrap_or(0) }
+        Self {
+            pid,
+            start: process_start(pid).unwrap_or(0),
+        }
     }
 
     fn filter_name(self, program: &str) -> String {
@@ -347,7 +416,10 @@ impl Owner {
             return None;
         }
         let (pid, start) = rest.split_once(':')?;
-        Some(Self { pid: pid.strip_prefix("pid=")?.parse().ok()?, start: start.strip_prefix("start=")?.parse().ok()? })
+        Some(Self {
+            pid: pid.strip_prefix("pid=")?.parse().ok()?,
+            start: start.strip_prefix("start=")?.parse().ok()?,
+        })
     }
 
     /// Whether the owning process still runs.
@@ -367,8 +439,15 @@ fn process_start(pid: u32) -> Option<u64> {
 /// also detaches it; dropping a clsact one leaves the filters, as a killed process would).
 #[derive(Debug)]
 pub enum Attachment {
-    Tcx { ingress: OwnedFd, egress: OwnedFd },
-    Clsact { ifindex: u32, priority: u16, created_qdisc: bool },
+    Tcx {
+        ingress: OwnedFd,
+        egress: OwnedFd,
+    },
+    Clsact {
+        ifindex: u32,
+        priority: u16,
+        created_qdisc: bool,
+    },
 }
 
 impl Attachment {
@@ -393,7 +472,11 @@ impl Attachment {
                 drop((ingress, egress));
                 Ok(())
             }
-            Self::Clsact { ifindex, priority, created_qdisc } => {
+            Self::Clsact {
+                ifindex,
+                priority,
+                created_qdisc,
+            } => {
                 let mut first_err = None;
                 for parent in [TC_H_INGRESS_PARENT, TC_H_EGRESS_PARENT] {
                     match sock.del_filter(ifindex, parent, our_info(priority), FILTER_HANDLE) {
@@ -405,10 +488,14 @@ impl Attachment {
                     }
                 }
                 if let Some(e) = first_err {
-                    return Err(TcError::Netlink { what: "deleting a tc filter", source: e });
+                    return Err(TcError::Netlink {
+                        what: "deleting a tc filter",
+                        source: e,
+                    });
                 }
                 if created_qdisc {
-                    sock.del_clsact_if_empty(ifindex).map_err(TcError::netlink("deleting the clsact qdisc"))?;
+                    sock.del_clsact_if_empty(ifindex)
+                        .map_err(TcError::netlink("deleting the clsact qdisc"))?;
                 }
                 Ok(())
             }
@@ -431,7 +518,12 @@ pub fn attach(
     priority: u16,
     owner: Owner,
 ) -> Result<Attachment, TcError> {
-    let err = |source| TcError::Attach { ifname: ifname.to_string(), ifindex, mode: mode.name(), source };
+    let err = |source| TcError::Attach {
+        ifname: ifname.to_string(),
+        ifindex,
+        mode: mode.name(),
+        source,
+    };
     match mode {
         TcMode::Tcx => {
             let ingress = tcx_link_create(instance.ingress_fd(), ifindex, BPF_TCX_INGRESS).map_err(err)?;
@@ -458,12 +550,19 @@ pub fn attach(
                         let _ = sock.del_clsact_if_empty(ifindex);
                     }
                     if e.raw_os_error() == Some(libc::EEXIST) {
-                        return Err(TcError::FilterExists { ifname: ifname.to_string(), priority });
+                        return Err(TcError::FilterExists {
+                            ifname: ifname.to_string(),
+                            priority,
+                        });
                     }
                     return Err(err(e));
                 }
             }
-            Ok(Attachment::Clsact { ifindex, priority, created_qdisc })
+            Ok(Attachment::Clsact {
+                ifindex,
+                priority,
+                created_qdisc,
+            })
         }
     }
 }
@@ -486,10 +585,17 @@ pub fn remove_leftovers(sock: &mut RouteSocket) -> Result<usize, TcError> {
             let filters = match sock.bpf_filters(ifindex, parent) {
                 Ok(f) => f,
                 Err(e) if gone(&e) => continue,
-                Err(e) => return Err(TcError::Netlink { what: "listing tc filters", source: e }),
+                Err(e) => {
+                    return Err(TcError::Netlink {
+                        what: "listing tc filters",
+                        source: e,
+                    });
+                }
             };
             for f in filters {
-                let Some(owner) = f.name.as_deref().and_then(Owner::parse) else { continue };
+                let Some(owner) = f.name.as_deref().and_then(Owner::parse) else {
+                    continue;
+                };
                 if owner.is_alive() {
                     continue;
                 }
@@ -499,7 +605,12 @@ pub fn remove_leftovers(sock: &mut RouteSocket) -> Result<usize, TcError> {
                         ours_removed = true;
                     }
                     Err(e) if gone(&e) => {}
-                    Err(e) => return Err(TcError::Netlink { what: "deleting a leftover tc filter", source: e }),
+                    Err(e) => {
+                        return Err(TcError::Netlink {
+                            what: "deleting a leftover tc filter",
+                            source: e,
+                        });
+                    }
                 }
             }
         }
@@ -539,7 +650,11 @@ impl RouteSocket {
         // Error replies without the whole request echoed back.
         let _ = sock.set_cap_ack(true);
         let _ = sock.set_ext_ack(true);
-        Ok(Self { sock, seq: 0, buf: vec![0; 64 * 1024] })
+        Ok(Self {
+            sock,
+            seq: 0,
+            buf: vec![0; 64 * 1024],
+        })
     }
 
     /// Sends one request and collects the replies up to the ACK or the end of the dump.
@@ -621,17 +736,26 @@ impl RouteSocket {
         m.header.parent = TcHandle::from(TC_H_CLSACT);
         m.header.handle = TcHandle::from(0xFFFF_0000);
         m.attributes.push(TcAttribute::Kind("clsact".into()));
-        self.request(RouteNetlinkMessage::NewQueueDiscipline(m), NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).map(drop)
+        self.request(
+            RouteNetlinkMessage::NewQueueDiscipline(m),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(drop)
     }
 
     /// Interfaces with a clsact qdisc.
     fn clsact_interfaces(&mut self) -> io::Result<Vec<u32>> {
-        let replies = self.request(RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()), NLM_F_DUMP)?;
+        let replies = self.request(
+            RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()),
+            NLM_F_DUMP,
+        )?;
         Ok(replies
             .into_iter()
             .filter_map(|m| match m {
                 RouteNetlinkMessage::NewQueueDiscipline(q)
-                    if q.attributes.iter().any(|a| matches!(a, TcAttribute::Kind(k) if k == "clsact")) =>
+                    if q.attributes
+                        .iter()
+                        .any(|a| matches!(a, TcAttribute::Kind(k) if k == "clsact")) =>
                 {
                     Some(q.header.index as u32)
                 }
@@ -656,7 +780,14 @@ impl RouteSocket {
         }
     }
 
-    fn add_bpf_filter(&mut self, ifindex: u32, parent: u32, priority: u16, prog: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    fn add_bpf_filter(
+        &mut self,
+        ifindex: u32,
+        parent: u32,
+        priority: u16,
+        prog: BorrowedFd<'_>,
+        name: &str,
+    ) -> io::Result<()> {
         // The kernel copies the name with nla_strdup; a NUL inside would cut it.
         let name = CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let mut m = TcMessage::with_index(ifindex as i32);
@@ -669,7 +800,11 @@ impl RouteSocket {
             TcOption::Bpf(TcFilterBpfOption::ProgName(name.to_string_lossy().into_owned())),
             TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
         ]));
-        self.request(RouteNetlinkMessage::NewTrafficFilter(m), NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).map(drop)
+        self.request(
+            RouteNetlinkMessage::NewTrafficFilter(m),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(drop)
     }
 
     fn del_filter(&mut self, ifindex: u32, parent: u32, info: u32, handle: u32) -> io::Result<()> {
@@ -678,7 +813,8 @@ impl RouteSocket {
         m.header.handle = TcHandle::from(handle);
         m.header.info = info;
         m.attributes.push(TcAttribute::Kind("bpf".into()));
-        self.request(RouteNetlinkMessage::DelTrafficFilter(m), NLM_F_ACK).map(drop)
+        self.request(RouteNetlinkMessage::DelTrafficFilter(m), NLM_F_ACK)
+            .map(drop)
     }
 
     /// Every filter under `parent` (each priority's chain head included, handle 0).
@@ -700,10 +836,21 @@ impl RouteSocket {
         let mut out = Vec::new();
         for f in self.filters(ifindex, parent)? {
             let handle = u32::from(f.header.handle);
-            if handle == 0 || !f.attributes.iter().any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf")) {
+            if handle == 0
+                || !f
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"))
+            {
                 continue;
             }
-            let mut info = FilterInfo { priority: (f.header.info >> 16) as u16, info: f.header.info, handle, name: None, prog_id: None };
+            let mut info = FilterInfo {
+                priority: (f.header.info >> 16) as u16,
+                info: f.header.info,
+                handle,
+                name: None,
+                prog_id: None,
+            };
             for a in &f.attributes {
                 if let TcAttribute::Options(opts) = a {
                     for o in opts {
@@ -746,7 +893,10 @@ mod tests {
 
     #[test]
     fn owner_names_round_trip() {
-        let o = Owner { pid: 4242, start: 123_456 };
+        let o = Owner {
+            pid: 4242,
+            start: 123_456,
+        };
         let name = o.filter_name(INGRESS_PROGRAM);
         assert_eq!(name, "netdrop_ingress:pid=4242:start=123456");
         assert_eq!(Owner::parse(&name), Some(o));
@@ -761,6 +911,12 @@ mod tests {
         let me = Owner::current();
         assert!(me.start > 0);
         assert!(me.is_alive());
-        assert!(!Owner { start: me.start + 1, ..me }.is_alive());
+        assert!(
+            !Owner {
+                start: me.start + 1,
+                ..me
+            }
+            .is_alive()
+        );
     }
 }

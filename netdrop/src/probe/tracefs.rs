@@ -9,10 +9,16 @@ const CANDIDATES: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing
 /// tracefs could not be found or read.
 #[derive(Debug, thiserror::Error)]
 pub enum TracefsError {
-    #[error("tracefs is not mounted and mounting it at /sys/kernel/tracing failed ({0}); mount it: mount -t tracefs tracefs /sys/kernel/tracing")]
+    #[error(
+        "tracefs is not mounted and mounting it at /sys/kernel/tracing failed ({0}); mount it: mount -t tracefs tracefs /sys/kernel/tracing"
+    )]
     NotMounted(#[source] nix::Error),
     #[error("reading {path}")]
-    Read { path: PathBuf, #[source] source: io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{path}: field {field} missing from the kfree_skb record")]
     MissingField { path: PathBuf, field: &'static str },
 }
@@ -38,7 +44,10 @@ pub fn root() -> Result<PathBuf, TracefsError> {
 /// The text of `events/skb/kfree_skb/format`.
 pub fn kfree_skb_format() -> Result<(PathBuf, String), TracefsError> {
     let path = root()?.join("events/skb/kfree_skb/format");
-    let text = fs::read_to_string(&path).map_err(|source| TracefsError::Read { path: path.clone(), source })?;
+    let text = fs::read_to_string(&path).map_err(|source| TracefsError::Read {
+        path: path.clone(),
+        source,
+    })?;
     Ok((path, text))
 }
 
@@ -47,7 +56,9 @@ pub fn field_offsets(format_text: &str) -> HashMap<String, u32> {
     let mut out = HashMap::new();
     for line in format_text.lines() {
         let line = line.trim();
-        let Some(rest) = line.strip_prefix("field:") else { continue };
+        let Some(rest) = line.strip_prefix("field:") else {
+            continue;
+        };
         let mut parts = rest.split(';');
         let decl = parts.next().unwrap_or_default();
         let name = decl.rsplit([' ', '*']).next().unwrap_or_default();
@@ -68,7 +79,10 @@ pub fn field_offsets(format_text: &str) -> HashMap<String, u32> {
 pub fn kfree_skb_layout(path: &std::path::Path, format_text: &str) -> Result<TracepointLayout, TracefsError> {
     let f = field_offsets(format_text);
     let get = |field: &'static str| {
-        f.get(field).copied().ok_or_else(|| TracefsError::MissingField { path: path.into(), field })
+        f.get(field).copied().ok_or_else(|| TracefsError::MissingField {
+            path: path.into(),
+            field,
+        })
     };
     Ok(TracepointLayout {
         skbaddr: get("skbaddr")?,

@@ -86,13 +86,22 @@ fn resolve_target(r: &Resolver, t: &Target) -> Peer {
     match t {
         Target::Addr(ip, port) => r.lookup_opt(*ip, *port),
         Target::Interface(name) => r.lookup_ifname(name).unwrap_or_else(|| {
-            if r.status().settled() { Peer::external() } else { Peer::unresolved() }
+            if r.status().settled() {
+                Peer::external()
+            } else {
+                Peer::unresolved()
+            }
         }),
     }
 }
 
 fn print_service(out: &mut impl Write, s: &ServiceInfo) -> std::io::Result<()> {
-    let ips = s.cluster_ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    let ips = s
+        .cluster_ips
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
     writeln!(
         out,
         "Service {}/{} ({}) {}",
@@ -102,7 +111,12 @@ fn print_service(out: &mut impl Write, s: &ServiceInfo) -> std::io::Result<()> {
         if ips.is_empty() { "headless".to_owned() } else { ips }
     )?;
     if !s.external_ips.is_empty() {
-        let e = s.external_ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        let e = s
+            .external_ips
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
         writeln!(out, "  external: {e}")?;
     }
     for p in &s.ports {
@@ -296,7 +310,11 @@ pub async fn run(args: ResolveArgs) -> anyhow::Result<()> {
     }
     if let Some((ns, name)) = svc {
         let info = r.service(&ns, &name).with_context(|| {
-            if status.kinds.iter().any(|k| k.kind == super::Kind::Services && k.state == "synced") {
+            if status
+                .kinds
+                .iter()
+                .any(|k| k.kind == super::Kind::Services && k.state == "synced")
+            {
                 format!("Service {ns}/{name} not found (check the namespace: `-n NS` or --svc NS/NAME)")
             } else {
                 format!("Service {ns}/{name} unknown: Services are not synced ({status})")
@@ -319,7 +337,10 @@ mod tests {
 
     #[test]
     fn targets_parse() {
-        assert_eq!("10.0.0.1".parse::<Target>(), Ok(Target::Addr("10.0.0.1".parse().expect("ip"), None)));
+        assert_eq!(
+            "10.0.0.1".parse::<Target>(),
+            Ok(Target::Addr("10.0.0.1".parse().expect("ip"), None))
+        );
         assert_eq!(
             "10.0.0.1:53/udp".parse::<Target>(),
             Ok(Target::Addr("10.0.0.1".parse().expect("ip"), Some((53, Proto::Udp))))
@@ -328,7 +349,10 @@ mod tests {
             "[fd00::7]:8080".parse::<Target>(),
             Ok(Target::Addr("fd00::7".parse().expect("ip"), Some((8080, Proto::Tcp))))
         );
-        assert_eq!("fd00::7".parse::<Target>(), Ok(Target::Addr("fd00::7".parse().expect("ip"), None)));
+        assert_eq!(
+            "fd00::7".parse::<Target>(),
+            Ok(Target::Addr("fd00::7".parse().expect("ip"), None))
+        );
         assert_eq!(
             "cali0d7763386da".parse::<Target>(),
             Ok(Target::Interface("cali0d7763386da".into()))

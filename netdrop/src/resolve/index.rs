@@ -391,9 +391,12 @@ impl SliceTable {
                 serving: e.serving,
                 terminating: e.terminating,
                 node: e.node_name.as_deref().map(|n| self.names.get(n)),
-                pod: e
-                    .pod
-                    .map(|(pns, pname)| (pns.map_or_else(|| namespace.clone(), |p| self.names.get(&p)), Name::new(&pname))),
+                pod: e.pod.map(|(pns, pname)| {
+                    (
+                        pns.map_or_else(|| namespace.clone(), |p| self.names.get(&p)),
+                        Name::new(&pname),
+                    )
+                }),
             })
             .collect();
         let ports = s
@@ -528,9 +531,12 @@ impl NodeTable {
             self.unlink(&old);
         }
         // InternalIP first so it wins over an ExternalIP another node might also list.
-        for (ip, t) in entry.addrs.iter().filter(|a| a.1 == NodeAddrType::Internal).chain(
-            entry.addrs.iter().filter(|a| a.1 == NodeAddrType::External),
-        ) {
+        for (ip, t) in entry
+            .addrs
+            .iter()
+            .filter(|a| a.1 == NodeAddrType::Internal)
+            .chain(entry.addrs.iter().filter(|a| a.1 == NodeAddrType::External))
+        {
             if *t == NodeAddrType::Internal || !self.by_ip.contains_key(ip) {
                 self.by_ip.insert(*ip, entry.clone());
             }
@@ -718,7 +724,11 @@ impl Index {
                     };
                     for port in &slice.ports {
                         backends.push(Backend {
-                            pod: ep.pod.as_ref().map(|p| p.1.clone()).or_else(|| pod_entry.map(|p| p.name.clone())),
+                            pod: ep
+                                .pod
+                                .as_ref()
+                                .map(|p| p.1.clone())
+                                .or_else(|| pod_entry.map(|p| p.name.clone())),
                             namespace: ep
                                 .pod
                                 .as_ref()
@@ -807,7 +817,13 @@ impl Index {
     pub fn sample_addresses(&self, n: usize) -> Vec<(IpAddr, Option<(u16, Proto)>)> {
         let mut out = Vec::with_capacity(n);
         out.extend(self.pods.by_ip.keys().take(n / 2).map(|ip| (*ip, None)));
-        out.extend(self.slices.by_backend.keys().take(n / 4).map(|(ip, p, pr)| (*ip, Some((*p, *pr)))));
+        out.extend(
+            self.slices
+                .by_backend
+                .keys()
+                .take(n / 4)
+                .map(|(ip, p, pr)| (*ip, Some((*p, *pr)))),
+        );
         out.extend(self.services.by_key.values().take(n / 8).filter_map(|s| {
             let p = s.ports.first()?;
             Some((*s.cluster_ips.first()?, Some((p.port, p.proto))))

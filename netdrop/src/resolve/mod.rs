@@ -32,12 +32,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use index::Index;
 pub use index::{IndexStats, Kind};
-pub use model::{Backend, Name, Peer, PeerKind, Proto, ServiceInfo, ServicePort, ns_name_arg, parse_addr_port_proto, parse_ns_name};
+pub use model::{
+    Backend, Name, Peer, PeerKind, Proto, ServiceInfo, ServicePort, ns_name_arg, parse_addr_port_proto, parse_ns_name,
+};
+use source::Source;
 pub use source::{KubeArgs, SERVICEACCOUNT_DIR, node_name};
 pub use status::{Health, KindStatus, Status};
-use index::Index;
-use source::Source;
 use status::{KindState, Slot};
 
 /// Errors a user can hit while setting resolution up. Each displays as one line that says what to do.
@@ -84,7 +86,10 @@ pub enum ResolveError {
 /// Errors from YAML parsers span several lines; a user-facing error is one.
 fn one_line(e: &dyn std::error::Error) -> String {
     let s = e.to_string();
-    let mut parts = s.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("-->") && !l.starts_with('|'));
+    let mut parts = s
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("-->") && !l.starts_with('|'));
     parts.next().unwrap_or_default().to_owned()
 }
 
@@ -171,7 +176,11 @@ impl Shared {
             let synced = self.index_synced(kind);
             self.set_state(
                 kind,
-                if synced { KindState::Synced } else { KindState::Waiting { error: None } },
+                if synced {
+                    KindState::Synced
+                } else {
+                    KindState::Waiting { error: None }
+                },
                 None,
             );
         }

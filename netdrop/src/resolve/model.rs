@@ -117,7 +117,9 @@ impl FromStr for Proto {
 /// one parser of that syntax (`--svc`, `--pod`, `netdrop resolve --svc`).
 pub fn parse_ns_name(value: &str, namespace: Option<&str>) -> Result<(String, String), String> {
     match value.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => Ok((ns.to_owned(), name.to_owned())),
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_owned(), name.to_owned()))
+        }
         Some(_) => Err(format!("{value:?}: expected NAMESPACE/NAME or NAME, e.g. default/web")),
         None if value.is_empty() => Err("an empty name: expected NAMESPACE/NAME or NAME, e.g. default/web".to_owned()),
         None => Ok((namespace.unwrap_or("default").to_owned(), value.to_owned())),
@@ -142,7 +144,9 @@ pub fn parse_addr_port_proto(s: &str) -> Result<(IpAddr, Option<(u16, Proto)>), 
     }
     match addr.parse::<std::net::SocketAddr>() {
         Ok(sa) => Ok((sa.ip(), Some((sa.port(), proto.unwrap_or(Proto::Tcp))))),
-        Err(_) => Err(format!("{s:?} is not an address: use IP, IP:PORT, [IPv6]:PORT, optionally /tcp, /udp or /sctp")),
+        Err(_) => Err(format!(
+            "{s:?} is not an address: use IP, IP:PORT, [IPv6]:PORT, optionally /tcp, /udp or /sctp"
+        )),
     }
 }
 
@@ -242,7 +246,11 @@ impl fmt::Display for Peer {
             PeerKind::Unresolved => write!(f, "unresolved")?,
         }
         if let Some(s) = &self.service {
-            let sep = if self.kind == PeerKind::Service { " " } else { ", backend of " };
+            let sep = if self.kind == PeerKind::Service {
+                " "
+            } else {
+                ", backend of "
+            };
             write!(f, "{sep}{s}")?;
             if let Some(p) = &self.service_port {
                 write!(f, ":{p}")?;
@@ -318,8 +326,14 @@ mod parse_tests {
     fn addr_port_proto() {
         let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
         assert_eq!(parse_addr_port_proto("10.0.0.1"), Ok((ip("10.0.0.1"), None)));
-        assert_eq!(parse_addr_port_proto("10.96.0.10:53/udp"), Ok((ip("10.96.0.10"), Some((53, Proto::Udp)))));
-        assert_eq!(parse_addr_port_proto("[fd00::1]:443"), Ok((ip("fd00::1"), Some((443, Proto::Tcp)))));
+        assert_eq!(
+            parse_addr_port_proto("10.96.0.10:53/udp"),
+            Ok((ip("10.96.0.10"), Some((53, Proto::Udp))))
+        );
+        assert_eq!(
+            parse_addr_port_proto("[fd00::1]:443"),
+            Ok((ip("fd00::1"), Some((443, Proto::Tcp))))
+        );
         assert!(parse_addr_port_proto("10.0.0.1:80/icmp").is_err());
         assert!(parse_addr_port_proto("cali123").is_err());
     }
@@ -351,6 +365,9 @@ mod tests {
             p.to_string(),
             "pod default/web-3 (Deployment/web) on node-b, backend of default/web:http"
         );
-        assert_eq!(serde_json::to_value(Peer::external()).expect("serializes"), serde_json::json!({"kind":"external"}));
+        assert_eq!(
+            serde_json::to_value(Peer::external()).expect("serializes"),
+            serde_json::json!({"kind":"external"})
+        );
     }
 }

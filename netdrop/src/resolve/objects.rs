@@ -11,9 +11,7 @@
 
 use std::{borrow::Cow, fmt, net::IpAddr};
 
-use k8s_openapi::{
-    ClusterResourceScope, NamespaceResourceScope, apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{ClusterResourceScope, NamespaceResourceScope, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use serde::{
     Deserialize, Deserializer,
     de::{IgnoredAny, MapAccess, Visitor},
@@ -249,14 +247,7 @@ pub struct SlimService {
     pub external_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePortWire>,
 }
-impl_resource!(
-    SlimService,
-    NamespaceResourceScope,
-    "Service",
-    "",
-    "v1",
-    "services"
-);
+impl_resource!(SlimService, NamespaceResourceScope, "Service", "", "v1", "services");
 
 #[derive(Deserialize)]
 struct ServiceWire {

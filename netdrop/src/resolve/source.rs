@@ -121,7 +121,10 @@ pub(crate) async fn client_config(src: &Source, context: Option<&str>) -> Result
                 });
             }
         },
-        Source::InCluster(dir) => (incluster_kubeconfig(dir)?, format!("in-cluster service account {}", dir.display())),
+        Source::InCluster(dir) => (
+            incluster_kubeconfig(dir)?,
+            format!("in-cluster service account {}", dir.display()),
+        ),
         Source::Off | Source::Snapshot(_) | Source::Nothing => return Err(ResolveError::NoConfig),
     };
     let mut config = kube::Config::from_custom_kubeconfig(kc, &options)

@@ -16,12 +16,18 @@ pub(crate) enum KindState {
     /// Not watched (resolution off, or not in the snapshot).
     Off,
     /// First list not finished; `error` says why if a try failed.
-    Waiting { error: Option<String> },
+    Waiting {
+        error: Option<String>,
+    },
     Synced,
     /// The connection was lost after a sync: the last known state is served.
-    Stale { reason: String },
+    Stale {
+        reason: String,
+    },
     /// RBAC refused list/watch on this kind (or a 401).
-    Forbidden { reason: String },
+    Forbidden {
+        reason: String,
+    },
 }
 
 #[derive(Clone, Debug)]

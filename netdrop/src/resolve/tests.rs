@@ -4,8 +4,7 @@
 use std::net::IpAddr;
 
 use super::{
-    Name, Peer, PeerKind, Proto,
-    calico,
+    Name, Peer, PeerKind, Proto, calico,
     index::Index,
     objects::{SlimEndpointSlice, SlimPod},
     snapshot,
@@ -75,23 +74,98 @@ fn resolution_table() {
     let cases: Vec<Case> = vec![
         ("pod IPv4", "10.244.1.7", None, web_a()),
         ("pod IPv6", "fd00:10:244:1::7", None, web_a()),
-        ("backend IPv4, named port", "10.244.2.13", tcp(8080), backend(web_b(), "default/web", "http", true)),
-        ("backend of two Services: ready first, then by name", "10.244.1.7", tcp(8080), backend(web_a(), "default/lb", "80", true)),
-        ("backend IPv6, named port", "fd00:10:244:1::7", tcp(8080), backend(web_a(), "default/web", "http", true)),
-        ("backend IPv6, second port", "fd00:10:244:2::d", tcp(8443), backend(web_b(), "default/web", "https", true)),
-        ("backend not ready", "10.244.2.14", tcp(8080), backend(web_c(), "default/web", "http", false)),
+        (
+            "backend IPv4, named port",
+            "10.244.2.13",
+            tcp(8080),
+            backend(web_b(), "default/web", "http", true),
+        ),
+        (
+            "backend of two Services: ready first, then by name",
+            "10.244.1.7",
+            tcp(8080),
+            backend(web_a(), "default/lb", "80", true),
+        ),
+        (
+            "backend IPv6, named port",
+            "fd00:10:244:1::7",
+            tcp(8080),
+            backend(web_a(), "default/web", "http", true),
+        ),
+        (
+            "backend IPv6, second port",
+            "fd00:10:244:2::d",
+            tcp(8443),
+            backend(web_b(), "default/web", "https", true),
+        ),
+        (
+            "backend not ready",
+            "10.244.2.14",
+            tcp(8080),
+            backend(web_c(), "default/web", "http", false),
+        ),
         ("pod, port no Service uses", "10.244.1.7", tcp(9999), web_a()),
         ("pod, wrong protocol", "10.244.1.7", Some((8080, Proto::Udp)), web_a()),
-        ("ClusterIP v4 port", "10.96.0.50", tcp(80), service("default", "default/web", Some("http"))),
-        ("ClusterIP v6 port", "fd00:96::50", tcp(443), service("default", "default/web", Some("https"))),
-        ("ClusterIP, unknown port", "10.96.0.50", tcp(81), service("default", "default/web", None)),
-        ("ClusterIP no port", "10.96.0.50", None, service("default", "default/web", None)),
-        ("ClusterIP UDP", "10.96.0.10", Some((53, Proto::Udp)), service("kube-system", "kube-system/kube-dns", Some("dns"))),
-        ("ClusterIP TCP same number", "10.96.0.10", tcp(53), service("kube-system", "kube-system/kube-dns", Some("dns-tcp"))),
-        ("ClusterIP v6 dns", "fd00:96::a", Some((53, Proto::Udp)), service("kube-system", "kube-system/kube-dns", Some("dns"))),
-        ("unnamed Service port", "10.96.0.90", tcp(9100), service("kube-system", "kube-system/node-exporter", Some("9100"))),
-        ("LB ingress IP", "198.51.100.7", tcp(80), service("default", "default/lb", Some("80"))),
-        ("externalIP", "198.51.100.8", tcp(80), service("default", "default/lb", Some("80"))),
+        (
+            "ClusterIP v4 port",
+            "10.96.0.50",
+            tcp(80),
+            service("default", "default/web", Some("http")),
+        ),
+        (
+            "ClusterIP v6 port",
+            "fd00:96::50",
+            tcp(443),
+            service("default", "default/web", Some("https")),
+        ),
+        (
+            "ClusterIP, unknown port",
+            "10.96.0.50",
+            tcp(81),
+            service("default", "default/web", None),
+        ),
+        (
+            "ClusterIP no port",
+            "10.96.0.50",
+            None,
+            service("default", "default/web", None),
+        ),
+        (
+            "ClusterIP UDP",
+            "10.96.0.10",
+            Some((53, Proto::Udp)),
+            service("kube-system", "kube-system/kube-dns", Some("dns")),
+        ),
+        (
+            "ClusterIP TCP same number",
+            "10.96.0.10",
+            tcp(53),
+            service("kube-system", "kube-system/kube-dns", Some("dns-tcp")),
+        ),
+        (
+            "ClusterIP v6 dns",
+            "fd00:96::a",
+            Some((53, Proto::Udp)),
+            service("kube-system", "kube-system/kube-dns", Some("dns")),
+        ),
+        (
+            "unnamed Service port",
+            "10.96.0.90",
+            tcp(9100),
+            service("kube-system", "kube-system/node-exporter", Some("9100")),
+        ),
+        (
+            "LB ingress IP",
+            "198.51.100.7",
+            tcp(80),
+            service("default", "default/lb", Some("80")),
+        ),
+        (
+            "externalIP",
+            "198.51.100.8",
+            tcp(80),
+            service("default", "default/lb", Some("80")),
+        ),
         ("node InternalIP v4", "192.168.50.10", None, node("node-a")),
         ("node InternalIP v6", "fd00:50::11", None, node("node-b")),
         ("node ExternalIP", "203.0.113.10", None, node("node-a")),
@@ -109,10 +183,35 @@ fn resolution_table() {
             p.namespace = n("kube-system");
             backend(p, "kube-system/node-exporter", "9100", true)
         }),
-        ("headless backend, unnamed port", "10.244.1.20", tcp(5432), backend(pod("default", "db-0", "node-a", Some("StatefulSet/db")), "default/db", "5432", true)),
+        (
+            "headless backend, unnamed port",
+            "10.244.1.20",
+            tcp(5432),
+            backend(
+                pod("default", "db-0", "node-a", Some("StatefulSet/db")),
+                "default/db",
+                "5432",
+                true,
+            ),
+        ),
         ("finished pod's IP is free", "10.244.1.30", None, Peer::external()),
-        ("IP reused: live pod wins over terminating", "10.244.1.40", None, pod("default", "new-pod", "node-a", Some("ReplicaSet/standalone"))),
-        ("other Deployment, v6", "fd00:10:244:2::2", None, pod("kube-system", "coredns-5d78c9869d-q2w4x", "node-b", Some("Deployment/coredns"))),
+        (
+            "IP reused: live pod wins over terminating",
+            "10.244.1.40",
+            None,
+            pod("default", "new-pod", "node-a", Some("ReplicaSet/standalone")),
+        ),
+        (
+            "other Deployment, v6",
+            "fd00:10:244:2::2",
+            None,
+            pod(
+                "kube-system",
+                "coredns-5d78c9869d-q2w4x",
+                "node-b",
+                Some("Deployment/coredns"),
+            ),
+        ),
         ("external v4", "8.8.8.8", tcp(53), Peer::external()),
         ("external v6", "2001:db8::1", None, Peer::external()),
     ];
@@ -123,29 +222,35 @@ fn resolution_table() {
             failures.push(format!("{name}: {addr} {port:?}\n  got  {got:?}\n  want {want:?}"));
         }
     }
-    assert!(failures.is_empty(), "{} case(s) failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} case(s) failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn calico_interface_names_resolve_pods() {
     let ix = index();
     let name = calico::interface_name("default", "web-7d4b9c8f6d-abcde");
-    assert_eq!(
-        ix.lookup_ifname(&name).and_then(|p| p.pod),
-        n("web-7d4b9c8f6d-abcde")
-    );
+    assert_eq!(ix.lookup_ifname(&name).and_then(|p| p.pod), n("web-7d4b9c8f6d-abcde"));
     // Another FELIX_INTERFACEPREFIX, same hash.
     let other = format!("tap0{}", &name[4..]);
     assert!(ix.lookup_ifname(&other).is_some());
     // hostNetwork pods have no interface of their own.
-    assert!(ix.lookup_ifname(&calico::interface_name("kube-system", "kube-proxy-abcde")).is_none());
+    assert!(
+        ix.lookup_ifname(&calico::interface_name("kube-system", "kube-proxy-abcde"))
+            .is_none()
+    );
     assert!(ix.lookup_ifname("eth0").is_none());
 }
 
 #[test]
 fn netns_registration() {
     let mut ix = index();
-    ix.netns.insert(4_026_532_000, (Name::new("default"), Name::new("db-0")));
+    ix.netns
+        .insert(4_026_532_000, (Name::new("default"), Name::new("db-0")));
     assert_eq!(ix.lookup_netns(4_026_532_000).and_then(|p| p.pod), n("db-0"));
     assert!(ix.lookup_netns(1).is_none());
 }
@@ -156,13 +261,20 @@ fn service_with_backends() {
     let s = ix.service_info("default", "web").expect("web exists");
     assert_eq!(s.cluster_ips, vec![ip("10.96.0.50"), ip("fd00:96::50")]);
     assert_eq!(s.ports.len(), 2);
-    assert_eq!((s.ports[0].port, s.ports[0].target_port.as_str(), s.ports[0].node_port), (80, "8080", Some(30080)));
+    assert_eq!(
+        (s.ports[0].port, s.ports[0].target_port.as_str(), s.ports[0].node_port),
+        (80, "8080", Some(30080))
+    );
     assert_eq!(s.ports[1].target_port, "https");
     // 3 IPv4 + 2 IPv6 endpoints × 2 ports.
     assert_eq!(s.backends.len(), 10);
     let not_ready: Vec<_> = s.backends.iter().filter(|b| !b.ready).collect();
     assert_eq!(not_ready.len(), 2);
-    assert!(not_ready.iter().all(|b| b.pod.as_deref() == Some("web-7d4b9c8f6d-klmno") && b.node.as_deref() == Some("node-b")));
+    assert!(
+        not_ready
+            .iter()
+            .all(|b| b.pod.as_deref() == Some("web-7d4b9c8f6d-klmno") && b.node.as_deref() == Some("node-b"))
+    );
     let empty = ix.service_info("default", "empty").expect("empty exists");
     assert!(empty.backends.is_empty());
     assert!(ix.service_info("default", "nope").is_none());
@@ -203,7 +315,11 @@ fn watch_events_patch_the_index() {
     ix.pods.delete(&pod_json("fresh", "10.244.1.98", ""));
     assert_eq!(ix.lookup(ip("10.244.1.98"), None).pod, n("successor"));
     // A terminating update of the displaced pod does not take it back.
-    ix.pods.apply(pod_json("fresh", "10.244.1.98", r#","deletionTimestamp":"2026-11-26T00:00:00Z""#));
+    ix.pods.apply(pod_json(
+        "fresh",
+        "10.244.1.98",
+        r#","deletionTimestamp":"2026-11-26T00:00:00Z""#,
+    ));
     assert_eq!(ix.lookup(ip("10.244.1.98"), None).pod, n("successor"));
     ix.pods.delete(&pod_json("successor", "10.244.1.98", ""));
     assert_eq!(ix.lookup(ip("10.244.1.98"), None).kind, PeerKind::External);
@@ -222,12 +338,19 @@ fn watch_events_patch_the_index() {
     let p = ix.lookup(ip("10.244.1.7"), Some((8080, Proto::Tcp)));
     assert_eq!((p.service.as_deref(), p.ready), (Some("default/lb"), Some(true)));
     let p = ix.lookup(ip("10.244.1.7"), Some((8443, Proto::Tcp)));
-    assert_eq!((p.service.as_deref(), p.ready), (None, None), "the update dropped port 8443");
+    assert_eq!(
+        (p.service.as_deref(), p.ready),
+        (None, None),
+        "the update dropped port 8443"
+    );
     // The slice no longer lists 10.244.2.13.
     assert_eq!(ix.lookup(ip("10.244.2.13"), Some((8080, Proto::Tcp))).service, None);
     ix.slices.delete(&slice(false));
     // 10.244.1.7:8080 is still a backend of default/lb (a second slice shares it).
-    assert_eq!(ix.lookup(ip("10.244.1.7"), Some((8080, Proto::Tcp))).service, n("default/lb"));
+    assert_eq!(
+        ix.lookup(ip("10.244.1.7"), Some((8080, Proto::Tcp))).service,
+        n("default/lb")
+    );
 }
 
 #[test]
@@ -244,5 +367,8 @@ fn real_kubectl_output_loads_the_same() {
         .expect("kubectl output parses");
     let ix = index();
     assert_eq!(from_kubectl.stats(), ix.stats());
-    assert_eq!(from_kubectl.service_info("default", "web"), ix.service_info("default", "web"));
+    assert_eq!(
+        from_kubectl.service_info("default", "web"),
+        ix.service_info("default", "web")
+    );
 }

@@ -179,7 +179,10 @@ pub(crate) fn log_transition(kind: Kind, from: &KindState, to: &KindState) {
     match to {
         KindState::Forbidden { reason } if !same_class => warn!("kube: {reason}; continuing with the other kinds"),
         KindState::Stale { reason } if !same_class => {
-            warn!("kube: {reason}; keeping the last known {} and retrying with backoff", kind.resource());
+            warn!(
+                "kube: {reason}; keeping the last known {} and retrying with backoff",
+                kind.resource()
+            );
         }
         KindState::Waiting { error: Some(reason) } if !matches!(from, KindState::Waiting { error: Some(_) }) => {
             warn!("kube: {reason}; tracing continues unresolved, retrying with backoff");
@@ -258,4 +261,3 @@ pub(crate) fn client(config: kube::Config, shared: &Arc<Shared>) -> Result<Clien
     let builder = kube::client::ClientBuilder::try_from(config)?;
     Ok(builder.with_layer(&ObserveLayer(shared.clone())).build())
 }
-

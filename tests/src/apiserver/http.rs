@@ -248,7 +248,11 @@ fn list(ctx: &Ctx, kind: ResKind, filter: &Filter, q: &HashMap<String, String>) 
     let (list_rv, after) = match q.get("continue").filter(|c| !c.is_empty()) {
         Some(c) => {
             let mut parts = c.splitn(3, '/');
-            match (parts.next().and_then(|r| r.parse::<u64>().ok()), parts.next(), parts.next()) {
+            match (
+                parts.next().and_then(|r| r.parse::<u64>().ok()),
+                parts.next(),
+                parts.next(),
+            ) {
                 (Some(rv), Some(ns), Some(name)) => (Some(rv), Some((ns.to_owned(), name.to_owned()))),
                 _ => {
                     return error(StatusCode::BAD_REQUEST, "BadRequest", "invalid continue token", None);
@@ -494,7 +498,10 @@ mod tests {
     #[test]
     fn paths() {
         let t = parse_resource_path("/api/v1/namespaces/default/pods/web").expect("pod path");
-        assert_eq!((t.kind, t.namespace.as_deref(), t.name.as_deref()), (ResKind::Pods, Some("default"), Some("web")));
+        assert_eq!(
+            (t.kind, t.namespace.as_deref(), t.name.as_deref()),
+            (ResKind::Pods, Some("default"), Some("web"))
+        );
         let t = parse_resource_path("/apis/discovery.k8s.io/v1/endpointslices").expect("slices");
         assert_eq!((t.kind, t.namespace, t.name), (ResKind::EndpointSlices, None, None));
         assert!(parse_resource_path("/api/v1/endpointslices").is_none());

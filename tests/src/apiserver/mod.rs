@@ -92,19 +92,16 @@ impl StandIn {
         if !options.addr.ip().is_loopback() {
             return Err(StandInError::NotLoopback(options.addr));
         }
-        let listener =
-            TcpListener::bind(options.addr)
-                .await
-                .map_err(|source| StandInError::Listen {
-                    addr: options.addr,
-                    source,
-                })?;
-        let addr = listener
-            .local_addr()
+        let listener = TcpListener::bind(options.addr)
+            .await
             .map_err(|source| StandInError::Listen {
                 addr: options.addr,
                 source,
             })?;
+        let addr = listener.local_addr().map_err(|source| StandInError::Listen {
+            addr: options.addr,
+            source,
+        })?;
         let ctx = Arc::new(http::Ctx {
             cluster: cluster.clone(),
             token: options.token.clone(),
@@ -169,11 +166,7 @@ impl StandIn {
 
     /// `http://127.0.0.1:PORT` or `https://...`.
     pub fn url(&self) -> String {
-        let scheme = if self.options.tls.is_some() {
-            "https"
-        } else {
-            "http"
-        };
+        let scheme = if self.options.tls.is_some() { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)
     }
 

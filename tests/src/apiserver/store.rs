@@ -273,14 +273,17 @@ impl Cluster {
             .insert(key, Stored { json: json.clone() })
             .is_some();
         let typ = if existed { EventType::Modified } else { EventType::Added };
-        self.record(&mut st, Change {
-            rv,
-            kind,
-            typ,
-            namespace,
-            name,
-            json,
-        });
+        self.record(
+            &mut st,
+            Change {
+                rv,
+                kind,
+                typ,
+                namespace,
+                name,
+                json,
+            },
+        );
         Ok(rv)
     }
 
@@ -299,14 +302,17 @@ impl Cluster {
         let rv = st.rv;
         let mut v: Value = serde_json::from_str(&old.json).expect("stored objects are JSON");
         v["metadata"]["resourceVersion"] = Value::from(rv.to_string());
-        self.record(&mut st, Change {
-            rv,
-            kind,
-            typ: EventType::Deleted,
-            namespace: ns.to_owned(),
-            name: name.to_owned(),
-            json: Arc::from(v.to_string()),
-        });
+        self.record(
+            &mut st,
+            Change {
+                rv,
+                kind,
+                typ: EventType::Deleted,
+                namespace: ns.to_owned(),
+                name: name.to_owned(),
+                json: Arc::from(v.to_string()),
+            },
+        );
         Ok(rv)
     }
 
@@ -377,7 +383,12 @@ impl Cluster {
         };
         let mut n = 0;
         for item in items {
-            if item.get("kind").and_then(Value::as_str).and_then(ResKind::from_kind).is_some() {
+            if item
+                .get("kind")
+                .and_then(Value::as_str)
+                .and_then(ResKind::from_kind)
+                .is_some()
+            {
                 self.apply(item)?;
                 n += 1;
             }

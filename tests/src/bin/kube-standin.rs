@@ -87,7 +87,9 @@ async fn churn(cluster: &Cluster, spec: &SynthSpec, rate: u64, secs: u64, genera
             sent += 1;
         }
     }
-    let (pod, ip) = last.map_or((String::new(), String::new()), |((ns, n), ip)| (format!("{ns}/{n}"), ip.to_string()));
+    let (pod, ip) = last.map_or((String::new(), String::new()), |((ns, n), ip)| {
+        (format!("{ns}/{n}"), ip.to_string())
+    });
     serde_json::json!({"type":"churned","updates":sent,"elapsed_ms":start.elapsed().as_millis(),"last_pod":pod,"last_ip":ip})
 }
 
@@ -131,9 +133,11 @@ async fn main() -> anyhow::Result<()> {
     if let Some(d) = &args.serviceaccount_out {
         s.write_serviceaccount(d)?;
     }
-    say(&serde_json::json!({"type":"ready","url":s.url(),"addr":s.addr().to_string(),
+    say(
+        &serde_json::json!({"type":"ready","url":s.url(),"addr":s.addr().to_string(),
         "objects":{"pods":cluster.count(ResKind::Pods),"services":cluster.count(ResKind::Services),
-        "endpointslices":cluster.count(ResKind::EndpointSlices),"nodes":cluster.count(ResKind::Nodes)}}));
+        "endpointslices":cluster.count(ResKind::EndpointSlices),"nodes":cluster.count(ResKind::Nodes)}}),
+    );
 
     let mut generation = 0usize;
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
@@ -156,11 +160,17 @@ async fn main() -> anyhow::Result<()> {
                 Ok(serde_json::json!({"type":"ok"}))
             }
             ["fault", "500"] => {
-                cluster.set_faults(Faults { error_500: true, ..Faults::default() });
+                cluster.set_faults(Faults {
+                    error_500: true,
+                    ..Faults::default()
+                });
                 Ok(serde_json::json!({"type":"ok"}))
             }
             ["fault", "hang"] => {
-                cluster.set_faults(Faults { hang: true, ..Faults::default() });
+                cluster.set_faults(Faults {
+                    hang: true,
+                    ..Faults::default()
+                });
                 Ok(serde_json::json!({"type":"ok"}))
             }
             ["fault", "forbidden", kind] => parse_kind(kind).map(|k| {

@@ -76,13 +76,18 @@ impl Netdrop {
                 let _ = tx.send((std::time::SystemTime::now(), l));
             }
         });
-        ready.recv_timeout(Duration::from_secs(60)).context("netdrop did not attach")?;
+        ready
+            .recv_timeout(Duration::from_secs(60))
+            .context("netdrop did not attach")?;
         Ok(Self { child, lines })
     }
 
     /// SIGINT, then the last summary line.
     fn stop(mut self) -> anyhow::Result<Value> {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGINT)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )?;
         self.child.wait()?;
         let mut last = None;
         while let Ok((_, l)) = self.lines.recv_timeout(Duration::from_secs(2)) {
@@ -104,19 +109,36 @@ fn snat_race(rounds: usize) -> anyhow::Result<Value> {
     let lab = NatLab::new("iptables");
     lab.node.exec(
         "iptables",
-        &["-t", "nat", "-A", "POSTROUTING", "-o", &lab.uplink, "-p", "udp", "-j", "MASQUERADE", "--to-ports", "20000-20003"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-o",
+            &lab.uplink,
+            "-p",
+            "udp",
+            "-j",
+            "MASQUERADE",
+            "--to-ports",
+            "20000-20003",
+        ],
     );
     let node_arg = lab.node.path().display().to_string();
     let (mut without, mut with) = (Vec::new(), Vec::new());
     let mut accuracy = Vec::new();
     for round in 0..rounds {
         // Entries of the previous phase would make every flow an insert failure at once.
-        let _ = netdrop_tools::tool("ip").args(["netns", "exec", &lab.node.name, "conntrack", "-F"]).output();
+        let _ = netdrop_tools::tool("ip")
+            .args(["netns", "exec", &lab.node.name, "conntrack", "-F"])
+            .output();
         let t = Instant::now();
         let sent = send_flows(&lab.pod, 2, FLOWS / 2, "10.20.0.2:9999");
         without.push(sent as f64 / t.elapsed().as_secs_f64());
 
-        let _ = netdrop_tools::tool("ip").args(["netns", "exec", &lab.node.name, "conntrack", "-F"]).output();
+        let _ = netdrop_tools::tool("ip")
+            .args(["netns", "exec", &lab.node.name, "conntrack", "-F"])
+            .output();
         let nd = Netdrop::start(&["-o", "json", "--netns", &node_arg])?;
         let before = lab.node.ct_stat("insert_failed");
         let t = Instant::now();
@@ -126,19 +148,34 @@ fn snat_race(rounds: usize) -> anyhow::Result<Value> {
         let kernel = lab.node.ct_stat("insert_failed") - before;
         let s = nd.stop()?;
         let ours = s["by_classification"]["conntrack_insert_failed"].as_u64().unwrap_or(0);
-        println!("round {round}: kernel insert_failed +{kernel}, netdrop conntrack_insert_failed {ours} ({})", s["conntrack_hook"]);
+        println!(
+            "round {round}: kernel insert_failed +{kernel}, netdrop conntrack_insert_failed {ours} ({})",
+            s["conntrack_hook"]
+        );
         accuracy.push(json!({"kernel_insert_failed": kernel, "netdrop": ours, "hook": s["conntrack_hook"]}));
     }
     let (a, b) = (median(without.clone()), median(with.clone()));
-    println!("\nSNAT race: {FLOWS} new UDP flows per phase through MASQUERADE on 4 ports, 2 sender threads, {rounds} rounds");
-    println!("| phase | flows/s (median) |\n|---|---:|\n| no tracer | {a:.0} |\n| netdrop | {b:.0} |\n| ratio | {:.1}% |", 100.0 * b / a);
-    Ok(json!({"benchmark": "snat-race", "flows_per_phase": FLOWS, "without": without, "with": with, "ratio": b / a, "accuracy": accuracy}))
+    println!(
+        "\nSNAT race: {FLOWS} new UDP flows per phase through MASQUERADE on 4 ports, 2 sender threads, {rounds} rounds"
+    );
+    println!(
+        "| phase | flows/s (median) |\n|---|---:|\n| no tracer | {a:.0} |\n| netdrop | {b:.0} |\n| ratio | {:.1}% |",
+        100.0 * b / a
+    );
+    Ok(
+        json!({"benchmark": "snat-race", "flows_per_phase": FLOWS, "without": without, "with": with, "ratio": b / a, "accuracy": accuracy}),
+    )
 }
 
 fn svc(rounds: usize) -> anyhow::Result<Value> {
     let lab = Lab::up(&LabOptions::for_test()).map_err(|e| anyhow::anyhow!("lab up: {e}"))?;
     let st = lab.status();
-    let mut args: Vec<String> = vec!["--svc".into(), "default/web".into(), "--kubeconfig".into(), st.kubeconfig.display().to_string()];
+    let mut args: Vec<String> = vec![
+        "--svc".into(),
+        "default/web".into(),
+        "--kubeconfig".into(),
+        st.kubeconfig.display().to_string(),
+    ];
     for n in &st.nodes {
         args.push("--node-netns".into());
         args.push(format!("{}={}", n.name, n.netns_path.display()));
@@ -155,15 +192,21 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
     };
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        let r = lab.traffic("default/web", &load).map_err(|e| anyhow::anyhow!("traffic: {e}"))?;
+        let r = lab
+            .traffic("default/web", &load)
+            .map_err(|e| anyhow::anyhow!("traffic: {e}"))?;
         without.push(r.achieved_rate * (r.successes as f64 / r.attempts.max(1) as f64));
         let nd = Netdrop::start(&refs)?;
-        let r = lab.traffic("default/web", &load).map_err(|e| anyhow::anyhow!("traffic: {e}"))?;
+        let r = lab
+            .traffic("default/web", &load)
+            .map_err(|e| anyhow::anyhow!("traffic: {e}"))?;
         with.push(r.achieved_rate * (r.successes as f64 / r.attempts.max(1) as f64));
         nd.stop()?;
     }
     let (a, b) = (median(without.clone()), median(with.clone()));
-    println!("\ntrace --svc on the lab: default/web, 3 backends, TCP request/response at the generator's top speed, {rounds} rounds");
+    println!(
+        "\ntrace --svc on the lab: default/web, 3 backends, TCP request/response at the generator's top speed, {rounds} rounds"
+    );
     println!(
         "| phase | successful requests/s (median) |\n|---|---:|\n| no netdrop | {a:.0} |\n| netdrop --svc | {b:.0} |\n| ratio | {:.1}% |",
         100.0 * b / a
@@ -172,7 +215,9 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
     // Time from a drop to its row updating (default --interval 1s): one request at a time until
     // requests to the bad backend have been dropped, timing each drop to the summary line whose
     // count includes it.
-    let fault = lab.fault(&FaultRequest::new(FaultKind::PolicyDrop)).map_err(|e| anyhow::anyhow!("fault: {e}"))?;
+    let fault = lab
+        .fault(&FaultRequest::new(FaultKind::PolicyDrop))
+        .map_err(|e| anyhow::anyhow!("fault: {e}"))?;
     let bad = fault.backend.context("fault backend")?.pod;
     let nd = Netdrop::start(&refs)?;
     // One request per call (rate 1/s for 1 s).
@@ -189,7 +234,9 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
         if latencies.len() >= 10 {
             break;
         }
-        let r = lab.traffic("default/web", &one).map_err(|e| anyhow::anyhow!("traffic: {e}"))?;
+        let r = lab
+            .traffic("default/web", &one)
+            .map_err(|e| anyhow::anyhow!("traffic: {e}"))?;
         if r.failures == 0 {
             continue;
         }
@@ -198,7 +245,9 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut dropped_at = None;
         while Instant::now() < deadline {
-            let Ok((arrived, l)) = nd.lines.recv_timeout(Duration::from_millis(100)) else { continue };
+            let Ok((arrived, l)) = nd.lines.recv_timeout(Duration::from_millis(100)) else {
+                continue;
+            };
             let v: Value = serde_json::from_str(&l)?;
             if v["type"] == "drop" && dropped_at.is_none() {
                 dropped_at = v["time"].as_str().and_then(|t| humantime::parse_rfc3339(t).ok());
@@ -229,7 +278,12 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
     }
     let lat_median = median(latencies.clone());
     let lat_max = latencies.iter().copied().fold(0.0, f64::max);
-    println!("drop → row updated (--interval 1s, {} samples): median {:.2} s, max {:.2} s", latencies.len(), lat_median, lat_max);
+    println!(
+        "drop → row updated (--interval 1s, {} samples): median {:.2} s, max {:.2} s",
+        latencies.len(),
+        lat_median,
+        lat_max
+    );
     Ok(json!({"benchmark": "svc", "without": without, "with": with, "ratio": b / a, "drop_to_row_s": latencies}))
 }
 

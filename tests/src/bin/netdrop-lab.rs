@@ -118,11 +118,7 @@ enum ProtoArg {
 }
 
 fn instance_name(s: &str) -> Result<String, String> {
-    if !s.is_empty()
-        && s.len() <= 12
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    {
+    if !s.is_empty() && s.len() <= 12 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
         Ok(s.to_string())
     } else {
         Err("1-12 characters a-z0-9".into())
@@ -135,10 +131,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if cli.output == Output::Json {
-                println!(
-                    "{}",
-                    serde_json::json!({"type":"error","error":format!("{e:#}")})
-                );
+                println!("{}", serde_json::json!({"type":"error","error":format!("{e:#}")}));
             }
             eprintln!("netdrop-lab: {e:#}");
             ExitCode::FAILURE
@@ -160,12 +153,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Fault {
-            name,
-            which,
-            pod,
-            max,
-        } => fault(cli, name, which.as_deref(), pod.clone(), *max),
+        Cmd::Fault { name, which, pod, max } => fault(cli, name, which.as_deref(), pod.clone(), *max),
         Cmd::Traffic {
             svc,
             to,
@@ -192,10 +180,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                 reply_bytes: *reply_bytes,
                 pairs: *pairs,
             };
-            let what = svc
-                .clone()
-                .or_else(|| to.map(|t| t.to_string()))
-                .unwrap_or_default();
+            let what = svc.clone().or_else(|| to.map(|t| t.to_string())).unwrap_or_default();
             if cli.output == Output::Text {
                 eprintln!(
                     "netdrop-lab: {} {}/s for {} from {} ...",
@@ -255,8 +240,7 @@ fn up(cli: &Cli, big: usize) -> anyhow::Result<()> {
     }
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_path = dir.join("daemon.log");
-    let log =
-        fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let log = fs::File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
     let mut cmd = netdrop_tools::project(std::env::current_exe()?);
     if let Some(i) = inst {
         cmd.args(["--instance", i]);
@@ -289,10 +273,7 @@ fn up(cli: &Cli, big: usize) -> anyhow::Result<()> {
         if let Some(status) = child.try_wait()? {
             let text = fs::read_to_string(&log_path).unwrap_or_default();
             lab::cleanup(inst, false);
-            bail!(
-                "the lab daemon exited ({status}) while coming up:\n{}",
-                text.trim_end()
-            );
+            bail!("the lab daemon exited ({status}) while coming up:\n{}", text.trim_end());
         }
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -394,13 +375,7 @@ fn daemon(inst: Option<&str>, big: usize) -> anyhow::Result<()> {
     std::process::exit(0);
 }
 
-fn fault(
-    cli: &Cli,
-    name: &str,
-    which: Option<&str>,
-    pod: Option<String>,
-    max: Option<u64>,
-) -> anyhow::Result<()> {
+fn fault(cli: &Cli, name: &str, which: Option<&str>, pod: Option<String>, max: Option<u64>) -> anyhow::Result<()> {
     let st = live_status(cli.instance.as_deref())?;
     let req = if name == "clear" {
         Request::Clear {
@@ -434,15 +409,9 @@ fn fault(
 
 fn print_fault(r: &FaultRecord) {
     let target = r.backend.as_ref().map_or(String::new(), |b| {
-        format!(
-            " backend {} ({}, {} on {})",
-            b.pod, b.ip, b.interface, b.node
-        )
+        format!(" backend {} ({}, {} on {})", b.pod, b.ip, b.interface, b.node)
     });
-    let svc = r
-        .service
-        .as_deref()
-        .map_or(String::new(), |s| format!(" of {s}"));
+    let svc = r.service.as_deref().map_or(String::new(), |s| format!(" of {s}"));
     let svc = match &r.external {
         Some(to) => format!("{svc} (to the external {to})"),
         None => svc,
@@ -460,12 +429,7 @@ fn print_fault(r: &FaultRecord) {
 }
 
 fn print_status(st: &Status) {
-    println!(
-        "lab {} (pid {}, state {})",
-        st.instance,
-        st.pid,
-        st.state_dir.display()
-    );
+    println!("lab {} (pid {}, state {})", st.instance, st.pid, st.state_dir.display());
     println!(
         "kubeconfig: {}   (export KUBECONFIG={}; API {})",
         st.kubeconfig.display(),

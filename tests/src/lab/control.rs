@@ -55,10 +55,7 @@ pub fn serve(lab: Arc<Lab>, on_down: impl Fn() + Send + 'static) -> Result<PathB
                     Err(e) => (error(&format!("bad request: {e}")), false),
                     Ok(Request::Fault(req)) => (result(lab.fault(&req).map(|r| json!(r))), false),
                     Ok(Request::Clear { kind }) => (
-                        result(
-                            lab.clear(kind)
-                                .map(|r| json!({"type":"cleared","faults":r})),
-                        ),
+                        result(lab.clear(kind).map(|r| json!({"type":"cleared","faults":r}))),
                         false,
                     ),
                     Ok(Request::Status) => (json!(lab.status()), false),
@@ -96,12 +93,7 @@ pub fn request(dir: &Path, req: &Request, timeout: Duration) -> Result<Value, La
     };
     let mut s = UnixStream::connect(&path).map_err(io)?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
-    writeln!(
-        s,
-        "{}",
-        serde_json::to_string(req).expect("request is JSON")
-    )
-    .map_err(io)?;
+    writeln!(s, "{}", serde_json::to_string(req).expect("request is JSON")).map_err(io)?;
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line).map_err(io)?;
     let v: Value = serde_json::from_str(&line).map_err(|e| io(std::io::Error::other(e)))?;

@@ -132,11 +132,9 @@ impl FaultKind {
             Self::NotListening => Some("default/web-0"),
             Self::BigOneBad => Some("default/big-17"),
             Self::DnsUdpDrop => Some("kube-system/coredns-1"),
-            Self::ConntrackFull
-            | Self::DnsConntrackFull
-            | Self::DnsRace
-            | Self::EgressDeny
-            | Self::SnatExhaustion => None,
+            Self::ConntrackFull | Self::DnsConntrackFull | Self::DnsRace | Self::EgressDeny | Self::SnatExhaustion => {
+                None
+            }
         }
     }
 }
@@ -299,10 +297,7 @@ impl Lab {
         if self.topology.services_of(&pod).is_empty() || must_serve.is_some_and(|s| pod.app != s) {
             return Err(LabError::BadTarget {
                 fault: req.kind.to_string(),
-                why: format!(
-                    "{key} is not a backend of {}",
-                    must_serve.unwrap_or("any Service")
-                ),
+                why: format!("{key} is not a backend of {}", must_serve.unwrap_or("any Service")),
             });
         }
         let cross_node = matches!(
@@ -366,19 +361,10 @@ impl Lab {
             FaultKind::PolicyDrop | FaultKind::BigOneBad => {
                 let p = pod.as_ref().expect("target");
                 let comment = tag(&p.key());
-                let spec: Vec<String> = [
-                    "-o",
-                    &p.cali(),
-                    "-m",
-                    "comment",
-                    "--comment",
-                    &comment,
-                    "-j",
-                    "DROP",
-                ]
-                .iter()
-                .map(|s| (*s).to_string())
-                .collect();
+                let spec: Vec<String> = ["-o", &p.cali(), "-m", "comment", "--comment", &comment, "-j", "DROP"]
+                    .iter()
+                    .map(|s| (*s).to_string())
+                    .collect();
                 Self::iptables_insert(&node_ns, "filter", "FORWARD", &spec, &mut did)?;
                 rules.push(RuleRef {
                     netns: node_ns.clone(),
@@ -518,7 +504,9 @@ impl Lab {
                     path: path.clone(),
                     source,
                 })?;
-                did.push(format!("sysctl -w {CT_MAX_KEY}={max} (was {old}; global: every namespace on this kernel)"));
+                did.push(format!(
+                    "sysctl -w {CT_MAX_KEY}={max} (was {old}; global: every namespace on this kernel)"
+                ));
                 sysctl = Some(SysctlChange {
                     key: CT_MAX_KEY.into(),
                     old,
@@ -594,7 +582,11 @@ impl Lab {
                     ));
                     let r = net::ip_batch(Some(&ns), &lines);
                     if let Err(e) = r {
-                        let _ = self.undo(Undo::Many { holders: Vec::new(), rules: Vec::new(), ip: ip_undo });
+                        let _ = self.undo(Undo::Many {
+                            holders: Vec::new(),
+                            rules: Vec::new(),
+                            ip: ip_undo,
+                        });
                         return Err(e);
                     }
                     did.extend(lines.lines().map(|l| format!("ip -n {ns} {l}")));
@@ -606,7 +598,11 @@ impl Lab {
                 let r = net::ip_batch(Some(&pod_ns), gso);
                 ip_undo.push((pod_ns.clone(), "link set eth0 gso_max_segs 65535\n".into()));
                 if let Err(e) = r {
-                    let _ = self.undo(Undo::Many { holders: Vec::new(), rules: Vec::new(), ip: ip_undo });
+                    let _ = self.undo(Undo::Many {
+                        holders: Vec::new(),
+                        rules: Vec::new(),
+                        ip: ip_undo,
+                    });
                     return Err(e);
                 }
                 did.push(format!("ip -n {pod_ns} {}", gso.trim_end()));
@@ -627,7 +623,11 @@ impl Lab {
                 .map(|s| (*s).to_string())
                 .collect();
                 if let Err(e) = Self::iptables_insert(&node_ns, "filter", "OUTPUT", &spec, &mut did) {
-                    let _ = self.undo(Undo::Many { holders: Vec::new(), rules: Vec::new(), ip: ip_undo });
+                    let _ = self.undo(Undo::Many {
+                        holders: Vec::new(),
+                        rules: Vec::new(),
+                        ip: ip_undo,
+                    });
                     return Err(e);
                 }
                 rules.push(RuleRef {
@@ -711,8 +711,9 @@ impl Lab {
                         holders: Vec::new(),
                     },
                     format!(
-                        "connections from {} to the external {to} (`lab traffic --to {to}`) time out: an egress policy rule in FORWARD on {node_name} drops them before SNAT"
-                    , client.key()),
+                        "connections from {} to the external {to} (`lab traffic --to {to}`) time out: an egress policy rule in FORWARD on {node_name} drops them before SNAT",
+                        client.key()
+                    ),
                 )
             }
             FaultKind::SnatExhaustion => {
@@ -743,7 +744,11 @@ impl Lab {
                 let holders = match self.hold_ports(&client, to, 4) {
                     Ok(h) => h,
                     Err(e) => {
-                        let _ = self.undo(Undo::Many { holders: Vec::new(), rules: vec![rule], ip: Vec::new() });
+                        let _ = self.undo(Undo::Many {
+                            holders: Vec::new(),
+                            rules: vec![rule],
+                            ip: Vec::new(),
+                        });
                         return Err(e);
                     }
                 };
@@ -760,7 +765,11 @@ impl Lab {
                 });
                 external = Some(to.to_string());
                 (
-                    Undo::Many { holders, rules: vec![rule], ip: Vec::new() },
+                    Undo::Many {
+                        holders,
+                        rules: vec![rule],
+                        ip: Vec::new(),
+                    },
                     format!(
                         "new connections from {} to the external {to} fail: the node's SNAT for them has 4 source ports ({ports}), all held by idle connections, so NAT finds no free tuple and conntrack's insert fails on {node_name} (insert_failed in {node_ns}'s /proc/net/stat/nf_conntrack), as a node does when too many connections go to one destination",
                         client.key()
@@ -805,7 +814,11 @@ impl Lab {
                 )
             }
             FaultKind::DnsRace => (
-                Undo::Many { holders: Vec::new(), rules: Vec::new(), ip: Vec::new() },
+                Undo::Many {
+                    holders: Vec::new(),
+                    rules: Vec::new(),
+                    ip: Vec::new(),
+                },
                 format!(
                     "nothing is changed: send A/AAAA-style pairs at once from one socket (`lab traffic --svc kube-system/kube-dns --proto udp --pairs`); when both packets of a pair are new at the same time on {node_name}, they race to create one conntrack entry (possibly DNATed to different replicas): Linux 5.6+ keeps both and counts clash_resolve in {node_ns}'s /proc/net/stat/nf_conntrack instead of dropping one (insert_failed)"
                 ),
@@ -842,19 +855,14 @@ impl Lab {
         let mut args: Vec<&str> = vec!["-w", "-t", table, "-I", chain, "1"];
         args.extend(spec.iter().map(String::as_str));
         net::ns_cmd(netns, "iptables", &args, None)?;
-        did.push(format!(
-            "ip netns exec {netns} iptables {}",
-            shell_words(&args)
-        ));
+        did.push(format!("ip netns exec {netns} iptables {}", shell_words(&args)));
         Ok(())
     }
 
     /// Undoes one fault kind, or all of them; returns the records of those cleared.
     pub fn clear(&self, kind: Option<FaultKind>) -> Result<Vec<FaultRecord>, LabError> {
         let mut faults = self.faults.lock().expect("faults lock");
-        let (clear, keep): (Vec<_>, Vec<_>) = faults
-            .drain(..)
-            .partition(|(r, _)| kind.is_none_or(|k| r.fault == k));
+        let (clear, keep): (Vec<_>, Vec<_>) = faults.drain(..).partition(|(r, _)| kind.is_none_or(|k| r.fault == k));
         *faults = keep;
         drop(faults);
         let mut out = Vec::new();
@@ -875,11 +883,7 @@ impl Lab {
 
     fn undo(&self, undo: Undo) -> Result<(), LabError> {
         match undo {
-            Undo::Rules {
-                netns,
-                rules,
-                holders,
-            } => {
+            Undo::Rules { netns, rules, holders } => {
                 for h in holders {
                     h.abort();
                 }
@@ -944,9 +948,7 @@ impl Lab {
                     path: format!("connection to {to}").into(),
                     source,
                 };
-                let mut s =
-                    std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2))
-                        .map_err(io)?;
+                let mut s = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2)).map_err(io)?;
                 std::io::Write::write_all(&mut s, super::servers::HOLD).map_err(io)?;
                 s.set_nonblocking(true).map_err(io)?;
                 v.push(s);
@@ -976,12 +978,7 @@ impl Lab {
     /// A column of a node's `/proc/net/stat/nf_conntrack` (e.g. `drop`, `insert_failed`,
     /// `early_drop`), summed over CPUs: the kernel's own count for the conntrack faults.
     pub fn conntrack_stat(&self, node: &str, column: &str) -> Result<u64, LabError> {
-        let text = net::ns_cmd(
-            &self.names.node_ns(node),
-            "cat",
-            &["/proc/net/stat/nf_conntrack"],
-            None,
-        )?;
+        let text = net::ns_cmd(&self.names.node_ns(node), "cat", &["/proc/net/stat/nf_conntrack"], None)?;
         crate::ct_stat_column(&text, column).ok_or_else(|| LabError::NoColumn(column.to_string()))
     }
 

@@ -29,7 +29,11 @@ fn pod(topo: &Topology, p: &PodSpec, created: &str) -> Value {
         .map(|n| n.underlay_ip.to_string())
         .unwrap_or_default();
     let ports = if p.role == Role::Backend {
-        let (tcp, udp) = if p.port == DNS_PORT { ("dns-tcp", "dns") } else { ("http", "udp") };
+        let (tcp, udp) = if p.port == DNS_PORT {
+            ("dns-tcp", "dns")
+        } else {
+            ("http", "udp")
+        };
         json!([{"name": tcp, "containerPort": p.port, "protocol": "TCP"},
                {"name": udp, "containerPort": p.port, "protocol": "UDP"}])
     } else {
@@ -123,24 +127,15 @@ mod tests {
         let objs = objects(&t);
         let web = objs
             .iter()
-            .find(|o| {
-                o["kind"] == "EndpointSlice"
-                    && o["metadata"]["labels"]["kubernetes.io/service-name"] == "web"
-            })
+            .find(|o| o["kind"] == "EndpointSlice" && o["metadata"]["labels"]["kubernetes.io/service-name"] == "web")
             .expect("web slice");
         assert_eq!(web["endpoints"].as_array().map(Vec::len), Some(3));
         assert_eq!(web["ports"][0]["port"], 8080);
         let empty = objs
             .iter()
-            .find(|o| {
-                o["kind"] == "EndpointSlice"
-                    && o["metadata"]["labels"]["kubernetes.io/service-name"] == "empty"
-            })
+            .find(|o| o["kind"] == "EndpointSlice" && o["metadata"]["labels"]["kubernetes.io/service-name"] == "empty")
             .expect("empty slice");
         assert_eq!(empty["endpoints"].as_array().map(Vec::len), Some(0));
-        assert_eq!(
-            objs.iter().filter(|o| o["kind"] == "Pod").count(),
-            t.pods.len()
-        );
+        assert_eq!(objs.iter().filter(|o| o["kind"] == "Pod").count(), t.pods.len());
     }
 }

@@ -267,9 +267,7 @@ impl Status {
 
     pub fn service(&self, key: &str) -> Option<&ServiceStatus> {
         let (ns, name) = key.split_once('/').unwrap_or(("default", key));
-        self.services
-            .iter()
-            .find(|s| s.namespace == ns && s.name == name)
+        self.services.iter().find(|s| s.namespace == ns && s.name == name)
     }
 
     pub fn client(&self) -> Option<&PodStatus> {
@@ -299,9 +297,7 @@ impl Status {
         opts: &TrafficOptions,
         shape: TrafficShape,
     ) -> Result<TrafficReport, LabError> {
-        let client = self
-            .client()
-            .ok_or_else(|| LabError::NoPod("client".into()))?;
+        let client = self.client().ok_or_else(|| LabError::NoPod("client".into()))?;
         traffic::run_shaped(&client.netns_path, &target.to_string(), target, opts, shape)
     }
 
@@ -313,9 +309,7 @@ impl Status {
         shape: TrafficShape,
     ) -> Result<TrafficReport, LabError> {
         let target = self.target(service, opts.proto)?;
-        let client = self
-            .client()
-            .ok_or_else(|| LabError::NoPod("client".into()))?;
+        let client = self.client().ok_or_else(|| LabError::NoPod("client".into()))?;
         let key = self
             .service(service)
             .map(|s| format!("{}/{}", s.namespace, s.name))
@@ -326,9 +320,7 @@ impl Status {
     /// Runs the traffic generator from the client pod (usable without the [`Lab`] object).
     pub fn traffic(&self, service: &str, opts: &TrafficOptions) -> Result<TrafficReport, LabError> {
         let target = self.target(service, opts.proto)?;
-        let client = self
-            .client()
-            .ok_or_else(|| LabError::NoPod("client".into()))?;
+        let client = self.client().ok_or_else(|| LabError::NoPod("client".into()))?;
         let key = self
             .service(service)
             .map(|s| format!("{}/{}", s.namespace, s.name))
@@ -349,11 +341,7 @@ impl Status {
     /// Per backend (`namespace/pod`), the packet counter of kube-proxy's rule that sends a new
     /// flow to it (`KUBE-SVC-…` → `KUBE-SEP-…`) in the client's node: the kernel's own count of
     /// the flows `DNAT`ed to each backend (the nat table sees a flow's first packet only).
-    pub fn endpoint_choices(
-        &self,
-        service: &str,
-        proto: Proto,
-    ) -> Result<BTreeMap<String, u64>, LabError> {
+    pub fn endpoint_choices(&self, service: &str, proto: Proto) -> Result<BTreeMap<String, u64>, LabError> {
         let svc = self
             .service(service)
             .ok_or_else(|| LabError::NoService(service.to_string()))?;
@@ -364,9 +352,7 @@ impl Status {
         if svc.backends.is_empty() {
             return Ok(BTreeMap::new());
         }
-        let client = self
-            .client()
-            .ok_or_else(|| LabError::NoPod("client".into()))?;
+        let client = self.client().ok_or_else(|| LabError::NoPod("client".into()))?;
         let node_ns = self
             .nodes
             .iter()
@@ -504,11 +490,7 @@ pub fn pid_alive(pid: u32) -> bool {
 }
 
 fn read_owner(dir: &Path) -> Option<u32> {
-    fs::read_to_string(dir.join(OWNER_FILE))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    fs::read_to_string(dir.join(OWNER_FILE)).ok()?.trim().parse().ok()
 }
 
 /// Removes what an instance left behind: restores saved sysctls, deletes its namespaces and its
@@ -592,10 +574,7 @@ impl Lab {
             source,
         })?;
         let owner = dir.join(OWNER_FILE);
-        fs::write(&owner, std::process::id().to_string()).map_err(|source| LabError::Io {
-            path: owner,
-            source,
-        })?;
+        fs::write(&owner, std::process::id().to_string()).map_err(|source| LabError::Io { path: owner, source })?;
         let lab = Self {
             topology: Topology::default_lab(opts.sizes),
             names: Names::new(instance.as_deref()),
@@ -635,16 +614,8 @@ impl Lab {
 
     pub(crate) fn start_server(&self, p: &PodSpec) -> Result<(), LabError> {
         let who = format!("{} {}", p.key(), p.node);
-        let s = servers::start(
-            &self.handle(),
-            &net::netns_path(&self.names.pod_ns(p)),
-            p.port,
-            who,
-        )?;
-        self.servers
-            .lock()
-            .expect("servers lock")
-            .insert(p.key(), s);
+        let s = servers::start(&self.handle(), &net::netns_path(&self.names.pod_ns(p)), p.port, who)?;
+        self.servers.lock().expect("servers lock").insert(p.key(), s);
         Ok(())
     }
 
@@ -704,10 +675,7 @@ impl Lab {
 
     /// `ip netns` name of a pod (`ns/name` or `name`).
     pub fn pod_netns(&self, pod: &str) -> Result<String, LabError> {
-        let p = self
-            .topology
-            .pod(pod)
-            .ok_or_else(|| LabError::NoPod(pod.to_string()))?;
+        let p = self.topology.pod(pod).ok_or_else(|| LabError::NoPod(pod.to_string()))?;
         Ok(self.names.pod_ns(p))
     }
 
@@ -747,12 +715,7 @@ impl Lab {
                         underlay_if: "eth0".into(),
                         underlay_ip: n.underlay_ip,
                         pod_cidr: format!("{}/{}", n.pod_cidr.0, n.pod_cidr.1),
-                        workload_interfaces: t
-                            .pods
-                            .iter()
-                            .filter(|p| p.node == n.name)
-                            .map(PodSpec::cali)
-                            .collect(),
+                        workload_interfaces: t.pods.iter().filter(|p| p.node == n.name).map(PodSpec::cali).collect(),
                     }
                 })
                 .collect(),
@@ -783,11 +746,7 @@ impl Lab {
                     name: s.name.clone(),
                     cluster_ip: s.cluster_ip,
                     ports: s.ports.clone(),
-                    backends: t
-                        .backends(s)
-                        .iter()
-                        .map(|p| Self::backend_status(p))
-                        .collect(),
+                    backends: t.backends(s).iter().map(|p| Self::backend_status(p)).collect(),
                 })
                 .collect(),
             faults: self

@@ -15,8 +15,8 @@ use std::{
 use super::{
     LabError,
     topology::{
-        CALI_MAC, CLUSTER_CIDR, EXTERNAL_IP, Names, NodeSpec, POD_GATEWAY, Topology,
-        UNDERLAY_PREFIX, sep_chain, svc_chain,
+        CALI_MAC, CLUSTER_CIDR, EXTERNAL_IP, Names, NodeSpec, POD_GATEWAY, Topology, UNDERLAY_PREFIX, sep_chain,
+        svc_chain,
     },
 };
 
@@ -52,11 +52,7 @@ pub fn cmd(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, 
     let line = format!("{program} {}", args.join(" "));
     let mut child = netdrop_tools::tool(program)
         .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -66,11 +62,10 @@ pub fn cmd(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, 
         })?;
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().expect("piped stdin");
-        pipe.write_all(input.as_bytes())
-            .map_err(|source| LabError::Spawn {
-                cmd: line.clone(),
-                source,
-            })?;
+        pipe.write_all(input.as_bytes()).map_err(|source| LabError::Spawn {
+            cmd: line.clone(),
+            source,
+        })?;
     }
     let out = child.wait_with_output().map_err(|source| LabError::Spawn {
         cmd: line.clone(),
@@ -87,12 +82,7 @@ pub fn cmd(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, 
 }
 
 /// Runs a command inside a named namespace.
-pub fn ns_cmd(
-    netns: &str,
-    program: &str,
-    args: &[&str],
-    stdin: Option<&str>,
-) -> Result<String, LabError> {
+pub fn ns_cmd(netns: &str, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, LabError> {
     let (program, args, stdin) = (
         program.to_string(),
         args.iter().map(|s| (*s).to_string()).collect::<Vec<_>>(),
@@ -116,10 +106,7 @@ pub(crate) fn ip_batch(netns: Option<&str>, lines: &str) -> Result<(), LabError>
 
 /// Writes sysctls (`net.ipv4.ip_forward` style keys) inside a namespace.
 pub fn ns_sysctls(netns: &str, kv: &[(&str, &str)]) -> Result<(), LabError> {
-    let kv: Vec<(String, String)> = kv
-        .iter()
-        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
-        .collect();
+    let kv: Vec<(String, String)> = kv.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect();
     in_netns(&netns_path(netns), move || {
         for (k, v) in kv {
             let path = PathBuf::from("/proc/sys").join(k.replace('.', "/"));
@@ -144,8 +131,7 @@ pub fn list_netns() -> Vec<String> {
 pub fn delete_netns(names: &[String]) -> Vec<String> {
     let mut deleted = Vec::new();
     // Pods first: their veths' node ends then disappear before the nodes go.
-    let (pods, nodes): (Vec<&String>, Vec<&String>) =
-        names.iter().partition(|n| n.contains("pod-"));
+    let (pods, nodes): (Vec<&String>, Vec<&String>) = names.iter().partition(|n| n.contains("pod-"));
     for chunk in [pods, nodes] {
         let batch = chunk.iter().fold(String::new(), |mut s, n| {
             let _ = writeln!(s, "netns del {n}");
@@ -160,12 +146,7 @@ pub fn delete_netns(names: &[String]) -> Vec<String> {
                 let _ = cmd("ip", &["netns", "del", n], None);
             }
         }
-        deleted.extend(
-            chunk
-                .iter()
-                .filter(|n| !netns_path(n).exists())
-                .map(|n| (*n).clone()),
-        );
+        deleted.extend(chunk.iter().filter(|n| !netns_path(n).exists()).map(|n| (*n).clone()));
     }
     deleted
 }
@@ -252,11 +233,7 @@ fn underlay(topo: &Topology, names: &Names) -> Result<(), LabError> {
             other.pod_cidr.0, other.pod_cidr.1, other.underlay_ip
         );
         // Calico blackholes the node's own IPAM block: a pod IP without its /32 route goes nowhere.
-        let _ = writeln!(
-            s,
-            "route add blackhole {}/{} proto bird",
-            me.pod_cidr.0, me.pod_cidr.1
-        );
+        let _ = writeln!(s, "route add blackhole {}/{} proto bird", me.pod_cidr.0, me.pod_cidr.1);
         // Static neighbours: no ARP on the underlay either.
         let other_mac = if std::ptr::eq(other, a) {
             "02:42:c0:a8:32:0a"
@@ -288,7 +265,10 @@ fn uplinks(topo: &Topology, names: &Names) -> Result<(), LabError> {
     let router = names.router_ns();
     let mut r = format!("link set lo up\naddr add {EXTERNAL_IP}/32 dev lo\n");
     for (i, node) in topo.nodes.iter().enumerate() {
-        let (node_mac, router_mac) = (format!("02:42:c6:33:64:{:02x}", 4 * i + 2), format!("02:42:c6:33:64:{:02x}", 4 * i + 1));
+        let (node_mac, router_mac) = (
+            format!("02:42:c6:33:64:{:02x}", 4 * i + 2),
+            format!("02:42:c6:33:64:{:02x}", 4 * i + 1),
+        );
         let _ = writeln!(
             r,
             "link add {name} address {router_mac} type veth peer name uplink0 address {node_mac} netns {ns}",
@@ -297,7 +277,12 @@ fn uplinks(topo: &Topology, names: &Names) -> Result<(), LabError> {
         );
         let _ = writeln!(r, "addr add {}/30 dev {}", node.gateway_ip(), node.name);
         let _ = writeln!(r, "link set {} up", node.name);
-        let _ = writeln!(r, "neigh replace {} lladdr {node_mac} dev {} nud permanent", node.uplink_ip(), node.name);
+        let _ = writeln!(
+            r,
+            "neigh replace {} lladdr {node_mac} dev {} nud permanent",
+            node.uplink_ip(),
+            node.name
+        );
         ip_batch(Some(&router), &r)?;
         r.clear();
         let n = format!(
@@ -326,12 +311,7 @@ fn workloads(topo: &Topology, names: &Names, node: &NodeSpec) -> Result<(), LabE
         );
         let _ = writeln!(s, "link set {cali} up");
         let _ = writeln!(s, "route add {}/32 dev {cali} scope link", p.ip);
-        let _ = writeln!(
-            s,
-            "neigh replace {} lladdr {} dev {cali} nud permanent",
-            p.ip,
-            p.mac()
-        );
+        let _ = writeln!(s, "neigh replace {} lladdr {} dev {cali} nud permanent", p.ip, p.mac());
     }
     ip_batch(Some(&ns), &s)?;
     let keys: Vec<(String, &str)> = pods
@@ -410,10 +390,7 @@ pub fn kube_proxy_rules(topo: &Topology) -> String {
                 let sep = sep_chain(svc, port, &ep);
                 nat_chains.push(sep.clone());
                 let stat = if i + 1 < n {
-                    format!(
-                        " -m statistic --mode random --probability {:.10}",
-                        1.0 / (n - i) as f64
-                    )
+                    format!(" -m statistic --mode random --probability {:.10}", 1.0 / (n - i) as f64)
                 } else {
                     String::new()
                 };
@@ -467,12 +444,7 @@ pub fn kube_proxy_rules(topo: &Topology) -> String {
 /// Packet count of the rule carrying `comment` in `table`/`chain` of a namespace (summed when
 /// several rules carry it), from `iptables -L -v -x`.
 pub fn rule_packets(netns: &str, table: &str, chain: &str, comment: &str) -> Result<u64, LabError> {
-    let text = ns_cmd(
-        netns,
-        "iptables",
-        &["-t", table, "-L", chain, "-v", "-x", "-n"],
-        None,
-    )?;
+    let text = ns_cmd(netns, "iptables", &["-t", table, "-L", chain, "-v", "-x", "-n"], None)?;
     let needle = format!("/* {comment} */");
     Ok(text
         .lines()

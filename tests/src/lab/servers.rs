@@ -52,12 +52,7 @@ impl Drop for EchoServer {
 }
 
 /// Starts TCP and UDP echo on `port` inside the namespace at `netns_path`.
-pub fn start(
-    rt: &Handle,
-    netns_path: &std::path::Path,
-    port: u16,
-    who: String,
-) -> Result<EchoServer, LabError> {
+pub fn start(rt: &Handle, netns_path: &std::path::Path, port: u16, who: String) -> Result<EchoServer, LabError> {
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
     let (tcp, udp) = in_netns(netns_path, move || {
         let io = |source| LabError::Bind { addr, source };

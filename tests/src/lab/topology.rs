@@ -267,18 +267,8 @@ impl Topology {
         ];
         let half = big.div_ceil(2);
         for i in 0..big {
-            let (node, host) = if i < half {
-                (0, 50 + i)
-            } else {
-                (1, 50 + i - half)
-            };
-            pods.push(pod(
-                format!("big-{i:02}"),
-                node,
-                host as u8,
-                "big",
-                Role::Backend,
-            ));
+            let (node, host) = if i < half { (0, 50 + i) } else { (1, 50 + i - half) };
+            pods.push(pod(format!("big-{i:02}"), node, host as u8, "big", Role::Backend));
         }
         let svc = |name: &str, last: u8| ServiceSpec {
             namespace: "default".into(),
@@ -308,11 +298,7 @@ impl Topology {
                 selector: "kube-dns".into(),
             },
         ];
-        Self {
-            nodes,
-            pods,
-            services,
-        }
+        Self { nodes, pods, services }
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeSpec> {
@@ -322,17 +308,13 @@ impl Topology {
     /// A pod by `ns/name` or bare name (namespace `default`).
     pub fn pod(&self, key: &str) -> Option<&PodSpec> {
         let (ns, name) = key.split_once('/').unwrap_or(("default", key));
-        self.pods
-            .iter()
-            .find(|p| p.namespace == ns && p.name == name)
+        self.pods.iter().find(|p| p.namespace == ns && p.name == name)
     }
 
     /// A Service by `ns/name` or bare name (namespace `default`).
     pub fn service(&self, key: &str) -> Option<&ServiceSpec> {
         let (ns, name) = key.split_once('/').unwrap_or(("default", key));
-        self.services
-            .iter()
-            .find(|s| s.namespace == ns && s.name == name)
+        self.services.iter().find(|s| s.namespace == ns && s.name == name)
     }
 
     /// The client pod (the first pod with [`Role::Client`]).
@@ -348,9 +330,7 @@ impl Topology {
         let mut b: Vec<&PodSpec> = self
             .pods
             .iter()
-            .filter(|p| {
-                p.role == Role::Backend && p.namespace == svc.namespace && p.app == svc.selector
-            })
+            .filter(|p| p.role == Role::Backend && p.namespace == svc.namespace && p.app == svc.selector)
             .collect();
         b.sort_by_key(|p| format!("{}:{}", p.ip, p.port));
         b
@@ -360,9 +340,7 @@ impl Topology {
     pub fn services_of(&self, pod: &PodSpec) -> Vec<&ServiceSpec> {
         self.services
             .iter()
-            .filter(|s| {
-                pod.role == Role::Backend && s.namespace == pod.namespace && s.selector == pod.app
-            })
+            .filter(|s| pod.role == Role::Backend && s.namespace == pod.namespace && s.selector == pod.app)
             .collect()
     }
 }
@@ -400,9 +378,9 @@ impl Names {
     /// `<prefix>ext-…`).
     pub fn owns(&self, netns: &str) -> bool {
         // The router by its whole name: an instance called `ext` has the prefix `ndlab-ext-`.
-        netns.strip_prefix(&self.prefix).is_some_and(|rest| {
-            rest.starts_with("node-") || rest.starts_with("pod-") || rest == ROUTER_NS
-        })
+        netns
+            .strip_prefix(&self.prefix)
+            .is_some_and(|rest| rest.starts_with("node-") || rest.starts_with("pod-") || rest == ROUTER_NS)
     }
 }
 
@@ -426,12 +404,7 @@ fn chain_hash(s: &str) -> String {
 pub fn svc_chain(svc: &ServiceSpec, port: &PortSpec) -> String {
     format!(
         "KUBE-SVC-{}",
-        chain_hash(&format!(
-            "{}:{}{}",
-            svc.key(),
-            port.name,
-            port.protocol.lower()
-        ))
+        chain_hash(&format!("{}:{}{}", svc.key(), port.name, port.protocol.lower()))
     )
 }
 
@@ -491,7 +464,10 @@ mod tests {
         assert!(n.owns("ndlab-pod-default-web-0"));
         assert!(!n.owns("ndlab-t12-node-a"));
         assert!(n.owns("ndlab-ext-router"));
-        assert!(!n.owns("ndlab-ext-node-a"), "an instance named ext is not the default's");
+        assert!(
+            !n.owns("ndlab-ext-node-a"),
+            "an instance named ext is not the default's"
+        );
         let t = Names::new(Some("t12"));
         assert!(t.owns("ndlab-t12-node-a"));
         assert!(!t.owns("ndlab-node-a"));

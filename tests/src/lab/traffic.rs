@@ -152,9 +152,7 @@ fn kind_of(e: &std::io::Error) -> FailureKind {
     match e.kind() {
         K::ConnectionRefused => FailureKind::Refused,
         K::HostUnreachable | K::NetworkUnreachable => FailureKind::Unreachable,
-        K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => {
-            FailureKind::Reset
-        }
+        K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof => FailureKind::Reset,
         K::TimedOut => FailureKind::Timeout,
         _ => FailureKind::Other,
     }
@@ -221,14 +219,9 @@ async fn tcp_once(
 
 /// A UDP socket on the next free port of `range` (the ports of queries still waiting are
 /// skipped), or on a port the kernel picks.
-async fn udp_socket(
-    range: Option<(u16, u16)>,
-    tally: &Mutex<Tally>,
-) -> Result<UdpSocket, FailureKind> {
+async fn udp_socket(range: Option<(u16, u16)>, tally: &Mutex<Tally>) -> Result<UdpSocket, FailureKind> {
     let Some((lo, hi)) = range else {
-        return UdpSocket::bind(("0.0.0.0", 0))
-            .await
-            .map_err(|e| kind_of(&e));
+        return UdpSocket::bind(("0.0.0.0", 0)).await.map_err(|e| kind_of(&e));
     };
     let n = u32::from(hi - lo) + 1;
     for _ in 0..n {
@@ -521,7 +514,12 @@ mod pairs {
             let gate = Arc::new(AtomicU32::new(0));
             let (done, sent) = mpsc::channel();
             for tx in [&a_tx, &b_tx] {
-                let _ = tx.send(Job { sock: sock.clone(), seq, gate: gate.clone(), done: done.clone() });
+                let _ = tx.send(Job {
+                    sock: sock.clone(),
+                    seq,
+                    gate: gate.clone(),
+                    done: done.clone(),
+                });
             }
             drop(done);
             while sent.recv().is_ok() {}

@@ -86,12 +86,10 @@ impl Tree {
         let mut path = path.to_owned();
         for _ in 0..16 {
             let parent = path.parent().context("host path has no parent")?;
-            let parent = fs::canonicalize(parent)
-                .with_context(|| format!("resolving {}", parent.display()))?;
+            let parent = fs::canonicalize(parent).with_context(|| format!("resolving {}", parent.display()))?;
             let real = parent.join(path.file_name().context("host path has no file name")?);
             let guest = real.to_string_lossy().into_owned();
-            let meta = fs::symlink_metadata(&real)
-                .with_context(|| format!("reading {}", real.display()))?;
+            let meta = fs::symlink_metadata(&real).with_context(|| format!("reading {}", real.display()))?;
             if meta.file_type().is_symlink() {
                 let target = fs::read_link(&real)?;
                 self.symlink(&guest, &target.to_string_lossy());
@@ -167,11 +165,7 @@ impl Tree {
         }
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             if line.contains("not found") {
-                bail!(
-                    "{} needs a library the host lacks: {}",
-                    elf.display(),
-                    line.trim()
-                );
+                bail!("{} needs a library the host lacks: {}", elf.display(), line.trim());
             }
             let lib = match line.split_once("=>") {
                 Some((_, rest)) => rest.split_whitespace().next(),
@@ -198,8 +192,7 @@ impl Tree {
                 Entry::CharDev { major, minor } => w.entry(name, 0o020_600, *major, *minor, &[])?,
                 Entry::Data { data, mode } => w.entry(name, 0o100_000 | mode, 0, 0, data)?,
                 Entry::File { src, mode } => {
-                    let data =
-                        fs::read(src).with_context(|| format!("reading {}", src.display()))?;
+                    let data = fs::read(src).with_context(|| format!("reading {}", src.display()))?;
                     w.entry(name, 0o100_000 | mode, 0, 0, &data)?;
                 }
             }
@@ -218,14 +211,7 @@ struct Cpio<W: Write> {
 }
 
 impl<W: Write> Cpio<W> {
-    fn entry(
-        &mut self,
-        name: &str,
-        mode: u32,
-        rdev_major: u32,
-        rdev_minor: u32,
-        data: &[u8],
-    ) -> io::Result<()> {
+    fn entry(&mut self, name: &str, mode: u32, rdev_major: u32, rdev_minor: u32, data: &[u8]) -> io::Result<()> {
         let name_len = name.len() + 1;
         let fields = [
             self.ino,

@@ -106,10 +106,8 @@ pub struct Kernel {
 pub fn cache_dir() -> anyhow::Result<PathBuf> {
     let base = match std::env::var_os("XDG_CACHE_HOME") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
-        _ => PathBuf::from(
-            std::env::var_os("HOME").context("HOME is not set; cannot place the kernel cache")?,
-        )
-        .join(".cache"),
+        _ => PathBuf::from(std::env::var_os("HOME").context("HOME is not set; cannot place the kernel cache")?)
+            .join(".cache"),
     };
     Ok(base.join("netdrop").join("vm"))
 }
@@ -126,8 +124,7 @@ impl Apt {
     fn new(cache: &Path, suite: Suite) -> anyhow::Result<Self> {
         let dir = cache.join("apt").join(suite.name());
         for sub in ["parts", "lists/partial", "cache/archives/partial"] {
-            fs::create_dir_all(dir.join(sub))
-                .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+            fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.join(sub).display()))?;
         }
         let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
         let sources: String = suite
@@ -182,10 +179,7 @@ impl Apt {
         if age.is_some_and(|a| a < LISTS_MAX_AGE) {
             return Ok(());
         }
-        eprintln!(
-            "vm-test: refreshing the {} package lists",
-            self.suite.name()
-        );
+        eprintln!("vm-test: refreshing the {} package lists", self.suite.name());
         let out = self
             .command("apt-get")
             .args(["-q", "update"])
@@ -265,11 +259,7 @@ impl Apt {
 /// apt's most telling error line, for one-line messages: a failed fetch names the URL and the
 /// cause ("Could not resolve ..."), which the closing summary line does not.
 fn apt_error(stderr: &str) -> String {
-    let lines: Vec<&str> = stderr
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
+    let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     let pick = |p: &str| lines.iter().find(|l| l.starts_with(p)).copied();
     pick("E: Failed to fetch")
         .or_else(|| pick("W: Failed to fetch"))
@@ -329,9 +319,8 @@ pub fn fetch(spec: Spec, cache: &Path) -> anyhow::Result<Kernel> {
         let _ = fs::remove_dir_all(&tree);
         fs::create_dir_all(&tree)?;
         for p in &packages {
-            let deb = deb_path(&debs, p, &version).with_context(|| {
-                format!("cannot fetch kernel package {p}: apt-get download left no .deb")
-            })?;
+            let deb = deb_path(&debs, p, &version)
+                .with_context(|| format!("cannot fetch kernel package {p}: apt-get download left no .deb"))?;
             let status = netdrop_tools::try_tool("dpkg")?
                 .arg("-x")
                 .arg(&deb)
@@ -339,10 +328,7 @@ pub fn fetch(spec: Spec, cache: &Path) -> anyhow::Result<Kernel> {
                 .status()
                 .context("running dpkg -x")?;
             if !status.success() {
-                bail!(
-                    "cannot unpack kernel package {p} ({}): dpkg -x failed",
-                    deb.display()
-                );
+                bail!("cannot unpack kernel package {p} ({}): dpkg -x failed", deb.display());
             }
         }
         fs::write(&stamp, "")?;
@@ -358,12 +344,7 @@ fn deb_path(dir: &Path, package: &str, version: &str) -> Option<PathBuf> {
 }
 
 impl Kernel {
-    fn from_tree(
-        spec: Spec,
-        tree: &Path,
-        package_version: String,
-        cache: &Path,
-    ) -> anyhow::Result<Self> {
+    fn from_tree(spec: Spec, tree: &Path, package_version: String, cache: &Path) -> anyhow::Result<Self> {
         // Older packages install into /lib/modules and /boot, newer ones into /usr/lib/modules
         // with vmlinuz next to the modules.
         let modules_root = ["usr/lib/modules", "lib/modules"]
@@ -404,13 +385,12 @@ impl Kernel {
     pub fn modules(&self, wanted: &[&str]) -> anyhow::Result<(ModuleList, Vec<String>)> {
         let mut files = BTreeMap::new();
         index_modules(&self.modules_dir.join("kernel"), &mut files)?;
-        let builtin: BTreeSet<String> =
-            fs::read_to_string(self.modules_dir.join("modules.builtin"))
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| Path::new(l).file_name())
-                .map(|f| module_name(&f.to_string_lossy()))
-                .collect();
+        let builtin: BTreeSet<String> = fs::read_to_string(self.modules_dir.join("modules.builtin"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| Path::new(l).file_name())
+            .map(|f| module_name(&f.to_string_lossy()))
+            .collect();
         fs::create_dir_all(&self.module_cache)?;
         let mut resolver = Resolver {
             kernel: self,
@@ -512,10 +492,7 @@ impl Resolver<'_> {
                     .arg(src)
                     .output()
                     .with_context(|| {
-                        format!(
-                            "running {tool} to decompress {} (is {tool} installed?)",
-                            src.display()
-                        )
+                        format!("running {tool} to decompress {} (is {tool} installed?)", src.display())
                     })?;
                 if !out.status.success() {
                     bail!("{tool} could not decompress {}", src.display());

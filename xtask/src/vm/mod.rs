@@ -123,7 +123,11 @@ pub fn run_kernels_tests(kernels: &[&str], tests: &[&str], full: bool) -> anyhow
             stall: Duration::from_mins(5),
             tests: tests.iter().map(|t| (*t).to_owned()).collect(),
             keep: false,
-            libtest_args: if full { vec!["--include-ignored".to_owned()] } else { Vec::new() },
+            libtest_args: if full {
+                vec!["--include-ignored".to_owned()]
+            } else {
+                Vec::new()
+            },
             repeat: 1,
             console: false,
             memory: "2G".to_owned(),
@@ -223,7 +227,6 @@ const MODULES: &[&str] = &[
     "act_mirred",
 ];
 
-
 /// Everything but the kernel modules and the payload: busybox, host tools and their libraries.
 fn base_tree() -> anyhow::Result<Tree> {
     let mut tree = Tree::default();
@@ -231,7 +234,8 @@ fn base_tree() -> anyhow::Result<Tree> {
     // The host programs the integration tests run (the tool table's `guest` entries).
     for t in netdrop_tools::TOOLS.iter().filter(|t| t.guest) {
         let path = netdrop_tools::path(t.name)?;
-        tree.host(&path).with_context(|| format!("adding {} to the initramfs", t.name))?;
+        tree.host(&path)
+            .with_context(|| format!("adding {} to the initramfs", t.name))?;
     }
     // iptables loads its matches and targets with dlopen(): ldd cannot see them.
     for dir in glob_dirs("/usr/lib", "xtables") {
@@ -286,12 +290,7 @@ fn glob_dirs(root: &str, name: &str) -> Vec<PathBuf> {
 }
 
 /// The payload archive: /init, netdrop, the test binaries and the probe (this xtask binary).
-fn payload_tree(
-    payload: &payload::Payload,
-    work: &Path,
-    libtest_args: &[String],
-    repeat: u32,
-) -> anyhow::Result<Tree> {
+fn payload_tree(payload: &payload::Payload, work: &Path, libtest_args: &[String], repeat: u32) -> anyhow::Result<Tree> {
     let mut tree = Tree::default();
     tree.data("/init", guest::init_script(libtest_args, repeat), 0o755);
     // Tests open their fixtures by absolute host path (`env!("CARGO_MANIFEST_DIR")`).
@@ -302,11 +301,7 @@ fn payload_tree(
     let stripped = work.join("stripped");
     fs::create_dir_all(&stripped)?;
     let xtask = std::env::current_exe().context("finding the xtask binary")?;
-    tree.file_as(
-        guest::XTASK_BIN,
-        &strip(&xtask, &stripped.join("xtask")),
-        0o755,
-    )?;
+    tree.file_as(guest::XTASK_BIN, &strip(&xtask, &stripped.join("xtask")), 0o755)?;
     tree.file_as(
         guest::NETDROP_BIN,
         &strip(&payload.netdrop, &stripped.join("netdrop")),
@@ -314,11 +309,7 @@ fn payload_tree(
     )?;
     for (name, exe) in &payload.tests {
         let dst = stripped.join(format!("test-{name}"));
-        tree.file_as(
-            &format!("{}/{name}", guest::TESTS_DIR),
-            &strip(exe, &dst),
-            0o755,
-        )?;
+        tree.file_as(&format!("{}/{name}", guest::TESTS_DIR), &strip(exe, &dst), 0o755)?;
     }
     Ok(tree)
 }
@@ -345,11 +336,7 @@ fn modules_tree(k: &kernel::Kernel, work: &Path) -> anyhow::Result<Tree> {
     let mut tree = Tree::default();
     tree.dir(guest::MODULES_DIR);
     for (i, (name, ko)) in order.iter().enumerate() {
-        tree.file_as(
-            &format!("{}/{i:03}-{name}.ko", guest::MODULES_DIR),
-            ko,
-            0o644,
-        )?;
+        tree.file_as(&format!("{}/{i:03}-{name}.ko", guest::MODULES_DIR), ko, 0o644)?;
     }
     Ok(tree)
 }
@@ -427,8 +414,7 @@ fn run_matrix(names: &[&str], opts: &Options) -> anyhow::Result<()> {
     let base = work.path.join("base.cpio");
     base_tree()?.write_cpio(fs::File::create(&base)?)?;
     let tests = work.path.join("payload.cpio");
-    payload_tree(&payload, &work.path, &opts.libtest_args, opts.repeat)?
-        .write_cpio(fs::File::create(&tests)?)?;
+    payload_tree(&payload, &work.path, &opts.libtest_args, opts.repeat)?.write_cpio(fs::File::create(&tests)?)?;
     let archive_time = t.elapsed();
     eprintln!(
         "vm-test: kernels ready in {:.1}s, build {:.1}s, initramfs {:.1}s ({} MB base + {} MB payload)",
@@ -455,8 +441,7 @@ fn run_matrix(names: &[&str], opts: &Options) -> anyhow::Result<()> {
                 continue;
             }
         };
-        let outcome =
-            boot_one(&k, &work.path, &base, &tests, &log, opts).map_err(|e| format!("{e:#}"));
+        let outcome = boot_one(&k, &work.path, &base, &tests, &log, opts).map_err(|e| format!("{e:#}"));
         rows.push(Row {
             kernel: spec.name,
             release: k.release.clone(),
@@ -558,11 +543,7 @@ fn print_table(rows: &[Row]) -> bool {
     let skips: Vec<String> = rows
         .iter()
         .filter_map(|r| Some((r.kernel, r.outcome.as_ref().ok()?)))
-        .flat_map(|(k, o)| {
-            o.skips
-                .iter()
-                .map(move |(t, why)| format!("  {k:<6} {t}: {why}"))
-        })
+        .flat_map(|(k, o)| o.skips.iter().map(move |(t, why)| format!("  {k:<6} {t}: {why}")))
         .collect();
     if !skips.is_empty() {
         println!("\nskipped (not counted as passed):");
@@ -599,10 +580,7 @@ fn print_table(rows: &[Row]) -> bool {
         if let Ok(o) = &r.outcome
             && !o.modules_failed.is_empty()
         {
-            println!(
-                "\n{}: modules that did not load: {}",
-                r.kernel, o.modules_failed
-            );
+            println!("\n{}: modules that did not load: {}", r.kernel, o.modules_failed);
         }
     }
     all_ok

@@ -28,8 +28,7 @@ pub fn build(release: bool, only: &[String]) -> anyhow::Result<Payload> {
         .find(|a| a.kind == "bin" && a.name == "netdrop")
         .map(|a| a.executable)
         .context("cargo built no netdrop binary")?;
-    let mut tests: Vec<(String, PathBuf)> =
-        cargo_artifacts(&["test", "-p", "netdrop-tests", "--no-run"], release)?
+    let mut tests: Vec<(String, PathBuf)> = cargo_artifacts(&["test", "-p", "netdrop-tests", "--no-run"], release)?
             .into_iter()
             // `kind == "test"`: the tests/*.rs integration tests, not the support library's unit tests.
             .filter(|a| a.kind == "test" && a.is_test)
@@ -41,10 +40,7 @@ pub fn build(release: bool, only: &[String]) -> anyhow::Result<Payload> {
     }
     if let Some(unknown) = only.iter().find(|o| !tests.iter().any(|(n, _)| n == *o)) {
         let names: Vec<&str> = tests.iter().map(|(n, _)| n.as_str()).collect();
-        bail!(
-            "no test binary {unknown:?}; there are: {}",
-            names.join(", ")
-        );
+        bail!("no test binary {unknown:?}; there are: {}", names.join(", "));
     }
     if !only.is_empty() {
         tests.retain(|(n, _)| only.contains(n));
@@ -60,11 +56,7 @@ struct Artifact {
 }
 
 fn cargo_artifacts(args: &[&str], release: bool) -> anyhow::Result<Vec<Artifact>> {
-    let args: Vec<&str> = args
-        .iter()
-        .copied()
-        .chain(release.then_some("--release"))
-        .collect();
+    let args: Vec<&str> = args.iter().copied().chain(release.then_some("--release")).collect();
     eprintln!("vm-test: cargo {}", args.join(" "));
     let mut child = netdrop_tools::try_tool("cargo")?
         .args(&args)
@@ -87,14 +79,8 @@ fn cargo_artifacts(args: &[&str], release: bool) -> anyhow::Result<Vec<Artifact>
             continue;
         };
         artifacts.push(Artifact {
-            name: msg["target"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-            kind: msg["target"]["kind"][0]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
+            name: msg["target"]["name"].as_str().unwrap_or_default().to_owned(),
+            kind: msg["target"]["kind"][0].as_str().unwrap_or_default().to_owned(),
             is_test: msg["profile"]["test"].as_bool().unwrap_or(false),
             executable: executable.into(),
         });

@@ -156,10 +156,7 @@ fn probe_conntrack(bpf: &mut Ebpf) {
             Err(format!("no {}", module_btf.display()))
         },
     );
-    report(
-        "fexit_aya_module_btf",
-        fexit_aya_module_btf(bpf, module_btf),
-    );
+    report("fexit_aya_module_btf", fexit_aya_module_btf(bpf, module_btf));
     report("fexit_raw_module_btf", fexit_raw_module_btf(module_btf));
     report(
         "kprobe_nf_conntrack_confirm",
@@ -219,12 +216,8 @@ where
     let program = bpf
         .program_mut(name)
         .ok_or_else(|| format!("probe object has no program {name}"))?;
-    let program: &mut P = program
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| chain(&e))?;
-    f(program)
-        .map(|()| "attached".to_owned())
-        .map_err(|e| chain(&e))
+    let program: &mut P = program.try_into().map_err(|e: aya::programs::ProgramError| chain(&e))?;
+    f(program).map(|()| "attached".to_owned()).map_err(|e| chain(&e))
 }
 
 /// The first of `names` that is a function in vmlinux's BTF.
@@ -268,8 +261,8 @@ fn fexit_aya_module_btf(bpf: &mut Ebpf, module_btf: &Path) -> Result<String, Str
     if !module_btf.exists() {
         return Err("no module BTF".into());
     }
-    let btf = Btf::parse_file(module_btf, Endianness::default())
-        .map_err(|e| format!("Btf::parse_file: {}", chain(&e)))?;
+    let btf =
+        Btf::parse_file(module_btf, Endianness::default()).map_err(|e| format!("Btf::parse_file: {}", chain(&e)))?;
     let aya_id = btf
         .id_by_type_name_kind(CT_CONFIRM, aya_obj::btf::BtfKind::Func)
         .map_err(|e| chain(&e))?;
@@ -311,8 +304,7 @@ const BPF_TRACE_FEXIT: u32 = 25;
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
     // SAFETY: attr is a live, fully initialised bpf_attr prefix of the size passed.
-    let ret =
-        unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
     if ret < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -322,8 +314,7 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
 
 fn bpf_plain<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
     // SAFETY: as above; these commands return 0, not a descriptor.
-    let ret =
-        unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
     if ret < 0 {
         Err(std::io::Error::last_os_error())
     } else {
@@ -419,9 +410,7 @@ fn fexit_raw_module_btf(module_btf: &Path) -> Result<String, String> {
         _pad: 0,
     };
     let _link = bpf(BPF_RAW_TRACEPOINT_OPEN, &mut open).map_err(|e| format!("attach: {e}"))?;
-    Ok(format!(
-        "attached (split-BTF id {id} in the nf_conntrack BTF object)"
-    ))
+    Ok(format!("attached (split-BTF id {id} in the nf_conntrack BTF object)"))
 }
 
 /// The kernel's BTF object for `module` (5.11+ exposes module BTF objects with their names).
@@ -455,8 +444,7 @@ fn module_btf_fd(module: &str) -> anyhow::Result<OwnedFd> {
             next_id: 0,
             open_flags: 0,
         };
-        bpf_plain(BPF_BTF_GET_NEXT_ID, &mut next)
-            .with_context(|| format!("no BTF object named {module}"))?;
+        bpf_plain(BPF_BTF_GET_NEXT_ID, &mut next).with_context(|| format!("no BTF object named {module}"))?;
         id = next.next_id;
         let mut get = GetId {
             id,
