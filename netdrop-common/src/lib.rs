@@ -5,6 +5,14 @@
 //! kernel's raw values (reason number, location address, raw header bytes); names and decoding
 //! are attached in userspace.
 #![no_std]
+#![allow(
+    clippy::pub_underscore_fields,
+    reason = "explicit ABI padding: public so both sides build these structs with literals"
+)]
+#![allow(
+    clippy::inline_always,
+    reason = "called from the eBPF programs, where every helper must be inlined into its caller"
+)]
 
 /// How many bytes of a dropped packet, starting at its network header, each event carries.
 ///

@@ -7,6 +7,12 @@
 //! Rust eBPF cannot emit CO-RE relocations.
 #![no_std]
 #![no_main]
+// `cargo xtask test` runs clippy on this crate with warnings denied; every unsafe block says why it
+// is sound.
+#![deny(clippy::undocumented_unsafe_blocks)]
+// Map keys and values stay borrowed: a by-value argument is one more stack copy in programs that
+// sit close to the verifier's limits on older kernels (Debian 6.1).
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 use core::ptr::read_volatile;
 
@@ -122,17 +128,20 @@ pub fn kfree_skb_tp(ctx: TracePointContext) -> u32 {
 fn try_kfree_skb_tp(ctx: &TracePointContext) -> Result<(), i64> {
     // SAFETY: offsets come from this tracepoint's format file; read_at bounds-checks via the helper.
     let skb: u64 = unsafe { ctx.read_at(conf!(tracepoint.skbaddr) as usize) }.map_err(i64::from)?;
+    // SAFETY: as above (the `location` field of the same format file).
     let location: u64 = unsafe { ctx.read_at(conf!(tracepoint.location) as usize) }.map_err(i64::from)?;
     let reason_off = conf!(tracepoint.reason);
     let reason: u32 = if reason_off == ABSENT {
         0
     } else {
+        // SAFETY: the format file's `reason` offset (present since 5.17); bounds-checked read.
         unsafe { ctx.read_at(reason_off as usize) }.map_err(i64::from)?
     };
     let rx_sk_off = conf!(tracepoint.rx_sk);
     let rx_sk: u64 = if rx_sk_off == ABSENT {
         0
     } else {
+        // SAFETY: the format file's `rx_sk` offset (6.11+); bounds-checked read.
         unsafe { ctx.read_at(rx_sk_off as usize) }.unwrap_or(0)
     };
     on_drop(skb as *const u8, location, reason, rx_sk as *const u8)
@@ -348,6 +357,7 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     // field is written before submit. Arrays are filled in place: a 128-byte stack copy would
     // overflow the 512-byte BPF stack.
     let ev = unsafe { &mut *ev };
+    // SAFETY: a helper call without arguments; it cannot fault.
     ev.ts_ns = unsafe { bpf_ktime_get_ns() };
     ev.location = location;
     ev.skb_addr = skb as u64;
@@ -355,6 +365,7 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     ev.netns = netns;
     ev.skb_len = read(skb, conf!(offsets.skb_len)).unwrap_or(0);
     ev.l3_proto = l3_proto;
+    // SAFETY: a helper call without arguments; it cannot fault.
     ev.cpu = unsafe { bpf_get_smp_processor_id() };
     if dev.is_null() {
         ev.ifindex = read(skb, conf!(offsets.skb_iif)).unwrap_or(0);
@@ -362,6 +373,8 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     } else {
         ev.ifindex = read(dev, conf!(offsets.dev_ifindex)).unwrap_or(0);
         let name = dev.wrapping_add(conf!(offsets.dev_name) as usize);
+        // SAFETY: bpf_probe_read_kernel checks the kernel address and fails rather than faults; the
+        // destination is the event's own IFNAMSIZ array.
         if unsafe { bpf_probe_read_kernel_buf(name, &mut ev.ifname) }.is_err() {
             ev.ifname = [0; IFNAMSIZ];
         }
@@ -381,6 +394,7 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     // A fixed-size read keeps the verifier simple; bytes past `tail` are still inside the skb's
     // data buffer (skb_shared_info follows it) and header_len leaves them out.
     let l3 = head.wrapping_add(usize::from(nh));
+    // SAFETY: a checked kernel read (fails rather than faults) into the event's own headers array.
     if !head.is_null() && unsafe { bpf_probe_read_kernel_buf(l3, &mut ev.headers) }.is_ok() {
         let tail: u32 = read(skb, conf!(offsets.skb_tail)).unwrap_or(0);
         let avail = tail.saturating_sub(u32::from(nh));
@@ -407,6 +421,7 @@ fn count(key: DropKey) {
             // look ours up again rather than count the drop as lost.
             if DROPS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err() {
                 match DROPS.get_ptr_mut(&key) {
+                    // SAFETY: a per-CPU map value: only this CPU writes it while this program runs.
                     Some(count) => unsafe { *count += 1 },
                     None => bump(stat::COUNTER_MAP_FULL),
                 }
@@ -461,6 +476,7 @@ fn conntrack_of(skb: *const u8) -> (*const u8, u8, u32, u8) {
 #[inline(always)]
 fn read_tuple(entry: *const u8, out: &mut ConntrackTuple) {
     let t = entry.wrapping_add(conf!(offsets.ct_orig_tuple) as usize);
+    // SAFETY: checked kernel reads (they fail rather than fault) into `out`'s own arrays.
     let ok = unsafe {
         bpf_probe_read_kernel_buf(t.wrapping_add(conf!(offsets.tuple_src_u3) as usize), &mut out.src).is_ok()
             && bpf_probe_read_kernel_buf(t.wrapping_add(conf!(offsets.tuple_dst_u3) as usize), &mut out.dst).is_ok()
@@ -468,7 +484,7 @@ fn read_tuple(entry: *const u8, out: &mut ConntrackTuple) {
     if !ok {
         return;
     }
-    let base = t as *const u8;
+    let base = t;
     out.src_port = read(base, conf!(offsets.tuple_src_port)).unwrap_or(0);
     out.dst_port = read(base, conf!(offsets.tuple_dst_port)).unwrap_or(0);
     out.l3num = read(base, conf!(offsets.tuple_src_l3num)).unwrap_or(0);
@@ -483,6 +499,7 @@ fn take_mark(skb: u64) -> u8 {
         return 0;
     };
     let _ = SKB_CLASS.remove(&skb);
+    // SAFETY: a helper call without arguments; it cannot fault.
     let now = unsafe { bpf_ktime_get_ns() };
     if mark::age_ns(now, m) > MARK_MAX_AGE_NS {
         return 0;
@@ -492,6 +509,7 @@ fn take_mark(skb: u64) -> u8 {
 
 #[inline(always)]
 fn set_mark(skb: u64, class: u8) {
+    // SAFETY: a helper call without arguments; it cannot fault.
     let now = unsafe { bpf_ktime_get_ns() };
     let _ = SKB_CLASS.insert(&skb, &mark::new(now, class), 0);
 }
@@ -820,6 +838,7 @@ fn addr_tag(addr: &[u8; 16], port: u16, proto: u32) -> u32 {
         return *t;
     }
     key.port = 0;
+    // SAFETY: the value is copied out at once; userspace replaces whole entries, never in place.
     unsafe { ADDR_FILTER.get(&key) }.copied().unwrap_or(0)
 }
 
@@ -854,6 +873,7 @@ fn rate_allows() -> bool {
         return true;
     }
     let Some(w) = RATE.get_ptr_mut(0) else { return true };
+    // SAFETY: a helper call without arguments; it cannot fault.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: per-CPU slot, only this CPU writes it while we run.
     unsafe {

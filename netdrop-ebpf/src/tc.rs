@@ -161,7 +161,7 @@ fn classify(ctx: &TcContext, ifindex: u32, ethertype: u16) -> Result<Option<(TcD
     let mut saddr = [0u8; 16];
     let l4_off: usize;
     if ethertype == ETH_P_IP {
-        let ip: [u8; 20] = ctx.load(ETH_HLEN).map_err(|e| e as i64)?;
+        let ip: [u8; 20] = ctx.load(ETH_HLEN)?;
         // Only the first fragment (offset 0) carries the L4 header.
         if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
             return Ok(None);
@@ -173,7 +173,7 @@ fn classify(ctx: &TcContext, ifindex: u32, ethertype: u16) -> Result<Option<(TcD
         l4_off = ETH_HLEN + usize::from(ip[0] & 0x0f) * 4;
     } else if ethertype == ETH_P_IPV6 {
         // The first next-header only: with extension headers the packet is not classified.
-        let ip: [u8; 40] = ctx.load(ETH_HLEN).map_err(|e| e as i64)?;
+        let ip: [u8; 40] = ctx.load(ETH_HLEN)?;
         dest.proto = ip[6];
         dest.family = 6;
         saddr.copy_from_slice(&ip[8..24]);
@@ -183,7 +183,7 @@ fn classify(ctx: &TcContext, ifindex: u32, ethertype: u16) -> Result<Option<(TcD
         return Ok(None);
     }
     if dest.proto == IPPROTO_TCP {
-        let tcp: [u8; 14] = ctx.load(l4_off).map_err(|e| e as i64)?;
+        let tcp: [u8; 14] = ctx.load(l4_off)?;
         if tcp[13] & (TCP_SYN | TCP_ACK) != TCP_SYN {
             return Ok(None);
         }
@@ -193,7 +193,7 @@ fn classify(ctx: &TcContext, ifindex: u32, ethertype: u16) -> Result<Option<(TcD
     if dest.proto != IPPROTO_UDP {
         return Ok(None);
     }
-    let udp: [u8; 4] = ctx.load(l4_off).map_err(|e| e as i64)?;
+    let udp: [u8; 4] = ctx.load(l4_off)?;
     let sport = u16::from_be_bytes([udp[0], udp[1]]);
     dest.port = u16::from_be_bytes([udp[2], udp[3]]);
     let new_flow = tc_conf!(udp_flows) != 0 && new_udp_flow(ifindex, &saddr, sport, &dest);
@@ -235,10 +235,12 @@ fn new_udp_flow(ifindex: u32, saddr: &[u8; 16], sport: u16, dest: &TcDestKey) ->
             // torn race only decides which CPU counts an expired flow's restart.
             let age = now.wrapping_sub(unsafe { *last });
             if age >= tc_conf!(udp_flow_timeout_ns) {
+                // SAFETY: as above: a store into the map value this CPU looked up.
                 unsafe { *last = now };
                 true
             } else {
                 if age >= FLOW_REFRESH_NS {
+                    // SAFETY: as above.
                     unsafe { *last = now };
                 }
                 false

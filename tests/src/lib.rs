@@ -430,13 +430,12 @@ impl Tracer {
             stderr: lines,
             stdout: Some(stdout),
         };
-        match rx.recv_timeout(attach_timeout()) {
-            Ok(true) => t,
-            _ => {
-                let err = t.stderr.lock().expect("lock").join("\n");
-                t.kill();
-                panic!("netdrop did not attach:\n{err}");
-            }
+        if let Ok(true) = rx.recv_timeout(attach_timeout()) {
+            t
+        } else {
+            let err = t.stderr.lock().expect("lock").join("\n");
+            t.kill();
+            panic!("netdrop did not attach:\n{err}");
         }
     }
 

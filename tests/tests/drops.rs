@@ -396,9 +396,9 @@ fn unprivileged_user_gets_a_permission_message() {
 /// exactly (one per connection closed that way), classified `tcp_teardown`, hidden by default.
 #[test]
 fn fin_to_a_closed_socket_is_tcp_teardown_and_hidden() {
+    const CLOSES: usize = 20;
     require_root!("fin_to_a_closed_socket_is_tcp_teardown_and_hidden");
     netdrop_tests::require_reasons!("fin_to_a_closed_socket_is_tcp_teardown_and_hidden");
-    const CLOSES: usize = 20;
     let ns = NetNs::new("tcptw");
     let tracer = Tracer::start(&["--netns", &ns.path().display().to_string()]);
     let closed = ns.within(|| {
@@ -485,6 +485,7 @@ fn keepalive(s: &TcpStream, on: bool) {
 /// FIN is acknowledged, so that the kernel makes it a timewait socket (checked in
 /// `/proc/net/tcp`) rather than, now and then, a full FIN_WAIT2 one (see
 /// `fin_and_wait_fin_wait2`).
+#[expect(clippy::too_many_lines, reason = "one measurement, read top to bottom")]
 fn bare_ack_to_timewait(test: &str, tw_hook: Option<&str>) {
     let client_ns = NetNs::new("twc");
     let server_ns = NetNs::new("tws");
@@ -634,6 +635,7 @@ fn bare_ack_to_a_timewait_socket_via_kprobe() {
 fn listen_overflow_ack_stays_visible() {
     const TEST: &str = "listen_overflow_ack_stays_visible";
     const CLIENTS: usize = 6;
+    use nix::sys::socket::{Backlog, listen};
     require_root!(TEST);
     let client_ns = NetNs::new("loc");
     let server_ns = NetNs::new("los");
@@ -641,7 +643,6 @@ fn listen_overflow_ack_stays_visible() {
     netdrop_tests::no_ipv6(&server_ns);
     let (c_if, s_if) = (netdrop_tests::ifname("c"), netdrop_tests::ifname("s"));
     netdrop_tests::veth(&client_ns, &c_if, "10.98.0.1/24", &server_ns, &s_if, "10.98.0.2/24");
-    use nix::sys::socket::{Backlog, listen};
     let listener = server_ns.within(|| {
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, socket};
         let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).expect("socket");
@@ -770,7 +771,7 @@ fn ack_to_a_listener_is_a_reset_in_the_servers_namespace() {
     drop((client, listener));
     if out.stderr.iter().any(|l| l.starts_with("netdrop: drop effects off")) {
         // Without rx_sk (before 6.11) the namespace comes from the route, which that mode leaves out.
-        netdrop_tests::skip(
+        skip(
             TEST,
             "drop effects and the route's namespace are off here: the verifier refused the full program",
         );

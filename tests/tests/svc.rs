@@ -121,10 +121,12 @@ fn backend<'a>(summary: &'a Value, pod: &str) -> &'a Value {
 /// Drops TCP leaves on a healthy path, each with a cause the kernel or the generator counts:
 /// - a retransmission (`Tcp: RetransSegs`): the receiver discards the duplicate (old data, out
 ///   of window, PAWS);
+///
 /// - a client port used twice within the run (the generator's `reused_ports`): through the
 ///   ClusterIP one client-side 4-tuple names two backend connections in turn, and a late ACK of
 ///   the first reaches the second, which discards it (PAWS, out of window). Seen in the Debian
 ///   6.1 and 7.2 guests, 1–3 per run, as drops on the Service address that match no backend.
+///
 /// A FIN taken by a TIME_WAIT socket is `tcp_teardown`, hidden: it must not show up here. Most
 /// of these lose nothing and are counted apart (`lossless`); those left in `drops` are segments
 /// with data.
@@ -910,6 +912,7 @@ fn udp_attempts_are_datagrams_with_retries_and_reused_ports() {
 /// dropped on the way to it, each counted once, against the flows kube-proxy's rules sent it (the
 /// generator's per-backend count) and the DROP rule's counter. Healthy: no drops of that many
 /// attempts. With the policy drop on it: every attempt dropped, 100%. `--node` sums its pods.
+#[expect(clippy::too_many_lines, reason = "one scenario, read top to bottom")]
 #[test]
 fn pod_and_node_targets_count_their_own_attempts() {
     require_root!("pod_and_node_targets_count_their_own_attempts");

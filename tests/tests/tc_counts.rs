@@ -21,6 +21,7 @@ const OPEN_CONNECTS: usize = 25;
 const UDP_FLOWS: usize = 30;
 const INBOUND_CONNECTS: usize = 10;
 
+#[expect(clippy::too_many_lines, reason = "one measurement, read top to bottom")]
 fn exact_counts(mode: TcModeChoice, test: &str, subnet: u8) {
     require_root!(test);
     if mode == TcModeChoice::Tcx {
@@ -44,11 +45,10 @@ fn exact_counts(mode: TcModeChoice, test: &str, subnet: u8) {
     )
     .expect("start tc accounting");
     // `auto`: TCX where the kernel has it (6.6+), clsact below.
-    let expected = match mode {
-        TcModeChoice::Tcx => TcMode::Tcx,
-        TcModeChoice::Clsact => TcMode::Clsact,
-        TcModeChoice::Auto if has_tcx() => TcMode::Tcx,
-        TcModeChoice::Auto => TcMode::Clsact,
+    let expected = if mode == TcModeChoice::Tcx || (mode == TcModeChoice::Auto && has_tcx()) {
+        TcMode::Tcx
+    } else {
+        TcMode::Clsact
     };
     assert_eq!(acct.mode(), expected, "attach mode ({})", acct.mode_note());
     let (node_ip, pod_ip) = (pod.node_ip, pod.pod_ip);

@@ -115,6 +115,8 @@ fn udp_no_ports() -> u64 {
 /// counters; datagrams to a closed port are dropped and counted as `Udp: NoPorts`.
 #[test]
 fn veth_pair_carries_and_drops() {
+    const SENT: u64 = 5;
+    const TO_CLOSED: u64 = 3;
     if !is_root() {
         skip("veth_pair_carries_and_drops", "needs root for network namespaces");
         return;
@@ -144,8 +146,6 @@ fn veth_pair_carries_and_drops() {
         .expect("read timeout");
     let no_ports_before = b.run(udp_no_ports);
 
-    const SENT: u64 = 5;
-    const TO_CLOSED: u64 = 3;
     a.run(move || {
         let s = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::new(10, 213, 0, 1), 0)).expect("bind in a");
         for i in 0..SENT {

@@ -123,7 +123,7 @@ fn wait_attached(child: &mut Child, marker: &str) -> anyhow::Result<()> {
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(60))
+    rx.recv_timeout(Duration::from_mins(1))
         .context("tracer did not attach")?;
     Ok(())
 }
@@ -174,6 +174,7 @@ fn netdrop_phase(bin: &str, name: &str, extra: &[&str]) -> anyhow::Result<Phase>
     })
 }
 
+#[expect(clippy::too_many_lines, reason = "one measurement, read top to bottom")]
 pub fn drop_storm() -> anyhow::Result<()> {
     setup::run()?;
     let root = setup::workspace_root();
@@ -218,7 +219,7 @@ pub fn drop_storm() -> anyhow::Result<()> {
                 }
             }
         });
-        rx.recv_timeout(Duration::from_secs(60))
+        rx.recv_timeout(Duration::from_mins(1))
             .context("bpftrace did not start")?;
         let cpu0 = cpu_seconds(child.id());
         let mut p = base(name)?;

@@ -178,7 +178,7 @@ impl Netdrop {
             }
         });
         let attached_line = rx
-            .recv_timeout(Duration::from_secs(120))
+            .recv_timeout(Duration::from_mins(2))
             .context("netdrop did not attach")?;
         if !attached_line.starts_with("netdrop: attached") {
             bail!("netdrop failed: {attached_line}");
@@ -460,6 +460,7 @@ fn attach_ms(line: &str) -> (f64, f64) {
     (num_before(" ms;"), num_before(" ms since start"))
 }
 
+#[expect(clippy::too_many_lines, reason = "one measurement, read top to bottom")]
 pub fn run() -> anyhow::Result<()> {
     setup::run()?;
     let root = setup::workspace_root();

@@ -133,7 +133,7 @@ pub fn run(fault: &str, seconds: u64) -> anyhow::Result<()> {
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(60))
+    rx.recv_timeout(Duration::from_mins(1))
         .context("netdrop did not start")?;
     println!(
         "==> traffic: 100 requests/s ({}) for {seconds}s from the client pod",

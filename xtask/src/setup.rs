@@ -25,7 +25,7 @@ fn is_root() -> bool {
 
 fn installed(pkg: &str) -> bool {
     netdrop_tools::try_tool("dpkg-query")
-        .and_then(|mut c| Ok(c.args(["-W", "-f=${Status}", pkg]).output()))
+        .map(|mut c| c.args(["-W", "-f=${Status}", pkg]).output())
         .is_ok_and(|o| o.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed")))
 }
 

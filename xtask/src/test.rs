@@ -229,10 +229,7 @@ fn suites(root: &Path) -> anyhow::Result<Vec<Suite>> {
                 format!("{name} ({kind})")
             },
             executable: PathBuf::from(exe),
-            package_dir: manifest
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| root.to_path_buf()),
+            package_dir: manifest.parent().map_or_else(|| root.to_path_buf(), Path::to_path_buf),
         });
     }
     let status = child.wait()?;

@@ -77,7 +77,7 @@ impl Netdrop {
             }
         });
         ready
-            .recv_timeout(Duration::from_secs(60))
+            .recv_timeout(Duration::from_mins(1))
             .context("netdrop did not attach")?;
         Ok(Self { child, lines })
     }
@@ -167,6 +167,7 @@ fn snat_race(rounds: usize) -> anyhow::Result<Value> {
     )
 }
 
+#[expect(clippy::too_many_lines, reason = "one measurement, read top to bottom")]
 fn svc(rounds: usize) -> anyhow::Result<Value> {
     let lab = Lab::up(&LabOptions::for_test()).map_err(|e| anyhow::anyhow!("lab up: {e}"))?;
     let st = lab.status();
@@ -203,13 +204,13 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
         with.push(r.achieved_rate * (r.successes as f64 / r.attempts.max(1) as f64));
         nd.stop()?;
     }
-    let (a, b) = (median(without.clone()), median(with.clone()));
+    let (base, traced) = (median(without.clone()), median(with.clone()));
     println!(
         "\ntrace --svc on the lab: default/web, 3 backends, TCP request/response at the generator's top speed, {rounds} rounds"
     );
     println!(
-        "| phase | successful requests/s (median) |\n|---|---:|\n| no netdrop | {a:.0} |\n| netdrop --svc | {b:.0} |\n| ratio | {:.1}% |",
-        100.0 * b / a
+        "| phase | successful requests/s (median) |\n|---|---:|\n| no netdrop | {base:.0} |\n| netdrop --svc | {traced:.0} |\n| ratio | {:.1}% |",
+        100.0 * traced / base
     );
 
     // Time from a drop to its row updating (default --interval 1s): one request at a time until
@@ -284,7 +285,9 @@ fn svc(rounds: usize) -> anyhow::Result<Value> {
         lat_median,
         lat_max
     );
-    Ok(json!({"benchmark": "svc", "without": without, "with": with, "ratio": b / a, "drop_to_row_s": latencies}))
+    Ok(
+        json!({"benchmark": "svc", "without": without, "with": with, "ratio": traced / base, "drop_to_row_s": latencies}),
+    )
 }
 
 fn main() -> anyhow::Result<()> {
