@@ -15,6 +15,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 pub fn run() -> anyhow::Result<()> {
     packages()?;
     rust_src()?;
+    lint_components()?;
     bpf_linker()?;
     Ok(())
 }
@@ -97,6 +98,40 @@ fn rust_src() -> anyhow::Result<()> {
         .context("rustup component add")?;
     if !status.success() {
         bail!("setup: `rustup component add rust-src --toolchain nightly` failed ({status})");
+    }
+    Ok(())
+}
+
+/// `cargo xtask test` checks formatting and lints: rustfmt and clippy on the stable toolchain,
+/// clippy on the nightly one (the eBPF crate builds only there). `rustup component add` is a
+/// no-op for components already present.
+fn lint_components() -> anyhow::Result<()> {
+    for (toolchain, components) in [("stable", &["rustfmt", "clippy"][..]), ("nightly", &["clippy"][..])] {
+        let out = netdrop_tools::try_tool("rustup")?
+            .args(["component", "list", "--installed", "--toolchain", toolchain])
+            .output()
+            .context("rustup component list")?;
+        let installed = String::from_utf8_lossy(&out.stdout);
+        let missing: Vec<&str> = components
+            .iter()
+            .copied()
+            .filter(|c| !installed.lines().any(|l| l.starts_with(&format!("{c}-"))))
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        eprintln!("setup: adding {} to the {toolchain} toolchain", missing.join(", "));
+        let status = netdrop_tools::try_tool("rustup")?
+            .args(["component", "add", "--toolchain", toolchain])
+            .args(&missing)
+            .status()
+            .context("rustup component add")?;
+        if !status.success() {
+            bail!(
+                "setup: `rustup component add --toolchain {toolchain} {}` failed ({status})",
+                missing.join(" ")
+            );
+        }
     }
     Ok(())
 }

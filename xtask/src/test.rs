@@ -90,9 +90,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
 
     let mut tally = Tally::default();
     let mut timings = Vec::new();
-    let t = lint(&root)?;
-    tally.add(t.tally);
-    timings.push(t);
+    for t in lint(&root)? {
+        tally.add(t.tally);
+        timings.push(t);
+    }
     match suites(&root) {
         Ok(suites) => {
             for s in &suites {
@@ -162,40 +163,66 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Lints that guard the project's rules: external programs only through the tool table
-/// (`clippy.toml`'s disallowed methods).
-fn lint(root: &Path) -> anyhow::Result<Timing> {
-    println!("\n=== clippy: disallowed methods ===");
-    let t0 = Instant::now();
-    let status = netdrop_tools::try_tool("cargo")?
-        .args([
-            "clippy",
-            "--all-targets",
-            "--",
-            "-A",
-            "warnings",
-            "-D",
-            "clippy::disallowed_methods",
-        ])
-        .current_dir(root)
-        .status()
-        .context("cargo clippy")?;
-    let tally = if status.success() {
-        Tally {
-            passed: 1,
-            ..Tally::default()
-        }
-    } else {
-        Tally {
-            failed: 1,
-            ..Tally::default()
-        }
-    };
-    Ok(Timing {
-        name: "clippy (disallowed methods)".into(),
-        tally,
-        time: t0.elapsed(),
-    })
+/// Formatting and lints, each a row of the closing table: `cargo fmt --check`; clippy with
+/// warnings denied on every default member and target (this includes `clippy.toml`'s disallowed
+/// methods: external programs only through the tool table); and clippy on the eBPF crate for its
+/// target, where every unsafe block must say why it is sound.
+fn lint(root: &Path) -> anyhow::Result<Vec<Timing>> {
+    let checks: [(&str, &str, Vec<&str>); 3] = [
+        ("rustfmt --check", "cargo", vec!["fmt", "--all", "--check"]),
+        (
+            "clippy -D warnings",
+            "cargo",
+            vec!["clippy", "--all-targets", "--", "-D", "warnings"],
+        ),
+        (
+            "clippy (eBPF crate)",
+            "rustup",
+            vec![
+                "run",
+                "nightly",
+                "cargo",
+                "clippy",
+                "-p",
+                "netdrop-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, program, args) in checks {
+        println!("\n=== {name} ===");
+        let t0 = Instant::now();
+        let status = netdrop_tools::try_tool(program)?
+            .args(&args)
+            .current_dir(root)
+            .status()
+            .with_context(|| format!("{program} {}", args.join(" ")))?;
+        let tally = if status.success() {
+            Tally {
+                passed: 1,
+                ..Tally::default()
+            }
+        } else {
+            Tally {
+                failed: 1,
+                ..Tally::default()
+            }
+        };
+        rows.push(Timing {
+            name: name.into(),
+            tally,
+            time: t0.elapsed(),
+        });
+    }
+    Ok(rows)
 }
 
 /// Builds every test binary of the default members and lists them, as `cargo test` would run
