@@ -175,7 +175,7 @@ fn netdrop_phase(bin: &str, name: &str, extra: &[&str]) -> anyhow::Result<Phase>
 }
 
 #[expect(clippy::too_many_lines, reason = "one measurement, read top to bottom")]
-pub fn drop_storm() -> anyhow::Result<()> {
+pub fn drop_storm(compare: Option<&std::path::Path>) -> anyhow::Result<()> {
     setup::run()?;
     let root = setup::workspace_root();
     let status = netdrop_tools::try_tool("cargo")?
@@ -234,11 +234,13 @@ pub fn drop_storm() -> anyhow::Result<()> {
     let have_bpftrace = which::which("bpftrace").is_ok();
     // Rounds of alternating phases: this 2-core machine is shared, and a drift between phases
     // would otherwise read as overhead. Each phase reports its median round.
+    let compare_name = compare.map(|p| format!("netdrop (defaults), {}", p.display()));
     let names = [
         "no tracer",
         "netdrop (defaults)",
         "netdrop --event-rate 0 (every event)",
         "bpftrace (count by reason)",
+        compare_name.as_deref().unwrap_or("-"),
     ];
     let mut rounds: Vec<Vec<Phase>> = vec![Vec::new(); names.len()];
     for _ in 0..ROUNDS {
@@ -247,6 +249,9 @@ pub fn drop_storm() -> anyhow::Result<()> {
         rounds[2].push(netdrop_phase(&bin, names[2], &["--event-rate", "0"])?);
         if have_bpftrace {
             rounds[3].push(bpftrace(names[3])?);
+        }
+        if let Some(other) = compare {
+            rounds[4].push(netdrop_phase(&other.display().to_string(), names[4], &[])?);
         }
     }
     let phases: Vec<Phase> = rounds

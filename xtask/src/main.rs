@@ -52,6 +52,10 @@ enum Cmd {
     Bench {
         /// Which benchmark: drop-storm, snat-race, svc, kube, tc.
         which: String,
+        /// drop-storm: also run this netdrop binary (e.g. one built from an older commit) in
+        /// every round, so a change is compared with its predecessor in the same run.
+        #[arg(long, value_name = "NETDROP_BINARY")]
+        compare: Option<std::path::PathBuf>,
     },
 }
 
@@ -63,8 +67,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::VmTest(args) => vm::run(&args),
         Cmd::Demo { fault, seconds } => demo::run(&fault, seconds),
         Cmd::Lab { args } => lab::run(&args),
-        Cmd::Bench { which } => match which.as_str() {
-            "drop-storm" => bench::drop_storm(),
+        Cmd::Bench { which, compare } => match which.as_str() {
+            "drop-storm" => bench::drop_storm(compare.as_deref()),
             "kube" => bench_kube::run(),
             "tc" => bench_tc::run(),
             "snat-race" | "svc" => bench::lab_bench(&which),
