@@ -1,17 +1,19 @@
 //! Aggregation: the run's summary, built from the kernel's exact counters (never from the
 //! events that happened to reach userspace).
 
+pub mod target_summary;
+
 use std::collections::BTreeMap;
 
 use netdrop_common::{ABSENT, DropKey, stat};
 use serde::Serialize;
 
 use crate::{
-    classify::{self, Certainty},
-    conntrack::CtStats,
+    enrich::classify::{self, Certainty},
+    kernel::reasons::ReasonTable,
+    kernel::symbols::KernelSymbols,
     probe::KernelCounts,
-    reasons::ReasonTable,
-    symbols::KernelSymbols,
+    source::conntrack::CtStats,
 };
 
 /// One (reason, location, netns) row.
@@ -107,7 +109,7 @@ pub struct Summary {
 /// `NOT_SPECIFIED`), plus benign teardown locations, which only userspace can name.
 pub struct Visibility {
     config: netdrop_common::Config,
-    /// Hide drops at socket-teardown functions ([`crate::classify::BENIGN_LOCATIONS`]).
+    /// Hide drops at socket-teardown functions ([`crate::enrich::classify::BENIGN_LOCATIONS`]).
     pub hide_benign_locations: bool,
     symbols: std::sync::Arc<KernelSymbols>,
 }
@@ -274,7 +276,7 @@ mod tests {
         )
         .expect("table");
         let mut cfg = Config::DEFAULT;
-        crate::filter::FilterSpec::default()
+        crate::probe::filter::FilterSpec::default()
             .apply(&mut cfg, &reasons)
             .expect("apply");
         let syms = std::sync::Arc::new(KernelSymbols::parse(

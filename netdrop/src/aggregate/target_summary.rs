@@ -24,9 +24,9 @@ use serde::Serialize;
 
 use crate::{
     aggregate::ReasonRow,
-    classify::{self, Certainty, Effect},
-    interfaces::{Destination, TcSnapshot},
+    enrich::classify::{self, Certainty, Effect},
     resolve::{Proto, ServiceInfo},
+    source::interfaces::{Destination, TcSnapshot},
 };
 
 /// One backend (or pod) the trace watches: an address with its ports.
@@ -906,8 +906,8 @@ pub fn render(s: &SvcSummary) -> String {
 mod tests {
     use super::*;
     use crate::{
-        interfaces::{DestinationSnapshot, WatchStats},
         resolve::{Backend, Name, ServicePort},
+        source::interfaces::{DestinationSnapshot, WatchStats},
     };
 
     fn info() -> ServiceInfo {
@@ -981,7 +981,7 @@ mod tests {
     /// The pod namespaces behind watched interfaces, as the tc snapshot reports them.
     fn with_pod_netns(mut snap: TcSnapshot, pods: &[(u32, &str)]) -> TcSnapshot {
         for (netns, node) in pods {
-            snap.interfaces.push(crate::interfaces::InterfaceSnapshot {
+            snap.interfaces.push(crate::source::interfaces::InterfaceSnapshot {
                 node: (*node).into(),
                 netns: 1,
                 ifindex: *netns,
@@ -991,8 +991,8 @@ mod tests {
                 peer_netns: Some(*netns),
                 mode: crate::probe::tc::TcMode::Tcx,
                 attached_unix_ms: 0,
-                from_pod: crate::interfaces::Counters::default(),
-                to_pod: crate::interfaces::Counters::default(),
+                from_pod: crate::source::interfaces::Counters::default(),
+                to_pod: crate::source::interfaces::Counters::default(),
             });
         }
         snap

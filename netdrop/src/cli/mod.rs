@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
-use crate::{filter, output::Format, probe::Hook};
+use crate::{probe::Hook, probe::filter, sink::Format};
 
 /// netdrop: every dropped packet with the kernel's own reason, location, and the pods and
 /// Services it belongs to.
@@ -27,9 +27,9 @@ pub enum Command {
     Reasons(ReasonsArgs),
     /// Name addresses the way drops are named: pods, Services, backends, nodes, e.g.
     /// `netdrop resolve 10.244.1.7 10.96.0.10:53/udp cali1b2c3d4e5f6`, or `--svc ns/name`.
-    Resolve(crate::resolve::cli::ResolveArgs),
+    Resolve(crate::cmd::resolve::ResolveArgs),
     /// Count each pod's traffic on its workload interfaces (cali*), following pod churn.
-    Interfaces(crate::interfaces::InterfacesArgs),
+    Interfaces(crate::source::interfaces::InterfacesArgs),
 }
 
 #[derive(Debug, Args)]
@@ -41,7 +41,7 @@ pub struct TraceArgs {
     pub target: TargetArgs,
 
     #[command(flatten)]
-    pub tc: crate::interfaces::TcArgs,
+    pub tc: crate::source::interfaces::TcArgs,
 
     /// Do not attach tc counters to the workload interfaces (no attempts, no ratios).
     #[arg(long, help_heading = "Interfaces")]

@@ -10,7 +10,7 @@ use std::{
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::{KubeArgs, Peer, Proto, Resolver, ServiceInfo};
+use crate::resolve::{KubeArgs, Peer, Proto, Resolver, ServiceInfo};
 
 /// Output format.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -29,7 +29,7 @@ pub struct ResolveArgs {
     pub targets: Vec<String>,
 
     /// Show a Service, its ports and its backends, e.g. `--svc default/web` (or `--svc web -n default`)
-    #[arg(long, value_name = "NS/NAME", value_parser = super::ns_name_arg)]
+    #[arg(long, value_name = "NS/NAME", value_parser = crate::resolve::ns_name_arg)]
     pub svc: Option<String>,
 
     /// Namespace for `--svc NAME`, e.g. `-n kube-system`
@@ -63,10 +63,10 @@ enum Target {
 impl FromStr for Target {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if let Ok((ip, port)) = super::parse_addr_port_proto(s) {
+        if let Ok((ip, port)) = crate::resolve::parse_addr_port_proto(s) {
             return Ok(Self::Addr(ip, port));
         }
-        if super::calico::parse_ifname(s).is_some() {
+        if crate::resolve::calico::parse_ifname(s).is_some() {
             return Ok(Self::Interface(s.to_owned()));
         }
         Err(format!(
@@ -272,7 +272,7 @@ async fn serve_stats(r: Resolver, started: Instant, synced: bool) -> anyhow::Res
 }
 
 fn service_name(args: &ResolveArgs, svc: &str) -> anyhow::Result<(String, String)> {
-    super::parse_ns_name(svc, args.namespace.as_deref()).map_err(|e| anyhow::anyhow!("--svc {e}"))
+    crate::resolve::parse_ns_name(svc, args.namespace.as_deref()).map_err(|e| anyhow::anyhow!("--svc {e}"))
 }
 
 /// Runs `netdrop resolve`.
@@ -294,7 +294,7 @@ pub async fn run(args: ResolveArgs) -> anyhow::Result<()> {
         return serve_stats(r, started, synced).await;
     }
     let status = r.status();
-    if !synced || status.health != super::Health::Synced {
+    if !synced || status.health != crate::resolve::Health::Synced {
         eprintln!("{status}");
     }
     let mut out = std::io::stdout().lock();
@@ -313,7 +313,7 @@ pub async fn run(args: ResolveArgs) -> anyhow::Result<()> {
             if status
                 .kinds
                 .iter()
-                .any(|k| k.kind == super::Kind::Services && k.state == "synced")
+                .any(|k| k.kind == crate::resolve::Kind::Services && k.state == "synced")
             {
                 format!("Service {ns}/{name} not found (check the namespace: `-n NS` or --svc NS/NAME)")
             } else {

@@ -25,7 +25,7 @@
 use netdrop_common::{class, ct};
 use serde::Serialize;
 
-use crate::{conntrack::Evidence, reasons::ReasonTable};
+use crate::{kernel::reasons::ReasonTable, source::conntrack::Evidence};
 
 /// What a drop cost, as the kernel program decided it per packet (`netdrop_common::effect`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

@@ -12,10 +12,10 @@ use etherparse::{LaxNetSlice, LaxSlicedPacket, TransportSlice};
 use netdrop_common::{DropEvent, ct};
 
 use crate::{
-    classify::{self, Certainty},
-    event::{DropRecord, Endpoint, Icmp, RawDetail},
-    reasons::ReasonTable,
-    symbols::KernelSymbols,
+    enrich::classify::{self, Certainty},
+    enrich::record::{DropRecord, Endpoint, Icmp, RawDetail},
+    kernel::reasons::ReasonTable,
+    kernel::symbols::KernelSymbols,
 };
 
 /// A ring-buffer record shorter than a [`DropEvent`]: a kernel/user version mismatch.

@@ -1,9 +1,8 @@
 //! Loading and attaching the kernel programs: feature probing, the preferred hook, and named
 //! fallbacks. Everything that needs privileges or a particular kernel lives here.
 
-pub mod offsets;
+pub mod filter;
 pub mod tc;
-pub mod tracefs;
 
 use std::{fs, io};
 
@@ -16,10 +15,10 @@ use btf_rs::{Btf, Type};
 use netdrop_common::{AddrKey, Config, DropKey, KernelOffsets, TracepointLayout, stat};
 use tracing::{debug, info, warn};
 
-use crate::reasons::ReasonTable;
+use crate::kernel::{offsets, reasons::ReasonTable, tracefs};
 
 /// The kernel programs, built by build.rs and embedded in the binary.
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netdrop"));
+pub(crate) static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netdrop"));
 
 /// Which hook carries `kfree_skb`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -68,7 +67,7 @@ pub enum ProbeError {
         source: aya::maps::MapError,
     },
     #[error(transparent)]
-    Reasons(#[from] crate::reasons::ReasonError),
+    Reasons(#[from] crate::kernel::reasons::ReasonError),
     #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsError),
 }
@@ -103,7 +102,7 @@ impl KernelInfo {
         let release = nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default();
-        let (btf, btf_error) = match crate::reasons::kernel_btf() {
+        let (btf, btf_error) = match crate::kernel::reasons::kernel_btf() {
             Ok(b) => (Some(b), None),
             Err(e) => (None, Some(format!("/sys/kernel/btf/vmlinux: {e}"))),
         };
@@ -135,7 +134,7 @@ impl KernelInfo {
             btf_has_rx_sk = args.is_some_and(|n| n >= 5);
             timewait = TimewaitFunction::from_btf(b);
             for module in loaded_btf_modules() {
-                if let Some(m) = crate::reasons::module_btf(b, &module) {
+                if let Some(m) = crate::kernel::reasons::module_btf(b, &module) {
                     reasons.add_module_btf(&m);
                 }
             }
@@ -173,7 +172,7 @@ impl TimewaitFunction {
     pub const NAME: &str = "tcp_timewait_state_process";
 
     fn from_btf(btf: &Btf) -> Result<Self, String> {
-        let syn_status = crate::reasons::enum_members(btf, "tcp_tw_status")
+        let syn_status = crate::kernel::reasons::enum_members(btf, "tcp_tw_status")
             .ok()
             .flatten()
             .and_then(|m| m.into_iter().find(|(n, _)| n == "TCP_TW_SYN"))
@@ -189,7 +188,7 @@ fn conntrack_offsets(vmlinux: &Btf, into: &mut KernelOffsets) -> Result<(), Stri
     if offsets::conntrack_offsets(vmlinux, vmlinux, into).is_ok() {
         return Ok(());
     }
-    let Some(module) = crate::reasons::module_btf(vmlinux, "nf_conntrack") else {
+    let Some(module) = crate::kernel::reasons::module_btf(vmlinux, "nf_conntrack") else {
         return Err(
             "nf_conntrack is not loaded (no /sys/kernel/btf/nf_conntrack); restart netdrop once conntrack is in use"
                 .into(),

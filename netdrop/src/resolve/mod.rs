@@ -13,7 +13,6 @@
 //! named once and the other kinds keep resolving. [`Resolver::status`] says which.
 
 pub mod calico;
-pub mod cli;
 mod index;
 mod model;
 pub mod objects;

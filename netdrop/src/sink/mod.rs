@@ -10,10 +10,10 @@ use std::{
 
 use crate::{
     aggregate::Summary,
-    classify::Effect,
-    event::{DropRecord, Endpoint},
+    aggregate::target_summary::SvcSummary,
+    enrich::classify::Effect,
+    enrich::record::{DropRecord, Endpoint},
     resolve::PeerKind,
-    svc::SvcSummary,
 };
 
 /// Keeps the last drops as text lines, for the live table to show under it.
@@ -334,7 +334,7 @@ pub fn text_fields(d: &DropRecord) -> TextLine {
         Effect::Reset => Some("reset"),
         Effect::Unknown | Effect::Attempt | Effect::Data => None,
     };
-    let mark = if d.certainty == crate::classify::Certainty::Inferred {
+    let mark = if d.certainty == crate::enrich::classify::Certainty::Inferred {
         "?"
     } else {
         ""
@@ -396,7 +396,10 @@ pub fn text_fields(d: &DropRecord) -> TextLine {
 /// many are not shown).
 pub fn live_frame(s: &SvcSummary, recent: &VecDeque<TextLine>, width: usize, height: usize) -> Vec<String> {
     let budget = height.saturating_sub(1).max(1);
-    let mut table: Vec<String> = crate::svc::render(s).lines().map(String::from).collect();
+    let mut table: Vec<String> = crate::aggregate::target_summary::render(s)
+        .lines()
+        .map(String::from)
+        .collect();
     if table.len() > budget && !s.backends.is_empty() {
         let fixed = table.len() - s.backends.len();
         // Room for the backends kept and the line that counts the others.
@@ -408,7 +411,7 @@ pub fn live_frame(s: &SvcSummary, recent: &VecDeque<TextLine>, width: usize, hei
         let mut trimmed = s.clone();
         trimmed.backends = shown.iter().map(|i| s.backends[*i].clone()).collect();
         trimmed.detail = None;
-        let hidden: Vec<&crate::svc::BackendRow> = s
+        let hidden: Vec<&crate::aggregate::target_summary::BackendRow> = s
             .backends
             .iter()
             .enumerate()
@@ -416,7 +419,10 @@ pub fn live_frame(s: &SvcSummary, recent: &VecDeque<TextLine>, width: usize, hei
             .map(|(_, b)| b)
             .collect();
         let with_drops = hidden.iter().filter(|b| b.drops > 0).count();
-        table = crate::svc::render(&trimmed).lines().map(String::from).collect();
+        table = crate::aggregate::target_summary::render(&trimmed)
+            .lines()
+            .map(String::from)
+            .collect();
         table.push(format!(
             "... {} more backends ({with_drops} with drops; a taller terminal or -o json shows them)",
             hidden.len()
@@ -440,7 +446,7 @@ pub fn live_frame(s: &SvcSummary, recent: &VecDeque<TextLine>, width: usize, hei
 /// The final table and the diagnosis for a terminal `width` columns wide (`None`: whole lines):
 /// table rows cut to fit, the diagnosis's prose wrapped.
 pub fn final_text(s: &SvcSummary, width: Option<usize>) -> Vec<String> {
-    let mut out: Vec<String> = crate::svc::render(s)
+    let mut out: Vec<String> = crate::aggregate::target_summary::render(s)
         .lines()
         .map(str::trim_end)
         .map(|l| width.map_or_else(|| l.to_string(), |w| truncate(l, w)))
@@ -488,7 +494,7 @@ pub fn wrap(line: &str, width: Option<usize>) -> Vec<String> {
 impl<W: Write + Send> Sink for TextSink<W> {
     fn on_target_summary(&mut self, s: &SvcSummary) -> io::Result<()> {
         writeln!(self.out)?;
-        write!(self.out, "{}", crate::svc::render(s))?;
+        write!(self.out, "{}", crate::aggregate::target_summary::render(s))?;
         if s.is_final {
             for line in &s.diagnosis {
                 writeln!(self.out, "diagnosis: {line}")?;
@@ -532,8 +538,8 @@ impl<W: Write + Send> Sink for TextSink<W> {
             )?;
             for r in s.drops.iter().filter(|r| !r.hidden).take(20) {
                 let class = match r.certainty {
-                    crate::classify::Certainty::Exact => r.classification.clone(),
-                    crate::classify::Certainty::Inferred => format!("{} (inferred)", r.classification),
+                    crate::enrich::classify::Certainty::Exact => r.classification.clone(),
+                    crate::enrich::classify::Certainty::Inferred => format!("{} (inferred)", r.classification),
                 };
                 writeln!(
                     o,
@@ -604,8 +610,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        classify::Certainty,
-        event::RawDetail,
+        enrich::classify::Certainty,
+        enrich::record::RawDetail,
         resolve::{Name, Peer},
     };
 
@@ -864,7 +870,7 @@ mod tests {
     }
 
     fn summary(backends: usize, bad: usize) -> SvcSummary {
-        use crate::svc::{BackendRow, SvcSummary, TopReason, Unmatched};
+        use crate::aggregate::target_summary::{BackendRow, SvcSummary, TopReason, Unmatched};
         let rows = (0..backends)
             .map(|i| BackendRow {
                 pod: format!("default/big-{i:02}"),
@@ -926,7 +932,7 @@ mod tests {
     fn the_live_frame_fits_the_terminal_so_it_redraws_in_place() {
         let s = summary(3, 2);
         let frame = live_frame(&s, &recent(8), 200, 50);
-        let table = crate::svc::render(&s);
+        let table = crate::aggregate::target_summary::render(&s);
         let rows: Vec<&str> = table.lines().map(str::trim_end).collect();
         assert_eq!(frame[..rows.len()], rows[..], "room for everything: the whole table");
         assert_eq!(frame.len(), table.lines().count() + 2 + 8, "and the 8 recent drops");
@@ -964,7 +970,7 @@ mod tests {
         let mut s = summary(2, 1);
         s.backends[0].pod = "kube-system/coredns-5d78c9869d-x2x9z-canary".into();
         s.backends[1].ready = false;
-        let table = crate::svc::render(&s);
+        let table = crate::aggregate::target_summary::render(&s);
         let lines: Vec<&str> = table.lines().collect();
         let node_col = lines[1].find("NODE").expect("header");
         for row in &lines[2..5] {
@@ -984,7 +990,7 @@ mod tests {
         let lines = final_text(&s, Some(60));
         assert!(lines.iter().all(|l| l.chars().count() <= 60), "{lines:#?}");
         let words = |t: &str| t.split_whitespace().map(String::from).collect::<Vec<_>>();
-        let after_table = crate::svc::render(&s).lines().count() + 1;
+        let after_table = crate::aggregate::target_summary::render(&s).lines().count() + 1;
         assert_eq!(
             words(&lines[after_table..].join(" ")),
             words(&s.diagnosis.join(" ")),

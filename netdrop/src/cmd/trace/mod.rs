@@ -1,5 +1,7 @@
 //! `netdrop trace`: probe → decode → sinks, until Ctrl-C, SIGTERM or `--duration`.
 
+pub mod targets;
+
 use std::{
     collections::HashMap,
     io::IsTerminal as _,
@@ -20,17 +22,17 @@ use netdrop_common::ct;
 
 use crate::{
     aggregate::{self, SummaryContext, Visibility},
-    classify,
     cli::{CtHookArg, TraceArgs, TwHookArg},
-    conntrack::{CtMonitor, Evidence},
-    decode::{self, Decoder},
-    event::DropRecord,
-    output::{Format, JsonSink, Sink, TextSink},
+    cmd::trace::targets::TargetMode,
+    enrich::classify,
+    enrich::decode::{self, Decoder},
+    enrich::record::DropRecord,
+    kernel::reasons::ReasonTable,
+    kernel::symbols::KernelSymbols,
     probe::{self, AttachOptions, KernelInfo, PreciseHook},
-    reasons::ReasonTable,
     resolve::{Health, Proto, Resolver},
-    symbols::KernelSymbols,
-    targets::TargetMode,
+    sink::{Format, JsonSink, Sink, TextSink},
+    source::conntrack::{CtMonitor, Evidence},
 };
 
 /// How often the reader drains the ring buffer without a wakeup (the kernel wakes it early
@@ -51,7 +53,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         None => {
             let why = kernel.btf_error.clone().unwrap_or_default();
             if spec.needs_packet() {
-                return Err(crate::filter::FilterError::NeedsBtf(why).into());
+                return Err(probe::filter::FilterError::NeedsBtf(why).into());
             }
             eprintln!(
                 "netdrop: degraded mode \"counts only\": no kernel BTF ({why}); drops are counted by reason and location, no per-packet events"
@@ -175,7 +177,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     if conntrack_on {
         // Baselines before the first drop, and before "attached" (callers start traffic on
         // that line): the summary reports rises over the whole run.
-        monitor.track(spec.netns.unwrap_or_else(crate::conntrack::own_netns));
+        monitor.track(spec.netns.unwrap_or_else(crate::source::conntrack::own_netns));
         // And the nodes named with --node-netns: their conntrack (a node's SNAT, a resolved
         // clash) counts from the start, not from their first drop.
         for n in &args.tc.node_netns {
@@ -222,7 +224,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         (None, _) => Format::Text,
     };
     pipe.sinks.push(match (format, live_table) {
-        (Format::Text, true) => Box::new(crate::output::RecentSink::new(
+        (Format::Text, true) => Box::new(crate::sink::RecentSink::new(
             targets.as_ref().map(|t| t.recent.clone()).unwrap_or_default(),
         )),
         (Format::Text, false) => Box::new(TextSink::for_stdout(stdout)),

@@ -15,12 +15,12 @@ use tracing::warn;
 
 use crate::{
     aggregate::Summary,
+    aggregate::target_summary::{self, Observed, SvcSummary, SvcTargets},
     cli::TargetArgs,
-    interfaces::{TcAccounting, TcArgs, TcSnapshot},
-    output,
     probe::DropProbe,
     resolve::{Proto, Resolver},
-    svc::{self, Observed, SvcSummary, SvcTargets},
+    sink,
+    source::interfaces::{TcAccounting, TcArgs, TcSnapshot},
 };
 
 /// What the user asked about.
@@ -124,7 +124,7 @@ pub struct TargetMode {
     tc: Option<TcAccounting>,
     snapshot: Option<TcSnapshot>,
     /// Recent drops as text, for the live table.
-    pub recent: Arc<Mutex<VecDeque<output::TextLine>>>,
+    pub recent: Arc<Mutex<VecDeque<sink::TextLine>>>,
     /// Whether the live table has been drawn (the first frame clears the screen).
     drawn: bool,
     interval: Duration,
@@ -204,7 +204,7 @@ impl TargetMode {
             interval: a.interval,
             last: None,
             default_node: node.to_string(),
-            own_netns: crate::conntrack::own_netns(),
+            own_netns: crate::source::conntrack::own_netns(),
             nodes_given: tc_args.is_some_and(|a| !a.node_netns.is_empty()),
         };
         me.snapshot = me.tc.as_ref().map(TcAccounting::snapshot);
@@ -281,7 +281,7 @@ impl TargetMode {
             s.diagnosis.push(format!(
                 "{place}: {} conntrack clashes resolved: {}.",
                 c.clash_resolve,
-                crate::classify::CLASH_RESOLVED
+                crate::enrich::classify::CLASH_RESOLVED
             ));
         }
         s
@@ -294,7 +294,7 @@ impl TargetMode {
         started: Instant,
         is_final: bool,
     ) -> SvcSummary {
-        svc::build(
+        target_summary::build(
             &self.targets,
             &Observed {
                 rows: &summary.drops,
@@ -311,13 +311,13 @@ impl TargetMode {
 
     /// Redraws the live table in the terminal, with the most recent drops under it, in place:
     /// the cursor goes home, each line erases what the previous frame left on it, and the frame
-    /// ends by erasing below itself. The frame fits the terminal (see [`output::live_frame`]), so
+    /// ends by erasing below itself. The frame fits the terminal (see [`sink::live_frame`]), so
     /// it never scrolls and leaves no copies of itself behind.
     pub fn redraw(&mut self, s: &SvcSummary) -> io::Result<()> {
-        let (width, height) = output::terminal_size().unwrap_or((80, 24));
+        let (width, height) = sink::terminal_size().unwrap_or((80, 24));
         let frame = {
             let recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            output::live_frame(s, &recent, width, height)
+            sink::live_frame(s, &recent, width, height)
         };
         let mut buf = String::from(if self.drawn { "\x1b[H" } else { "\x1b[H\x1b[2J" });
         self.drawn = true;
@@ -333,9 +333,9 @@ impl TargetMode {
 
     /// The final table and the diagnosis, replacing the live table; it stays on screen.
     pub fn final_text(&self, s: &SvcSummary) -> String {
-        let width = output::terminal_size().map(|(w, _)| w);
+        let width = sink::terminal_size().map(|(w, _)| w);
         let mut t = String::from("\x1b[H\x1b[J");
-        for line in output::final_text(s, width) {
+        for line in sink::final_text(s, width) {
             t.push_str(&line);
             t.push('\n');
         }

@@ -179,7 +179,7 @@ impl TcInstance {
     /// The object also holds the `kfree_skb` programs; their maps are created (shrunk to the
     /// minimum) but their programs are never loaded here.
     pub fn load(netns: u32, opts: LoadOptions) -> Result<Self, TcError> {
-        let object = super::PROGRAMS;
+        let object = crate::probe::PROGRAMS;
         if object.is_empty() {
             return Err(TcError::NoPrograms);
         }

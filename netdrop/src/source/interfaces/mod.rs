@@ -44,8 +44,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, warn};
 
 use crate::{
-    output::Format,
     probe::tc::{self, Attachment, LoadOptions, Owner, RouteSocket, TcError, TcInstance, TcMode, TcModeChoice},
+    sink::Format,
 };
 
 /// `RTNLGRP_LINK`: link creation, change and removal notifications.
@@ -1225,7 +1225,7 @@ pub async fn run(args: InterfacesArgs) -> anyhow::Result<()> {
 
     crate::probe::check_permission()?;
     let nodes = args.tc.node_netns.clone();
-    let default_node = crate::trace::node_name(args.node_name.as_deref());
+    let default_node = crate::cmd::trace::node_name(args.node_name.as_deref());
     let opts = WatchOptions {
         load: LoadOptions {
             max_interfaces: args.max_interfaces,

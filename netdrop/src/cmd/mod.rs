@@ -1,0 +1,4 @@
+//! Commands.
+
+pub mod resolve;
+pub mod trace;

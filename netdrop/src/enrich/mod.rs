@@ -1,0 +1,5 @@
+//! Enrichment.
+
+pub mod classify;
+pub mod decode;
+pub mod record;

@@ -1,0 +1,4 @@
+//! Sources.
+
+pub mod conntrack;
+pub mod interfaces;
