@@ -12,11 +12,15 @@ use etherparse::PacketBuilder;
 use netdrop_common::{ConntrackTuple, DropEvent, DropKey, HEADER_BYTES, IFNAMSIZ, ct, effect, stat};
 
 use crate::{
-    aggregate::target_summary::{self, Observed, SvcTargets},
-    aggregate::{self, SummaryContext, Visibility},
+    aggregate::{self, SummaryContext},
+    aggregate::{
+        target_set::TargetSet,
+        target_summary::{self, Observed},
+    },
     enrich::classify,
     enrich::decode::Decoder,
     enrich::record::DropRecord,
+    enrich::visibility::Visibility,
     kernel::reasons::ReasonTable,
     kernel::symbols::KernelSymbols,
     probe::KernelCounts,
@@ -257,8 +261,8 @@ fn service() -> ServiceInfo {
     }
 }
 
-fn svc_summaries() -> Vec<target_summary::SvcSummary> {
-    let t = SvcTargets::from_service(&service(), &|_| vec![]);
+fn svc_summaries() -> Vec<target_summary::TargetSummary> {
+    let t = TargetSet::from_service(&service(), &|_| vec![]);
     let bad = t.backends[2].tag;
     let summary = plain_summary();
     let mut rows = summary.drops.clone();

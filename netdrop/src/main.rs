@@ -21,9 +21,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Trace(args) => netdrop::cmd::trace::run(args).await,
-            Command::Reasons(args) => netdrop::cmd::trace::reasons(&args),
+            Command::Reasons(args) => netdrop::cmd::reasons::run(&args),
             Command::Resolve(args) => netdrop::cmd::resolve::run(args).await,
-            Command::Interfaces(args) => netdrop::source::interfaces::run(args).await,
+            Command::Interfaces(args) => netdrop::cmd::interfaces::run(args).await,
         }
     });
     match result {

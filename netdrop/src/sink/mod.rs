@@ -1,618 +1,56 @@
-//! Output sinks. One event pipeline feeds any number of sinks: the terminal, JSON lines, and
-//! (next) the agent's metrics and the capture file.
+//! Sinks: where drop events and summaries go. One pipeline feeds any number of sinks: the
+//! terminal ([`text`], [`live`]), JSON lines ([`json`]); next, the agent's metrics and capture
+//! files. Sinks turn typed values into text; nothing here computes a count.
 
-use std::{
-    collections::VecDeque,
-    io::{self, IsTerminal as _, Write},
-    net::SocketAddr,
-    sync::{Arc, Mutex},
+pub mod json;
+pub mod live;
+pub mod table;
+pub mod terminal;
+pub mod text;
+
+use std::io;
+
+pub use self::{
+    json::JsonSink,
+    live::{LiveTable, RecentSink},
+    terminal::log_colour,
+    text::TextSink,
 };
-
 use crate::{
-    aggregate::Summary,
-    aggregate::target_summary::SvcSummary,
-    enrich::classify::Effect,
-    enrich::record::{DropRecord, Endpoint},
-    resolve::PeerKind,
+    aggregate::{Summary, target_summary::TargetSummary},
+    enrich::record::DropRecord,
 };
-
-/// Keeps the last drops as text lines, for the live table to show under it.
-pub struct RecentSink {
-    lines: Arc<Mutex<VecDeque<TextLine>>>,
-}
-
-/// How many recent drops the live table shows.
-pub const RECENT: usize = 8;
-
-impl RecentSink {
-    pub fn new(lines: Arc<Mutex<VecDeque<TextLine>>>) -> Self {
-        Self { lines }
-    }
-}
-
-impl Sink for RecentSink {
-    fn on_drop(&mut self, drop: &DropRecord) -> io::Result<()> {
-        let mut l = self.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if l.len() == RECENT {
-            l.pop_front();
-        }
-        l.push_back(text_fields(drop));
-        Ok(())
-    }
-
-    fn on_summary(&mut self, _: &Summary) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn on_target_summary(&mut self, _: &SvcSummary) -> io::Result<()> {
-        Ok(())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Receives what the pipeline produces.
 pub trait Sink: Send {
     fn on_drop(&mut self, drop: &DropRecord) -> io::Result<()>;
     fn on_summary(&mut self, summary: &Summary) -> io::Result<()>;
     /// A `--svc`/`--pod`/`--node` summary (periodic and final).
-    fn on_target_summary(&mut self, summary: &SvcSummary) -> io::Result<()>;
+    fn on_target_summary(&mut self, summary: &TargetSummary) -> io::Result<()>;
     /// Called after each batch of events: a sink that buffers writes them out here.
     fn flush(&mut self) -> io::Result<()>;
 }
 
-/// `-o text|json`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    /// A readable line per drop and a table at the end.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// JSON lines: `{"type":"drop",...}` and `{"type":"summary",...}`.
-pub struct JsonSink<W: Write + Send> {
-    out: W,
-}
-
-impl<W: Write + Send> JsonSink<W> {
-    pub fn new(out: W) -> Self {
-        Self { out }
-    }
-}
-
-impl<W: Write + Send> Sink for JsonSink<W> {
-    fn on_drop(&mut self, drop: &DropRecord) -> io::Result<()> {
-        serde_json::to_writer(&mut self.out, drop)?;
-        self.out.write_all(b"\n")
-    }
-
-    fn on_target_summary(&mut self, summary: &SvcSummary) -> io::Result<()> {
-        serde_json::to_writer(&mut self.out, summary)?;
-        self.out.write_all(b"\n")?;
-        self.out.flush()
-    }
-
-    fn on_summary(&mut self, summary: &Summary) -> io::Result<()> {
-        serde_json::to_writer(&mut self.out, summary)?;
-        self.out.write_all(b"\n")?;
-        self.out.flush()
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.out.flush()
-    }
-}
-
-/// Human-readable lines.
-pub struct TextSink<W: Write + Send> {
-    out: W,
-    header_done: bool,
-    /// Drop lines fit this many columns (a terminal's width); `None`: whole lines.
-    width: Option<usize>,
-    /// Measure stdout's terminal again after each batch (it may have been resized).
-    measure: bool,
-}
-
-impl<W: Write + Send> TextSink<W> {
-    /// Whole lines, whatever their length (files, pipes).
-    pub fn new(out: W) -> Self {
-        Self {
-            out,
-            header_done: false,
-            width: None,
-            measure: false,
-        }
-    }
-
-    /// Lines fit the terminal on stdout, when stdout is one (measured again after each batch).
-    pub fn for_stdout(out: W) -> Self {
-        Self {
-            out,
-            header_done: false,
-            width: terminal_size().map(|(w, _)| w),
-            measure: true,
-        }
-    }
-}
-
-/// Whether log lines on stderr get colour: only for a person at a terminal, and not when
-/// `NO_COLOR` is set to anything but the empty string (<https://no-color.org>).
-pub fn log_colour(stderr_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
-    stderr_is_terminal && no_color.is_none_or(std::ffi::OsStr::is_empty)
-}
-
-/// Columns and rows of the terminal on stdout; `None` when stdout is not a terminal. The
-/// kernel's window size (`TIOCGWINSZ`), else `$COLUMNS`/`$LINES`, else 80×24.
-pub fn terminal_size() -> Option<(usize, usize)> {
-    let stdout = io::stdout();
-    if !stdout.is_terminal() {
-        return None;
-    }
-    let mut ws = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ writes one `struct winsize` to the pointer, which is valid and
-    // exclusively borrowed for the call.
-    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&stdout), libc::TIOCGWINSZ, &raw mut ws) };
-    let env = |k: &str| {
-        std::env::var(k)
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|n| *n > 0)
-    };
-    let cols = if rc == 0 && ws.ws_col > 0 {
-        usize::from(ws.ws_col)
-    } else {
-        env("COLUMNS").unwrap_or(80)
-    };
-    let rows = if rc == 0 && ws.ws_row > 0 {
-        usize::from(ws.ws_row)
-    } else {
-        env("LINES").unwrap_or(24)
-    };
-    Some((cols, rows))
-}
-
-/// `10.0.0.1:53`, `[fd00::1]:53`, `10.0.0.1`.
-pub fn endpoint(e: Option<&Endpoint>) -> String {
-    match e {
-        None => "-".into(),
-        Some(e) => match e.port {
-            Some(p) => SocketAddr::new(e.ip, p).to_string(),
-            None => e.ip.to_string(),
-        },
-    }
-}
-
-/// How `kubectl` users name an end of a packet: `default/web-2`, `node/node-a`,
-/// `svc default/web:80`. `None` when Kubernetes does not know the address (or resolution is off).
-pub fn k8s_name(e: &Endpoint) -> Option<String> {
-    let p = e.k8s.as_ref()?;
-    let pod = || Some(format!("{}/{}", p.namespace.as_deref()?, p.pod.as_deref()?));
-    match p.kind {
-        PeerKind::Pod => pod(),
-        // A hostNetwork pod shares its node's address: the pod, when the endpoint names it.
-        PeerKind::Node => pod().or_else(|| Some(format!("node/{}", p.node.as_deref()?))),
-        PeerKind::Service => {
-            let svc = p.service.as_deref()?;
-            Some(match (e.port, &p.service_port) {
-                (Some(port), _) => format!("svc {svc}:{port}"),
-                (None, Some(sp)) => format!("svc {svc}:{sp}"),
-                (None, None) => format!("svc {svc}"),
-            })
-        }
-        PeerKind::External | PeerKind::Unresolved => None,
-    }
-}
-
-/// The Service a flow was addressed to, for a drop whose destination is already a backend:
-/// the pre-DNAT Service address, else the Service the backend serves (`svc default/web:http`).
-fn via_service(d: &DropRecord) -> Option<String> {
-    let dst = d.dst.as_ref()?;
-    if dst.k8s.as_ref().is_some_and(|p| p.kind == PeerKind::Service) {
-        return None;
-    }
-    if let Some(name) = d
-        .orig_dst
-        .as_ref()
-        .filter(|o| o.k8s.as_ref().is_some_and(|p| p.kind == PeerKind::Service))
-        .and_then(k8s_name)
-    {
-        return Some(name);
-    }
-    let p = dst.k8s.as_ref()?;
-    let svc = p.service.as_deref()?;
-    Some(match &p.service_port {
-        Some(sp) => format!("svc {svc}:{sp}"),
-        None => format!("svc {svc}"),
-    })
-}
-
-/// Fields of a drop line that give way, in this order, when the line must fit a terminal
-/// (lower = kept longer; [`Keep::Always`] fields are truncated, never dropped).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Keep {
-    /// Time, reason, protocol and both ends.
-    Always,
-    Classification,
-    Service,
-    Node,
-    Flags,
-    Location,
-    Addresses,
-    PreNat,
-    Interface,
-}
-
-/// One drop as text: its fields in display order, each with its leading separator and how
-/// long it is kept when the line must fit a terminal (see [`TextLine::fit`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TextLine {
-    fields: Vec<(Keep, String)>,
-}
-
-/// Display width of a line (one column per `char`: names, addresses and `→` are all narrow).
-fn columns(s: &str) -> usize {
-    s.chars().count()
-}
-
-/// `s` cut to `width` columns, ending in `…` when cut.
-pub fn truncate(s: &str, width: usize) -> String {
-    if columns(s) <= width {
-        return s.to_string();
-    }
-    if width == 0 {
-        return String::new();
-    }
-    let mut t: String = s.chars().take(width - 1).collect();
-    t.push('…');
-    t
-}
-
-impl TextLine {
-    /// The whole line, every field.
-    pub fn full(&self) -> String {
-        self.fields.iter().map(|(_, f)| f.as_str()).collect()
-    }
-
-    /// The line in at most `width` columns: the least important fields are left out first
-    /// (interface, pre-NAT addresses, addresses, location, flags, node, Service, classification);
-    /// what still does not fit is cut, ending in `…`. `None`: the whole line (not a terminal).
-    pub fn fit(&self, width: Option<usize>) -> String {
-        let Some(width) = width else { return self.full() };
-        let mut keep: Vec<bool> = vec![true; self.fields.len()];
-        let mut len: usize = self.fields.iter().map(|(_, f)| columns(f)).sum();
-        while len > width {
-            // The least important field still shown; the last of equals goes first.
-            let Some(i) = (0..self.fields.len())
-                .filter(|i| keep[*i] && self.fields[*i].0 != Keep::Always)
-                .max_by_key(|i| (self.fields[*i].0, *i))
-            else {
-                break;
-            };
-            keep[i] = false;
-            len -= columns(&self.fields[i].1);
-        }
-        let line: String = self
-            .fields
-            .iter()
-            .zip(&keep)
-            .filter(|(_, k)| **k)
-            .map(|((_, f), _)| f.as_str())
-            .collect();
-        truncate(&line, width)
-    }
-}
-
-/// One line per drop: time, reason, protocol, both ends (named as pods, nodes and Services when
-/// Kubernetes knows them, with the Service the flow was sent to and the node the drop happened
-/// on), detail, the addresses, interface and location.
-pub fn text_line(d: &DropRecord) -> String {
-    text_fields(d).full()
-}
-
-/// [`text_line`] as fields, to fit a terminal.
-pub fn text_fields(d: &DropRecord) -> TextLine {
-    // RFC 3339 "2026-11-26T10:21:33.123456789Z" → "10:21:33.123456"
-    let time = d.time.get(11..26).unwrap_or(&d.time);
-    let mut f: Vec<(Keep, String)> = Vec::new();
-    let head = format!("{time} {:<16} {:<6} ", d.reason, d.protocol);
-    let flags = if let Some(fl) = &d.tcp_flags {
-        Some(format!(" [{fl}]"))
-    } else {
-        d.icmp.map(|i| format!(" [type {} code {}]", i.kind, i.code))
-    };
-    // What the drop cost, when it lost nothing or was answered with a reset.
-    let cost = match d.effect {
-        Effect::Lossless => Some("lossless"),
-        Effect::Reset => Some("reset"),
-        Effect::Unknown | Effect::Attempt | Effect::Data => None,
-    };
-    let mark = if d.certainty == crate::enrich::classify::Certainty::Inferred {
-        "?"
-    } else {
-        ""
-    };
-    let class = match (d.classification != d.reason.to_ascii_lowercase(), cost) {
-        (true, Some(c)) => Some(format!(" ({}{mark}, {c})", d.classification)),
-        (true, None) => Some(format!(" ({}{mark})", d.classification)),
-        (false, Some(c)) => Some(format!(" ({c})")),
-        (false, None) => None,
-    };
-    let pre_nat = [("orig-dst", &d.orig_dst), ("orig-src", &d.orig_src)]
-        .into_iter()
-        .filter_map(|(k, e)| {
-            e.as_ref()
-                .map(|e| (Keep::PreNat, format!(" {k}={}", endpoint(Some(e)))))
-        });
-    let iface = if d.ifname.is_empty() { "-" } else { d.ifname.as_str() };
-    // Namespace 0: the kernel left no way to tell (JSON says null).
-    let netns = if d.netns == 0 {
-        "unknown".to_string()
-    } else {
-        d.netns.to_string()
-    };
-    let interface = format!("  if={iface} netns={netns}");
-    let location = format!("  at {}", d.location);
-    let addresses = format!("{} → {}", endpoint(d.src.as_ref()), endpoint(d.dst.as_ref()));
-    // The client as it was before SNAT, the destination after DNAT (the backend it reached).
-    let client = d.orig_src.as_ref().or(d.src.as_ref());
-    let src_name = client.and_then(k8s_name);
-    let dst_name = d.dst.as_ref().and_then(k8s_name);
-    if src_name.is_none() && dst_name.is_none() {
-        // Nothing known to Kubernetes (or resolution off): the addresses are the names.
-        f.push((Keep::Always, head + &addresses));
-        f.extend(flags.map(|s| (Keep::Flags, s)));
-        f.extend(class.map(|s| (Keep::Classification, s)));
-        f.extend(pre_nat);
-        f.push((Keep::Interface, interface));
-        f.push((Keep::Location, location));
-        return TextLine { fields: f };
-    }
-    let src = src_name.unwrap_or_else(|| endpoint(client));
-    let dst = dst_name.unwrap_or_else(|| endpoint(d.dst.as_ref()));
-    f.push((Keep::Always, format!("{head}{src} → {dst}")));
-    f.extend(via_service(d).map(|s| (Keep::Service, format!(" via {s}"))));
-    f.extend(flags.map(|s| (Keep::Flags, s)));
-    f.extend(class.map(|s| (Keep::Classification, s)));
-    f.push((Keep::Node, format!("  on {}", d.node)));
-    f.push((Keep::Location, location));
-    f.push((Keep::Addresses, format!("  {addresses}")));
-    f.extend(pre_nat);
-    f.push((Keep::Interface, interface));
-    TextLine { fields: f }
-}
-
-/// The live view of a target trace in a `width`×`height` terminal: the table, then the most
-/// recent drops. Every line fits `width` and there are at most `height - 1` lines, so drawing
-/// it never scrolls the terminal and the next frame replaces it in place. When it is too tall,
-/// the recent drops give way first, then the backends with the fewest drops (a line says how
-/// many are not shown).
-pub fn live_frame(s: &SvcSummary, recent: &VecDeque<TextLine>, width: usize, height: usize) -> Vec<String> {
-    let budget = height.saturating_sub(1).max(1);
-    let mut table: Vec<String> = crate::aggregate::target_summary::render(s)
-        .lines()
-        .map(String::from)
-        .collect();
-    if table.len() > budget && !s.backends.is_empty() {
-        let fixed = table.len() - s.backends.len();
-        // Room for the backends kept and the line that counts the others.
-        let room = budget.saturating_sub(fixed + 1);
-        let mut order: Vec<usize> = (0..s.backends.len()).collect();
-        order.sort_by(|a, b| s.backends[*b].drops.cmp(&s.backends[*a].drops));
-        let mut shown: Vec<usize> = order.into_iter().take(room).collect();
-        shown.sort_unstable();
-        let mut trimmed = s.clone();
-        trimmed.backends = shown.iter().map(|i| s.backends[*i].clone()).collect();
-        trimmed.detail = None;
-        let hidden: Vec<&crate::aggregate::target_summary::BackendRow> = s
-            .backends
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !shown.contains(i))
-            .map(|(_, b)| b)
-            .collect();
-        let with_drops = hidden.iter().filter(|b| b.drops > 0).count();
-        table = crate::aggregate::target_summary::render(&trimmed)
-            .lines()
-            .map(String::from)
-            .collect();
-        table.push(format!(
-            "... {} more backends ({with_drops} with drops; a taller terminal or -o json shows them)",
-            hidden.len()
-        ));
-    }
-    let mut frame: Vec<String> = table.iter().map(|l| truncate(l.trim_end(), width)).collect();
-    // A blank line and a title before the drops, and at least one of them.
-    let room = budget.saturating_sub(frame.len());
-    if !recent.is_empty() && room >= 3 {
-        let n = recent.len().min(room - 2);
-        frame.push(String::new());
-        frame.push(truncate(&format!("most recent drops (of the last {RECENT}):"), width));
-        for l in recent.iter().skip(recent.len() - n) {
-            frame.push(format!("  {}", l.fit(Some(width.saturating_sub(2)))));
-        }
-    }
-    frame.truncate(budget);
-    frame
-}
-
-/// The final table and the diagnosis for a terminal `width` columns wide (`None`: whole lines):
-/// table rows cut to fit, the diagnosis's prose wrapped.
-pub fn final_text(s: &SvcSummary, width: Option<usize>) -> Vec<String> {
-    let mut out: Vec<String> = crate::aggregate::target_summary::render(s)
-        .lines()
-        .map(str::trim_end)
-        .map(|l| width.map_or_else(|| l.to_string(), |w| truncate(l, w)))
-        .collect();
-    out.push(String::new());
-    for line in &s.diagnosis {
-        out.extend(wrap(line, width));
-    }
-    out
-}
-
-/// A line of the drop summary in a terminal `width` columns wide: table rows (indented) are cut,
-/// prose (hints, conntrack statistics) is wrapped. `None`: the line as it is.
-fn fit_summary_line(line: &str, width: Option<usize>) -> Vec<String> {
-    match width {
-        Some(w) if line.starts_with(' ') => vec![truncate(line, w)],
-        _ => wrap(line, width),
-    }
-}
-
-/// Word-wraps a line of prose to `width` columns, continuation lines indented by two spaces.
-/// A word longer than a line is cut. `None`: the line as it is.
-pub fn wrap(line: &str, width: Option<usize>) -> Vec<String> {
-    let Some(width) = width.filter(|w| *w > 8) else {
-        return vec![line.to_string()];
-    };
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    for word in line.split(' ') {
-        if !cur.is_empty() && columns(&cur) + 1 + columns(word) > width {
-            out.push(std::mem::take(&mut cur));
-        }
-        if cur.is_empty() {
-            let indent = if out.is_empty() { "" } else { "  " };
-            cur = format!("{indent}{word}");
-        } else {
-            cur.push(' ');
-            cur.push_str(word);
-        }
-    }
-    out.push(cur);
-    out.into_iter().map(|l| truncate(&l, width)).collect()
-}
-
-impl<W: Write + Send> Sink for TextSink<W> {
-    fn on_target_summary(&mut self, s: &SvcSummary) -> io::Result<()> {
-        writeln!(self.out)?;
-        write!(self.out, "{}", crate::aggregate::target_summary::render(s))?;
-        if s.is_final {
-            for line in &s.diagnosis {
-                writeln!(self.out, "diagnosis: {line}")?;
-            }
-            if let Some(d) = &s.detail {
-                self.on_summary(d)?;
-            }
-        }
-        self.out.flush()
-    }
-
-    fn on_drop(&mut self, drop: &DropRecord) -> io::Result<()> {
-        if !self.header_done {
-            let header = "TIME            REASON           PROTO  SOURCE → DESTINATION";
-            writeln!(
-                self.out,
-                "{}",
-                self.width.map_or_else(|| header.to_string(), |w| truncate(header, w))
-            )?;
-            self.header_done = true;
-        }
-        writeln!(self.out, "{}", text_fields(drop).fit(self.width))
-    }
-
-    fn on_summary(&mut self, s: &Summary) -> io::Result<()> {
-        let mut text = Vec::new();
-        let o = &mut text;
-        writeln!(o)?;
-        writeln!(
-            o,
-            "--- netdrop summary: {:.1} s on {} via {} ---",
-            s.duration_s, s.node, s.hook
-        )?;
-        if s.drops_total == 0 {
-            writeln!(o, "no drops matched")?;
-        } else {
-            writeln!(
-                o,
-                "{:>10}  {:<20} {:<26} {:<5} {:<12} LOCATION",
-                "COUNT", "REASON", "CLASSIFICATION", "IP", "NETNS"
-            )?;
-            for r in s.drops.iter().filter(|r| !r.hidden).take(20) {
-                let class = match r.certainty {
-                    crate::enrich::classify::Certainty::Exact => r.classification.clone(),
-                    crate::enrich::classify::Certainty::Inferred => format!("{} (inferred)", r.classification),
-                };
-                writeln!(
-                    o,
-                    "{:>10}  {:<20} {:<26} {:<5} {:<12} {}",
-                    r.count, r.reason, class, r.ip, r.netns, r.location
-                )?;
-            }
-            let rows = s.drops.iter().filter(|r| !r.hidden).count();
-            if rows > 20 {
-                writeln!(o, "  ... {} more rows (-o json has them all)", rows - 20)?;
-            }
-            writeln!(o, "{:>10}  total", s.drops_total)?;
-        }
-        if s.hidden_drops > 0 {
-            let parts: Vec<String> = s.hidden_by_reason.iter().map(|(r, n)| format!("{r} {n}")).collect();
-            writeln!(
-                o,
-                "hidden (benign or not selected; --all-reasons shows them): {} ({})",
-                s.hidden_drops,
-                parts.join(", ")
-            )?;
-        }
-        for c in &s.conntrack {
-            writeln!(
-                o,
-                "conntrack netns {}: {}/{} entries; over the run: insert_failed +{} ({:.0}/s), drop +{}, early_drop +{}, invalid +{}, clash_resolve +{}",
-                c.netns,
-                c.count,
-                c.max,
-                c.insert_failed,
-                c.insert_failed_per_s,
-                c.drop,
-                c.early_drop,
-                c.invalid,
-                c.clash_resolve
-            )?;
-        }
-        for h in &s.hints {
-            writeln!(o, "hint: {h}")?;
-        }
-        let mut events = format!("{} events shown, {} lost", s.events_shown, s.lost_events);
-        if s.rate_limited_events > 0 {
-            events.push_str(&format!(", {} not sent (--event-rate)", s.rate_limited_events));
-        }
-        if s.uncounted_drops > 0 {
-            events.push_str(&format!(", {} drops uncounted (counter map full)", s.uncounted_drops));
-        }
-        writeln!(o, "{events}")?;
-        for line in String::from_utf8_lossy(&text).lines() {
-            for l in fit_summary_line(line, self.width) {
-                writeln!(self.out, "{l}")?;
-            }
-        }
-        self.out.flush()
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        if self.measure {
-            self.width = terminal_size().map(|(w, _)| w);
-        }
-        self.out.flush()
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::{collections::VecDeque, ffi::OsStr, net::IpAddr};
+    use std::{
+        collections::VecDeque,
+        ffi::OsStr,
+        net::{IpAddr, SocketAddr},
+    };
 
-    use super::*;
+    use super::{
+        live::{final_text, live_frame},
+        terminal::{log_colour, wrap},
+        text::{TextLine, endpoint, fit_summary_line, k8s_name, text_fields, text_line},
+        *,
+    };
     use crate::{
-        enrich::classify::Certainty,
-        enrich::record::RawDetail,
-        resolve::{Name, Peer},
+        enrich::{
+            classify::{Certainty, Effect},
+            record::{Endpoint, RawDetail},
+        },
+        resolve::{Name, Peer, PeerKind},
     };
 
     fn ep(addr: &str, peer: Option<Peer>) -> Endpoint {
@@ -869,8 +307,8 @@ mod tests {
         assert_eq!((narrow.chars().count(), narrow.ends_with('…')), (30, true), "{narrow}");
     }
 
-    fn summary(backends: usize, bad: usize) -> SvcSummary {
-        use crate::aggregate::target_summary::{BackendRow, SvcSummary, TopReason, Unmatched};
+    fn summary(backends: usize, bad: usize) -> TargetSummary {
+        use crate::aggregate::target_summary::{BackendRow, TargetSummary, TopReason, Unmatched};
         let rows = (0..backends)
             .map(|i| BackendRow {
                 pod: format!("default/big-{i:02}"),
@@ -900,7 +338,7 @@ mod tests {
                 discard_reasons: vec![],
             })
             .collect();
-        SvcSummary {
+        TargetSummary {
             kind: "summary",
             service: "default/big".into(),
             time: String::new(),
@@ -932,7 +370,7 @@ mod tests {
     fn the_live_frame_fits_the_terminal_so_it_redraws_in_place() {
         let s = summary(3, 2);
         let frame = live_frame(&s, &recent(8), 200, 50);
-        let table = crate::aggregate::target_summary::render(&s);
+        let table = table::render(&s);
         let rows: Vec<&str> = table.lines().map(str::trim_end).collect();
         assert_eq!(frame[..rows.len()], rows[..], "room for everything: the whole table");
         assert_eq!(frame.len(), table.lines().count() + 2 + 8, "and the 8 recent drops");
@@ -970,7 +408,7 @@ mod tests {
         let mut s = summary(2, 1);
         s.backends[0].pod = "kube-system/coredns-5d78c9869d-x2x9z-canary".into();
         s.backends[1].ready = false;
-        let table = crate::aggregate::target_summary::render(&s);
+        let table = table::render(&s);
         let lines: Vec<&str> = table.lines().collect();
         let node_col = lines[1].find("NODE").expect("header");
         for row in &lines[2..5] {
@@ -990,7 +428,7 @@ mod tests {
         let lines = final_text(&s, Some(60));
         assert!(lines.iter().all(|l| l.chars().count() <= 60), "{lines:#?}");
         let words = |t: &str| t.split_whitespace().map(String::from).collect::<Vec<_>>();
-        let after_table = crate::aggregate::target_summary::render(&s).lines().count() + 1;
+        let after_table = table::render(&s).lines().count() + 1;
         assert_eq!(
             words(&lines[after_table..].join(" ")),
             words(&s.diagnosis.join(" ")),

@@ -1,5 +1,10 @@
-//! `netdrop trace`: probe → decode → sinks, until Ctrl-C, SIGTERM or `--duration`.
+//! `netdrop trace`: plan → probe → source → enrich → aggregate → sinks, until Ctrl-C, SIGTERM
+//! or `--duration`. The select loop over the ring buffer, the timers and the signals is here;
+//! the stages are in [`plan`], [`pipeline`], [`summarizer`] and [`targets`].
 
+mod pipeline;
+mod plan;
+mod summarizer;
 pub mod targets;
 
 use std::{
@@ -10,7 +15,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
 use netdrop_common::Config;
 use tokio::{
     io::unix::AsyncFd,
@@ -18,21 +22,23 @@ use tokio::{
 };
 use tracing::warn;
 
-use netdrop_common::ct;
-
+use self::{
+    pipeline::Pipeline,
+    plan::{Timewait, is_too_large, set_effect_reasons, timewait_by_flags, timewait_source},
+    summarizer::Summarizer,
+    targets::TargetMode,
+};
 use crate::{
-    aggregate::{self, SummaryContext, Visibility},
-    cli::{CtHookArg, TraceArgs, TwHookArg},
-    cmd::trace::targets::TargetMode,
-    enrich::classify,
-    enrich::decode::{self, Decoder},
-    enrich::record::DropRecord,
-    kernel::reasons::ReasonTable,
-    kernel::symbols::KernelSymbols,
-    probe::{self, AttachOptions, KernelInfo, PreciseHook},
-    resolve::{Health, Proto, Resolver},
-    sink::{Format, JsonSink, Sink, TextSink},
-    source::conntrack::{CtMonitor, Evidence},
+    cli::{CtHookArg, Format, TraceArgs},
+    enrich::{
+        decode::{self, Decoder},
+        visibility::Visibility,
+    },
+    kernel::{KernelInfo, symbols::KernelSymbols},
+    probe::{self, AttachOptions, PreciseHook},
+    resolve::{Health, KubeOptions, Resolver},
+    sink::{JsonSink, LiveTable, TextSink},
+    source::conntrack::CtMonitor,
 };
 
 /// How often the reader drains the ring buffer without a wakeup (the kernel wakes it early
@@ -86,7 +92,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     config.addr_filter = u32::from(args.target.any());
 
     let attach_opts = AttachOptions {
-        hook: args.hook,
+        hook: args.hook.map(Into::into),
         ring_bytes: args.ring_kib * 1024,
     };
     let mut probe = match probe::attach(&kernel, &config, attach_opts) {
@@ -135,8 +141,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             (hook, _) => hook.name(),
         },
     };
-    let node = crate::resolve::node_name(&args.kube);
-    let resolver = match Resolver::start(&args.kube).await {
+    let kube = KubeOptions::from(&args.kube);
+    let node = crate::resolve::node_name(&kube);
+    let resolver = match Resolver::start(&kube).await {
         Ok(r) => r,
         Err(e) => return Err(e.into()),
     };
@@ -177,7 +184,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     if conntrack_on {
         // Baselines before the first drop, and before "attached" (callers start traffic on
         // that line): the summary reports rises over the whole run.
-        monitor.track(spec.netns.unwrap_or_else(crate::source::conntrack::own_netns));
+        monitor.track(spec.netns.unwrap_or_else(crate::kernel::netns::own_netns));
         // And the nodes named with --node-netns: their conntrack (a node's SNAT, a resolved
         // clash) counts from the start, not from their first drop.
         for n in &args.tc.node_netns {
@@ -216,18 +223,17 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         node_of: HashMap::new(),
         nodes_given: targets.as_ref().is_some_and(|t| t.nodes_given),
     };
-    let live_table = targets.is_some() && std::io::stdout().is_terminal() && args.output != Some(Format::Json);
+    let mut live_table = (targets.is_some() && std::io::stdout().is_terminal() && args.output != Some(Format::Json))
+        .then(LiveTable::default);
     let format = match (args.output, &targets) {
         (Some(f), _) => f,
         // A target trace piped somewhere: JSON lines, as the table is for terminals.
         (None, Some(_)) if !std::io::stdout().is_terminal() => Format::Json,
         (None, _) => Format::Text,
     };
-    pipe.sinks.push(match (format, live_table) {
-        (Format::Text, true) => Box::new(crate::sink::RecentSink::new(
-            targets.as_ref().map(|t| t.recent.clone()).unwrap_or_default(),
-        )),
-        (Format::Text, false) => Box::new(TextSink::for_stdout(stdout)),
+    pipe.sinks.push(match (format, &live_table) {
+        (Format::Text, Some(live)) => Box::new(live.recent_sink()),
+        (Format::Text, None) => Box::new(TextSink::for_stdout(stdout)),
         (Format::Json, _) => Box::new(JsonSink::new(stdout)),
     });
 
@@ -282,8 +288,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                     if t.due() {
                         let summary = summarizer.summary(&probe, &mut pipe, started);
                         let svc = t.build(&summary, &pipe.node_of, started, false);
-                        if live_table {
-                            t.redraw(&svc)?;
+                        if let Some(live) = &mut live_table {
+                            live.redraw(&svc)?;
                         } else {
                             for s in &mut pipe.sinks {
                                 s.on_target_summary(&svc)?;
@@ -322,9 +328,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         for s in &mut pipe.sinks {
             s.on_target_summary(&svc)?;
         }
-        if live_table {
+        if let Some(live) = &live_table {
             // The table is the terminal's; the final one and the diagnosis stay on screen.
-            print!("{}", t.final_text(&svc));
+            print!("{}", live.final_text(&svc));
         }
         t.shutdown();
     } else {
@@ -332,284 +338,5 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             s.on_summary(&summary)?;
         }
     }
-    Ok(())
-}
-
-/// The verifier gave up on the program's size (`E2BIG`, "BPF program is too large").
-fn is_too_large(e: &probe::ProbeError) -> bool {
-    let text = format!("{e}");
-    text.contains("too large") || text.contains("Argument list too long")
-}
-
-/// How segments a TIME_WAIT socket answered and freed are told from drops.
-enum Timewait {
-    /// The `kfree_skb` tracepoint's receiving socket is in TIME_WAIT (6.11+).
-    RxSk,
-    /// Marks from hooks on `tcp_timewait_state_process` (`None`: fexit, else kprobes).
-    Hooks(Option<PreciseHook>),
-    /// FIN/RST flags only.
-    Flags,
-}
-
-/// Picks the way to tell timewait segments and sets the config for it; `--tw-hook` forces one.
-fn timewait_source(kernel: &KernelInfo, config: &mut Config, want: Option<TwHookArg>) -> anyhow::Result<Timewait> {
-    let rx_sk = config.read_skb == 1 && kernel.has_rx_sk();
-    let source = match want {
-        None | Some(TwHookArg::RxSk) if rx_sk => Timewait::RxSk,
-        Some(TwHookArg::RxSk) => {
-            anyhow::bail!(
-                "--tw-hook rx-sk: this kernel's kfree_skb passes no receiving socket (Linux 6.11+); use fexit or kprobe"
-            )
-        }
-        Some(TwHookArg::Flags) => Timewait::Flags,
-        _ if config.read_skb == 0 => Timewait::Flags,
-        None => Timewait::Hooks(None),
-        Some(TwHookArg::Fexit) => Timewait::Hooks(Some(PreciseHook::Fexit)),
-        Some(TwHookArg::Kprobe) => Timewait::Hooks(Some(PreciseHook::Kprobe)),
-    };
-    // The receiving socket is read whenever the kernel passes it (the drop's namespace, a
-    // LISTEN socket's reset); it tells TIME_WAIT segments only when chosen for that.
-    config.btf_has_rx_sk = u32::from(rx_sk && kernel.btf_has_rx_sk);
-    if !rx_sk {
-        config.tracepoint.rx_sk = netdrop_common::ABSENT;
-    }
-    config.rx_sk_timewait = u32::from(matches!(source, Timewait::RxSk));
-    if let Timewait::Hooks(_) = source {
-        match &kernel.timewait {
-            Ok(f) => {
-                config.timewait_marks = 1;
-                config.tw_syn_status = f.syn_status;
-            }
-            Err(why) => {
-                timewait_by_flags(why);
-                return Ok(Timewait::Flags);
-            }
-        }
-    }
-    Ok(source)
-}
-
-/// The reasons the kernel program needs to tell what a drop cost (`netdrop_common::effect`).
-fn set_effect_reasons(config: &mut Config, reasons: &ReasonTable) {
-    let absent = netdrop_common::ABSENT;
-    // Data the receiver already had: entirely below `rcv_nxt` (OLD_DATA) or `rcv_wup`
-    // (OLD_SEQUENCE), already in the out-of-order queue (OFOMERGE), or an old duplicate by its
-    // timestamp (PAWS).
-    let stale = [
-        "TCP_OLD_DATA",
-        "TCP_OLD_SEQUENCE",
-        "TCP_OFOMERGE",
-        "TCP_RFC7323_PAWS",
-        "TCP_RFC7323_PAWS_ACK",
-    ];
-    for (slot, name) in config.stale_reasons.iter_mut().zip(stale) {
-        *slot = reasons.lookup(name).unwrap_or(absent);
-    }
-    // A bare ACK out of the window or acknowledging old data is stale; with data the same
-    // reasons lose the data (the sender retransmits it).
-    let stale_ack = [
-        "TCP_INVALID_SEQUENCE",
-        "TCP_OLD_ACK",
-        "TCP_TOO_OLD_ACK",
-        "TCP_INVALID_ACK_SEQUENCE",
-    ];
-    for (slot, name) in config.stale_ack_reasons.iter_mut().zip(stale_ack) {
-        *slot = reasons.lookup(name).unwrap_or(absent);
-    }
-    config.set_stale_bits();
-    config.tcp_flags_reason = reasons.lookup("TCP_FLAGS").unwrap_or(absent);
-    config.no_socket_reason = reasons.lookup("NO_SOCKET").unwrap_or(absent);
-}
-
-/// The degraded mode when no socket-aware way works.
-fn timewait_by_flags(why: &str) {
-    eprintln!("netdrop: segments freed by TIME_WAIT sockets told by TCP flags only, a bare ACK stays visible ({why})");
-}
-
-/// Builds summaries from the kernel's counters (at exit, and each second for target traces).
-struct Summarizer {
-    reasons: Arc<ReasonTable>,
-    symbols: Arc<KernelSymbols>,
-    node: String,
-    hook: &'static str,
-    ct_hook: &'static str,
-    timewait_hook: &'static str,
-    conntrack: bool,
-    netfilter_drop_reason: u32,
-}
-
-impl Summarizer {
-    fn summary(&self, probe: &probe::DropProbe, pipe: &mut Pipeline, started: Instant) -> aggregate::Summary {
-        self.summary_of(&probe.counts(), pipe, started)
-    }
-
-    fn summary_of(&self, counts: &probe::KernelCounts, pipe: &mut Pipeline, started: Instant) -> aggregate::Summary {
-        if self.conntrack {
-            for (key, _) in &counts.drops {
-                if key.reason == self.netfilter_drop_reason {
-                    pipe.monitor.track(key.netns);
-                }
-            }
-        }
-        let ct_report = if self.conntrack {
-            pipe.monitor.report()
-        } else {
-            Vec::new()
-        };
-        let monitor = &pipe.monitor;
-        let classify_row = |k: &netdrop_common::DropKey| {
-            let reason = self.reasons.display(k.reason).to_string();
-            let function = self.symbols.function(k.location);
-            classify::classify(&reason, function, k.ct_state, k.exact_class, &monitor.over_run(k.netns))
-        };
-        let ctx = SummaryContext {
-            reasons: &self.reasons,
-            symbols: &self.symbols,
-            visibility: &pipe.visibility,
-            node: &self.node,
-            hook: self.hook,
-            conntrack_hook: self.ct_hook,
-            timewait_hook: self.timewait_hook,
-            classify: &classify_row,
-            conntrack: ct_report,
-        };
-        aggregate::summarize(counts, &ctx, started.elapsed().as_secs_f64(), pipe.shown)
-    }
-}
-
-/// decode → classify → sinks, for each event the kernel sent.
-struct Pipeline {
-    decoder: Decoder,
-    visibility: Visibility,
-    monitor: CtMonitor,
-    conntrack: bool,
-    /// Kubernetes names for addresses, when resolution is on.
-    resolver: Option<Resolver>,
-    sinks: Vec<Box<dyn Sink>>,
-    shown: u64,
-    /// Node of each network namespace (node namespaces and their pods'), for multi-node traces.
-    node_of: HashMap<u32, String>,
-    /// Nodes were named (`--node-netns`): events in namespaces of none of them are another
-    /// cluster's on this host and are left out, as the target summary leaves their counts out.
-    nodes_given: bool,
-}
-
-impl Pipeline {
-    /// Reads every waiting event.
-    fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
-        let mut n = 0;
-        while let Some(item) = ring.next() {
-            let ev = decode::parse_event(&item)?;
-            drop(item);
-            let ip_version = match (ev.header_len, ev.l3_proto) {
-                (0, _) => 0,
-                (_, 0x0800) => 4,
-                _ => 6,
-            };
-            if self
-                .visibility
-                .is_hidden(ev.reason, ip_version, ev.location, ev.exact_class)
-            {
-                continue;
-            }
-            if self.nodes_given && !self.node_of.contains_key(&ev.netns) {
-                continue;
-            }
-            let mut record = self.decoder.decode(&ev);
-            if let Some(n) = self.node_of.get(&ev.netns) {
-                record.node.clone_from(n);
-            }
-            self.classify(&mut record, ev.netns, ev.ts_ns);
-            if let Some(r) = &self.resolver {
-                resolve_record(r, &mut record);
-            }
-            for s in &mut self.sinks {
-                s.on_drop(&record)?;
-            }
-            n += 1;
-        }
-        if n > 0 {
-            for s in &mut self.sinks {
-                s.flush()?;
-            }
-        }
-        self.shown += n;
-        Ok(())
-    }
-
-    fn classify(&mut self, r: &mut DropRecord, netns: u32, at_ns: u64) {
-        let function = self.decoder.symbols.function(r.raw.location);
-        // Statistics are read only when the packet itself cannot tell.
-        let needs_evidence = self.conntrack
-            && r.reason == "NETFILTER_DROP"
-            && r.raw.exact_class == 0
-            && !function
-                .is_some_and(|f| classify::RULE_ENGINES.contains(&f) && r.raw.ct_state & ct::STATE_MASK != ct::NONE);
-        let evidence = if needs_evidence {
-            self.monitor.around(netns, at_ns)
-        } else {
-            Evidence::default()
-        };
-        (r.classification, r.certainty) =
-            classify::classify(&r.reason, function, r.raw.ct_state, r.raw.exact_class, &evidence);
-    }
-}
-
-/// This node's name: `flag` (`--node-name`/`$NODE_NAME`), else the hostname.
-pub fn node_name(flag: Option<&str>) -> String {
-    crate::resolve::node_name(&crate::resolve::KubeArgs {
-        node_name: flag.map(String::from),
-        ..Default::default()
-    })
-}
-
-/// Names both ends (and the pre-NAT ends) of a drop.
-pub fn resolve_record(r: &Resolver, d: &mut DropRecord) {
-    let proto = match d.protocol.as_str() {
-        "tcp" => Some(Proto::Tcp),
-        "udp" => Some(Proto::Udp),
-        "sctp" => Some(Proto::Sctp),
-        _ => None,
-    };
-    for e in [&mut d.src, &mut d.dst, &mut d.orig_src, &mut d.orig_dst]
-        .into_iter()
-        .flatten()
-    {
-        let port = e.port.zip(proto);
-        e.k8s = Some(r.lookup_opt(e.ip, port));
-    }
-}
-
-/// `netdrop reasons`.
-pub fn reasons(args: &crate::cli::ReasonsArgs) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let kernel = KernelInfo::discover()?;
-    let t = &kernel.reasons;
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    match args.output {
-        Format::Json => {
-            let list: Vec<_> = t
-                .iter()
-                .map(|(code, name)| {
-                    serde_json::json!({"code": code, "name": name, "hidden_by_default": classify::is_benign(name)})
-                })
-                .collect();
-            let doc = serde_json::json!({"kernel": kernel.release, "source": t.source(), "reasons": list});
-            writeln!(out, "{doc}")?;
-        }
-        Format::Text => {
-            writeln!(
-                out,
-                "drop reasons of kernel {} (from {:?}); * = benign, hidden by default",
-                kernel.release,
-                t.source()
-            )?;
-            for (code, name) in t.iter() {
-                let mark = if classify::is_benign(name) { "*" } else { " " };
-                writeln!(out, "{code:>8} {mark} {name}")?;
-            }
-        }
-    }
-    out.flush()?;
     Ok(())
 }

@@ -76,8 +76,8 @@ impl TcMode {
     }
 }
 
-/// `--tc-mode`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+/// Which tc attachment to use (`--tc-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum TcModeChoice {
     /// TCX when the kernel has it (6.6+), else clsact.
     #[default]

@@ -28,7 +28,7 @@ use std::{
         mpsc,
     },
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use aya::maps::PerCpuValues;
@@ -43,10 +43,7 @@ use serde::Serialize;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, warn};
 
-use crate::{
-    probe::tc::{self, Attachment, LoadOptions, Owner, RouteSocket, TcError, TcInstance, TcMode, TcModeChoice},
-    sink::Format,
-};
+use crate::probe::tc::{self, Attachment, LoadOptions, Owner, RouteSocket, TcError, TcInstance, TcMode, TcModeChoice};
 
 /// `RTNLGRP_LINK`: link creation, change and removal notifications.
 const RTNLGRP_LINK: u32 = 1;
@@ -195,7 +192,7 @@ impl Counters {
         self.tcp_syn + self.udp_new
     }
 
-    fn add(&mut self, o: &Self) {
+    pub(crate) fn add(&mut self, o: &Self) {
         self.packets += o.packets;
         self.bytes += o.bytes;
         self.tcp_syn += o.tcp_syn;
@@ -723,7 +720,7 @@ fn choose_mode(choice: TcModeChoice, instance: &TcInstance) -> Result<(TcMode, S
     }
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -1143,290 +1140,6 @@ fn set_rcvbuf(sock: &Socket) {
     if rc != 0 {
         let _ = sock.set_rx_buf_sz(size);
     }
-}
-
-// ---- `netdrop interfaces` ----
-
-/// Which workload interfaces to watch and how to attach: shared by `netdrop interfaces` and
-/// `netdrop trace` (where the tc counters give attempts, the denominator of drop ratios).
-#[derive(Debug, Clone, clap::Args)]
-#[command(next_help_heading = "Interfaces")]
-pub struct TcArgs {
-    /// Interfaces to watch, shell-style; repeatable, e.g. `--iface-pattern 'lxc*'` (Cilium).
-    #[arg(long = "iface-pattern", value_name = "GLOB", default_value = "cali*")]
-    pub iface_patterns: Vec<String>,
-
-    /// How to attach: `tcx` (Linux 6.6+; links die with the process), `clsact` (netlink filters,
-    /// removed by the next run after a SIGKILL), or `auto` (tcx when available). Each TCX
-    /// attach/detach waits for an RCU grace period under the rtnl lock (about 23 ms per
-    /// interface measured on 6.18): with hundreds of pods, `clsact` starts ~50x faster.
-    #[arg(long, value_enum, default_value_t = TcModeChoice::Auto)]
-    pub tc_mode: TcModeChoice,
-
-    /// Priority of the clsact filters (lower runs first), e.g. `--tc-priority 100`.
-    #[arg(long, default_value_t = tc::DEFAULT_PRIORITY, value_parser = clap::value_parser!(u16).range(1..))]
-    pub tc_priority: u16,
-
-    /// Also watch this network namespace as node NAME (repeatable): one netdrop for several
-    /// nodes sharing a kernel (kind, k3d, the lab), e.g. `--node-netns node-a=/run/netns/node-a`;
-    /// default: this namespace, as --node-name.
-    #[arg(long = "node-netns", value_name = "NAME=PATH")]
-    pub node_netns: Vec<NodeNetns>,
-}
-
-impl TcArgs {
-    pub fn watch_options(&self) -> WatchOptions {
-        WatchOptions {
-            pattern: IfacePattern::new(&self.iface_patterns),
-            mode: self.tc_mode,
-            priority: self.tc_priority,
-            ..WatchOptions::default()
-        }
-    }
-}
-
-/// `netdrop interfaces`: attach to workload interfaces, follow them, and show their counters.
-#[derive(Debug, clap::Args)]
-pub struct InterfacesArgs {
-    #[command(flatten)]
-    pub tc: TcArgs,
-
-    /// Name of this node (default: `$NODE_NAME`, else the hostname).
-    #[arg(long, env = "NODE_NAME", help_heading = "Interfaces")]
-    pub node_name: Option<String>,
-
-    /// Also count connection attempts to this destination (repeatable), e.g.
-    /// `--dest 10.96.0.10:53/udp`.
-    #[arg(long = "dest", value_name = "IP:PORT/PROTO", help_heading = "Counters")]
-    pub dests: Vec<Destination>,
-
-    /// Most interfaces per namespace the counters can hold.
-    #[arg(long, default_value_t = 4096, help_heading = "Counters")]
-    pub max_interfaces: u32,
-
-    /// Print the table every this long, e.g. `5s` (also at exit).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", help_heading = "Output")]
-    pub interval: Duration,
-
-    /// Stop after this long, e.g. `30s` (default: until Ctrl-C).
-    #[arg(long, value_parser = humantime::parse_duration, help_heading = "Output")]
-    pub duration: Option<Duration>,
-
-    /// `text` for people, `json` for one object per line.
-    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text, help_heading = "Output")]
-    pub output: Format,
-}
-
-/// `netdrop interfaces`.
-pub async fn run(args: InterfacesArgs) -> anyhow::Result<()> {
-    use std::io::Write as _;
-
-    use tokio::signal::unix::{SignalKind, signal};
-
-    crate::probe::check_permission()?;
-    let nodes = args.tc.node_netns.clone();
-    let default_node = crate::cmd::trace::node_name(args.node_name.as_deref());
-    let opts = WatchOptions {
-        load: LoadOptions {
-            max_interfaces: args.max_interfaces,
-            ..LoadOptions::default()
-        },
-        ..args.tc.watch_options()
-    };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let started = Instant::now();
-    let acct =
-        tokio::task::spawn_blocking(move || TcAccounting::start(&nodes, &default_node, &opts, Some(tx))).await??;
-    acct.set_destinations(&args.dests)?;
-    let total: usize = acct.reports().iter().map(|r| r.interfaces).sum();
-    let leftovers: usize = acct.reports().iter().map(|r| r.leftovers_removed).sum();
-    let per_node: Vec<String> = acct
-        .reports()
-        .iter()
-        .map(|r| format!("{} {} in {:.0} ms", r.node, r.interfaces, r.attach_ms))
-        .collect();
-    eprintln!("netdrop: tc programs: {}", acct.mode_note());
-    eprintln!(
-        "netdrop: attached to {total} interfaces matching {} ({}; {:.0} ms since start){}",
-        IfacePattern::new(&args.tc.iface_patterns),
-        per_node.join(", "),
-        started.elapsed().as_secs_f64() * 1e3,
-        if leftovers > 0 {
-            format!("; removed {leftovers} filters left by killed earlier runs")
-        } else {
-            String::new()
-        }
-    );
-
-    let mut out = io::BufWriter::new(io::stdout());
-    let deadline = async {
-        match args.duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(deadline);
-    let mut tick = tokio::time::interval(args.interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    let acct = Arc::new(acct);
-    loop {
-        tokio::select! {
-            Some(ev) = rx.recv() => {
-                print_event(&mut out, args.output, &ev)?;
-                // Drain what else is waiting before flushing: churn comes in bursts.
-                while let Ok(ev) = rx.try_recv() {
-                    print_event(&mut out, args.output, &ev)?;
-                }
-                out.flush()?;
-            }
-            _ = tick.tick() => {
-                let a = acct.clone();
-                let snap = tokio::task::spawn_blocking(move || a.snapshot()).await?;
-                print_snapshot(&mut out, args.output, &snap, acct.mode(), false)?;
-                out.flush()?;
-            }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            () = &mut deadline => break,
-        }
-    }
-    let a = acct.clone();
-    let snap = tokio::task::spawn_blocking(move || a.snapshot()).await?;
-    print_snapshot(&mut out, args.output, &snap, acct.mode(), true)?;
-    out.flush()?;
-    let acct = Arc::try_unwrap(acct).map_err(|_| anyhow::anyhow!("accounting still in use"))?;
-    let detached = tokio::task::spawn_blocking(move || acct.shutdown()).await?;
-    eprintln!("netdrop: detached from {detached} interfaces");
-    Ok(())
-}
-
-fn print_event(out: &mut impl io::Write, format: Format, ev: &WatchEvent) -> io::Result<()> {
-    match format {
-        Format::Json => {
-            let mut v = serde_json::to_value(ev).map_err(io::Error::other)?;
-            v["type"] = "interface".into();
-            writeln!(out, "{v}")
-        }
-        Format::Text => match ev {
-            WatchEvent::Attached {
-                node, ifindex, name, ..
-            } => writeln!(out, "+ {node}/{name} (ifindex {ifindex}) attached"),
-            WatchEvent::Forgotten {
-                node, ifindex, name, ..
-            } => writeln!(out, "- {node}/{name} (ifindex {ifindex}) gone"),
-            WatchEvent::Error {
-                node, name, message, ..
-            } => writeln!(out, "! {node}/{name}: {message}"),
-        },
-    }
-}
-
-fn print_snapshot(
-    out: &mut impl io::Write,
-    format: Format,
-    snap: &TcSnapshot,
-    mode: TcMode,
-    last: bool,
-) -> io::Result<()> {
-    if format == Format::Json {
-        let v = serde_json::json!({
-            "type": if last { "summary" } else { "interfaces" },
-            "unix_ms": unix_ms(),
-            "mode": mode,
-            "interfaces": snap.interfaces,
-            "destinations": snap.destinations,
-            "stats": snap.stats,
-        });
-        return writeln!(out, "{v}");
-    }
-    let mut total_from = Counters::default();
-    let mut total_to = Counters::default();
-    writeln!(
-        out,
-        "{:<12} {:<16} {:>7} {:>11}  {:>10} {:>12} {:>7} {:>7}  {:>10} {:>12} {:>7} {:>7}",
-        "NODE",
-        "INTERFACE",
-        "IFINDEX",
-        "POD-NETNS",
-        "OUT-PKTS",
-        "OUT-BYTES",
-        "OUT-SYN",
-        "OUT-UDP",
-        "IN-PKTS",
-        "IN-BYTES",
-        "IN-SYN",
-        "IN-UDP"
-    )?;
-    for i in &snap.interfaces {
-        let peer = i.peer_netns.map_or_else(|| "-".to_string(), |n| n.to_string());
-        writeln!(
-            out,
-            "{:<12} {:<16} {:>7} {:>11}  {:>10} {:>12} {:>7} {:>7}  {:>10} {:>12} {:>7} {:>7}",
-            i.node,
-            i.name,
-            i.ifindex,
-            peer,
-            i.from_pod.packets,
-            i.from_pod.bytes,
-            i.from_pod.tcp_syn,
-            i.from_pod.udp_new,
-            i.to_pod.packets,
-            i.to_pod.bytes,
-            i.to_pod.tcp_syn,
-            i.to_pod.udp_new
-        )?;
-        total_from.add(&i.from_pod);
-        total_to.add(&i.to_pod);
-    }
-    writeln!(
-        out,
-        "{:<12} {:<16} {:>7} {:>11}  {:>10} {:>12} {:>7} {:>7}  {:>10} {:>12} {:>7} {:>7}",
-        "total",
-        format!("{} interfaces", snap.interfaces.len()),
-        "",
-        "",
-        total_from.packets,
-        total_from.bytes,
-        total_from.tcp_syn,
-        total_from.udp_new,
-        total_to.packets,
-        total_to.bytes,
-        total_to.tcp_syn,
-        total_to.udp_new
-    )?;
-    writeln!(
-        out,
-        "OUT = sent by the pod (tc ingress of the host-side veth), IN = delivered to the pod (tc egress); SYN = TCP SYN without ACK, UDP = new UDP flows"
-    )?;
-    for d in &snap.destinations {
-        let proto = if d.dest.proto == 17 { "udp" } else { "tcp" };
-        let addr = std::net::SocketAddr::new(d.dest.ip, d.dest.port);
-        writeln!(
-            out,
-            "attempts (TCP SYNs, UDP datagrams) to {addr}/{proto} on {}: {} sent by pods, {} delivered to pods",
-            d.node, d.from_pod, d.to_pod
-        )?;
-    }
-    let s = &snap.stats;
-    writeln!(
-        out,
-        "{} mode; link events {}, attached {}, gone {}, attach errors {}, resyncs {}{}",
-        mode.name(),
-        s.link_events,
-        s.attached,
-        s.forgotten,
-        s.attach_errors,
-        s.resyncs,
-        if s.unregistered_packets > 0 {
-            format!(", unregistered packets {}", s.unregistered_packets)
-        } else {
-            String::new()
-        }
-    )?;
-    writeln!(out)
 }
 
 #[cfg(test)]
