@@ -2,6 +2,7 @@
 //! fallbacks. Everything that needs privileges or a particular kernel lives here.
 
 pub mod filter;
+pub mod netlink;
 pub mod tc;
 
 use std::io;

@@ -4,7 +4,7 @@
 //!
 //! Everything that attaches works on the calling thread's network namespace: TCX resolves the
 //! ifindex in `current`'s namespace and a netlink socket talks to the namespace it was created
-//! in. `netdrop::interfaces` runs one thread per watched namespace for that reason.
+//! in. `source::interfaces` runs one thread per watched namespace for that reason.
 //!
 //! Coexistence with other tc users (Calico's and Cilium's eBPF dataplanes):
 //! - TCX: our link is inserted *first* (`BPF_F_BEFORE` without a relative program), so it sees
@@ -14,10 +14,12 @@
 //!   `TC_ACT_UNSPEC` (continue with the next filter), and carry a name that says who owns them
 //!   (`netdrop_ingress:pid=<pid>:start=<ticks>`), which is how leftovers are recognised.
 
+mod clsact;
+mod tcx;
+
 use std::{
-    ffi::CString,
-    fs, io,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    io,
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
 };
 
 use aya::{
@@ -26,16 +28,16 @@ use aya::{
     programs::{ProgramError, SchedClassifier},
 };
 use netdrop_common::{TcConfig, TcCounters, TcDestCounters, TcDestKey, TcKey, tc_stat};
-use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+
+pub use self::{
+    clsact::{CLSACT_PARENTS, FilterInfo, Owner, remove_leftovers},
+    tcx::probe_tcx,
 };
-use netlink_packet_route::{
-    RouteNetlinkMessage,
-    link::LinkMessage,
-    nsid::{NsidAttribute, NsidMessage},
-    tc::{TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
+use self::{
+    clsact::{TC_H_EGRESS_PARENT, TC_H_INGRESS_PARENT, gone, our_info},
+    tcx::{BPF_TCX_EGRESS, BPF_TCX_INGRESS, link_detach, tcx_link_create},
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+pub use crate::probe::netlink::RouteSocket;
 
 /// Program names in the object, also the kernel's names for them (at most 15 characters).
 pub const INGRESS_PROGRAM: &str = "netdrop_ingress";
@@ -46,16 +48,6 @@ pub const EGRESS_PROGRAM: &str = "netdrop_egress";
 pub const DEFAULT_PRIORITY: u16 = 1;
 /// clsact filter handle (`0x6e64`, "nd"): with the priority it identifies our filter.
 pub const FILTER_HANDLE: u32 = 0x6e64;
-
-const TC_H_CLSACT: u32 = 0xFFFF_FFF1;
-const TC_H_INGRESS_PARENT: u32 = 0xFFFF_FFF2;
-const TC_H_EGRESS_PARENT: u32 = 0xFFFF_FFF3;
-const ETH_P_ALL: u16 = 0x0003;
-// From include/uapi/linux/bpf.h (Debian 12's headers predate TCX, Linux 6.6).
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_TCX_INGRESS: u32 = 46;
-const BPF_TCX_EGRESS: u32 = 47;
-const BPF_F_BEFORE: u32 = 1 << 3;
 
 /// How the programs are attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -324,117 +316,6 @@ fn take_map<T>(
     convert(ebpf.take_map(name).ok_or(TcError::MissingMap(name))?).map_err(|source| TcError::Map { name, source })
 }
 
-// ---- TCX ----
-
-/// `union bpf_attr` for `BPF_LINK_CREATE` with the `tcx` member (Linux 6.6+).
-#[repr(C)]
-#[derive(Default)]
-struct LinkCreateTcx {
-    prog_fd: u32,
-    target_ifindex: u32,
-    attach_type: u32,
-    flags: u32,
-    relative_fd: u32,
-    _pad: u32,
-    expected_revision: u64,
-}
-
-fn tcx_link_create(prog: BorrowedFd<'_>, ifindex: u32, attach_type: u32) -> io::Result<OwnedFd> {
-    let attr = LinkCreateTcx {
-        prog_fd: prog.as_raw_fd() as u32,
-        target_ifindex: ifindex,
-        attach_type,
-        // Before every program already there, relative to none: first in the chain.
-        flags: BPF_F_BEFORE,
-        ..LinkCreateTcx::default()
-    };
-    // SAFETY: bpf(2) with a valid, fully initialised attr of the size passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_CREATE,
-            &raw const attr,
-            size_of::<LinkCreateTcx>(),
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this fd to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let attr: [u32; 2] = [link.as_raw_fd() as u32, 0];
-    // SAFETY: bpf(2) with a valid attr of the size passed.
-    if unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_ptr(), size_of_val(&attr)) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Whether this kernel has TCX: creating a TCX link on ifindex 0 fails with ENODEV where the
-/// attach type exists (the device lookup comes after the type check) and EINVAL where it does not.
-pub fn probe_tcx(instance: &TcInstance) -> Result<(), io::Error> {
-    match tcx_link_create(instance.ingress_fd(), 0, BPF_TCX_INGRESS) {
-        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(()),
-        Err(e) => Err(e),
-        // Cannot happen (no device 0); dropping the fd detaches it anyway.
-        Ok(_fd) => Ok(()),
-    }
-}
-
-// ---- attachments ----
-
-/// Who owns a clsact filter, encoded in its name: `<program>:pid=<pid>:start=<ticks>`, `start`
-/// being the process's start time (field 22 of /proc/PID/stat) so a reused PID is not mistaken
-/// for the owner.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Owner {
-    pub pid: u32,
-    pub start: u64,
-}
-
-impl Owner {
-    pub fn current() -> Self {
-        let pid = std::process::id();
-        Self {
-            pid,
-            start: process_start(pid).unwrap_or(0),
-        }
-    }
-
-    fn filter_name(self, program: &str) -> String {
-        format!("{program}:pid={}:start={}", self.pid, self.start)
-    }
-
-    /// The owner of a filter named by netdrop; `None` for anyone else's filter.
-    pub fn parse(name: &str) -> Option<Self> {
-        let (program, rest) = name.split_once(':')?;
-        if program != INGRESS_PROGRAM && program != EGRESS_PROGRAM {
-            return None;
-        }
-        let (pid, start) = rest.split_once(':')?;
-        Some(Self {
-            pid: pid.strip_prefix("pid=")?.parse().ok()?,
-            start: start.strip_prefix("start=")?.parse().ok()?,
-        })
-    }
-
-    /// Whether the owning process still runs.
-    pub fn is_alive(self) -> bool {
-        process_start(self.pid) == Some(self.start)
-    }
-}
-
-fn process_start(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    // Fields after the command: state is field 3, starttime field 22.
-    after.split_whitespace().nth(19)?.parse().ok()
-}
-
 /// One interface's attachment; detach with [`Attachment::detach`] (dropping a TCX attachment
 /// also detaches it; dropping a clsact one leaves the filters, as a killed process would).
 #[derive(Debug)]
@@ -503,11 +384,6 @@ impl Attachment {
     }
 }
 
-/// The interface or its qdisc/filter is gone already.
-fn gone(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENODEV | libc::ENOENT | libc::EINVAL))
-}
-
 /// Attaches both programs of `instance` to `ifindex` (in the calling thread's namespace).
 pub fn attach(
     instance: &TcInstance,
@@ -565,326 +441,6 @@ pub fn attach(
             })
         }
     }
-}
-
-/// `tcm_info` of our filters: priority in the upper half, protocol (`ETH_P_ALL`, network byte
-/// order) in the lower.
-fn our_info(priority: u16) -> u32 {
-    (u32::from(priority) << 16) | u32::from(ETH_P_ALL.to_be())
-}
-
-/// Removes the clsact filters that netdrop runs which no longer exist left behind, on every
-/// interface of the calling thread's namespace. Others' filters and live runs' filters stay.
-/// Returns how many were removed.
-pub fn remove_leftovers(sock: &mut RouteSocket) -> Result<usize, TcError> {
-    let qdiscs = sock.clsact_interfaces().map_err(TcError::netlink("listing qdiscs"))?;
-    let mut removed = 0;
-    for ifindex in qdiscs {
-        let mut ours_removed = false;
-        for parent in [TC_H_INGRESS_PARENT, TC_H_EGRESS_PARENT] {
-            let filters = match sock.bpf_filters(ifindex, parent) {
-                Ok(f) => f,
-                Err(e) if gone(&e) => continue,
-                Err(e) => {
-                    return Err(TcError::Netlink {
-                        what: "listing tc filters",
-                        source: e,
-                    });
-                }
-            };
-            for f in filters {
-                let Some(owner) = f.name.as_deref().and_then(Owner::parse) else {
-                    continue;
-                };
-                if owner.is_alive() {
-                    continue;
-                }
-                match sock.del_filter(ifindex, parent, f.info, f.handle) {
-                    Ok(()) => {
-                        removed += 1;
-                        ours_removed = true;
-                    }
-                    Err(e) if gone(&e) => {}
-                    Err(e) => {
-                        return Err(TcError::Netlink {
-                            what: "deleting a leftover tc filter",
-                            source: e,
-                        });
-                    }
-                }
-            }
-        }
-        if ours_removed {
-            // The qdisc was most likely ours too; it goes only if nobody else has filters on it.
-            let _ = sock.del_clsact_if_empty(ifindex);
-        }
-    }
-    Ok(removed)
-}
-
-// ---- netlink ----
-
-/// A bpf filter as listed by the kernel.
-#[derive(Clone, Debug)]
-pub struct FilterInfo {
-    pub priority: u16,
-    /// Raw `tcm_info`: priority and protocol, as needed to delete the filter.
-    pub info: u32,
-    pub handle: u32,
-    pub name: Option<String>,
-    pub prog_id: Option<u32>,
-}
-
-/// A blocking `NETLINK_ROUTE` socket in the namespace of the thread that opened it.
-pub struct RouteSocket {
-    sock: Socket,
-    seq: u32,
-    buf: Vec<u8>,
-}
-
-impl RouteSocket {
-    pub fn open() -> io::Result<Self> {
-        let mut sock = Socket::new(NETLINK_ROUTE)?;
-        sock.bind_auto()?;
-        sock.connect(&SocketAddr::new(0, 0))?;
-        // Error replies without the whole request echoed back.
-        let _ = sock.set_cap_ack(true);
-        let _ = sock.set_ext_ack(true);
-        Ok(Self {
-            sock,
-            seq: 0,
-            buf: vec![0; 64 * 1024],
-        })
-    }
-
-    /// Sends one request and collects the replies up to the ACK or the end of the dump.
-    pub fn request(&mut self, msg: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<RouteNetlinkMessage>> {
-        self.seq = self.seq.wrapping_add(1);
-        let mut header = NetlinkHeader::default();
-        header.flags = flags | NLM_F_REQUEST;
-        header.sequence_number = self.seq;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(msg));
-        packet.finalize();
-        let mut out = vec![0; packet.buffer_len()];
-        packet.serialize(&mut out);
-        self.sock.send(&out, 0)?;
-        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
-        let mut replies = Vec::new();
-        loop {
-            let n = recv(&self.sock, &mut self.buf)?;
-            let mut offset = 0;
-            while offset < n {
-                let bytes = &self.buf[offset..n];
-                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-                let len = reply.header.length as usize;
-                offset += len.max(16).next_multiple_of(4);
-                if reply.header.sequence_number != self.seq {
-                    continue;
-                }
-                match reply.payload {
-                    NetlinkPayload::Done(_) => return Ok(replies),
-                    NetlinkPayload::Error(e) => {
-                        return match e.code {
-                            None => Ok(replies),
-                            Some(_) => Err(e.to_io()),
-                        };
-                    }
-                    NetlinkPayload::InnerMessage(m) => {
-                        replies.push(m);
-                        if !dump && flags & NLM_F_ACK == 0 {
-                            return Ok(replies);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    /// Every link of the namespace.
-    pub fn dump_links(&mut self) -> io::Result<Vec<LinkMessage>> {
-        let replies = self.request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)?;
-        Ok(replies
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(l),
-                _ => None,
-            })
-            .collect())
-    }
-
-    /// The id this namespace gives the namespace behind `fd`; `None` when it has none yet.
-    pub fn nsid_of(&mut self, fd: BorrowedFd<'_>) -> io::Result<Option<i32>> {
-        let mut msg = NsidMessage::default();
-        msg.attributes.push(NsidAttribute::Fd(fd.as_raw_fd() as u32));
-        let replies = self.request(RouteNetlinkMessage::GetNsId(msg), 0)?;
-        for r in replies {
-            if let RouteNetlinkMessage::NewNsId(m) = r {
-                for a in m.attributes {
-                    if let NsidAttribute::Id(id) = a {
-                        return Ok((id >= 0).then_some(id));
-                    }
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    fn add_clsact(&mut self, ifindex: u32) -> io::Result<()> {
-        let mut m = TcMessage::with_index(ifindex as i32);
-        m.header.parent = TcHandle::from(TC_H_CLSACT);
-        m.header.handle = TcHandle::from(0xFFFF_0000);
-        m.attributes.push(TcAttribute::Kind("clsact".into()));
-        self.request(
-            RouteNetlinkMessage::NewQueueDiscipline(m),
-            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        )
-        .map(drop)
-    }
-
-    /// Interfaces with a clsact qdisc.
-    fn clsact_interfaces(&mut self) -> io::Result<Vec<u32>> {
-        let replies = self.request(
-            RouteNetlinkMessage::GetQueueDiscipline(TcMessage::default()),
-            NLM_F_DUMP,
-        )?;
-        Ok(replies
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewQueueDiscipline(q)
-                    if q.attributes
-                        .iter()
-                        .any(|a| matches!(a, TcAttribute::Kind(k) if k == "clsact")) =>
-                {
-                    Some(q.header.index as u32)
-                }
-                _ => None,
-            })
-            .collect())
-    }
-
-    fn del_clsact_if_empty(&mut self, ifindex: u32) -> io::Result<()> {
-        for parent in [TC_H_INGRESS_PARENT, TC_H_EGRESS_PARENT] {
-            if !self.filters(ifindex, parent)?.is_empty() {
-                return Ok(());
-            }
-        }
-        let mut m = TcMessage::with_index(ifindex as i32);
-        m.header.parent = TcHandle::from(TC_H_CLSACT);
-        m.header.handle = TcHandle::from(0xFFFF_0000);
-        m.attributes.push(TcAttribute::Kind("clsact".into()));
-        match self.request(RouteNetlinkMessage::DelQueueDiscipline(m), NLM_F_ACK) {
-            Err(e) if gone(&e) => Ok(()),
-            r => r.map(drop),
-        }
-    }
-
-    fn add_bpf_filter(
-        &mut self,
-        ifindex: u32,
-        parent: u32,
-        priority: u16,
-        prog: BorrowedFd<'_>,
-        name: &str,
-    ) -> io::Result<()> {
-        // The kernel copies the name with nla_strdup; a NUL inside would cut it.
-        let name = CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        let mut m = TcMessage::with_index(ifindex as i32);
-        m.header.parent = TcHandle::from(parent);
-        m.header.handle = TcHandle::from(FILTER_HANDLE);
-        m.header.info = our_info(priority);
-        m.attributes.push(TcAttribute::Kind("bpf".into()));
-        m.attributes.push(TcAttribute::Options(vec![
-            TcOption::Bpf(TcFilterBpfOption::ProgFd(prog.as_raw_fd() as u32)),
-            TcOption::Bpf(TcFilterBpfOption::ProgName(name.to_string_lossy().into_owned())),
-            TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
-        ]));
-        self.request(
-            RouteNetlinkMessage::NewTrafficFilter(m),
-            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        )
-        .map(drop)
-    }
-
-    fn del_filter(&mut self, ifindex: u32, parent: u32, info: u32, handle: u32) -> io::Result<()> {
-        let mut m = TcMessage::with_index(ifindex as i32);
-        m.header.parent = TcHandle::from(parent);
-        m.header.handle = TcHandle::from(handle);
-        m.header.info = info;
-        m.attributes.push(TcAttribute::Kind("bpf".into()));
-        self.request(RouteNetlinkMessage::DelTrafficFilter(m), NLM_F_ACK)
-            .map(drop)
-    }
-
-    /// Every filter under `parent` (each priority's chain head included, handle 0).
-    fn filters(&mut self, ifindex: u32, parent: u32) -> io::Result<Vec<TcMessage>> {
-        let mut m = TcMessage::with_index(ifindex as i32);
-        m.header.parent = TcHandle::from(parent);
-        let replies = self.request(RouteNetlinkMessage::GetTrafficFilter(m), NLM_F_DUMP)?;
-        Ok(replies
-            .into_iter()
-            .filter_map(|r| match r {
-                RouteNetlinkMessage::NewTrafficFilter(f) => Some(f),
-                _ => None,
-            })
-            .collect())
-    }
-
-    /// The `bpf` filters under `parent` (clsact ingress or egress) with their names.
-    pub fn bpf_filters(&mut self, ifindex: u32, parent: u32) -> io::Result<Vec<FilterInfo>> {
-        let mut out = Vec::new();
-        for f in self.filters(ifindex, parent)? {
-            let handle = u32::from(f.header.handle);
-            if handle == 0
-                || !f
-                    .attributes
-                    .iter()
-                    .any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"))
-            {
-                continue;
-            }
-            let mut info = FilterInfo {
-                priority: (f.header.info >> 16) as u16,
-                info: f.header.info,
-                handle,
-                name: None,
-                prog_id: None,
-            };
-            for a in &f.attributes {
-                if let TcAttribute::Options(opts) = a {
-                    for o in opts {
-                        match o {
-                            TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => info.name = Some(n.clone()),
-                            TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => info.prog_id = Some(*id),
-                            _ => {}
-                        }
-                    }
-                }
-            }
-            out.push(info);
-        }
-        Ok(out)
-    }
-}
-
-/// clsact parents, for callers listing filters.
-pub const CLSACT_PARENTS: [u32; 2] = [TC_H_INGRESS_PARENT, TC_H_EGRESS_PARENT];
-
-fn recv(sock: &Socket, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        let mut slice = &mut buf[..];
-        match sock.recv(&mut slice, 0) {
-            Ok(n) => return Ok(n.min(buf.len())),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// Receives one datagram of link events into `buf` (see `interfaces`).
-pub(crate) fn recv_datagram(sock: &Socket, buf: &mut [u8]) -> io::Result<usize> {
-    recv(sock, buf)
 }
 
 #[cfg(test)]

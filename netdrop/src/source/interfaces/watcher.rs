@@ -290,7 +290,7 @@ impl Worker {
                 continue;
             }
             loop {
-                match tc::recv_datagram(events, &mut buf) {
+                match crate::probe::netlink::recv_datagram(events, &mut buf) {
                     Ok(n) => self.on_datagram(ctl, &buf[..n]),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
