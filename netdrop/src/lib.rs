@@ -1,4 +1,23 @@
 //! netdrop: an eBPF packet-drop tracer for Kubernetes.
+//!
+//! Data flows one way, and a module imports only the modules before it in this list:
+//! - [`kernel`]: read-only facts about the running kernel (BTF offsets, drop reasons, symbols,
+//!   tracefs, namespaces, capabilities, benign frees) → [`kernel::KernelInfo`].
+//! - [`resolve`]: Kubernetes names for addresses (watchers, slim objects, per-kind indexes).
+//! - [`probe`]: privileged load and attach: the drop hook with its fallbacks, the precise
+//!   hooks, the kernel filter, tc programs ([`probe::tc`]: TCX, clsact), netlink.
+//! - [`source`]: what the kernel produces over time: tc counters of workload interfaces and
+//!   their link events ([`source::interfaces`]), conntrack statistics.
+//! - [`enrich`]: an event becomes a [`enrich::record::DropRecord`] (decode, visibility,
+//!   classification, Kubernetes names).
+//! - [`aggregate`]: summaries from the kernel's exact counters, target sets and per-backend
+//!   target summaries, the diagnosis.
+//! - [`sink`]: where records and summaries are written: text lines, JSON lines, the live table.
+//! - [`cli`]: clap types only. [`cmd`]: the commands (`trace`, `reasons`, `resolve`,
+//!   `interfaces`), the only place with a `select!` loop.
+//!
+//! Only `probe` (and the tc watchers it drives in `source`) needs privileges; the stages after
+//! it make no syscalls and are unit-tested without root.
 
 pub mod aggregate;
 pub mod cli;

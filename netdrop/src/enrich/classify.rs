@@ -190,8 +190,8 @@ pub const NETFILTER_SITES: &[&str] = &["nf_hook_slow", "nft_do_chain", "ipt_do_t
 /// Whether a drop is a [`TCP_TEARDOWN`]. The kernel program marks timewait and FIN/RST segments
 /// only among `NOT_SPECIFIED` drops (every drop on kernels without reasons), so the mark implies
 /// the reason.
-pub fn is_tcp_teardown(function: Option<&str>, exact_class: u8) -> bool {
-    matches!(exact_class, class::TCP_FIN_OR_RST | class::TCP_TIME_WAIT)
+pub fn is_tcp_teardown(function: Option<&str>, kernel_class: u8) -> bool {
+    matches!(kernel_class, class::TCP_FIN_OR_RST | class::TCP_TIME_WAIT)
         && function.is_some_and(|f| TCP_RCV_SITES.contains(&f))
 }
 
@@ -225,11 +225,11 @@ pub fn classify(
     reason: &str,
     function: Option<&str>,
     ct_state: u8,
-    exact_class: u8,
+    kernel_class: u8,
     evidence: &Evidence,
 ) -> (String, Certainty) {
     if reason == NO_REASON {
-        return by_location(function, ct_state, exact_class, evidence);
+        return by_location(function, ct_state, kernel_class, evidence);
     }
     if reason == "NOT_SPECIFIED" && function.is_some_and(|f| BLACKHOLE_SITES.contains(&f)) {
         return (BLACKHOLE.into(), Certainty::Exact);
@@ -237,13 +237,13 @@ pub fn classify(
     if reason == "NOT_SPECIFIED" && function == Some(OFO_PURGE_SITE) {
         return (OFO_PURGED.into(), Certainty::Exact);
     }
-    if is_tcp_teardown(function, exact_class) {
+    if is_tcp_teardown(function, kernel_class) {
         return (TCP_TEARDOWN.into(), Certainty::Exact);
     }
     if reason != "NETFILTER_DROP" {
         return (reason.to_ascii_lowercase(), Certainty::Exact);
     }
-    match exact_class {
+    match kernel_class {
         class::INSERT_FAILED => return (INSERT_FAILED.into(), Certainty::Exact),
         class::TABLE_FULL => return (TABLE_FULL.into(), Certainty::Exact),
         _ => {}
@@ -266,20 +266,20 @@ pub fn classify(
 
 /// Kernels without drop reasons (before 5.17): what the drop site and the packet's TCP flags
 /// say, always inferred. `unclassified` where they say nothing.
-fn by_location(function: Option<&str>, ct_state: u8, exact_class: u8, evidence: &Evidence) -> (String, Certainty) {
+fn by_location(function: Option<&str>, ct_state: u8, kernel_class: u8, evidence: &Evidence) -> (String, Certainty) {
     let Some(f) = function else {
         return ("unclassified".into(), Certainty::Inferred);
     };
-    if is_tcp_teardown(function, exact_class) {
+    if is_tcp_teardown(function, kernel_class) {
         // The socket itself said TIME_WAIT; flags alone only suggest it.
-        let certainty = if exact_class == class::TCP_TIME_WAIT {
+        let certainty = if kernel_class == class::TCP_TIME_WAIT {
             Certainty::Exact
         } else {
             Certainty::Inferred
         };
         return (TCP_TEARDOWN.into(), certainty);
     }
-    let c = if TCP_RCV_SITES.contains(&f) && exact_class == class::TCP_SYN {
+    let c = if TCP_RCV_SITES.contains(&f) && kernel_class == class::TCP_SYN {
         "no_socket"
     } else if UDP_RCV_SITES.contains(&f) {
         "no_socket"

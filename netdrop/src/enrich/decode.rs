@@ -89,7 +89,7 @@ impl Decoder {
                 l3_proto: ev.l3_proto,
                 ct_state: ev.ct_state,
                 ct_info: ev.ct_info,
-                exact_class: ev.exact_class,
+                kernel_class: ev.exact_class,
                 headers: headers.to_vec(),
             },
         }

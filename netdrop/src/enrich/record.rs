@@ -103,7 +103,9 @@ pub struct RawDetail {
     pub l3_proto: u16,
     pub ct_state: u8,
     pub ct_info: u8,
-    pub exact_class: u8,
+    /// The kernel program's [`netdrop_common::class`] for the skb (the ABI's `exact_class`): from
+    /// the precise hooks (exact) or from the TCP flags (an inference), else 0.
+    pub kernel_class: u8,
     /// The packet from its network header, as captured (at most `HEADER_BYTES`).
     pub headers: Vec<u8>,
 }

@@ -84,7 +84,7 @@ impl Pipeline {
         // Statistics are read only when the packet itself cannot tell.
         let needs_evidence = self.conntrack
             && r.reason == "NETFILTER_DROP"
-            && r.raw.exact_class == 0
+            && r.raw.kernel_class == 0
             && !function
                 .is_some_and(|f| classify::RULE_ENGINES.contains(&f) && r.raw.ct_state & ct::STATE_MASK != ct::NONE);
         let evidence = if needs_evidence {
@@ -93,6 +93,6 @@ impl Pipeline {
             Evidence::default()
         };
         (r.classification, r.certainty) =
-            classify::classify(&r.reason, function, r.raw.ct_state, r.raw.exact_class, &evidence);
+            classify::classify(&r.reason, function, r.raw.ct_state, r.raw.kernel_class, &evidence);
     }
 }
