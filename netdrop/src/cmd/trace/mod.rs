@@ -15,7 +15,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use netdrop_common::Config;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -24,7 +23,7 @@ use tracing::warn;
 
 use self::{
     pipeline::Pipeline,
-    plan::{Timewait, is_too_large, set_effect_reasons, timewait_by_flags, timewait_source},
+    plan::{Plan, Timewait, is_too_large, plan, timewait_by_flags},
     summarizer::Summarizer,
     targets::TargetMode,
 };
@@ -42,55 +41,17 @@ use crate::{
 };
 
 /// How often the reader drains the ring buffer without a wakeup (the kernel wakes it early
-/// only once `WAKEUP_BYTES` are waiting): the longest an event waits to be shown.
+/// only once `plan::WAKEUP_BYTES` are waiting): the longest an event waits to be shown.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
-const WAKEUP_BYTES: u32 = 256 * 1024;
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let kernel = KernelInfo::discover()?;
-    let spec = args.filter.to_spec();
-    let mut config = Config::DEFAULT;
-    spec.apply(&mut config, &kernel.reasons)?;
-    match kernel.offsets {
-        Some(o) => {
-            config.offsets = o;
-            config.read_skb = 1;
-        }
-        None => {
-            let why = kernel.btf_error.clone().unwrap_or_default();
-            if spec.needs_packet() {
-                return Err(probe::filter::FilterError::NeedsBtf(why).into());
-            }
-            eprintln!(
-                "netdrop: degraded mode \"counts only\": no kernel BTF ({why}); drops are counted by reason and location, no per-packet events"
-            );
-        }
-    }
-    if let Some(tp) = kernel.tracepoint {
-        config.tracepoint = tp;
-    }
-    config.btf_has_reason = u32::from(kernel.btf_has_reason);
-    let conntrack_on = config.read_skb == 1 && kernel.conntrack.is_ok() && args.ct_hook != Some(CtHookArg::Off);
-    config.conntrack = u32::from(conntrack_on);
-    config.netfilter_drop_reason = kernel
-        .reasons
-        .lookup("NETFILTER_DROP")
-        .unwrap_or(netdrop_common::ABSENT);
-    // Without reasons (before 5.17) every drop is 0, and the TCP flags help classify all of them.
-    config.not_specified_reason = kernel.reasons.not_specified().unwrap_or(netdrop_common::ABSENT);
-    set_effect_reasons(&mut config, &kernel.reasons);
-    // The kfree_skb program consults the precise hooks' marks only for NETFILTER_DROP.
-    config.precise_conntrack = config.conntrack;
-    let timewait = timewait_source(&kernel, &mut config, args.tw_hook)?;
-    let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
-    config.events_per_cpu_sec = if args.event_rate == 0 {
-        0
-    } else {
-        args.event_rate.div_ceil(cpus)
-    };
-    config.wakeup_bytes = WAKEUP_BYTES.min(args.ring_kib * 1024 / 4);
-    config.addr_filter = u32::from(args.target.any());
-
+    let Plan {
+        spec,
+        mut config,
+        conntrack_on,
+        timewait,
+    } = plan(&args, &kernel)?;
     let attach_opts = AttachOptions {
         hook: args.hook.map(Into::into),
         ring_bytes: args.ring_kib * 1024,
