@@ -1,4 +1,4 @@
-//! Classification: what a drop is (a firewall rule, a conntrack insert failure, a TIME_WAIT
+//! Classification: what a drop is (a firewall rule, a conntrack insert failure, a `TIME_WAIT`
 //! socket's segment, ...), from its reason, location, conntrack state and the kernel program's
 //! class, and what it cost ([`Effect`]).
 //!

@@ -1,5 +1,5 @@
 //! Planning a trace: the kernel program's settings from the flags and what the kernel offers,
-//! and which way TIME_WAIT segments are told.
+//! and which way `TIME_WAIT` segments are told.
 
 use netdrop_common::Config;
 

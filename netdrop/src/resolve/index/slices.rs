@@ -1,4 +1,4 @@
-//! EndpointSlices: backends by address and port, and each Service's endpoints.
+//! `EndpointSlice`s: backends by address and port, and each Service's endpoints.
 
 use std::{net::IpAddr, sync::Arc};
 
