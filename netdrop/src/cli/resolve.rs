@@ -21,7 +21,8 @@ pub struct ResolveArgs {
     pub namespace: Option<String>,
 
     /// Output format: `text`, or `json` (one JSON object per line)
-    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
+    // The values are named above: the shared enum's descriptions are about drops.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text, hide_possible_values = true)]
     pub output: Format,
 
     /// How long to wait for the first sync with the API, e.g. `--sync-timeout 30s`

@@ -146,9 +146,9 @@ impl CtHookArg {
 /// `--hook`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum HookArg {
-    /// BTF-typed tracepoint (`tp_btf/kfree_skb`, Linux 5.5+).
+    /// BTF-typed tracepoint (`tp_btf/kfree_skb`, Linux 5.5+): typed arguments, no record copy.
     TpBtf,
-    /// Classic tracepoint (`tracepoint/skb/kfree_skb`).
+    /// Classic tracepoint (`tracepoint/skb/kfree_skb`): any kernel with tracefs.
     Tracepoint,
 }
 
