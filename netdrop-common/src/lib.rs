@@ -45,7 +45,9 @@ pub struct DropKey {
     /// The skb's conntrack state, [`ct`] bits: none/unconfirmed/confirmed/untracked plus the
     /// NAT-done bits. Classifies NETFILTER_DROP without the precise hooks.
     pub ct_state: u8,
-    /// A classification the precise hooks established for this skb ([`class`]), else 0.
+    /// A [`class`] the kernel program gave this skb, else 0. The name is kept for the ABI, but
+    /// not every class is exact: `TCP_FIN_OR_RST` and `TCP_SYN` are inferred from the TCP flags;
+    /// the others come from the precise hooks or the socket. Userspace calls it `kernel_class`.
     pub exact_class: u8,
     /// What the drop cost ([`effect`]), decided per packet by the kernel program, so that
     /// counts of lost attempts and data stay exact.
@@ -214,7 +216,8 @@ pub struct DropEvent {
     pub ct_state: u8,
     /// `skb->_nfct & 7`: the packet's `enum ip_conntrack_info` (direction/state).
     pub ct_info: u8,
-    /// [`class`] established by the precise hooks, else 0.
+    /// As [`DropKey::exact_class`]: a [`class`] from the precise hooks, the socket or the TCP
+    /// flags (not all exact, despite the ABI name), else 0.
     pub exact_class: u8,
     /// [`effect`], as in [`DropKey::effect`].
     pub effect: u8,

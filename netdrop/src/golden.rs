@@ -12,18 +12,22 @@ use etherparse::PacketBuilder;
 use netdrop_common::{ConntrackTuple, DropEvent, DropKey, HEADER_BYTES, IFNAMSIZ, ct, effect, stat};
 
 use crate::{
-    aggregate::{self, SummaryContext, Visibility},
-    classify,
-    conntrack::{CtStats, Evidence},
-    decode::Decoder,
-    event::DropRecord,
-    interfaces::{Destination, DestinationSnapshot, TcSnapshot, WatchStats},
-    output::{JsonSink, Sink as _},
+    aggregate::{self, SummaryContext},
+    aggregate::{
+        target_set::TargetSet,
+        target_summary::{self, Observed},
+    },
+    enrich::classify,
+    enrich::decode::Decoder,
+    enrich::record::DropRecord,
+    enrich::visibility::Visibility,
+    kernel::reasons::ReasonTable,
+    kernel::symbols::KernelSymbols,
     probe::KernelCounts,
-    reasons::ReasonTable,
     resolve::{Backend, Name, Peer, PeerKind, Proto, ServiceInfo, ServicePort},
-    svc::{self, Observed, SvcTargets},
-    symbols::KernelSymbols,
+    sink::{JsonSink, Sink as _},
+    source::conntrack::{CtStats, Evidence},
+    source::interfaces::{Destination, DestinationSnapshot, TcSnapshot, WatchStats},
 };
 
 const FORMAT: &str = r#"print fmt: "skbaddr=%p location=%pS reason: %s", REC->skbaddr, REC->location, __print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 3, "NO_SOCKET" }, { 12, "NETFILTER_DROP" }, { 104, "QUEUE_PURGE" }, { 128, "MAX" })"#;
@@ -257,8 +261,8 @@ fn service() -> ServiceInfo {
     }
 }
 
-fn svc_summaries() -> Vec<svc::SvcSummary> {
-    let t = SvcTargets::from_service(&service(), &|_| vec![]);
+fn svc_summaries() -> Vec<target_summary::TargetSummary> {
+    let t = TargetSet::from_service(&service(), &|_| vec![]);
     let bad = t.backends[2].tag;
     let summary = plain_summary();
     let mut rows = summary.drops.clone();
@@ -304,8 +308,8 @@ fn svc_summaries() -> Vec<svc::SvcSummary> {
         time: "2026-11-26T09:52:04Z".into(),
         is_final,
     };
-    let periodic = svc::build(&t, &observed(false));
-    let mut last = svc::build(&t, &observed(true));
+    let periodic = target_summary::build(&t, &observed(false));
+    let mut last = target_summary::build(&t, &observed(true));
     last.detail = Some(summary);
     vec![periodic, last]
 }

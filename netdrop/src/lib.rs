@@ -1,26 +1,33 @@
 //! netdrop: an eBPF packet-drop tracer for Kubernetes.
 //!
-//! Stages, one module each: [`probe`] (load, attach, feature detection and fallbacks),
-//! [`decode`] (kernel events → [`event::DropRecord`]), [`classify`] (benign frees, drop
-//! classes), [`resolve`] (Kubernetes names), [`filter`], [`aggregate`] (summaries from exact
-//! kernel counters), [`output`] (sinks). Only `probe` needs privileges.
+//! Data flows one way, and a module imports only the modules before it in this list:
+//! - [`kernel`]: read-only facts about the running kernel (BTF offsets, drop reasons, symbols,
+//!   tracefs, namespaces, capabilities, benign frees) → [`kernel::KernelInfo`].
+//! - [`resolve`]: Kubernetes names for addresses (watchers, slim objects, per-kind indexes).
+//! - [`probe`]: privileged load and attach: the drop hook with its fallbacks, the precise
+//!   hooks, the kernel filter, tc programs ([`probe::tc`]: TCX, clsact), netlink.
+//! - [`source`]: what the kernel produces over time: tc counters of workload interfaces and
+//!   their link events ([`source::interfaces`]), conntrack statistics.
+//! - [`enrich`]: an event becomes a [`enrich::record::DropRecord`] (decode, visibility,
+//!   classification, Kubernetes names).
+//! - [`aggregate`]: summaries from the kernel's exact counters, target sets and per-backend
+//!   target summaries, the diagnosis.
+//! - [`sink`]: where records and summaries are written: text lines, JSON lines, the live table.
+//! - [`cli`]: clap types only. [`cmd`]: the commands (`trace`, `reasons`, `resolve`,
+//!   `interfaces`), the only place with a `select!` loop.
+//!
+//! Only `probe` (and the tc watchers it drives in `source`) needs privileges; the stages after
+//! it make no syscalls and are unit-tested without root.
 
 pub mod aggregate;
-pub mod classify;
 pub mod cli;
-pub mod conntrack;
-pub mod decode;
-pub mod event;
-pub mod filter;
-pub mod interfaces;
-pub mod output;
+pub mod cmd;
+pub mod enrich;
+pub mod kernel;
 pub mod probe;
-pub mod reasons;
 pub mod resolve;
-pub mod svc;
-pub mod symbols;
-pub mod targets;
-pub mod trace;
+pub mod sink;
+pub mod source;
 
 #[cfg(test)]
 mod golden;

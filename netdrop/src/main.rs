@@ -7,7 +7,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(netdrop::output::log_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref()))
+        .with_ansi(netdrop::sink::log_colour(std::io::stderr().is_terminal(), std::env::var_os("NO_COLOR").as_deref()))
         // kube-rs warns on every retry of a 403; the resolver reports each state change once.
         .with_env_filter(tracing_subscriber::EnvFilter::new(format!("netdrop={},kube_runtime=error", cli.log)))
         .init();
@@ -20,10 +20,10 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Trace(args) => netdrop::trace::run(args).await,
-            Command::Reasons(args) => netdrop::trace::reasons(&args),
-            Command::Resolve(args) => netdrop::resolve::cli::run(args).await,
-            Command::Interfaces(args) => netdrop::interfaces::run(args).await,
+            Command::Trace(args) => netdrop::cmd::trace::run(args).await,
+            Command::Reasons(args) => netdrop::cmd::reasons::run(&args),
+            Command::Resolve(args) => netdrop::cmd::resolve::run(args).await,
+            Command::Interfaces(args) => netdrop::cmd::interfaces::run(args).await,
         }
     });
     match result {

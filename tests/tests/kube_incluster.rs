@@ -4,7 +4,7 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use netdrop::resolve::{Health, KubeArgs, PeerKind, Resolver};
+use netdrop::resolve::{Health, KubeOptions, PeerKind, Resolver};
 use netdrop_tests::apiserver::{Cluster, ServeOptions, StandIn, TlsMaterial};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,9 +35,9 @@ async fn in_cluster_service_account_over_tls() {
         std::env::set_var("KUBERNETES_SERVICE_HOST", "127.0.0.1");
         std::env::set_var("KUBERNETES_SERVICE_PORT", server.addr().port().to_string());
     }
-    let args = KubeArgs {
+    let args = KubeOptions {
         serviceaccount_dir: sa.clone(),
-        ..KubeArgs::default()
+        ..KubeOptions::default()
     };
     let r = Resolver::start(&args).await.expect("in-cluster start");
     assert!(r.wait_synced(Duration::from_secs(20)).await, "{}", r.status());

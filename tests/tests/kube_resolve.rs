@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use netdrop::resolve::{Health, KubeArgs, PeerKind, Proto, Resolver};
+use netdrop::resolve::{Health, KubeOptions, PeerKind, Proto, Resolver};
 use netdrop_tests::apiserver::{Cluster, Faults, ResKind, ServeOptions, StandIn, TlsMaterial};
 use serde_json::json;
 
@@ -35,9 +35,9 @@ fn fast() -> ServeOptions {
 async fn start_resolver(server: &StandIn, dir: &Path) -> Resolver {
     let kc = dir.join("kubeconfig");
     server.write_kubeconfig(&kc).expect("kubeconfig written");
-    let args = KubeArgs {
+    let args = KubeOptions {
         kubeconfig: Some(kc),
-        ..KubeArgs::default()
+        ..KubeOptions::default()
     };
     Resolver::start(&args).await.expect("resolver starts")
 }
@@ -269,9 +269,9 @@ async fn unreachable_at_start_then_up() {
         .to_string(),
     )
     .expect("kubeconfig");
-    let r = Resolver::start(&KubeArgs {
+    let r = Resolver::start(&KubeOptions {
         kubeconfig: Some(kc),
-        ..KubeArgs::default()
+        ..KubeOptions::default()
     })
     .await
     .expect("starting with the API down is not an error");
@@ -375,9 +375,9 @@ async fn bad_kubeconfig_is_one_clear_error() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let kc = tmp.path().join("broken");
     std::fs::write(&kc, "this: [is not a kubeconfig").expect("write");
-    let err = Resolver::start(&KubeArgs {
+    let err = Resolver::start(&KubeOptions {
         kubeconfig: Some(kc),
-        ..KubeArgs::default()
+        ..KubeOptions::default()
     })
     .await
     .err()
@@ -387,17 +387,17 @@ async fn bad_kubeconfig_is_one_clear_error() {
         msg.starts_with("cannot use ") && msg.contains("--no-kube") && !msg.contains('\n'),
         "{msg}"
     );
-    let err = Resolver::start(&KubeArgs {
+    let err = Resolver::start(&KubeOptions {
         kube_snapshot: Some(tmp.path().join("missing.json")),
-        ..KubeArgs::default()
+        ..KubeOptions::default()
     })
     .await
     .err()
     .expect("missing snapshot fails");
     assert!(err.to_string().starts_with("cannot read snapshot"), "{err}");
-    let off = Resolver::start(&KubeArgs {
+    let off = Resolver::start(&KubeOptions {
         no_kube: true,
-        ..KubeArgs::default()
+        ..KubeOptions::default()
     })
     .await
     .expect("--no-kube");

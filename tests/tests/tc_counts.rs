@@ -10,8 +10,8 @@ use std::{
 };
 
 use netdrop::{
-    interfaces::{Destination, NodeNetns, TcAccounting, WatchOptions},
     probe::tc::{TcMode, TcModeChoice},
+    source::interfaces::{Destination, NodeNetns, TcAccounting, WatchOptions},
 };
 use netdrop_tests::{TcNode, has_tcx, require_root, require_tcx};
 

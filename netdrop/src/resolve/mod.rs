@@ -13,7 +13,6 @@
 //! named once and the other kinds keep resolving. [`Resolver::status`] says which.
 
 pub mod calico;
-pub mod cli;
 mod index;
 mod model;
 pub mod objects;
@@ -38,7 +37,7 @@ pub use model::{
     Backend, Name, Peer, PeerKind, Proto, ServiceInfo, ServicePort, ns_name_arg, parse_addr_port_proto, parse_ns_name,
 };
 use source::Source;
-pub use source::{KubeArgs, SERVICEACCOUNT_DIR, node_name};
+pub use source::{KubeOptions, SERVICEACCOUNT_DIR, node_name, node_name_or_host};
 pub use status::{Health, KindStatus, Status};
 use status::{KindState, Slot};
 
@@ -208,7 +207,7 @@ pub struct Resolver {
 impl Resolver {
     /// Starts resolution as the flags say. Only configuration mistakes fail (one-line errors);
     /// an unreachable API does not: the resolver starts unresolved and keeps retrying.
-    pub async fn start(args: &KubeArgs) -> Result<Self, ResolveError> {
+    pub async fn start(args: &KubeOptions) -> Result<Self, ResolveError> {
         match source::choose(args) {
             Source::Off => Ok(Self::disabled("--no-kube")),
             Source::Nothing => {
@@ -361,8 +360,9 @@ impl Resolver {
         self.shared.read().sample_addresses(n)
     }
 
-    /// Resolves a sample entry (benchmarks).
-    pub fn lookup_opt(&self, ip: IpAddr, port: Option<(u16, Proto)>) -> Peer {
+    /// Resolves an address, with its port and protocol when it has them: the lookup each drop
+    /// event makes for each of its ends (the hot path; `netdrop resolve --serve-stats` measures it).
+    pub fn lookup_endpoint(&self, ip: IpAddr, port: Option<(u16, Proto)>) -> Peer {
         self.shared.read().lookup(ip, port)
     }
 }

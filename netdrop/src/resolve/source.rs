@@ -12,41 +12,28 @@ use super::ResolveError;
 /// Default service-account directory mounted into every pod.
 pub const SERVICEACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
-/// Kubernetes flags shared by `netdrop trace` and `netdrop resolve`.
-#[derive(clap::Args, Debug, Clone, Default)]
-#[command(next_help_heading = "Kubernetes")]
-pub struct KubeArgs {
-    /// Kubeconfig to use, e.g. `--kubeconfig ~/.kube/config` [default: $KUBECONFIG, else
-    /// ~/.kube/config, else the in-cluster service account]
-    #[arg(long, value_name = "FILE")]
+/// Where cluster state comes from (`netdrop trace` and `netdrop resolve` fill it from their
+/// Kubernetes flags, `cli::KubeOptions`).
+#[derive(Debug, Clone, Default)]
+pub struct KubeOptions {
+    /// Kubeconfig file [default: $KUBECONFIG, else ~/.kube/config, else the in-cluster service
+    /// account].
     pub kubeconfig: Option<PathBuf>,
-
-    /// Kubeconfig context to use, e.g. `--context kind-lab` [default: the current context]
-    #[arg(long, value_name = "NAME")]
+    /// Kubeconfig context [default: the current context].
     pub context: Option<String>,
-
-    /// Resolve from a saved cluster state instead of the API, for offline and postmortem use, e.g.
-    /// `--kube-snapshot state.json` made with
-    /// `kubectl get pods,services,endpointslices,nodes -A -o json > state.json`
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["kubeconfig", "context", "no_kube"])]
+    /// A saved cluster state (`kubectl get pods,services,endpointslices,nodes -A -o json`)
+    /// instead of the API.
     pub kube_snapshot: Option<PathBuf>,
-
-    /// Do not talk to Kubernetes: addresses stay unresolved
-    #[arg(long, conflicts_with_all = ["kubeconfig", "context"])]
+    /// Do not talk to Kubernetes: addresses stay unresolved.
     pub no_kube: bool,
-
-    /// The node this runs on, named as the drop's location, e.g. `--node-name worker-2`
-    /// [default: `$NODE_NAME`, else the hostname]
-    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    /// The node this runs on [default: `$NODE_NAME`, else the hostname].
     pub node_name: Option<String>,
-
     /// Service-account directory for the in-cluster configuration (token, ca.crt).
-    #[arg(long, value_name = "DIR", hide = true, env = "NETDROP_SERVICEACCOUNT_DIR", default_value = SERVICEACCOUNT_DIR)]
     pub serviceaccount_dir: PathBuf,
 }
 
-/// The node where drops happen: `--node-name`, else `NODE_NAME` (clap reads it), else the hostname.
-pub fn node_name(args: &KubeArgs) -> String {
+/// The node where drops happen: `--node-name`, else `NODE_NAME` (clap reads it into the options), else the hostname.
+pub fn node_name(args: &KubeOptions) -> String {
     if let Some(n) = args.node_name.as_deref().filter(|n| !n.is_empty()) {
         return n.to_owned();
     }
@@ -55,6 +42,14 @@ pub fn node_name(args: &KubeArgs) -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// This node's name: `flag` (`--node-name`/`$NODE_NAME`), else the hostname.
+pub fn node_name_or_host(flag: Option<&str>) -> String {
+    node_name(&KubeOptions {
+        node_name: flag.map(String::from),
+        ..Default::default()
+    })
 }
 
 /// What the flags and the environment select.
@@ -69,7 +64,7 @@ pub(crate) enum Source {
 }
 
 /// The order users expect: explicit flags, `KUBECONFIG`, `~/.kube/config`, then in-cluster.
-pub(crate) fn choose(args: &KubeArgs) -> Source {
+pub(crate) fn choose(args: &KubeOptions) -> Source {
     if args.no_kube {
         return Source::Off;
     }
@@ -174,30 +169,30 @@ mod tests {
 
     #[test]
     fn flags_win_over_environment() {
-        let args = KubeArgs {
+        let args = KubeOptions {
             no_kube: true,
-            ..KubeArgs::default()
+            ..KubeOptions::default()
         };
         assert_eq!(choose(&args), Source::Off);
-        let args = KubeArgs {
+        let args = KubeOptions {
             kube_snapshot: Some("s.json".into()),
-            ..KubeArgs::default()
+            ..KubeOptions::default()
         };
         assert_eq!(choose(&args), Source::Snapshot("s.json".into()));
-        let args = KubeArgs {
+        let args = KubeOptions {
             kubeconfig: Some("k".into()),
-            ..KubeArgs::default()
+            ..KubeOptions::default()
         };
         assert_eq!(choose(&args), Source::Kubeconfig(Some("k".into())));
     }
 
     #[test]
     fn node_name_flag_then_hostname() {
-        let args = KubeArgs {
+        let args = KubeOptions {
             node_name: Some("worker-2".into()),
-            ..KubeArgs::default()
+            ..KubeOptions::default()
         };
         assert_eq!(node_name(&args), "worker-2");
-        assert!(!node_name(&KubeArgs::default()).is_empty());
+        assert!(!node_name(&KubeOptions::default()).is_empty());
     }
 }

@@ -3,10 +3,8 @@
 //! endpoints change, attributes drops to nodes, and produces the per-backend summaries.
 
 use std::{
-    collections::{HashMap, VecDeque},
-    io::{self, Write as _},
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -14,100 +12,16 @@ use anyhow::bail;
 use tracing::warn;
 
 use crate::{
-    aggregate::Summary,
-    cli::TargetArgs,
-    interfaces::{TcAccounting, TcArgs, TcSnapshot},
-    output,
+    aggregate::{
+        Summary,
+        target_set::{TargetSet, TargetSpec},
+        target_summary::{self, Observed, TargetSummary},
+    },
+    cli::{TargetArgs, TcArgs},
     probe::DropProbe,
     resolve::{Proto, Resolver},
-    svc::{self, Observed, SvcSummary, SvcTargets},
+    source::interfaces::{TcAccounting, TcSnapshot},
 };
-
-/// What the user asked about.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TargetSpec {
-    Svc { namespace: String, name: String },
-    Pod { namespace: String, name: String },
-    Namespace(String),
-    Node(String),
-}
-
-/// `ns/name`, or `name` with `-n ns`, or `name` in `default` (kubectl's rule); clap checked the
-/// syntax (`resolve::ns_name_arg`), so a bad value here can only be an empty one from code.
-fn ns_name(value: &str, namespace: Option<&str>) -> (String, String) {
-    crate::resolve::parse_ns_name(value, namespace)
-        .unwrap_or_else(|_| (namespace.unwrap_or("default").to_string(), value.to_string()))
-}
-
-impl TargetSpec {
-    pub fn from_args(a: &TargetArgs) -> Option<Self> {
-        let ns = a.namespace.as_deref();
-        if let Some(s) = &a.svc {
-            let (namespace, name) = ns_name(s, ns);
-            return Some(Self::Svc { namespace, name });
-        }
-        if let Some(p) = &a.pod {
-            let (namespace, name) = ns_name(p, ns);
-            return Some(Self::Pod { namespace, name });
-        }
-        if let Some(n) = &a.node {
-            return Some(Self::Node(n.clone()));
-        }
-        ns.map(|n| Self::Namespace(n.to_string()))
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Self::Svc { namespace, name } => format!("Service {namespace}/{name}"),
-            Self::Pod { namespace, name } => format!("pod {namespace}/{name}"),
-            Self::Namespace(n) => format!("namespace {n}"),
-            Self::Node(n) => format!("node {n}"),
-        }
-    }
-
-    /// The addresses the target stands for now.
-    pub fn resolve(&self, r: &Resolver) -> Result<SvcTargets, String> {
-        match self {
-            Self::Svc { namespace, name } => {
-                let info = r.service(namespace, name).ok_or_else(|| {
-                    format!("Service {namespace}/{name} not found (check the name and namespace: kubectl get svc -n {namespace})")
-                })?;
-                Ok(SvcTargets::from_service(&info, &|n| r.node_ips(n).unwrap_or_default()))
-            }
-            Self::Pod { namespace, name } => {
-                let pods = r.pods(Some(namespace), None, Some(name));
-                if pods.is_empty() {
-                    return Err(format!(
-                        "pod {namespace}/{name} not found (kubectl get pods -n {namespace})"
-                    ));
-                }
-                Ok(SvcTargets::from_pods(self.describe(), &pods))
-            }
-            Self::Namespace(ns) => {
-                let pods = r.pods(Some(ns), None, None);
-                if pods.is_empty() {
-                    return Err(format!("no pods in namespace {ns}"));
-                }
-                Ok(SvcTargets::from_pods(self.describe(), &pods))
-            }
-            Self::Node(node) => {
-                let mut pods = r.pods(None, Some(node), None);
-                let ips = r
-                    .node_ips(node)
-                    .ok_or_else(|| format!("node {node} not found (kubectl get nodes)"))?;
-                pods.push((
-                    crate::resolve::Peer {
-                        kind: crate::resolve::PeerKind::Node,
-                        node: Some(node.as_str().into()),
-                        ..Default::default()
-                    },
-                    ips,
-                ));
-                Ok(SvcTargets::from_pods(self.describe(), &pods))
-            }
-        }
-    }
-}
 
 /// `10.96.0.10:80/TCP, [fd00:96::50]:80/TCP`.
 fn frontends(f: &[(IpAddr, u16, Proto)]) -> String {
@@ -120,13 +34,9 @@ fn frontends(f: &[(IpAddr, u16, Proto)]) -> String {
 /// A running target trace.
 pub struct TargetMode {
     spec: TargetSpec,
-    pub targets: SvcTargets,
+    pub targets: TargetSet,
     tc: Option<TcAccounting>,
     snapshot: Option<TcSnapshot>,
-    /// Recent drops as text, for the live table.
-    pub recent: Arc<Mutex<VecDeque<output::TextLine>>>,
-    /// Whether the live table has been drawn (the first frame clears the screen).
-    drawn: bool,
     interval: Duration,
     last: Option<Instant>,
     default_node: String,
@@ -144,9 +54,7 @@ impl TargetMode {
         probe: &mut DropProbe,
         node: &str,
     ) -> anyhow::Result<Self> {
-        let Some(spec) = TargetSpec::from_args(a) else {
-            bail!("no target given")
-        };
+        let Some(spec) = a.spec() else { bail!("no target given") };
         let targets = match spec.resolve(r) {
             Ok(t) => t,
             Err(e) => bail!("{e}"),
@@ -199,12 +107,10 @@ impl TargetMode {
             targets,
             tc,
             snapshot: None,
-            recent: Arc::default(),
-            drawn: false,
             interval: a.interval,
             last: None,
             default_node: node.to_string(),
-            own_netns: crate::conntrack::own_netns(),
+            own_netns: crate::kernel::netns::own_netns(),
             nodes_given: tc_args.is_some_and(|a| !a.node_netns.is_empty()),
         };
         me.snapshot = me.tc.as_ref().map(TcAccounting::snapshot);
@@ -271,7 +177,7 @@ impl TargetMode {
         node_of: &HashMap<u32, String>,
         started: Instant,
         is_final: bool,
-    ) -> SvcSummary {
+    ) -> TargetSummary {
         let lookup = |n: u32| node_of.get(&n).cloned();
         let mut s = self.build_table(summary, &lookup, started, is_final);
         // Conntrack findings that are not drops: a resolved clash (Linux 5.6+) dropped nothing,
@@ -281,7 +187,7 @@ impl TargetMode {
             s.diagnosis.push(format!(
                 "{place}: {} conntrack clashes resolved: {}.",
                 c.clash_resolve,
-                crate::classify::CLASH_RESOLVED
+                crate::enrich::classify::CLASH_RESOLVED
             ));
         }
         s
@@ -293,8 +199,8 @@ impl TargetMode {
         lookup: &dyn Fn(u32) -> Option<String>,
         started: Instant,
         is_final: bool,
-    ) -> SvcSummary {
-        svc::build(
+    ) -> TargetSummary {
+        target_summary::build(
             &self.targets,
             &Observed {
                 rows: &summary.drops,
@@ -307,39 +213,6 @@ impl TargetMode {
                 is_final,
             },
         )
-    }
-
-    /// Redraws the live table in the terminal, with the most recent drops under it, in place:
-    /// the cursor goes home, each line erases what the previous frame left on it, and the frame
-    /// ends by erasing below itself. The frame fits the terminal (see [`output::live_frame`]), so
-    /// it never scrolls and leaves no copies of itself behind.
-    pub fn redraw(&mut self, s: &SvcSummary) -> io::Result<()> {
-        let (width, height) = output::terminal_size().unwrap_or((80, 24));
-        let frame = {
-            let recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            output::live_frame(s, &recent, width, height)
-        };
-        let mut buf = String::from(if self.drawn { "\x1b[H" } else { "\x1b[H\x1b[2J" });
-        self.drawn = true;
-        for line in frame {
-            buf.push_str(&line);
-            buf.push_str("\x1b[K\n");
-        }
-        buf.push_str("\x1b[J");
-        let mut out = io::stdout().lock();
-        out.write_all(buf.as_bytes())?;
-        out.flush()
-    }
-
-    /// The final table and the diagnosis, replacing the live table; it stays on screen.
-    pub fn final_text(&self, s: &SvcSummary) -> String {
-        let width = output::terminal_size().map(|(w, _)| w);
-        let mut t = String::from("\x1b[H\x1b[J");
-        for line in output::final_text(s, width) {
-            t.push_str(&line);
-            t.push('\n');
-        }
-        t
     }
 
     pub fn shutdown(&mut self) {

@@ -4,69 +4,31 @@ use std::{
     io::{BufRead, Write},
     net::{IpAddr, SocketAddr},
     str::FromStr,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::{KubeArgs, Peer, Proto, Resolver, ServiceInfo};
+use crate::{
+    cli::{Format, ResolveArgs},
+    resolve::{KubeOptions, Peer, Proto, Resolver, ServiceInfo},
+};
 
-/// Output format.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Output {
-    #[default]
-    Text,
-    Json,
-}
-
-/// `netdrop resolve <IP[:PORT]>... | --svc NS/NAME`
-#[derive(clap::Args, Debug, Clone)]
-pub struct ResolveArgs {
-    /// Addresses to resolve, e.g. `10.244.1.7`, `10.96.0.10:53/udp`, `[fd00::7]:8080`, or a Calico
-    /// interface name such as `cali0d7763386da`
-    #[arg(value_name = "IP[:PORT[/PROTO]]")]
-    pub targets: Vec<String>,
-
-    /// Show a Service, its ports and its backends, e.g. `--svc default/web` (or `--svc web -n default`)
-    #[arg(long, value_name = "NS/NAME", value_parser = super::ns_name_arg)]
-    pub svc: Option<String>,
-
-    /// Namespace for `--svc NAME`, e.g. `-n kube-system`
-    #[arg(short = 'n', long, value_name = "NS")]
-    pub namespace: Option<String>,
-
-    /// Output format: `text`, or `json` (one JSON object per line)
-    #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
-    pub output: Output,
-
-    /// How long to wait for the first sync with the API, e.g. `--sync-timeout 30s`
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub sync_timeout: Duration,
-
-    #[command(flatten)]
-    pub kube: KubeArgs,
-
-    /// Diagnostics for benchmarks: sync, print stats and lookup latency as JSON, then answer
-    /// `stats` / `lookup TARGET` / `quit` lines on stdin.
-    #[arg(long, hide = true)]
-    pub serve_stats: bool,
-}
-
-/// A parsed target.
+/// An address or interface to name (`netdrop resolve ARG...`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Target {
+enum Query {
     Addr(IpAddr, Option<(u16, Proto)>),
     Interface(String),
 }
 
-impl FromStr for Target {
+impl FromStr for Query {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if let Ok((ip, port)) = super::parse_addr_port_proto(s) {
+        if let Ok((ip, port)) = crate::resolve::parse_addr_port_proto(s) {
             return Ok(Self::Addr(ip, port));
         }
-        if super::calico::parse_ifname(s).is_some() {
+        if crate::resolve::calico::parse_ifname(s).is_some() {
             return Ok(Self::Interface(s.to_owned()));
         }
         Err(format!(
@@ -82,10 +44,10 @@ struct Line<'a> {
     peer: Peer,
 }
 
-fn resolve_target(r: &Resolver, t: &Target) -> Peer {
+fn resolve_query(r: &Resolver, t: &Query) -> Peer {
     match t {
-        Target::Addr(ip, port) => r.lookup_opt(*ip, *port),
-        Target::Interface(name) => r.lookup_ifname(name).unwrap_or_else(|| {
+        Query::Addr(ip, port) => r.lookup_endpoint(*ip, *port),
+        Query::Interface(name) => r.lookup_ifname(name).unwrap_or_else(|| {
             if r.status().settled() {
                 Peer::external()
             } else {
@@ -202,7 +164,7 @@ fn measure_lookups(r: &Resolver) -> Latency {
     let t0 = Instant::now();
     for _ in 0..rounds {
         for (ip, port) in &sample {
-            std::hint::black_box(r.lookup_opt(*ip, *port));
+            std::hint::black_box(r.lookup_endpoint(*ip, *port));
         }
     }
     let mean_ns = t0.elapsed().as_nanos() as f64 / (rounds * sample.len()) as f64;
@@ -210,7 +172,7 @@ fn measure_lookups(r: &Resolver) -> Latency {
         .iter()
         .map(|(ip, port)| {
             let t = Instant::now();
-            std::hint::black_box(r.lookup_opt(*ip, *port));
+            std::hint::black_box(r.lookup_endpoint(*ip, *port));
             t.elapsed().as_nanos() as u64
         })
         .collect();
@@ -254,8 +216,8 @@ async fn serve_stats(r: Resolver, started: Instant, synced: bool) -> anyhow::Res
             serde_json::json!({"type":"stats","rss_kib":rss_kib(),"peak_rss_kib":peak_rss_kib(),"stats":r.stats(),"events":r.events_applied(),
                 "status":r.status().to_string()})
         } else if let Some(t) = line.strip_prefix("lookup ") {
-            match t.trim().parse::<Target>() {
-                Ok(target) => serde_json::json!({"type":"lookup","target":t,"peer":resolve_target(&r, &target)}),
+            match t.trim().parse::<Query>() {
+                Ok(target) => serde_json::json!({"type":"lookup","target":t,"peer":resolve_query(&r, &target)}),
                 Err(e) => serde_json::json!({"type":"error","error":e}),
             }
         } else if line == "latency" {
@@ -272,15 +234,15 @@ async fn serve_stats(r: Resolver, started: Instant, synced: bool) -> anyhow::Res
 }
 
 fn service_name(args: &ResolveArgs, svc: &str) -> anyhow::Result<(String, String)> {
-    super::parse_ns_name(svc, args.namespace.as_deref()).map_err(|e| anyhow::anyhow!("--svc {e}"))
+    crate::resolve::parse_ns_name(svc, args.namespace.as_deref()).map_err(|e| anyhow::anyhow!("--svc {e}"))
 }
 
 /// Runs `netdrop resolve`.
 pub async fn run(args: ResolveArgs) -> anyhow::Result<()> {
-    let targets: Vec<(String, Target)> = args
+    let targets: Vec<(String, Query)> = args
         .targets
         .iter()
-        .map(|t| t.parse::<Target>().map(|p| (t.clone(), p)))
+        .map(|t| t.parse::<Query>().map(|p| (t.clone(), p)))
         .collect::<Result<_, _>>()
         .map_err(anyhow::Error::msg)?;
     if targets.is_empty() && args.svc.is_none() && !args.serve_stats {
@@ -288,21 +250,21 @@ pub async fn run(args: ResolveArgs) -> anyhow::Result<()> {
     }
     let svc = args.svc.as_deref().map(|s| service_name(&args, s)).transpose()?;
     let started = Instant::now();
-    let r = Resolver::start(&args.kube).await?;
+    let r = Resolver::start(&KubeOptions::from(&args.kube)).await?;
     let synced = r.wait_synced(args.sync_timeout).await;
     if args.serve_stats {
         return serve_stats(r, started, synced).await;
     }
     let status = r.status();
-    if !synced || status.health != super::Health::Synced {
+    if !synced || status.health != crate::resolve::Health::Synced {
         eprintln!("{status}");
     }
     let mut out = std::io::stdout().lock();
     for (text, t) in &targets {
-        let peer = resolve_target(&r, t);
+        let peer = resolve_query(&r, t);
         match args.output {
-            Output::Text => writeln!(out, "{text:<24} {peer}")?,
-            Output::Json => {
+            Format::Text => writeln!(out, "{text:<24} {peer}")?,
+            Format::Json => {
                 serde_json::to_writer(&mut out, &Line { target: text, peer })?;
                 writeln!(out)?;
             }
@@ -313,7 +275,7 @@ pub async fn run(args: ResolveArgs) -> anyhow::Result<()> {
             if status
                 .kinds
                 .iter()
-                .any(|k| k.kind == super::Kind::Services && k.state == "synced")
+                .any(|k| k.kind == crate::resolve::Kind::Services && k.state == "synced")
             {
                 format!("Service {ns}/{name} not found (check the namespace: `-n NS` or --svc NS/NAME)")
             } else {
@@ -321,8 +283,8 @@ pub async fn run(args: ResolveArgs) -> anyhow::Result<()> {
             }
         })?;
         match args.output {
-            Output::Text => print_service(&mut out, &info)?,
-            Output::Json => {
+            Format::Text => print_service(&mut out, &info)?,
+            Format::Json => {
                 serde_json::to_writer(&mut out, &info)?;
                 writeln!(out)?;
             }
@@ -338,25 +300,25 @@ mod tests {
     #[test]
     fn targets_parse() {
         assert_eq!(
-            "10.0.0.1".parse::<Target>(),
-            Ok(Target::Addr("10.0.0.1".parse().expect("ip"), None))
+            "10.0.0.1".parse::<Query>(),
+            Ok(Query::Addr("10.0.0.1".parse().expect("ip"), None))
         );
         assert_eq!(
-            "10.0.0.1:53/udp".parse::<Target>(),
-            Ok(Target::Addr("10.0.0.1".parse().expect("ip"), Some((53, Proto::Udp))))
+            "10.0.0.1:53/udp".parse::<Query>(),
+            Ok(Query::Addr("10.0.0.1".parse().expect("ip"), Some((53, Proto::Udp))))
         );
         assert_eq!(
-            "[fd00::7]:8080".parse::<Target>(),
-            Ok(Target::Addr("fd00::7".parse().expect("ip"), Some((8080, Proto::Tcp))))
+            "[fd00::7]:8080".parse::<Query>(),
+            Ok(Query::Addr("fd00::7".parse().expect("ip"), Some((8080, Proto::Tcp))))
         );
         assert_eq!(
-            "fd00::7".parse::<Target>(),
-            Ok(Target::Addr("fd00::7".parse().expect("ip"), None))
+            "fd00::7".parse::<Query>(),
+            Ok(Query::Addr("fd00::7".parse().expect("ip"), None))
         );
         assert_eq!(
-            "cali0d7763386da".parse::<Target>(),
-            Ok(Target::Interface("cali0d7763386da".into()))
+            "cali0d7763386da".parse::<Query>(),
+            Ok(Query::Interface("cali0d7763386da".into()))
         );
-        assert!("web".parse::<Target>().is_err());
+        assert!("web".parse::<Query>().is_err());
     }
 }

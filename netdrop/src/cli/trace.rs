@@ -1,36 +1,18 @@
-//! Command-line types (clap only; no logic).
+//! `netdrop trace` flags.
 
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 use ipnet::IpNet;
 
-use crate::{filter, output::Format, probe::Hook};
-
-/// netdrop: every dropped packet with the kernel's own reason, location, and the pods and
-/// Services it belongs to.
-#[derive(Debug, Parser)]
-#[command(name = "netdrop", version, about, propagate_version = true)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-    /// Log level for netdrop's own diagnostics on stderr (error, warn, info, debug).
-    #[arg(long, global = true, env = "NETDROP_LOG", default_value = "warn")]
-    pub log: String,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Stream packet drops as they happen, then print a summary.
-    Trace(TraceArgs),
-    /// List the drop reasons this kernel knows, with their numbers.
-    Reasons(ReasonsArgs),
-    /// Name addresses the way drops are named: pods, Services, backends, nodes, e.g.
-    /// `netdrop resolve 10.244.1.7 10.96.0.10:53/udp cali1b2c3d4e5f6`, or `--svc ns/name`.
-    Resolve(crate::resolve::cli::ResolveArgs),
-    /// Count each pod's traffic on its workload interfaces (cali*), following pod churn.
-    Interfaces(crate::interfaces::InterfacesArgs),
-}
+use super::{Format, KubeArgs, TcArgs};
+use crate::{
+    aggregate::target_set::TargetSpec,
+    probe::{
+        Hook, PreciseHook,
+        filter::{self, FilterSpec},
+    },
+};
 
 #[derive(Debug, Args)]
 pub struct TraceArgs {
@@ -41,7 +23,7 @@ pub struct TraceArgs {
     pub target: TargetArgs,
 
     #[command(flatten)]
-    pub tc: crate::interfaces::TcArgs,
+    pub tc: TcArgs,
 
     /// Do not attach tc counters to the workload interfaces (no attempts, no ratios).
     #[arg(long, help_heading = "Interfaces")]
@@ -67,7 +49,7 @@ pub struct TraceArgs {
 
     /// Use this hook instead of probing: `tp-btf` or `tracepoint`.
     #[arg(long, value_enum, help_heading = "Kernel")]
-    pub hook: Option<Hook>,
+    pub hook: Option<HookArg>,
 
     /// How to observe conntrack verdicts: `fexit`, `kprobe`, `inferred` (from conntrack state
     /// and statistics), `off`. Default: the best that works here.
@@ -81,7 +63,7 @@ pub struct TraceArgs {
     pub tw_hook: Option<TwHookArg>,
 
     #[command(flatten, next_help_heading = "Kubernetes")]
-    pub kube: crate::resolve::KubeArgs,
+    pub kube: KubeArgs,
 }
 
 /// What the trace is about, in Kubernetes terms. Each selects a set of addresses the kernel
@@ -115,6 +97,30 @@ impl TargetArgs {
     pub fn any(&self) -> bool {
         self.svc.is_some() || self.pod.is_some() || self.node.is_some() || self.namespace.is_some()
     }
+
+    /// What the flags ask about; `None` without a target flag.
+    pub fn spec(&self) -> Option<TargetSpec> {
+        let ns = self.namespace.as_deref();
+        if let Some(s) = &self.svc {
+            let (namespace, name) = ns_name(s, ns);
+            return Some(TargetSpec::Svc { namespace, name });
+        }
+        if let Some(p) = &self.pod {
+            let (namespace, name) = ns_name(p, ns);
+            return Some(TargetSpec::Pod { namespace, name });
+        }
+        if let Some(n) = &self.node {
+            return Some(TargetSpec::Node(n.clone()));
+        }
+        ns.map(|n| TargetSpec::Namespace(n.to_string()))
+    }
+}
+
+/// `ns/name`, or `name` with `-n ns`, or `name` in `default` (kubectl's rule); clap checked the
+/// syntax (`resolve::ns_name_arg`), so a bad value here can only be an empty one from code.
+fn ns_name(value: &str, namespace: Option<&str>) -> (String, String) {
+    crate::resolve::parse_ns_name(value, namespace)
+        .unwrap_or_else(|_| (namespace.unwrap_or("default").to_string(), value.to_string()))
 }
 
 /// `--ct-hook`.
@@ -127,12 +133,30 @@ pub enum CtHookArg {
 }
 
 impl CtHookArg {
-    pub fn hook(self) -> Option<crate::probe::PreciseHook> {
+    pub fn hook(self) -> Option<PreciseHook> {
         match self {
-            Self::Fexit => Some(crate::probe::PreciseHook::Fexit),
-            Self::Kprobe => Some(crate::probe::PreciseHook::Kprobe),
-            Self::Inferred => Some(crate::probe::PreciseHook::Inferred),
+            Self::Fexit => Some(PreciseHook::Fexit),
+            Self::Kprobe => Some(PreciseHook::Kprobe),
+            Self::Inferred => Some(PreciseHook::Inferred),
             Self::Off => None,
+        }
+    }
+}
+
+/// `--hook`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HookArg {
+    /// BTF-typed tracepoint (`tp_btf/kfree_skb`, Linux 5.5+): typed arguments, no record copy.
+    TpBtf,
+    /// Classic tracepoint (`tracepoint/skb/kfree_skb`): any kernel with tracefs.
+    Tracepoint,
+}
+
+impl From<HookArg> for Hook {
+    fn from(h: HookArg) -> Self {
+        match h {
+            HookArg::TpBtf => Self::TpBtf,
+            HookArg::Tracepoint => Self::Tracepoint,
         }
     }
 }
@@ -177,8 +201,8 @@ pub struct FilterArgs {
 }
 
 impl FilterArgs {
-    pub fn to_spec(&self) -> filter::FilterSpec {
-        filter::FilterSpec {
+    pub fn to_spec(&self) -> FilterSpec {
+        FilterSpec {
             reasons: self.reasons.clone(),
             port: self.port,
             proto: self.proto,
@@ -187,13 +211,6 @@ impl FilterArgs {
             all_reasons: self.all_reasons,
         }
     }
-}
-
-#[derive(Debug, Args)]
-pub struct ReasonsArgs {
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
-    pub output: Format,
 }
 
 fn parse_ring_kib(s: &str) -> Result<u32, String> {

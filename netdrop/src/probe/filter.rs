@@ -6,7 +6,7 @@ use std::{os::unix::fs::MetadataExt, path::Path};
 use ipnet::IpNet;
 use netdrop_common::{ABSENT, ANY_PROTO, Config};
 
-use crate::{classify, reasons::ReasonTable};
+use crate::kernel::{benign, reasons::ReasonTable};
 
 /// A filter value that names something this kernel does not know.
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +74,7 @@ impl FilterSpec {
             cfg.emit_reasons = [u64::MAX; netdrop_common::REASON_BITMAP_BITS / 64];
             cfg.emit_other_reasons = 1;
             if !self.all_reasons {
-                for code in classify::benign_codes(reasons) {
+                for code in benign::benign_codes(reasons) {
                     cfg.set_emit(code, false);
                 }
                 cfg.quiet_reason_without_ip = quiet.unwrap_or(ABSENT);
@@ -208,7 +208,7 @@ mod tests {
     fn without_reasons_drops_without_ip_are_quiet_too() {
         let mut cfg = Config::DEFAULT;
         FilterSpec::default()
-            .apply(&mut cfg, &crate::reasons::ReasonTable::without_reasons())
+            .apply(&mut cfg, &ReasonTable::without_reasons())
             .expect("apply");
         assert!(cfg.emits(0), "every drop is reason 0 there");
         assert_eq!(cfg.quiet_reason_without_ip, 0);

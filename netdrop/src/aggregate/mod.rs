@@ -1,17 +1,22 @@
 //! Aggregation: the run's summary, built from the kernel's exact counters (never from the
 //! events that happened to reach userspace).
 
+pub mod diagnosis;
+pub mod target_set;
+pub mod target_summary;
+
 use std::collections::BTreeMap;
 
-use netdrop_common::{ABSENT, DropKey, stat};
+use netdrop_common::{DropKey, stat};
 use serde::Serialize;
 
 use crate::{
-    classify::{self, Certainty},
-    conntrack::CtStats,
+    enrich::classify::{self, Certainty},
+    enrich::visibility::Visibility,
+    kernel::reasons::ReasonTable,
+    kernel::symbols::KernelSymbols,
     probe::KernelCounts,
-    reasons::ReasonTable,
-    symbols::KernelSymbols,
+    source::conntrack::CtStats,
 };
 
 /// One (reason, location, netns) row.
@@ -101,39 +106,6 @@ pub struct Summary {
     pub conntrack: Vec<ConntrackReport>,
     /// What to check next, one line per finding.
     pub hints: Vec<String>,
-}
-
-/// Decides whether a drop is shown or hidden: the kernel's emit decision (reasons, non-IP
-/// `NOT_SPECIFIED`), plus benign teardown locations, which only userspace can name.
-pub struct Visibility {
-    config: netdrop_common::Config,
-    /// Hide drops at socket-teardown functions ([`crate::classify::BENIGN_LOCATIONS`]).
-    pub hide_benign_locations: bool,
-    symbols: std::sync::Arc<KernelSymbols>,
-}
-
-impl Visibility {
-    pub fn new(
-        config: &netdrop_common::Config,
-        hide_benign_locations: bool,
-        symbols: std::sync::Arc<KernelSymbols>,
-    ) -> Self {
-        Self {
-            config: *config,
-            hide_benign_locations,
-            symbols,
-        }
-    }
-
-    pub fn is_hidden(&self, reason: u32, ip_version: u32, location: u64, exact_class: u8) -> bool {
-        let quiet = self.config.quiet_reason_without_ip;
-        !self.config.emits(reason)
-            || (ip_version == 0 && reason == quiet && quiet != ABSENT)
-            || (self.hide_benign_locations
-                && self.symbols.function(location).is_some_and(|f| {
-                    classify::is_benign_location(f) || classify::is_tcp_teardown(Some(f), exact_class)
-                }))
-    }
 }
 
 /// Context the summary needs to name things.
@@ -274,7 +246,7 @@ mod tests {
         )
         .expect("table");
         let mut cfg = Config::DEFAULT;
-        crate::filter::FilterSpec::default()
+        crate::probe::filter::FilterSpec::default()
             .apply(&mut cfg, &reasons)
             .expect("apply");
         let syms = std::sync::Arc::new(KernelSymbols::parse(

@@ -12,10 +12,10 @@ use etherparse::{LaxNetSlice, LaxSlicedPacket, TransportSlice};
 use netdrop_common::{DropEvent, ct};
 
 use crate::{
-    classify::{self, Certainty},
-    event::{DropRecord, Endpoint, Icmp, RawDetail},
-    reasons::ReasonTable,
-    symbols::KernelSymbols,
+    enrich::classify::{self, Certainty},
+    enrich::record::{DropRecord, Endpoint, Icmp, RawDetail},
+    kernel::reasons::ReasonTable,
+    kernel::symbols::KernelSymbols,
 };
 
 /// A ring-buffer record shorter than a [`DropEvent`]: a kernel/user version mismatch.
@@ -89,7 +89,7 @@ impl Decoder {
                 l3_proto: ev.l3_proto,
                 ct_state: ev.ct_state,
                 ct_info: ev.ct_info,
-                exact_class: ev.exact_class,
+                kernel_class: ev.exact_class,
                 headers: headers.to_vec(),
             },
         }

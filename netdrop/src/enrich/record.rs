@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::classify::Certainty;
+use crate::enrich::classify::Certainty;
 
 /// One dropped packet.
 #[derive(Debug, Clone, Serialize)]
@@ -33,7 +33,7 @@ pub struct DropRecord {
     pub ifname: String,
     /// Network namespace inode (as in `ls -l /proc/PID/ns/net`); `null` when the kernel left
     /// no way to tell (no device, receiving socket or route on the packet).
-    #[serde(serialize_with = "crate::classify::netns_or_null")]
+    #[serde(serialize_with = "crate::enrich::classify::netns_or_null")]
     pub netns: u32,
     /// `skb->len`.
     pub len: u32,
@@ -52,7 +52,7 @@ pub struct DropRecord {
     /// What the drop cost, decided by the kernel program: `attempt` (SYN, UDP datagram),
     /// `data`, `lossless` (a bare ACK or data already received), `reset` (answered with a
     /// reset), `unknown` (not parsed; counted as a loss).
-    pub effect: crate::classify::Effect,
+    pub effect: crate::enrich::classify::Effect,
     /// The packet's conntrack entry: `none`, `unconfirmed`, `confirmed`, `untracked` (absent
     /// when the kernel has no conntrack).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -103,7 +103,9 @@ pub struct RawDetail {
     pub l3_proto: u16,
     pub ct_state: u8,
     pub ct_info: u8,
-    pub exact_class: u8,
+    /// The kernel program's [`netdrop_common::class`] for the skb (the ABI's `exact_class`): from
+    /// the precise hooks (exact) or from the TCP flags (an inference), else 0.
+    pub kernel_class: u8,
     /// The packet from its network header, as captured (at most `HEADER_BYTES`).
     pub headers: Vec<u8>,
 }

@@ -1,31 +1,13 @@
-//! Classification: which kernel frees are drops a user wants to see, and (with the conntrack
-//! work) why a NETFILTER_DROP happened.
+//! Classification: what a drop is (a firewall rule, a conntrack insert failure, a `TIME_WAIT`
+//! socket's segment, ...), from its reason, location, conntrack state and the kernel program's
+//! class, and what it cost ([`Effect`]).
 //!
-//! ## Benign frees (hidden by default, always counted; `--all-reasons` shows them)
-//! `kfree_skb` fires for every skb freed with a reason other than `SKB_CONSUMED`, and several
-//! reasons are ordinary end-of-life frees, not network drops. Measured on Linux 6.18 (this
-//! project's test machine) with netdrop `--all-reasons` over an idle minute and over the test
-//! suite (TCP/UDP traffic, closing sockets, `ip`/`iptables` netlink traffic):
-//! - `SOCKET_CLOSE`: a socket closed with unread data (`tcp_close`, `__unix_...`): the
-//!   application chose not to read it.
-//! - `QUEUE_PURGE`: queues emptied at teardown (`__skb_queue_purge` on socket/device close).
-//! - `UNIX_DISCONNECT`, `UNIX_SKIP_OOB`: AF_UNIX bookkeeping, no network involved.
-//! - `NOT_DROPPED_YET`, `CONSUMED`: never real drops (the kernel routes `CONSUMED` to
-//!   `consume_skb`; listed for kernels that might not).
-//! - `NOT_SPECIFIED` *without an IP header*: netlink and other non-IP socket skbs freed with a
-//!   plain `kfree_skb()`. With an IP header, `NOT_SPECIFIED` stays visible: many real drop
-//!   sites (drivers, older protocol code) still pass no reason...
-//! - ...except in socket destructors ([`BENIGN_LOCATIONS`]): a UDP socket closed with datagrams
-//!   still queued frees them as `NOT_SPECIFIED` at `udp_destruct_common` (seen: 20 of 20 in the
-//!   measurement above), with an IP header. The packet was delivered; the application left it.
-//!
-//! Seen in the same measurement and kept visible: `TCP_OLD_DATA` at `tcp_rcv_established`
-//! (duplicate segments: a symptom of retransmissions, which an SRE wants to see).
+//! Benign frees (hidden by default) are listed in [`crate::kernel::benign`].
 
 use netdrop_common::{class, ct};
 use serde::Serialize;
 
-use crate::{conntrack::Evidence, reasons::ReasonTable};
+use crate::source::conntrack::Evidence;
 
 /// What a drop cost, as the kernel program decided it per packet (`netdrop_common::effect`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -69,46 +51,6 @@ pub fn netns_or_null<T: Copy + Into<u64>, S: serde::Serializer>(netns: &T, s: S)
         0 => s.serialize_none(),
         n => s.serialize_u64(n),
     }
-}
-
-/// Reasons that are end-of-life frees, never network drops.
-pub const BENIGN_REASONS: &[&str] = &[
-    "NOT_DROPPED_YET",
-    "CONSUMED",
-    "SOCKET_CLOSE",
-    "QUEUE_PURGE",
-    "UNIX_DISCONNECT",
-    "UNIX_SKIP_OOB",
-];
-
-/// Socket destructors and queue purges: any reason freed here is a teardown, not a drop. And
-/// `ip6_mc_input`, which frees IPv6 multicast for groups this host has not joined (neighbour
-/// discovery and MLD reports on every IPv6 link: 5 in 9 s on a fresh veth pair) — not for this
-/// host, like `OTHERHOST`.
-/// <https://github.com/torvalds/linux/blob/v6.18/net/ipv6/ip6_input.c> (`ip6_mc_input`)
-pub const BENIGN_LOCATIONS: &[&str] = &[
-    "udp_destruct_common",
-    "inet_sock_destruct",
-    "sk_stream_kill_queues",
-    "unix_release_sock",
-    "skb_queue_purge_reason",
-    "__skb_queue_purge_reason",
-    "ip6_mc_input",
-];
-
-/// Whether a drop location (function name) is a socket teardown.
-pub fn is_benign_location(function: &str) -> bool {
-    BENIGN_LOCATIONS.contains(&function)
-}
-
-/// Whether a reason (by name) is a benign free.
-pub fn is_benign(name: &str) -> bool {
-    BENIGN_REASONS.contains(&name)
-}
-
-/// The reason numbers of [`BENIGN_REASONS`] on this kernel.
-pub fn benign_codes(reasons: &ReasonTable) -> Vec<u32> {
-    BENIGN_REASONS.iter().filter_map(|n| reasons.lookup(n)).collect()
 }
 
 #[cfg(test)]
@@ -169,18 +111,6 @@ mod tests {
             .0,
             "not_specified"
         );
-    }
-
-    #[test]
-    fn benign_names_resolve_on_a_6_18_style_table() {
-        let t = ReasonTable::from_print_fmt(
-            r#"__print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" }, { 3, "NO_SOCKET" }, { 4, "SOCKET_CLOSE" }, { 7, "UNIX_DISCONNECT" }, { 80, "QUEUE_PURGE" })"#,
-        )
-        .expect("table");
-        let mut codes = benign_codes(&t);
-        codes.sort_unstable();
-        assert_eq!(codes, vec![4, 7, 80]);
-        assert!(!is_benign("NO_SOCKET"));
     }
 }
 
@@ -260,8 +190,8 @@ pub const NETFILTER_SITES: &[&str] = &["nf_hook_slow", "nft_do_chain", "ipt_do_t
 /// Whether a drop is a [`TCP_TEARDOWN`]. The kernel program marks timewait and FIN/RST segments
 /// only among `NOT_SPECIFIED` drops (every drop on kernels without reasons), so the mark implies
 /// the reason.
-pub fn is_tcp_teardown(function: Option<&str>, exact_class: u8) -> bool {
-    matches!(exact_class, class::TCP_FIN_OR_RST | class::TCP_TIME_WAIT)
+pub fn is_tcp_teardown(function: Option<&str>, kernel_class: u8) -> bool {
+    matches!(kernel_class, class::TCP_FIN_OR_RST | class::TCP_TIME_WAIT)
         && function.is_some_and(|f| TCP_RCV_SITES.contains(&f))
 }
 
@@ -295,11 +225,11 @@ pub fn classify(
     reason: &str,
     function: Option<&str>,
     ct_state: u8,
-    exact_class: u8,
+    kernel_class: u8,
     evidence: &Evidence,
 ) -> (String, Certainty) {
     if reason == NO_REASON {
-        return by_location(function, ct_state, exact_class, evidence);
+        return by_location(function, ct_state, kernel_class, evidence);
     }
     if reason == "NOT_SPECIFIED" && function.is_some_and(|f| BLACKHOLE_SITES.contains(&f)) {
         return (BLACKHOLE.into(), Certainty::Exact);
@@ -307,13 +237,13 @@ pub fn classify(
     if reason == "NOT_SPECIFIED" && function == Some(OFO_PURGE_SITE) {
         return (OFO_PURGED.into(), Certainty::Exact);
     }
-    if is_tcp_teardown(function, exact_class) {
+    if is_tcp_teardown(function, kernel_class) {
         return (TCP_TEARDOWN.into(), Certainty::Exact);
     }
     if reason != "NETFILTER_DROP" {
         return (reason.to_ascii_lowercase(), Certainty::Exact);
     }
-    match exact_class {
+    match kernel_class {
         class::INSERT_FAILED => return (INSERT_FAILED.into(), Certainty::Exact),
         class::TABLE_FULL => return (TABLE_FULL.into(), Certainty::Exact),
         _ => {}
@@ -336,20 +266,20 @@ pub fn classify(
 
 /// Kernels without drop reasons (before 5.17): what the drop site and the packet's TCP flags
 /// say, always inferred. `unclassified` where they say nothing.
-fn by_location(function: Option<&str>, ct_state: u8, exact_class: u8, evidence: &Evidence) -> (String, Certainty) {
+fn by_location(function: Option<&str>, ct_state: u8, kernel_class: u8, evidence: &Evidence) -> (String, Certainty) {
     let Some(f) = function else {
         return ("unclassified".into(), Certainty::Inferred);
     };
-    if is_tcp_teardown(function, exact_class) {
+    if is_tcp_teardown(function, kernel_class) {
         // The socket itself said TIME_WAIT; flags alone only suggest it.
-        let certainty = if exact_class == class::TCP_TIME_WAIT {
+        let certainty = if kernel_class == class::TCP_TIME_WAIT {
             Certainty::Exact
         } else {
             Certainty::Inferred
         };
         return (TCP_TEARDOWN.into(), certainty);
     }
-    let c = if TCP_RCV_SITES.contains(&f) && exact_class == class::TCP_SYN {
+    let c = if TCP_RCV_SITES.contains(&f) && kernel_class == class::TCP_SYN {
         "no_socket"
     } else if UDP_RCV_SITES.contains(&f) {
         "no_socket"

@@ -1,4 +1,4 @@
-//! `trace --svc`: one Service's drops, per backend, with attempts, ratios, reasons and a
+//! A target summary (`trace --svc`, `--pod`, `-n`, `--node`): one Service's drops, per backend, with attempts, ratios, reasons and a
 //! diagnosis in plain words.
 //!
 //! The Service's frontends (ClusterIPs, external IPs, NodePorts) and backends (endpoint IP and
@@ -19,218 +19,19 @@ use std::{
     net::IpAddr,
 };
 
-use netdrop_common::{AddrKey, tag};
+use netdrop_common::tag;
 use serde::Serialize;
 
-use crate::{
-    aggregate::ReasonRow,
-    classify::{self, Certainty, Effect},
-    interfaces::{Destination, TcSnapshot},
-    resolve::{Proto, ServiceInfo},
+use super::{
+    ReasonRow,
+    diagnosis::diagnose,
+    target_set::{TargetSet, ip_proto},
 };
-
-/// One backend (or pod) the trace watches: an address with its ports.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
-    /// `namespace/pod`, or the address when the endpoint has no pod.
-    pub label: String,
-    pub node: Option<String>,
-    pub ip: IpAddr,
-    /// (port, protocol) pairs; port 0 means any port of any protocol.
-    pub ports: Vec<(u16, Proto)>,
-    pub ready: bool,
-    pub tag: u32,
-}
-
-/// A Service's addresses, as the kernel filter and the tc counters need them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SvcTargets {
-    /// `namespace/name`.
-    pub service: String,
-    /// ClusterIPs and external IPs with their ports, and NodePorts on node addresses.
-    pub frontends: Vec<(IpAddr, u16, Proto)>,
-    pub backends: Vec<Target>,
-}
-
-fn ip_proto(p: Proto) -> u8 {
-    match p {
-        Proto::Tcp => 6,
-        Proto::Udp => 17,
-        Proto::Sctp => 132,
-    }
-}
-
-fn addr_key(ip: IpAddr, port: u16, proto: Proto) -> AddrKey {
-    let mut addr = [0u8; 16];
-    match ip {
-        IpAddr::V4(v4) => addr[..4].copy_from_slice(&v4.octets()),
-        IpAddr::V6(v6) => addr = v6.octets(),
-    }
-    AddrKey {
-        addr,
-        port,
-        proto: ip_proto(proto),
-        _pad: 0,
-    }
-}
-
-impl SvcTargets {
-    /// From the resolver's view of the Service. `node_ips` gives a node's addresses (for
-    /// NodePorts). Backends keep a stable order (by pod, then address) so tags stay put across
-    /// refreshes when the endpoints do not change.
-    pub fn from_service(info: &ServiceInfo, node_ips: &dyn Fn(&str) -> Vec<IpAddr>) -> Self {
-        let mut frontends = Vec::new();
-        for p in &info.ports {
-            for ip in info.cluster_ips.iter().chain(&info.external_ips) {
-                frontends.push((*ip, p.port, p.protocol));
-            }
-        }
-        let mut nodes: Vec<&str> = info.backends.iter().filter_map(|b| b.node.as_deref()).collect();
-        nodes.sort_unstable();
-        nodes.dedup();
-        for p in info.ports.iter().filter(|p| p.node_port.is_some()) {
-            for n in &nodes {
-                for ip in node_ips(n) {
-                    frontends.push((ip, p.node_port.unwrap_or_default(), p.protocol));
-                }
-            }
-        }
-        // One row per endpoint address, whatever the number of ports (a Service with TCP and
-        // UDP ports has one endpoint per port per pod).
-        let mut by_ip: Vec<Target> = Vec::new();
-        for b in &info.backends {
-            if let Some(t) = by_ip.iter_mut().find(|t| t.ip == b.ip) {
-                if !t.ports.contains(&(b.port, b.protocol)) {
-                    t.ports.push((b.port, b.protocol));
-                }
-                t.ready &= b.ready;
-                continue;
-            }
-            by_ip.push(Target {
-                label: match (&b.namespace, &b.pod) {
-                    (Some(ns), Some(p)) => format!("{ns}/{p}"),
-                    _ => b.ip.to_string(),
-                },
-                node: b.node.as_deref().map(String::from),
-                ip: b.ip,
-                ports: vec![(b.port, b.protocol)],
-                ready: b.ready,
-                tag: 0,
-            });
-        }
-        let mut backends = by_ip;
-        for t in &mut backends {
-            t.ports.sort_unstable_by_key(|(p, proto)| (*p, ip_proto(*proto)));
-        }
-        backends.sort_by(|a, b| (&a.label, a.ip).cmp(&(&b.label, b.ip)));
-        for (i, b) in backends.iter_mut().enumerate() {
-            b.tag = tag::FIRST_BACKEND + i as u32;
-        }
-        Self {
-            service: format!("{}/{}", info.namespace, info.name),
-            frontends,
-            backends,
-        }
-    }
-
-    /// Pods as targets (`--pod`, `--namespace`, `--node`): every address of each, any port and
-    /// protocol (port 0).
-    pub fn from_pods(label: String, pods: &[(crate::resolve::Peer, Vec<IpAddr>)]) -> Self {
-        let mut backends = Vec::new();
-        for (peer, ips) in pods {
-            let name = match (&peer.namespace, &peer.pod) {
-                (Some(ns), Some(p)) => format!("{ns}/{p}"),
-                _ => peer.node.as_deref().unwrap_or("?").to_string(),
-            };
-            for ip in ips {
-                backends.push(Target {
-                    label: name.clone(),
-                    node: peer.node.as_deref().map(String::from),
-                    ip: *ip,
-                    ports: vec![(0, Proto::Tcp)],
-                    ready: true,
-                    tag: 0,
-                });
-            }
-        }
-        backends.sort_by(|a, b| (&a.label, a.ip).cmp(&(&b.label, b.ip)));
-        for (i, b) in backends.iter_mut().enumerate() {
-            b.tag = tag::FIRST_BACKEND + i as u32;
-        }
-        Self {
-            service: label,
-            frontends: Vec::new(),
-            backends,
-        }
-    }
-
-    /// `ADDR_FILTER` entries. A target with port 0 matches any port, for every IP protocol.
-    pub fn addr_entries(&self) -> Vec<(AddrKey, u32)> {
-        let mut v: Vec<(AddrKey, u32)> = self
-            .frontends
-            .iter()
-            .map(|(ip, port, proto)| (addr_key(*ip, *port, *proto), tag::FRONTEND))
-            .collect();
-        for b in &self.backends {
-            for (port, proto) in &b.ports {
-                if *port == 0 {
-                    for p in [1u8, 6, 17, 58, 132] {
-                        let mut k = addr_key(b.ip, 0, *proto);
-                        k.proto = p;
-                        v.push((k, b.tag));
-                    }
-                } else {
-                    v.push((addr_key(b.ip, *port, *proto), b.tag));
-                }
-            }
-        }
-        v
-    }
-
-    /// Destinations whose attempts the tc programs count: frontends and backends.
-    pub fn destinations(&self) -> Vec<Destination> {
-        let tcp_udp = |p: Proto| matches!(p, Proto::Tcp | Proto::Udp);
-        self.frontends
-            .iter()
-            .filter(|(_, _, p)| tcp_udp(*p))
-            .map(|(ip, port, proto)| Destination {
-                ip: *ip,
-                port: *port,
-                proto: ip_proto(*proto),
-            })
-            .chain(self.backends.iter().flat_map(Target::destinations))
-            .collect()
-    }
-}
-
-impl Target {
-    /// The tc destinations whose attempts delivered to this target are its attempts: each
-    /// (port, protocol) of TCP and UDP; for port 0 (a pod: any port), the address's TCP and UDP
-    /// any-port entries, which count every SYN and datagram to it.
-    fn destinations(&self) -> Vec<Destination> {
-        let mut v = Vec::new();
-        for (port, proto) in &self.ports {
-            if *port == 0 {
-                for p in [6, 17] {
-                    v.push(Destination {
-                        ip: self.ip,
-                        port: 0,
-                        proto: p,
-                    });
-                }
-            } else if matches!(proto, Proto::Tcp | Proto::Udp) {
-                v.push(Destination {
-                    ip: self.ip,
-                    port: *port,
-                    proto: ip_proto(*proto),
-                });
-            }
-        }
-        v.sort_by_key(|d| (d.port, d.proto));
-        v.dedup();
-        v
-    }
-}
+use crate::{
+    enrich::classify::{Certainty, Effect},
+    resolve::Proto,
+    source::interfaces::{Destination, TcSnapshot},
+};
 
 /// One reason behind a backend's drops.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -295,7 +96,7 @@ pub struct Unmatched {
 
 /// The `--svc` summary: `{"type":"summary","service":...}`.
 #[derive(Clone, Debug, Serialize)]
-pub struct SvcSummary {
+pub struct TargetSummary {
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub service: String,
@@ -424,7 +225,7 @@ pub struct Observed<'a> {
 }
 
 /// The table and diagnosis for one moment.
-pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
+pub fn build(t: &TargetSet, o: &Observed<'_>) -> TargetSummary {
     let (rows, others): (Vec<ReasonRow>, Vec<ReasonRow>) = o
         .rows
         .iter()
@@ -506,7 +307,7 @@ pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
     };
     let lossless = backends.iter().map(|b| b.lossless).sum::<u64>() + unmatched.lossless;
     let resets = backends.iter().map(|b| b.resets).sum::<u64>() + unmatched.resets;
-    let mut s = SvcSummary {
+    let mut s = TargetSummary {
         kind: "summary",
         service: t.service.clone(),
         time: o.time.clone(),
@@ -529,385 +330,13 @@ pub fn build(t: &SvcTargets, o: &Observed<'_>) -> SvcSummary {
     s
 }
 
-fn pct(r: Option<f64>) -> String {
-    r.map_or_else(|| "-".into(), |r| format!("{:.1}%", r * 100.0))
-}
-
-/// A drop ratio in the table: a percentage up to 100%, else drops per attempt (`2.1x`). Every
-/// retransmission of lost data is a drop of its own (a path-MTU black hole drops each
-/// retransmitted too-big segment), so drops can exceed attempts; a share above 100% would read
-/// as nonsense.
-fn ratio_cell(r: Option<f64>) -> String {
-    match r {
-        Some(r) if r > 1.0 => format!("{r:.1}x"),
-        _ => pct(r),
-    }
-}
-
-/// A drop ratio in the diagnosis, `of` naming the attempts ("attempts", "its own attempts").
-fn ratio_words(r: Option<f64>, of: &str) -> String {
-    match r {
-        Some(r) if r > 1.0 => format!(
-            "more drops than {of}: each lost {r:.1} packets on average, the same data retransmitted and dropped again"
-        ),
-        _ => format!("{} of {of}", pct(r)),
-    }
-}
-
-/// The share of a Service's backend drops that "carries" it: 90%.
-const MOST_DROPS: f64 = 0.9;
-
-/// How many of `bad` (sorted by drops, most first) it takes to account for [`MOST_DROPS`] of
-/// their drops.
-fn carriers_of_most(bad: &[&BackendRow]) -> usize {
-    let total: u64 = bad.iter().map(|b| b.drops).sum();
-    let mut sum = 0;
-    for (i, b) in bad.iter().enumerate() {
-        sum += b.drops;
-        if sum as f64 >= MOST_DROPS * total as f64 {
-            return i + 1;
-        }
-    }
-    bad.len()
-}
-
-fn at(b: &BackendRow) -> String {
-    match &b.node {
-        Some(n) => format!("{} on {n}", b.pod),
-        None => b.pod.clone(),
-    }
-}
-
-fn why(r: &TopReason) -> String {
-    let inferred = if r.certainty == Certainty::Inferred {
-        ", inferred"
-    } else {
-        ""
-    };
-    let place = r.node.as_ref().map(|n| format!(" on {n}")).unwrap_or_default();
-    format!("{} ({} at {}{place}{inferred})", r.classification, r.reason, r.location)
-}
-
-/// `node-a`, or `node-a (300), node-b (26)` when several; namespaces on no watched node are
-/// "an unwatched namespace".
-fn nodes_text(nodes: &[NodeCount]) -> String {
-    let name = |n: &NodeCount| n.node.clone().unwrap_or_else(|| "an unwatched namespace".into());
-    match nodes {
-        [one] => name(one),
-        _ => nodes
-            .iter()
-            .map(|n| format!("{} ({})", name(n), n.count))
-            .collect::<Vec<_>>()
-            .join(", "),
-    }
-}
-
-/// Sums node counts of several rows.
-fn merge_nodes<'a>(parts: impl Iterator<Item = &'a [NodeCount]>) -> Vec<NodeCount> {
-    let mut m: BTreeMap<Option<String>, u64> = BTreeMap::new();
-    for p in parts {
-        for n in p {
-            *m.entry(n.node.clone()).or_default() += n.count;
-        }
-    }
-    let mut v: Vec<NodeCount> = m.into_iter().map(|(node, count)| NodeCount { node, count }).collect();
-    v.sort_by(|a, b| (a.node.is_none(), b.count).cmp(&(b.node.is_none(), a.count)));
-    v
-}
-
-/// " Not counted as drops: ..." for the discards counted apart, or nothing.
-fn discarded_text(s: &SvcSummary) -> String {
-    let mut discarded = Vec::new();
-    if s.lossless > 0 {
-        discarded.push(format!(
-            "{} discards that lost nothing (stale bare ACKs, data already received)",
-            s.lossless
-        ));
-    }
-    if s.resets > 0 {
-        discarded.push(format!("{} segments answered with a reset", s.resets));
-    }
-    if discarded.is_empty() {
-        String::new()
-    } else {
-        format!(" Not counted as drops: {}.", discarded.join("; "))
-    }
-}
-
-/// A hint per classification of the drops, in order of appearance.
-fn next_steps(s: &SvcSummary, bad: &[&BackendRow], out: &mut Vec<String>) {
-    let mut classes: Vec<&str> = bad
-        .iter()
-        .flat_map(|b| b.top_reasons.iter())
-        .chain(&s.unmatched.top_reasons)
-        .map(|r| r.classification.as_str())
-        .collect();
-    classes.dedup();
-    let mut seen = Vec::new();
-    for c in classes {
-        if seen.contains(&c) {
-            continue;
-        }
-        seen.push(c);
-        if let Some(h) = classify::hint(c) {
-            out.push(format!("Next ({c}): {h}."));
-        }
-    }
-}
-
-/// "The drops are on node-a: look there first.", with counts when on several nodes.
-fn where_to_look(nodes: &[NodeCount]) -> String {
-    let known: Vec<&NodeCount> = nodes.iter().filter(|n| n.node.is_some()).collect();
-    match known.as_slice() {
-        [] => {
-            "The drops happened in namespaces on no watched node: pass --node-netns for every node to see where.".into()
-        }
-        [one] if nodes.len() == 1 => format!(
-            "The drops are on {}: look there first.",
-            one.node.as_deref().unwrap_or_default()
-        ),
-        [first, ..] => {
-            format!(
-                "The drops are on {}: look at {} first.",
-                nodes_text(nodes),
-                first.node.as_deref().unwrap_or_default()
-            )
-        }
-    }
-}
-
-/// Resets matter when there are more than one and they reach this share of a backend's
-/// attempts (or attempts are not known): a stray one after a server's early close (the field
-/// notes' healthy lab: 1 in 150 connections, no request failed) is not worth a line.
-const RESETS_MATTER: f64 = 0.01;
-
-/// Which backends and nodes carry the drops, the share of the Service's attempts they explain,
-/// why, and what to check next. "Where to look" is where the drops happened (the node whose
-/// kernel dropped them, e.g. the client's for a conntrack insert failure), never where the
-/// backend runs.
-pub fn diagnose(s: &SvcSummary) -> Vec<String> {
-    let mut out = Vec::new();
-    if s.backends.is_empty() {
-        out.push(format!(
-            "{} has no endpoints: kube-proxy rejects its packets (ICMP/RST); check the selector and the pods' readiness (`kubectl get endpointslices -l kubernetes.io/service-name=...`)",
-            s.service
-        ));
-    }
-    let discarded = discarded_text(s);
-    if s.drops == 0 {
-        let tried = s.attempts.map_or_else(String::new, |a| format!(" of {a} attempts"));
-        out.push(format!("{}: no drops{tried}.{discarded}", s.service));
-        resets_lines(s, &mut out);
-        return out;
-    }
-    out.push(format!(
-        "{}: {} drops{} ({}).{discarded}",
-        s.service,
-        s.drops,
-        s.attempts.map_or_else(String::new, |a| format!(" for {a} attempts")),
-        ratio_words(s.drop_ratio, "attempts")
-    ));
-    let mut bad: Vec<&BackendRow> = s.backends.iter().filter(|b| b.drops > 0).collect();
-    bad.sort_by(|a, b| b.drops.cmp(&a.drops));
-    let share_of_drops = |n: u64| n as f64 / s.drops as f64;
-    // Drops concentrated on a few backends: name them; spread over all: say so. Judged by the
-    // drops, not by how many backends have any: one bad backend with a stray drop or two on the
-    // others (a late retransmission meeting a TIME_WAIT socket) is still one bad backend.
-    // Pods, namespaces and nodes are not replicas of one another: their drops are theirs, never
-    // "spread over most backends" (one pod is all of its rows).
-    let carriers = carriers_of_most(&bad);
-    let concentrated = carriers > 0 && (s.pods || carriers * 2 <= s.backends.len().max(1));
-    let of_attempts = if s.pods { "all" } else { "the Service's" };
-    for b in bad.iter().take(5) {
-        let explains = s.attempts.filter(|a| *a > 0).map(|a| b.drops as f64 / a as f64);
-        let reason = b.top_reasons.first().map(why).unwrap_or_default();
-        let several = if b.drops_by_node.len() > 1 {
-            format!(" Dropped on {}.", nodes_text(&b.drops_by_node))
-        } else {
-            String::new()
-        };
-        out.push(format!(
-            "{}: {} drops ({:.0}% of the drops{}; {}): {reason}.{several}",
-            at(b),
-            b.drops,
-            share_of_drops(b.drops) * 100.0,
-            explains.map_or_else(String::new, |e| if e > 1.0 {
-                format!(", {e:.1} per attempt ({of_attempts} attempts)")
-            } else {
-                format!(", {:.1}% of {of_attempts} attempts", e * 100.0)
-            }),
-            ratio_words(b.drop_ratio, "its own attempts"),
-        ));
-    }
-    if bad.len() > 5 {
-        out.push(format!("... and {} more backends with drops.", bad.len() - 5));
-    }
-    let on_backends: u64 = bad.iter().map(|b| b.drops).sum();
-    // Out-of-order data the client's socket still held when the connection was aborted: it
-    // carries the Service's address (the reply, un-NATed) but is a consequence of a loss
-    // elsewhere, not a drop before any backend was chosen.
-    let ofo: u64 = s
-        .unmatched
-        .top_reasons
-        .iter()
-        .filter(|r| r.classification == classify::OFO_PURGED)
-        .map(|r| r.count)
-        .sum();
-    let before_backend = s.unmatched.drops.saturating_sub(ofo);
-    // Where to look: the nodes of the drops that carry most of them — those before any backend
-    // was chosen when they are the majority, else the few bad backends'.
-    let carried_by: Option<Vec<NodeCount>> = if before_backend > 0 && before_backend >= on_backends {
-        Some(s.unmatched.drops_by_node.clone())
-    } else if concentrated {
-        Some(merge_nodes(
-            bad.iter().take(carriers).map(|b| b.drops_by_node.as_slice()),
-        ))
-    } else {
-        None
-    };
-    if concentrated {
-        let healthy: Vec<String> = s.backends.iter().filter(|b| b.drops == 0).map(at).collect();
-        if !healthy.is_empty() {
-            out.push(format!("Healthy: {}.", healthy.join(", ")));
-        }
-    } else if !bad.is_empty() && before_backend < on_backends {
-        out.push("The drops are spread over most backends: suspect something they share (the client's node, conntrack, DNS, a policy on every backend).".into());
-    }
-    if before_backend > 0 {
-        let reason = s
-            .unmatched
-            .top_reasons
-            .iter()
-            .find(|r| r.classification != classify::OFO_PURGED)
-            .map(why)
-            .unwrap_or_default();
-        out.push(format!(
-            "{before_backend} drops matched the Service's address but no backend (before DNAT, or rejected for lack of endpoints): {reason}.",
-        ));
-    }
-    if let Some(r) = s
-        .unmatched
-        .top_reasons
-        .iter()
-        .find(|r| r.classification == classify::OFO_PURGED)
-    {
-        out.push(format!(
-            "{ofo} drops on the client's side: {}: out-of-order data of the Service's replies the client's socket held when the connection was aborted; a consequence of the loss above, not a cause of its own.",
-            why(r)
-        ));
-    }
-    if let Some(nodes) = carried_by {
-        out.push(where_to_look(&nodes));
-    }
-    resets_lines(s, &mut out);
-    if s.other_namespaces > 0 {
-        out.push(format!(
-            "{} more matched the {} addresses in network namespaces of none of the given nodes (another cluster on this host?): left out, and not shown as drop lines.",
-            s.other_namespaces,
-            if s.pods { "traced" } else { "Service's" }
-        ));
-    }
-    next_steps(s, &bad, &mut out);
-    out
-}
-
-/// Backends whose resets matter ([`RESETS_MATTER`]): their clients see "connection reset".
-#[expect(clippy::cast_precision_loss, reason = "counts far below 2^52")]
-fn resets_lines(s: &SvcSummary, out: &mut Vec<String>) {
-    for b in s.backends.iter().filter(|b| b.resets > 0) {
-        let matters = b.resets > 1
-            && b.attempts
-                .is_none_or(|a| b.resets as f64 >= RESETS_MATTER * a.max(1) as f64);
-        if !matters {
-            continue;
-        }
-        let place = b
-            .discard_reasons
-            .iter()
-            .find(|r| r.effect == Effect::Reset)
-            .map(why)
-            .unwrap_or_default();
-        out.push(format!(
-            "{}: {} segments met no connection and were answered with a reset: {place}; its clients see \"connection reset\" (expected once after a restart; if it keeps happening, connections outlive the server's sockets).",
-            at(b),
-            b.resets
-        ));
-    }
-}
-
-/// The live table (text), redrawn about once a second in a terminal.
-pub fn render(s: &SvcSummary) -> String {
-    use std::fmt::Write as _;
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "{} — attempts {}  drops {}  ({})  {:.0}s",
-        s.service,
-        s.attempts.map_or_else(|| "-".into(), |a| a.to_string()),
-        s.drops,
-        ratio_cell(s.drop_ratio),
-        s.duration_s
-    );
-    let label = |b: &BackendRow| {
-        if b.ready {
-            b.pod.clone()
-        } else {
-            format!("{} (not ready)", b.pod)
-        }
-    };
-    // Long pod names widen the column rather than push the numbers out of line.
-    let w = s
-        .backends
-        .iter()
-        .map(|b| label(b).chars().count())
-        .max()
-        .unwrap_or(0)
-        .max(32);
-    let _ = writeln!(
-        o,
-        "{:<w$} {:<12} {:>9} {:>7} {:>7}  TOP REASON",
-        "BACKEND", "NODE", "ATTEMPTS", "DROPS", "DROP%"
-    );
-    for b in &s.backends {
-        let _ = writeln!(
-            o,
-            "{:<w$} {:<12} {:>9} {:>7} {:>7}  {}",
-            label(b),
-            b.node.as_deref().unwrap_or("-"),
-            b.attempts.map_or_else(|| "-".into(), |a| a.to_string()),
-            b.drops,
-            ratio_cell(b.drop_ratio),
-            b.top_reasons.first().map(why).unwrap_or_default()
-        );
-    }
-    let _ = writeln!(
-        o,
-        "{:<w$} {:<12} {:>9} {:>7} {:>7}  {}",
-        "(service, no backend)",
-        "-",
-        "-",
-        s.unmatched.drops,
-        "",
-        s.unmatched.top_reasons.first().map(why).unwrap_or_default()
-    );
-    if s.drop_ratio.is_some_and(|r| r > 1.0) || s.backends.iter().any(|b| b.drop_ratio.is_some_and(|r| r > 1.0)) {
-        let _ = writeln!(
-            o,
-            "(Nx: more drops than attempts, N drops per attempt: lost data retransmitted and dropped again)"
-        );
-    }
-    if s.lost_events > 0 {
-        let _ = writeln!(o, "({} events lost; counts above are exact)", s.lost_events);
-    }
-    o
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{enrich::classify, resolve::ServiceInfo, sink::table::render};
     use crate::{
-        interfaces::{DestinationSnapshot, WatchStats},
         resolve::{Backend, Name, ServicePort},
+        source::interfaces::{DestinationSnapshot, WatchStats},
     };
 
     fn info() -> ServiceInfo {
@@ -981,7 +410,7 @@ mod tests {
     /// The pod namespaces behind watched interfaces, as the tc snapshot reports them.
     fn with_pod_netns(mut snap: TcSnapshot, pods: &[(u32, &str)]) -> TcSnapshot {
         for (netns, node) in pods {
-            snap.interfaces.push(crate::interfaces::InterfaceSnapshot {
+            snap.interfaces.push(crate::source::interfaces::InterfaceSnapshot {
                 node: (*node).into(),
                 netns: 1,
                 ifindex: *netns,
@@ -991,14 +420,14 @@ mod tests {
                 peer_netns: Some(*netns),
                 mode: crate::probe::tc::TcMode::Tcx,
                 attached_unix_ms: 0,
-                from_pod: crate::interfaces::Counters::default(),
-                to_pod: crate::interfaces::Counters::default(),
+                from_pod: crate::source::interfaces::Counters::default(),
+                to_pod: crate::source::interfaces::Counters::default(),
             });
         }
         snap
     }
 
-    fn tc(targets: &SvcTargets, attempts: u64, delivered: &[(u32, u64)]) -> TcSnapshot {
+    fn tc(targets: &TargetSet, attempts: u64, delivered: &[(u32, u64)]) -> TcSnapshot {
         let mut destinations = vec![DestinationSnapshot {
             node: "node-a".into(),
             dest: Destination {
@@ -1031,7 +460,7 @@ mod tests {
 
     #[test]
     fn targets_are_tagged_in_a_stable_order() {
-        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let t = TargetSet::from_service(&info(), &|_| vec![]);
         let labels: Vec<&str> = t.backends.iter().map(|b| b.label.as_str()).collect();
         assert_eq!(labels, ["default/web-0", "default/web-1", "default/web-2"]);
         assert_eq!(t.backends[2].tag, tag::FIRST_BACKEND + 2);
@@ -1045,7 +474,7 @@ mod tests {
 
     #[test]
     fn one_bad_backend_is_named_with_its_share() {
-        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let t = TargetSet::from_service(&info(), &|_| vec![]);
         let bad = t.backends[2].tag;
         let rows = vec![row(bad, 330, 99)];
         let snap = tc(&t, 1000, &[(1, 335), (2, 335), (bad, 0)]);
@@ -1082,7 +511,7 @@ mod tests {
     /// 164 drops on one backend and one stray drop on each of two others: still one bad backend.
     #[test]
     fn stray_drops_elsewhere_do_not_hide_the_bad_backend() {
-        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let t = TargetSet::from_service(&info(), &|_| vec![]);
         let bad = t.backends[0].tag;
         let rows = vec![
             row(bad, 164, 98),
@@ -1139,7 +568,7 @@ mod tests {
 
     #[test]
     fn healthy_service_says_no_drops() {
-        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let t = TargetSet::from_service(&info(), &|_| vec![]);
         let snap = tc(&t, 500, &[(1, 167), (2, 167), (3, 166)]);
         let s = build(
             &t,
@@ -1172,7 +601,7 @@ mod tests {
             (peer("web-3", "node-b"), vec!["10.244.2.5".parse().expect("ip")]),
             (peer("web-4", "node-b"), vec!["10.244.2.6".parse().expect("ip")]),
         ];
-        let t = SvcTargets::from_pods("pod default/web-3".into(), &pods[..1]);
+        let t = TargetSet::from_pods("pod default/web-3".into(), &pods[..1]);
         let snap = TcSnapshot {
             interfaces: vec![],
             destinations: vec![],
@@ -1198,7 +627,7 @@ mod tests {
             "pod default/web-3: 23 drops for 23 attempts (100.0% of attempts)."
         );
         // Two pods of a node: the sum of their rows.
-        let t = SvcTargets::from_pods("node node-b".into(), &pods);
+        let t = TargetSet::from_pods("node node-b".into(), &pods);
         let rows = vec![row(t.backends[0].tag, 23, 99)];
         let s = build(&t, &obs(&rows));
         let sum: u64 = s.backends.iter().filter_map(|b| b.attempts).sum();
@@ -1233,7 +662,7 @@ mod tests {
             ..crate::resolve::Peer::default()
         };
         let ip: IpAddr = "10.244.2.5".parse().expect("ip");
-        let t = SvcTargets::from_pods("pod default/web-2".into(), &[(peer, vec![ip])]);
+        let t = TargetSet::from_pods("pod default/web-2".into(), &[(peer, vec![ip])]);
         let any = |proto: u8| Destination { ip, port: 0, proto };
         assert_eq!(t.destinations(), vec![any(6), any(17)]);
         let delivered = |proto: u8, n: u64| DestinationSnapshot {
@@ -1275,7 +704,7 @@ mod tests {
 
     #[test]
     fn frontend_only_drops_are_unmatched() {
-        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let t = TargetSet::from_service(&info(), &|_| vec![]);
         let rows = vec![row(tag::FRONTEND, 7, 1)];
         let s = build(
             &t,
@@ -1301,7 +730,7 @@ mod tests {
     /// packets fail on node-a (the client's node). The advice names node-a.
     #[test]
     fn where_to_look_is_where_the_drops_happened() {
-        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let t = TargetSet::from_service(&info(), &|_| vec![]);
         let bad = t.backends[2].tag; // web-2 on node-b
         let rows = vec![ReasonRow {
             classification: "conntrack_insert_failed".into(),
@@ -1338,7 +767,7 @@ mod tests {
     /// backend, and neither makes a healthy Service look broken.
     #[test]
     fn lossless_and_reset_discards_are_not_drops() {
-        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let t = TargetSet::from_service(&info(), &|_| vec![]);
         let web2 = t.backends[2].tag;
         let stale = ReasonRow {
             reason: "TCP_RFC7323_PAWS".into(),
@@ -1398,7 +827,7 @@ mod tests {
     /// instead of a share above 100%.
     #[test]
     fn more_drops_than_attempts_read_as_drops_per_attempt() {
-        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let t = TargetSet::from_service(&info(), &|_| vec![]);
         let bad = t.backends[2].tag;
         let rows = vec![ReasonRow {
             reason: "PKT_TOO_BIG".into(),
@@ -1461,7 +890,7 @@ mod tests {
     /// not two: 326 attempts, 326 drops, 100%.
     #[test]
     fn attempts_dropped_after_delivery_count_once() {
-        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let t = TargetSet::from_service(&info(), &|_| vec![]);
         let web0 = t.backends[0].tag;
         let pod_ns = 4_026_532_500;
         let refused = ReasonRow {
@@ -1500,7 +929,7 @@ mod tests {
     /// one's drops are left out (and counted as such), not blamed on this one's backends.
     #[test]
     fn drops_in_namespaces_of_no_given_node_are_left_out() {
-        let t = SvcTargets::from_service(&info(), &|_| vec![]);
+        let t = TargetSet::from_service(&info(), &|_| vec![]);
         let web2 = t.backends[2].tag;
         let rows = vec![row(web2, 10, 98), row(web2, 80, 12345)];
         let snap = tc(&t, 100, &[(1, 33), (2, 33), (web2, 24)]);

@@ -1,0 +1,58 @@
+//! Command-line types: clap only, no logic. The only module that knows clap; the rest of the
+//! crate gets plain option types through the `From` impls and small methods here.
+
+mod interfaces;
+mod kube;
+mod resolve;
+mod trace;
+
+use clap::{Parser, Subcommand};
+
+pub use self::{
+    interfaces::{InterfacesArgs, TcArgs, TcModeArg},
+    kube::KubeArgs,
+    resolve::ResolveArgs,
+    trace::{CtHookArg, FilterArgs, HookArg, TargetArgs, TraceArgs, TwHookArg},
+};
+
+/// netdrop: every dropped packet with the kernel's own reason, location, and the pods and
+/// Services it belongs to.
+#[derive(Debug, Parser)]
+#[command(name = "netdrop", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log level for netdrop's own diagnostics on stderr (error, warn, info, debug).
+    #[arg(long, global = true, env = "NETDROP_LOG", default_value = "warn")]
+    pub log: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream packet drops as they happen, then print a summary.
+    Trace(TraceArgs),
+    /// List the drop reasons this kernel knows, with their numbers.
+    Reasons(ReasonsArgs),
+    /// Name addresses the way drops are named: pods, Services, backends, nodes, e.g.
+    /// `netdrop resolve 10.244.1.7 10.96.0.10:53/udp cali1b2c3d4e5f6`, or `--svc ns/name`.
+    Resolve(ResolveArgs),
+    /// Count each pod's traffic on its workload interfaces (cali*), following pod churn.
+    Interfaces(InterfacesArgs),
+}
+
+/// `-o text|json`, for every command.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A readable line per drop and a table at the end.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReasonsArgs {
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+}

@@ -1,0 +1,303 @@
+//! `netdrop trace`: plan → probe → source → enrich → aggregate → sinks, until Ctrl-C, SIGTERM
+//! or `--duration`. The select loop over the ring buffer, the timers and the signals is here;
+//! the stages are in [`plan`], [`pipeline`], [`summarizer`] and [`targets`].
+
+mod pipeline;
+mod plan;
+mod summarizer;
+pub mod targets;
+
+use std::{
+    collections::HashMap,
+    io::IsTerminal as _,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
+use tracing::warn;
+
+use self::{
+    pipeline::Pipeline,
+    plan::{Plan, Timewait, is_too_large, plan, timewait_by_flags},
+    summarizer::Summarizer,
+    targets::TargetMode,
+};
+use crate::{
+    cli::{CtHookArg, Format, TraceArgs},
+    enrich::{
+        decode::{self, Decoder},
+        visibility::Visibility,
+    },
+    kernel::{KernelInfo, symbols::KernelSymbols},
+    probe::{self, AttachOptions, PreciseHook},
+    resolve::{Health, KubeOptions, Resolver},
+    sink::{JsonSink, LiveTable, TextSink},
+    source::conntrack::CtMonitor,
+};
+
+/// How often the reader drains the ring buffer without a wakeup (the kernel wakes it early
+/// only once `plan::WAKEUP_BYTES` are waiting): the longest an event waits to be shown.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
+
+pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
+    let kernel = KernelInfo::discover()?;
+    let Plan {
+        spec,
+        mut config,
+        conntrack_on,
+        timewait,
+    } = plan(&args, &kernel)?;
+    let attach_opts = AttachOptions {
+        hook: args.hook.map(Into::into),
+        ring_bytes: args.ring_kib * 1024,
+    };
+    let mut probe = match probe::attach(&kernel, &config, attach_opts) {
+        // The verifier's limit (1M instructions processed) is reached on some kernels (Debian
+        // 6.1) by the per-drop effect decision: the same program without it, named.
+        Err(e) if is_too_large(&e) => {
+            config.effects = 0;
+            eprintln!(
+                "netdrop: drop effects off (lossless/reset discards counted as drops, effect \"unknown\"): this kernel's verifier refused the full program ({e})"
+            );
+            probe::attach(&kernel, &config, attach_opts)?
+        }
+        r => r?,
+    };
+    let ct_hook = match (&kernel.conntrack, conntrack_on) {
+        (Err(why), _) => {
+            eprintln!("netdrop: conntrack classification off: {why}");
+            "off"
+        }
+        (Ok(()), false) => "off",
+        (Ok(()), true) => {
+            let want = args.ct_hook.and_then(CtHookArg::hook);
+            let (hook, why) = probe::attach_conntrack(&mut probe, want);
+            match hook {
+                PreciseHook::Fexit => eprintln!("netdrop: conntrack verdicts via fexit (exact)"),
+                PreciseHook::Kprobe => eprintln!(
+                    "netdrop: conntrack verdicts via kprobe (exact; {})",
+                    why.unwrap_or_default()
+                ),
+                PreciseHook::Inferred => eprintln!(
+                    "netdrop: conntrack classification inferred from conntrack state and statistics ({})",
+                    why.unwrap_or_else(|| "--ct-hook inferred".into())
+                ),
+            }
+            hook.name()
+        }
+    };
+    let timewait_hook = match timewait {
+        Timewait::RxSk => "rx_sk",
+        Timewait::Flags => "flags",
+        Timewait::Hooks(want) => match probe::attach_timewait(&mut probe, want) {
+            (PreciseHook::Inferred, why) => {
+                timewait_by_flags(&why.unwrap_or_default());
+                "flags"
+            }
+            (hook, _) => hook.name(),
+        },
+    };
+    let kube = KubeOptions::from(&args.kube);
+    let node = crate::resolve::node_name(&kube);
+    let resolver = match Resolver::start(&kube).await {
+        Ok(r) => r,
+        Err(e) => return Err(e.into()),
+    };
+    let kube_on = !matches!(resolver.status().health, Health::Off);
+    if kube_on {
+        // Resolve the first drops too: wait briefly for the first lists (the trace runs anyway).
+        if !resolver.wait_synced(Duration::from_secs(5)).await {
+            eprintln!(
+                "netdrop: kubernetes not synced yet ({}); tracing anyway, names appear once it is",
+                resolver.status()
+            );
+        }
+    }
+    let mut targets = if args.target.any() {
+        if !kube_on {
+            anyhow::bail!(
+                "--svc/--pod/--node/--namespace need Kubernetes: pass --kubeconfig FILE or --kube-snapshot FILE"
+            );
+        }
+        let tc = (!args.no_tc).then_some(&args.tc);
+        Some(TargetMode::start(&args.target, tc, &resolver, &mut probe, &node)?)
+    } else {
+        None
+    };
+    let symbols = Arc::new(KernelSymbols::load().unwrap_or_else(|e| {
+        warn!("cannot read /proc/kallsyms ({e}): locations print as addresses");
+        KernelSymbols::default()
+    }));
+    let reasons = Arc::new(kernel.reasons.clone());
+    let decoder = Decoder {
+        reasons: reasons.clone(),
+        symbols: symbols.clone(),
+        clock_offset_ns: decode::clock_offset_ns(),
+        node: node.clone(),
+        conntrack: conntrack_on,
+    };
+    let mut monitor = CtMonitor::new();
+    if conntrack_on {
+        // Baselines before the first drop, and before "attached" (callers start traffic on
+        // that line): the summary reports rises over the whole run.
+        monitor.track(spec.netns.unwrap_or_else(crate::kernel::netns::own_netns));
+        // And the nodes named with --node-netns: their conntrack (a node's SNAT, a resolved
+        // clash) counts from the start, not from their first drop.
+        for n in &args.tc.node_netns {
+            if let Some(inode) = n
+                .path
+                .as_deref()
+                .and_then(|p| std::fs::metadata(p).ok())
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
+            {
+                monitor.track(inode);
+            }
+        }
+    }
+    if let Some(why) = &probe.fallback {
+        eprintln!("netdrop: tp_btf/kfree_skb not usable ({why}); using the tracepoint fallback");
+    }
+    eprintln!(
+        "netdrop: attached {} on {} (kernel {}; {} drop reasons from {:?})",
+        probe.hook.name(),
+        node,
+        kernel.release,
+        reasons.iter().count(),
+        reasons.source()
+    );
+
+    let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    let hide_teardown = !spec.all_reasons && spec.reasons.is_empty();
+    let mut pipe = Pipeline {
+        decoder,
+        visibility: Visibility::new(&config, hide_teardown, symbols.clone()),
+        monitor,
+        conntrack: conntrack_on,
+        resolver: kube_on.then(|| resolver.clone()),
+        sinks: Vec::new(),
+        shown: 0,
+        node_of: HashMap::new(),
+        nodes_given: targets.as_ref().is_some_and(|t| t.nodes_given),
+    };
+    let mut live_table = (targets.is_some() && std::io::stdout().is_terminal() && args.output != Some(Format::Json))
+        .then(LiveTable::default);
+    let format = match (args.output, &targets) {
+        (Some(f), _) => f,
+        // A target trace piped somewhere: JSON lines, as the table is for terminals.
+        (None, Some(_)) if !std::io::stdout().is_terminal() => Format::Json,
+        (None, _) => Format::Text,
+    };
+    pipe.sinks.push(match (format, &live_table) {
+        (Format::Text, Some(live)) => Box::new(live.recent_sink()),
+        (Format::Text, None) => Box::new(TextSink::for_stdout(stdout)),
+        (Format::Json, _) => Box::new(JsonSink::new(stdout)),
+    });
+
+    let summarizer = Summarizer {
+        reasons: reasons.clone(),
+        symbols: symbols.clone(),
+        node: node.clone(),
+        hook: probe.hook.name(),
+        ct_hook,
+        timewait_hook,
+        conntrack: conntrack_on,
+        netfilter_drop_reason: config.netfilter_drop_reason,
+    };
+    // Namespace → node before the first event: drops in the first second are on a node too.
+    if let Some(t) = &mut targets {
+        t.refresh(&resolver, &mut probe);
+        pipe.node_of = t.node_of();
+    }
+    let ring = probe.events.take().context("ring buffer already taken")?;
+    // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is dropped,
+    // which happens only when the AsyncFd is.
+    let mut ring = unsafe { AsyncFd::register(ring) }
+        .map_err(|e| anyhow::anyhow!("registering the ring buffer with tokio: {e}"))?;
+    let started = Instant::now();
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let deadline = async {
+        match args.duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut second = tokio::time::interval(Duration::from_secs(1));
+    second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the ring buffer")?;
+                pipe.drain(guard.get_inner_mut())?;
+                guard.clear_ready();
+            }
+            _ = tick.tick() => pipe.drain(ring.get_mut())?,
+            _ = second.tick() => {
+                pipe.monitor.sample_all();
+                if let Some(t) = &mut targets {
+                    t.refresh(&resolver, &mut probe);
+                    pipe.node_of = t.node_of();
+                    if t.due() {
+                        let summary = summarizer.summary(&probe, &mut pipe, started);
+                        let svc = t.build(&summary, &pipe.node_of, started, false);
+                        if let Some(live) = &mut live_table {
+                            live.redraw(&svc)?;
+                        } else {
+                            for s in &mut pipe.sinks {
+                                s.on_target_summary(&svc)?;
+                            }
+                        }
+                    }
+                }
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            () = &mut deadline => break,
+        }
+    }
+    pipe.drain(ring.get_mut())?;
+
+    let counts = probe.counts();
+    let summary = summarizer.summary_of(&counts, &mut pipe, started);
+    if let Some(t) = &mut targets {
+        let mut svc = t.build(&summary, &pipe.node_of, started, true);
+        // The full drop summary as the target's: with the nodes named, without the namespaces of
+        // none of them (counted as `other_namespaces`), as their drops are no events either.
+        svc.detail = Some(if pipe.nodes_given {
+            let ours = probe::KernelCounts {
+                drops: counts
+                    .drops
+                    .iter()
+                    .filter(|(k, _)| pipe.node_of.contains_key(&k.netns))
+                    .copied()
+                    .collect(),
+                stats: counts.stats,
+            };
+            summarizer.summary_of(&ours, &mut pipe, started)
+        } else {
+            summary
+        });
+        for s in &mut pipe.sinks {
+            s.on_target_summary(&svc)?;
+        }
+        if let Some(live) = &live_table {
+            // The table is the terminal's; the final one and the diagnosis stay on screen.
+            print!("{}", live.final_text(&svc));
+        }
+        t.shutdown();
+    } else {
+        for s in &mut pipe.sinks {
+            s.on_summary(&summary)?;
+        }
+    }
+    Ok(())
+}
