@@ -11,6 +11,8 @@
 //!
 //! The project's own binaries (netdrop, the lab, test helpers) are started with [`project`].
 
+pub mod image;
+
 use std::{
     ffi::OsStr,
     fmt,
@@ -380,7 +382,10 @@ mod tests {
             source: Source::Pip("checkov==3.3.30"),
         }
         .to_string();
-        assert!(e.contains("PyPI package `checkov==3.3.30`") && e.contains("cargo xtask setup"), "{e}");
+        assert!(
+            e.contains("PyPI package `checkov==3.3.30`") && e.contains("cargo xtask setup"),
+            "{e}"
+        );
     }
 
     #[test]

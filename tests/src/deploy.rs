@@ -30,7 +30,10 @@ pub fn documents(yaml: &str) -> Vec<Value> {
 /// The one document of `kind` in the rendered base.
 pub fn object(docs: &[Value], kind: &str) -> Value {
     let mut found = docs.iter().filter(|d| d["kind"] == kind);
-    let first = found.next().unwrap_or_else(|| panic!("no {kind} in deploy/base")).clone();
+    let first = found
+        .next()
+        .unwrap_or_else(|| panic!("no {kind} in deploy/base"))
+        .clone();
     assert!(found.next().is_none(), "more than one {kind} in deploy/base");
     first
 }

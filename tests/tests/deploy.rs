@@ -37,7 +37,8 @@ fn base_and_overlay_render() {
         "the base applies without the Prometheus Operator's CRDs"
     );
     for d in &base {
-        let cluster_scoped = ["Namespace", "ClusterRole", "ClusterRoleBinding"].contains(&d["kind"].as_str().unwrap_or(""));
+        let cluster_scoped =
+            ["Namespace", "ClusterRole", "ClusterRoleBinding"].contains(&d["kind"].as_str().unwrap_or(""));
         if !cluster_scoped {
             assert_eq!(d["metadata"]["namespace"], "netdrop", "{}", d["kind"]);
         }
@@ -117,7 +118,11 @@ fn checkov_has_no_unjustified_finding() {
     // Every skip says why, in words.
     for s in report["results"]["skipped_checks"].as_array().into_iter().flatten() {
         let why = s["check_result"]["suppress_comment"].as_str().unwrap_or("");
-        assert!(why.split_whitespace().count() >= 5, "{} skipped without a reason: {why:?}", s["check_id"]);
+        assert!(
+            why.split_whitespace().count() >= 5,
+            "{} skipped without a reason: {why:?}",
+            s["check_id"]
+        );
     }
 }
 
@@ -161,7 +166,12 @@ fn alerts_check_and_pass_their_unit_tests() {
     assert_eq!(fired, alerts_defined, "every alert needs a firing test case");
     // Each alert's text names where to look and the next command.
     for g in rule_docs[0]["groups"].as_array().expect("groups") {
-        for r in g["rules"].as_array().into_iter().flatten().filter(|r| r["alert"].is_string()) {
+        for r in g["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["alert"].is_string())
+        {
             let d = r["annotations"]["description"].as_str().unwrap_or("");
             assert!(d.contains("Next:") && d.contains('`'), "{}: {d}", r["alert"]);
         }
@@ -186,7 +196,10 @@ fn prometheusrule_carries_the_rules_file() {
 fn daemonset_keeps_the_agent_contract() {
     let docs = documents(&render("base"));
     let ns = object(&docs, "Namespace");
-    assert_eq!(ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged");
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "privileged"
+    );
     let ds = object(&docs, "DaemonSet");
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
@@ -234,11 +247,18 @@ fn clusterrole_grants_list_and_watch_on_what_the_resolver_reads() {
         for g in &r.api_groups {
             for res in &r.resources {
                 assert!(g != "*" && res != "*", "no wildcards: {r:?}");
-                granted.insert(if g.is_empty() { res.clone() } else { format!("{res}.{g}") });
+                granted.insert(if g.is_empty() {
+                    res.clone()
+                } else {
+                    format!("{res}.{g}")
+                });
             }
         }
     }
     let read: BTreeSet<String> = Kind::ALL.iter().map(|k| k.resource().to_owned()).collect();
-    assert_eq!(granted, read, "the ClusterRole must grant exactly the kinds the resolver watches");
+    assert_eq!(
+        granted, read,
+        "the ClusterRole must grant exactly the kinds the resolver watches"
+    );
     assert!(Path::new(&deploy::dir().join("base/clusterrolebinding.yaml")).is_file());
 }

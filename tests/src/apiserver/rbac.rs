@@ -135,7 +135,10 @@ impl Rbac {
     /// Decides and records.
     pub(crate) fn authorize(&self, a: Attributes) -> Result<(), Attributes> {
         if self.allows(&a) {
-            self.allowed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(a);
+            self.allowed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(a);
             Ok(())
         } else {
             self.denied
@@ -148,12 +151,18 @@ impl Rbac {
 
     /// Every request the role refused so far.
     pub fn denied(&self) -> Vec<Attributes> {
-        self.denied.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.denied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Every resource request the role allowed so far.
     pub fn allowed(&self) -> Vec<Attributes> {
-        self.allowed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.allowed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -179,7 +188,9 @@ fn rule_allows(r: &PolicyRule, a: &Attributes) -> bool {
     if r.resource_names.is_empty() {
         return true;
     }
-    a.name.as_deref().is_some_and(|n| r.resource_names.iter().any(|x| x == n))
+    a.name
+        .as_deref()
+        .is_some_and(|n| r.resource_names.iter().any(|x| x == n))
 }
 
 /// The RBAC attributes of a request, or `None` for a non-resource URL.
@@ -221,7 +232,11 @@ pub fn attributes(method: &str, path: &str, query: &std::collections::HashMap<St
     // A list or watch limited to one name by field selector is authorized for that name
     // (requestinfo.go: "if there's no name on the request and we thought it was a list before,
     // then the fieldSelector name wins").
-    let name = name.or(if matches!(verb, "list" | "watch") { field_name } else { None });
+    let name = name.or(if matches!(verb, "list" | "watch") {
+        field_name
+    } else {
+        None
+    });
     Some(Attributes {
         verb: verb.to_owned(),
         group: group.to_owned(),
