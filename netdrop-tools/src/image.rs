@@ -81,7 +81,7 @@ pub fn build(binary: &Path, tag: &str, version: &str) -> Result<Image, ImageErro
 
 fn assemble(ctr: &str, binary: &Path, tag: &str, version: &str) -> Result<Image, ImageError> {
     let mut files = vec![PathBuf::from("/usr/bin/netdrop")];
-    let mut copy = |src: &Path, dst: &Path| -> Result<(), ImageError> {
+    let copy = |src: &Path, dst: &Path| -> Result<(), ImageError> {
         let mut c = tool("buildah");
         c.args(["copy", "--quiet", "--chmod", "0755", ctr]).arg(src).arg(dst);
         run(c, &format!("buildah copy {}", src.display())).map(|_| ())
