@@ -47,6 +47,10 @@ fn podman_works() -> Result<(), String> {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one image built once, then every capability case on it"
+)]
 fn image_runs_with_exactly_the_daemonsets_capabilities() {
     require_root!("image_runs_with_exactly_the_daemonsets_capabilities");
     if let Err(why) = podman_works() {

@@ -25,7 +25,7 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let archive = dir.join(format!("netdrop-{version}.oci.tar"));
     netdrop_tools::image::save_oci_archive(&tag, &archive)?;
-    let size = std::fs::metadata(&archive).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(&archive).map_or(0, |m| m.len());
     println!("image {tag}: {} files", image.files.len());
     for f in &image.files {
         println!("  {}", f.display());

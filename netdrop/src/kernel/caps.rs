@@ -79,7 +79,7 @@ impl Caps {
         needed
             .iter()
             .copied()
-            .filter(|&c| !self.has(c) && !(matches!(c, Cap::Bpf | Cap::Perfmon) && self.has(Cap::SysAdmin)))
+            .filter(|&c| !self.has(c) && (!matches!(c, Cap::Bpf | Cap::Perfmon) || !self.has(Cap::SysAdmin)))
             .collect()
     }
 }
