@@ -11,6 +11,8 @@
 //!
 //! The project's own binaries (netdrop, the lab, test helpers) are started with [`project`].
 
+pub mod image;
+
 use std::{
     ffi::OsStr,
     fmt,
@@ -27,6 +29,10 @@ pub enum Source {
     Rustup,
     /// Built from crates.io by `cargo xtask setup` (`cargo install`).
     CargoInstall(&'static str),
+    /// A PyPI package at a pinned version (`name==version`), installed by `cargo xtask setup`
+    /// into the project's own virtual environment ([`venv_dir`]): Debian 12's pip refuses to
+    /// install into the system Python (PEP 668), and a pinned venv is the same on every machine.
+    Pip(&'static str),
 }
 
 impl fmt::Display for Source {
@@ -35,6 +41,7 @@ impl fmt::Display for Source {
             Self::Debian(p) => write!(f, "Debian package `{p}`"),
             Self::Rustup => f.write_str("the Rust toolchain (rustup)"),
             Self::CargoInstall(c) => write!(f, "crate `{c}` (cargo install)"),
+            Self::Pip(p) => write!(f, "PyPI package `{p}` (in {})", venv_dir().display()),
         }
     }
 }
@@ -55,6 +62,14 @@ const fn deb(name: &'static str, package: &'static str, guest: bool) -> Tool {
         name,
         source: Source::Debian(package),
         guest,
+    }
+}
+
+const fn pip(name: &'static str, requirement: &'static str) -> Tool {
+    Tool {
+        name,
+        source: Source::Pip(requirement),
+        guest: false,
     }
 }
 
@@ -124,6 +139,15 @@ pub const TOOLS: &[Tool] = &[
     deb("strip", "binutils", false),
     deb("xz", "xz-utils", false),
     deb("zstd", "zstd", false),
+    // Deployment checks (tests/tests/deploy.rs): manifests, alerts, the image.
+    deb("promtool", "prometheus", false),
+    deb("python3", "python3-venv", false),
+    deb("buildah", "buildah", false),
+    deb("podman", "podman", false),
+    // podman's runtime here: crun refuses this machine's hybrid cgroup layout, runc does not.
+    deb("runc", "runc", false),
+    pip("kubernetes-validate", "kubernetes-validate==1.37.0"),
+    pip("checkov", "checkov==3.3.30"),
     // Build.
     Tool {
         name: "cargo",
@@ -191,26 +215,59 @@ pub fn lookup(name: &str) -> Result<&'static Tool, ToolError> {
 }
 
 /// Where `name` is installed (searched on `PATH`, then in the sbin directories a non-login
-/// root shell may lack).
+/// root shell may lack; PyPI programs only in the project's virtual environment).
 pub fn path(name: &str) -> Result<PathBuf, ToolError> {
     let tool = lookup(name)?;
-    find_on_path(name).ok_or(ToolError::Missing {
+    let found = match tool.source {
+        Source::Pip(_) => Some(venv_dir().join("bin").join(name)).filter(|p| is_executable(p)),
+        _ => find_on_path(name),
+    };
+    found.ok_or(ToolError::Missing {
         name: tool.name,
         source: tool.source,
     })
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
+/// The virtual environment `cargo xtask setup` installs the PyPI programs into:
+/// `$NETDROP_TOOLS_VENV`, else `target/tools/venv` in the workspace.
+pub fn venv_dir() -> PathBuf {
+    std::env::var_os("NETDROP_TOOLS_VENV")
+        .filter(|v| !v.is_empty())
+        .map_or_else(
+            || {
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .parent()
+                    .unwrap_or_else(|| Path::new("."))
+                    .join("target/tools/venv")
+            },
+            PathBuf::from,
+        )
+}
+
+/// The PyPI requirements of the table (`name==version`), in table order.
+pub fn pip_requirements() -> Vec<&'static str> {
+    TOOLS
+        .iter()
+        .filter_map(|t| match t.source {
+            Source::Pip(r) => Some(r),
+            _ => None,
+        })
+        .collect()
+}
+
+fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
+    p.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let extra = [Path::new("/usr/local/sbin"), Path::new("/usr/sbin"), Path::new("/sbin")];
     std::env::split_paths(&path)
         .chain(extra.iter().map(|p| p.to_path_buf()))
         .map(|d| d.join(name))
-        .find(|p| {
-            p.metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+        .find(|p| is_executable(p))
 }
 
 /// A `Command` for a program of the table, or why there is none.
@@ -320,6 +377,29 @@ mod tests {
         }
         .to_string();
         assert!(e.contains("apt-get install bpftool"), "{e}");
+        let e = ToolError::Missing {
+            name: "checkov",
+            source: Source::Pip("checkov==3.3.30"),
+        }
+        .to_string();
+        assert!(
+            e.contains("PyPI package `checkov==3.3.30`") && e.contains("cargo xtask setup"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn pip_tools_are_pinned_and_resolved_in_the_venv() {
+        let reqs = pip_requirements();
+        assert!(reqs.contains(&"checkov==3.3.30"), "{reqs:?}");
+        for r in &reqs {
+            let (name, version) = r.split_once("==").unwrap_or_else(|| panic!("{r} is not pinned"));
+            assert!(!name.is_empty() && !version.is_empty(), "{r}");
+        }
+        // Never a program of the same name elsewhere on PATH.
+        if let Ok(p) = path("checkov") {
+            assert!(p.starts_with(venv_dir()), "{}", p.display());
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! passes, so a skip is never counted as a pass.
 
 pub mod apiserver;
+pub mod deploy;
 pub mod lab;
 
 use std::{

@@ -5,6 +5,7 @@ mod bench;
 mod bench_kube;
 mod bench_tc;
 mod demo;
+mod image;
 mod lab;
 mod setup;
 mod test;
@@ -39,6 +40,9 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// The container image (buildah from scratch: the release binary and its libraries), saved
+    /// as an OCI archive under target/image/.
+    Image,
     /// Run netdrop's integration tests on Debian kernels under qemu.
     VmTest(vm::Args),
     /// The lab (two nodes, Services, faults): `lab up|down|status|fault NAME|traffic --svc default/web` (`lab --help`).
@@ -65,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test(args) => test::run(&args),
         Cmd::Run { args } => run(&args),
         Cmd::VmTest(args) => vm::run(&args),
+        Cmd::Image => image::run(),
         Cmd::Demo { fault, seconds } => demo::run(&fault, seconds),
         Cmd::Lab { args } => lab::run(&args),
         Cmd::Bench { which, compare } => match which.as_str() {

@@ -17,6 +17,7 @@ pub fn run() -> anyhow::Result<()> {
     rust_src()?;
     lint_components()?;
     bpf_linker()?;
+    pip_tools()?;
     Ok(())
 }
 
@@ -193,6 +194,48 @@ fn bpf_linker() -> anyhow::Result<()> {
     if !status.success() {
         bail!("setup: building bpf-linker failed ({status}); see the cargo output above");
     }
+    Ok(())
+}
+
+/// The PyPI programs of the tool table (deployment checks), pinned, in the project's own virtual
+/// environment (`netdrop_tools::venv_dir`): Debian 12's pip refuses the system Python. A
+/// marker file records what was installed, so a second run only compares it.
+fn pip_tools() -> anyhow::Result<()> {
+    let venv = netdrop_tools::venv_dir();
+    let reqs = netdrop_tools::pip_requirements();
+    if reqs.is_empty() {
+        return Ok(());
+    }
+    let marker = venv.join("netdrop-requirements.txt");
+    let want = reqs.join("\n") + "\n";
+    let all_there = reqs
+        .iter()
+        .filter_map(|r| r.split_once("==").map(|(n, _)| n))
+        .all(|n| netdrop_tools::path(n).is_ok());
+    if all_there && fs::read_to_string(&marker).is_ok_and(|m| m == want) {
+        return Ok(());
+    }
+    if !venv.join("bin/pip").is_file() {
+        eprintln!("setup: creating the Python environment {}", venv.display());
+        let status = netdrop_tools::try_tool("python3")?
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .context("python3 -m venv")?;
+        if !status.success() {
+            bail!("setup: `python3 -m venv {}` failed ({status})", venv.display());
+        }
+    }
+    eprintln!("setup: installing {} into {}", reqs.join(" "), venv.display());
+    let status = netdrop_tools::project(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(&reqs)
+        .status()
+        .context("pip install")?;
+    if !status.success() {
+        bail!("setup: pip install {} failed ({status})", reqs.join(" "));
+    }
+    fs::write(&marker, want).with_context(|| format!("writing {}", marker.display()))?;
     Ok(())
 }
 

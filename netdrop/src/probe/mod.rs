@@ -42,8 +42,9 @@ impl Hook {
 /// Errors a user can hit while loading; each says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("netdrop needs root, or CAP_BPF and CAP_PERFMON (CAP_SYS_ADMIN before Linux 5.8): run it with sudo")]
-    NoPermission,
+    /// Capabilities missing (named), or none missing and the kernel refused anyway.
+    #[error("{}", caps::refusal(.missing, "load its kernel programs"))]
+    NoPermission { missing: Vec<caps::Cap> },
     #[error("the kernel programs are missing from this build (built with AYA_BUILD_SKIP=1): rebuild without it")]
     NoPrograms,
     #[error("loading the kernel programs failed: {0}")]
@@ -72,10 +73,11 @@ pub enum ProbeError {
 
 /// Whether this process may load BPF programs: root, or CAP_BPF+CAP_PERFMON, or CAP_SYS_ADMIN.
 pub fn check_permission() -> Result<(), ProbeError> {
-    if caps::may_load_bpf() {
+    let missing = caps::Caps::effective().missing(caps::DROP_PROGRAMS);
+    if missing.is_empty() {
         Ok(())
     } else {
-        Err(ProbeError::NoPermission)
+        Err(ProbeError::NoPermission { missing })
     }
 }
 
@@ -147,7 +149,9 @@ pub fn attach(kernel: &KernelInfo, config: &Config, opts: AttachOptions) -> Resu
             aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
                 if io_error.kind() == io::ErrorKind::PermissionDenied =>
             {
-                ProbeError::NoPermission
+                ProbeError::NoPermission {
+                    missing: caps::Caps::effective().missing(caps::DROP_PROGRAMS),
+                }
             }
             _ => ProbeError::Load(e),
         })?;

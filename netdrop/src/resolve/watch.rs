@@ -131,7 +131,7 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
 
 fn forbidden_reason(kind: Kind, message: &str) -> String {
     format!(
-        "cannot list/watch {res} cluster-wide ({message}); grant get,list,watch on {res} in a ClusterRole bound to netdrop's identity",
+        "cannot list/watch {res} cluster-wide ({message}); grant list,watch on {res} in a ClusterRole bound to netdrop's identity (deploy/base/clusterrole.yaml)",
         res = kind.resource()
     )
 }

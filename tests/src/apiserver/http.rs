@@ -18,7 +18,10 @@ use hyper::{Method, Request, Response, StatusCode, body::Frame, header};
 use serde_json::{Value, json};
 use tokio::sync::{broadcast::error::TryRecvError, mpsc};
 
-use super::store::{Change, Cluster, ResKind};
+use super::{
+    rbac::{self, Rbac},
+    store::{Change, Cluster, ResKind},
+};
 
 pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -28,6 +31,8 @@ pub(crate) struct Ctx {
     pub token: Option<String>,
     pub bookmark_interval: Duration,
     pub server_address: String,
+    /// Enforced for every resource request when set.
+    pub rbac: Option<Arc<Rbac>>,
 }
 
 fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
@@ -170,6 +175,20 @@ pub(crate) async fn handle(ctx: Arc<Ctx>, req: Request<hyper::body::Incoming>) -
         }
     }
     let path = req.uri().path().to_owned();
+    // Authorization comes before the handler, as in the real API server: a request the role
+    // does not allow is refused whether or not the stand-in could serve it.
+    if let Some(rbac) = &ctx.rbac
+        && let Some(attrs) = rbac::attributes(req.method().as_str(), &path, &query(&req))
+        && let Err(attrs) = rbac.authorize(attrs)
+    {
+        let main = attrs.resource.split('/').next().unwrap_or_default();
+        return Ok(error(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &Rbac::forbidden_message(&attrs),
+            Some(json!({"name": attrs.name, "kind": main, "group": attrs.group})),
+        ));
+    }
     if req.method() != Method::GET {
         return Ok(error(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -15,6 +15,7 @@
 //! ```
 
 mod http;
+pub mod rbac;
 mod store;
 pub mod synth;
 mod tls;
@@ -28,6 +29,7 @@ use std::{
 
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+pub use rbac::Rbac;
 pub use store::{Change, Cluster, EventType, Faults, ResKind, StoreError};
 pub use tls::TlsMaterial;
 use tokio::{net::TcpListener, task::JoinSet};
@@ -43,6 +45,9 @@ pub struct ServeOptions {
     pub token: Option<String>,
     /// How often watches with `allowWatchBookmarks=true` get a bookmark (the real API: about a minute).
     pub bookmark_interval: Duration,
+    /// Authorize every resource request against this ClusterRole (the token's identity is bound
+    /// to it); decisions are recorded in it.
+    pub rbac: Option<Arc<Rbac>>,
 }
 
 impl Default for ServeOptions {
@@ -52,6 +57,7 @@ impl Default for ServeOptions {
             tls: None,
             token: None,
             bookmark_interval: Duration::from_secs(5),
+            rbac: None,
         }
     }
 }
@@ -107,6 +113,7 @@ impl StandIn {
             token: options.token.clone(),
             bookmark_interval: options.bookmark_interval,
             server_address: addr.to_string(),
+            rbac: options.rbac.clone(),
         });
         let acceptor = options.tls.as_ref().map(|t| t.acceptor()).transpose()?;
         let task = tokio::spawn(async move {

@@ -123,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
         tls,
         token: args.token.clone(),
         bookmark_interval: args.bookmark_interval,
+        rbac: None,
     };
     let mut server = Some(StandIn::start(cluster.clone(), options.clone()).await?);
     let s = server.as_ref().expect("started");

@@ -129,10 +129,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    let symbols = Arc::new(KernelSymbols::load().unwrap_or_else(|e| {
-        warn!("cannot read /proc/kallsyms ({e}): locations print as addresses");
-        KernelSymbols::default()
-    }));
+    let symbols = Arc::new(load_symbols());
     let reasons = Arc::new(kernel.reasons.clone());
     let decoder = Decoder {
         reasons: reasons.clone(),
@@ -300,4 +297,29 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The kernel's symbol table for naming drop locations; says in one line which capability is
+/// missing when the kernel hides the addresses.
+fn load_symbols() -> KernelSymbols {
+    match KernelSymbols::load() {
+        Ok(s) if s.is_empty() => {
+            // The kernel shows every address as 0 to a reader without CAP_SYSLOG when
+            // kptr_restrict is 1, or perf_event_paranoid > 1 (kallsyms_show_value()).
+            let missing = crate::kernel::caps::Caps::effective().missing(&[crate::kernel::caps::Cap::Syslog]);
+            if missing.is_empty() {
+                warn!("/proc/kallsyms shows no addresses (kptr_restrict=2?): locations print as addresses");
+            } else {
+                warn!(
+                    "netdrop needs CAP_SYSLOG to read kernel symbol addresses (/proc/kallsyms under kptr_restrict or perf_event_paranoid > 1): locations print as addresses; run it as root, or add CAP_SYSLOG"
+                );
+            }
+            s
+        }
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cannot read /proc/kallsyms ({e}): locations print as addresses");
+            KernelSymbols::default()
+        }
+    }
 }

@@ -83,8 +83,9 @@ pub enum TcModeChoice {
 pub enum TcError {
     #[error("the kernel programs are missing from this build (built with AYA_BUILD_SKIP=1): rebuild without it")]
     NoPrograms,
-    #[error("netdrop needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, to attach tc programs: run it with sudo")]
-    NoPermission,
+    /// Capabilities missing (named), or none missing and the kernel refused anyway.
+    #[error("{}", crate::kernel::caps::refusal(.missing, "attach tc programs to interfaces"))]
+    NoPermission { missing: Vec<crate::kernel::caps::Cap> },
     #[error("loading the tc programs failed: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("tc program {program}: {source}")]
@@ -194,7 +195,9 @@ impl TcInstance {
                 aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. })
                     if io_error.kind() == io::ErrorKind::PermissionDenied =>
                 {
-                    TcError::NoPermission
+                    TcError::NoPermission {
+ missing: crate::kernel::caps::Caps::effective().missing(crate::kernel::caps::TC_PROGRAMS),
+}
                 }
                 _ => TcError::Load(e),
             })?;
@@ -298,7 +301,9 @@ fn load_program(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<OwnedFd, TcE
         .map_err(err)?;
     prog.load().map_err(|e| match &e {
         ProgramError::LoadError { io_error, .. } if io_error.kind() == io::ErrorKind::PermissionDenied => {
-            TcError::NoPermission
+            TcError::NoPermission {
+                missing: crate::kernel::caps::Caps::effective().missing(crate::kernel::caps::TC_PROGRAMS),
+            }
         }
         _ => err(e),
     })?;
