@@ -24,6 +24,8 @@ fn main() -> ExitCode {
             Command::Reasons(args) => netdrop::cmd::reasons::run(&args),
             Command::Resolve(args) => netdrop::cmd::resolve::run(args).await,
             Command::Interfaces(args) => netdrop::cmd::interfaces::run(args).await,
+            Command::Capture(args) => netdrop::cmd::capture::run(args).await,
+            Command::Report(args) => netdrop::cmd::report::run(&args),
         }
     });
     match result {

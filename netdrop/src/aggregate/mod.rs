@@ -8,7 +8,7 @@ pub mod target_summary;
 use std::collections::BTreeMap;
 
 use netdrop_common::{DropKey, stat};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     enrich::classify::{self, Certainty},
@@ -20,13 +20,13 @@ use crate::{
 };
 
 /// One (reason, location, netns) row.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReasonRow {
     pub reason: String,
     pub reason_code: u32,
     pub location: String,
     /// `null` when the kernel left no way to tell.
-    #[serde(serialize_with = "classify::netns_or_null")]
+    #[serde(serialize_with = "classify::netns_or_null", deserialize_with = "zero_if_null")]
     pub netns: u32,
     /// `ipv4`, `ipv6`, or `none` for skbs without an IP header.
     pub ip: &'static str,
@@ -42,7 +42,7 @@ pub struct ReasonRow {
     /// packet in the kernel.
     pub effect: classify::Effect,
     /// The watched address the packets matched (`--svc`: a backend, or the frontend), else 0.
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub tag: u32,
 }
 
@@ -50,8 +50,13 @@ fn is_zero(v: &u32) -> bool {
     *v == 0
 }
 
+/// Reads back what `classify::netns_or_null` wrote (`netdrop report`).
+fn zero_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    Ok(Option::<u32>::deserialize(d)?.unwrap_or(0))
+}
+
 /// One namespace's conntrack statistics over the run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConntrackReport {
     pub netns: u32,
     /// Entries at the end, and the limit.
@@ -68,8 +73,9 @@ pub struct ConntrackReport {
     pub drop_per_s: f64,
 }
 
-/// The end-of-run (or periodic) summary. JSON: `{"type":"summary",...}`.
-#[derive(Debug, Clone, Serialize)]
+/// The end-of-run (or periodic) summary. JSON: `{"type":"summary",...}`; read back by
+/// `netdrop report` from a capture (its `&'static str`s borrow from a `'static` input).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     #[serde(rename = "type")]
     pub kind: &'static str,

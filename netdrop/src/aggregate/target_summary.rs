@@ -20,7 +20,7 @@ use std::{
 };
 
 use netdrop_common::tag;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     ReasonRow,
@@ -34,7 +34,7 @@ use crate::{
 };
 
 /// One reason behind a backend's drops.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopReason {
     pub reason: String,
     pub classification: String,
@@ -49,14 +49,14 @@ pub struct TopReason {
 }
 
 /// A node's share of some drops; `node` is `null` for namespaces no watched node holds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeCount {
     pub node: Option<String>,
     pub count: u64,
 }
 
 /// One backend's row of the table.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BackendRow {
     pub pod: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -84,7 +84,7 @@ pub struct BackendRow {
 
 /// Drops that matched the Service's frontends but no backend (before DNAT, or REJECTed for
 /// lack of endpoints).
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Unmatched {
     pub drops: u64,
     pub top_reasons: Vec<TopReason>,
@@ -95,7 +95,7 @@ pub struct Unmatched {
 }
 
 /// The `--svc` summary: `{"type":"summary","service":...}`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TargetSummary {
     #[serde(rename = "type")]
     pub kind: &'static str,

@@ -1,6 +1,7 @@
 //! Command-line types: clap only, no logic. The only module that knows clap; the rest of the
 //! crate gets plain option types through the `From` impls and small methods here.
 
+mod capture;
 mod interfaces;
 mod kube;
 mod resolve;
@@ -9,6 +10,7 @@ mod trace;
 use clap::{Parser, Subcommand};
 
 pub use self::{
+    capture::{CaptureArgs, CaptureOptions, ReportArgs},
     interfaces::{InterfacesArgs, TcArgs, TcModeArg},
     kube::KubeArgs,
     resolve::ResolveArgs,
@@ -38,6 +40,12 @@ pub enum Command {
     Resolve(ResolveArgs),
     /// Count each pod's traffic on its workload interfaces (cali*), following pod churn.
     Interfaces(InterfacesArgs),
+    /// Write the dropped packets, with their verdicts, to a pcapng file for Wireshark, e.g.
+    /// `netdrop capture --svc default/web --duration 60s -o incident.pcapng`.
+    Capture(CaptureArgs),
+    /// Re-render a capture's summary offline (no BPF, no cluster), e.g.
+    /// `netdrop report incident.pcapng`.
+    Report(ReportArgs),
 }
 
 /// `-o text|json`, for every command.

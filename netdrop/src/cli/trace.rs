@@ -213,7 +213,7 @@ impl FilterArgs {
     }
 }
 
-fn parse_ring_kib(s: &str) -> Result<u32, String> {
+pub(super) fn parse_ring_kib(s: &str) -> Result<u32, String> {
     let v: u32 = s.parse().map_err(|_| format!("{s:?} is not a number of KiB"))?;
     if !v.is_power_of_two() || !(4..=1 << 20).contains(&v) {
         return Err("must be a power of two between 4 and 1048576".into());

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::source::conntrack::Evidence;
 
 /// What a drop cost, as the kernel program decided it per packet (`netdrop_common::effect`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Effect {
     /// The packet was not parsed (a trace without a target or filter) or has no IP header;
@@ -117,7 +117,7 @@ mod tests {
 // ---- NETFILTER_DROP classification ----
 
 /// How a classification was reached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Certainty {
     /// Established by the kernel for this packet: its reason, the function that freed it, or a

@@ -1,9 +1,10 @@
 //! Sinks: where drop events and summaries go. One pipeline feeds any number of sinks: the
-//! terminal ([`text`], [`live`]), JSON lines ([`json`]); next, the agent's metrics and capture
-//! files. Sinks turn typed values into text; nothing here computes a count.
+//! terminal ([`text`], [`live`]), JSON lines ([`json`]), pcapng capture files ([`pcapng`]); next,
+//! the agent's metrics. Sinks turn typed values into text; nothing here computes a count.
 
 pub mod json;
 pub mod live;
+pub mod pcapng;
 pub mod table;
 pub mod terminal;
 pub mod text;
@@ -29,6 +30,10 @@ pub trait Sink: Send {
     fn on_target_summary(&mut self, summary: &TargetSummary) -> io::Result<()>;
     /// Called after each batch of events: a sink that buffers writes them out here.
     fn flush(&mut self) -> io::Result<()>;
+    /// The sink has all it wants (`capture --count`): the command stops.
+    fn done(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

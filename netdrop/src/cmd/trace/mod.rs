@@ -36,7 +36,7 @@ use crate::{
     kernel::{KernelInfo, symbols::KernelSymbols},
     probe::{self, AttachOptions, PreciseHook},
     resolve::{Health, KubeOptions, Resolver},
-    sink::{JsonSink, LiveTable, TextSink},
+    sink::{JsonSink, LiveTable, Sink, TextSink},
     source::conntrack::CtMonitor,
 };
 
@@ -45,6 +45,12 @@ use crate::{
 const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
+    run_with(args, Vec::new()).await
+}
+
+/// A trace whose events and final summary also go to `extra` sinks (`capture` adds its file);
+/// it stops early once one of them is [`Sink::done`].
+pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Result<()> {
     let kernel = KernelInfo::discover()?;
     let Plan {
         spec,
@@ -194,6 +200,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         (Format::Text, None) => Box::new(TextSink::for_stdout(stdout)),
         (Format::Json, _) => Box::new(JsonSink::new(stdout)),
     });
+    pipe.sinks.extend(extra);
 
     let summarizer = Summarizer {
         reasons: reasons.clone(),
@@ -230,7 +237,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut second = tokio::time::interval(Duration::from_secs(1));
     second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    loop {
+    while !pipe.sinks.iter().any(|s| s.done()) {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the ring buffer")?;
