@@ -112,6 +112,10 @@ pub const TOOLS: &[Tool] = &[
     deb("hping3", "hping3", true),
     deb("iperf3", "iperf3", true),
     deb("tcpdump", "tcpdump", true),
+    // Reads `netdrop capture` files as Wireshark does, with contrib/wireshark/netdrop.lua (tests/
+    // tests/capture.rs). Not in the guests (libwireshark is large): their capture tests skip
+    // the tshark checks and say so.
+    deb("tshark", "tshark", false),
     deb("ethtool", "ethtool", true),
     // Reading another namespace's /proc/net files (`ip netns exec NS cat ...`), kernel version.
     deb("cat", "coreutils", true),

@@ -394,6 +394,20 @@ impl Tracer {
         Self::command_with("json", args)
     }
 
+    /// `netdrop capture -o FILE --format json <args>`: stopped and parsed as a trace's output by
+    /// [`Tracer::stop`] (the same JSON lines).
+    pub fn start_capture(file: &std::path::Path, args: &[&str]) -> Self {
+        let mut cmd = netdrop_tools::project(netdrop_bin());
+        cmd.arg("capture")
+            .arg("-o")
+            .arg(file)
+            .args(["--format", "json"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Self::spawn(cmd)
+    }
+
     fn command_with(output: &str, args: &[&str]) -> Command {
         let mut cmd = netdrop_tools::project(netdrop_bin());
         cmd.args(["trace", "-o", output])

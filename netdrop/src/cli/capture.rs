@@ -120,9 +120,7 @@ pub struct ReportArgs {
 /// `100M`, `1G`, `512K`, `4096` (bytes); K, M, G are powers of 1024.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let (digits, unit) = t
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((t, ""), |i| t.split_at(i));
+    let (digits, unit) = t.find(|c: char| !c.is_ascii_digit()).map_or((t, ""), |i| t.split_at(i));
     let n: u64 = digits
         .parse()
         .map_err(|_| format!("{s:?} is not a size (e.g. 100M, 1G, 512K)"))?;

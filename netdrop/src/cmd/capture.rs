@@ -19,7 +19,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     /// The capture file cannot be created (directory missing, read-only, no permission).
-    #[error("cannot create the capture file {path}: {source}")]
+    #[error("cannot create the capture file {path}")]
     Create {
         path: PathBuf,
         #[source]

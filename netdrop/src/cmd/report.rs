@@ -23,7 +23,7 @@ use crate::{
 /// Why a file cannot be reported on. Each is one line naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -46,7 +46,7 @@ pub enum ReportError {
     /// The trailer's summary does not parse.
     #[error("{path}: the summary it carries does not parse ({why}): corrupted")]
     Summary { path: PathBuf, why: String },
-    #[error("writing the report: {0}")]
+    #[error("writing the report")]
     Write(#[source] io::Error),
 }
 
@@ -88,7 +88,9 @@ pub fn read_capture(bytes: &[u8], path: &Path) -> Result<CaptureFile, ReportErro
             why,
             packets,
         };
-        let (next, block) = parser.next_block(rest).map_err(|e| damaged(e.to_string(), out.packets))?;
+        let (next, block) = parser
+            .next_block(rest)
+            .map_err(|e| damaged(e.to_string(), out.packets))?;
         rest = next;
         match block {
             Block::SectionHeader(shb) => {
@@ -168,9 +170,13 @@ pub fn parse_summary(json: &str, path: &Path) -> Result<CarriedSummary, ReportEr
     };
     let v: serde_json::Value = serde_json::from_str(leaked).map_err(err)?;
     if v.get("service").is_some() {
-        Ok(CarriedSummary::Target(Box::new(serde_json::from_str(leaked).map_err(err)?)))
+        Ok(CarriedSummary::Target(Box::new(
+            serde_json::from_str(leaked).map_err(err)?,
+        )))
     } else {
-        Ok(CarriedSummary::Drops(Box::new(serde_json::from_str(leaked).map_err(err)?)))
+        Ok(CarriedSummary::Drops(Box::new(
+            serde_json::from_str(leaked).map_err(err)?,
+        )))
     }
 }
 
@@ -231,11 +237,15 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
             );
             writeln!(
                 out,
-                "capture {}: {} packets on {} interfaces ({}); {kept}",
+                "capture {}: {} packets on {} interface(s) ({}); {kept}",
                 args.file.display(),
                 file.packets,
                 file.interfaces,
-                if reasons.is_empty() { "none".into() } else { reasons.join(", ") },
+                if reasons.is_empty() {
+                    "none".into()
+                } else {
+                    reasons.join(", ")
+                },
             )
             .map_err(ReportError::Write)?;
         }
@@ -324,7 +334,13 @@ mod tests {
         assert_eq!(f.by_reason["NO_SOCKET"], 1);
         let stats = f.stats.expect("the trailer's counts");
         assert_eq!(
-            (stats.packets, stats.ring_full, stats.rate_limited, stats.count_reached, stats.no_ip_header),
+            (
+                stats.packets,
+                stats.ring_full,
+                stats.rate_limited,
+                stats.count_reached,
+                stats.no_ip_header
+            ),
             (3, 7, 2, 1, 1)
         );
         assert_eq!(f.summary_json.as_deref(), Some(summary));
@@ -338,7 +354,8 @@ mod tests {
         };
         let mut sink = PcapngSink::new(Vec::new(), limits, "t", None).expect("sink");
         for _ in 0..20 {
-            sink.write_packet(&packet(&v4(1500), "cali1", "NO_SOCKET")).expect("write");
+            sink.write_packet(&packet(&v4(1500), "cali1", "NO_SOCKET"))
+                .expect("write");
         }
         let before_trailer = sink.stats();
         assert!(before_trailer.bytes <= 1000, "{before_trailer:?}");

@@ -59,7 +59,7 @@ const CHUNK: usize = 60_000;
 #[derive(Debug, thiserror::Error)]
 pub enum PcapngError {
     /// Writing a block failed (disk full, closed pipe).
-    #[error("writing the capture file: {0}")]
+    #[error("writing the capture file")]
     Write(#[source] pcap_file::PcapError),
 }
 
@@ -215,7 +215,11 @@ pub struct Limits {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct CaptureStats {
     pub packets: u64,
+    /// The file's size so far (not in the trailer).
+    #[serde(skip)]
     pub bytes: u64,
+    /// Interface blocks written (not in the trailer).
+    #[serde(skip)]
     pub interfaces: u64,
     /// Events the kernel could not send: ring buffer full.
     pub ring_full: u64,
@@ -550,7 +554,11 @@ mod tests {
     fn original_length_comes_from_the_ip_header_and_bounds_the_bytes_kept() {
         let mut v4 = vec![0x45, 0, 0, 60];
         v4.resize(128, 0xaa);
-        assert_eq!(ip_lengths(&v4), Some((60, 60)), "trailer bytes past the packet are not kept");
+        assert_eq!(
+            ip_lengths(&v4),
+            Some((60, 60)),
+            "trailer bytes past the packet are not kept"
+        );
         let mut big = vec![0x45, 0, 0x05, 0xdc];
         big.resize(128, 0);
         assert_eq!(ip_lengths(&big), Some((1500, 128)));
