@@ -12,9 +12,10 @@
 //!   classification, Kubernetes names).
 //! - [`aggregate`]: summaries from the kernel's exact counters, target sets and per-backend
 //!   target summaries, the diagnosis.
-//! - [`sink`]: where records and summaries are written: text lines, JSON lines, the live table.
-//! - [`cli`]: clap types only. [`cmd`]: the commands (`trace`, `reasons`, `resolve`,
-//!   `interfaces`), the only place with a `select!` loop.
+//! - [`sink`]: where records and summaries are written: text lines, JSON lines, the live table,
+//!   pcapng capture files.
+//! - [`cli`]: clap types only. [`cmd`]: the commands (`trace`, `capture`, `report`, `reasons`,
+//!   `resolve`, `interfaces`), the only place with a `select!` loop.
 //!
 //! Only `probe` (and the tc watchers it drives in `source`) needs privileges; the stages after
 //! it make no syscalls and are unit-tested without root.

@@ -67,7 +67,7 @@ impl From<PcapngError> for io::Error {
     fn from(e: PcapngError) -> Self {
         match e {
             PcapngError::Write(pcap_file::PcapError::IoError(io)) => io,
-            e => Self::other(e),
+            e @ PcapngError::Write(_) => Self::other(e),
         }
     }
 }
@@ -549,6 +549,76 @@ impl<W: Write + Send> Sink for PcapngSink<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        enrich::{
+            classify::{Certainty, Effect},
+            record::RawDetail,
+        },
+        resolve::{Name, Peer},
+    };
+
+    /// The adapter: the event's time to the nanosecond, the names a reader filters on.
+    #[test]
+    fn a_record_becomes_a_packet_with_its_verdict() {
+        let ep = |a: &str, k8s| Endpoint {
+            k8s,
+            ..Endpoint::new(a.parse().expect("ip"), Some(80))
+        };
+        let backend = Peer {
+            kind: PeerKind::Pod,
+            namespace: Some(Name::new("default")),
+            pod: Some(Name::new("web-2")),
+            service: Some(Name::new("default/web")),
+            ..Peer::default()
+        };
+        let r = DropRecord {
+            kind: "drop",
+            time: "2026-11-26T10:21:33.123456789Z".into(),
+            node: "node-b".into(),
+            reason: "NETFILTER_DROP".into(),
+            reason_code: 12,
+            location: "nft_do_chain+0x3e8".into(),
+            protocol: "tcp".into(),
+            src: Some(ep("10.244.1.2", None)),
+            dst: Some(ep("10.244.2.10", Some(backend))),
+            ifindex: 4,
+            ifname: "cali2c8a6f1d3e0".into(),
+            netns: 4_026_532_411,
+            len: 60,
+            tcp_flags: Some("SYN".into()),
+            payload_len: Some(0),
+            icmp: None,
+            classification: "netfilter_rule".into(),
+            certainty: Certainty::Exact,
+            effect: Effect::Attempt,
+            conntrack: Some("confirmed"),
+            orig_dst: None,
+            orig_src: None,
+            raw: RawDetail {
+                headers: vec![0x45, 0, 0, 60],
+                ..RawDetail::default()
+            },
+        };
+        let p = capture_packet(&r);
+        assert_eq!(p.ts_ns, 1_795_688_493_123_456_789);
+        assert_eq!(p.data, &[0x45, 0, 0, 60]);
+        assert_eq!(
+            p.iface,
+            Iface {
+                node: "node-b".into(),
+                netns: 4_026_532_411,
+                ifindex: 4,
+                ifname: "cali2c8a6f1d3e0".into()
+            }
+        );
+        assert_eq!(
+            verdict_comment(&p.verdict),
+            "netdrop reason=NETFILTER_DROP reason_code=12 classification=netfilter_rule certainty=exact \
+             effect=attempt location=nft_do_chain+0x3e8 node=node-b netns=4026532411 ifname=cali2c8a6f1d3e0 \
+             proto=tcp src=10.244.1.2:80 dst=10.244.2.10:80 dst_pod=default/web-2 service=default/web \
+             conntrack=confirmed tcp_flags=SYN time=2026-11-26T10:21:33.123456789Z"
+        );
+    }
 
     #[test]
     fn original_length_comes_from_the_ip_header_and_bounds_the_bytes_kept() {
