@@ -434,6 +434,31 @@ fn ipv6_capture_matches_the_ip6tables_rule() {
     let in_file = check_capture(&file.path, &out);
     assert_eq!(in_file.get("NETFILTER_DROP").copied(), Some(rule), "{in_file:?}");
     assert_eq!(in_file.values().sum::<u64>(), rule, "nothing else: {in_file:?}");
+    // --count: the capture stops by itself; drops drained in the same batch are counted as not
+    // kept, never silently missing.
+    let counted = capture_file();
+    let capture = Tracer::start_capture(
+        &counted.path,
+        &["--netns", &inode, "--no-kube", "--port", "9753", "--count", "5"],
+    );
+    a.within(|| {
+        netdrop_tests::send_udp(
+            "[fd00:cafe::1]:0".parse().expect("addr"),
+            "[fd00:cafe::2]:9753".parse().expect("addr"),
+            25,
+        )
+    });
+    netdrop_tests::settle();
+    let stopped = capture.stop();
+    let (ok, report, err) = netdrop_tests::netdrop(&["report", "-o", "json", counted.path.to_str().expect("utf-8")]);
+    assert!(ok, "{err}");
+    let line: Value = serde_json::from_str(report.lines().last().expect("capture line")).expect("json");
+    assert_eq!(line["packets"], 5, "{line}");
+    assert_eq!(
+        line["packets"].as_u64().unwrap_or(0) + line["not_kept"]["count_reached"].as_u64().unwrap_or(0),
+        stopped.drops.len() as u64,
+        "every event is in the file or counted after --count: {line}"
+    );
     if netdrop_tests::have("tshark") {
         assert_eq!(count(&file.path, "ipv6 && udp.dstport == 9753"), rule);
         assert_eq!(
