@@ -45,8 +45,41 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetError> {
         // plain member before 6.16, in an anonymous union with `dev_rcu` since.
         skb_refdst: skb(&["_skb_refdst"]).unwrap_or(netdrop_common::ABSENT),
         dst_dev: member_offset(btf, "dst_entry", &["dev"]).unwrap_or(netdrop_common::ABSENT),
+        net_cookie: net_cookie_offset(btf),
         ..KernelOffsets::default()
     })
+}
+
+/// Where the namespace's cookie sits in `struct net`, or `ABSENT`.
+///
+/// `net_cookie` is a `u64` set when the namespace is made from 5.12 on; 5.7 to 5.11 have an
+/// `atomic64_t` generated only when something asks for it (0 in most namespaces), useless as a
+/// key. Since 6.18 it is the generic namespace id `ns.ns_id` (`ns_tree_gen_id`), which later
+/// kernels may keep alone: that member is the fallback.
+/// <https://github.com/torvalds/linux/blob/v6.18/net/core/net_namespace.c> (`setup_net`)
+pub fn net_cookie_offset(btf: &Btf) -> u32 {
+    [&["net_cookie"][..], &["ns", "ns_id"][..]]
+        .into_iter()
+        .find_map(|path| {
+            let off = member_offset(btf, "net", path).ok()?;
+            is_u64(btf, "net", path).then_some(off)
+        })
+        .unwrap_or(netdrop_common::ABSENT)
+}
+
+/// Whether `strukt.path` is a plain 8-byte integer (not an `atomic64_t` struct).
+fn is_u64(btf: &Btf, strukt: &str, path: &[&str]) -> bool {
+    let ty = || -> Result<bool, OffsetError> {
+        let mut ty = find_struct(btf, strukt)?;
+        for name in path {
+            let Some((_, member)) = find_member(btf, &ty, name)? else {
+                return Ok(false);
+            };
+            ty = strip_modifiers(btf, btf.resolve_chained_type(&member).map_err(OffsetError::Btf)?)?;
+        }
+        Ok(matches!(&ty, Type::Int(i) if i.size() == 8))
+    };
+    ty().unwrap_or(false)
 }
 
 /// Offsets of the conntrack fields: `skb->_nfct` and `struct nf_conn`/`nf_conntrack_tuple`.
