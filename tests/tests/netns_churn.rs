@@ -1,6 +1,6 @@
 //! Namespace churn under one running `netdrop trace`: namespaces are made one after the other,
 //! each drops UDP datagrams to a closed port on its loopback, and is deleted. netdrop's counts
-//! must equal the kernel's (each namespace's Udp NoPorts, read just before it is deleted, summed
+//! must equal the kernel's (each namespace's `Udp NoPorts`, read just before it is deleted, summed
 //! per inode as netdrop reports namespaces), and its `DROPS` map must return to its size before
 //! the churn while netdrop still runs: the dead namespaces' keys were evicted and their counts
 //! kept. Inode numbers are reused at once, so most namespaces share a few inodes; the keys tell

@@ -281,7 +281,7 @@ impl CookieSource {
 }
 
 /// `NS_GET_ID`, `_IOR(NSIO, 13, __u64)` (include/uapi/linux/nsfs.h, 6.18+).
-const NS_GET_ID: u64 = (2 << 30) | (8 << 16) | (0xb7 << 8) | 13;
+const NS_GET_ID: u64 = (2 << 30) | (8 << 16) | (0xb7 << 8) | 0x0d;
 
 fn ns_get_id(f: &fs::File) -> io::Result<u64> {
     let mut id = 0u64;
