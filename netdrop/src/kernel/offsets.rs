@@ -178,9 +178,9 @@ fn find_member(btf: &Btf, ty: &Type, name: &str) -> Result<Option<(u32, btf_rs::
 mod tests {
     use super::*;
 
-    /// A raw BTF blob with the types the cookie lookup reads: `struct net { struct ns_common ns;
-    /// <cookie> net_cookie; }` as the kernels of the matrix declare it. `cookie`: "u64",
-    /// "atomic64_t" or "" (no member); `ns_id`: whether `ns_common` has a `u64 ns_id`.
+    /// A raw BTF blob with the types the cookie lookup reads, `struct net` with `ns` and
+    /// `net_cookie` as the kernels of the matrix declare them. `cookie`: `"u64"`, `"atomic64_t"`
+    /// or `""` (no member); `ns_id`: whether `ns_common` has a `u64 ns_id`.
     fn btf(cookie: &str, ns_id: bool) -> Btf {
         let mut strings = vec![0u8];
         let mut name = |s: &str| -> u32 {
