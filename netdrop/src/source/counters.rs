@@ -412,7 +412,8 @@ struct Shared {
     latest: Mutex<Option<Arc<LiveSet>>>,
 }
 
-/// The thread that lists the namespaces alive (not `source::interfaces::NetnsWatcher`, which follows links), once per [`SCAN_INTERVAL`].
+/// The thread that lists the namespaces alive, once per [`SCAN_INTERVAL`] (the interfaces'
+/// `NetnsWatcher` is another thing: it follows one namespace's links).
 pub struct NetnsLister {
     shared: Arc<Shared>,
     stop: Option<mpsc::Sender<()>>,
