@@ -215,11 +215,13 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
             exact_class: 0,
             effect: effect::UNKNOWN,
             tag: 0,
+            netns_cookie: 0,
         });
         return Ok(());
     }
     let dev: *const u8 = read(skb, conf!(offsets.skb_dev))?;
-    let netns = netns_of(skb, dev, rx_sk);
+    let net = net_of(skb, dev, rx_sk);
+    let netns = netns_inode(net);
     let want_netns = conf!(netns);
     if want_netns != 0 && netns != want_netns {
         return Ok(());
@@ -326,6 +328,7 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
         exact_class,
         effect,
         tag,
+        netns_cookie: netns_cookie(net),
     });
 
     if !emits(reason) || (!has_l3 && reason == conf!(quiet_reason_without_ip)) || !rate_allows() {
@@ -650,16 +653,16 @@ pub fn tw_return(ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// The drop's network namespace: the device's; else the receiving socket's (`rx_sk`, 6.11+:
+/// The drop's network namespace (`struct net`): the device's; else the receiving socket's (`rx_sk`, 6.11+:
 /// `tcp_v4_rcv` clears `skb->dev` of every segment it hands to a full socket, and has stolen
 /// `skb->sk`); else the skb's own socket's (locally generated packets freed before a device);
 /// else the route's device's (`skb_dst`, still attached on receive until TCP queues the data);
-/// else 0, unknown.
+/// else null, unknown.
 /// <https://github.com/torvalds/linux/blob/v6.18/net/ipv4/tcp_ipv4.c> (`tcp_v4_rcv`: "This is
 /// the only place where skb->dev is cleared")
 #[inline(always)]
-fn netns_of(skb: *const u8, dev: *const u8, rx_sk: *const u8) -> u32 {
-    let net: *const u8 = if !dev.is_null() {
+fn net_of(skb: *const u8, dev: *const u8, rx_sk: *const u8) -> *const u8 {
+    if !dev.is_null() {
         read(dev, conf!(offsets.dev_nd_net)).unwrap_or(core::ptr::null())
     } else if !rx_sk.is_null() {
         // Full, request and timewait sockets all start with `struct sock_common`.
@@ -670,11 +673,40 @@ fn netns_of(skb: *const u8, dev: *const u8, rx_sk: *const u8) -> u32 {
             _ if conf!(effects) != 0 => net_of_route(skb),
             _ => core::ptr::null(),
         }
-    };
+    }
+}
+
+/// The namespace's inode number (`/proc/PID/ns/net`), 0 when unknown.
+#[inline(always)]
+fn netns_inode(net: *const u8) -> u32 {
     if net.is_null() {
         return 0;
     }
     read(net, conf!(offsets.net_ns_inum)).unwrap_or(0)
+}
+
+/// The namespace's cookie (`net->net_cookie`, set once when the namespace is made, 5.12+), 0
+/// when unknown. Keys carry it so that a namespace reusing a dead one's inode gets keys of its
+/// own; userspace evicts the dead one's.
+/// <https://github.com/torvalds/linux/blob/v6.18/net/core/net_namespace.c> (`preinit_net`)
+#[inline(always)]
+fn netns_cookie(net: *const u8) -> u64 {
+    let off = conf!(offsets.net_cookie);
+    if off == ABSENT {
+        return 0;
+    }
+    let mut cookie = 0u64;
+    // SAFETY: the helper tolerates any address, null included, and zeroes `cookie` when the read
+    // faults. Its result is ignored on purpose: no branch for the verifier to follow on a path
+    // every drop takes (Debian 6.1 is near its 1M-instruction limit with a filter set).
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+            (&raw mut cookie).cast(),
+            8,
+            net.wrapping_add(off as usize).cast(),
+        )
+    };
+    cookie
 }
 
 /// `dev_net(skb_dst(skb)->dev)`, or null without a route.

@@ -175,6 +175,7 @@ fn key(reason: u32, location: u64, netns: u32, tag: u32, eff: u8) -> DropKey {
         exact_class: 0,
         effect: eff,
         tag,
+        netns_cookie: 0,
     }
 }
 

@@ -6,8 +6,9 @@
 //! - [`resolve`]: Kubernetes names for addresses (watchers, slim objects, per-kind indexes).
 //! - [`probe`]: privileged load and attach: the drop hook with its fallbacks, the precise
 //!   hooks, the kernel filter, tc programs ([`probe::tc`]: TCX, clsact), netlink.
-//! - [`source`]: what the kernel produces over time: tc counters of workload interfaces and
-//!   their link events ([`source::interfaces`]), conntrack statistics.
+//! - [`source`]: what the kernel produces over time: the drop counters, with the keys of
+//!   namespaces that are gone evicted ([`source::counters`]), tc counters of workload interfaces
+//!   and their link events ([`source::interfaces`]), conntrack statistics.
 //! - [`enrich`]: an event becomes a [`enrich::record::DropRecord`] (decode, visibility,
 //!   classification, Kubernetes names).
 //! - [`aggregate`]: summaries from the kernel's exact counters, target sets and per-backend

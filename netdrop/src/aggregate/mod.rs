@@ -262,6 +262,7 @@ mod tests {
             exact_class: 0,
             effect: 0,
             tag: 0,
+            netns_cookie: 0,
         };
         let teardown = DropKey {
             location: 0x20b9,

@@ -440,6 +440,22 @@ impl DropProbe {
         Ok(())
     }
 
+    /// Deletes drop counter keys (of namespaces that are gone; `source::counters` keeps their
+    /// counts). Returns the keys the map no longer holds.
+    pub fn remove_drop_keys(&mut self, keys: &[DropKey]) -> Vec<DropKey> {
+        keys.iter()
+            .filter(|k| match self.drops.remove(k) {
+                Ok(()) => true,
+                Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => true,
+                Err(e) => {
+                    debug!("deleting a drop counter: {e}");
+                    false
+                }
+            })
+            .copied()
+            .collect()
+    }
+
     /// Reads every counter, summing per-CPU values.
     pub fn counts(&self) -> KernelCounts {
         let mut out = KernelCounts::default();

@@ -37,7 +37,7 @@ use crate::{
     probe::{self, AttachOptions, PreciseHook},
     resolve::{Health, KubeOptions, Resolver},
     sink::{JsonSink, LiveTable, TextSink},
-    source::conntrack::CtMonitor,
+    source::{conntrack::CtMonitor, counters::DropCounters},
 };
 
 /// How often the reader drains the ring buffer without a wakeup (the kernel wakes it early
@@ -102,6 +102,11 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             (hook, _) => hook.name(),
         },
     };
+    // Keys carry namespaces only where the program reads the skb; cookies where BTF has them.
+    let mut counters = DropCounters::start(
+        config.read_skb == 1,
+        config.offsets.net_cookie != netdrop_common::ABSENT,
+    );
     let kube = KubeOptions::from(&args.kube);
     let node = crate::resolve::node_name(&kube);
     let resolver = match Resolver::start(&kube).await {
@@ -240,11 +245,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             _ = tick.tick() => pipe.drain(ring.get_mut())?,
             _ = second.tick() => {
                 pipe.monitor.sample_all();
+                let counts = counters.harvest(&mut probe).counts;
                 if let Some(t) = &mut targets {
                     t.refresh(&resolver, &mut probe);
                     pipe.node_of = t.node_of();
                     if t.due() {
-                        let summary = summarizer.summary(&probe, &mut pipe, started);
+                        let summary = summarizer.summary_of(&counts, &mut pipe, started);
                         let svc = t.build(&summary, &pipe.node_of, started, false);
                         if let Some(live) = &mut live_table {
                             live.redraw(&svc)?;
@@ -263,7 +269,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     }
     pipe.drain(ring.get_mut())?;
 
-    let counts = probe.counts();
+    let counts = counters.harvest(&mut probe).counts;
     let summary = summarizer.summary_of(&counts, &mut pipe, started);
     if let Some(t) = &mut targets {
         let mut svc = t.build(&summary, &pipe.node_of, started, true);

@@ -1,4 +1,5 @@
-//! Summaries from the kernel's exact counters: at exit, and each second for target traces.
+//! Summaries from the drop counters (`source::counters`, exact, with the counts of evicted
+//! namespaces): at exit, and each second for target traces.
 
 use std::{sync::Arc, time::Instant};
 
@@ -23,15 +24,6 @@ pub(super) struct Summarizer {
 }
 
 impl Summarizer {
-    pub(super) fn summary(
-        &self,
-        probe: &probe::DropProbe,
-        pipe: &mut Pipeline,
-        started: Instant,
-    ) -> aggregate::Summary {
-        self.summary_of(&probe.counts(), pipe, started)
-    }
-
     pub(super) fn summary_of(
         &self,
         counts: &probe::KernelCounts,
