@@ -198,8 +198,18 @@ fn attach_tp_btf(ebpf: &mut Ebpf, kernel: &KernelInfo) -> Result<(), ProbeError>
         .try_into()
         .map_err(err)?;
     prog.load("kfree_skb", &btf).map_err(err)?;
+    log_verified(NAME, prog.info());
     prog.attach().map_err(err)?;
     Ok(())
+}
+
+/// How many instructions the verifier walked for a loaded program (kernels 5.16+): how close it
+/// came to the 1M limit, the number that decides whether the full program loads on older
+/// verifiers.
+fn log_verified(name: &str, info: Result<aya::programs::ProgramInfo, ProgramError>) {
+    if let Some(n) = info.ok().and_then(|i| i.verified_instruction_count()) {
+        debug!("{name}: the verifier processed {n} instructions");
+    }
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf, kernel: &KernelInfo) -> Result<(), ProbeError> {
@@ -217,6 +227,7 @@ fn attach_tracepoint(ebpf: &mut Ebpf, kernel: &KernelInfo) -> Result<(), ProbeEr
         .try_into()
         .map_err(err)?;
     prog.load().map_err(err)?;
+    log_verified(NAME, prog.info());
     prog.attach("skb", "kfree_skb").map_err(err)?;
     Ok(())
 }
