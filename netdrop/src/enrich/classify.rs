@@ -514,6 +514,116 @@ mod class_tests {
         invalid: false,
     };
 
+    /// The same drops through the event path and the counter-row path classify alike, also where
+    /// the namespace's statistics over the whole run say something else than around each drop
+    /// (the old row path read the run's, and called a legacy rule's drop of a new flow an insert
+    /// failure once any insert failure happened in the namespace).
+    #[test]
+    fn events_and_their_counter_rows_agree() {
+        use crate::source::conntrack::{CtSampler, CtStats};
+        let stats = |insert_failed, drop| CtStats {
+            count: 10,
+            max: 1000,
+            insert_failed,
+            drop,
+            ..CtStats::default()
+        };
+        // netns 7: quiet until 100, table-full drops (drop +20) by 200, then insert failures.
+        let samples: &[(u64, CtStats)] = &[
+            (0, stats(0, 0)),
+            (100, stats(0, 0)),
+            (200, stats(0, 20)),
+            (300, stats(5, 25)),
+        ];
+        let sampler = CtSampler::with_samples(&[(7, samples)]);
+        let mut classifier = Classifier::new(true, sampler.clone());
+        let netfilter = Reason::Named {
+            code: 12,
+            name: "NETFILTER_DROP".into(),
+        };
+        let no_socket = Reason::Named {
+            code: 3,
+            name: "NO_SOCKET".into(),
+        };
+        // (reason, function, location, ct_state, kernel class, drop time)
+        let drops = [
+            (
+                &netfilter,
+                "nf_hook_slow",
+                0x10,
+                ct::UNCONFIRMED | ct::DST_NAT_DONE,
+                0,
+                50,
+            ),
+            (&netfilter, "nf_hook_slow", 0x10, ct::NONE, 0, 150),
+            (
+                &netfilter,
+                "nf_hook_slow",
+                0x10,
+                ct::UNCONFIRMED | ct::SRC_NAT_DONE,
+                0,
+                250,
+            ),
+            (&netfilter, "nft_do_chain", 0x20, ct::CONFIRMED, 0, 60),
+            (&netfilter, "nf_hook_slow", 0x10, ct::NONE, class::TABLE_FULL, 70),
+            (&no_socket, "__udp4_lib_rcv", 0x30, ct::NONE, 0, 80),
+        ];
+        let key = |reason: &Reason, location, ct_state, exact_class| DropKey {
+            location,
+            reason: reason.code(),
+            netns: 7,
+            ip_version: 4,
+            ct_state,
+            exact_class,
+            effect: 0,
+            tag: 0,
+        };
+        let mut events = Vec::new();
+        for (reason, function, location, ct_state, kernel_class, at) in drops {
+            let facts = Facts {
+                reason,
+                function: Some(function),
+                ct_state,
+                kernel_class,
+            };
+            let got = classifier
+                .event(&facts, 7, location, at)
+                .expect("a sample after each drop");
+            events.push((facts, key(reason, location, ct_state, kernel_class), got));
+        }
+        let names: Vec<String> = events.iter().map(|(_, _, (c, _))| c.to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "netfilter_rule",
+                "conntrack_table_full",
+                "conntrack_insert_failed",
+                "netfilter_rule",
+                "conntrack_table_full",
+                "no_socket"
+            ]
+        );
+        for (facts, key, event) in &events {
+            assert_eq!(&classifier.row(facts, key), event, "{key:?}");
+        }
+        // The run's statistics alone would have called the first one an insert failure.
+        let (facts, _, _) = &events[0];
+        assert_eq!(classify(facts, &sampler.over_run(7)).0, Classification::InsertFailed);
+        // A row none of whose drops was an event: the run's statistics decide.
+        let hidden = Facts {
+            reason: &netfilter,
+            function: Some("nf_hook_slow"),
+            ct_state: ct::UNCONFIRMED,
+            kernel_class: 0,
+        };
+        assert_eq!(
+            classifier.row(&hidden, &key(&netfilter, 0x40, ct::UNCONFIRMED, 0)).0,
+            Classification::InsertFailed
+        );
+        // A drop after the last sample waits for the next one.
+        assert_eq!(classifier.event(&hidden, 7, 0x40, 400), None);
+    }
+
     #[test]
     fn rule_engine_locations_are_exact_rules() {
         let (c, k) = cls("NETFILTER_DROP", Some("nft_do_chain"), ct::UNCONFIRMED, 0, &NO_EVIDENCE);
