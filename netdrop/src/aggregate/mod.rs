@@ -108,6 +108,9 @@ pub struct Summary {
     pub hints: Vec<String>,
 }
 
+/// Classifies a counter row, given the function its location lies in.
+pub type ClassifyRow<'a> = dyn Fn(&DropKey, Option<&str>) -> (classify::Classification, Certainty) + 'a;
+
 /// Context the summary needs to name things.
 pub struct SummaryContext<'a> {
     pub reasons: &'a ReasonTable,
@@ -120,7 +123,7 @@ pub struct SummaryContext<'a> {
     /// Classification of a counter row (its key carries the conntrack state and marks), by the
     /// classifier that classifies events ([`crate::enrich::classify::Classifier::row`]), given
     /// the row's function.
-    pub classify: &'a dyn Fn(&DropKey, Option<&str>) -> (classify::Classification, Certainty),
+    pub classify: &'a ClassifyRow<'a>,
     pub conntrack: Vec<(u32, CtStats)>,
 }
 

@@ -264,7 +264,7 @@ pub fn classify(facts: &Facts<'_>, evidence: &Evidence) -> (Classification, Cert
         kernel_class,
     } = *facts;
     if no_reason(reason) {
-        return by_location(function, ct_state, kernel_class, evidence);
+        return by_location(function, ct_state, kernel_class, *evidence);
     }
     if reason.is("NOT_SPECIFIED") && function.is_some_and(|f| BLACKHOLE_SITES.contains(&f)) {
         return (Classification::RouteBlackhole, Certainty::Exact);
@@ -278,7 +278,7 @@ pub fn classify(facts: &Facts<'_>, evidence: &Evidence) -> (Classification, Cert
     if !reason.is("NETFILTER_DROP") {
         return (Classification::Reason(reason.clone()), Certainty::Exact);
     }
-    netfilter(function, ct_state, kernel_class, evidence)
+    netfilter(function, ct_state, kernel_class, *evidence)
 }
 
 /// A NETFILTER_DROP (or, on kernels without reasons, a free at a netfilter site).
@@ -286,7 +286,7 @@ fn netfilter(
     function: Option<&str>,
     ct_state: u8,
     kernel_class: u8,
-    evidence: &Evidence,
+    evidence: Evidence,
 ) -> (Classification, Certainty) {
     match kernel_class {
         class::INSERT_FAILED => return (Classification::InsertFailed, Certainty::Exact),
@@ -407,7 +407,7 @@ fn by_location(
     function: Option<&str>,
     ct_state: u8,
     kernel_class: u8,
-    evidence: &Evidence,
+    evidence: Evidence,
 ) -> (Classification, Certainty) {
     let Some(f) = function else {
         return (Classification::Unclassified, Certainty::Inferred);
@@ -483,6 +483,10 @@ mod class_tests {
 
     /// The classifier on a reason named as the kernel names it ("0": a kernel without reasons),
     /// in the words it prints.
+    #[expect(
+        clippy::trivially_copy_pass_by_ref,
+        reason = "the tests read as calls of `classify`, which takes evidence by reference"
+    )]
     pub(super) fn cls(
         reason: &str,
         function: Option<&str>,

@@ -216,8 +216,7 @@ impl Reason {
     /// The raw `enum skb_drop_reason` value on this kernel.
     pub fn code(&self) -> u32 {
         match self {
-            Self::Named { code, .. } | Self::Subsystem { code, .. } => *code,
-            Self::Unnamed(code) => *code,
+            Self::Named { code, .. } | Self::Subsystem { code, .. } | Self::Unnamed(code) => *code,
         }
     }
 

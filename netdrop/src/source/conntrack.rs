@@ -435,7 +435,7 @@ fn pass(shared: &Shared, own: u32) {
         let requests: Vec<u32> = std::mem::take(&mut st.requests)
             .into_iter()
             .filter(|n| {
-                !st.tracked.contains_key(n) && !st.unreachable.get(n).is_some_and(|t| t.elapsed() < RETRY_UNREACHABLE)
+                !st.tracked.contains_key(n) && st.unreachable.get(n).is_none_or(|t| t.elapsed() >= RETRY_UNREACHABLE)
             })
             .collect();
         let paths: Vec<(u32, Option<PathBuf>)> = st.tracked.iter().map(|(n, t)| (*n, t.path.clone())).collect();
@@ -447,13 +447,11 @@ fn pass(shared: &Shared, own: u32) {
         let path = if inode == own || inode == 0 {
             None
         } else {
-            match netns_path(inode) {
-                Some(p) => Some(p),
-                None => {
-                    unreachable.push(inode);
-                    continue;
-                }
-            }
+            let Some(p) = netns_path(inode) else {
+                unreachable.push(inode);
+                continue;
+            };
+            Some(p)
         };
         let now = monotonic_ns();
         match read(path.as_deref()) {
