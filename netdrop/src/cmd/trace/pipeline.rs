@@ -66,6 +66,7 @@ impl Pipeline {
 
     /// Reads every waiting event, and writes out those whose classification is settled.
     pub(super) fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+        let mut written = 0;
         while let Some(item) = ring.next() {
             let ev = decode::parse_event(&item)?;
             drop(item);
@@ -89,8 +90,13 @@ impl Pipeline {
                 classified,
                 since: Instant::now(),
             });
+            // Nothing waits ahead of it: out now, not after the whole batch.
+            if classified && self.pending.len() == 1 {
+                written += self.write_ready(false)?;
+            }
         }
-        self.release(false)
+        written += self.write_ready(false)?;
+        self.flush(written)
     }
 
     /// At the end of the run: waits once for the sampler, then writes out every event.
@@ -98,11 +104,13 @@ impl Pipeline {
         if self.pending.iter().any(|p| !p.classified) {
             self.classifier.sampler().sample_now(EVIDENCE_WAIT);
         }
-        self.release(true)
+        let written = self.write_ready(true)?;
+        self.flush(written)
     }
 
-    /// Writes out the events at the head of the queue whose classification is settled.
-    fn release(&mut self, force: bool) -> anyhow::Result<()> {
+    /// Writes out the events at the head of the queue whose classification is settled (all of
+    /// them with `force`); returns how many.
+    fn write_ready(&mut self, force: bool) -> anyhow::Result<u64> {
         let mut n = 0;
         while let Some(head) = self.pending.front_mut() {
             if !head.classified {
@@ -121,12 +129,16 @@ impl Pipeline {
             }
             n += 1;
         }
-        if n > 0 {
+        Ok(n)
+    }
+
+    fn flush(&mut self, written: u64) -> anyhow::Result<()> {
+        if written > 0 {
             for s in &mut self.sinks {
                 s.flush()?;
             }
         }
-        self.shown += n;
+        self.shown += written;
         Ok(())
     }
 }
