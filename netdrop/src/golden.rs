@@ -17,7 +17,7 @@ use crate::{
         target_set::TargetSet,
         target_summary::{self, Observed},
     },
-    enrich::classify,
+    enrich::classify::{self, Facts},
     enrich::decode::Decoder,
     enrich::record::DropRecord,
     enrich::visibility::Visibility,
@@ -86,10 +86,14 @@ fn decoder(conntrack: bool) -> Decoder {
 }
 
 fn classified(d: &Decoder, ev: &DropEvent) -> DropRecord {
-    let mut r = d.decode(ev);
-    let function = d.symbols.function(ev.location);
-    (r.classification, r.certainty) =
-        classify::classify(&r.reason, function, ev.ct_state, ev.exact_class, &Evidence::default());
+    let mut r = d.decode(ev, d.symbols.locate(ev.location));
+    let facts = Facts {
+        reason: &r.reason,
+        function: r.location.function(),
+        ct_state: ev.ct_state,
+        kernel_class: ev.exact_class,
+    };
+    (r.classification, r.certainty) = classify::classify(&facts, &Evidence::default());
     r
 }
 
@@ -195,16 +199,16 @@ fn plain_summary() -> aggregate::Summary {
     for r in [2, 3, 12] {
         cfg.set_emit(r, true);
     }
-    let visibility = Visibility::new(&cfg, true, symbols.clone());
-    let classify_row = |k: &DropKey| {
-        let reason = reasons.display(k.reason).to_string();
-        classify::classify(
-            &reason,
-            symbols.function(k.location),
-            k.ct_state,
-            k.exact_class,
-            &Evidence::default(),
-        )
+    let visibility = Visibility::new(&cfg, true);
+    let classify_row = |k: &DropKey, function: Option<&str>| {
+        let reason = reasons.reason(k.reason);
+        let facts = Facts {
+            reason: &reason,
+            function,
+            ct_state: k.ct_state,
+            kernel_class: k.exact_class,
+        };
+        classify::classify(&facts, &Evidence::default())
     };
     let ct_stats = CtStats {
         count: 120,

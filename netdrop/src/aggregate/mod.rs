@@ -108,6 +108,9 @@ pub struct Summary {
     pub hints: Vec<String>,
 }
 
+/// Classifies a counter row, given the function its location lies in.
+pub type ClassifyRow<'a> = dyn Fn(&DropKey, Option<&str>) -> (classify::Classification, Certainty) + 'a;
+
 /// Context the summary needs to name things.
 pub struct SummaryContext<'a> {
     pub reasons: &'a ReasonTable,
@@ -117,8 +120,10 @@ pub struct SummaryContext<'a> {
     pub hook: &'static str,
     pub conntrack_hook: &'static str,
     pub timewait_hook: &'static str,
-    /// Classification of a counter row (its key carries the conntrack state and marks).
-    pub classify: &'a dyn Fn(&DropKey) -> (String, Certainty),
+    /// Classification of a counter row (its key carries the conntrack state and marks), by the
+    /// classifier that classifies events ([`crate::enrich::classify::Classifier::row`]), given
+    /// the row's function.
+    pub classify: &'a ClassifyRow<'a>,
     pub conntrack: Vec<(u32, CtStats)>,
 }
 
@@ -127,11 +132,18 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
         .drops
         .iter()
         .filter(|(_, n)| *n > 0)
-        .map(|(k, n)| (k, n, (ctx.classify)(k)))
-        .map(|(k, n, (classification, certainty))| ReasonRow {
+        .map(|(k, n)| {
+            let location = ctx.symbols.locate(k.location);
+            let class = (ctx.classify)(k, location.function());
+            (k, n, location, class)
+        })
+        .map(|(k, n, location, (classification, certainty))| ReasonRow {
             reason: ctx.reasons.display(k.reason).to_string(),
             reason_code: k.reason,
-            location: ctx.symbols.symbolize(k.location),
+            hidden: ctx
+                .visibility
+                .is_hidden(k.reason, k.ip_version, location.function(), k.exact_class),
+            location: location.to_string(),
             netns: k.netns,
             ip: match k.ip_version {
                 4 => "ipv4",
@@ -139,10 +151,7 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
                 _ => "none",
             },
             count: *n,
-            hidden: ctx
-                .visibility
-                .is_hidden(k.reason, u32::from(k.ip_version), k.location, k.exact_class),
-            classification,
+            classification: classification.to_string(),
             certainty,
             conntrack: classify::ct_state_name(k.ct_state),
             effect: classify::Effect::from_raw(k.effect),
@@ -252,7 +261,7 @@ mod tests {
         let syms = std::sync::Arc::new(KernelSymbols::parse(
             "0000000000001000 t udp_rcv\n0000000000002000 t udp_destruct_common\n",
         ));
-        let vis = Visibility::new(&cfg, true, syms.clone());
+        let vis = Visibility::new(&cfg, true);
         let key = |reason, ip_version| DropKey {
             location: 0x1010,
             reason,
@@ -278,7 +287,12 @@ mod tests {
             (teardown, 20),
         ];
         counts.stats[stat::EVENTS_LOST as usize] = 3;
-        let classify = |k: &DropKey| (k.reason.to_string(), Certainty::Exact);
+        let classify = |k: &DropKey, _: Option<&str>| {
+            (
+                classify::Classification::Reason(crate::kernel::reasons::Reason::Unnamed(k.reason)),
+                Certainty::Exact,
+            )
+        };
         let ctx = SummaryContext {
             reasons: &reasons,
             symbols: &syms,
@@ -311,8 +325,13 @@ mod tests {
             ReasonTable::from_print_fmt(r#"__print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" })"#).expect("table");
         let cfg = Config::DEFAULT;
         let syms = std::sync::Arc::new(KernelSymbols::parse("0000000000001000 t udp_rcv\n"));
-        let vis = Visibility::new(&cfg, true, syms.clone());
-        let classify = |k: &DropKey| (k.reason.to_string(), Certainty::Exact);
+        let vis = Visibility::new(&cfg, true);
+        let classify = |k: &DropKey, _: Option<&str>| {
+            (
+                classify::Classification::Reason(crate::kernel::reasons::Reason::Unnamed(k.reason)),
+                Certainty::Exact,
+            )
+        };
         let ct = CtStats {
             count: 10,
             max: 1000,

@@ -110,17 +110,7 @@ impl FilterSpec {
 
 /// `--proto`: a name or an IP protocol number.
 pub fn parse_proto(s: &str) -> Result<u8, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "tcp" => Ok(6),
-        "udp" => Ok(17),
-        "icmp" => Ok(1),
-        "icmpv6" | "icmp6" => Ok(58),
-        "sctp" => Ok(132),
-        "gre" => Ok(47),
-        other => other
-            .parse()
-            .map_err(|_| format!("{s:?} is not tcp, udp, icmp, icmpv6, sctp, gre or a protocol number 0-255")),
-    }
+    s.parse::<crate::kernel::proto::IpProto>().map(|p| p.0)
 }
 
 /// `--ip`: a CIDR (`10.0.0.0/8`, `fd00::/64`) or a single address.

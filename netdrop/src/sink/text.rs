@@ -164,6 +164,20 @@ impl TextLine {
     }
 }
 
+/// `10:21:33.123456`: the time of day in UTC, to the microsecond (truncated, as the JSON's
+/// nanoseconds are).
+fn time_of_day(t: std::time::SystemTime) -> String {
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let s = since.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        since.subsec_micros()
+    )
+}
+
 /// One line per drop: time, reason, protocol, both ends (named as pods, nodes and Services when
 /// Kubernetes knows them, with the Service the flow was sent to and the node the drop happened
 /// on), detail, the addresses, interface and location.
@@ -173,10 +187,10 @@ pub fn text_line(d: &DropRecord) -> String {
 
 /// [`text_line`] as fields, to fit a terminal.
 pub fn text_fields(d: &DropRecord) -> TextLine {
-    // RFC 3339 "2026-11-26T10:21:33.123456789Z" → "10:21:33.123456"
-    let time = d.time.get(11..26).unwrap_or(&d.time);
+    let time = time_of_day(d.time);
     let mut f: Vec<(Keep, String)> = Vec::new();
-    let head = format!("{time} {:<16} {:<6} ", d.reason, d.protocol);
+    // `{:<16}` pads only what implements padding: the reason and protocol as strings.
+    let head = format!("{time} {:<16} {:<6} ", d.reason.to_string(), d.protocol.to_string());
     let flags = if let Some(fl) = &d.tcp_flags {
         Some(format!(" [{fl}]"))
     } else {
@@ -189,7 +203,7 @@ pub fn text_fields(d: &DropRecord) -> TextLine {
         Effect::Unknown | Effect::Attempt | Effect::Data => None,
     };
     let mark = if d.certainty == Certainty::Inferred { "?" } else { "" };
-    let class = match (d.classification != d.reason.to_ascii_lowercase(), cost) {
+    let class = match (!d.classification.is_reason(), cost) {
         (true, Some(c)) => Some(format!(" ({}{mark}, {c})", d.classification)),
         (true, None) => Some(format!(" ({}{mark})", d.classification)),
         (false, Some(c)) => Some(format!(" ({c})")),

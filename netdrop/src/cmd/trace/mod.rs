@@ -8,7 +8,6 @@ mod summarizer;
 pub mod targets;
 
 use std::{
-    collections::HashMap,
     io::IsTerminal as _,
     sync::Arc,
     time::{Duration, Instant},
@@ -30,6 +29,7 @@ use self::{
 use crate::{
     cli::{CtHookArg, Format, TraceArgs},
     enrich::{
+        classify::Classifier,
         decode::{self, Decoder},
         visibility::Visibility,
     },
@@ -37,7 +37,7 @@ use crate::{
     probe::{self, AttachOptions, PreciseHook},
     resolve::{Health, KubeOptions, Resolver},
     sink::{JsonSink, LiveTable, TextSink},
-    source::{conntrack::CtMonitor, counters::DropCounters},
+    source::{conntrack::CtSampler, counters::DropCounters},
 };
 
 /// How often the reader drains the ring buffer without a wakeup (the kernel wakes it early
@@ -143,24 +143,22 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         node: node.clone(),
         conntrack: conntrack_on,
     };
-    let mut monitor = CtMonitor::new();
-    if conntrack_on {
+    let sampler = if conntrack_on {
         // Baselines before the first drop, and before "attached" (callers start traffic on
-        // that line): the summary reports rises over the whole run.
-        monitor.track(spec.netns.unwrap_or_else(crate::kernel::netns::own_netns));
-        // And the nodes named with --node-netns: their conntrack (a node's SNAT, a resolved
-        // clash) counts from the start, not from their first drop.
-        for n in &args.tc.node_netns {
-            if let Some(inode) = n
-                .path
+        // that line): the summary reports rises over the whole run. Our namespace (or the
+        // traced one), and the nodes named with --node-netns: their conntrack (a node's SNAT, a
+        // resolved clash) counts from the start, not from their first drop.
+        let mut initial = vec![spec.netns.unwrap_or_else(crate::kernel::netns::own_netns)];
+        initial.extend(args.tc.node_netns.iter().filter_map(|n| {
+            n.path
                 .as_deref()
                 .and_then(|p| std::fs::metadata(p).ok())
                 .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
-            {
-                monitor.track(inode);
-            }
-        }
-    }
+        }));
+        CtSampler::start(&initial).context("starting the conntrack sampler thread")?
+    } else {
+        CtSampler::idle()
+    };
     if let Some(why) = &probe.fallback {
         eprintln!("netdrop: tp_btf/kfree_skb not usable ({why}); using the tracepoint fallback");
     }
@@ -175,17 +173,13 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
 
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
     let hide_teardown = !spec.all_reasons && spec.reasons.is_empty();
-    let mut pipe = Pipeline {
+    let mut pipe = Pipeline::new(
         decoder,
-        visibility: Visibility::new(&config, hide_teardown, symbols.clone()),
-        monitor,
-        conntrack: conntrack_on,
-        resolver: kube_on.then(|| resolver.clone()),
-        sinks: Vec::new(),
-        shown: 0,
-        node_of: HashMap::new(),
-        nodes_given: targets.as_ref().is_some_and(|t| t.nodes_given),
-    };
+        Visibility::new(&config, hide_teardown),
+        Classifier::new(conntrack_on, sampler),
+    );
+    pipe.resolver = kube_on.then(|| resolver.clone());
+    pipe.nodes_given = targets.as_ref().is_some_and(|t| t.nodes_given);
     let mut live_table = (targets.is_some() && std::io::stdout().is_terminal() && args.output != Some(Format::Json))
         .then(LiveTable::default);
     let format = match (args.output, &targets) {
@@ -244,13 +238,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             }
             _ = tick.tick() => pipe.drain(ring.get_mut())?,
             _ = second.tick() => {
-                pipe.monitor.sample_all();
                 let counts = counters.harvest(&mut probe).counts;
                 if let Some(t) = &mut targets {
                     t.refresh(&resolver, &mut probe);
                     pipe.node_of = t.node_of();
                     if t.due() {
-                        let summary = summarizer.summary_of(&counts, &mut pipe, started);
+                        let summary = summarizer.summary_of(&counts, &pipe, started);
                         let svc = t.build(&summary, &pipe.node_of, started, false);
                         if let Some(live) = &mut live_table {
                             live.redraw(&svc)?;
@@ -268,9 +261,19 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         }
     }
     pipe.drain(ring.get_mut())?;
+    pipe.finish()?;
 
     let counts = counters.harvest(&mut probe).counts;
-    let summary = summarizer.summary_of(&counts, &mut pipe, started);
+    if conntrack_on {
+        // The final numbers, and baselines of namespaces seen only in the counters.
+        for (key, _) in &counts.drops {
+            if key.reason == config.netfilter_drop_reason {
+                pipe.classifier.sampler().track(key.netns);
+            }
+        }
+        pipe.classifier.sampler().sample_now(Duration::from_secs(5));
+    }
+    let summary = summarizer.summary_of(&counts, &pipe, started);
     if let Some(t) = &mut targets {
         let mut svc = t.build(&summary, &pipe.node_of, started, true);
         // The full drop summary as the target's: with the nodes named, without the namespaces of
@@ -285,7 +288,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
                     .collect(),
                 stats: counts.stats,
             };
-            summarizer.summary_of(&ours, &mut pipe, started)
+            summarizer.summary_of(&ours, &pipe, started)
         } else {
             summary
         });

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Instant};
 use super::pipeline::Pipeline;
 use crate::{
     aggregate::{self, SummaryContext},
-    enrich::classify,
+    enrich::classify::Facts,
     kernel::{reasons::ReasonTable, symbols::KernelSymbols},
     probe,
 };
@@ -27,26 +27,28 @@ impl Summarizer {
     pub(super) fn summary_of(
         &self,
         counts: &probe::KernelCounts,
-        pipe: &mut Pipeline,
+        pipe: &Pipeline,
         started: Instant,
     ) -> aggregate::Summary {
+        let sampler = pipe.classifier.sampler();
         if self.conntrack {
             for (key, _) in &counts.drops {
                 if key.reason == self.netfilter_drop_reason {
-                    pipe.monitor.track(key.netns);
+                    sampler.track(key.netns);
                 }
             }
         }
-        let ct_report = if self.conntrack {
-            pipe.monitor.report()
-        } else {
-            Vec::new()
-        };
-        let monitor = &pipe.monitor;
-        let classify_row = |k: &netdrop_common::DropKey| {
-            let reason = self.reasons.display(k.reason).to_string();
-            let function = self.symbols.function(k.location);
-            classify::classify(&reason, function, k.ct_state, k.exact_class, &monitor.over_run(k.netns))
+        let ct_report = if self.conntrack { sampler.report() } else { Vec::new() };
+        let classifier = &pipe.classifier;
+        let classify_row = |k: &netdrop_common::DropKey, function: Option<&str>| {
+            let reason = self.reasons.reason(k.reason);
+            let facts = Facts {
+                reason: &reason,
+                function,
+                ct_state: k.ct_state,
+                kernel_class: k.exact_class,
+            };
+            classifier.row(&facts, k)
         };
         let ctx = SummaryContext {
             reasons: &self.reasons,
