@@ -12,6 +12,7 @@ use etherparse::PacketBuilder;
 use netdrop_common::{ConntrackTuple, DropEvent, DropKey, HEADER_BYTES, IFNAMSIZ, ct, effect, stat};
 
 use crate::{
+    aggregate::attach::{AttachHook, AttachReport, Attached, Fallback, Program},
     aggregate::{self, SummaryContext},
     aggregate::{
         target_set::TargetSet,
@@ -23,7 +24,7 @@ use crate::{
     enrich::visibility::Visibility,
     kernel::reasons::ReasonTable,
     kernel::symbols::KernelSymbols,
-    probe::KernelCounts,
+    probe::{Hook, KernelCounts, PreciseHook, tc::TcMode},
     resolve::{Backend, Name, Peer, PeerKind, Proto, ServiceInfo, ServicePort},
     sink::{JsonSink, Sink as _},
     source::conntrack::{CtStats, Evidence},
@@ -178,6 +179,29 @@ fn key(reason: u32, location: u64, netns: u32, tag: u32, eff: u8) -> DropKey {
     }
 }
 
+/// As on a kernel that refuses fexit and has no kprobes, with TCX.
+fn attach_report() -> AttachReport {
+    let mut r = AttachReport::default();
+    r.attached(Attached::new(Program::KfreeSkb, Hook::TpBtf));
+    r.attached(
+        Attached::new(Program::Conntrack, PreciseHook::Inferred).fallbacks(vec![
+            Fallback {
+                hook: AttachHook::Fexit,
+                error: "ct_confirm_exit: load refused: Operation not permitted (os error 1)".into(),
+            },
+            Fallback {
+                hook: AttachHook::Kprobe,
+                error:
+                    "kernel program ct_confirm_entry: `perf_event_open` failed: No such file or directory (os error 2)"
+                        .into(),
+            },
+        ]),
+    );
+    r.attached(Attached::new(Program::Timewait, AttachHook::RxSk));
+    r.attached(Attached::new(Program::Tc, TcMode::Tcx));
+    r
+}
+
 fn plain_summary() -> aggregate::Summary {
     let (reasons, symbols) = tables();
     let mut stats = [0u64; stat::COUNT as usize];
@@ -211,14 +235,13 @@ fn plain_summary() -> aggregate::Summary {
         insert_failed: 3,
         ..CtStats::default()
     };
+    let attach = attach_report();
     let ctx = SummaryContext {
         reasons: &reasons,
         symbols: &symbols,
         visibility: &visibility,
         node: "node-a",
-        hook: "tp_btf/kfree_skb",
-        conntrack_hook: "inferred",
-        timewait_hook: "rx_sk",
+        attach: &attach,
         classify: &classify_row,
         conntrack: vec![(4_026_531_840, ct_stats)],
     };

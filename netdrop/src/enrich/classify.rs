@@ -5,12 +5,12 @@
 //! Benign frees (hidden by default) are listed in [`crate::kernel::benign`].
 
 use netdrop_common::{class, ct};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::source::conntrack::Evidence;
 
 /// What a drop cost, as the kernel program decided it per packet (`netdrop_common::effect`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Effect {
     /// The packet was not parsed (a trace without a target or filter) or has no IP header;
@@ -117,7 +117,7 @@ mod tests {
 // ---- NETFILTER_DROP classification ----
 
 /// How a classification was reached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Certainty {
     /// Established by the kernel for this packet: its reason, the function that freed it, or a
