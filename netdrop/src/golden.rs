@@ -183,8 +183,7 @@ fn key(reason: u32, location: u64, netns: u32, tag: u32, eff: u8) -> DropKey {
 fn attach_report() -> AttachReport {
     let mut r = AttachReport::default();
     r.attached(Attached::new(Program::KfreeSkb, Hook::TpBtf));
-    r.attached(
-        Attached::new(Program::Conntrack, PreciseHook::Inferred).fallbacks(vec![
+    r.attached(Attached::new(Program::Conntrack, PreciseHook::Inferred).fallbacks(vec![
             Fallback {
                 hook: AttachHook::Fexit,
                 error: "ct_confirm_exit: load refused: Operation not permitted (os error 1)".into(),
@@ -195,8 +194,7 @@ fn attach_report() -> AttachReport {
                     "kernel program ct_confirm_entry: `perf_event_open` failed: No such file or directory (os error 2)"
                         .into(),
             },
-        ]),
-    );
+        ]));
     r.attached(Attached::new(Program::Timewait, AttachHook::RxSk));
     r.attached(Attached::new(Program::Tc, TcMode::Tcx));
     r
@@ -327,6 +325,7 @@ fn svc_summaries() -> Vec<target_summary::TargetSummary> {
         node_of: &node_of,
         nodes_given: true,
         lost_events: 0,
+        conntrack: &[],
         duration_s: 7.0,
         time: "2026-11-26T09:52:04Z".into(),
         is_final,

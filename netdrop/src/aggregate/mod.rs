@@ -22,6 +22,11 @@ use crate::{
     source::conntrack::CtStats,
 };
 
+/// A name from a closed set (`"summary"`, `"ipv4"`, `"unconfirmed"`): written as is and read
+/// back through `wire`. An alias, so that serde reads it as a name of the set instead of
+/// borrowing it from the input (which would tie a parsed summary to the input's lifetime).
+pub type FixedName = &'static str;
+
 /// One (reason, location, netns) row.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReasonRow {
@@ -33,7 +38,7 @@ pub struct ReasonRow {
     pub netns: u32,
     /// `ipv4`, `ipv6`, or `none` for skbs without an IP header.
     #[serde(deserialize_with = "wire::ip_version")]
-    pub ip: &'static str,
+    pub ip: FixedName,
     pub count: u64,
     /// Benign or not selected: counted, not shown as events.
     pub hidden: bool,
@@ -42,7 +47,7 @@ pub struct ReasonRow {
     pub certainty: Certainty,
     /// The packets' conntrack state (`none`, `unconfirmed`, ...).
     #[serde(deserialize_with = "wire::ct_state")]
-    pub conntrack: &'static str,
+    pub conntrack: FixedName,
     /// What the drops cost (`attempt`, `data`, `lossless`, `reset`, `unknown`), decided per
     /// packet in the kernel.
     pub effect: classify::Effect,
@@ -77,7 +82,7 @@ pub struct ConntrackReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     #[serde(rename = "type", deserialize_with = "wire::summary_kind")]
-    pub kind: &'static str,
+    pub kind: FixedName,
     pub time: String,
     pub node: String,
     pub duration_s: f64,

@@ -352,13 +352,13 @@ mod tests {
             backends: rows,
             unmatched: Unmatched::default(),
             other_namespaces: 0,
-            pods: false,
             lost_events: 0,
             diagnosis: vec![
                 "default/big: 40 drops for 5000 attempts (0.8% of attempts).".into(),
                 "Next (netfilter_rule): a firewall rule dropped it: find the chain with `iptables-save -c | grep -- '-j DROP'` or `nft list ruleset` (NetworkPolicy: `kubectl get networkpolicy -A`, Calico: `calicoctl get networkpolicy`).".into(),
             ],
             detail: None,
+            basis: Default::default(),
         }
     }
 

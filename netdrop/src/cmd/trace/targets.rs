@@ -195,35 +195,15 @@ impl TargetMode {
         is_final: bool,
     ) -> TargetSummary {
         let lookup = |n: u32| node_of.get(&n).cloned();
-        let mut s = self.build_table(summary, &lookup, started, is_final);
-        // Conntrack findings that are not drops: a resolved clash (Linux 5.6+) dropped nothing,
-        // which is the answer to "is it the DNS insert race?".
-        for c in summary.conntrack.iter().filter(|c| c.clash_resolve > 0) {
-            let place = lookup(c.netns).unwrap_or_else(|| format!("netns {}", c.netns));
-            s.diagnosis.push(format!(
-                "{place}: {} conntrack clashes resolved: {}.",
-                c.clash_resolve,
-                crate::enrich::classify::CLASH_RESOLVED
-            ));
-        }
-        s
-    }
-
-    fn build_table(
-        &self,
-        summary: &Summary,
-        lookup: &dyn Fn(u32) -> Option<String>,
-        started: Instant,
-        is_final: bool,
-    ) -> TargetSummary {
         target_summary::build(
             &self.targets,
             &Observed {
                 rows: &summary.drops,
                 tc: self.snapshot.as_ref(),
-                node_of: lookup,
+                node_of: &lookup,
                 nodes_given: self.nodes_given,
                 lost_events: summary.lost_events,
+                conntrack: &summary.conntrack,
                 duration_s: started.elapsed().as_secs_f64(),
                 time: summary.time.clone(),
                 is_final,
