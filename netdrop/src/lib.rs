@@ -10,8 +10,9 @@
 //!   their link events ([`source::interfaces`]), conntrack statistics.
 //! - [`enrich`]: an event becomes a [`enrich::record::DropRecord`] (decode, visibility,
 //!   classification, Kubernetes names).
-//! - [`aggregate`]: summaries from the kernel's exact counters, target sets and per-backend
-//!   target summaries, the diagnosis.
+//! - [`aggregate`]: summaries from the kernel's exact counters, what was attached
+//!   ([`aggregate::attach::AttachReport`]), target sets and per-backend target summaries
+//!   (mergeable across nodes), the diagnosis.
 //! - [`sink`]: where records and summaries are written: text lines, JSON lines, the live table.
 //! - [`cli`]: clap types only. [`cmd`]: the commands (`trace`, `reasons`, `resolve`,
 //!   `interfaces`), the only place with a `select!` loop.
