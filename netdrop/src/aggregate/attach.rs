@@ -310,13 +310,14 @@ impl AttachReport {
                 .programs
                 .iter()
                 .map(|a| {
-                    let mut s = format!("{} via {}", a.program.name(), a.hook.name());
                     let because = a.because();
-                    if !because.is_empty() {
-                        let what = if a.fallbacks.is_empty() { "" } else { "after " };
-                        s.push_str(&format!(" ({what}{because})"));
-                    }
-                    s
+                    let what = if a.fallbacks.is_empty() { "" } else { "after " };
+                    let why = if because.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({what}{because})")
+                    };
+                    format!("{} via {}{why}", a.program.name(), a.hook.name())
                 })
                 .collect();
             out.push(format!("attach: {}", hooks.join("; ")));

@@ -264,15 +264,14 @@ mod tests {
         }
     }
 
-    #[expect(clippy::too_many_arguments, reason = "one counter key per line reads as a table")]
-    fn key(tag: u32, reason: u32, location: u64, netns: u32, eff: u8, ct_state: u8, class: u8) -> DropKey {
+    fn key(tag: u32, reason: u32, location: u64, netns: u32, eff: u8) -> DropKey {
         DropKey {
             location,
             reason,
             netns,
             ip_version: 4,
-            ct_state,
-            exact_class: class,
+            ct_state: ct::NONE,
+            exact_class: 0,
             effect: eff,
             tag,
         }
@@ -287,42 +286,46 @@ mod tests {
     fn lab_counts(t: &TargetSet) -> KernelCounts {
         let (web0, web1, web2) = (t.backends[0].tag, t.backends[1].tag, t.backends[2].tag);
         let fe = tag::FRONTEND;
-        let (a, d, l, r, u) = (
+        let (att, data, stale, reset, unknown) = (
             effect::ATTEMPT,
             effect::DATA,
             effect::LOSSLESS,
             effect::RESET,
             effect::UNKNOWN,
         );
-        let unconf = ct::UNCONFIRMED | ct::SRC_NAT_DONE;
+        // The kernel program saw the insert fail (exact), or the entry was left unconfirmed
+        // after SNAT (inferred).
+        let insert_failed = |k| DropKey {
+            ct_state: ct::UNCONFIRMED,
+            exact_class: class::INSERT_FAILED,
+            ..k
+        };
+        let snat_done = |k| DropKey {
+            ct_state: ct::UNCONFIRMED | ct::SRC_NAT_DONE,
+            ..k
+        };
         let mut stats = [0u64; stat::COUNT as usize];
         stats[stat::EVENTS_LOST as usize] = 5;
         KernelCounts {
             drops: vec![
-                (key(web2, 12, NFT, NODE_B, a, ct::NONE, 0), 152),
-                (key(web2, 3, TCP_RCV, WEB2, a, ct::NONE, 0), 10),
-                (key(web2, 60, FORWARD, NODE_B, d, ct::NONE, 0), 9),
-                (
-                    key(web2, 12, HOOK_SLOW, NODE_A, a, ct::UNCONFIRMED, class::INSERT_FAILED),
-                    6,
-                ),
-                (key(web2, 12, HOOK_SLOW, NODE_A, a, unconf, 0), 2),
-                (
-                    key(web2, 12, HOOK_SLOW, ROUTER, a, ct::UNCONFIRMED, class::INSERT_FAILED),
-                    7,
-                ),
-                (key(web2, 12, HOOK_SLOW, STRANGER, a, unconf, 0), 7),
-                (key(web0, 30, TCP_RCV, WEB0, l, ct::NONE, 0), 3),
-                (key(web0, 5, DO_RCV, NODE_A, r, ct::NONE, 0), 2),
-                (key(web0, 5, DO_RCV, NODE_B, r, ct::NONE, 0), 2),
-                (key(web1, 3, TCP_RCV, WEB1, a, ct::NONE, 0), 1),
-                (key(fe, 12, NFT, NODE_A, a, ct::NONE, 0), 5),
-                (key(fe, 12, NFT, NODE_B, a, ct::NONE, 0), 6),
-                (key(fe, 2, PURGE, CLIENT_A, d, ct::NONE, 0), 4),
-                (key(fe, 2, PURGE, CLIENT_B, d, ct::NONE, 0), 3),
-                (key(fe, 104, KILL_QUEUES, CLIENT_A, u, ct::NONE, 0), 40),
-                (key(0, 3, TCP_RCV, NODE_A, a, ct::NONE, 0), 11),
-                (key(web1, 3, TCP_RCV, WEB1, a, ct::NONE, 0), 0),
+                (key(web2, 12, NFT, NODE_B, att), 152),
+                (key(web2, 3, TCP_RCV, WEB2, att), 10),
+                (key(web2, 60, FORWARD, NODE_B, data), 9),
+                (insert_failed(key(web2, 12, HOOK_SLOW, NODE_A, att)), 6),
+                (snat_done(key(web2, 12, HOOK_SLOW, NODE_A, att)), 2),
+                (insert_failed(key(web2, 12, HOOK_SLOW, ROUTER, att)), 7),
+                (snat_done(key(web2, 12, HOOK_SLOW, STRANGER, att)), 7),
+                (key(web0, 30, TCP_RCV, WEB0, stale), 3),
+                (key(web0, 5, DO_RCV, NODE_A, reset), 2),
+                (key(web0, 5, DO_RCV, NODE_B, reset), 2),
+                (key(web1, 3, TCP_RCV, WEB1, att), 1),
+                (key(fe, 12, NFT, NODE_A, att), 5),
+                (key(fe, 12, NFT, NODE_B, att), 6),
+                (key(fe, 2, PURGE, CLIENT_A, data), 4),
+                (key(fe, 2, PURGE, CLIENT_B, data), 3),
+                (key(fe, 104, KILL_QUEUES, CLIENT_A, unknown), 40),
+                (key(0, 3, TCP_RCV, NODE_A, att), 11),
+                (key(web1, 3, TCP_RCV, WEB1, att), 0),
             ],
             stats,
         }

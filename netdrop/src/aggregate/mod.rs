@@ -281,6 +281,10 @@ mod wire {
     }
 
     /// The drop hook as the summary has always named it.
+    #[expect(
+        clippy::trivially_copy_pass_by_ref,
+        reason = "the signature serde's serialize_with calls"
+    )]
     pub(super) fn drop_hook_name<S: Serializer>(h: &AttachHook, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(h.drop_hook_name())
     }

@@ -316,14 +316,8 @@ fn build_complete(t: &TargetSet, o: &Observed<'_>) -> TargetSummary {
     let other_namespaces = others.iter().filter(|r| !r.hidden && r.tag != 0).map(|r| r.count).sum();
     let o = &Observed {
         rows: &rows,
-        tc: o.tc,
-        node_of: o.node_of,
-        nodes_given: o.nodes_given,
-        lost_events: o.lost_events,
-        conntrack: o.conntrack,
-        duration_s: o.duration_s,
         time: o.time.clone(),
-        is_final: o.is_final,
+        ..*o
     };
     let dest = |ip: IpAddr, port: u16, proto: Proto| Destination {
         ip,
@@ -390,19 +384,6 @@ fn build_complete(t: &TargetSet, o: &Observed<'_>) -> TargetSummary {
     };
     let lossless = backends.iter().map(|b| b.lossless).sum::<u64>() + unmatched.lossless;
     let resets = backends.iter().map(|b| b.resets).sum::<u64>() + unmatched.resets;
-    // Conntrack findings that are not drops: a resolved clash (Linux 5.6+) dropped nothing,
-    // which is the answer to "is it the DNS insert race?".
-    let mut clashes: Vec<Clash> = o
-        .conntrack
-        .iter()
-        .filter(|c| c.clash_resolve > 0)
-        .map(|c| Clash {
-            place: (o.node_of)(c.netns).unwrap_or_else(|| format!("netns {}", c.netns)),
-            netns: c.netns,
-            count: c.clash_resolve,
-        })
-        .collect();
-    clashes.sort_by(|a, b| (&a.place, a.netns).cmp(&(&b.place, b.netns)));
     TargetSummary {
         kind: "summary",
         service: t.service.clone(),
@@ -423,9 +404,26 @@ fn build_complete(t: &TargetSet, o: &Observed<'_>) -> TargetSummary {
         basis: Basis {
             part: false,
             pods: t.frontends.is_empty(),
-            clashes,
+            clashes: clashes(o),
         },
     }
+}
+
+/// Conntrack findings that are not drops: a resolved clash (Linux 5.6+) dropped nothing, which
+/// is the answer to "is it the DNS insert race?". In order of place.
+fn clashes(o: &Observed<'_>) -> Vec<Clash> {
+    let mut v: Vec<Clash> = o
+        .conntrack
+        .iter()
+        .filter(|c| c.clash_resolve > 0)
+        .map(|c| Clash {
+            place: (o.node_of)(c.netns).unwrap_or_else(|| format!("netns {}", c.netns)),
+            netns: c.netns,
+            count: c.clash_resolve,
+        })
+        .collect();
+    v.sort_by(|a, b| (&a.place, a.netns).cmp(&(&b.place, b.netns)));
+    v
 }
 
 impl TargetSummary {

@@ -308,7 +308,7 @@ mod tests {
     }
 
     fn summary(backends: usize, bad: usize) -> TargetSummary {
-        use crate::aggregate::target_summary::{BackendRow, TargetSummary, TopReason, Unmatched};
+        use crate::aggregate::target_summary::{BackendRow, Basis, TargetSummary, TopReason, Unmatched};
         let rows = (0..backends)
             .map(|i| BackendRow {
                 pod: format!("default/big-{i:02}"),
@@ -358,7 +358,7 @@ mod tests {
                 "Next (netfilter_rule): a firewall rule dropped it: find the chain with `iptables-save -c | grep -- '-j DROP'` or `nft list ruleset` (NetworkPolicy: `kubectl get networkpolicy -A`, Calico: `calicoctl get networkpolicy`).".into(),
             ],
             detail: None,
-            basis: Default::default(),
+            basis: Basis::default(),
         }
     }
 
