@@ -375,3 +375,17 @@ fn json_lines_are_unchanged() {
         assert!(got.contains(kind), "{kind} missing");
     }
 }
+
+/// The summary lines read back are the lines written (a node's summaries cross the wire in a
+/// cluster-wide trace).
+#[test]
+fn summary_lines_read_back_byte_for_byte() {
+    let line = serde_json::to_string(&plain_summary()).expect("json");
+    let back: aggregate::Summary = serde_json::from_str(&line).expect("summary from JSON");
+    assert_eq!(serde_json::to_string(&back).expect("json"), line);
+    for s in svc_summaries() {
+        let line = serde_json::to_string(&s).expect("json");
+        let back: target_summary::TargetSummary = serde_json::from_str(&line).expect("target summary from JSON");
+        assert_eq!(serde_json::to_string(&back).expect("json"), line);
+    }
+}
