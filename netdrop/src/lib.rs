@@ -13,8 +13,9 @@
 //! - [`enrich`]: an event becomes a typed [`enrich::record::DropRecord`] (decode, visibility,
 //!   one [`enrich::classify::Classifier`] for events and counter rows, Kubernetes names);
 //!   values become text only in a sink.
-//! - [`aggregate`]: summaries from the kernel's exact counters, target sets and per-backend
-//!   target summaries, the diagnosis.
+//! - [`aggregate`]: summaries from the kernel's exact counters, what was attached
+//!   ([`aggregate::attach::AttachReport`]), target sets and per-backend target summaries
+//!   (mergeable across nodes), the diagnosis.
 //! - [`sink`]: where records and summaries are written: text lines, JSON lines, the live table.
 //! - [`cli`]: clap types only. [`cmd`]: the commands (`trace`, `reasons`, `resolve`,
 //!   `interfaces`), the only place with a `select!` loop.

@@ -1,15 +1,18 @@
 //! Aggregation: the run's summary, built from the kernel's exact counters (never from the
 //! events that happened to reach userspace).
 
+pub mod attach;
 pub mod diagnosis;
+mod merge;
 pub mod target_set;
 pub mod target_summary;
 
 use std::collections::BTreeMap;
 
 use netdrop_common::{DropKey, stat};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use self::attach::{AttachHook, AttachReport, Program};
 use crate::{
     enrich::classify::{self, Certainty},
     enrich::visibility::Visibility,
@@ -19,17 +22,23 @@ use crate::{
     source::conntrack::CtStats,
 };
 
+/// A name from a closed set (`"summary"`, `"ipv4"`, `"unconfirmed"`): written as is and read
+/// back through `wire`. An alias, so that serde reads it as a name of the set instead of
+/// borrowing it from the input (which would tie a parsed summary to the input's lifetime).
+pub type FixedName = &'static str;
+
 /// One (reason, location, netns) row.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReasonRow {
     pub reason: String,
     pub reason_code: u32,
     pub location: String,
     /// `null` when the kernel left no way to tell.
-    #[serde(serialize_with = "classify::netns_or_null")]
+    #[serde(serialize_with = "classify::netns_or_null", deserialize_with = "wire::netns_or_null")]
     pub netns: u32,
     /// `ipv4`, `ipv6`, or `none` for skbs without an IP header.
-    pub ip: &'static str,
+    #[serde(deserialize_with = "wire::ip_version")]
+    pub ip: FixedName,
     pub count: u64,
     /// Benign or not selected: counted, not shown as events.
     pub hidden: bool,
@@ -37,12 +46,13 @@ pub struct ReasonRow {
     pub classification: String,
     pub certainty: Certainty,
     /// The packets' conntrack state (`none`, `unconfirmed`, ...).
-    pub conntrack: &'static str,
+    #[serde(deserialize_with = "wire::ct_state")]
+    pub conntrack: FixedName,
     /// What the drops cost (`attempt`, `data`, `lossless`, `reset`, `unknown`), decided per
     /// packet in the kernel.
     pub effect: classify::Effect,
     /// The watched address the packets matched (`--svc`: a backend, or the frontend), else 0.
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub tag: u32,
 }
 
@@ -51,7 +61,7 @@ fn is_zero(v: &u32) -> bool {
 }
 
 /// One namespace's conntrack statistics over the run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConntrackReport {
     pub netns: u32,
     /// Entries at the end, and the limit.
@@ -69,15 +79,17 @@ pub struct ConntrackReport {
 }
 
 /// The end-of-run (or periodic) summary. JSON: `{"type":"summary",...}`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
-    #[serde(rename = "type")]
-    pub kind: &'static str,
+    #[serde(rename = "type", deserialize_with = "wire::summary_kind")]
+    pub kind: FixedName,
     pub time: String,
     pub node: String,
     pub duration_s: f64,
-    /// The hook that carried the drops.
-    pub hook: &'static str,
+    /// The hook that carried the drops, as `attach` says (`tp_btf/kfree_skb`,
+    /// `tracepoint/skb/kfree_skb`), kept for the readers of this field.
+    #[serde(serialize_with = "wire::drop_hook_name", deserialize_with = "wire::drop_hook")]
+    pub hook: AttachHook,
     /// Drops matching the filters, hidden ones excluded.
     pub drops_total: u64,
     /// Shown drops per reason name.
@@ -97,15 +109,19 @@ pub struct Summary {
     pub rate_limited_events: u64,
     /// Drops that could not be counted because the counter map was full (should be 0).
     pub uncounted_drops: u64,
-    /// How conntrack verdicts were observed: `fexit`, `kprobe`, `inferred`, or `off`.
-    pub conntrack_hook: &'static str,
+    /// How conntrack verdicts were observed: `fexit`, `kprobe`, `inferred`, or `off` (as
+    /// `attach` says).
+    pub conntrack_hook: AttachHook,
     /// How segments answered and freed by TIME_WAIT sockets are told: `rx_sk`, `fexit`,
-    /// `kprobe`, or `flags` (FIN/RST only; a bare ACK stays visible).
-    pub timewait_hook: &'static str,
+    /// `kprobe`, or `flags` (FIN/RST only; a bare ACK stays visible) (as `attach` says).
+    pub timewait_hook: AttachHook,
     /// Conntrack statistics of the namespaces drops were seen in.
     pub conntrack: Vec<ConntrackReport>,
     /// What to check next, one line per finding.
     pub hints: Vec<String>,
+    /// What was attached, the fallbacks taken and the degraded modes.
+    #[serde(default)]
+    pub attach: AttachReport,
 }
 
 /// Classifies a counter row, given the function its location lies in.
@@ -117,9 +133,7 @@ pub struct SummaryContext<'a> {
     pub symbols: &'a KernelSymbols,
     pub visibility: &'a Visibility,
     pub node: &'a str,
-    pub hook: &'static str,
-    pub conntrack_hook: &'static str,
-    pub timewait_hook: &'static str,
+    pub attach: &'a AttachReport,
     /// Classification of a counter row (its key carries the conntrack state and marks), by the
     /// classifier that classifies events ([`crate::enrich::classify::Classifier::row`]), given
     /// the row's function.
@@ -164,7 +178,7 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
         time: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
         node: ctx.node.to_string(),
         duration_s,
-        hook: ctx.hook,
+        hook: ctx.attach.hook(Program::KfreeSkb),
         drops_total: 0,
         by_reason: BTreeMap::new(),
         by_classification: BTreeMap::new(),
@@ -175,10 +189,11 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
         lost_events: counts.stats[stat::EVENTS_LOST as usize],
         rate_limited_events: counts.stats[stat::EVENTS_RATE_LIMITED as usize],
         uncounted_drops: counts.stats[stat::COUNTER_MAP_FULL as usize],
-        conntrack_hook: ctx.conntrack_hook,
-        timewait_hook: ctx.timewait_hook,
+        conntrack_hook: ctx.attach.hook(Program::Conntrack),
+        timewait_hook: ctx.attach.hook(Program::Timewait),
         conntrack: Vec::new(),
         hints: Vec::new(),
+        attach: ctx.attach.clone(),
     };
     for r in &rows {
         if r.hidden {
@@ -242,6 +257,56 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
     s
 }
 
+/// Fields written in a fixed form, and read back (a node's part of a cluster-wide trace).
+mod wire {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    use super::attach::AttachHook;
+
+    /// A fixed name of a closed set, back to its `'static` self.
+    fn one_of<'de, D: Deserializer<'de>>(d: D, names: &[&'static str]) -> Result<&'static str, D::Error> {
+        let s = String::deserialize(d)?;
+        names
+            .iter()
+            .find(|n| **n == s)
+            .copied()
+            .ok_or_else(|| D::Error::custom(format!("unexpected {s:?}, expected one of {names:?}")))
+    }
+
+    pub(super) fn summary_kind<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+        one_of(d, &["summary"])
+    }
+
+    pub(super) fn ip_version<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+        one_of(d, &["ipv4", "ipv6", "none"])
+    }
+
+    pub(super) fn ct_state<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+        one_of(d, &["none", "unconfirmed", "confirmed", "untracked"])
+    }
+
+    pub(super) fn netns_or_null<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        Ok(Option::<u32>::deserialize(d)?.unwrap_or(0))
+    }
+
+    /// The drop hook as the summary has always named it.
+    #[expect(
+        clippy::trivially_copy_pass_by_ref,
+        reason = "the signature serde's serialize_with calls"
+    )]
+    pub(super) fn drop_hook_name<S: Serializer>(h: &AttachHook, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(h.drop_hook_name())
+    }
+
+    pub(super) fn drop_hook<'de, D: Deserializer<'de>>(d: D) -> Result<AttachHook, D::Error> {
+        match one_of(d, &["tp_btf/kfree_skb", "tracepoint/skb/kfree_skb", "off"])? {
+            "tp_btf/kfree_skb" => Ok(AttachHook::TpBtf),
+            "tracepoint/skb/kfree_skb" => Ok(AttachHook::Tracepoint),
+            _ => Ok(AttachHook::Off),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use netdrop_common::Config;
@@ -298,9 +363,7 @@ mod tests {
             symbols: &syms,
             visibility: &vis,
             node: "n1",
-            hook: "tp_btf/kfree_skb",
-            conntrack_hook: "off",
-            timewait_hook: "rx_sk",
+            attach: &AttachReport::default(),
             classify: &classify,
             conntrack: vec![],
         };
@@ -343,9 +406,7 @@ mod tests {
             symbols: &syms,
             visibility: &vis,
             node: "n1",
-            hook: "tp_btf/kfree_skb",
-            conntrack_hook: "off",
-            timewait_hook: "rx_sk",
+            attach: &AttachReport::default(),
             classify: &classify,
             conntrack: vec![(9, ct)],
         };

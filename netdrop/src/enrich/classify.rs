@@ -7,7 +7,7 @@
 use std::{collections::HashMap, fmt};
 
 use netdrop_common::{DropKey, class, ct};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     enrich::record::CtState,
@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// What a drop cost, as the kernel program decided it per packet (`netdrop_common::effect`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Effect {
     /// The packet was not parsed (a trace without a target or filter) or has no IP header;
@@ -62,7 +62,7 @@ pub fn netns_or_null<T: Copy + Into<u64>, S: serde::Serializer>(netns: &T, s: S)
 // ---- NETFILTER_DROP classification ----
 
 /// How a classification was reached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Certainty {
     /// Established by the kernel for this packet: its reason, the function that freed it, or a

@@ -323,35 +323,39 @@ const TW_FUNCTIONS: &[Watched] = &[Watched {
     ret: "tw_return",
 }];
 
+/// The better hooks a precise hook set tried before the one it uses, each with its error in
+/// one line.
+pub type Tried = Vec<(PreciseHook, String)>;
+
 /// Attaches the precise conntrack hooks, fexit first, kprobes as the fallback. Returns the hook
-/// used and, when it is not fexit, why the better ones failed. Never fails: without hooks the
-/// classification is inferred.
-pub fn attach_conntrack(probe: &mut DropProbe, want: Option<PreciseHook>) -> (PreciseHook, Option<String>) {
+/// used and the hooks that failed before it. Never fails: without hooks the classification is
+/// inferred.
+pub fn attach_conntrack(probe: &mut DropProbe, want: Option<PreciseHook>) -> (PreciseHook, Tried) {
     attach_precise(&mut probe.ebpf, CT_FUNCTIONS, want)
 }
 
 /// Attaches the timewait hooks (kernels whose `kfree_skb` does not pass `rx_sk`), fexit first,
 /// kprobes as the fallback; without them a segment freed by a timewait socket is told by its
 /// TCP flags alone.
-pub fn attach_timewait(probe: &mut DropProbe, want: Option<PreciseHook>) -> (PreciseHook, Option<String>) {
+pub fn attach_timewait(probe: &mut DropProbe, want: Option<PreciseHook>) -> (PreciseHook, Tried) {
     attach_precise(&mut probe.ebpf, TW_FUNCTIONS, want)
 }
 
-fn attach_precise(ebpf: &mut Ebpf, set: &[Watched], want: Option<PreciseHook>) -> (PreciseHook, Option<String>) {
-    let mut why = Vec::new();
+fn attach_precise(ebpf: &mut Ebpf, set: &[Watched], want: Option<PreciseHook>) -> (PreciseHook, Tried) {
+    let mut tried = Vec::new();
     if want.is_none_or(|w| w == PreciseHook::Fexit) {
         match attach_fexit(ebpf, set) {
-            Ok(()) => return (PreciseHook::Fexit, None),
-            Err(e) => why.push(format!("fexit: {}", describe(&e))),
+            Ok(()) => return (PreciseHook::Fexit, tried),
+            Err(e) => tried.push((PreciseHook::Fexit, describe(&e))),
         }
     }
     if want.is_none_or(|w| w == PreciseHook::Kprobe) {
         match attach_kprobes(ebpf, set) {
-            Ok(()) => return (PreciseHook::Kprobe, Some(why.join("; "))),
-            Err(e) => why.push(format!("kprobe: {}", describe(&e))),
+            Ok(()) => return (PreciseHook::Kprobe, tried),
+            Err(e) => tried.push((PreciseHook::Kprobe, describe(&e))),
         }
     }
-    (PreciseHook::Inferred, (!why.is_empty()).then(|| why.join("; ")))
+    (PreciseHook::Inferred, tried)
 }
 
 fn attach_fexit(ebpf: &mut Ebpf, set: &[Watched]) -> Result<(), ProbeError> {

@@ -318,7 +318,7 @@ mod tests {
     }
 
     fn summary(backends: usize, bad: usize) -> TargetSummary {
-        use crate::aggregate::target_summary::{BackendRow, TargetSummary, TopReason, Unmatched};
+        use crate::aggregate::target_summary::{BackendRow, Basis, TargetSummary, TopReason, Unmatched};
         let rows = (0..backends)
             .map(|i| BackendRow {
                 pod: format!("default/big-{i:02}"),
@@ -362,13 +362,13 @@ mod tests {
             backends: rows,
             unmatched: Unmatched::default(),
             other_namespaces: 0,
-            pods: false,
             lost_events: 0,
             diagnosis: vec![
                 "default/big: 40 drops for 5000 attempts (0.8% of attempts).".into(),
                 "Next (netfilter_rule): a firewall rule dropped it: find the chain with `iptables-save -c | grep -- '-j DROP'` or `nft list ruleset` (NetworkPolicy: `kubectl get networkpolicy -A`, Calico: `calicoctl get networkpolicy`).".into(),
             ],
             detail: None,
+            basis: Basis::default(),
         }
     }
 

@@ -297,7 +297,9 @@ impl<W: Write + Send> Sink for TextSink<W> {
         writeln!(
             o,
             "--- netdrop summary: {:.1} s on {} via {} ---",
-            s.duration_s, s.node, s.hook
+            s.duration_s,
+            s.node,
+            s.hook.drop_hook_name()
         )?;
         if s.drops_total == 0 {
             writeln!(o, "no drops matched")?;
@@ -350,6 +352,9 @@ impl<W: Write + Send> Sink for TextSink<W> {
         }
         for h in &s.hints {
             writeln!(o, "hint: {h}")?;
+        }
+        for line in s.attach.summary_lines() {
+            writeln!(o, "{line}")?;
         }
         let mut events = format!("{} events shown, {} lost", s.events_shown, s.lost_events);
         if s.rate_limited_events > 0 {

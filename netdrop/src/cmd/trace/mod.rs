@@ -22,19 +22,20 @@ use tracing::warn;
 
 use self::{
     pipeline::Pipeline,
-    plan::{Plan, Timewait, is_too_large, plan, timewait_by_flags},
+    plan::{Plan, Timewait, is_too_large, plan},
     summarizer::Summarizer,
     targets::TargetMode,
 };
 use crate::{
-    cli::{CtHookArg, Format, TraceArgs},
+    aggregate::attach::{AttachHook, AttachReport, Attached, DegradedMode, Fallback, Program},
+    cli::{CtHookArg, Format, TraceArgs, TwHookArg},
     enrich::{
         classify::Classifier,
         decode::{self, Decoder},
         visibility::Visibility,
     },
     kernel::{KernelInfo, symbols::KernelSymbols},
-    probe::{self, AttachOptions, PreciseHook},
+    probe::{self, AttachOptions, DropProbe, PreciseHook},
     resolve::{Health, KubeOptions, Resolver},
     sink::{JsonSink, LiveTable, TextSink},
     source::{conntrack::CtSampler, counters::DropCounters},
@@ -51,7 +52,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         mut config,
         conntrack_on,
         timewait,
+        counts_only,
     } = plan(&args, &kernel)?;
+    let mut report = AttachReport::default();
+    if let Some(why) = counts_only {
+        report.degrade(DegradedMode::CountsOnly, why);
+    }
     let attach_opts = AttachOptions {
         hook: args.hook.map(Into::into),
         ring_bytes: args.ring_kib * 1024,
@@ -61,47 +67,14 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         // 6.1) by the per-drop effect decision: the same program without it, named.
         Err(e) if is_too_large(&e) => {
             config.effects = 0;
-            eprintln!(
-                "netdrop: drop effects off (lossless/reset discards counted as drops, effect \"unknown\"): this kernel's verifier refused the full program ({e})"
-            );
+            report.degrade(DegradedMode::DropEffectsOff, e.to_string());
             probe::attach(&kernel, &config, attach_opts)?
         }
         r => r?,
     };
-    let ct_hook = match (&kernel.conntrack, conntrack_on) {
-        (Err(why), _) => {
-            eprintln!("netdrop: conntrack classification off: {why}");
-            "off"
-        }
-        (Ok(()), false) => "off",
-        (Ok(()), true) => {
-            let want = args.ct_hook.and_then(CtHookArg::hook);
-            let (hook, why) = probe::attach_conntrack(&mut probe, want);
-            match hook {
-                PreciseHook::Fexit => eprintln!("netdrop: conntrack verdicts via fexit (exact)"),
-                PreciseHook::Kprobe => eprintln!(
-                    "netdrop: conntrack verdicts via kprobe (exact; {})",
-                    why.unwrap_or_default()
-                ),
-                PreciseHook::Inferred => eprintln!(
-                    "netdrop: conntrack classification inferred from conntrack state and statistics ({})",
-                    why.unwrap_or_else(|| "--ct-hook inferred".into())
-                ),
-            }
-            hook.name()
-        }
-    };
-    let timewait_hook = match timewait {
-        Timewait::RxSk => "rx_sk",
-        Timewait::Flags => "flags",
-        Timewait::Hooks(want) => match probe::attach_timewait(&mut probe, want) {
-            (PreciseHook::Inferred, why) => {
-                timewait_by_flags(&why.unwrap_or_default());
-                "flags"
-            }
-            (hook, _) => hook.name(),
-        },
-    };
+    report.attached(drop_hook(&probe, &args));
+    report.attached(conntrack_hook(&mut probe, &kernel, conntrack_on, &args));
+    report.attached(timewait_hook(&mut probe, timewait, &args));
     // Keys carry namespaces only where the program reads the skb; cookies where BTF has them.
     let mut counters = DropCounters::start(
         config.read_skb == 1,
@@ -130,7 +103,14 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             );
         }
         let tc = (!args.no_tc).then_some(&args.tc);
-        Some(TargetMode::start(&args.target, tc, &resolver, &mut probe, &node)?)
+        Some(TargetMode::start(
+            &args.target,
+            tc,
+            &resolver,
+            &mut probe,
+            &node,
+            &mut report,
+        )?)
     } else {
         None
     };
@@ -159,8 +139,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     } else {
         CtSampler::idle()
     };
-    if let Some(why) = &probe.fallback {
-        eprintln!("netdrop: tp_btf/kfree_skb not usable ({why}); using the tracepoint fallback");
+    for notice in report.notices() {
+        eprintln!("netdrop: {notice}");
     }
     eprintln!(
         "netdrop: attached {} on {} (kernel {}; {} drop reasons from {:?})",
@@ -198,9 +178,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         reasons: reasons.clone(),
         symbols: symbols.clone(),
         node: node.clone(),
-        hook: probe.hook.name(),
-        ct_hook,
-        timewait_hook,
+        attach: report,
         conntrack: conntrack_on,
         netfilter_drop_reason: config.netfilter_drop_reason,
     };
@@ -330,5 +308,72 @@ fn load_symbols() -> KernelSymbols {
             warn!("cannot read /proc/kallsyms ({e}): locations print as addresses");
             KernelSymbols::default()
         }
+    }
+}
+
+fn fallbacks(tried: probe::Tried) -> Vec<Fallback> {
+    tried
+        .into_iter()
+        .map(|(hook, error)| Fallback {
+            hook: hook.into(),
+            error,
+        })
+        .collect()
+}
+
+/// The drop hook the probe attached, and the tp_btf error when it fell back.
+fn drop_hook(probe: &DropProbe, args: &TraceArgs) -> Attached {
+    let mut a = Attached::new(Program::KfreeSkb, probe.hook);
+    if let Some(error) = &probe.fallback {
+        a = a.fallbacks(vec![Fallback {
+            hook: AttachHook::TpBtf,
+            error: error.clone(),
+        }]);
+    }
+    match args.hook {
+        Some(h) => a.flag(h.flag()),
+        None => a,
+    }
+}
+
+/// Attaches the conntrack verdict hooks when conntrack classification is on.
+fn conntrack_hook(probe: &mut DropProbe, kernel: &KernelInfo, on: bool, args: &TraceArgs) -> Attached {
+    let off = Attached::new(Program::Conntrack, AttachHook::Off);
+    match (&kernel.conntrack, on) {
+        (Err(why), _) => off.why(why.clone()),
+        (Ok(()), false) => match args.ct_hook {
+            Some(f) => off.flag(f.flag()),
+            None => off,
+        },
+        (Ok(()), true) => {
+            let (hook, tried) = probe::attach_conntrack(probe, args.ct_hook.and_then(CtHookArg::hook));
+            let a = Attached::new(Program::Conntrack, hook).fallbacks(fallbacks(tried));
+            match args.ct_hook {
+                Some(f) => a.flag(f.flag()),
+                None => a,
+            }
+        }
+    }
+}
+
+/// How segments freed by TIME_WAIT sockets are told; attaches their hooks when planned.
+fn timewait_hook(probe: &mut DropProbe, timewait: Timewait, args: &TraceArgs) -> Attached {
+    let flag = args.tw_hook.map(TwHookArg::flag);
+    let a = match timewait {
+        Timewait::RxSk => Attached::new(Program::Timewait, AttachHook::RxSk),
+        Timewait::Flags(None) => Attached::new(Program::Timewait, AttachHook::Flags),
+        Timewait::Flags(Some(why)) => Attached::new(Program::Timewait, AttachHook::Flags).why(why),
+        Timewait::Hooks(want) => {
+            let (hook, tried) = probe::attach_timewait(probe, want);
+            let hook = match hook {
+                PreciseHook::Inferred => AttachHook::Flags,
+                h => h.into(),
+            };
+            Attached::new(Program::Timewait, hook).fallbacks(fallbacks(tried))
+        }
+    };
+    match flag {
+        Some(f) => a.flag(f),
+        None => a,
     }
 }

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Instant};
 
 use super::pipeline::Pipeline;
 use crate::{
-    aggregate::{self, SummaryContext},
+    aggregate::{self, SummaryContext, attach::AttachReport},
     enrich::classify::Facts,
     kernel::{reasons::ReasonTable, symbols::KernelSymbols},
     probe,
@@ -16,9 +16,8 @@ pub(super) struct Summarizer {
     pub(super) reasons: Arc<ReasonTable>,
     pub(super) symbols: Arc<KernelSymbols>,
     pub(super) node: String,
-    pub(super) hook: &'static str,
-    pub(super) ct_hook: &'static str,
-    pub(super) timewait_hook: &'static str,
+    /// What was attached; every summary carries it.
+    pub(super) attach: AttachReport,
     pub(super) conntrack: bool,
     pub(super) netfilter_drop_reason: u32,
 }
@@ -55,9 +54,7 @@ impl Summarizer {
             symbols: &self.symbols,
             visibility: &pipe.visibility,
             node: &self.node,
-            hook: self.hook,
-            conntrack_hook: self.ct_hook,
-            timewait_hook: self.timewait_hook,
+            attach: &self.attach,
             classify: &classify_row,
             conntrack: ct_report,
         };
