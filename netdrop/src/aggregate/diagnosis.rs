@@ -143,6 +143,10 @@ const RESETS_MATTER: f64 = 0.01;
 /// why, and what to check next. "Where to look" is where the drops happened (the node whose
 /// kernel dropped them, e.g. the client's for a conntrack insert failure), never where the
 /// backend runs.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the findings in the order an engineer checks them; each is a few lines"
+)]
 pub fn diagnose(s: &TargetSummary) -> Vec<String> {
     let mut out = Vec::new();
     if s.backends.is_empty() {
@@ -167,7 +171,7 @@ pub fn diagnose(s: &TargetSummary) -> Vec<String> {
         ratio_words(s.drop_ratio, "attempts")
     ));
     let mut bad: Vec<&BackendRow> = s.backends.iter().filter(|b| b.drops > 0).collect();
-    bad.sort_by(|a, b| b.drops.cmp(&a.drops));
+    bad.sort_by_key(|b| std::cmp::Reverse(b.drops));
     let share_of_drops = |n: u64| n as f64 / s.drops as f64;
     // Drops concentrated on a few backends: name them; spread over all: say so. Judged by the
     // drops, not by how many backends have any: one bad backend with a stray drop or two on the

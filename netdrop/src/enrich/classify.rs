@@ -421,9 +421,7 @@ fn by_location(
         };
         return (Classification::TcpTeardown, certainty);
     }
-    let c = if TCP_RCV_SITES.contains(&f) && kernel_class == class::TCP_SYN {
-        Classification::NoSocket
-    } else if UDP_RCV_SITES.contains(&f) {
+    let c = if (TCP_RCV_SITES.contains(&f) && kernel_class == class::TCP_SYN) || UDP_RCV_SITES.contains(&f) {
         Classification::NoSocket
     } else if BLACKHOLE_SITES.contains(&f) {
         Classification::RouteBlackhole

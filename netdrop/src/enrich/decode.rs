@@ -147,9 +147,7 @@ pub fn pre_nat(ev: &DropEvent, src: Option<&Endpoint>, dst: Option<&Endpoint>) -
 /// CLOCK_REALTIME − CLOCK_MONOTONIC now, to date `bpf_ktime_get_ns()` stamps.
 pub fn clock_offset_ns() -> i128 {
     let now = |clock| {
-        nix::time::clock_gettime(clock)
-            .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
-            .unwrap_or(0)
+        nix::time::clock_gettime(clock).map_or(0, |t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
     };
     now(nix::time::ClockId::CLOCK_REALTIME) - now(nix::time::ClockId::CLOCK_MONOTONIC)
 }

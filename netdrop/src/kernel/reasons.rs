@@ -273,10 +273,9 @@ fn short_name(name: &str) -> &str {
 
 /// The members of C enum `name`, `None` when this kernel has no such enum.
 pub(crate) fn enum_members(btf: &Btf, name: &str) -> Result<Option<Vec<(String, u32)>>, btf_rs::Error> {
-    let types = match btf.resolve_types_by_name(name) {
-        Ok(t) => t,
-        // btf-rs reports a missing name as an error; for us that is "this kernel lacks it".
-        Err(_) => return Ok(None),
+    // btf-rs reports a missing name as an error; for us that is "this kernel lacks it".
+    let Ok(types) = btf.resolve_types_by_name(name) else {
+        return Ok(None);
     };
     for t in types {
         match t {

@@ -236,7 +236,8 @@ mod tests {
             reasons: vec!["NO_SOCKT".into()],
             ..FilterSpec::default()
         };
-        let err = spec.apply(&mut Config::DEFAULT, &table()).unwrap_err().to_string();
+        let mut config = Config::DEFAULT;
+        let err = spec.apply(&mut config, &table()).unwrap_err().to_string();
         assert_eq!(
             err,
             "--reason NO_SOCKT: this kernel has no such drop reason (did you mean NO_SOCKET?)"

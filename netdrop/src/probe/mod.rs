@@ -416,7 +416,7 @@ fn finish(mut ebpf: Ebpf, hook: Hook, fallback: Option<String>) -> Result<DropPr
         drops,
         stats,
         addrs,
-        addr_set: Default::default(),
+        addr_set: std::collections::HashMap::default(),
     })
 }
 
@@ -474,7 +474,7 @@ impl DropProbe {
     /// Reads every counter, summing per-CPU values.
     pub fn counts(&self) -> KernelCounts {
         let mut out = KernelCounts::default();
-        for item in self.drops.iter() {
+        for item in &self.drops {
             match item {
                 Ok((key, values)) => out.drops.push((key, values.iter().sum())),
                 Err(e) => warn!("reading drop counters: {e}"),

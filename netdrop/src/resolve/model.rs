@@ -340,7 +340,7 @@ mod parse_tests {
 
     #[test]
     fn addr_port_proto() {
-        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         assert_eq!(parse_addr_port_proto("10.0.0.1"), Ok((ip("10.0.0.1"), None)));
         assert_eq!(
             parse_addr_port_proto("10.96.0.10:53/udp"),

@@ -2,6 +2,7 @@
 //! target table and the drop summary.
 
 use std::{
+    fmt::Write as _,
     io::{self, Write},
     net::SocketAddr,
 };
@@ -358,10 +359,10 @@ impl<W: Write + Send> Sink for TextSink<W> {
         }
         let mut events = format!("{} events shown, {} lost", s.events_shown, s.lost_events);
         if s.rate_limited_events > 0 {
-            events.push_str(&format!(", {} not sent (--event-rate)", s.rate_limited_events));
+            let _ = write!(events, ", {} not sent (--event-rate)", s.rate_limited_events);
         }
         if s.uncounted_drops > 0 {
-            events.push_str(&format!(", {} drops uncounted (counter map full)", s.uncounted_drops));
+            let _ = write!(events, ", {} drops uncounted (counter map full)", s.uncounted_drops);
         }
         writeln!(o, "{events}")?;
         for line in String::from_utf8_lossy(&text).lines() {

@@ -40,6 +40,7 @@ pub struct CtStats {
 
 impl CtStats {
     /// What rose from `earlier` to `self` (counters only; `count`/`max` are `self`'s).
+    #[must_use]
     pub fn since(&self, earlier: &Self) -> Self {
         Self {
             count: self.count,
@@ -164,12 +165,15 @@ const RETRY_UNREACHABLE: Duration = Duration::from_secs(10);
 /// CLOCK_MONOTONIC now, in ns.
 pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
+        .map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
 /// What the statistics say about the last moments in one namespace.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent facts, each read on its own by the classifier"
+)]
 pub struct Evidence {
     /// Statistics could be read.
     pub known: bool,

@@ -33,18 +33,15 @@ pub(super) fn plan(args: &TraceArgs, kernel: &KernelInfo) -> anyhow::Result<Plan
     let mut config = Config::DEFAULT;
     spec.apply(&mut config, &kernel.reasons)?;
     let mut counts_only = None;
-    match kernel.offsets {
-        Some(o) => {
-            config.offsets = o;
-            config.read_skb = 1;
+    if let Some(o) = kernel.offsets {
+        config.offsets = o;
+        config.read_skb = 1;
+    } else {
+        let why = kernel.btf_error.clone().unwrap_or_default();
+        if spec.needs_packet() {
+            return Err(FilterError::NeedsBtf(why).into());
         }
-        None => {
-            let why = kernel.btf_error.clone().unwrap_or_default();
-            if spec.needs_packet() {
-                return Err(FilterError::NeedsBtf(why).into());
-            }
-            counts_only = Some(why);
-        }
+        counts_only = Some(why);
     }
     if let Some(tp) = kernel.tracepoint {
         config.tracepoint = tp;
@@ -61,7 +58,7 @@ pub(super) fn plan(args: &TraceArgs, kernel: &KernelInfo) -> anyhow::Result<Plan
     set_effect_reasons(&mut config, &kernel.reasons);
     // The kfree_skb program consults the precise hooks' marks only for NETFILTER_DROP.
     config.precise_conntrack = config.conntrack;
-    let timewait = timewait_source(&kernel, &mut config, args.tw_hook)?;
+    let timewait = timewait_source(kernel, &mut config, args.tw_hook)?;
     let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
     config.events_per_cpu_sec = if args.event_rate == 0 {
         0

@@ -110,7 +110,7 @@ impl TcAccounting {
         nodes: &[NodeNetns],
         default_node: &str,
         opts: &WatchOptions,
-        events: Option<UnboundedSender<WatchEvent>>,
+        events: Option<&UnboundedSender<WatchEvent>>,
     ) -> Result<Self, InterfacesError> {
         let nodes: Vec<NodeNetns> = if nodes.is_empty() {
             vec![NodeNetns {
@@ -188,7 +188,7 @@ impl TcAccounting {
                 mode,
                 priority: opts.priority,
                 owner,
-                events: events.clone(),
+                events: events.cloned(),
                 attached: HashMap::new(),
                 nsids: NsidCache::default(),
             };
