@@ -30,6 +30,11 @@ pub const IFNAMSIZ: usize = 16;
 pub const REASON_BITMAP_BITS: usize = 512;
 
 /// Key of the exact per-CPU drop counters: one count per (reason, location, netns).
+///
+/// The namespace is keyed by its cookie as well as its inode: inode numbers are handed out
+/// lowest-free and reused as soon as a namespace is freed, so under pod churn a new namespace
+/// would otherwise add to a dead one's counters, and userspace could never tell when that key's
+/// namespace is gone. Userspace evicts the keys of dead namespaces (`netdrop::source::counters`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DropKey {
@@ -54,6 +59,10 @@ pub struct DropKey {
     pub effect: u8,
     /// The `ADDR_FILTER` entry the packet matched (a Service backend or frontend), else 0.
     pub tag: u32,
+    /// `net->net_cookie` of that namespace: unique for the whole boot, never reused (Linux
+    /// 5.12+, where it is set when the namespace is made); 0 when unknown or the kernel has no
+    /// such cookie ([`KernelOffsets::net_cookie`] is [`ABSENT`]).
+    pub netns_cookie: u64,
 }
 
 /// An address the `--svc`-style filters watch: IP (as on the wire, IPv4 in the first 4 bytes),
@@ -303,6 +312,10 @@ pub struct KernelOffsets {
     /// `dst_entry.dev`: the route's device, whose namespace a drop without `skb->dev` is in;
     /// [`ABSENT`] when the BTF lacks it.
     pub dst_dev: u32,
+    /// `net.net_cookie` as a plain `u64` (Linux 5.12+); [`ABSENT`] when the BTF lacks it or it is
+    /// the lazily generated `atomic64_t` of 5.7 to 5.11 (0 until something asked for it).
+    pub net_cookie: u32,
+    pub _pad: u32,
 }
 
 /// Fields of the classic `skb/kfree_skb` tracepoint record, from its tracefs `format` file.
@@ -440,6 +453,8 @@ impl Config {
             sk_state: 0,
             skb_refdst: 0,
             dst_dev: 0,
+            net_cookie: ABSENT,
+            _pad: 0,
         },
         tracepoint: TracepointLayout {
             skbaddr: 0,
@@ -563,14 +578,14 @@ mod tests {
     /// Layouts must have no implicit padding: the kernel and userspace read the same bytes.
     #[test]
     fn layouts_have_no_hidden_padding() {
-        assert_eq!(size_of::<DropKey>(), 24);
+        assert_eq!(size_of::<DropKey>(), 32);
         assert_eq!(size_of::<ConntrackTuple>(), 40);
         assert_eq!(
             size_of::<DropEvent>(),
             8 * 3 + 4 * 4 + 2 * 2 + 4 + IFNAMSIZ + 8 + 40 + 8 + HEADER_BYTES
         );
-        assert_eq!(size_of::<KernelOffsets>(), 26 * 4);
-        assert_eq!(size_of::<Config>(), 472);
+        assert_eq!(size_of::<KernelOffsets>(), 28 * 4);
+        assert_eq!(size_of::<Config>(), 480);
         assert_eq!(size_of::<AddrKey>(), 20);
     }
 

@@ -107,9 +107,8 @@ pub fn kfree_skb_btf(ctx: BtfTracePointContext) -> i32 {
     // trusted_ptr_or_null_ prohibited"): the whole program was refused and the classic
     // tracepoint used instead. The reads go through `bpf_probe_read_kernel` anyway.
     let rx_sk: *const u8 = if conf!(btf_has_rx_sk) != 0 {
-        let slot = (ctx.as_ptr() as *const u64).wrapping_add(3);
-        // SAFETY: the helper tolerates any address; the context holds the tracepoint's arguments.
-        unsafe { bpf_probe_read_kernel(slot) }.unwrap_or(0) as *const u8
+        // The fourth argument's slot in the context (the tracepoint's arguments, 8 bytes each).
+        read0::<u64>(ctx.as_ptr().cast(), 3 * 8) as *const u8
     } else {
         core::ptr::null()
     };
@@ -151,6 +150,26 @@ fn try_kfree_skb_tp(ctx: &TracePointContext) -> Result<(), i64> {
 fn read<T>(base: *const u8, off: u32) -> Result<T, i64> {
     // SAFETY: bpf_probe_read_kernel tolerates any address; a fault returns an error.
     unsafe { bpf_probe_read_kernel(base.wrapping_add(off as usize).cast::<T>()) }.map_err(i64::from)
+}
+
+/// `base + off` read as a `T`, zero (or null) where the read faults: one path for the verifier.
+/// `bpf_probe_read_kernel` zeroes its destination on failure, so no branch on its result is
+/// needed; `read(..).unwrap_or(0)` forked every read into a known-zero path and an unknown
+/// value, and older verifiers (Debian 6.1) kept those paths apart past their 1M-instruction
+/// limit.
+#[inline(always)]
+fn read0<T: Copy>(base: *const u8, off: u32) -> T {
+    let mut v = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: the helper tolerates any source address and writes all `size_of::<T>()` bytes of
+    // `v` (the value, or zeroes when the read faults), so `v` is initialised afterwards.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+            v.as_mut_ptr().cast(),
+            core::mem::size_of::<T>() as u32,
+            base.wrapping_add(off as usize).cast(),
+        );
+        v.assume_init()
+    }
 }
 
 #[inline(always)]
@@ -215,11 +234,13 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
             exact_class: 0,
             effect: effect::UNKNOWN,
             tag: 0,
+            netns_cookie: 0,
         });
         return Ok(());
     }
     let dev: *const u8 = read(skb, conf!(offsets.skb_dev))?;
-    let netns = netns_of(skb, dev, rx_sk);
+    let net = net_of(skb, dev, rx_sk);
+    let netns = netns_inode(net);
     let want_netns = conf!(netns);
     if want_netns != 0 && netns != want_netns {
         return Ok(());
@@ -301,21 +322,20 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     };
     // Decided only where the header was parsed anyway (every target trace and filtered trace):
     // a plain trace of a drop storm pays no extra read.
+    // A datagram or SYN from the watched address (a backend's reply) is data lost, not an
+    // attempt to it: a backend's attempts are what was sent to it. Passed in rather than
+    // tested on the result: a test of the decided effect made the verifier keep every effect's
+    // paths apart (precise values), past its 1M-instruction limit on Debian 6.1.
+    let attempt = if tag_from_src { effect::DATA } else { effect::ATTEMPT };
     let effect = match l4 {
         Some(l4) if conf!(effects) != 0 => effect_of(
             reason,
             l4,
             rx_sk,
             is_netfilter && ct_state & ct::STATE_MASK == ct::NONE && conf!(conntrack) != 0,
+            attempt,
         ),
         _ => effect::UNKNOWN,
-    };
-    // A datagram or SYN from the watched address (a backend's reply) is data lost, not an
-    // attempt to it: a backend's attempts are what was sent to it.
-    let effect = if tag_from_src && effect == effect::ATTEMPT {
-        effect::DATA
-    } else {
-        effect
     };
     count(DropKey {
         location,
@@ -326,6 +346,7 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
         exact_class,
         effect,
         tag,
+        netns_cookie: netns_cookie(net),
     });
 
     if !emits(reason) || (!has_l3 && reason == conf!(quiet_reason_without_ip)) || !rate_allows() {
@@ -344,7 +365,7 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
         (ct_ptr, ct_info, ct_status, ct_state) = conntrack_of(skb);
     }
     let head: *const u8 = if has_l3 {
-        read(skb, conf!(offsets.skb_head)).unwrap_or(core::ptr::null())
+        read0(skb, conf!(offsets.skb_head))
     } else {
         core::ptr::null()
     };
@@ -363,15 +384,15 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     ev.skb_addr = skb as u64;
     ev.reason = reason;
     ev.netns = netns;
-    ev.skb_len = read(skb, conf!(offsets.skb_len)).unwrap_or(0);
+    ev.skb_len = read0(skb, conf!(offsets.skb_len));
     ev.l3_proto = l3_proto;
     // SAFETY: a helper call without arguments; it cannot fault.
     ev.cpu = unsafe { bpf_get_smp_processor_id() };
     if dev.is_null() {
-        ev.ifindex = read(skb, conf!(offsets.skb_iif)).unwrap_or(0);
+        ev.ifindex = read0(skb, conf!(offsets.skb_iif));
         ev.ifname = [0; IFNAMSIZ];
     } else {
-        ev.ifindex = read(dev, conf!(offsets.dev_ifindex)).unwrap_or(0);
+        ev.ifindex = read0(dev, conf!(offsets.dev_ifindex));
         let name = dev.wrapping_add(conf!(offsets.dev_name) as usize);
         // SAFETY: bpf_probe_read_kernel checks the kernel address and fails rather than faults; the
         // destination is the event's own IFNAMSIZ array.
@@ -396,7 +417,7 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     let l3 = head.wrapping_add(usize::from(nh));
     // SAFETY: a checked kernel read (fails rather than faults) into the event's own headers array.
     if !head.is_null() && unsafe { bpf_probe_read_kernel_buf(l3, &mut ev.headers) }.is_ok() {
-        let tail: u32 = read(skb, conf!(offsets.skb_tail)).unwrap_or(0);
+        let tail: u32 = read0(skb, conf!(offsets.skb_tail));
         let avail = tail.saturating_sub(u32::from(nh));
         ev.header_len = if avail > HEADER_BYTES as u32 {
             HEADER_BYTES as u16
@@ -438,7 +459,7 @@ fn conntrack_of(skb: *const u8) -> (*const u8, u8, u32, u8) {
         return (core::ptr::null(), 0, 0, ct::NONE);
     }
     // skb->_nfct = entry pointer | ctinfo (NFCT_INFOMASK = 7).
-    let nfct: u64 = read(skb, conf!(offsets.skb_nfct)).unwrap_or(0);
+    let nfct: u64 = read0(skb, conf!(offsets.skb_nfct));
     let info = (nfct & 7) as u8;
     let entry = (nfct & !7) as *const u8;
     if entry.is_null() {
@@ -449,7 +470,7 @@ fn conntrack_of(skb: *const u8) -> (*const u8, u8, u32, u8) {
         };
         return (core::ptr::null(), info, 0, state);
     }
-    let status: u64 = read(entry, conf!(offsets.ct_status)).unwrap_or(0);
+    let status: u64 = read0(entry, conf!(offsets.ct_status));
     let mut state = if status & (ct::IPS_UNTRACKED | ct::IPS_TEMPLATE) != 0 {
         return (core::ptr::null(), info, status as u32, ct::UNTRACKED);
     } else if status & ct::IPS_CONFIRMED != 0 {
@@ -485,10 +506,10 @@ fn read_tuple(entry: *const u8, out: &mut ConntrackTuple) {
         return;
     }
     let base = t;
-    out.src_port = read(base, conf!(offsets.tuple_src_port)).unwrap_or(0);
-    out.dst_port = read(base, conf!(offsets.tuple_dst_port)).unwrap_or(0);
-    out.l3num = read(base, conf!(offsets.tuple_src_l3num)).unwrap_or(0);
-    out.protonum = read(base, conf!(offsets.tuple_dst_protonum)).unwrap_or(0);
+    out.src_port = read0(base, conf!(offsets.tuple_src_port));
+    out.dst_port = read0(base, conf!(offsets.tuple_dst_port));
+    out.l3num = read0(base, conf!(offsets.tuple_src_l3num));
+    out.protonum = read0(base, conf!(offsets.tuple_dst_protonum));
 }
 
 /// The precise hooks' mark for this skb, if fresh; consumed.
@@ -606,7 +627,7 @@ fn recall_skb(slot: u32) -> Option<u64> {
 #[inline(always)]
 fn took_by_timewait(skb: *const u8, rx_sk: *const u8) -> bool {
     if conf!(rx_sk_timewait) != 0 {
-        return read::<u8>(rx_sk, conf!(offsets.sk_state)).is_ok_and(|s| s == TCP_STATE_TIME_WAIT);
+        return read0::<u8>(rx_sk, conf!(offsets.sk_state)) == TCP_STATE_TIME_WAIT;
     }
     conf!(timewait_marks) != 0 && take_mark(skb as u64) == class::TCP_TIME_WAIT
 }
@@ -650,31 +671,49 @@ pub fn tw_return(ctx: RetProbeContext) -> u32 {
     0
 }
 
-/// The drop's network namespace: the device's; else the receiving socket's (`rx_sk`, 6.11+:
+/// The drop's network namespace (`struct net`): the device's; else the receiving socket's (`rx_sk`, 6.11+:
 /// `tcp_v4_rcv` clears `skb->dev` of every segment it hands to a full socket, and has stolen
 /// `skb->sk`); else the skb's own socket's (locally generated packets freed before a device);
 /// else the route's device's (`skb_dst`, still attached on receive until TCP queues the data);
-/// else 0, unknown.
+/// else null, unknown.
 /// <https://github.com/torvalds/linux/blob/v6.18/net/ipv4/tcp_ipv4.c> (`tcp_v4_rcv`: "This is
 /// the only place where skb->dev is cleared")
 #[inline(always)]
-fn netns_of(skb: *const u8, dev: *const u8, rx_sk: *const u8) -> u32 {
-    let net: *const u8 = if !dev.is_null() {
-        read(dev, conf!(offsets.dev_nd_net)).unwrap_or(core::ptr::null())
+fn net_of(skb: *const u8, dev: *const u8, rx_sk: *const u8) -> *const u8 {
+    if !dev.is_null() {
+        read0(dev, conf!(offsets.dev_nd_net))
     } else if !rx_sk.is_null() {
         // Full, request and timewait sockets all start with `struct sock_common`.
-        read(rx_sk, conf!(offsets.sk_net)).unwrap_or(core::ptr::null())
+        read0(rx_sk, conf!(offsets.sk_net))
     } else {
         match read::<*const u8>(skb, conf!(offsets.skb_sk)) {
-            Ok(sk) if !sk.is_null() => read(sk, conf!(offsets.sk_net)).unwrap_or(core::ptr::null()),
+            Ok(sk) if !sk.is_null() => read0(sk, conf!(offsets.sk_net)),
             _ if conf!(effects) != 0 => net_of_route(skb),
             _ => core::ptr::null(),
         }
-    };
+    }
+}
+
+/// The namespace's inode number (`/proc/PID/ns/net`), 0 when unknown.
+#[inline(always)]
+fn netns_inode(net: *const u8) -> u32 {
     if net.is_null() {
         return 0;
     }
-    read(net, conf!(offsets.net_ns_inum)).unwrap_or(0)
+    read0(net, conf!(offsets.net_ns_inum))
+}
+
+/// The namespace's cookie (`net->net_cookie`, set once when the namespace is made, 5.12+), 0
+/// when unknown. Keys carry it so that a namespace reusing a dead one's inode gets keys of its
+/// own; userspace evicts the dead one's.
+/// <https://github.com/torvalds/linux/blob/v6.18/net/core/net_namespace.c> (`preinit_net`)
+#[inline(always)]
+fn netns_cookie(net: *const u8) -> u64 {
+    let off = conf!(offsets.net_cookie);
+    if off == ABSENT {
+        return 0;
+    }
+    read0(net, off)
 }
 
 /// `dev_net(skb_dst(skb)->dev)`, or null without a route.
@@ -684,15 +723,15 @@ fn net_of_route(skb: *const u8) -> *const u8 {
         return core::ptr::null();
     }
     // `SKB_DST_PTRMASK`: the low bit is `SKB_DST_NOREF`.
-    let refdst: u64 = read(skb, conf!(offsets.skb_refdst)).unwrap_or(0) & !1;
+    let refdst: u64 = read0::<u64>(skb, conf!(offsets.skb_refdst)) & !1;
     if refdst == 0 {
         return core::ptr::null();
     }
-    let dev: *const u8 = read(refdst as *const u8, conf!(offsets.dst_dev)).unwrap_or(core::ptr::null());
+    let dev: *const u8 = read0(refdst as *const u8, conf!(offsets.dst_dev));
     if dev.is_null() {
         return core::ptr::null();
     }
-    read(dev, conf!(offsets.dev_nd_net)).unwrap_or(core::ptr::null())
+    read0(dev, conf!(offsets.dev_nd_net))
 }
 
 /// The L4 header of the skb, read only when a filter has not parsed it already.
@@ -707,16 +746,16 @@ fn l4_of(skb: *const u8, nh: u16, l3_proto: u16) -> Option<L4> {
 /// socket's state where the kernel passes it. `no_conntrack`: a NETFILTER_DROP of a packet
 /// without a conntrack entry (an invalid one, e.g. kube-proxy's `--ctstate INVALID -j DROP`).
 #[inline(always)]
-fn effect_of(reason: u32, l4: L4, rx_sk: *const u8, no_conntrack: bool) -> u8 {
+fn effect_of(reason: u32, l4: L4, rx_sk: *const u8, no_conntrack: bool, attempt: u8) -> u8 {
     match l4.proto {
         // UDP and UDP-Lite: every datagram is an attempt of its own.
-        17 | 136 => return effect::ATTEMPT,
+        17 | 136 => return attempt,
         6 => {}
         _ => return effect::DATA,
     }
     let flags = l4.tcp_flags;
     if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        return effect::ATTEMPT;
+        return attempt;
     }
     if flags & (TCP_SYN | TCP_RST | TCP_ACK) == TCP_ACK {
         // An ACK (with or without data) a listening socket or no socket received: the kernel
@@ -724,8 +763,7 @@ fn effect_of(reason: u32, l4: L4, rx_sk: *const u8, no_conntrack: bool) -> u8 {
         // `tcp_v4_do_rcv` resets (6.10+); `tcp_v4_rcv`'s `no_tcp_socket` resets anything but a
         // RST. Where the kernel passes the socket, it must be the listener.
         // <https://github.com/torvalds/linux/blob/v6.18/net/ipv4/tcp_input.c> (`tcp_rcv_state_process`)
-        let listener =
-            rx_sk.is_null() || read::<u8>(rx_sk, conf!(offsets.sk_state)).is_ok_and(|s| s == TCP_STATE_LISTEN);
+        let listener = rx_sk.is_null() || read0::<u8>(rx_sk, conf!(offsets.sk_state)) == TCP_STATE_LISTEN;
         if (reason == conf!(tcp_flags_reason) && listener) || reason == conf!(no_socket_reason) {
             return effect::RESET;
         }

@@ -12,18 +12,19 @@ use etherparse::PacketBuilder;
 use netdrop_common::{ConntrackTuple, DropEvent, DropKey, HEADER_BYTES, IFNAMSIZ, ct, effect, stat};
 
 use crate::{
+    aggregate::attach::{AttachHook, AttachReport, Attached, Fallback, Program},
     aggregate::{self, SummaryContext},
     aggregate::{
         target_set::TargetSet,
         target_summary::{self, Observed},
     },
-    enrich::classify,
+    enrich::classify::{self, Facts},
     enrich::decode::Decoder,
     enrich::record::DropRecord,
     enrich::visibility::Visibility,
     kernel::reasons::ReasonTable,
     kernel::symbols::KernelSymbols,
-    probe::KernelCounts,
+    probe::{Hook, KernelCounts, PreciseHook, tc::TcMode},
     resolve::{Backend, Name, Peer, PeerKind, Proto, ServiceInfo, ServicePort},
     sink::{JsonSink, Sink as _},
     source::conntrack::{CtStats, Evidence},
@@ -86,10 +87,14 @@ fn decoder(conntrack: bool) -> Decoder {
 }
 
 fn classified(d: &Decoder, ev: &DropEvent) -> DropRecord {
-    let mut r = d.decode(ev);
-    let function = d.symbols.function(ev.location);
-    (r.classification, r.certainty) =
-        classify::classify(&r.reason, function, ev.ct_state, ev.exact_class, &Evidence::default());
+    let mut r = d.decode(ev, d.symbols.locate(ev.location));
+    let facts = Facts {
+        reason: &r.reason,
+        function: r.location.function(),
+        ct_state: ev.ct_state,
+        kernel_class: ev.exact_class,
+    };
+    (r.classification, r.certainty) = classify::classify(&facts, &Evidence::default());
     r
 }
 
@@ -175,7 +180,29 @@ fn key(reason: u32, location: u64, netns: u32, tag: u32, eff: u8) -> DropKey {
         exact_class: 0,
         effect: eff,
         tag,
+        netns_cookie: 0,
     }
+}
+
+/// As on a kernel that refuses fexit and has no kprobes, with TCX.
+fn attach_report() -> AttachReport {
+    let mut r = AttachReport::default();
+    r.attached(Attached::new(Program::KfreeSkb, Hook::TpBtf));
+    r.attached(Attached::new(Program::Conntrack, PreciseHook::Inferred).fallbacks(vec![
+            Fallback {
+                hook: AttachHook::Fexit,
+                error: "ct_confirm_exit: load refused: Operation not permitted (os error 1)".into(),
+            },
+            Fallback {
+                hook: AttachHook::Kprobe,
+                error:
+                    "kernel program ct_confirm_entry: `perf_event_open` failed: No such file or directory (os error 2)"
+                        .into(),
+            },
+        ]));
+    r.attached(Attached::new(Program::Timewait, AttachHook::RxSk));
+    r.attached(Attached::new(Program::Tc, TcMode::Tcx));
+    r
 }
 
 fn plain_summary() -> aggregate::Summary {
@@ -194,16 +221,16 @@ fn plain_summary() -> aggregate::Summary {
     for r in [2, 3, 12] {
         cfg.set_emit(r, true);
     }
-    let visibility = Visibility::new(&cfg, true, symbols.clone());
-    let classify_row = |k: &DropKey| {
-        let reason = reasons.display(k.reason).to_string();
-        classify::classify(
-            &reason,
-            symbols.function(k.location),
-            k.ct_state,
-            k.exact_class,
-            &Evidence::default(),
-        )
+    let visibility = Visibility::new(&cfg, true);
+    let classify_row = |k: &DropKey, function: Option<&str>| {
+        let reason = reasons.reason(k.reason);
+        let facts = Facts {
+            reason: &reason,
+            function,
+            ct_state: k.ct_state,
+            kernel_class: k.exact_class,
+        };
+        classify::classify(&facts, &Evidence::default())
     };
     let ct_stats = CtStats {
         count: 120,
@@ -211,14 +238,13 @@ fn plain_summary() -> aggregate::Summary {
         insert_failed: 3,
         ..CtStats::default()
     };
+    let attach = attach_report();
     let ctx = SummaryContext {
         reasons: &reasons,
         symbols: &symbols,
         visibility: &visibility,
         node: "node-a",
-        hook: "tp_btf/kfree_skb",
-        conntrack_hook: "inferred",
-        timewait_hook: "rx_sk",
+        attach: &attach,
         classify: &classify_row,
         conntrack: vec![(4_026_531_840, ct_stats)],
     };
@@ -304,6 +330,7 @@ fn svc_summaries() -> Vec<target_summary::TargetSummary> {
         node_of: &node_of,
         nodes_given: true,
         lost_events: 0,
+        conntrack: &[],
         duration_s: 7.0,
         time: "2026-11-26T09:52:04Z".into(),
         is_final,
@@ -351,5 +378,19 @@ fn json_lines_are_unchanged() {
         r#""final":false"#,
     ] {
         assert!(got.contains(kind), "{kind} missing");
+    }
+}
+
+/// The summary lines read back are the lines written (a node's summaries cross the wire in a
+/// cluster-wide trace).
+#[test]
+fn summary_lines_read_back_byte_for_byte() {
+    let line = serde_json::to_string(&plain_summary()).expect("json");
+    let back: aggregate::Summary = serde_json::from_str(&line).expect("summary from JSON");
+    assert_eq!(serde_json::to_string(&back).expect("json"), line);
+    for s in svc_summaries() {
+        let line = serde_json::to_string(&s).expect("json");
+        let back: target_summary::TargetSummary = serde_json::from_str(&line).expect("target summary from JSON");
+        assert_eq!(serde_json::to_string(&back).expect("json"), line);
     }
 }

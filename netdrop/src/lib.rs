@@ -6,12 +6,16 @@
 //! - [`resolve`]: Kubernetes names for addresses (watchers, slim objects, per-kind indexes).
 //! - [`probe`]: privileged load and attach: the drop hook with its fallbacks, the precise
 //!   hooks, the kernel filter, tc programs ([`probe::tc`]: TCX, clsact), netlink.
-//! - [`source`]: what the kernel produces over time: tc counters of workload interfaces and
-//!   their link events ([`source::interfaces`]), conntrack statistics.
-//! - [`enrich`]: an event becomes a [`enrich::record::DropRecord`] (decode, visibility,
-//!   classification, Kubernetes names).
-//! - [`aggregate`]: summaries from the kernel's exact counters, target sets and per-backend
-//!   target summaries, the diagnosis.
+//! - [`source`]: what the kernel produces over time: the drop counters, with the keys of
+//!   namespaces that are gone evicted ([`source::counters`]), tc counters of workload interfaces
+//!   and their link events ([`source::interfaces`]), conntrack statistics (sampled on a thread of
+//!   their own, [`source::conntrack::CtSampler`]).
+//! - [`enrich`]: an event becomes a typed [`enrich::record::DropRecord`] (decode, visibility,
+//!   one [`enrich::classify::Classifier`] for events and counter rows, Kubernetes names);
+//!   values become text only in a sink.
+//! - [`aggregate`]: summaries from the kernel's exact counters, what was attached
+//!   ([`aggregate::attach::AttachReport`]), target sets and per-backend target summaries
+//!   (mergeable across nodes), the diagnosis.
 //! - [`sink`]: where records and summaries are written: text lines, JSON lines, the live table,
 //!   pcapng capture files.
 //! - [`cli`]: clap types only. [`cmd`]: the commands (`trace`, `capture`, `report`, `reasons`,

@@ -454,6 +454,11 @@ impl Tracer {
         }
     }
 
+    /// The netdrop process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// SIGINT, wait, parse the JSON lines.
     pub fn stop(self) -> TraceOutput {
         let (stdout, stderr) = self.stop_text();
@@ -834,6 +839,37 @@ pub fn map_entries_of(prog: u64, map: &str) -> usize {
         }
     }
     panic!("program {prog} has no map {map}")
+}
+
+/// The id of the BPF map called `name` that process `pid` holds open (its fdinfo names the map
+/// ids; `bpftool map show` their names).
+pub fn map_id_of_pid(pid: u32, name: &str) -> u64 {
+    let mut ids: Vec<u64> = fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .expect("fdinfo")
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let text = fs::read_to_string(e.path()).ok()?;
+            text.lines()
+                .find_map(|l| l.strip_prefix("map_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    for id in ids {
+        let m: Value =
+            serde_json::from_str(&run("bpftool", &["-j", "map", "show", "id", &id.to_string()])).expect("json");
+        if m["name"] == name {
+            return id;
+        }
+    }
+    panic!("process {pid} holds no map {name}")
+}
+
+/// Entries of the BPF map with this id (`bpftool map dump`).
+pub fn map_entries(id: u64) -> usize {
+    let d: Value = serde_json::from_str(&run("bpftool", &["-j", "map", "dump", "id", &id.to_string()])).expect("json");
+    d.as_array().map_or(0, Vec::len)
 }
 
 /// A running `netdrop interfaces -o json`: its JSON lines are collected as they come.

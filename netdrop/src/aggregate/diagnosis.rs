@@ -1,9 +1,7 @@
 //! The diagnosis of a target summary in plain words: which backends and nodes carry the drops,
 //! the share of the attempts they explain, why, and what to check next.
 
-use std::collections::BTreeMap;
-
-use super::target_summary::{BackendRow, NodeCount, TargetSummary, TopReason};
+use super::target_summary::{BackendRow, NodeCount, TargetSummary, TopReason, sum_nodes};
 use crate::enrich::classify::{self, Certainty, Effect};
 
 /// `12.3%`, or `-` without attempts.
@@ -72,15 +70,7 @@ fn nodes_text(nodes: &[NodeCount]) -> String {
 
 /// Sums node counts of several rows.
 fn merge_nodes<'a>(parts: impl Iterator<Item = &'a [NodeCount]>) -> Vec<NodeCount> {
-    let mut m: BTreeMap<Option<String>, u64> = BTreeMap::new();
-    for p in parts {
-        for n in p {
-            *m.entry(n.node.clone()).or_default() += n.count;
-        }
-    }
-    let mut v: Vec<NodeCount> = m.into_iter().map(|(node, count)| NodeCount { node, count }).collect();
-    v.sort_by(|a, b| (a.node.is_none(), b.count).cmp(&(b.node.is_none(), a.count)));
-    v
+    sum_nodes(parts.flatten().cloned())
 }
 
 /// " Not counted as drops: ..." for the discards counted apart, or nothing.
@@ -153,6 +143,10 @@ const RESETS_MATTER: f64 = 0.01;
 /// why, and what to check next. "Where to look" is where the drops happened (the node whose
 /// kernel dropped them, e.g. the client's for a conntrack insert failure), never where the
 /// backend runs.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the findings in the order an engineer checks them; each is a few lines"
+)]
 pub fn diagnose(s: &TargetSummary) -> Vec<String> {
     let mut out = Vec::new();
     if s.backends.is_empty() {
@@ -166,6 +160,7 @@ pub fn diagnose(s: &TargetSummary) -> Vec<String> {
         let tried = s.attempts.map_or_else(String::new, |a| format!(" of {a} attempts"));
         out.push(format!("{}: no drops{tried}.{discarded}", s.service));
         resets_lines(s, &mut out);
+        clash_lines(s, &mut out);
         return out;
     }
     out.push(format!(
@@ -176,7 +171,7 @@ pub fn diagnose(s: &TargetSummary) -> Vec<String> {
         ratio_words(s.drop_ratio, "attempts")
     ));
     let mut bad: Vec<&BackendRow> = s.backends.iter().filter(|b| b.drops > 0).collect();
-    bad.sort_by(|a, b| b.drops.cmp(&a.drops));
+    bad.sort_by_key(|b| std::cmp::Reverse(b.drops));
     let share_of_drops = |n: u64| n as f64 / s.drops as f64;
     // Drops concentrated on a few backends: name them; spread over all: say so. Judged by the
     // drops, not by how many backends have any: one bad backend with a stray drop or two on the
@@ -184,8 +179,8 @@ pub fn diagnose(s: &TargetSummary) -> Vec<String> {
     // Pods, namespaces and nodes are not replicas of one another: their drops are theirs, never
     // "spread over most backends" (one pod is all of its rows).
     let carriers = carriers_of_most(&bad);
-    let concentrated = carriers > 0 && (s.pods || carriers * 2 <= s.backends.len().max(1));
-    let of_attempts = if s.pods { "all" } else { "the Service's" };
+    let concentrated = carriers > 0 && (s.basis.pods || carriers * 2 <= s.backends.len().max(1));
+    let of_attempts = if s.basis.pods { "all" } else { "the Service's" };
     for b in bad.iter().take(5) {
         let explains = s.attempts.filter(|a| *a > 0).map(|a| b.drops as f64 / a as f64);
         let reason = b.top_reasons.first().map(why).unwrap_or_default();
@@ -272,11 +267,25 @@ pub fn diagnose(s: &TargetSummary) -> Vec<String> {
         out.push(format!(
             "{} more matched the {} addresses in network namespaces of none of the given nodes (another cluster on this host?): left out, and not shown as drop lines.",
             s.other_namespaces,
-            if s.pods { "traced" } else { "Service's" }
+            if s.basis.pods { "traced" } else { "Service's" }
         ));
     }
     next_steps(s, &bad, &mut out);
+    clash_lines(s, &mut out);
     out
+}
+
+/// Conntrack clashes the kernel resolved: nothing dropped, which is the answer to "is it the
+/// DNS insert race?".
+fn clash_lines(s: &TargetSummary, out: &mut Vec<String>) {
+    for c in &s.basis.clashes {
+        out.push(format!(
+            "{}: {} conntrack clashes resolved: {}.",
+            c.place,
+            c.count,
+            classify::CLASH_RESOLVED
+        ));
+    }
 }
 
 /// Backends whose resets matter ([`RESETS_MATTER`]): their clients see "connection reset".

@@ -1,7 +1,9 @@
 //! Aggregation: the run's summary, built from the kernel's exact counters (never from the
 //! events that happened to reach userspace).
 
+pub mod attach;
 pub mod diagnosis;
+mod merge;
 pub mod target_set;
 pub mod target_summary;
 
@@ -10,6 +12,7 @@ use std::collections::BTreeMap;
 use netdrop_common::{DropKey, stat};
 use serde::{Deserialize, Serialize};
 
+use self::attach::{AttachHook, AttachReport, Program};
 use crate::{
     enrich::classify::{self, Certainty},
     enrich::visibility::Visibility,
@@ -19,6 +22,11 @@ use crate::{
     source::conntrack::CtStats,
 };
 
+/// A name from a closed set (`"summary"`, `"ipv4"`, `"unconfirmed"`): written as is and read
+/// back through `wire`. An alias, so that serde reads it as a name of the set instead of
+/// borrowing it from the input (which would tie a parsed summary to the input's lifetime).
+pub type FixedName = &'static str;
+
 /// One (reason, location, netns) row.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ReasonRow {
@@ -26,10 +34,11 @@ pub struct ReasonRow {
     pub reason_code: u32,
     pub location: String,
     /// `null` when the kernel left no way to tell.
-    #[serde(serialize_with = "classify::netns_or_null", deserialize_with = "zero_if_null")]
+    #[serde(serialize_with = "classify::netns_or_null", deserialize_with = "wire::netns_or_null")]
     pub netns: u32,
     /// `ipv4`, `ipv6`, or `none` for skbs without an IP header.
-    pub ip: &'static str,
+    #[serde(deserialize_with = "wire::ip_version")]
+    pub ip: FixedName,
     pub count: u64,
     /// Benign or not selected: counted, not shown as events.
     pub hidden: bool,
@@ -37,7 +46,8 @@ pub struct ReasonRow {
     pub classification: String,
     pub certainty: Certainty,
     /// The packets' conntrack state (`none`, `unconfirmed`, ...).
-    pub conntrack: &'static str,
+    #[serde(deserialize_with = "wire::ct_state")]
+    pub conntrack: FixedName,
     /// What the drops cost (`attempt`, `data`, `lossless`, `reset`, `unknown`), decided per
     /// packet in the kernel.
     pub effect: classify::Effect,
@@ -46,17 +56,16 @@ pub struct ReasonRow {
     pub tag: u32,
 }
 
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
 fn is_zero(v: &u32) -> bool {
     *v == 0
 }
 
-/// Reads back what `classify::netns_or_null` wrote (`netdrop report`).
-fn zero_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    Ok(Option::<u32>::deserialize(d)?.unwrap_or(0))
-}
-
 /// One namespace's conntrack statistics over the run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConntrackReport {
     pub netns: u32,
     /// Entries at the end, and the limit.
@@ -73,17 +82,18 @@ pub struct ConntrackReport {
     pub drop_per_s: f64,
 }
 
-/// The end-of-run (or periodic) summary. JSON: `{"type":"summary",...}`; read back by
-/// `netdrop report` from a capture (its `&'static str`s borrow from a `'static` input).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The end-of-run (or periodic) summary. JSON: `{"type":"summary",...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
-    #[serde(rename = "type")]
-    pub kind: &'static str,
+    #[serde(rename = "type", deserialize_with = "wire::summary_kind")]
+    pub kind: FixedName,
     pub time: String,
     pub node: String,
     pub duration_s: f64,
-    /// The hook that carried the drops.
-    pub hook: &'static str,
+    /// The hook that carried the drops, as `attach` says (`tp_btf/kfree_skb`,
+    /// `tracepoint/skb/kfree_skb`), kept for the readers of this field.
+    #[serde(serialize_with = "wire::drop_hook_name", deserialize_with = "wire::drop_hook")]
+    pub hook: AttachHook,
     /// Drops matching the filters, hidden ones excluded.
     pub drops_total: u64,
     /// Shown drops per reason name.
@@ -103,16 +113,23 @@ pub struct Summary {
     pub rate_limited_events: u64,
     /// Drops that could not be counted because the counter map was full (should be 0).
     pub uncounted_drops: u64,
-    /// How conntrack verdicts were observed: `fexit`, `kprobe`, `inferred`, or `off`.
-    pub conntrack_hook: &'static str,
+    /// How conntrack verdicts were observed: `fexit`, `kprobe`, `inferred`, or `off` (as
+    /// `attach` says).
+    pub conntrack_hook: AttachHook,
     /// How segments answered and freed by TIME_WAIT sockets are told: `rx_sk`, `fexit`,
-    /// `kprobe`, or `flags` (FIN/RST only; a bare ACK stays visible).
-    pub timewait_hook: &'static str,
+    /// `kprobe`, or `flags` (FIN/RST only; a bare ACK stays visible) (as `attach` says).
+    pub timewait_hook: AttachHook,
     /// Conntrack statistics of the namespaces drops were seen in.
     pub conntrack: Vec<ConntrackReport>,
     /// What to check next, one line per finding.
     pub hints: Vec<String>,
+    /// What was attached, the fallbacks taken and the degraded modes.
+    #[serde(default)]
+    pub attach: AttachReport,
 }
+
+/// Classifies a counter row, given the function its location lies in.
+pub type ClassifyRow<'a> = dyn Fn(&DropKey, Option<&str>) -> (classify::Classification, Certainty) + 'a;
 
 /// Context the summary needs to name things.
 pub struct SummaryContext<'a> {
@@ -120,24 +137,35 @@ pub struct SummaryContext<'a> {
     pub symbols: &'a KernelSymbols,
     pub visibility: &'a Visibility,
     pub node: &'a str,
-    pub hook: &'static str,
-    pub conntrack_hook: &'static str,
-    pub timewait_hook: &'static str,
-    /// Classification of a counter row (its key carries the conntrack state and marks).
-    pub classify: &'a dyn Fn(&DropKey) -> (String, Certainty),
+    pub attach: &'a AttachReport,
+    /// Classification of a counter row (its key carries the conntrack state and marks), by the
+    /// classifier that classifies events ([`crate::enrich::classify::Classifier::row`]), given
+    /// the row's function.
+    pub classify: &'a ClassifyRow<'a>,
     pub conntrack: Vec<(u32, CtStats)>,
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one pass over the counter rows; splitting it would pass the same partial sums around"
+)]
 pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f64, events_shown: u64) -> Summary {
     let mut rows: Vec<ReasonRow> = counts
         .drops
         .iter()
         .filter(|(_, n)| *n > 0)
-        .map(|(k, n)| (k, n, (ctx.classify)(k)))
-        .map(|(k, n, (classification, certainty))| ReasonRow {
+        .map(|(k, n)| {
+            let location = ctx.symbols.locate(k.location);
+            let class = (ctx.classify)(k, location.function());
+            (k, n, location, class)
+        })
+        .map(|(k, n, location, (classification, certainty))| ReasonRow {
             reason: ctx.reasons.display(k.reason).to_string(),
             reason_code: k.reason,
-            location: ctx.symbols.symbolize(k.location),
+            hidden: ctx
+                .visibility
+                .is_hidden(k.reason, k.ip_version, location.function(), k.exact_class),
+            location: location.to_string(),
             netns: k.netns,
             ip: match k.ip_version {
                 4 => "ipv4",
@@ -145,10 +173,7 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
                 _ => "none",
             },
             count: *n,
-            hidden: ctx
-                .visibility
-                .is_hidden(k.reason, u32::from(k.ip_version), k.location, k.exact_class),
-            classification,
+            classification: classification.to_string(),
             certainty,
             conntrack: classify::ct_state_name(k.ct_state),
             effect: classify::Effect::from_raw(k.effect),
@@ -161,7 +186,7 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
         time: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
         node: ctx.node.to_string(),
         duration_s,
-        hook: ctx.hook,
+        hook: ctx.attach.hook(Program::KfreeSkb),
         drops_total: 0,
         by_reason: BTreeMap::new(),
         by_classification: BTreeMap::new(),
@@ -172,10 +197,11 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
         lost_events: counts.stats[stat::EVENTS_LOST as usize],
         rate_limited_events: counts.stats[stat::EVENTS_RATE_LIMITED as usize],
         uncounted_drops: counts.stats[stat::COUNTER_MAP_FULL as usize],
-        conntrack_hook: ctx.conntrack_hook,
-        timewait_hook: ctx.timewait_hook,
+        conntrack_hook: ctx.attach.hook(Program::Conntrack),
+        timewait_hook: ctx.attach.hook(Program::Timewait),
         conntrack: Vec::new(),
         hints: Vec::new(),
+        attach: ctx.attach.clone(),
     };
     for r in &rows {
         if r.hidden {
@@ -239,6 +265,56 @@ pub fn summarize(counts: &KernelCounts, ctx: &SummaryContext<'_>, duration_s: f6
     s
 }
 
+/// Fields written in a fixed form, and read back (a node's part of a cluster-wide trace).
+mod wire {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    use super::attach::AttachHook;
+
+    /// A fixed name of a closed set, back to its `'static` self.
+    fn one_of<'de, D: Deserializer<'de>>(d: D, names: &[&'static str]) -> Result<&'static str, D::Error> {
+        let s = String::deserialize(d)?;
+        names
+            .iter()
+            .find(|n| **n == s)
+            .copied()
+            .ok_or_else(|| D::Error::custom(format!("unexpected {s:?}, expected one of {names:?}")))
+    }
+
+    pub(super) fn summary_kind<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+        one_of(d, &["summary"])
+    }
+
+    pub(super) fn ip_version<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+        one_of(d, &["ipv4", "ipv6", "none"])
+    }
+
+    pub(super) fn ct_state<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+        one_of(d, &["none", "unconfirmed", "confirmed", "untracked"])
+    }
+
+    pub(super) fn netns_or_null<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        Ok(Option::<u32>::deserialize(d)?.unwrap_or(0))
+    }
+
+    /// The drop hook as the summary has always named it.
+    #[expect(
+        clippy::trivially_copy_pass_by_ref,
+        reason = "the signature serde's serialize_with calls"
+    )]
+    pub(super) fn drop_hook_name<S: Serializer>(h: &AttachHook, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(h.drop_hook_name())
+    }
+
+    pub(super) fn drop_hook<'de, D: Deserializer<'de>>(d: D) -> Result<AttachHook, D::Error> {
+        match one_of(d, &["tp_btf/kfree_skb", "tracepoint/skb/kfree_skb", "off"])? {
+            "tp_btf/kfree_skb" => Ok(AttachHook::TpBtf),
+            "tracepoint/skb/kfree_skb" => Ok(AttachHook::Tracepoint),
+            _ => Ok(AttachHook::Off),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use netdrop_common::Config;
@@ -258,7 +334,7 @@ mod tests {
         let syms = std::sync::Arc::new(KernelSymbols::parse(
             "0000000000001000 t udp_rcv\n0000000000002000 t udp_destruct_common\n",
         ));
-        let vis = Visibility::new(&cfg, true, syms.clone());
+        let vis = Visibility::new(&cfg, true);
         let key = |reason, ip_version| DropKey {
             location: 0x1010,
             reason,
@@ -268,30 +344,39 @@ mod tests {
             exact_class: 0,
             effect: 0,
             tag: 0,
+            netns_cookie: 0,
         };
         let teardown = DropKey {
             location: 0x20b9,
             ..key(2, 4)
         };
-        let mut counts = KernelCounts::default();
-        counts.drops = vec![
-            (key(3, 4), 40),
-            (key(4, 4), 5),
-            (key(2, 0), 9),
-            (key(2, 6), 2),
-            (key(3, 6), 0),
-            (teardown, 20),
-        ];
-        counts.stats[stat::EVENTS_LOST as usize] = 3;
-        let classify = |k: &DropKey| (k.reason.to_string(), Certainty::Exact);
+        let counts = KernelCounts {
+            drops: vec![
+                (key(3, 4), 40),
+                (key(4, 4), 5),
+                (key(2, 0), 9),
+                (key(2, 6), 2),
+                (key(3, 6), 0),
+                (teardown, 20),
+            ],
+            stats: {
+                let mut stats = KernelCounts::default().stats;
+                stats[stat::EVENTS_LOST as usize] = 3;
+                stats
+            },
+        };
+        let classify = |k: &DropKey, _: Option<&str>| {
+            (
+                classify::Classification::Reason(crate::kernel::reasons::Reason::Unnamed(k.reason)),
+                Certainty::Exact,
+            )
+        };
         let ctx = SummaryContext {
             reasons: &reasons,
             symbols: &syms,
             visibility: &vis,
             node: "n1",
-            hook: "tp_btf/kfree_skb",
-            conntrack_hook: "off",
-            timewait_hook: "rx_sk",
+            attach: &AttachReport::default(),
             classify: &classify,
             conntrack: vec![],
         };
@@ -316,8 +401,13 @@ mod tests {
             ReasonTable::from_print_fmt(r#"__print_symbolic(REC->reason, { 2, "NOT_SPECIFIED" })"#).expect("table");
         let cfg = Config::DEFAULT;
         let syms = std::sync::Arc::new(KernelSymbols::parse("0000000000001000 t udp_rcv\n"));
-        let vis = Visibility::new(&cfg, true, syms.clone());
-        let classify = |k: &DropKey| (k.reason.to_string(), Certainty::Exact);
+        let vis = Visibility::new(&cfg, true);
+        let classify = |k: &DropKey, _: Option<&str>| {
+            (
+                classify::Classification::Reason(crate::kernel::reasons::Reason::Unnamed(k.reason)),
+                Certainty::Exact,
+            )
+        };
         let ct = CtStats {
             count: 10,
             max: 1000,
@@ -329,9 +419,7 @@ mod tests {
             symbols: &syms,
             visibility: &vis,
             node: "n1",
-            hook: "tp_btf/kfree_skb",
-            conntrack_hook: "off",
-            timewait_hook: "rx_sk",
+            attach: &AttachReport::default(),
             classify: &classify,
             conntrack: vec![(9, ct)],
         };

@@ -99,11 +99,7 @@ pub struct TargetSet {
 }
 
 pub(crate) fn ip_proto(p: Proto) -> u8 {
-    match p {
-        Proto::Tcp => 6,
-        Proto::Udp => 17,
-        Proto::Sctp => 132,
-    }
+    p.ip().0
 }
 
 fn addr_key(ip: IpAddr, port: u16, proto: Proto) -> AddrKey {

@@ -23,15 +23,19 @@ use netdrop_common::tag;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ReasonRow,
+    ConntrackReport, FixedName, ReasonRow,
     diagnosis::diagnose,
     target_set::{TargetSet, ip_proto},
+    wire,
 };
 use crate::{
     enrich::classify::{Certainty, Effect},
     resolve::Proto,
     source::interfaces::{Destination, TcSnapshot},
 };
+
+/// How many reasons a table names per backend (`top_reasons`, `discard_reasons`).
+pub const TOP_REASONS: usize = 3;
 
 /// One reason behind a backend's drops.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,7 +60,7 @@ pub struct NodeCount {
 }
 
 /// One backend's row of the table.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct BackendRow {
     pub pod: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -84,7 +88,7 @@ pub struct BackendRow {
 
 /// Drops that matched the Service's frontends but no backend (before DNAT, or REJECTed for
 /// lack of endpoints).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unmatched {
     pub drops: u64,
     pub top_reasons: Vec<TopReason>,
@@ -95,10 +99,10 @@ pub struct Unmatched {
 }
 
 /// The `--svc` summary: `{"type":"summary","service":...}`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TargetSummary {
-    #[serde(rename = "type")]
-    pub kind: &'static str,
+    #[serde(rename = "type", deserialize_with = "wire::summary_kind")]
+    pub kind: FixedName,
     pub service: String,
     pub time: String,
     pub duration_s: f64,
@@ -122,15 +126,45 @@ pub struct TargetSummary {
     /// out of everything above; 0 when no node namespaces were given.
     pub other_namespaces: u64,
     pub lost_events: u64,
-    /// Pods, a namespace or a node (no Service addresses): the rows are not replicas of one
-    /// another, and the headline's attempts are the rows' own.
-    #[serde(skip)]
-    pub pods: bool,
     /// Plain-words diagnosis, first line the headline.
     pub diagnosis: Vec<String>,
     /// The full drop summary (reasons × locations, conntrack), in the final line only.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<crate::aggregate::Summary>,
+    /// What the table was computed from beyond the line's fields: written only in a node's
+    /// part of a cluster-wide trace ([`build_part`], [`TargetSummary::merge`]).
+    #[serde(default, skip_serializing_if = "Basis::is_line")]
+    pub basis: Basis,
+}
+
+/// What a target summary was computed from beyond the fields of its JSON line. netdrop's own
+/// lines leave it out; a node's part carries it, so parts add up exactly.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Basis {
+    /// A part: the reason lists (`top_reasons`, `discard_reasons`) hold every reason, not the
+    /// top [`TOP_REASONS`], so merged parts rank them as one process would.
+    pub part: bool,
+    /// Pods, a namespace or a node (no Service addresses): the rows are not replicas of one
+    /// another, and the headline's attempts are the rows' own.
+    pub pods: bool,
+    /// Conntrack clashes the kernel resolved (nothing dropped: the diagnosis says so), per
+    /// namespace, in order of place.
+    pub clashes: Vec<Clash>,
+}
+
+impl Basis {
+    fn is_line(&self) -> bool {
+        !self.part
+    }
+}
+
+/// Conntrack clashes resolved in one namespace (Linux 5.6+ keeps the packet).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Clash {
+    /// The namespace's node, else `netns <inode>`.
+    pub place: String,
+    pub netns: u32,
+    pub count: u64,
 }
 
 fn ratio(drops: u64, attempts: Option<u64>) -> Option<f64> {
@@ -139,19 +173,32 @@ fn ratio(drops: u64, attempts: Option<u64>) -> Option<f64> {
 
 type ReasonKey = (String, String, String, Option<String>, Effect);
 
+/// Every reason behind `rows`, most drops first (see [`rank`]).
 fn top(rows: &[&ReasonRow], node_of: &dyn Fn(u32) -> Option<String>) -> Vec<TopReason> {
+    rank(rows.iter().map(|r| TopReason {
+        reason: r.reason.clone(),
+        classification: r.classification.clone(),
+        certainty: r.certainty,
+        location: r.location.clone(),
+        node: node_of(r.netns),
+        count: r.count,
+        effect: r.effect,
+    }))
+}
+
+/// Sums reasons with the same reason, classification, location, node and effect, and sorts
+/// them, most drops first, in a total order (so that one process and merged parts rank ties
+/// alike). A reason is exact only if all its drops were.
+pub(super) fn rank(reasons: impl Iterator<Item = TopReason>) -> Vec<TopReason> {
     let mut by: HashMap<ReasonKey, (Certainty, u64)> = HashMap::new();
-    for r in rows {
+    for r in reasons {
         let e = by
-            .entry((
-                r.reason.clone(),
-                r.classification.clone(),
-                r.location.clone(),
-                node_of(r.netns),
-                r.effect,
-            ))
+            .entry((r.reason, r.classification, r.location, r.node, r.effect))
             .or_insert((r.certainty, 0));
         e.1 += r.count;
+        if r.certainty == Certainty::Inferred {
+            e.0 = Certainty::Inferred;
+        }
     }
     let mut v: Vec<TopReason> = by
         .into_iter()
@@ -167,16 +214,31 @@ fn top(rows: &[&ReasonRow], node_of: &dyn Fn(u32) -> Option<String>) -> Vec<TopR
             },
         )
         .collect();
-    v.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.location.cmp(&b.location)));
-    v.truncate(3);
+    v.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then_with(|| a.location.cmp(&b.location))
+            .then_with(|| a.reason.cmp(&b.reason))
+            .then_with(|| a.classification.cmp(&b.classification))
+            .then_with(|| a.node.cmp(&b.node))
+            .then_with(|| a.effect.cmp(&b.effect))
+    });
     v
 }
 
 /// Drops per node they happened on, most first (unknown namespaces last).
 fn by_node(rows: &[&ReasonRow], node_of: &dyn Fn(u32) -> Option<String>) -> Vec<NodeCount> {
+    sum_nodes(rows.iter().map(|r| NodeCount {
+        node: node_of(r.netns),
+        count: r.count,
+    }))
+}
+
+/// Sums counts per node, most first, namespaces of no watched node last.
+pub(crate) fn sum_nodes(counts: impl Iterator<Item = NodeCount>) -> Vec<NodeCount> {
     let mut m: BTreeMap<Option<String>, u64> = BTreeMap::new();
-    for r in rows {
-        *m.entry(node_of(r.netns)).or_default() += r.count;
+    for n in counts {
+        *m.entry(n.node).or_default() += n.count;
     }
     let mut v: Vec<NodeCount> = m.into_iter().map(|(node, count)| NodeCount { node, count }).collect();
     v.sort_by(|a, b| (a.node.is_none(), b.count).cmp(&(b.node.is_none(), a.count)));
@@ -219,6 +281,8 @@ pub struct Observed<'a> {
     /// place belong to something else on this host and are left out.
     pub nodes_given: bool,
     pub lost_events: u64,
+    /// Conntrack statistics of the run (resolved clashes are named in the diagnosis).
+    pub conntrack: &'a [ConntrackReport],
     pub duration_s: f64,
     pub time: String,
     pub is_final: bool,
@@ -226,6 +290,24 @@ pub struct Observed<'a> {
 
 /// The table and diagnosis for one moment.
 pub fn build(t: &TargetSet, o: &Observed<'_>) -> TargetSummary {
+    let mut s = build_complete(t, o);
+    s.keep_top_reasons();
+    s.diagnosis = diagnose(&s);
+    s
+}
+
+/// A node's part of a cluster-wide trace: the table of what this node's kernel counted, with
+/// every reason and the [`Basis`], for [`TargetSummary::merge`]. Its diagnosis is the node's
+/// own.
+pub fn build_part(t: &TargetSet, o: &Observed<'_>) -> TargetSummary {
+    let mut s = build_complete(t, o);
+    s.basis.part = true;
+    s.diagnose();
+    s
+}
+
+/// The table with every reason, without a diagnosis.
+fn build_complete(t: &TargetSet, o: &Observed<'_>) -> TargetSummary {
     let (rows, others): (Vec<ReasonRow>, Vec<ReasonRow>) = o
         .rows
         .iter()
@@ -234,13 +316,8 @@ pub fn build(t: &TargetSet, o: &Observed<'_>) -> TargetSummary {
     let other_namespaces = others.iter().filter(|r| !r.hidden && r.tag != 0).map(|r| r.count).sum();
     let o = &Observed {
         rows: &rows,
-        tc: o.tc,
-        node_of: o.node_of,
-        nodes_given: o.nodes_given,
-        lost_events: o.lost_events,
-        duration_s: o.duration_s,
         time: o.time.clone(),
-        is_final: o.is_final,
+        ..*o
     };
     let dest = |ip: IpAddr, port: u16, proto: Proto| Destination {
         ip,
@@ -307,7 +384,7 @@ pub fn build(t: &TargetSet, o: &Observed<'_>) -> TargetSummary {
     };
     let lossless = backends.iter().map(|b| b.lossless).sum::<u64>() + unmatched.lossless;
     let resets = backends.iter().map(|b| b.resets).sum::<u64>() + unmatched.resets;
-    let mut s = TargetSummary {
+    TargetSummary {
         kind: "summary",
         service: t.service.clone(),
         time: o.time.clone(),
@@ -322,12 +399,55 @@ pub fn build(t: &TargetSet, o: &Observed<'_>) -> TargetSummary {
         unmatched,
         other_namespaces,
         lost_events: o.lost_events,
-        pods: t.frontends.is_empty(),
         diagnosis: Vec::new(),
         detail: None,
-    };
-    s.diagnosis = diagnose(&s);
-    s
+        basis: Basis {
+            part: false,
+            pods: t.frontends.is_empty(),
+            clashes: clashes(o),
+        },
+    }
+}
+
+/// Conntrack findings that are not drops: a resolved clash (Linux 5.6+) dropped nothing, which
+/// is the answer to "is it the DNS insert race?". In order of place.
+fn clashes(o: &Observed<'_>) -> Vec<Clash> {
+    let mut v: Vec<Clash> = o
+        .conntrack
+        .iter()
+        .filter(|c| c.clash_resolve > 0)
+        .map(|c| Clash {
+            place: (o.node_of)(c.netns).unwrap_or_else(|| format!("netns {}", c.netns)),
+            netns: c.netns,
+            count: c.clash_resolve,
+        })
+        .collect();
+    v.sort_by(|a, b| (&a.place, a.netns).cmp(&(&b.place, b.netns)));
+    v
+}
+
+impl TargetSummary {
+    /// Cuts the reason lists to the top [`TOP_REASONS`] (the table's); no longer a part.
+    pub(super) fn keep_top_reasons(&mut self) {
+        for b in &mut self.backends {
+            b.top_reasons.truncate(TOP_REASONS);
+            b.discard_reasons.truncate(TOP_REASONS);
+        }
+        self.unmatched.top_reasons.truncate(TOP_REASONS);
+        self.unmatched.discard_reasons.truncate(TOP_REASONS);
+        self.basis.part = false;
+    }
+
+    /// The diagnosis, from the table as shown (the top reasons).
+    pub(super) fn diagnose(&mut self) {
+        self.diagnosis = if self.basis.part {
+            let mut shown = self.clone();
+            shown.keep_top_reasons();
+            diagnose(&shown)
+        } else {
+            diagnose(self)
+        };
+    }
 }
 
 #[cfg(test)]
@@ -401,6 +521,7 @@ mod tests {
             node_of,
             nodes_given: false,
             lost_events: 0,
+            conntrack: &[],
             duration_s: 5.0,
             time: String::new(),
             is_final: true,
@@ -487,6 +608,7 @@ mod tests {
                 node_of: &node_of,
                 nodes_given: false,
                 lost_events: 0,
+                conntrack: &[],
                 duration_s: 10.0,
                 time: String::new(),
                 is_final: true,
@@ -532,6 +654,7 @@ mod tests {
                 node_of: &node_of,
                 nodes_given: false,
                 lost_events: 0,
+                conntrack: &[],
                 duration_s: 5.0,
                 time: String::new(),
                 is_final: true,
@@ -554,6 +677,7 @@ mod tests {
                 node_of: &node_of,
                 nodes_given: false,
                 lost_events: 0,
+                conntrack: &[],
                 duration_s: 5.0,
                 time: String::new(),
                 is_final: true,
@@ -578,6 +702,7 @@ mod tests {
                 node_of: &|_| None,
                 nodes_given: false,
                 lost_events: 0,
+                conntrack: &[],
                 duration_s: 1.0,
                 time: String::new(),
                 is_final: true,
@@ -615,6 +740,7 @@ mod tests {
             node_of: &node_of,
             nodes_given: false,
             lost_events: 0,
+            conntrack: &[],
             duration_s: 5.0,
             time: String::new(),
             is_final: true,
@@ -641,6 +767,7 @@ mod tests {
                 node_of: &node_of,
                 nodes_given: false,
                 lost_events: 0,
+                conntrack: &[],
                 duration_s: 5.0,
                 time: String::new(),
                 is_final: true,
@@ -714,6 +841,7 @@ mod tests {
                 node_of: &|_| None,
                 nodes_given: false,
                 lost_events: 0,
+                conntrack: &[],
                 duration_s: 1.0,
                 time: String::new(),
                 is_final: false,

@@ -46,6 +46,15 @@ impl TcArgs {
             ..WatchOptions::default()
         }
     }
+
+    /// `--tc-mode` as typed when it forces a mode, for the attach report.
+    pub fn mode_flag(&self) -> Option<&'static str> {
+        match self.tc_mode {
+            TcModeArg::Auto => None,
+            TcModeArg::Tcx => Some("--tc-mode tcx"),
+            TcModeArg::Clsact => Some("--tc-mode clsact"),
+        }
+    }
 }
 
 /// `netdrop interfaces`: attach to workload interfaces, follow them, and show their counters.

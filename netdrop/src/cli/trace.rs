@@ -141,6 +141,16 @@ impl CtHookArg {
             Self::Off => None,
         }
     }
+
+    /// The flag as typed, for the attach report.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::Fexit => "--ct-hook fexit",
+            Self::Kprobe => "--ct-hook kprobe",
+            Self::Inferred => "--ct-hook inferred",
+            Self::Off => "--ct-hook off",
+        }
+    }
 }
 
 /// `--hook`.
@@ -150,6 +160,16 @@ pub enum HookArg {
     TpBtf,
     /// Classic tracepoint (`tracepoint/skb/kfree_skb`): any kernel with tracefs.
     Tracepoint,
+}
+
+impl HookArg {
+    /// The flag as typed, for the attach report.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::TpBtf => "--hook tp-btf",
+            Self::Tracepoint => "--hook tracepoint",
+        }
+    }
 }
 
 impl From<HookArg> for Hook {
@@ -168,6 +188,18 @@ pub enum TwHookArg {
     Fexit,
     Kprobe,
     Flags,
+}
+
+impl TwHookArg {
+    /// The flag as typed, for the attach report.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::RxSk => "--tw-hook rx-sk",
+            Self::Fexit => "--tw-hook fexit",
+            Self::Kprobe => "--tw-hook kprobe",
+            Self::Flags => "--tw-hook flags",
+        }
+    }
 }
 
 #[derive(Debug, Args, Clone, Default)]

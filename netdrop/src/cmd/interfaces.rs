@@ -29,7 +29,7 @@ pub async fn run(args: InterfacesArgs) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let started = Instant::now();
     let acct =
-        tokio::task::spawn_blocking(move || TcAccounting::start(&nodes, &default_node, &opts, Some(tx))).await??;
+        tokio::task::spawn_blocking(move || TcAccounting::start(&nodes, &default_node, &opts, Some(&tx))).await??;
     acct.set_destinations(&args.dests)?;
     let total: usize = acct.reports().iter().map(|r| r.interfaces).sum();
     let leftovers: usize = acct.reports().iter().map(|r| r.leftovers_removed).sum();

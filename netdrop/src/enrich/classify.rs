@@ -4,13 +4,19 @@
 //!
 //! Benign frees (hidden by default) are listed in [`crate::kernel::benign`].
 
-use netdrop_common::{class, ct};
-use serde::Serialize;
+use std::{collections::HashMap, fmt};
 
-use crate::source::conntrack::Evidence;
+use netdrop_common::{DropKey, class, ct};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    enrich::record::CtState,
+    kernel::reasons::Reason,
+    source::conntrack::{CtSampler, Evidence},
+};
 
 /// What a drop cost, as the kernel program decided it per packet (`netdrop_common::effect`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Effect {
     /// The packet was not parsed (a trace without a target or filter) or has no IP header;
@@ -53,71 +59,10 @@ pub fn netns_or_null<T: Copy + Into<u64>, S: serde::Serializer>(netns: &T, s: S)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn without_reasons_the_site_and_flags_classify() {
-        let none = Evidence::default();
-        let c = |f: &str, class: u8| classify(NO_REASON, Some(f), 0, class, &none);
-        assert_eq!(
-            c("tcp_v4_rcv", class::TCP_SYN),
-            ("no_socket".into(), Certainty::Inferred)
-        );
-        assert_eq!(
-            c("tcp_v6_rcv", class::TCP_FIN_OR_RST),
-            (TCP_TEARDOWN.into(), Certainty::Inferred)
-        );
-        assert_eq!(
-            c("tcp_v4_rcv", class::TCP_TIME_WAIT),
-            (TCP_TEARDOWN.into(), Certainty::Exact)
-        );
-        assert_eq!(
-            c("tcp_v4_rcv", 0).0,
-            "unclassified",
-            "a bare ACK there may be a listen overflow"
-        );
-        assert_eq!(c("__udp4_lib_rcv", 0).0, "no_socket");
-        assert_eq!(c("ip_error", 0).0, BLACKHOLE);
-        assert_eq!(c("nf_hook_slow", 0), (NETFILTER_RULE.into(), Certainty::Inferred));
-        assert_eq!(c("e1000_clean_rx_irq", 0).0, "unclassified");
-    }
-
-    #[test]
-    fn a_fin_or_rst_freed_by_tcp_rcv_is_teardown() {
-        let none = Evidence::default();
-        for f in ["tcp_v4_rcv", "tcp_v6_rcv"] {
-            assert_eq!(
-                classify("NOT_SPECIFIED", Some(f), 0, class::TCP_FIN_OR_RST, &none).0,
-                TCP_TEARDOWN
-            );
-            // Any segment a TIME_WAIT socket took, a bare ACK included: the socket says so.
-            assert_eq!(
-                classify("NOT_SPECIFIED", Some(f), 0, class::TCP_TIME_WAIT, &none).0,
-                TCP_TEARDOWN
-            );
-            // A plain ACK or data segment there may be a listen-queue overflow: stays visible.
-            assert_eq!(classify("NOT_SPECIFIED", Some(f), 0, 0, &none).0, "not_specified");
-        }
-        assert_eq!(
-            classify(
-                "NOT_SPECIFIED",
-                Some("e1000_clean_rx_irq"),
-                0,
-                class::TCP_FIN_OR_RST,
-                &none
-            )
-            .0,
-            "not_specified"
-        );
-    }
-}
-
 // ---- NETFILTER_DROP classification ----
 
 /// How a classification was reached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Certainty {
     /// Established by the kernel for this packet: its reason, the function that freed it, or a
@@ -125,6 +70,94 @@ pub enum Certainty {
     Exact,
     /// Deduced from the packet's conntrack state and the namespace's conntrack statistics.
     Inferred,
+}
+
+/// What a drop is. Prints (and serialises) as the words summaries, hints and the JSON use.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Classification {
+    /// The kernel's reason says what it is: the reason in lower case (`no_socket`), or its number.
+    Reason(Reason),
+    /// Kernels without drop reasons: a receive path freed what no socket wanted (`no_socket`).
+    NoSocket,
+    /// `netfilter_rule`
+    NetfilterRule,
+    /// `conntrack_insert_failed`
+    InsertFailed,
+    /// `conntrack_table_full`
+    TableFull,
+    /// `conntrack_invalid`
+    Invalid,
+    /// `route_blackhole`
+    RouteBlackhole,
+    /// `tcp_ofo_purged`
+    OfoPurged,
+    /// `tcp_teardown`
+    TcpTeardown,
+    /// Kernels without drop reasons, where site and flags say nothing: `unclassified`.
+    Unclassified,
+}
+
+impl Classification {
+    /// Whether it is just the reason (the text sink then does not repeat it).
+    pub fn is_reason(&self) -> bool {
+        matches!(self, Self::Reason(_))
+    }
+
+    /// What to check next ([`hint`]).
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            Self::Reason(r) => r.name().and_then(|n| hint(&n.to_ascii_lowercase())),
+            other => hint(other.fixed_name()?),
+        }
+    }
+
+    fn fixed_name(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::Reason(_) => return None,
+            Self::NoSocket => "no_socket",
+            Self::NetfilterRule => NETFILTER_RULE,
+            Self::InsertFailed => INSERT_FAILED,
+            Self::TableFull => TABLE_FULL,
+            Self::Invalid => INVALID,
+            Self::RouteBlackhole => BLACKHOLE,
+            Self::OfoPurged => OFO_PURGED,
+            Self::TcpTeardown => TCP_TEARDOWN,
+            Self::Unclassified => "unclassified",
+        })
+    }
+}
+
+impl fmt::Display for Classification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self, self.fixed_name()) {
+            (_, Some(n)) => f.write_str(n),
+            (Self::Reason(r), None) => {
+                use fmt::Write as _;
+                for c in r.to_string().chars() {
+                    f.write_char(c.to_ascii_lowercase())?;
+                }
+                Ok(())
+            }
+            (_, None) => Ok(()),
+        }
+    }
+}
+
+impl Serialize for Classification {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What the classifier looks at, the same for an event and for the counter row that counts it
+/// (both carry the reason, the location's function, the conntrack state and the kernel
+/// program's class).
+#[derive(Clone, Copy, Debug)]
+pub struct Facts<'a> {
+    pub reason: &'a Reason,
+    pub function: Option<&'a str>,
+    pub ct_state: u8,
+    pub kernel_class: u8,
 }
 
 /// Functions that evaluate rules and free the packets their rules drop.
@@ -176,8 +209,10 @@ pub const TCP_RCV_SITES: &[&str] = &["tcp_v4_rcv", "tcp_v6_rcv"];
 /// a listen-queue overflow frees the handshake's last ACK at the same place.
 pub const TCP_TEARDOWN: &str = "tcp_teardown";
 
-/// How a drop's reason reads on kernels without drop reasons (before 5.17): every drop is 0.
-pub const NO_REASON: &str = "0";
+/// Kernels without drop reasons (before 5.17): every drop is 0, which they do not name.
+fn no_reason(reason: &Reason) -> bool {
+    matches!(reason, Reason::Unnamed(0))
+}
 
 /// UDP's receive paths: on kernels without reasons, most of their frees are datagrams to a
 /// port nobody listens on (the rest are checksum errors).
@@ -221,54 +256,161 @@ pub const BLACKHOLE_SITES: &[&str] = &[
 ///    - no entry and allocation drops rose (`drop` beyond `insert_failed`, `early_drop`, or a
 ///      nearly full table) → `conntrack_table_full`; `invalid` rose → `conntrack_invalid`;
 ///    - otherwise a rule (legacy iptables drops here too).
-pub fn classify(
-    reason: &str,
+pub fn classify(facts: &Facts<'_>, evidence: &Evidence) -> (Classification, Certainty) {
+    let Facts {
+        reason,
+        function,
+        ct_state,
+        kernel_class,
+    } = *facts;
+    if no_reason(reason) {
+        return by_location(function, ct_state, kernel_class, *evidence);
+    }
+    if reason.is("NOT_SPECIFIED") && function.is_some_and(|f| BLACKHOLE_SITES.contains(&f)) {
+        return (Classification::RouteBlackhole, Certainty::Exact);
+    }
+    if reason.is("NOT_SPECIFIED") && function == Some(OFO_PURGE_SITE) {
+        return (Classification::OfoPurged, Certainty::Exact);
+    }
+    if is_tcp_teardown(function, kernel_class) {
+        return (Classification::TcpTeardown, Certainty::Exact);
+    }
+    if !reason.is("NETFILTER_DROP") {
+        return (Classification::Reason(reason.clone()), Certainty::Exact);
+    }
+    netfilter(function, ct_state, kernel_class, *evidence)
+}
+
+/// A NETFILTER_DROP (or, on kernels without reasons, a free at a netfilter site).
+fn netfilter(
     function: Option<&str>,
     ct_state: u8,
     kernel_class: u8,
-    evidence: &Evidence,
-) -> (String, Certainty) {
-    if reason == NO_REASON {
-        return by_location(function, ct_state, kernel_class, evidence);
-    }
-    if reason == "NOT_SPECIFIED" && function.is_some_and(|f| BLACKHOLE_SITES.contains(&f)) {
-        return (BLACKHOLE.into(), Certainty::Exact);
-    }
-    if reason == "NOT_SPECIFIED" && function == Some(OFO_PURGE_SITE) {
-        return (OFO_PURGED.into(), Certainty::Exact);
-    }
-    if is_tcp_teardown(function, kernel_class) {
-        return (TCP_TEARDOWN.into(), Certainty::Exact);
-    }
-    if reason != "NETFILTER_DROP" {
-        return (reason.to_ascii_lowercase(), Certainty::Exact);
-    }
+    evidence: Evidence,
+) -> (Classification, Certainty) {
     match kernel_class {
-        class::INSERT_FAILED => return (INSERT_FAILED.into(), Certainty::Exact),
-        class::TABLE_FULL => return (TABLE_FULL.into(), Certainty::Exact),
+        class::INSERT_FAILED => return (Classification::InsertFailed, Certainty::Exact),
+        class::TABLE_FULL => return (Classification::TableFull, Certainty::Exact),
         _ => {}
     }
     let state = ct_state & ct::STATE_MASK;
     if function.is_some_and(|f| RULE_ENGINES.contains(&f)) {
         if state == ct::NONE && evidence.invalid {
-            return (INVALID.into(), Certainty::Inferred);
+            return (Classification::Invalid, Certainty::Inferred);
         }
-        return (NETFILTER_RULE.into(), Certainty::Exact);
+        return (Classification::NetfilterRule, Certainty::Exact);
     }
     let c = match state {
-        ct::UNCONFIRMED if ct_state & ct::SRC_NAT_DONE != 0 || evidence.insert_failed => INSERT_FAILED,
-        ct::NONE if evidence.table_full => TABLE_FULL,
-        ct::NONE if evidence.invalid => INVALID,
-        _ => NETFILTER_RULE,
+        ct::UNCONFIRMED if ct_state & ct::SRC_NAT_DONE != 0 || evidence.insert_failed => Classification::InsertFailed,
+        ct::NONE if evidence.table_full => Classification::TableFull,
+        ct::NONE if evidence.invalid => Classification::Invalid,
+        _ => Classification::NetfilterRule,
     };
-    (c.into(), Certainty::Inferred)
+    (c, Certainty::Inferred)
+}
+
+/// Whether [`classify`] would read the namespace's conntrack statistics for these facts: only
+/// netfilter drops the packet itself cannot tell apart (no precise mark; not a rule engine's
+/// free of a tracked packet). Events and counter rows ask this one question.
+pub fn needs_evidence(facts: &Facts<'_>) -> bool {
+    let netfilter = facts.reason.is("NETFILTER_DROP")
+        || (no_reason(facts.reason) && facts.function.is_some_and(|f| NETFILTER_SITES.contains(&f)));
+    netfilter
+        && facts.kernel_class == 0
+        && !facts
+            .function
+            .is_some_and(|f| RULE_ENGINES.contains(&f) && facts.ct_state & ct::STATE_MASK != ct::NONE)
+}
+
+/// The facts a counter row is keyed by that the classification depends on: namespace, reason,
+/// location, conntrack state, kernel class.
+type RowFacts = (u32, u32, u64, u8, u8);
+
+/// The one classifier, for events and for the kernel's counter rows: the same rules
+/// ([`classify`]) on the same facts with the same evidence. An event's evidence is what the
+/// namespace's conntrack statistics did around its drop (from the [`CtSampler`], never read on
+/// the caller's thread); a counter row's is what its own events' evidence said (any of them),
+/// or, for a row none of whose drops reached userspace, what the statistics did over the run.
+/// So an event and the row that counts it agree.
+pub struct Classifier {
+    /// Conntrack classification is on (the kernel programs read conntrack entries).
+    conntrack: bool,
+    sampler: CtSampler,
+    /// The evidence events were classified with, per counter row.
+    seen: HashMap<RowFacts, Evidence>,
+}
+
+impl Classifier {
+    pub fn new(conntrack: bool, sampler: CtSampler) -> Self {
+        Self {
+            conntrack,
+            sampler,
+            seen: HashMap::new(),
+        }
+    }
+
+    pub fn sampler(&self) -> &CtSampler {
+        &self.sampler
+    }
+
+    /// An event's classification; `None` while the statistics sample after its drop is still to
+    /// be taken (ask again later, or [`Classifier::event_now`]).
+    pub fn event(
+        &mut self,
+        facts: &Facts<'_>,
+        netns: u32,
+        location: u64,
+        at_ns: u64,
+    ) -> Option<(Classification, Certainty)> {
+        let evidence = if self.conntrack && needs_evidence(facts) {
+            let e = self.sampler.around(netns, at_ns)?;
+            let key = (netns, facts.reason.code(), location, facts.ct_state, facts.kernel_class);
+            let seen = self.seen.entry(key).or_default();
+            *seen = seen.or(e);
+            e
+        } else {
+            Evidence::default()
+        };
+        Some(classify(facts, &evidence))
+    }
+
+    /// An event's classification with what is known now (its evidence never came: the
+    /// namespace went away, or the run ends).
+    pub fn event_now(
+        &mut self,
+        facts: &Facts<'_>,
+        netns: u32,
+        location: u64,
+        at_ns: u64,
+    ) -> (Classification, Certainty) {
+        self.event(facts, netns, location, at_ns)
+            .unwrap_or_else(|| classify(facts, &Evidence::default()))
+    }
+
+    /// A counter row's classification.
+    pub fn row(&self, facts: &Facts<'_>, key: &DropKey) -> (Classification, Certainty) {
+        let evidence = if self.conntrack && needs_evidence(facts) {
+            self.seen
+                .get(&(key.netns, key.reason, key.location, key.ct_state, key.exact_class))
+                .copied()
+                .unwrap_or_else(|| self.sampler.over_run(key.netns))
+        } else {
+            Evidence::default()
+        };
+        classify(facts, &evidence)
+    }
 }
 
 /// Kernels without drop reasons (before 5.17): what the drop site and the packet's TCP flags
 /// say, always inferred. `unclassified` where they say nothing.
-fn by_location(function: Option<&str>, ct_state: u8, kernel_class: u8, evidence: &Evidence) -> (String, Certainty) {
+fn by_location(
+    function: Option<&str>,
+    ct_state: u8,
+    kernel_class: u8,
+    evidence: Evidence,
+) -> (Classification, Certainty) {
     let Some(f) = function else {
-        return ("unclassified".into(), Certainty::Inferred);
+        return (Classification::Unclassified, Certainty::Inferred);
     };
     if is_tcp_teardown(function, kernel_class) {
         // The socket itself said TIME_WAIT; flags alone only suggest it.
@@ -277,33 +419,23 @@ fn by_location(function: Option<&str>, ct_state: u8, kernel_class: u8, evidence:
         } else {
             Certainty::Inferred
         };
-        return (TCP_TEARDOWN.into(), certainty);
+        return (Classification::TcpTeardown, certainty);
     }
-    let c = if TCP_RCV_SITES.contains(&f) && kernel_class == class::TCP_SYN {
-        "no_socket"
-    } else if UDP_RCV_SITES.contains(&f) {
-        "no_socket"
+    let c = if (TCP_RCV_SITES.contains(&f) && kernel_class == class::TCP_SYN) || UDP_RCV_SITES.contains(&f) {
+        Classification::NoSocket
     } else if BLACKHOLE_SITES.contains(&f) {
-        BLACKHOLE
+        Classification::RouteBlackhole
     } else if NETFILTER_SITES.contains(&f) {
-        return (
-            classify("NETFILTER_DROP", function, ct_state, 0, evidence).0,
-            Certainty::Inferred,
-        );
+        return (netfilter(function, ct_state, 0, evidence).0, Certainty::Inferred);
     } else {
-        "unclassified"
+        Classification::Unclassified
     };
-    (c.into(), Certainty::Inferred)
+    (c, Certainty::Inferred)
 }
 
 /// `none`, `unconfirmed`, `confirmed`, `untracked`.
 pub fn ct_state_name(ct_state: u8) -> &'static str {
-    match ct_state & ct::STATE_MASK {
-        ct::UNCONFIRMED => "unconfirmed",
-        ct::CONFIRMED => "confirmed",
-        ct::UNTRACKED => "untracked",
-        _ => "none",
-    }
+    CtState::from_raw(ct_state).name()
 }
 
 /// What to check next, per classification (from the on-call field notes this tool grew from).
@@ -347,6 +479,36 @@ pub fn hint(classification: &str) -> Option<&'static str> {
 mod class_tests {
     use super::*;
 
+    /// The classifier on a reason named as the kernel names it ("0": a kernel without reasons),
+    /// in the words it prints.
+    #[expect(
+        clippy::trivially_copy_pass_by_ref,
+        reason = "the tests read as calls of `classify`, which takes evidence by reference"
+    )]
+    pub(super) fn cls(
+        reason: &str,
+        function: Option<&str>,
+        ct_state: u8,
+        kernel_class: u8,
+        evidence: &Evidence,
+    ) -> (String, Certainty) {
+        let reason = match reason {
+            "0" => Reason::Unnamed(0),
+            name => Reason::Named {
+                code: 1000,
+                name: name.into(),
+            },
+        };
+        let facts = Facts {
+            reason: &reason,
+            function,
+            ct_state,
+            kernel_class,
+        };
+        let (c, k) = classify(&facts, evidence);
+        (c.to_string(), k)
+    }
+
     const NO_EVIDENCE: Evidence = Evidence {
         known: true,
         insert_failed: false,
@@ -354,15 +516,126 @@ mod class_tests {
         invalid: false,
     };
 
+    /// The same drops through the event path and the counter-row path classify alike, also where
+    /// the namespace's statistics over the whole run say something else than around each drop
+    /// (the old row path read the run's, and called a legacy rule's drop of a new flow an insert
+    /// failure once any insert failure happened in the namespace).
+    #[test]
+    fn events_and_their_counter_rows_agree() {
+        use crate::source::conntrack::{CtSampler, CtStats};
+        let stats = |insert_failed, drop| CtStats {
+            count: 10,
+            max: 1000,
+            insert_failed,
+            drop,
+            ..CtStats::default()
+        };
+        // netns 7: quiet until 100, table-full drops (drop +20) by 200, then insert failures.
+        let samples: &[(u64, CtStats)] = &[
+            (0, stats(0, 0)),
+            (100, stats(0, 0)),
+            (200, stats(0, 20)),
+            (300, stats(5, 25)),
+        ];
+        let sampler = CtSampler::with_samples(&[(7, samples)]);
+        let mut classifier = Classifier::new(true, sampler.clone());
+        let netfilter = Reason::Named {
+            code: 12,
+            name: "NETFILTER_DROP".into(),
+        };
+        let no_socket = Reason::Named {
+            code: 3,
+            name: "NO_SOCKET".into(),
+        };
+        // (reason, function, location, ct_state, kernel class, drop time)
+        let drops = [
+            (
+                &netfilter,
+                "nf_hook_slow",
+                0x10,
+                ct::UNCONFIRMED | ct::DST_NAT_DONE,
+                0,
+                50,
+            ),
+            (&netfilter, "nf_hook_slow", 0x10, ct::NONE, 0, 150),
+            (
+                &netfilter,
+                "nf_hook_slow",
+                0x10,
+                ct::UNCONFIRMED | ct::SRC_NAT_DONE,
+                0,
+                250,
+            ),
+            (&netfilter, "nft_do_chain", 0x20, ct::CONFIRMED, 0, 60),
+            (&netfilter, "nf_hook_slow", 0x10, ct::NONE, class::TABLE_FULL, 70),
+            (&no_socket, "__udp4_lib_rcv", 0x30, ct::NONE, 0, 80),
+        ];
+        let key = |reason: &Reason, location, ct_state, exact_class| DropKey {
+            location,
+            reason: reason.code(),
+            netns: 7,
+            ip_version: 4,
+            ct_state,
+            exact_class,
+            effect: 0,
+            tag: 0,
+            netns_cookie: 7,
+        };
+        let mut events = Vec::new();
+        for (reason, function, location, ct_state, kernel_class, at) in drops {
+            let facts = Facts {
+                reason,
+                function: Some(function),
+                ct_state,
+                kernel_class,
+            };
+            let got = classifier
+                .event(&facts, 7, location, at)
+                .expect("a sample after each drop");
+            events.push((facts, key(reason, location, ct_state, kernel_class), got));
+        }
+        let names: Vec<String> = events.iter().map(|(_, _, (c, _))| c.to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "netfilter_rule",
+                "conntrack_table_full",
+                "conntrack_insert_failed",
+                "netfilter_rule",
+                "conntrack_table_full",
+                "no_socket"
+            ]
+        );
+        for (facts, key, event) in &events {
+            assert_eq!(&classifier.row(facts, key), event, "{key:?}");
+        }
+        // The run's statistics alone would have called the first one an insert failure.
+        let (facts, _, _) = &events[0];
+        assert_eq!(classify(facts, &sampler.over_run(7)).0, Classification::InsertFailed);
+        // A row none of whose drops was an event: the run's statistics decide.
+        let hidden = Facts {
+            reason: &netfilter,
+            function: Some("nf_hook_slow"),
+            ct_state: ct::UNCONFIRMED,
+            kernel_class: 0,
+        };
+        assert_eq!(
+            classifier.row(&hidden, &key(&netfilter, 0x40, ct::UNCONFIRMED, 0)).0,
+            Classification::InsertFailed
+        );
+        // A drop after the last sample waits for the next one.
+        assert_eq!(classifier.event(&hidden, 7, 0x40, 400), None);
+    }
+
     #[test]
     fn rule_engine_locations_are_exact_rules() {
-        let (c, k) = classify("NETFILTER_DROP", Some("nft_do_chain"), ct::UNCONFIRMED, 0, &NO_EVIDENCE);
+        let (c, k) = cls("NETFILTER_DROP", Some("nft_do_chain"), ct::UNCONFIRMED, 0, &NO_EVIDENCE);
         assert_eq!((c.as_str(), k), (NETFILTER_RULE, Certainty::Exact));
     }
 
     #[test]
     fn precise_marks_win() {
-        let (c, k) = classify(
+        let (c, k) = cls(
             "NETFILTER_DROP",
             Some("nf_hook_slow"),
             ct::NONE,
@@ -375,13 +648,13 @@ mod class_tests {
     #[test]
     fn unconfirmed_after_snat_is_an_insert_failure() {
         let st = ct::UNCONFIRMED | ct::SRC_NAT_DONE | ct::DST_NAT_DONE;
-        let (c, _) = classify("NETFILTER_DROP", Some("nf_hook_slow"), st, 0, &NO_EVIDENCE);
+        let (c, _) = cls("NETFILTER_DROP", Some("nf_hook_slow"), st, 0, &NO_EVIDENCE);
         assert_eq!(c, INSERT_FAILED);
     }
 
     #[test]
     fn legacy_rule_on_a_new_flow_is_a_rule() {
-        let (c, k) = classify(
+        let (c, k) = cls(
             "NETFILTER_DROP",
             Some("nf_hook_slow"),
             ct::UNCONFIRMED | ct::DST_NAT_DONE,
@@ -398,27 +671,24 @@ mod class_tests {
             ..NO_EVIDENCE
         };
         assert_eq!(
-            classify("NETFILTER_DROP", Some("nf_hook_slow"), ct::NONE, 0, &ev).0,
+            cls("NETFILTER_DROP", Some("nf_hook_slow"), ct::NONE, 0, &ev).0,
             TABLE_FULL
         );
         let ev = Evidence {
             invalid: true,
             ..NO_EVIDENCE
         };
-        assert_eq!(
-            classify("NETFILTER_DROP", Some("nf_hook_slow"), ct::NONE, 0, &ev).0,
-            INVALID
-        );
+        assert_eq!(cls("NETFILTER_DROP", Some("nf_hook_slow"), ct::NONE, 0, &ev).0, INVALID);
     }
 
     #[test]
     fn unspecified_drops_at_blackhole_sites_are_blackhole_routes() {
         assert_eq!(
-            classify("NOT_SPECIFIED", Some("ip_error"), 0, 0, &NO_EVIDENCE),
+            cls("NOT_SPECIFIED", Some("ip_error"), 0, 0, &NO_EVIDENCE),
             (BLACKHOLE.into(), Certainty::Exact)
         );
         assert_eq!(
-            classify("NOT_SPECIFIED", Some("tcp_v4_rcv"), 0, 0, &NO_EVIDENCE).0,
+            cls("NOT_SPECIFIED", Some("tcp_v4_rcv"), 0, 0, &NO_EVIDENCE).0,
             "not_specified"
         );
     }
@@ -426,22 +696,80 @@ mod class_tests {
     #[test]
     fn purged_out_of_order_data_is_named() {
         assert_eq!(
-            classify("NOT_SPECIFIED", Some("skb_rbtree_purge"), 0, 0, &NO_EVIDENCE),
+            cls("NOT_SPECIFIED", Some("skb_rbtree_purge"), 0, 0, &NO_EVIDENCE),
             (OFO_PURGED.into(), Certainty::Exact)
         );
         assert!(hint(OFO_PURGED).is_some_and(|h| h.contains("not the cause")));
         assert!(hint(PKT_TOO_BIG).is_some_and(|h| h.contains("path-MTU black hole")));
-        assert_eq!(
-            classify("IP_INNOROUTES", Some("ip_error"), 0, 0, &NO_EVIDENCE).0,
-            NO_ROUTE
-        );
+        assert_eq!(cls("IP_INNOROUTES", Some("ip_error"), 0, 0, &NO_EVIDENCE).0, NO_ROUTE);
     }
 
     #[test]
     fn other_reasons_classify_as_themselves() {
         assert_eq!(
-            classify("NO_SOCKET", None, 0, 0, &NO_EVIDENCE),
+            cls("NO_SOCKET", None, 0, 0, &NO_EVIDENCE),
             ("no_socket".into(), Certainty::Exact)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{class_tests::cls, *};
+
+    #[test]
+    fn without_reasons_the_site_and_flags_cls() {
+        let none = Evidence::default();
+        let c = |f: &str, class: u8| cls("0", Some(f), 0, class, &none);
+        assert_eq!(
+            c("tcp_v4_rcv", class::TCP_SYN),
+            ("no_socket".into(), Certainty::Inferred)
+        );
+        assert_eq!(
+            c("tcp_v6_rcv", class::TCP_FIN_OR_RST),
+            (TCP_TEARDOWN.into(), Certainty::Inferred)
+        );
+        assert_eq!(
+            c("tcp_v4_rcv", class::TCP_TIME_WAIT),
+            (TCP_TEARDOWN.into(), Certainty::Exact)
+        );
+        assert_eq!(
+            c("tcp_v4_rcv", 0).0,
+            "unclassified",
+            "a bare ACK there may be a listen overflow"
+        );
+        assert_eq!(c("__udp4_lib_rcv", 0).0, "no_socket");
+        assert_eq!(c("ip_error", 0).0, BLACKHOLE);
+        assert_eq!(c("nf_hook_slow", 0), (NETFILTER_RULE.into(), Certainty::Inferred));
+        assert_eq!(c("e1000_clean_rx_irq", 0).0, "unclassified");
+    }
+
+    #[test]
+    fn a_fin_or_rst_freed_by_tcp_rcv_is_teardown() {
+        let none = Evidence::default();
+        for f in ["tcp_v4_rcv", "tcp_v6_rcv"] {
+            assert_eq!(
+                cls("NOT_SPECIFIED", Some(f), 0, class::TCP_FIN_OR_RST, &none).0,
+                TCP_TEARDOWN
+            );
+            // Any segment a TIME_WAIT socket took, a bare ACK included: the socket says so.
+            assert_eq!(
+                cls("NOT_SPECIFIED", Some(f), 0, class::TCP_TIME_WAIT, &none).0,
+                TCP_TEARDOWN
+            );
+            // A plain ACK or data segment there may be a listen-queue overflow: stays visible.
+            assert_eq!(cls("NOT_SPECIFIED", Some(f), 0, 0, &none).0, "not_specified");
+        }
+        assert_eq!(
+            cls(
+                "NOT_SPECIFIED",
+                Some("e1000_clean_rx_irq"),
+                0,
+                class::TCP_FIN_OR_RST,
+                &none
+            )
+            .0,
+            "not_specified"
         );
     }
 }

@@ -12,10 +12,11 @@ use etherparse::{LaxNetSlice, LaxSlicedPacket, TransportSlice};
 use netdrop_common::{DropEvent, ct};
 
 use crate::{
-    enrich::classify::{self, Certainty},
-    enrich::record::{DropRecord, Endpoint, Icmp, RawDetail},
+    enrich::classify::{Certainty, Classification, Effect},
+    enrich::record::{CtState, DropRecord, Endpoint, Icmp, RawDetail, TcpFlags},
+    kernel::proto::{IpProto, Protocol},
     kernel::reasons::ReasonTable,
-    kernel::symbols::KernelSymbols,
+    kernel::symbols::{KernelSymbols, Location},
 };
 
 /// A ring-buffer record shorter than a [`DropEvent`]: a kernel/user version mismatch.
@@ -51,8 +52,20 @@ pub struct Decoder {
     pub conntrack: bool,
 }
 
+/// 4, 6, or 0 for an skb without an IP header (as the kernel keys its counters).
+pub fn ip_version(ev: &DropEvent) -> u8 {
+    match (ev.header_len, ev.l3_proto) {
+        (0, _) => 0,
+        (_, 0x0800) => 4,
+        _ => 6,
+    }
+}
+
 impl Decoder {
-    pub fn decode(&self, ev: &DropEvent) -> DropRecord {
+    /// The record of an event whose location was looked up once, by the caller (it decides
+    /// visibility with it first). Classification is the next stage's: until then the record
+    /// says `unclassified`.
+    pub fn decode(&self, ev: &DropEvent, location: Location) -> DropRecord {
         let header_len = usize::from(ev.header_len).min(ev.headers.len());
         let headers = &ev.headers[..header_len];
         let pkt = decode_headers(ev.l3_proto, headers);
@@ -61,9 +74,8 @@ impl Decoder {
             kind: "drop",
             time: self.wall_time(ev.ts_ns),
             node: self.node.clone(),
-            reason: self.reasons.display(ev.reason).to_string(),
-            reason_code: ev.reason,
-            location: self.symbols.symbolize(ev.location),
+            reason: self.reasons.reason(ev.reason),
+            location,
             protocol: pkt.protocol,
             src: pkt.src,
             dst: pkt.dst,
@@ -75,12 +87,14 @@ impl Decoder {
             payload_len: pkt.payload_len,
             icmp: pkt.icmp,
             // The classify stage fills these in.
-            classification: String::new(),
-            certainty: Certainty::Exact,
-            effect: classify::Effect::from_raw(ev.effect),
-            conntrack: self.conntrack.then(|| classify::ct_state_name(ev.ct_state)),
+            classification: Classification::Unclassified,
+            certainty: Certainty::Inferred,
+            effect: Effect::from_raw(ev.effect),
+            conntrack: self.conntrack.then(|| CtState::from_raw(ev.ct_state)),
             orig_dst,
             orig_src,
+            tag: ev.tag,
+            ip_version: ip_version(ev),
             raw: RawDetail {
                 ts_ns: ev.ts_ns,
                 location: ev.location,
@@ -95,10 +109,9 @@ impl Decoder {
         }
     }
 
-    fn wall_time(&self, mono_ns: u64) -> String {
+    fn wall_time(&self, mono_ns: u64) -> SystemTime {
         let ns = i128::from(mono_ns) + self.clock_offset_ns;
-        let t = SystemTime::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64);
-        humantime::format_rfc3339_nanos(t).to_string()
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(ns.max(0) as u64)
     }
 }
 
@@ -119,7 +132,7 @@ pub fn pre_nat(ev: &DropEvent, src: Option<&Endpoint>, dst: Option<&Endpoint>) -
             _ => None,
         }
     };
-    let has_ports = matches!(t.protonum, 6 | 17 | 132 | 136 | 33);
+    let has_ports = IpProto(t.protonum).has_ports();
     let ep = |raw: &[u8; 16], port: u16| ip(raw).map(|ip| Endpoint::new(ip, has_ports.then_some(u16::from_be(port))));
     let differs = |orig: &Option<Endpoint>, now: Option<&Endpoint>| match (orig, now) {
         (Some(o), Some(n)) => o.ip != n.ip || (o.port.is_some() && o.port != n.port),
@@ -134,9 +147,7 @@ pub fn pre_nat(ev: &DropEvent, src: Option<&Endpoint>, dst: Option<&Endpoint>) -
 /// CLOCK_REALTIME − CLOCK_MONOTONIC now, to date `bpf_ktime_get_ns()` stamps.
 pub fn clock_offset_ns() -> i128 {
     let now = |clock| {
-        nix::time::clock_gettime(clock)
-            .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
-            .unwrap_or(0)
+        nix::time::clock_gettime(clock).map_or(0, |t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
     };
     now(nix::time::ClockId::CLOCK_REALTIME) - now(nix::time::ClockId::CLOCK_MONOTONIC)
 }
@@ -147,12 +158,12 @@ fn ifname(raw: &[u8]) -> String {
 }
 
 /// What the headers say.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Headers {
-    pub protocol: String,
+    pub protocol: Protocol,
     pub src: Option<Endpoint>,
     pub dst: Option<Endpoint>,
-    pub tcp_flags: Option<String>,
+    pub tcp_flags: Option<TcpFlags>,
     pub icmp: Option<Icmp>,
     /// TCP or UDP payload bytes, from the IP and transport headers' own lengths (the capture
     /// itself is truncated).
@@ -163,8 +174,12 @@ pub struct Headers {
 /// lax etherparse slicer is used: it decodes what is there.
 pub fn decode_headers(l3_proto: u16, headers: &[u8]) -> Headers {
     let mut out = Headers {
-        protocol: l3_name(l3_proto),
-        ..Headers::default()
+        protocol: Protocol::Ethertype(l3_proto),
+        src: None,
+        dst: None,
+        tcp_flags: None,
+        icmp: None,
+        payload_len: None,
     };
     if headers.is_empty() {
         return out;
@@ -196,7 +211,7 @@ pub fn decode_headers(l3_proto: u16, headers: &[u8]) -> Headers {
     };
     // The transport header's offset in the capture (after any IPv6 extension headers).
     let offset_of = |part: &[u8]| (part.as_ptr() as usize).wrapping_sub(headers.as_ptr() as usize);
-    out.protocol = l4_name(proto.0);
+    out.protocol = Protocol::Ip(IpProto(proto.0));
     let (mut sport, mut dport) = (None, None);
     match &pkt.transport {
         Some(TransportSlice::Tcp(t)) => {
@@ -230,47 +245,18 @@ pub fn decode_headers(l3_proto: u16, headers: &[u8]) -> Headers {
     out
 }
 
-fn tcp_flags(t: &etherparse::TcpSlice<'_>) -> String {
-    let flags = [
-        (t.syn(), "SYN"),
-        (t.ack(), "ACK"),
-        (t.fin(), "FIN"),
-        (t.rst(), "RST"),
-        (t.psh(), "PSH"),
-        (t.urg(), "URG"),
-        (t.ece(), "ECE"),
-        (t.cwr(), "CWR"),
+fn tcp_flags(t: &etherparse::TcpSlice<'_>) -> TcpFlags {
+    let bits = [
+        (t.fin(), TcpFlags::FIN),
+        (t.syn(), TcpFlags::SYN),
+        (t.rst(), TcpFlags::RST),
+        (t.psh(), TcpFlags::PSH),
+        (t.ack(), TcpFlags::ACK),
+        (t.urg(), TcpFlags::URG),
+        (t.ece(), TcpFlags::ECE),
+        (t.cwr(), TcpFlags::CWR),
     ];
-    let set: Vec<&str> = flags.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
-    set.join("|")
-}
-
-fn l3_name(ethertype: u16) -> String {
-    match ethertype {
-        0x0800 => "ipv4".into(),
-        0x86dd => "ipv6".into(),
-        0x0806 => "arp".into(),
-        0 => "unknown".into(),
-        other => format!("{other:#06x}"),
-    }
-}
-
-/// IP protocol number → name, for the protocols a drop tracer meets; others print as numbers.
-pub fn l4_name(proto: u8) -> String {
-    match proto {
-        1 => "icmp".into(),
-        2 => "igmp".into(),
-        4 => "ipip".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        41 => "ipv6".into(),
-        47 => "gre".into(),
-        50 => "esp".into(),
-        58 => "icmpv6".into(),
-        132 => "sctp".into(),
-        136 => "udplite".into(),
-        other => other.to_string(),
-    }
+    TcpFlags(bits.iter().filter(|(on, _)| *on).fold(0, |acc, (_, b)| acc | b))
 }
 
 #[cfg(test)]
@@ -290,7 +276,7 @@ mod tests {
     #[test]
     fn decodes_truncated_udp4() {
         let h = decode_headers(0x0800, &udp4());
-        assert_eq!(h.protocol, "udp");
+        assert_eq!(h.protocol, Protocol::Ip(IpProto::UDP));
         assert_eq!(h.src, Some(Endpoint::new("10.0.0.1".parse().expect("ip"), Some(40000))));
         assert_eq!(h.dst, Some(Endpoint::new("10.0.0.2".parse().expect("ip"), Some(53))));
     }
@@ -325,8 +311,8 @@ mod tests {
         let mut v = Vec::new();
         b.write(&mut v, &[]).expect("build");
         let h = decode_headers(0x86dd, &v);
-        assert_eq!(h.protocol, "tcp");
-        assert_eq!(h.tcp_flags.as_deref(), Some("SYN"));
+        assert_eq!(h.protocol, Protocol::Ip(IpProto::TCP));
+        assert_eq!(h.tcp_flags.map(|f| f.to_string()).as_deref(), Some("SYN"));
         assert_eq!(h.dst.expect("dst").port, Some(80));
     }
 
@@ -336,14 +322,17 @@ mod tests {
         let mut v = Vec::new();
         b.write(&mut v, &[0; 8]).expect("build");
         let h = decode_headers(0x0800, &v);
-        assert_eq!((h.protocol.as_str(), h.icmp), ("icmp", Some(Icmp { kind: 8, code: 0 })));
+        assert_eq!(
+            (h.protocol.to_string().as_str(), h.icmp),
+            ("icmp", Some(Icmp { kind: 8, code: 0 }))
+        );
         assert_eq!(h.src.expect("src").port, None);
     }
 
     #[test]
     fn no_headers_names_l3() {
-        assert_eq!(decode_headers(0x0806, &[]).protocol, "arp");
-        assert_eq!(decode_headers(0x88cc, &[]).protocol, "0x88cc");
+        assert_eq!(decode_headers(0x0806, &[]).protocol.to_string(), "arp");
+        assert_eq!(decode_headers(0x88cc, &[]).protocol.to_string(), "0x88cc");
     }
 
     #[test]

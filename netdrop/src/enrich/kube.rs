@@ -7,12 +7,7 @@ use crate::{
 
 /// Names both ends (and the pre-NAT ends) of a drop.
 pub fn resolve_record(r: &Resolver, d: &mut DropRecord) {
-    let proto = match d.protocol.as_str() {
-        "tcp" => Some(Proto::Tcp),
-        "udp" => Some(Proto::Udp),
-        "sctp" => Some(Proto::Sctp),
-        _ => None,
-    };
+    let proto = d.protocol.ip().and_then(Proto::from_ip);
     for e in [&mut d.src, &mut d.dst, &mut d.orig_src, &mut d.orig_dst]
         .into_iter()
         .flatten()

@@ -6,6 +6,7 @@ pub mod benign;
 pub mod caps;
 pub mod netns;
 pub mod offsets;
+pub mod proto;
 pub mod reasons;
 pub mod symbols;
 pub mod tracefs;

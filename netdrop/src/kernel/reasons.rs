@@ -5,7 +5,7 @@
 //! in module BTF), or, without BTF, from the `__print_symbolic` list in the tracepoint's tracefs
 //! `format` file. A number neither source knows is shown as a number.
 
-use std::{collections::BTreeMap, fmt, path::Path};
+use std::{collections::BTreeMap, fmt, path::Path, sync::Arc};
 
 use btf_rs::{Btf, Type};
 use fallible_iterator::FallibleIterator as _;
@@ -28,9 +28,9 @@ pub enum ReasonSource {
 /// Names for the reason numbers of one kernel.
 #[derive(Clone, Debug)]
 pub struct ReasonTable {
-    names: BTreeMap<u32, String>,
+    names: BTreeMap<u32, Arc<str>>,
     /// Subsystem number → subsystem name (`OPENVSWITCH`, ...).
-    subsystems: BTreeMap<u32, String>,
+    subsystems: BTreeMap<u32, Arc<str>>,
     source: ReasonSource,
 }
 
@@ -100,14 +100,14 @@ impl ReasonTable {
             if name == "SKB_DROP_REASON_SUBSYS_MASK" {
                 continue;
             }
-            t.names.insert(value, short_name(&name).to_string());
+            t.names.insert(value, short_name(&name).into());
         }
         for (name, value) in enum_members(btf, "skb_drop_reason_subsys")?.unwrap_or_default() {
             if let Some(sub) = name.strip_prefix("SKB_DROP_REASON_SUBSYS_")
                 && sub != "NUM"
                 && sub != "CORE"
             {
-                t.subsystems.insert(value, sub.to_string());
+                t.subsystems.insert(value, sub.into());
             }
         }
         Ok(Some(t))
@@ -128,7 +128,7 @@ impl ReasonTable {
                     && self.subsystems.contains_key(&(v >> SUBSYS_SHIFT))
                     && let Ok(name) = module.resolve_name(m)
                 {
-                    self.names.entry(v).or_insert(name);
+                    self.names.entry(v).or_insert_with(|| name.into());
                 }
             }
         }
@@ -138,7 +138,7 @@ impl ReasonTable {
     pub fn from_print_fmt(format_text: &str) -> Option<Self> {
         let pairs = print_symbolic_pairs(format_text, "REC->reason")?;
         let mut t = Self::empty(ReasonSource::Tracefs);
-        t.names.extend(pairs);
+        t.names.extend(pairs.into_iter().map(|(v, n)| (v, Arc::from(n))));
         Some(t)
     }
 
@@ -148,7 +148,25 @@ impl ReasonTable {
 
     /// The reason's name, if this kernel has one for it.
     pub fn name(&self, reason: u32) -> Option<&str> {
-        self.names.get(&reason).map(String::as_str)
+        self.names.get(&reason).map(|n| &**n)
+    }
+
+    /// The typed reason of a drop: its number with this kernel's name for it (cheap to clone:
+    /// the name is shared with the table).
+    pub fn reason(&self, code: u32) -> Reason {
+        if let Some(name) = self.names.get(&code) {
+            return Reason::Named {
+                code,
+                name: name.clone(),
+            };
+        }
+        match self.subsystems.get(&(code >> SUBSYS_SHIFT)) {
+            Some(subsystem) => Reason::Subsystem {
+                code,
+                subsystem: subsystem.clone(),
+            },
+            None => Reason::Unnamed(code),
+        }
     }
 
     /// A printable name: the kernel's, else `SUBSYS:code` for subsystem reasons, else the number.
@@ -159,7 +177,7 @@ impl ReasonTable {
     /// The number of a reason name (case-insensitive, with or without `SKB_DROP_REASON_`).
     pub fn lookup(&self, name: &str) -> Option<u32> {
         let want = short_name(&name.to_ascii_uppercase()).to_string();
-        self.names.iter().find(|(_, n)| **n == want).map(|(v, _)| *v)
+        self.names.iter().find(|(_, n)| ***n == *want).map(|(v, _)| *v)
     }
 
     /// Names close to `name`, for "did you mean" in errors.
@@ -168,7 +186,7 @@ impl ReasonTable {
         let mut scored: Vec<(usize, &str)> = self
             .names
             .values()
-            .map(|n| (edit_distance(&want, n), n.as_str()))
+            .map(|n| (edit_distance(&want, n), &**n))
             .filter(|(d, n)| *d <= 3 || n.contains(&want) || (want.len() >= 4 && want.contains(n)))
             .collect();
         scored.sort_unstable();
@@ -177,7 +195,52 @@ impl ReasonTable {
 
     /// Every (number, name) pair, ordered by number.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &str)> {
-        self.names.iter().map(|(v, n)| (*v, n.as_str()))
+        self.names.iter().map(|(v, n)| (*v, &**n))
+    }
+}
+
+/// A drop reason: the kernel's number, with the name this kernel's table gives it. Numbers differ
+/// between kernels, so the name travels with the number; a number the table does not name keeps
+/// the number (every drop on kernels without drop reasons is `Unnamed(0)`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// A name from this kernel's table (`NO_SOCKET`).
+    Named { code: u32, name: Arc<str> },
+    /// A subsystem's reason the table has no name for: printed `SUBSYS:code`.
+    Subsystem { code: u32, subsystem: Arc<str> },
+    /// A number this kernel does not name.
+    Unnamed(u32),
+}
+
+impl Reason {
+    /// The raw `enum skb_drop_reason` value on this kernel.
+    pub fn code(&self) -> u32 {
+        match self {
+            Self::Named { code, .. } | Self::Subsystem { code, .. } | Self::Unnamed(code) => *code,
+        }
+    }
+
+    /// The kernel's name for it, if it has one.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Self::Named { name, .. } => Some(name),
+            Self::Subsystem { .. } | Self::Unnamed(_) => None,
+        }
+    }
+
+    /// Whether this is the reason the kernel names `name`.
+    pub fn is(&self, name: &str) -> bool {
+        self.name() == Some(name)
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Named { name, .. } => f.write_str(name),
+            Self::Subsystem { code, subsystem } => write!(f, "{subsystem}:{}", code & 0xffff),
+            Self::Unnamed(code) => write!(f, "{code}"),
+        }
     }
 }
 
@@ -210,10 +273,9 @@ fn short_name(name: &str) -> &str {
 
 /// The members of C enum `name`, `None` when this kernel has no such enum.
 pub(crate) fn enum_members(btf: &Btf, name: &str) -> Result<Option<Vec<(String, u32)>>, btf_rs::Error> {
-    let types = match btf.resolve_types_by_name(name) {
-        Ok(t) => t,
-        // btf-rs reports a missing name as an error; for us that is "this kernel lacks it".
-        Err(_) => return Ok(None),
+    // btf-rs reports a missing name as an error; for us that is "this kernel lacks it".
+    let Ok(types) = btf.resolve_types_by_name(name) else {
+        return Ok(None);
     };
     for t in types {
         match t {

@@ -4,13 +4,13 @@
 //! `[module]`), and all netdrop needs is a sorted table and a binary search. blazesym can do this
 //! too but brings DWARF/ELF symbolisation and a large dependency tree we would not use.
 
-use std::{collections::HashMap, fs, io, sync::Mutex};
+use std::{collections::HashMap, fmt, fs, io, sync::Arc, sync::Mutex};
 
 /// A sorted table of kernel text symbols.
 #[derive(Debug, Default)]
 pub struct KernelSymbols {
     /// (address, name, module) sorted by address.
-    syms: Vec<(u64, Box<str>, Option<Box<str>>)>,
+    syms: Vec<(u64, Arc<str>, Option<Arc<str>>)>,
     cache: Mutex<HashMap<u64, String>>,
 }
 
@@ -71,10 +71,71 @@ impl KernelSymbols {
         }
     }
 
+    /// Where `addr` is: the function, offset and module, found once per event and carried in
+    /// the record (visibility, classification and the sinks all read it from there).
+    pub fn locate(&self, addr: u64) -> Location {
+        let i = self.syms.partition_point(|s| s.0 <= addr);
+        let symbol = (i > 0).then(|| {
+            let (start, name, module) = &self.syms[i - 1];
+            Symbol {
+                function: name.clone(),
+                offset: addr - start,
+                module: module.clone(),
+            }
+        });
+        Location { addr, symbol }
+    }
+
     /// The function name only (no offset): what classification rules match on.
     pub fn function(&self, addr: u64) -> Option<&str> {
         let i = self.syms.partition_point(|s| s.0 <= addr);
         (i > 0).then(|| &*self.syms[i - 1].1)
+    }
+}
+
+/// A kernel text address with the symbol it lies in. Prints as `symbol+0xoff [module]`, or the
+/// address when no symbol covers it (kallsyms unreadable).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub addr: u64,
+    pub symbol: Option<Symbol>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Symbol {
+    pub function: Arc<str>,
+    pub offset: u64,
+    pub module: Option<Arc<str>>,
+}
+
+impl Location {
+    /// The function name (what classification rules match on).
+    pub fn function(&self) -> Option<&str> {
+        self.symbol.as_ref().map(|s| &*s.function)
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.symbol {
+            None => write!(f, "{:#x}", self.addr),
+            Some(Symbol {
+                function,
+                offset,
+                module: Some(m),
+            }) => write!(f, "{function}+{offset:#x} [{m}]"),
+            Some(Symbol {
+                function,
+                offset,
+                module: None,
+            }) => write!(f, "{function}+{offset:#x}"),
+        }
+    }
+}
+
+impl serde::Serialize for Location {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -95,6 +156,10 @@ mod tests {
         );
         assert_eq!(k.function(0xffff_ffff_81a0_0001), Some("__udp4_lib_rcv"));
         assert_eq!(k.symbolize(0x10), "0x10");
+        for addr in [0xffff_ffff_81a0_052f, 0xffff_ffff_c010_0010, 0x10] {
+            assert_eq!(k.locate(addr).to_string(), k.symbolize(addr), "one spelling");
+        }
+        assert_eq!(k.locate(0xffff_ffff_81a0_0001).function(), Some("__udp4_lib_rcv"));
     }
 
     #[test]

@@ -110,17 +110,7 @@ impl FilterSpec {
 
 /// `--proto`: a name or an IP protocol number.
 pub fn parse_proto(s: &str) -> Result<u8, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "tcp" => Ok(6),
-        "udp" => Ok(17),
-        "icmp" => Ok(1),
-        "icmpv6" | "icmp6" => Ok(58),
-        "sctp" => Ok(132),
-        "gre" => Ok(47),
-        other => other
-            .parse()
-            .map_err(|_| format!("{s:?} is not tcp, udp, icmp, icmpv6, sctp, gre or a protocol number 0-255")),
-    }
+    s.parse::<crate::kernel::proto::IpProto>().map(|p| p.0)
 }
 
 /// `--ip`: a CIDR (`10.0.0.0/8`, `fd00::/64`) or a single address.
@@ -246,7 +236,8 @@ mod tests {
             reasons: vec!["NO_SOCKT".into()],
             ..FilterSpec::default()
         };
-        let err = spec.apply(&mut Config::DEFAULT, &table()).unwrap_err().to_string();
+        let mut config = Config::DEFAULT;
+        let err = spec.apply(&mut config, &table()).unwrap_err().to_string();
         assert_eq!(
             err,
             "--reason NO_SOCKT: this kernel has no such drop reason (did you mean NO_SOCKET?)"

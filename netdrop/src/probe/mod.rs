@@ -198,8 +198,18 @@ fn attach_tp_btf(ebpf: &mut Ebpf, kernel: &KernelInfo) -> Result<(), ProbeError>
         .try_into()
         .map_err(err)?;
     prog.load("kfree_skb", &btf).map_err(err)?;
+    log_verified(NAME, prog.info());
     prog.attach().map_err(err)?;
     Ok(())
+}
+
+/// How many instructions the verifier walked for a loaded program (kernels 5.16+): how close it
+/// came to the 1M limit, the number that decides whether the full program loads on older
+/// verifiers.
+fn log_verified(name: &str, info: Result<aya::programs::ProgramInfo, ProgramError>) {
+    if let Some(n) = info.ok().and_then(|i| i.verified_instruction_count()) {
+        debug!("{name}: the verifier processed {n} instructions");
+    }
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf, kernel: &KernelInfo) -> Result<(), ProbeError> {
@@ -217,6 +227,7 @@ fn attach_tracepoint(ebpf: &mut Ebpf, kernel: &KernelInfo) -> Result<(), ProbeEr
         .try_into()
         .map_err(err)?;
     prog.load().map_err(err)?;
+    log_verified(NAME, prog.info());
     prog.attach("skb", "kfree_skb").map_err(err)?;
     Ok(())
 }
@@ -312,35 +323,39 @@ const TW_FUNCTIONS: &[Watched] = &[Watched {
     ret: "tw_return",
 }];
 
+/// The better hooks a precise hook set tried before the one it uses, each with its error in
+/// one line.
+pub type Tried = Vec<(PreciseHook, String)>;
+
 /// Attaches the precise conntrack hooks, fexit first, kprobes as the fallback. Returns the hook
-/// used and, when it is not fexit, why the better ones failed. Never fails: without hooks the
-/// classification is inferred.
-pub fn attach_conntrack(probe: &mut DropProbe, want: Option<PreciseHook>) -> (PreciseHook, Option<String>) {
+/// used and the hooks that failed before it. Never fails: without hooks the classification is
+/// inferred.
+pub fn attach_conntrack(probe: &mut DropProbe, want: Option<PreciseHook>) -> (PreciseHook, Tried) {
     attach_precise(&mut probe.ebpf, CT_FUNCTIONS, want)
 }
 
 /// Attaches the timewait hooks (kernels whose `kfree_skb` does not pass `rx_sk`), fexit first,
 /// kprobes as the fallback; without them a segment freed by a timewait socket is told by its
 /// TCP flags alone.
-pub fn attach_timewait(probe: &mut DropProbe, want: Option<PreciseHook>) -> (PreciseHook, Option<String>) {
+pub fn attach_timewait(probe: &mut DropProbe, want: Option<PreciseHook>) -> (PreciseHook, Tried) {
     attach_precise(&mut probe.ebpf, TW_FUNCTIONS, want)
 }
 
-fn attach_precise(ebpf: &mut Ebpf, set: &[Watched], want: Option<PreciseHook>) -> (PreciseHook, Option<String>) {
-    let mut why = Vec::new();
+fn attach_precise(ebpf: &mut Ebpf, set: &[Watched], want: Option<PreciseHook>) -> (PreciseHook, Tried) {
+    let mut tried = Vec::new();
     if want.is_none_or(|w| w == PreciseHook::Fexit) {
         match attach_fexit(ebpf, set) {
-            Ok(()) => return (PreciseHook::Fexit, None),
-            Err(e) => why.push(format!("fexit: {}", describe(&e))),
+            Ok(()) => return (PreciseHook::Fexit, tried),
+            Err(e) => tried.push((PreciseHook::Fexit, describe(&e))),
         }
     }
     if want.is_none_or(|w| w == PreciseHook::Kprobe) {
         match attach_kprobes(ebpf, set) {
-            Ok(()) => return (PreciseHook::Kprobe, Some(why.join("; "))),
-            Err(e) => why.push(format!("kprobe: {}", describe(&e))),
+            Ok(()) => return (PreciseHook::Kprobe, tried),
+            Err(e) => tried.push((PreciseHook::Kprobe, describe(&e))),
         }
     }
-    (PreciseHook::Inferred, (!why.is_empty()).then(|| why.join("; ")))
+    (PreciseHook::Inferred, tried)
 }
 
 fn attach_fexit(ebpf: &mut Ebpf, set: &[Watched]) -> Result<(), ProbeError> {
@@ -401,7 +416,7 @@ fn finish(mut ebpf: Ebpf, hook: Hook, fallback: Option<String>) -> Result<DropPr
         drops,
         stats,
         addrs,
-        addr_set: Default::default(),
+        addr_set: std::collections::HashMap::default(),
     })
 }
 
@@ -440,10 +455,26 @@ impl DropProbe {
         Ok(())
     }
 
+    /// Deletes drop counter keys (of namespaces that are gone; `source::counters` keeps their
+    /// counts). Returns the keys the map no longer holds.
+    pub fn remove_drop_keys(&mut self, keys: &[DropKey]) -> Vec<DropKey> {
+        keys.iter()
+            .filter(|k| match self.drops.remove(k) {
+                Ok(()) => true,
+                Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => true,
+                Err(e) => {
+                    debug!("deleting a drop counter: {e}");
+                    false
+                }
+            })
+            .copied()
+            .collect()
+    }
+
     /// Reads every counter, summing per-CPU values.
     pub fn counts(&self) -> KernelCounts {
         let mut out = KernelCounts::default();
-        for item in self.drops.iter() {
+        for item in &self.drops {
             match item {
                 Ok((key, values)) => out.drops.push((key, values.iter().sum())),
                 Err(e) => warn!("reading drop counters: {e}"),

@@ -5,6 +5,8 @@ use std::{borrow::Borrow, fmt, net::IpAddr, ops::Deref, str::FromStr, sync::Arc}
 
 use serde::{Serialize, Serializer};
 
+use crate::kernel::proto::IpProto;
+
 /// An interned Kubernetes name: cloning is one atomic increment, so results need no allocation.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Name(Arc<str>);
@@ -68,11 +70,25 @@ pub enum Proto {
 impl Proto {
     /// From an IP protocol number (6, 17, 132).
     pub fn from_ip_proto(n: u8) -> Option<Self> {
-        match n {
-            6 => Some(Self::Tcp),
-            17 => Some(Self::Udp),
-            132 => Some(Self::Sctp),
+        Self::from_ip(IpProto(n))
+    }
+
+    /// The Kubernetes port protocol of an IP protocol, for the three Kubernetes knows.
+    pub fn from_ip(p: IpProto) -> Option<Self> {
+        match p {
+            IpProto::TCP => Some(Self::Tcp),
+            IpProto::UDP => Some(Self::Udp),
+            IpProto::SCTP => Some(Self::Sctp),
             _ => None,
+        }
+    }
+
+    /// Its IP protocol number.
+    pub fn ip(self) -> IpProto {
+        match self {
+            Self::Tcp => IpProto::TCP,
+            Self::Udp => IpProto::UDP,
+            Self::Sctp => IpProto::SCTP,
         }
     }
 
@@ -324,7 +340,7 @@ mod parse_tests {
 
     #[test]
     fn addr_port_proto() {
-        let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("ip");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         assert_eq!(parse_addr_port_proto("10.0.0.1"), Ok((ip("10.0.0.1"), None)));
         assert_eq!(
             parse_addr_port_proto("10.96.0.10:53/udp"),

@@ -65,6 +65,7 @@ fn ip(s: &str) -> IpAddr {
 type Case = (&'static str, &'static str, Option<(u16, Proto)>, Peer);
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "a table of cases, read top to bottom")]
 fn resolution_table() {
     let ix = index();
     let web_a = || pod("default", "web-7d4b9c8f6d-abcde", "node-a", Some("Deployment/web"));

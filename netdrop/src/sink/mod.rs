@@ -52,8 +52,13 @@ mod tests {
     };
     use crate::{
         enrich::{
-            classify::{Certainty, Effect},
-            record::{Endpoint, RawDetail},
+            classify::{Certainty, Classification, Effect},
+            record::{CtState, Endpoint, RawDetail, TcpFlags},
+        },
+        kernel::{
+            proto::{IpProto, Protocol},
+            reasons::Reason,
+            symbols::KernelSymbols,
         },
         resolve::{Name, Peer, PeerKind},
     };
@@ -104,30 +109,38 @@ mod tests {
         }
     }
 
+    fn reason(name: &str) -> Reason {
+        Reason::Named {
+            code: 12,
+            name: name.into(),
+        }
+    }
+
     fn record(src: Endpoint, dst: Endpoint) -> DropRecord {
         DropRecord {
             kind: "drop",
-            time: "2026-11-26T10:21:33.123456789Z".into(),
+            time: humantime::parse_rfc3339("2026-11-26T10:21:33.123456789Z").expect("time"),
             node: "node-a".into(),
-            reason: "NETFILTER_DROP".into(),
-            reason_code: 12,
-            location: "nf_hook_slow+0x7d".into(),
-            protocol: "tcp".into(),
+            reason: reason("NETFILTER_DROP"),
+            location: KernelSymbols::parse("ffffffff81a00000 T nf_hook_slow\n").locate(0xffff_ffff_81a0_007d),
+            protocol: Protocol::Ip(IpProto::TCP),
             src: Some(src),
             dst: Some(dst),
             ifindex: 2,
             ifname: "eth0".into(),
             netns: 4_026_531_840,
             len: 60,
-            tcp_flags: Some("SYN".into()),
+            tcp_flags: Some(TcpFlags(TcpFlags::SYN)),
             payload_len: Some(0),
             icmp: None,
-            classification: "conntrack_insert_failed".into(),
+            classification: Classification::InsertFailed,
             certainty: Certainty::Exact,
             effect: Effect::Attempt,
-            conntrack: Some("unconfirmed"),
+            conntrack: Some(CtState::Unconfirmed),
             orig_dst: None,
             orig_src: None,
+            tag: 0,
+            ip_version: 4,
             raw: RawDetail::default(),
         }
     }
@@ -189,7 +202,7 @@ mod tests {
             ep("10.244.1.2:35632", Some(pod("default", "client", "node-a"))),
             ep("10.96.0.10:80", Some(service("default/web", "http"))),
         );
-        d.classification = "netfilter_rule".into();
+        d.classification = Classification::NetfilterRule;
         let line = text_line(&d);
         assert!(
             line.contains("   default/client → svc default/web:80 [SYN] (netfilter_rule)  on node-a  at "),
@@ -221,20 +234,17 @@ mod tests {
             ep("10.244.1.2:35632", Some(pod("default", "client", "node-a"))),
             ep("10.244.2.10:8080", None),
         );
-        (d.reason, d.classification, d.tcp_flags, d.effect) = (
-            "TCP_OLD_DATA".into(),
-            "tcp_old_data".into(),
-            Some("ACK".into()),
-            Effect::Lossless,
-        );
+        (d.reason, d.tcp_flags, d.effect) = (reason("TCP_OLD_DATA"), Some(TcpFlags(TcpFlags::ACK)), Effect::Lossless);
+        d.classification = Classification::Reason(d.reason.clone());
         assert!(
             text_line(&d).contains(" [ACK] (lossless)  on node-a"),
             "{}",
             text_line(&d)
         );
-        (d.reason, d.classification, d.effect) = ("TCP_FLAGS".into(), "tcp_flags".into(), Effect::Reset);
+        (d.reason, d.effect) = (reason("TCP_FLAGS"), Effect::Reset);
+        d.classification = Classification::Reason(d.reason.clone());
         assert!(text_line(&d).contains(" [ACK] (reset)  on node-a"), "{}", text_line(&d));
-        (d.classification, d.certainty) = ("conntrack_invalid".into(), Certainty::Inferred);
+        (d.classification, d.certainty) = (Classification::Invalid, Certainty::Inferred);
         assert!(
             text_line(&d).contains(" (conntrack_invalid?, reset)"),
             "{}",
@@ -313,7 +323,7 @@ mod tests {
     }
 
     fn summary(backends: usize, bad: usize) -> TargetSummary {
-        use crate::aggregate::target_summary::{BackendRow, TargetSummary, TopReason, Unmatched};
+        use crate::aggregate::target_summary::{BackendRow, Basis, TargetSummary, TopReason, Unmatched};
         let rows = (0..backends)
             .map(|i| BackendRow {
                 pod: format!("default/big-{i:02}"),
@@ -357,13 +367,13 @@ mod tests {
             backends: rows,
             unmatched: Unmatched::default(),
             other_namespaces: 0,
-            pods: false,
             lost_events: 0,
             diagnosis: vec![
                 "default/big: 40 drops for 5000 attempts (0.8% of attempts).".into(),
                 "Next (netfilter_rule): a firewall rule dropped it: find the chain with `iptables-save -c | grep -- '-j DROP'` or `nft list ruleset` (NetworkPolicy: `kubectl get networkpolicy -A`, Calico: `calicoctl get networkpolicy`).".into(),
             ],
             detail: None,
+            basis: Basis::default(),
         }
     }
 

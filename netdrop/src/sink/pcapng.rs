@@ -95,21 +95,26 @@ pub struct CapturePacket<'a> {
 
 /// The one place a [`DropRecord`] is read: record → what the capture writes.
 pub fn capture_packet(r: &DropRecord) -> CapturePacket<'_> {
-    let ts_ns = humantime::parse_rfc3339(&r.time)
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
+    let ts_ns = r.time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    // The verdict's words are the JSON line's (the same serializer), so a comment and the
+    // event it came from read the same.
+    let json = serde_json::to_value(r).unwrap_or_default();
+    let text = |k: &str| match json.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    };
     let mut v: Vec<(&'static str, String)> = vec![
-        ("reason", r.reason.clone()),
-        ("reason_code", r.reason_code.to_string()),
-        ("classification", r.classification.clone()),
-        ("certainty", serde_name(&r.certainty)),
-        ("effect", serde_name(&r.effect)),
-        ("location", r.location.clone()),
+        ("reason", text("reason")),
+        ("reason_code", text("reason_code")),
+        ("classification", text("classification")),
+        ("certainty", text("certainty")),
+        ("effect", text("effect")),
+        ("location", text("location")),
         ("node", r.node.clone()),
         ("netns", r.netns.to_string()),
         ("ifname", r.ifname.clone()),
-        ("proto", r.protocol.clone()),
+        ("proto", text("protocol")),
     ];
     let mut push = |k, val: Option<String>| {
         if let Some(val) = val.filter(|s| !s.is_empty()) {
@@ -123,9 +128,9 @@ pub fn capture_packet(r: &DropRecord) -> CapturePacket<'_> {
     push("service", service(r));
     push("orig_src", r.orig_src.as_ref().map(addr));
     push("orig_dst", r.orig_dst.as_ref().map(addr));
-    push("conntrack", r.conntrack.map(str::to_string));
-    push("tcp_flags", r.tcp_flags.as_deref().map(|f| f.replace(' ', ",")));
-    push("time", Some(r.time.clone()));
+    push("conntrack", Some(text("conntrack")));
+    push("tcp_flags", Some(text("tcp_flags").replace(' ', ",")));
+    push("time", Some(text("time")));
     CapturePacket {
         ts_ns,
         data: &r.raw.headers,
@@ -137,13 +142,6 @@ pub fn capture_packet(r: &DropRecord) -> CapturePacket<'_> {
         },
         verdict: v,
     }
-}
-
-fn serde_name<T: Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|j| j.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 fn addr(e: &Endpoint) -> String {
@@ -551,8 +549,13 @@ mod tests {
     use super::*;
     use crate::{
         enrich::{
-            classify::{Certainty, Effect},
-            record::RawDetail,
+            classify::{Certainty, Classification, Effect},
+            record::{CtState, RawDetail, TcpFlags},
+        },
+        kernel::{
+            proto::{IpProto, Protocol},
+            reasons::Reason,
+            symbols::KernelSymbols,
         },
         resolve::{Name, Peer},
     };
@@ -573,27 +576,31 @@ mod tests {
         };
         let r = DropRecord {
             kind: "drop",
-            time: "2026-11-26T10:21:33.123456789Z".into(),
+            time: humantime::parse_rfc3339("2026-11-26T10:21:33.123456789Z").expect("time"),
             node: "node-b".into(),
-            reason: "NETFILTER_DROP".into(),
-            reason_code: 12,
-            location: "nft_do_chain+0x3e8".into(),
-            protocol: "tcp".into(),
+            reason: Reason::Named {
+                code: 12,
+                name: "NETFILTER_DROP".into(),
+            },
+            location: KernelSymbols::parse("ffffffff81a00000 T nft_do_chain\n").locate(0xffff_ffff_81a0_03e8),
+            protocol: Protocol::Ip(IpProto::TCP),
             src: Some(ep("10.244.1.2", None)),
             dst: Some(ep("10.244.2.10", Some(backend))),
             ifindex: 4,
             ifname: "cali2c8a6f1d3e0".into(),
             netns: 4_026_532_411,
             len: 60,
-            tcp_flags: Some("SYN".into()),
+            tcp_flags: Some(TcpFlags(TcpFlags::SYN)),
             payload_len: Some(0),
             icmp: None,
-            classification: "netfilter_rule".into(),
+            classification: Classification::NetfilterRule,
             certainty: Certainty::Exact,
             effect: Effect::Attempt,
-            conntrack: Some("confirmed"),
+            conntrack: Some(CtState::Confirmed),
             orig_dst: None,
             orig_src: None,
+            tag: 0,
+            ip_version: 4,
             raw: RawDetail {
                 headers: vec![0x45, 0, 0, 60],
                 ..RawDetail::default()

@@ -2,6 +2,7 @@
 //! target table and the drop summary.
 
 use std::{
+    fmt::Write as _,
     io::{self, Write},
     net::SocketAddr,
 };
@@ -164,6 +165,20 @@ impl TextLine {
     }
 }
 
+/// `10:21:33.123456`: the time of day in UTC, to the microsecond (truncated, as the JSON's
+/// nanoseconds are).
+fn time_of_day(t: std::time::SystemTime) -> String {
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let s = since.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        since.subsec_micros()
+    )
+}
+
 /// One line per drop: time, reason, protocol, both ends (named as pods, nodes and Services when
 /// Kubernetes knows them, with the Service the flow was sent to and the node the drop happened
 /// on), detail, the addresses, interface and location.
@@ -173,10 +188,10 @@ pub fn text_line(d: &DropRecord) -> String {
 
 /// [`text_line`] as fields, to fit a terminal.
 pub fn text_fields(d: &DropRecord) -> TextLine {
-    // RFC 3339 "2026-11-26T10:21:33.123456789Z" → "10:21:33.123456"
-    let time = d.time.get(11..26).unwrap_or(&d.time);
+    let time = time_of_day(d.time);
     let mut f: Vec<(Keep, String)> = Vec::new();
-    let head = format!("{time} {:<16} {:<6} ", d.reason, d.protocol);
+    // `{:<16}` pads only what implements padding: the reason and protocol as strings.
+    let head = format!("{time} {:<16} {:<6} ", d.reason.to_string(), d.protocol.to_string());
     let flags = if let Some(fl) = &d.tcp_flags {
         Some(format!(" [{fl}]"))
     } else {
@@ -189,7 +204,7 @@ pub fn text_fields(d: &DropRecord) -> TextLine {
         Effect::Unknown | Effect::Attempt | Effect::Data => None,
     };
     let mark = if d.certainty == Certainty::Inferred { "?" } else { "" };
-    let class = match (d.classification != d.reason.to_ascii_lowercase(), cost) {
+    let class = match (!d.classification.is_reason(), cost) {
         (true, Some(c)) => Some(format!(" ({}{mark}, {c})", d.classification)),
         (true, None) => Some(format!(" ({}{mark})", d.classification)),
         (false, Some(c)) => Some(format!(" ({c})")),
@@ -283,7 +298,9 @@ impl<W: Write + Send> Sink for TextSink<W> {
         writeln!(
             o,
             "--- netdrop summary: {:.1} s on {} via {} ---",
-            s.duration_s, s.node, s.hook
+            s.duration_s,
+            s.node,
+            s.hook.drop_hook_name()
         )?;
         if s.drops_total == 0 {
             writeln!(o, "no drops matched")?;
@@ -337,12 +354,15 @@ impl<W: Write + Send> Sink for TextSink<W> {
         for h in &s.hints {
             writeln!(o, "hint: {h}")?;
         }
+        for line in s.attach.summary_lines() {
+            writeln!(o, "{line}")?;
+        }
         let mut events = format!("{} events shown, {} lost", s.events_shown, s.lost_events);
         if s.rate_limited_events > 0 {
-            events.push_str(&format!(", {} not sent (--event-rate)", s.rate_limited_events));
+            let _ = write!(events, ", {} not sent (--event-rate)", s.rate_limited_events);
         }
         if s.uncounted_drops > 0 {
-            events.push_str(&format!(", {} drops uncounted (counter map full)", s.uncounted_drops));
+            let _ = write!(events, ", {} drops uncounted (counter map full)", s.uncounted_drops);
         }
         writeln!(o, "{events}")?;
         for line in String::from_utf8_lossy(&text).lines() {

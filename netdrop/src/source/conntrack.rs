@@ -13,6 +13,7 @@ use std::{
     fs, io,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
+    sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -39,6 +40,7 @@ pub struct CtStats {
 
 impl CtStats {
     /// What rose from `earlier` to `self` (counters only; `count`/`max` are `self`'s).
+    #[must_use]
     pub fn since(&self, earlier: &Self) -> Self {
         Self {
             count: self.count,
@@ -124,28 +126,54 @@ struct Tracked {
     samples: VecDeque<(u64, CtStats)>,
 }
 
-/// Samples kept per namespace: at one a second plus one per drain batch, enough to bracket any
-/// event still in flight.
-const HISTORY: usize = 32;
+impl Tracked {
+    fn last(&self) -> CtStats {
+        self.samples.back().map_or(self.first, |(_, s)| *s)
+    }
+
+    fn push(&mut self, at: u64, s: CtStats) {
+        if self.samples.len() == HISTORY {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((at, s));
+    }
+
+    /// What rose between the last sample before `at_ns` and the first one after it; `None`
+    /// while no sample after it has been taken.
+    fn around(&self, at_ns: u64) -> Option<Evidence> {
+        let after = self.samples.iter().find(|(ts, _)| *ts > at_ns)?.1;
+        let before = self
+            .samples
+            .iter()
+            .rev()
+            .find(|(ts, _)| *ts <= at_ns)
+            .map_or(self.first, |(_, s)| *s);
+        Some(Evidence::from(&after.since(&before)))
+    }
+}
+
+/// Samples kept per namespace: at one a second plus one per drain batch that asked, enough to
+/// bracket any event still in flight.
+const HISTORY: usize = 64;
+
+/// How often every tracked namespace is sampled when nobody asks sooner.
+const PERIOD: Duration = Duration::from_secs(1);
+
+/// How long a namespace that could not be opened is not tried again.
+const RETRY_UNREACHABLE: Duration = Duration::from_secs(10);
 
 /// CLOCK_MONOTONIC now, in ns.
 pub fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
-}
-
-/// Samples the conntrack statistics of every namespace drops were seen in.
-#[derive(Default)]
-pub struct CtMonitor {
-    tracked: HashMap<u32, Tracked>,
-    /// Namespaces that could not be opened (gone, or unnamed without processes).
-    unreachable: HashMap<u32, Instant>,
-    own: u32,
+        .map_or(0, |t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
 /// What the statistics say about the last moments in one namespace.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent facts, each read on its own by the classifier"
+)]
 pub struct Evidence {
     /// Statistics could be read.
     pub known: bool,
@@ -165,121 +193,306 @@ impl Evidence {
             invalid: delta.invalid > 0,
         }
     }
+
+    /// What either said (a counter row's evidence is what any of its drops' was).
+    #[must_use]
+    pub fn or(self, other: Self) -> Self {
+        Self {
+            known: self.known || other.known,
+            insert_failed: self.insert_failed || other.insert_failed,
+            table_full: self.table_full || other.table_full,
+            invalid: self.invalid || other.invalid,
+        }
+    }
 }
 
-impl CtMonitor {
-    pub fn new() -> Self {
-        Self {
-            own: own_netns(),
-            ..Self::default()
+/// What the sampler thread and its readers share. The lock is held only to copy numbers in and
+/// out: reading /proc and entering namespaces happen outside it, on the sampler's own thread.
+#[derive(Default)]
+struct State {
+    tracked: HashMap<u32, Tracked>,
+    /// Namespaces that could not be opened (gone, or unnamed without processes).
+    unreachable: HashMap<u32, Instant>,
+    /// Namespaces to start tracking.
+    requests: Vec<u32>,
+    /// A reader wants a sample sooner than the period.
+    want_sample: bool,
+    /// Completed sampling passes (readers wait for the next one at exit).
+    passes: u64,
+    /// A pass is reading.
+    in_pass: bool,
+    stop: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    /// Signalled after each pass.
+    passed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The sampler never leaves the state half-updated: a panic elsewhere does not make it wrong.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Samples the conntrack statistics of every namespace drops were seen in, on its own thread
+/// (reading another namespace's statistics means entering it from a thread of its own: neither
+/// belongs on the event drain). Readers get evidence and reports from the samples it keeps,
+/// without waiting for it; cloning gives another reader.
+#[derive(Clone)]
+pub struct CtSampler {
+    shared: Arc<Shared>,
+    own: u32,
+    thread: Option<Arc<SamplerThread>>,
+}
+
+/// Stops and joins the thread when the last handle goes.
+struct SamplerThread {
+    shared: Arc<Shared>,
+    handle: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for SamplerThread {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.wake.notify_all();
+        if let Some(h) = self.handle.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            let _ = h.join();
         }
     }
+}
 
-    /// Starts tracking a namespace (first call reads its baseline). Returns whether it is tracked.
-    pub fn track(&mut self, inode: u32) -> bool {
-        if self.tracked.contains_key(&inode) {
-            return true;
-        }
-        if self
-            .unreachable
-            .get(&inode)
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+impl CtSampler {
+    /// Reads the baselines of `initial` now (before the first drop: the summary reports rises
+    /// over the whole run), then samples on a thread of its own.
+    pub fn start(initial: &[u32]) -> io::Result<Self> {
+        let mut sampler = Self::idle();
         {
-            return false;
+            let mut st = sampler.shared.lock();
+            st.requests.extend_from_slice(initial);
         }
-        let path = if inode == self.own || inode == 0 {
-            None
-        } else {
-            netns_path(inode)
-        };
-        if path.is_none() && inode != self.own && inode != 0 {
-            self.unreachable.insert(inode, Instant::now());
-            return false;
-        }
-        let now = monotonic_ns();
-        match read(path.as_deref()) {
-            Ok(s) => {
-                self.tracked.insert(
-                    inode,
-                    Tracked {
-                        path,
-                        first: s,
-                        samples: VecDeque::from([(now, s)]),
-                    },
-                );
-                true
-            }
-            Err(_) => {
-                self.unreachable.insert(inode, Instant::now());
-                false
-            }
+        pass(&sampler.shared, sampler.own);
+        let shared = sampler.shared.clone();
+        let own = sampler.own;
+        let handle = std::thread::Builder::new()
+            .name("netdrop-conntrack".into())
+            .spawn(move || run(&shared, own))?;
+        sampler.thread = Some(Arc::new(SamplerThread {
+            shared: sampler.shared.clone(),
+            handle: Mutex::new(Some(handle)),
+        }));
+        Ok(sampler)
+    }
+
+    /// A sampler without a thread (conntrack classification off): no evidence, empty reports.
+    pub fn idle() -> Self {
+        Self {
+            shared: Arc::default(),
+            own: own_netns(),
+            thread: None,
         }
     }
 
-    fn refresh(t: &mut Tracked) {
-        let now = monotonic_ns();
-        if let Ok(s) = read(t.path.as_deref()) {
-            if t.samples.len() == HISTORY {
-                t.samples.pop_front();
-            }
-            t.samples.push_back((now, s));
+    /// Starts tracking `inode` (its baseline is read on the sampler's next pass).
+    pub fn track(&self, inode: u32) {
+        if self.thread.is_none() {
+            return;
         }
-    }
-
-    fn last(t: &Tracked) -> CtStats {
-        t.samples.back().map_or(t.first, |(_, s)| *s)
-    }
-
-    /// Reads every tracked namespace (the once-a-second tick).
-    pub fn sample_all(&mut self) {
-        for t in self.tracked.values_mut() {
-            Self::refresh(t);
+        let mut st = self.shared.lock();
+        if !st.tracked.contains_key(&inode) && !st.requests.contains(&inode) {
+            st.requests.push(inode);
+            drop(st);
+            self.shared.wake.notify_one();
         }
     }
 
     /// Evidence for a drop at `at_ns` (CLOCK_MONOTONIC) in `inode`: what rose between the last
-    /// sample before the drop and the first one after it (read now if there is none yet).
-    pub fn around(&mut self, inode: u32, at_ns: u64) -> Evidence {
-        if !self.track(inode) {
-            return Evidence::default();
+    /// sample before the drop and the first one after it. `None` while that sample is still to
+    /// be taken (the sampler is asked to take it now: ask again after the next drain); evidence
+    /// that says nothing when the namespace cannot be read.
+    pub fn around(&self, inode: u32, at_ns: u64) -> Option<Evidence> {
+        let thread = self.thread.as_ref()?;
+        let mut st = self.shared.lock();
+        if let Some(t) = st.tracked.get(&inode) {
+            if let Some(e) = t.around(at_ns) {
+                return Some(e);
+            }
+            st.want_sample = true;
+        } else if st
+            .unreachable
+            .get(&inode)
+            .is_some_and(|t| t.elapsed() < RETRY_UNREACHABLE)
+        {
+            return Some(Evidence::default());
+        } else if !st.requests.contains(&inode) {
+            st.requests.push(inode);
         }
-        let t = self.tracked.get_mut(&inode).expect("tracked above");
-        if t.samples.back().is_none_or(|(ts, _)| *ts <= at_ns) {
-            Self::refresh(t);
-        }
-        let before = t
-            .samples
-            .iter()
-            .rev()
-            .find(|(ts, _)| *ts <= at_ns)
-            .map_or(t.first, |(_, s)| *s);
-        let after = t
-            .samples
-            .iter()
-            .find(|(ts, _)| *ts > at_ns)
-            .map_or_else(|| Self::last(t), |(_, s)| *s);
-        Evidence::from(&after.since(&before))
+        drop(st);
+        thread.shared.wake.notify_one();
+        None
     }
 
-    /// Evidence over the whole run in `inode` (for the summary's rows).
+    /// Evidence over the whole run in `inode`.
     pub fn over_run(&self, inode: u32) -> Evidence {
-        self.tracked
+        self.shared
+            .lock()
+            .tracked
             .get(&inode)
-            .map(|t| Evidence::from(&Self::last(t).since(&t.first)))
+            .map(|t| Evidence::from(&t.last().since(&t.first)))
             .unwrap_or_default()
     }
 
-    /// (namespace, run delta) for every tracked namespace, after a final sample.
-    pub fn report(&mut self) -> Vec<(u32, CtStats)> {
-        self.sample_all();
-        let mut v: Vec<(u32, CtStats)> = self
-            .tracked
-            .iter()
-            .map(|(n, t)| (*n, Self::last(t).since(&t.first)))
-            .collect();
+    /// (namespace, run delta) for every tracked namespace, from the latest samples.
+    pub fn report(&self) -> Vec<(u32, CtStats)> {
+        let st = self.shared.lock();
+        let mut v: Vec<(u32, CtStats)> = st.tracked.iter().map(|(n, t)| (*n, t.last().since(&t.first))).collect();
         v.sort_by_key(|(n, _)| *n);
         v
     }
+
+    /// Waits (at most `timeout`) for a sampling pass that starts after this call: the final
+    /// summary's numbers, and evidence for the last events.
+    pub fn sample_now(&self, timeout: Duration) {
+        let Some(thread) = &self.thread else { return };
+        let mut st = self.shared.lock();
+        // A pass under way may have read before this call: then wait for the one after it.
+        let want = st.passes + if st.in_pass { 2 } else { 1 };
+        st.want_sample = true;
+        thread.shared.wake.notify_one();
+        let deadline = Instant::now() + timeout;
+        while st.passes < want && !st.stop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = self
+                .shared
+                .passed
+                .wait_timeout(st, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// A sampler holding these samples and no thread, for tests of the classifier.
+    #[cfg(test)]
+    pub(crate) fn with_samples(samples: &[(u32, &[(u64, CtStats)])]) -> Self {
+        let s = Self::idle();
+        {
+            let mut st = s.shared.lock();
+            for (inode, v) in samples {
+                st.tracked.insert(
+                    *inode,
+                    Tracked {
+                        path: None,
+                        first: v[0].1,
+                        samples: v.iter().copied().collect(),
+                    },
+                );
+            }
+        }
+        Self {
+            thread: Some(Arc::new(SamplerThread {
+                shared: s.shared.clone(),
+                handle: Mutex::new(None),
+            })),
+            ..s
+        }
+    }
+}
+
+fn run(shared: &Shared, own: u32) {
+    loop {
+        {
+            let mut st = shared.lock();
+            let deadline = Instant::now() + PERIOD;
+            while !st.stop && !st.want_sample && st.requests.is_empty() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                st = shared
+                    .wake
+                    .wait_timeout(st, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            if st.stop {
+                return;
+            }
+        }
+        pass(shared, own);
+    }
+}
+
+/// One sampling pass: baselines for new namespaces, a sample of every tracked one. The lock is
+/// taken only to copy the work list in and the numbers out.
+fn pass(shared: &Shared, own: u32) {
+    let (requests, paths) = {
+        let mut st = shared.lock();
+        st.want_sample = false;
+        st.in_pass = true;
+        let requests: Vec<u32> = std::mem::take(&mut st.requests)
+            .into_iter()
+            .filter(|n| {
+                !st.tracked.contains_key(n) && st.unreachable.get(n).is_none_or(|t| t.elapsed() >= RETRY_UNREACHABLE)
+            })
+            .collect();
+        let paths: Vec<(u32, Option<PathBuf>)> = st.tracked.iter().map(|(n, t)| (*n, t.path.clone())).collect();
+        (requests, paths)
+    };
+    let mut new = Vec::new();
+    let mut unreachable = Vec::new();
+    for inode in requests {
+        let path = if inode == own || inode == 0 {
+            None
+        } else {
+            let Some(p) = netns_path(inode) else {
+                unreachable.push(inode);
+                continue;
+            };
+            Some(p)
+        };
+        let now = monotonic_ns();
+        match read(path.as_deref()) {
+            Ok(s) => new.push((
+                inode,
+                Tracked {
+                    path,
+                    first: s,
+                    samples: VecDeque::from([(now, s)]),
+                },
+            )),
+            Err(_) => unreachable.push(inode),
+        }
+    }
+    let mut samples = Vec::with_capacity(paths.len());
+    for (inode, path) in paths {
+        let now = monotonic_ns();
+        if let Ok(s) = read(path.as_deref()) {
+            samples.push((inode, now, s));
+        }
+    }
+    let mut st = shared.lock();
+    for (inode, t) in new {
+        st.tracked.entry(inode).or_insert(t);
+    }
+    for inode in unreachable {
+        st.unreachable.insert(inode, Instant::now());
+    }
+    for (inode, at, s) in samples {
+        if let Some(t) = st.tracked.get_mut(&inode) {
+            t.push(at, s);
+        }
+    }
+    st.passes += 1;
+    st.in_pass = false;
+    drop(st);
+    shared.passed.notify_all();
 }
 
 #[cfg(test)]

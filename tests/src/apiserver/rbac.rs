@@ -194,7 +194,11 @@ fn rule_allows(r: &PolicyRule, a: &Attributes) -> bool {
 }
 
 /// The RBAC attributes of a request, or `None` for a non-resource URL.
-pub fn attributes(method: &str, path: &str, query: &std::collections::HashMap<String, String>) -> Option<Attributes> {
+pub fn attributes<S: std::hash::BuildHasher>(
+    method: &str,
+    path: &str,
+    query: &std::collections::HashMap<String, String, S>,
+) -> Option<Attributes> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
     let (group, rest): (&str, &[&str]) = match segs.as_slice() {
         ["api", _version, rest @ ..] if !rest.is_empty() => ("", rest),

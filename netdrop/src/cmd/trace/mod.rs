@@ -8,7 +8,6 @@ mod summarizer;
 pub mod targets;
 
 use std::{
-    collections::HashMap,
     io::IsTerminal as _,
     sync::Arc,
     time::{Duration, Instant},
@@ -23,21 +22,23 @@ use tracing::warn;
 
 use self::{
     pipeline::Pipeline,
-    plan::{Plan, Timewait, is_too_large, plan, timewait_by_flags},
+    plan::{Plan, Timewait, is_too_large, plan},
     summarizer::Summarizer,
     targets::TargetMode,
 };
 use crate::{
-    cli::{CtHookArg, Format, TraceArgs},
+    aggregate::attach::{AttachHook, AttachReport, Attached, DegradedMode, Fallback, Program},
+    cli::{CtHookArg, Format, TraceArgs, TwHookArg},
     enrich::{
+        classify::Classifier,
         decode::{self, Decoder},
         visibility::Visibility,
     },
     kernel::{KernelInfo, symbols::KernelSymbols},
-    probe::{self, AttachOptions, PreciseHook},
+    probe::{self, AttachOptions, DropProbe, PreciseHook},
     resolve::{Health, KubeOptions, Resolver},
     sink::{JsonSink, LiveTable, Sink, TextSink},
-    source::conntrack::CtMonitor,
+    source::{conntrack::CtSampler, counters::DropCounters},
 };
 
 /// How often the reader drains the ring buffer without a wakeup (the kernel wakes it early
@@ -50,6 +51,10 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
 
 /// A trace whose events and final summary also go to `extra` sinks (`capture` adds its file);
 /// it stops early once one of them is [`Sink::done`].
+#[expect(
+    clippy::too_many_lines,
+    reason = "attach, the select loop and the final summary in the order they happen; the stages live in plan, pipeline and summarizer"
+)]
 pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Result<()> {
     let kernel = KernelInfo::discover()?;
     let Plan {
@@ -57,7 +62,12 @@ pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Res
         mut config,
         conntrack_on,
         timewait,
+        counts_only,
     } = plan(&args, &kernel)?;
+    let mut report = AttachReport::default();
+    if let Some(why) = counts_only {
+        report.degrade(DegradedMode::CountsOnly, why);
+    }
     let attach_opts = AttachOptions {
         hook: args.hook.map(Into::into),
         ring_bytes: args.ring_kib * 1024,
@@ -67,47 +77,19 @@ pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Res
         // 6.1) by the per-drop effect decision: the same program without it, named.
         Err(e) if is_too_large(&e) => {
             config.effects = 0;
-            eprintln!(
-                "netdrop: drop effects off (lossless/reset discards counted as drops, effect \"unknown\"): this kernel's verifier refused the full program ({e})"
-            );
+            report.degrade(DegradedMode::DropEffectsOff, e.to_string());
             probe::attach(&kernel, &config, attach_opts)?
         }
         r => r?,
     };
-    let ct_hook = match (&kernel.conntrack, conntrack_on) {
-        (Err(why), _) => {
-            eprintln!("netdrop: conntrack classification off: {why}");
-            "off"
-        }
-        (Ok(()), false) => "off",
-        (Ok(()), true) => {
-            let want = args.ct_hook.and_then(CtHookArg::hook);
-            let (hook, why) = probe::attach_conntrack(&mut probe, want);
-            match hook {
-                PreciseHook::Fexit => eprintln!("netdrop: conntrack verdicts via fexit (exact)"),
-                PreciseHook::Kprobe => eprintln!(
-                    "netdrop: conntrack verdicts via kprobe (exact; {})",
-                    why.unwrap_or_default()
-                ),
-                PreciseHook::Inferred => eprintln!(
-                    "netdrop: conntrack classification inferred from conntrack state and statistics ({})",
-                    why.unwrap_or_else(|| "--ct-hook inferred".into())
-                ),
-            }
-            hook.name()
-        }
-    };
-    let timewait_hook = match timewait {
-        Timewait::RxSk => "rx_sk",
-        Timewait::Flags => "flags",
-        Timewait::Hooks(want) => match probe::attach_timewait(&mut probe, want) {
-            (PreciseHook::Inferred, why) => {
-                timewait_by_flags(&why.unwrap_or_default());
-                "flags"
-            }
-            (hook, _) => hook.name(),
-        },
-    };
+    report.attached(drop_hook(&probe, &args));
+    report.attached(conntrack_hook(&mut probe, &kernel, conntrack_on, &args));
+    report.attached(timewait_hook(&mut probe, timewait, &args));
+    // Keys carry namespaces only where the program reads the skb; cookies where BTF has them.
+    let mut counters = DropCounters::start(
+        config.read_skb == 1,
+        config.offsets.net_cookie != netdrop_common::ABSENT,
+    );
     let kube = KubeOptions::from(&args.kube);
     let node = crate::resolve::node_name(&kube);
     let resolver = match Resolver::start(&kube).await {
@@ -131,7 +113,14 @@ pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Res
             );
         }
         let tc = (!args.no_tc).then_some(&args.tc);
-        Some(TargetMode::start(&args.target, tc, &resolver, &mut probe, &node)?)
+        Some(TargetMode::start(
+            &args.target,
+            tc,
+            &resolver,
+            &mut probe,
+            &node,
+            &mut report,
+        )?)
     } else {
         None
     };
@@ -144,26 +133,24 @@ pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Res
         node: node.clone(),
         conntrack: conntrack_on,
     };
-    let mut monitor = CtMonitor::new();
-    if conntrack_on {
+    let sampler = if conntrack_on {
         // Baselines before the first drop, and before "attached" (callers start traffic on
-        // that line): the summary reports rises over the whole run.
-        monitor.track(spec.netns.unwrap_or_else(crate::kernel::netns::own_netns));
-        // And the nodes named with --node-netns: their conntrack (a node's SNAT, a resolved
-        // clash) counts from the start, not from their first drop.
-        for n in &args.tc.node_netns {
-            if let Some(inode) = n
-                .path
+        // that line): the summary reports rises over the whole run. Our namespace (or the
+        // traced one), and the nodes named with --node-netns: their conntrack (a node's SNAT, a
+        // resolved clash) counts from the start, not from their first drop.
+        let mut initial = vec![spec.netns.unwrap_or_else(crate::kernel::netns::own_netns)];
+        initial.extend(args.tc.node_netns.iter().filter_map(|n| {
+            n.path
                 .as_deref()
                 .and_then(|p| std::fs::metadata(p).ok())
                 .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
-            {
-                monitor.track(inode);
-            }
-        }
-    }
-    if let Some(why) = &probe.fallback {
-        eprintln!("netdrop: tp_btf/kfree_skb not usable ({why}); using the tracepoint fallback");
+        }));
+        CtSampler::start(&initial).context("starting the conntrack sampler thread")?
+    } else {
+        CtSampler::idle()
+    };
+    for notice in report.notices() {
+        eprintln!("netdrop: {notice}");
     }
     eprintln!(
         "netdrop: attached {} on {} (kernel {}; {} drop reasons from {:?})",
@@ -176,17 +163,13 @@ pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Res
 
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
     let hide_teardown = !spec.all_reasons && spec.reasons.is_empty();
-    let mut pipe = Pipeline {
+    let mut pipe = Pipeline::new(
         decoder,
-        visibility: Visibility::new(&config, hide_teardown, symbols.clone()),
-        monitor,
-        conntrack: conntrack_on,
-        resolver: kube_on.then(|| resolver.clone()),
-        sinks: Vec::new(),
-        shown: 0,
-        node_of: HashMap::new(),
-        nodes_given: targets.as_ref().is_some_and(|t| t.nodes_given),
-    };
+        Visibility::new(&config, hide_teardown),
+        Classifier::new(conntrack_on, sampler),
+    );
+    pipe.resolver = kube_on.then(|| resolver.clone());
+    pipe.nodes_given = targets.as_ref().is_some_and(|t| t.nodes_given);
     let mut live_table = (targets.is_some() && std::io::stdout().is_terminal() && args.output != Some(Format::Json))
         .then(LiveTable::default);
     let format = match (args.output, &targets) {
@@ -206,9 +189,7 @@ pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Res
         reasons: reasons.clone(),
         symbols: symbols.clone(),
         node: node.clone(),
-        hook: probe.hook.name(),
-        ct_hook,
-        timewait_hook,
+        attach: report,
         conntrack: conntrack_on,
         netfilter_drop_reason: config.netfilter_drop_reason,
     };
@@ -246,12 +227,12 @@ pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Res
             }
             _ = tick.tick() => pipe.drain(ring.get_mut())?,
             _ = second.tick() => {
-                pipe.monitor.sample_all();
+                let counts = counters.harvest(&mut probe).counts;
                 if let Some(t) = &mut targets {
                     t.refresh(&resolver, &mut probe);
                     pipe.node_of = t.node_of();
                     if t.due() {
-                        let summary = summarizer.summary(&probe, &mut pipe, started);
+                        let summary = summarizer.summary_of(&counts, &pipe, started);
                         let svc = t.build(&summary, &pipe.node_of, started, false);
                         if let Some(live) = &mut live_table {
                             live.redraw(&svc)?;
@@ -269,9 +250,19 @@ pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Res
         }
     }
     pipe.drain(ring.get_mut())?;
+    pipe.finish()?;
 
-    let counts = probe.counts();
-    let summary = summarizer.summary_of(&counts, &mut pipe, started);
+    let counts = counters.harvest(&mut probe).counts;
+    if conntrack_on {
+        // The final numbers, and baselines of namespaces seen only in the counters.
+        for (key, _) in &counts.drops {
+            if key.reason == config.netfilter_drop_reason {
+                pipe.classifier.sampler().track(key.netns);
+            }
+        }
+        pipe.classifier.sampler().sample_now(Duration::from_secs(5));
+    }
+    let summary = summarizer.summary_of(&counts, &pipe, started);
     if let Some(t) = &mut targets {
         let mut svc = t.build(&summary, &pipe.node_of, started, true);
         // The full drop summary as the target's: with the nodes named, without the namespaces of
@@ -286,7 +277,7 @@ pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Res
                     .collect(),
                 stats: counts.stats,
             };
-            summarizer.summary_of(&ours, &mut pipe, started)
+            summarizer.summary_of(&ours, &pipe, started)
         } else {
             summary
         });
@@ -328,5 +319,72 @@ fn load_symbols() -> KernelSymbols {
             warn!("cannot read /proc/kallsyms ({e}): locations print as addresses");
             KernelSymbols::default()
         }
+    }
+}
+
+fn fallbacks(tried: probe::Tried) -> Vec<Fallback> {
+    tried
+        .into_iter()
+        .map(|(hook, error)| Fallback {
+            hook: hook.into(),
+            error,
+        })
+        .collect()
+}
+
+/// The drop hook the probe attached, and the tp_btf error when it fell back.
+fn drop_hook(probe: &DropProbe, args: &TraceArgs) -> Attached {
+    let mut a = Attached::new(Program::KfreeSkb, probe.hook);
+    if let Some(error) = &probe.fallback {
+        a = a.fallbacks(vec![Fallback {
+            hook: AttachHook::TpBtf,
+            error: error.clone(),
+        }]);
+    }
+    match args.hook {
+        Some(h) => a.flag(h.flag()),
+        None => a,
+    }
+}
+
+/// Attaches the conntrack verdict hooks when conntrack classification is on.
+fn conntrack_hook(probe: &mut DropProbe, kernel: &KernelInfo, on: bool, args: &TraceArgs) -> Attached {
+    let off = Attached::new(Program::Conntrack, AttachHook::Off);
+    match (&kernel.conntrack, on) {
+        (Err(why), _) => off.why(why.clone()),
+        (Ok(()), false) => match args.ct_hook {
+            Some(f) => off.flag(f.flag()),
+            None => off,
+        },
+        (Ok(()), true) => {
+            let (hook, tried) = probe::attach_conntrack(probe, args.ct_hook.and_then(CtHookArg::hook));
+            let a = Attached::new(Program::Conntrack, hook).fallbacks(fallbacks(tried));
+            match args.ct_hook {
+                Some(f) => a.flag(f.flag()),
+                None => a,
+            }
+        }
+    }
+}
+
+/// How segments freed by TIME_WAIT sockets are told; attaches their hooks when planned.
+fn timewait_hook(probe: &mut DropProbe, timewait: Timewait, args: &TraceArgs) -> Attached {
+    let flag = args.tw_hook.map(TwHookArg::flag);
+    let a = match timewait {
+        Timewait::RxSk => Attached::new(Program::Timewait, AttachHook::RxSk),
+        Timewait::Flags(None) => Attached::new(Program::Timewait, AttachHook::Flags),
+        Timewait::Flags(Some(why)) => Attached::new(Program::Timewait, AttachHook::Flags).why(why),
+        Timewait::Hooks(want) => {
+            let (hook, tried) = probe::attach_timewait(probe, want);
+            let hook = match hook {
+                PreciseHook::Inferred => AttachHook::Flags,
+                h => h.into(),
+            };
+            Attached::new(Program::Timewait, hook).fallbacks(fallbacks(tried))
+        }
+    };
+    match flag {
+        Some(f) => a.flag(f),
+        None => a,
     }
 }

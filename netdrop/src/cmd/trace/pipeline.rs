@@ -1,14 +1,16 @@
-//! The event pipeline: ring buffer → decode → visibility → node → classify → Kubernetes names
-//! → sinks, for each event the kernel sent.
+//! The event pipeline: ring buffer → location (looked up once) → visibility → decode → node →
+//! classify → Kubernetes names → sinks, for each event the kernel sent.
 
-use std::collections::HashMap;
+use std::{
+    collections::{HashMap, VecDeque},
+    time::{Duration, Instant},
+};
 
 use aya::maps::{MapData, RingBuf};
-use netdrop_common::ct;
 
 use crate::{
     enrich::{
-        classify,
+        classify::{Classifier, Facts},
         decode::{self, Decoder},
         kube::resolve_record,
         record::DropRecord,
@@ -16,15 +18,25 @@ use crate::{
     },
     resolve::Resolver,
     sink::Sink,
-    source::conntrack::{CtMonitor, Evidence},
 };
+
+/// The longest an event waits for the conntrack sample after its drop before it is classified
+/// without it (the sampler takes one as soon as it is asked; this only bounds a stuck read).
+const EVIDENCE_WAIT: Duration = Duration::from_secs(2);
+
+/// An event whose classification waits for the conntrack sampler; the events after it wait
+/// behind it, so sinks see events in the kernel's order.
+struct Pending {
+    record: DropRecord,
+    classified: bool,
+    since: Instant,
+}
 
 /// decode → classify → sinks, for each event the kernel sent.
 pub(super) struct Pipeline {
     pub(super) decoder: Decoder,
     pub(super) visibility: Visibility,
-    pub(super) monitor: CtMonitor,
-    pub(super) conntrack: bool,
+    pub(super) classifier: Classifier,
     /// Kubernetes names for addresses, when resolution is on.
     pub(super) resolver: Option<Resolver>,
     pub(super) sinks: Vec<Box<dyn Sink>>,
@@ -34,65 +46,122 @@ pub(super) struct Pipeline {
     /// Nodes were named (`--node-netns`): events in namespaces of none of them are another
     /// cluster's on this host and are left out, as the target summary leaves their counts out.
     pub(super) nodes_given: bool,
+    pending: VecDeque<Pending>,
 }
 
 impl Pipeline {
-    /// Reads every waiting event.
+    pub(super) fn new(decoder: Decoder, visibility: Visibility, classifier: Classifier) -> Self {
+        Self {
+            decoder,
+            visibility,
+            classifier,
+            resolver: None,
+            sinks: Vec::new(),
+            shown: 0,
+            node_of: HashMap::new(),
+            nodes_given: false,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Reads every waiting event, and writes out those whose classification is settled.
     pub(super) fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
-        let mut n = 0;
+        let mut written = 0;
         while let Some(item) = ring.next() {
             let ev = decode::parse_event(&item)?;
             drop(item);
-            let ip_version = match (ev.header_len, ev.l3_proto) {
-                (0, _) => 0,
-                (_, 0x0800) => 4,
-                _ => 6,
-            };
+            let location = self.decoder.symbols.locate(ev.location);
             if self
                 .visibility
-                .is_hidden(ev.reason, ip_version, ev.location, ev.exact_class)
+                .is_hidden(ev.reason, decode::ip_version(&ev), location.function(), ev.exact_class)
             {
                 continue;
             }
             if self.nodes_given && !self.node_of.contains_key(&ev.netns) {
                 continue;
             }
-            let mut record = self.decoder.decode(&ev);
+            let mut record = self.decoder.decode(&ev, location);
             if let Some(n) = self.node_of.get(&ev.netns) {
                 record.node.clone_from(n);
             }
-            self.classify(&mut record, ev.netns, ev.ts_ns);
+            let classified = classify(&mut self.classifier, &mut record, false);
+            self.pending.push_back(Pending {
+                record,
+                classified,
+                since: Instant::now(),
+            });
+            // Nothing waits ahead of it: out now, not after the whole batch.
+            if classified && self.pending.len() == 1 {
+                written += self.write_ready(false)?;
+            }
+        }
+        written += self.write_ready(false)?;
+        self.flush(written)
+    }
+
+    /// At the end of the run: waits once for the sampler, then writes out every event.
+    pub(super) fn finish(&mut self) -> anyhow::Result<()> {
+        if self.pending.iter().any(|p| !p.classified) {
+            self.classifier.sampler().sample_now(EVIDENCE_WAIT);
+        }
+        let written = self.write_ready(true)?;
+        self.flush(written)
+    }
+
+    /// Writes out the events at the head of the queue whose classification is settled (all of
+    /// them with `force`); returns how many.
+    fn write_ready(&mut self, force: bool) -> anyhow::Result<u64> {
+        let mut n = 0;
+        while let Some(head) = self.pending.front_mut() {
+            if !head.classified {
+                let now = force || head.since.elapsed() >= EVIDENCE_WAIT;
+                head.classified = classify(&mut self.classifier, &mut head.record, now);
+                if !head.classified {
+                    break;
+                }
+            }
+            let mut p = self.pending.pop_front().expect("a head");
             if let Some(r) = &self.resolver {
-                resolve_record(r, &mut record);
+                resolve_record(r, &mut p.record);
             }
             for s in &mut self.sinks {
-                s.on_drop(&record)?;
+                s.on_drop(&p.record)?;
             }
             n += 1;
         }
-        if n > 0 {
+        Ok(n)
+    }
+
+    fn flush(&mut self, written: u64) -> anyhow::Result<()> {
+        if written > 0 {
             for s in &mut self.sinks {
                 s.flush()?;
             }
         }
-        self.shown += n;
+        self.shown += written;
         Ok(())
     }
+}
 
-    fn classify(&mut self, r: &mut DropRecord, netns: u32, at_ns: u64) {
-        let function = self.decoder.symbols.function(r.raw.location);
-        // Statistics are read only when the packet itself cannot tell.
-        let needs_evidence = self.conntrack
-            && r.reason == "NETFILTER_DROP"
-            && r.raw.kernel_class == 0
-            && !function
-                .is_some_and(|f| classify::RULE_ENGINES.contains(&f) && r.raw.ct_state & ct::STATE_MASK != ct::NONE);
-        let evidence = if needs_evidence {
-            self.monitor.around(netns, at_ns)
-        } else {
-            Evidence::default()
-        };
-        (r.classification, r.certainty) =
-            classify::classify(&r.reason, function, r.raw.ct_state, r.raw.kernel_class, &evidence);
+/// Classifies `r`; false while its evidence is still to come (unless `now`).
+fn classify(classifier: &mut Classifier, r: &mut DropRecord, now: bool) -> bool {
+    let facts = Facts {
+        reason: &r.reason,
+        function: r.location.function(),
+        ct_state: r.raw.ct_state,
+        kernel_class: r.raw.kernel_class,
+    };
+    let (netns, addr, at) = (r.netns, r.raw.location, r.raw.ts_ns);
+    let got = if now {
+        Some(classifier.event_now(&facts, netns, addr, at))
+    } else {
+        classifier.event(&facts, netns, addr, at)
+    };
+    match got {
+        Some((c, k)) => {
+            (r.classification, r.certainty) = (c, k);
+            true
+        }
+        None => false,
     }
 }

@@ -23,6 +23,8 @@ pub(super) struct Plan {
     /// Conntrack classification is on (BTF has `struct nf_conn`, not `--ct-hook off`).
     pub(super) conntrack_on: bool,
     pub(super) timewait: Timewait,
+    /// No kernel BTF, why: the degraded mode "counts only".
+    pub(super) counts_only: Option<String>,
 }
 
 /// The kernel programs' settings from the flags and what this kernel offers.
@@ -30,20 +32,16 @@ pub(super) fn plan(args: &TraceArgs, kernel: &KernelInfo) -> anyhow::Result<Plan
     let spec = args.filter.to_spec();
     let mut config = Config::DEFAULT;
     spec.apply(&mut config, &kernel.reasons)?;
-    match kernel.offsets {
-        Some(o) => {
-            config.offsets = o;
-            config.read_skb = 1;
+    let mut counts_only = None;
+    if let Some(o) = kernel.offsets {
+        config.offsets = o;
+        config.read_skb = 1;
+    } else {
+        let why = kernel.btf_error.clone().unwrap_or_default();
+        if spec.needs_packet() {
+            return Err(FilterError::NeedsBtf(why).into());
         }
-        None => {
-            let why = kernel.btf_error.clone().unwrap_or_default();
-            if spec.needs_packet() {
-                return Err(FilterError::NeedsBtf(why).into());
-            }
-            eprintln!(
-                "netdrop: degraded mode \"counts only\": no kernel BTF ({why}); drops are counted by reason and location, no per-packet events"
-            );
-        }
+        counts_only = Some(why);
     }
     if let Some(tp) = kernel.tracepoint {
         config.tracepoint = tp;
@@ -60,7 +58,7 @@ pub(super) fn plan(args: &TraceArgs, kernel: &KernelInfo) -> anyhow::Result<Plan
     set_effect_reasons(&mut config, &kernel.reasons);
     // The kfree_skb program consults the precise hooks' marks only for NETFILTER_DROP.
     config.precise_conntrack = config.conntrack;
-    let timewait = timewait_source(&kernel, &mut config, args.tw_hook)?;
+    let timewait = timewait_source(kernel, &mut config, args.tw_hook)?;
     let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
     config.events_per_cpu_sec = if args.event_rate == 0 {
         0
@@ -75,6 +73,7 @@ pub(super) fn plan(args: &TraceArgs, kernel: &KernelInfo) -> anyhow::Result<Plan
         config,
         conntrack_on,
         timewait,
+        counts_only,
     })
 }
 
@@ -90,8 +89,9 @@ pub(super) enum Timewait {
     RxSk,
     /// Marks from hooks on `tcp_timewait_state_process` (`None`: fexit, else kprobes).
     Hooks(Option<PreciseHook>),
-    /// FIN/RST flags only.
-    Flags,
+    /// FIN/RST flags only: chosen (`--tw-hook flags`, or no per-packet data), or, with why,
+    /// because the kernel lacks what the hooks need.
+    Flags(Option<String>),
 }
 
 /// Picks the way to tell timewait segments and sets the config for it; `--tw-hook` forces one.
@@ -104,8 +104,8 @@ fn timewait_source(kernel: &KernelInfo, config: &mut Config, want: Option<TwHook
                 "--tw-hook rx-sk: this kernel's kfree_skb passes no receiving socket (Linux 6.11+); use fexit or kprobe"
             )
         }
-        Some(TwHookArg::Flags) => Timewait::Flags,
-        _ if config.read_skb == 0 => Timewait::Flags,
+        Some(TwHookArg::Flags) => Timewait::Flags(None),
+        _ if config.read_skb == 0 => Timewait::Flags(None),
         None => Timewait::Hooks(None),
         Some(TwHookArg::Fexit) => Timewait::Hooks(Some(PreciseHook::Fexit)),
         Some(TwHookArg::Kprobe) => Timewait::Hooks(Some(PreciseHook::Kprobe)),
@@ -123,10 +123,7 @@ fn timewait_source(kernel: &KernelInfo, config: &mut Config, want: Option<TwHook
                 config.timewait_marks = 1;
                 config.tw_syn_status = f.syn_status;
             }
-            Err(why) => {
-                timewait_by_flags(why);
-                return Ok(Timewait::Flags);
-            }
+            Err(why) => return Ok(Timewait::Flags(Some(why.clone()))),
         }
     }
     Ok(source)
@@ -162,9 +159,4 @@ fn set_effect_reasons(config: &mut Config, reasons: &ReasonTable) {
     config.set_stale_bits();
     config.tcp_flags_reason = reasons.lookup("TCP_FLAGS").unwrap_or(absent);
     config.no_socket_reason = reasons.lookup("NO_SOCKET").unwrap_or(absent);
-}
-
-/// The degraded mode when no socket-aware way works.
-pub(super) fn timewait_by_flags(why: &str) {
-    eprintln!("netdrop: segments freed by TIME_WAIT sockets told by TCP flags only, a bare ACK stays visible ({why})");
 }

@@ -1,11 +1,12 @@
-//! Summaries from the kernel's exact counters: at exit, and each second for target traces.
+//! Summaries from the drop counters (`source::counters`, exact, with the counts of evicted
+//! namespaces): at exit, and each second for target traces.
 
 use std::{sync::Arc, time::Instant};
 
 use super::pipeline::Pipeline;
 use crate::{
-    aggregate::{self, SummaryContext},
-    enrich::classify,
+    aggregate::{self, SummaryContext, attach::AttachReport},
+    enrich::classify::Facts,
     kernel::{reasons::ReasonTable, symbols::KernelSymbols},
     probe,
 };
@@ -15,55 +16,45 @@ pub(super) struct Summarizer {
     pub(super) reasons: Arc<ReasonTable>,
     pub(super) symbols: Arc<KernelSymbols>,
     pub(super) node: String,
-    pub(super) hook: &'static str,
-    pub(super) ct_hook: &'static str,
-    pub(super) timewait_hook: &'static str,
+    /// What was attached; every summary carries it.
+    pub(super) attach: AttachReport,
     pub(super) conntrack: bool,
     pub(super) netfilter_drop_reason: u32,
 }
 
 impl Summarizer {
-    pub(super) fn summary(
-        &self,
-        probe: &probe::DropProbe,
-        pipe: &mut Pipeline,
-        started: Instant,
-    ) -> aggregate::Summary {
-        self.summary_of(&probe.counts(), pipe, started)
-    }
-
     pub(super) fn summary_of(
         &self,
         counts: &probe::KernelCounts,
-        pipe: &mut Pipeline,
+        pipe: &Pipeline,
         started: Instant,
     ) -> aggregate::Summary {
+        let sampler = pipe.classifier.sampler();
         if self.conntrack {
             for (key, _) in &counts.drops {
                 if key.reason == self.netfilter_drop_reason {
-                    pipe.monitor.track(key.netns);
+                    sampler.track(key.netns);
                 }
             }
         }
-        let ct_report = if self.conntrack {
-            pipe.monitor.report()
-        } else {
-            Vec::new()
-        };
-        let monitor = &pipe.monitor;
-        let classify_row = |k: &netdrop_common::DropKey| {
-            let reason = self.reasons.display(k.reason).to_string();
-            let function = self.symbols.function(k.location);
-            classify::classify(&reason, function, k.ct_state, k.exact_class, &monitor.over_run(k.netns))
+        let ct_report = if self.conntrack { sampler.report() } else { Vec::new() };
+        let classifier = &pipe.classifier;
+        let classify_row = |k: &netdrop_common::DropKey, function: Option<&str>| {
+            let reason = self.reasons.reason(k.reason);
+            let facts = Facts {
+                reason: &reason,
+                function,
+                ct_state: k.ct_state,
+                kernel_class: k.exact_class,
+            };
+            classifier.row(&facts, k)
         };
         let ctx = SummaryContext {
             reasons: &self.reasons,
             symbols: &self.symbols,
             visibility: &pipe.visibility,
             node: &self.node,
-            hook: self.hook,
-            conntrack_hook: self.ct_hook,
-            timewait_hook: self.timewait_hook,
+            attach: &self.attach,
             classify: &classify_row,
             conntrack: ct_report,
         };

@@ -14,6 +14,7 @@ use tracing::warn;
 use crate::{
     aggregate::{
         Summary,
+        attach::{AttachHook, AttachReport, Attached, Fallback, Program},
         target_set::{TargetSet, TargetSpec},
         target_summary::{self, Observed, TargetSummary},
     },
@@ -46,13 +47,15 @@ pub struct TargetMode {
 }
 
 impl TargetMode {
-    /// Resolves the target, fills the kernel's address filter and starts the tc counters.
+    /// Resolves the target, fills the kernel's address filter and starts the tc counters
+    /// (`None`: `--no-tc`); says in `report` how they were attached.
     pub fn start(
         a: &TargetArgs,
         tc_args: Option<&TcArgs>,
         r: &Resolver,
         probe: &mut DropProbe,
         node: &str,
+        report: &mut AttachReport,
     ) -> anyhow::Result<Self> {
         let Some(spec) = a.spec() else { bail!("no target given") };
         let targets = match spec.resolve(r) {
@@ -66,20 +69,33 @@ impl TargetMode {
                 spec.describe()
             );
         }
+        let off = Attached::new(Program::Tc, AttachHook::Off);
         let tc = if let Some(tc_args) = tc_args {
             match TcAccounting::start(&tc_args.node_netns, node, &tc_args.watch_options(), None) {
                 Ok(tc) => {
                     if let Err(e) = tc.set_destinations(&targets.destinations()) {
                         warn!("tc attempt counters: {e}");
                     }
+                    let mut a = Attached::new(Program::Tc, tc.mode());
+                    if let Some(error) = tc.tcx_error() {
+                        a = a.fallbacks(vec![Fallback {
+                            hook: AttachHook::Tcx,
+                            error: error.to_string(),
+                        }]);
+                    }
+                    if let Some(flag) = tc_args.mode_flag() {
+                        a = a.flag(flag);
+                    }
+                    report.attached(a);
                     Some(tc)
                 }
                 Err(e) => {
-                    eprintln!("netdrop: no attempt counters ({e}); drops are still exact, ratios are not shown");
+                    report.attached(off.why(e.to_string()));
                     None
                 }
             }
         } else {
+            report.attached(off.flag("--no-tc"));
             None
         };
         eprintln!(
@@ -179,35 +195,15 @@ impl TargetMode {
         is_final: bool,
     ) -> TargetSummary {
         let lookup = |n: u32| node_of.get(&n).cloned();
-        let mut s = self.build_table(summary, &lookup, started, is_final);
-        // Conntrack findings that are not drops: a resolved clash (Linux 5.6+) dropped nothing,
-        // which is the answer to "is it the DNS insert race?".
-        for c in summary.conntrack.iter().filter(|c| c.clash_resolve > 0) {
-            let place = lookup(c.netns).unwrap_or_else(|| format!("netns {}", c.netns));
-            s.diagnosis.push(format!(
-                "{place}: {} conntrack clashes resolved: {}.",
-                c.clash_resolve,
-                crate::enrich::classify::CLASH_RESOLVED
-            ));
-        }
-        s
-    }
-
-    fn build_table(
-        &self,
-        summary: &Summary,
-        lookup: &dyn Fn(u32) -> Option<String>,
-        started: Instant,
-        is_final: bool,
-    ) -> TargetSummary {
         target_summary::build(
             &self.targets,
             &Observed {
                 rows: &summary.drops,
                 tc: self.snapshot.as_ref(),
-                node_of: lookup,
+                node_of: &lookup,
                 nodes_given: self.nodes_given,
                 lost_events: summary.lost_events,
+                conntrack: &summary.conntrack,
                 duration_s: started.elapsed().as_secs_f64(),
                 time: summary.time.clone(),
                 is_final,

@@ -93,6 +93,8 @@ pub struct TcAccounting {
     nodes: Vec<Arc<NetnsWatcher>>,
     mode: TcMode,
     mode_note: String,
+    /// Why TCX was not used, when `auto` fell back to clsact.
+    tcx_error: Option<String>,
     reports: Vec<NodeReport>,
     /// Entries the kernel's destination map holds.
     max_destinations: u32,
@@ -108,7 +110,7 @@ impl TcAccounting {
         nodes: &[NodeNetns],
         default_node: &str,
         opts: &WatchOptions,
-        events: Option<UnboundedSender<WatchEvent>>,
+        events: Option<&UnboundedSender<WatchEvent>>,
     ) -> Result<Self, InterfacesError> {
         let nodes: Vec<NodeNetns> = if nodes.is_empty() {
             vec![NodeNetns {
@@ -147,13 +149,14 @@ impl TcAccounting {
             let instance = TcInstance::load(inode, opts.load)?;
             prepared.push((spec.clone(), inode, instance));
         }
-        let (mode, mode_note) = choose_mode(opts.mode, &prepared[0].2)?;
+        let (mode, mode_note, tcx_error) = choose_mode(opts.mode, &prepared[0].2)?;
 
         let owner = Owner::current();
         let mut started = Self {
             nodes: Vec::new(),
             mode,
             mode_note,
+            tcx_error,
             reports: Vec::new(),
             max_destinations: opts.load.max_destinations,
         };
@@ -185,7 +188,7 @@ impl TcAccounting {
                 mode,
                 priority: opts.priority,
                 owner,
-                events: events.clone(),
+                events: events.cloned(),
                 attached: HashMap::new(),
                 nsids: NsidCache::default(),
             };
@@ -218,6 +221,11 @@ impl TcAccounting {
     /// Which mode was chosen and why, in one line.
     pub fn mode_note(&self) -> &str {
         &self.mode_note
+    }
+
+    /// Why TCX was not used, when `auto` fell back to clsact.
+    pub fn tcx_error(&self) -> Option<&str> {
+        self.tcx_error.as_deref()
     }
 
     /// Start-up per node: interfaces attached, time taken, leftovers removed.
@@ -367,7 +375,11 @@ impl Drop for TcAccounting {
     }
 }
 
-fn choose_mode(choice: TcModeChoice, instance: &TcInstance) -> Result<(TcMode, String), InterfacesError> {
+/// The tc mode, a line saying which and why, and the TCX error when auto fell back to clsact.
+fn choose_mode(
+    choice: TcModeChoice,
+    instance: &TcInstance,
+) -> Result<(TcMode, String, Option<String>), InterfacesError> {
     let clsact_note = format!(
         "clsact + netlink filters (priority {}, handle {:#x}, named {}/{}:pid=...)",
         tc::DEFAULT_PRIORITY,
@@ -376,19 +388,25 @@ fn choose_mode(choice: TcModeChoice, instance: &TcInstance) -> Result<(TcMode, S
         tc::EGRESS_PROGRAM
     );
     match choice {
-        TcModeChoice::Clsact => Ok((TcMode::Clsact, format!("{clsact_note} (--tc-mode clsact)"))),
+        TcModeChoice::Clsact => Ok((TcMode::Clsact, format!("{clsact_note} (--tc-mode clsact)"), None)),
         TcModeChoice::Tcx => match tc::probe_tcx(instance) {
             Ok(()) => Ok((
                 TcMode::Tcx,
                 "tcx, first in each interface's chain (--tc-mode tcx)".into(),
+                None,
             )),
             Err(e) => Err(TcError::NoTcx(e).into()),
         },
         TcModeChoice::Auto => match tc::probe_tcx(instance) {
-            Ok(()) => Ok((TcMode::Tcx, "tcx (Linux 6.6+), first in each interface's chain".into())),
+            Ok(()) => Ok((
+                TcMode::Tcx,
+                "tcx (Linux 6.6+), first in each interface's chain".into(),
+                None,
+            )),
             Err(e) => Ok((
                 TcMode::Clsact,
                 format!("{clsact_note}: TCX unavailable ({e}; needs Linux 6.6+)"),
+                Some(format!("{e} (needs Linux 6.6+)")),
             )),
         },
     }

@@ -105,8 +105,11 @@ impl FromStr for Destination {
     /// `IP:PORT/PROTO`, e.g. `10.96.0.10:53/udp`, `[fd00::1]:443/tcp`; PROTO defaults to tcp.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match crate::resolve::parse_addr_port_proto(s)? {
-            (ip, Some((port, crate::resolve::Proto::Tcp))) => Ok(Self { ip, port, proto: 6 }),
-            (ip, Some((port, crate::resolve::Proto::Udp))) => Ok(Self { ip, port, proto: 17 }),
+            (ip, Some((port, p @ (crate::resolve::Proto::Tcp | crate::resolve::Proto::Udp)))) => Ok(Self {
+                ip,
+                port,
+                proto: p.ip().0,
+            }),
             (_, Some(_)) => Err(format!("{s:?}: attempts are counted for tcp and udp")),
             (_, None) => Err(format!("{s:?}: expected IP:PORT[/tcp|/udp], e.g. 10.96.0.10:53/udp")),
         }
