@@ -4,43 +4,16 @@
 //! this test fails there. Known open case: Debian 6.1 (the verifier stops at its 1M-instruction
 //! limit with a filter set), which is why this suite is not yet in the CI guest list; the kernel
 //! matrix runs it with `--vm-tests all`.
-use std::{fs, io::Write as _, path::PathBuf};
+use std::{fs, io::Write as _};
 
-/// Reports a skip as the matrix expects: a `skipping: ` line, and a line in `$NETDROP_SKIP_FILE`.
-fn skip(test: &str, reason: &str) {
-    println!("skipping: {reason}");
-    if let Some(path) = std::env::var_os("NETDROP_SKIP_FILE") {
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .expect("open NETDROP_SKIP_FILE");
-        writeln!(f, "{test}\t{reason}").expect("write NETDROP_SKIP_FILE");
-    }
-}
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
+use netdrop_tests::{netdrop_bin, require_root};
 
 /// Runs `netdrop trace` with `args` for a second and fails if the verifier refused the full
 /// kfree_skb program (netdrop then says "drop effects off"). Prints the instructions the verifier
 /// processed (5.16+), the margin to its 1M limit, and on refusal its statistics line.
 fn full_program_loads(test: &str, args: &[&str]) {
-    if !is_root() {
-        skip(test, "needs root to load BPF programs");
-        return;
-    }
-    let bin = std::env::var_os("NETDROP_BIN").map_or_else(
-        || {
-            let exe = std::env::current_exe().expect("current exe");
-            exe.parent()
-                .and_then(|d| d.parent())
-                .expect("target dir")
-                .join("netdrop")
-        },
-        PathBuf::from,
-    );
+    require_root!(test);
+    let bin = netdrop_bin();
     let out = netdrop_tools::project(&bin)
         .args(["--log", "debug", "trace", "-o", "json", "--duration", "1s"])
         .args(args)

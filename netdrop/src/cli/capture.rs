@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::Args;
 
-use super::{CtHookArg, FilterArgs, Format, HookArg, KubeArgs, TargetArgs, TcArgs, TraceArgs, TwHookArg};
+use super::{FilterArgs, Format, KubeArgs, ProbeArgs, TargetArgs, TcArgs, TraceArgs};
 
 /// `netdrop capture`: the trace's filters and targets, and where the packets go.
 #[derive(Debug, Args)]
@@ -45,27 +45,8 @@ pub struct CaptureArgs {
     #[arg(long, help_heading = "Interfaces")]
     pub no_tc: bool,
 
-    /// At most this many drop events per second reach the capture, e.g. `--event-rate 0` for
-    /// no limit. Counts stay exact; the packets not sent are counted in the file.
-    #[arg(long, default_value_t = 10_000, help_heading = "Capture")]
-    pub event_rate: u32,
-
-    /// Ring buffer size in KiB (a power of two), e.g. `--ring-kib 16384` for long bursts.
-    #[arg(long, default_value_t = 4096, value_parser = super::trace::parse_ring_kib, help_heading = "Capture")]
-    pub ring_kib: u32,
-
-    /// Use this hook instead of probing: `tp-btf` or `tracepoint`.
-    #[arg(long, value_enum, help_heading = "Kernel")]
-    pub hook: Option<HookArg>,
-
-    /// How to observe conntrack verdicts: `fexit`, `kprobe`, `inferred`, `off`.
-    #[arg(long, value_enum, help_heading = "Kernel")]
-    pub ct_hook: Option<CtHookArg>,
-
-    /// How to tell segments a TIME_WAIT socket answered and freed: `rx-sk`, `fexit`, `kprobe`,
-    /// `flags`.
-    #[arg(long, value_enum, help_heading = "Kernel")]
-    pub tw_hook: Option<TwHookArg>,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
 
     #[command(flatten, next_help_heading = "Kubernetes")]
     pub kube: KubeArgs,
@@ -94,11 +75,7 @@ impl CaptureArgs {
             no_tc: self.no_tc,
             duration: self.duration,
             output: self.format,
-            event_rate: self.event_rate,
-            ring_kib: self.ring_kib,
-            hook: self.hook,
-            ct_hook: self.ct_hook,
-            tw_hook: self.tw_hook,
+            probe: self.probe,
             kube: self.kube,
         };
         (trace, opts)

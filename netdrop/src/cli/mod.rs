@@ -14,7 +14,7 @@ pub use self::{
     interfaces::{InterfacesArgs, TcArgs, TcModeArg},
     kube::KubeArgs,
     resolve::ResolveArgs,
-    trace::{CtHookArg, FilterArgs, HookArg, TargetArgs, TraceArgs, TwHookArg},
+    trace::{CtHookArg, FilterArgs, HookArg, ProbeArgs, TargetArgs, TraceArgs, TwHookArg},
 };
 
 /// netdrop: every dropped packet with the kernel's own reason, location, and the pods and

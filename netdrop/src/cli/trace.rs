@@ -38,6 +38,17 @@ pub struct TraceArgs {
     #[arg(short = 'o', long, value_enum, help_heading = "Output")]
     pub output: Option<Format>,
 
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+
+    #[command(flatten, next_help_heading = "Kubernetes")]
+    pub kube: KubeArgs,
+}
+
+/// How the kernel side runs, shared by `trace` and `capture`: the event rate, the ring and which
+/// hooks to use instead of probing.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
     /// At most this many drop events per second are sent to userspace, e.g. `--event-rate 0`
     /// for no limit. Counts stay exact either way; the summary says how many events were not sent.
     #[arg(long, default_value_t = 10_000, help_heading = "Output")]
@@ -61,9 +72,6 @@ pub struct TraceArgs {
     /// tcp_timewait_state_process), `flags` (FIN/RST only). Default: the first that works here.
     #[arg(long, value_enum, help_heading = "Kernel")]
     pub tw_hook: Option<TwHookArg>,
-
-    #[command(flatten, next_help_heading = "Kubernetes")]
-    pub kube: KubeArgs,
 }
 
 /// What the trace is about, in Kubernetes terms. Each selects a set of addresses the kernel

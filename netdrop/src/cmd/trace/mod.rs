@@ -69,8 +69,8 @@ pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Res
         report.degrade(DegradedMode::CountsOnly, why);
     }
     let attach_opts = AttachOptions {
-        hook: args.hook.map(Into::into),
-        ring_bytes: args.ring_kib * 1024,
+        hook: args.probe.hook.map(Into::into),
+        ring_bytes: args.probe.ring_kib * 1024,
     };
     let mut probe = match probe::attach(&kernel, &config, attach_opts) {
         // The verifier's limit (1M instructions processed) is reached on some kernels (Debian
@@ -341,7 +341,7 @@ fn drop_hook(probe: &DropProbe, args: &TraceArgs) -> Attached {
             error: error.clone(),
         }]);
     }
-    match args.hook {
+    match args.probe.hook {
         Some(h) => a.flag(h.flag()),
         None => a,
     }
@@ -352,14 +352,14 @@ fn conntrack_hook(probe: &mut DropProbe, kernel: &KernelInfo, on: bool, args: &T
     let off = Attached::new(Program::Conntrack, AttachHook::Off);
     match (&kernel.conntrack, on) {
         (Err(why), _) => off.why(why.clone()),
-        (Ok(()), false) => match args.ct_hook {
+        (Ok(()), false) => match args.probe.ct_hook {
             Some(f) => off.flag(f.flag()),
             None => off,
         },
         (Ok(()), true) => {
-            let (hook, tried) = probe::attach_conntrack(probe, args.ct_hook.and_then(CtHookArg::hook));
+            let (hook, tried) = probe::attach_conntrack(probe, args.probe.ct_hook.and_then(CtHookArg::hook));
             let a = Attached::new(Program::Conntrack, hook).fallbacks(fallbacks(tried));
-            match args.ct_hook {
+            match args.probe.ct_hook {
                 Some(f) => a.flag(f.flag()),
                 None => a,
             }
@@ -369,7 +369,7 @@ fn conntrack_hook(probe: &mut DropProbe, kernel: &KernelInfo, on: bool, args: &T
 
 /// How segments freed by TIME_WAIT sockets are told; attaches their hooks when planned.
 fn timewait_hook(probe: &mut DropProbe, timewait: Timewait, args: &TraceArgs) -> Attached {
-    let flag = args.tw_hook.map(TwHookArg::flag);
+    let flag = args.probe.tw_hook.map(TwHookArg::flag);
     let a = match timewait {
         Timewait::RxSk => Attached::new(Program::Timewait, AttachHook::RxSk),
         Timewait::Flags(None) => Attached::new(Program::Timewait, AttachHook::Flags),

@@ -47,7 +47,7 @@ pub(super) fn plan(args: &TraceArgs, kernel: &KernelInfo) -> anyhow::Result<Plan
         config.tracepoint = tp;
     }
     config.btf_has_reason = u32::from(kernel.btf_has_reason);
-    let conntrack_on = config.read_skb == 1 && kernel.conntrack.is_ok() && args.ct_hook != Some(CtHookArg::Off);
+    let conntrack_on = config.read_skb == 1 && kernel.conntrack.is_ok() && args.probe.ct_hook != Some(CtHookArg::Off);
     config.conntrack = u32::from(conntrack_on);
     config.netfilter_drop_reason = kernel
         .reasons
@@ -58,14 +58,14 @@ pub(super) fn plan(args: &TraceArgs, kernel: &KernelInfo) -> anyhow::Result<Plan
     set_effect_reasons(&mut config, &kernel.reasons);
     // The kfree_skb program consults the precise hooks' marks only for NETFILTER_DROP.
     config.precise_conntrack = config.conntrack;
-    let timewait = timewait_source(kernel, &mut config, args.tw_hook)?;
+    let timewait = timewait_source(kernel, &mut config, args.probe.tw_hook)?;
     let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
-    config.events_per_cpu_sec = if args.event_rate == 0 {
+    config.events_per_cpu_sec = if args.probe.event_rate == 0 {
         0
     } else {
-        args.event_rate.div_ceil(cpus)
+        args.probe.event_rate.div_ceil(cpus)
     };
-    config.wakeup_bytes = WAKEUP_BYTES.min(args.ring_kib * 1024 / 4);
+    config.wakeup_bytes = WAKEUP_BYTES.min(args.probe.ring_kib * 1024 / 4);
     config.addr_filter = u32::from(args.target.any());
 
     Ok(Plan {
