@@ -253,7 +253,8 @@ fn plain_summary() -> aggregate::Summary {
     s
 }
 
-fn service() -> ServiceInfo {
+/// The lab's `default/web`: three backends on two nodes (also the merge tests' Service).
+pub(crate) fn service() -> ServiceInfo {
     let backend = |pod: &str, node: &str, ip: &str| Backend {
         pod: Some(Name::new(pod)),
         namespace: Some(Name::new("default")),

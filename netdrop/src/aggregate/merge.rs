@@ -184,7 +184,6 @@ mod tests {
         },
         kernel::{reasons::ReasonTable, symbols::KernelSymbols},
         probe::{KernelCounts, tc::TcMode},
-        resolve::{Backend, Name, Proto, ServiceInfo, ServicePort},
         source::{
             conntrack::{CtSampler, CtStats},
             interfaces::{Counters, Destination, DestinationSnapshot, InterfaceSnapshot, TcSnapshot, WatchStats},
@@ -230,39 +229,8 @@ mod tests {
         }
     }
 
-    fn service() -> ServiceInfo {
-        let backend = |pod: &str, node: &str, ip: &str| Backend {
-            pod: Some(Name::new(pod)),
-            namespace: Some(Name::new("default")),
-            node: Some(Name::new(node)),
-            ip: ip.parse().expect("ip"),
-            port: 8080,
-            port_name: Some(Name::new("http")),
-            protocol: Proto::Tcp,
-            ready: true,
-            serving: true,
-            terminating: false,
-        };
-        ServiceInfo {
-            namespace: Name::new("default"),
-            name: Name::new("web"),
-            type_: None,
-            cluster_ips: vec!["10.96.0.20".parse().expect("ip")],
-            external_ips: vec![],
-            ports: vec![ServicePort {
-                name: Some(Name::new("http")),
-                port: 80,
-                protocol: Proto::Tcp,
-                target_port: "8080".into(),
-                node_port: None,
-            }],
-            backends: vec![
-                backend("web-0", "node-a", "10.244.1.10"),
-                backend("web-1", "node-a", "10.244.1.11"),
-                backend("web-2", "node-b", "10.244.2.10"),
-            ],
-        }
-    }
+    // The lab's Service, the same one the golden JSON lines are made from.
+    use crate::golden::service;
 
     fn key(tag: u32, reason: u32, location: u64, netns: u32, eff: u8) -> DropKey {
         DropKey {
