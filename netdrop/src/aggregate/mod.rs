@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod diagnosis;
 mod merge;
+pub mod node_metrics;
 pub mod target_set;
 pub mod target_summary;
 
