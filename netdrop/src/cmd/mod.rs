@@ -6,4 +6,6 @@ pub mod interfaces;
 pub mod reasons;
 pub mod report;
 pub mod resolve;
+pub(crate) mod session;
+pub mod targets;
 pub mod trace;

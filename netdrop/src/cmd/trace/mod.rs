@@ -1,49 +1,32 @@
 //! `netdrop trace`: plan → probe → source → enrich → aggregate → sinks, until Ctrl-C, SIGTERM
-//! or `--duration`. The select loop over the ring buffer, the timers and the signals is here;
-//! the stages are in [`plan`], [`pipeline`], [`summarizer`] and [`targets`].
-
-mod pipeline;
-mod plan;
-mod summarizer;
-pub mod targets;
+//! or `--duration`. The start-up is the shared [`super::session`]; the select loop over the ring
+//! buffer, the timers and the signals is here; targets are in [`super::targets`].
 
 use std::{
     io::IsTerminal as _,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
+use netdrop_common::addr_mode;
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
 };
-use tracing::warn;
 
-use self::{
-    pipeline::Pipeline,
-    plan::{Plan, Timewait, is_too_large, plan},
-    summarizer::Summarizer,
+use super::{
+    session::{Session, SessionArgs},
     targets::TargetMode,
 };
 use crate::{
-    aggregate::attach::{AttachHook, AttachReport, Attached, DegradedMode, Fallback, Program},
-    cli::{CtHookArg, Format, TraceArgs, TwHookArg},
-    enrich::{
-        classify::Classifier,
-        decode::{self, Decoder},
-        visibility::Visibility,
-    },
-    kernel::{KernelInfo, symbols::KernelSymbols},
-    probe::{self, AttachOptions, DropProbe, PreciseHook},
-    resolve::{Health, KubeOptions, Resolver},
+    cli::{Format, TraceArgs},
+    probe,
     sink::{JsonSink, LiveTable, Sink, TextSink},
-    source::{conntrack::CtSampler, counters::DropCounters},
 };
 
 /// How often the reader drains the ring buffer without a wakeup (the kernel wakes it early
 /// only once `plan::WAKEUP_BYTES` are waiting): the longest an event waits to be shown.
-const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
+pub(crate) const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     run_with(args, Vec::new()).await
@@ -53,61 +36,23 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
 /// it stops early once one of them is [`Sink::done`].
 #[expect(
     clippy::too_many_lines,
-    reason = "attach, the select loop and the final summary in the order they happen; the stages live in plan, pipeline and summarizer"
+    reason = "the select loop and the final summary in the order they happen; the stages live in session and targets"
 )]
 pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Result<()> {
-    let kernel = KernelInfo::discover()?;
-    let Plan {
-        spec,
-        mut config,
-        conntrack_on,
-        timewait,
-        counts_only,
-    } = plan(&args, &kernel)?;
-    let mut report = AttachReport::default();
-    if let Some(why) = counts_only {
-        report.degrade(DegradedMode::CountsOnly, why);
-    }
-    let attach_opts = AttachOptions {
-        hook: args.probe.hook.map(Into::into),
-        ring_bytes: args.probe.ring_kib * 1024,
+    let session_args = SessionArgs {
+        filter: &args.filter,
+        probe: &args.probe,
+        kube: &args.kube,
+        node_netns: &args.tc.node_netns,
+        addr_filter: if args.target.any() {
+            addr_mode::FILTER
+        } else {
+            addr_mode::OFF
+        },
     };
-    let mut probe = match probe::attach(&kernel, &config, attach_opts) {
-        // The verifier's limit (1M instructions processed) is reached on some kernels (Debian
-        // 6.1) by the per-drop effect decision: the same program without it, named.
-        Err(e) if is_too_large(&e) => {
-            config.effects = 0;
-            report.degrade(DegradedMode::DropEffectsOff, e.to_string());
-            probe::attach(&kernel, &config, attach_opts)?
-        }
-        r => r?,
-    };
-    report.attached(drop_hook(&probe, &args));
-    report.attached(conntrack_hook(&mut probe, &kernel, conntrack_on, &args));
-    report.attached(timewait_hook(&mut probe, timewait, &args));
-    // Keys carry namespaces only where the program reads the skb; cookies where BTF has them.
-    let mut counters = DropCounters::start(
-        config.read_skb == 1,
-        config.offsets.net_cookie != netdrop_common::ABSENT,
-    );
-    let kube = KubeOptions::from(&args.kube);
-    let node = crate::resolve::node_name(&kube);
-    let resolver = match Resolver::start(&kube).await {
-        Ok(r) => r,
-        Err(e) => return Err(e.into()),
-    };
-    let kube_on = !matches!(resolver.status().health, Health::Off);
-    if kube_on {
-        // Resolve the first drops too: wait briefly for the first lists (the trace runs anyway).
-        if !resolver.wait_synced(Duration::from_secs(5)).await {
-            eprintln!(
-                "netdrop: kubernetes not synced yet ({}); tracing anyway, names appear once it is",
-                resolver.status()
-            );
-        }
-    }
+    let mut session = Session::start(&session_args).await?;
     let mut targets = if args.target.any() {
-        if !kube_on {
+        if !session.kube_on {
             anyhow::bail!(
                 "--svc/--pod/--node/--namespace need Kubernetes: pass --kubeconfig FILE or --kube-snapshot FILE"
             );
@@ -116,59 +61,26 @@ pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Res
         Some(TargetMode::start(
             &args.target,
             tc,
-            &resolver,
-            &mut probe,
-            &node,
-            &mut report,
+            &session.resolver,
+            &mut session.probe,
+            &session.node,
+            &mut session.report,
         )?)
     } else {
         None
     };
-    let symbols = Arc::new(load_symbols());
-    let reasons = Arc::new(kernel.reasons.clone());
-    let decoder = Decoder {
-        reasons: reasons.clone(),
-        symbols: symbols.clone(),
-        clock_offset_ns: decode::clock_offset_ns(),
-        node: node.clone(),
-        conntrack: conntrack_on,
-    };
-    let sampler = if conntrack_on {
-        // Baselines before the first drop, and before "attached" (callers start traffic on
-        // that line): the summary reports rises over the whole run. Our namespace (or the
-        // traced one), and the nodes named with --node-netns: their conntrack (a node's SNAT, a
-        // resolved clash) counts from the start, not from their first drop.
-        let mut initial = vec![spec.netns.unwrap_or_else(crate::kernel::netns::own_netns)];
-        initial.extend(args.tc.node_netns.iter().filter_map(|n| {
-            n.path
-                .as_deref()
-                .and_then(|p| std::fs::metadata(p).ok())
-                .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)
-        }));
-        CtSampler::start(&initial).context("starting the conntrack sampler thread")?
-    } else {
-        CtSampler::idle()
-    };
-    for notice in report.notices() {
-        eprintln!("netdrop: {notice}");
-    }
-    eprintln!(
-        "netdrop: attached {} on {} (kernel {}; {} drop reasons from {:?})",
-        probe.hook.name(),
-        node,
-        kernel.release,
-        reasons.iter().count(),
-        reasons.source()
-    );
+    let hide_teardown = !session.spec.all_reasons && session.spec.reasons.is_empty();
+    let (mut pipe, summarizer) = session.pipeline(&session_args, hide_teardown)?;
+    let Session {
+        mut probe,
+        mut counters,
+        resolver,
+        config,
+        conntrack_on,
+        ..
+    } = session;
 
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
-    let hide_teardown = !spec.all_reasons && spec.reasons.is_empty();
-    let mut pipe = Pipeline::new(
-        decoder,
-        Visibility::new(&config, hide_teardown),
-        Classifier::new(conntrack_on, sampler),
-    );
-    pipe.resolver = kube_on.then(|| resolver.clone());
     pipe.nodes_given = targets.as_ref().is_some_and(|t| t.nodes_given);
     let mut live_table = (targets.is_some() && std::io::stdout().is_terminal() && args.output != Some(Format::Json))
         .then(LiveTable::default);
@@ -185,14 +97,6 @@ pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Res
     });
     pipe.sinks.extend(extra);
 
-    let summarizer = Summarizer {
-        reasons: reasons.clone(),
-        symbols: symbols.clone(),
-        node: node.clone(),
-        attach: report,
-        conntrack: conntrack_on,
-        netfilter_drop_reason: config.netfilter_drop_reason,
-    };
     // Namespace → node before the first event: drops in the first second are on a node too.
     if let Some(t) = &mut targets {
         t.refresh(&resolver, &mut probe);
@@ -295,96 +199,4 @@ pub async fn run_with(args: TraceArgs, extra: Vec<Box<dyn Sink>>) -> anyhow::Res
         }
     }
     Ok(())
-}
-
-/// The kernel's symbol table for naming drop locations; says in one line which capability is
-/// missing when the kernel hides the addresses.
-fn load_symbols() -> KernelSymbols {
-    match KernelSymbols::load() {
-        Ok(s) if s.is_empty() => {
-            // The kernel shows every address as 0 to a reader without CAP_SYSLOG when
-            // kptr_restrict is 1, or perf_event_paranoid > 1 (kallsyms_show_value()).
-            let missing = crate::kernel::caps::Caps::effective().missing(&[crate::kernel::caps::Cap::Syslog]);
-            if missing.is_empty() {
-                warn!("/proc/kallsyms shows no addresses (kptr_restrict=2?): locations print as addresses");
-            } else {
-                warn!(
-                    "netdrop needs CAP_SYSLOG to read kernel symbol addresses (/proc/kallsyms under kptr_restrict or perf_event_paranoid > 1): locations print as addresses; run it as root, or add CAP_SYSLOG"
-                );
-            }
-            s
-        }
-        Ok(s) => s,
-        Err(e) => {
-            warn!("cannot read /proc/kallsyms ({e}): locations print as addresses");
-            KernelSymbols::default()
-        }
-    }
-}
-
-fn fallbacks(tried: probe::Tried) -> Vec<Fallback> {
-    tried
-        .into_iter()
-        .map(|(hook, error)| Fallback {
-            hook: hook.into(),
-            error,
-        })
-        .collect()
-}
-
-/// The drop hook the probe attached, and the tp_btf error when it fell back.
-fn drop_hook(probe: &DropProbe, args: &TraceArgs) -> Attached {
-    let mut a = Attached::new(Program::KfreeSkb, probe.hook);
-    if let Some(error) = &probe.fallback {
-        a = a.fallbacks(vec![Fallback {
-            hook: AttachHook::TpBtf,
-            error: error.clone(),
-        }]);
-    }
-    match args.probe.hook {
-        Some(h) => a.flag(h.flag()),
-        None => a,
-    }
-}
-
-/// Attaches the conntrack verdict hooks when conntrack classification is on.
-fn conntrack_hook(probe: &mut DropProbe, kernel: &KernelInfo, on: bool, args: &TraceArgs) -> Attached {
-    let off = Attached::new(Program::Conntrack, AttachHook::Off);
-    match (&kernel.conntrack, on) {
-        (Err(why), _) => off.why(why.clone()),
-        (Ok(()), false) => match args.probe.ct_hook {
-            Some(f) => off.flag(f.flag()),
-            None => off,
-        },
-        (Ok(()), true) => {
-            let (hook, tried) = probe::attach_conntrack(probe, args.probe.ct_hook.and_then(CtHookArg::hook));
-            let a = Attached::new(Program::Conntrack, hook).fallbacks(fallbacks(tried));
-            match args.probe.ct_hook {
-                Some(f) => a.flag(f.flag()),
-                None => a,
-            }
-        }
-    }
-}
-
-/// How segments freed by TIME_WAIT sockets are told; attaches their hooks when planned.
-fn timewait_hook(probe: &mut DropProbe, timewait: Timewait, args: &TraceArgs) -> Attached {
-    let flag = args.probe.tw_hook.map(TwHookArg::flag);
-    let a = match timewait {
-        Timewait::RxSk => Attached::new(Program::Timewait, AttachHook::RxSk),
-        Timewait::Flags(None) => Attached::new(Program::Timewait, AttachHook::Flags),
-        Timewait::Flags(Some(why)) => Attached::new(Program::Timewait, AttachHook::Flags).why(why),
-        Timewait::Hooks(want) => {
-            let (hook, tried) = probe::attach_timewait(probe, want);
-            let hook = match hook {
-                PreciseHook::Inferred => AttachHook::Flags,
-                h => h.into(),
-            };
-            Attached::new(Program::Timewait, hook).fallbacks(fallbacks(tried))
-        }
-    };
-    match flag {
-        Some(f) => a.flag(f),
-        None => a,
-    }
 }

@@ -3,27 +3,29 @@
 
 use std::{sync::Arc, time::Instant};
 
+use netdrop_common::DropKey;
+
 use super::pipeline::Pipeline;
 use crate::{
     aggregate::{self, SummaryContext, attach::AttachReport},
-    enrich::classify::Facts,
+    enrich::classify::{Certainty, Classification, Facts},
     kernel::{reasons::ReasonTable, symbols::KernelSymbols},
     probe,
 };
 
 /// Builds summaries from the kernel's counters (at exit, and each second for target traces).
-pub(super) struct Summarizer {
-    pub(super) reasons: Arc<ReasonTable>,
-    pub(super) symbols: Arc<KernelSymbols>,
-    pub(super) node: String,
+pub(crate) struct Summarizer {
+    pub(crate) reasons: Arc<ReasonTable>,
+    pub(crate) symbols: Arc<KernelSymbols>,
+    pub(crate) node: String,
     /// What was attached; every summary carries it.
-    pub(super) attach: AttachReport,
-    pub(super) conntrack: bool,
-    pub(super) netfilter_drop_reason: u32,
+    pub(crate) attach: AttachReport,
+    pub(crate) conntrack: bool,
+    pub(crate) netfilter_drop_reason: u32,
 }
 
 impl Summarizer {
-    pub(super) fn summary_of(
+    pub(crate) fn summary_of(
         &self,
         counts: &probe::KernelCounts,
         pipe: &Pipeline,
@@ -38,17 +40,7 @@ impl Summarizer {
             }
         }
         let ct_report = if self.conntrack { sampler.report() } else { Vec::new() };
-        let classifier = &pipe.classifier;
-        let classify_row = |k: &netdrop_common::DropKey, function: Option<&str>| {
-            let reason = self.reasons.reason(k.reason);
-            let facts = Facts {
-                reason: &reason,
-                function,
-                ct_state: k.ct_state,
-                kernel_class: k.exact_class,
-            };
-            classifier.row(&facts, k)
-        };
+        let classify_row = |k: &DropKey, function: Option<&str>| self.classify(pipe, k, function);
         let ctx = SummaryContext {
             reasons: &self.reasons,
             symbols: &self.symbols,
@@ -59,5 +51,17 @@ impl Summarizer {
             conntrack: ct_report,
         };
         aggregate::summarize(counts, &ctx, started.elapsed().as_secs_f64(), pipe.shown)
+    }
+
+    /// A counter row's classification, as summaries classify rows.
+    pub(crate) fn classify(&self, pipe: &Pipeline, k: &DropKey, function: Option<&str>) -> (Classification, Certainty) {
+        let reason = self.reasons.reason(k.reason);
+        let facts = Facts {
+            reason: &reason,
+            function,
+            ct_state: k.ct_state,
+            kernel_class: k.exact_class,
+        };
+        pipe.classifier.row(&facts, k)
     }
 }

@@ -4,7 +4,7 @@
 use netdrop_common::Config;
 
 use crate::{
-    cli::{CtHookArg, TraceArgs, TwHookArg},
+    cli::{CtHookArg, FilterArgs, ProbeArgs, TwHookArg},
     kernel::{KernelInfo, reasons::ReasonTable},
     probe::{
         self, PreciseHook,
@@ -16,20 +16,26 @@ use crate::{
 const WAKEUP_BYTES: u32 = 256 * 1024;
 
 /// What the flags and the kernel decide before anything is loaded.
-pub(super) struct Plan {
-    pub(super) spec: FilterSpec,
+pub(crate) struct Plan {
+    pub(crate) spec: FilterSpec,
     /// The kernel programs' read-only settings.
-    pub(super) config: Config,
+    pub(crate) config: Config,
     /// Conntrack classification is on (BTF has `struct nf_conn`, not `--ct-hook off`).
-    pub(super) conntrack_on: bool,
-    pub(super) timewait: Timewait,
+    pub(crate) conntrack_on: bool,
+    pub(crate) timewait: Timewait,
     /// No kernel BTF, why: the degraded mode "counts only".
-    pub(super) counts_only: Option<String>,
+    pub(crate) counts_only: Option<String>,
 }
 
-/// The kernel programs' settings from the flags and what this kernel offers.
-pub(super) fn plan(args: &TraceArgs, kernel: &KernelInfo) -> anyhow::Result<Plan> {
-    let spec = args.filter.to_spec();
+/// The kernel programs' settings from the flags and what this kernel offers; `addr_filter` is
+/// the `ADDR_FILTER` mode (`netdrop_common::addr_mode`).
+pub(crate) fn plan(
+    filter: &FilterArgs,
+    probe: &ProbeArgs,
+    addr_filter: u32,
+    kernel: &KernelInfo,
+) -> anyhow::Result<Plan> {
+    let spec = filter.to_spec();
     let mut config = Config::DEFAULT;
     spec.apply(&mut config, &kernel.reasons)?;
     let mut counts_only = None;
@@ -47,7 +53,7 @@ pub(super) fn plan(args: &TraceArgs, kernel: &KernelInfo) -> anyhow::Result<Plan
         config.tracepoint = tp;
     }
     config.btf_has_reason = u32::from(kernel.btf_has_reason);
-    let conntrack_on = config.read_skb == 1 && kernel.conntrack.is_ok() && args.probe.ct_hook != Some(CtHookArg::Off);
+    let conntrack_on = config.read_skb == 1 && kernel.conntrack.is_ok() && probe.ct_hook != Some(CtHookArg::Off);
     config.conntrack = u32::from(conntrack_on);
     config.netfilter_drop_reason = kernel
         .reasons
@@ -58,15 +64,15 @@ pub(super) fn plan(args: &TraceArgs, kernel: &KernelInfo) -> anyhow::Result<Plan
     set_effect_reasons(&mut config, &kernel.reasons);
     // The kfree_skb program consults the precise hooks' marks only for NETFILTER_DROP.
     config.precise_conntrack = config.conntrack;
-    let timewait = timewait_source(kernel, &mut config, args.probe.tw_hook)?;
+    let timewait = timewait_source(kernel, &mut config, probe.tw_hook)?;
     let cpus = aya::util::nr_cpus().map_or(1, |n| n.max(1)) as u32;
-    config.events_per_cpu_sec = if args.probe.event_rate == 0 {
+    config.events_per_cpu_sec = if probe.event_rate == 0 {
         0
     } else {
-        args.probe.event_rate.div_ceil(cpus)
+        probe.event_rate.div_ceil(cpus)
     };
-    config.wakeup_bytes = WAKEUP_BYTES.min(args.probe.ring_kib * 1024 / 4);
-    config.addr_filter = u32::from(args.target.any());
+    config.wakeup_bytes = WAKEUP_BYTES.min(probe.ring_kib * 1024 / 4);
+    config.addr_filter = addr_filter;
 
     Ok(Plan {
         spec,
@@ -78,13 +84,13 @@ pub(super) fn plan(args: &TraceArgs, kernel: &KernelInfo) -> anyhow::Result<Plan
 }
 
 /// The verifier gave up on the program's size (`E2BIG`, "BPF program is too large").
-pub(super) fn is_too_large(e: &probe::ProbeError) -> bool {
+pub(crate) fn is_too_large(e: &probe::ProbeError) -> bool {
     let text = format!("{e}");
     text.contains("too large") || text.contains("Argument list too long")
 }
 
 /// How segments a TIME_WAIT socket answered and freed are told from drops.
-pub(super) enum Timewait {
+pub(crate) enum Timewait {
     /// The `kfree_skb` tracepoint's receiving socket is in TIME_WAIT (6.11+).
     RxSk,
     /// Marks from hooks on `tcp_timewait_state_process` (`None`: fexit, else kprobes).

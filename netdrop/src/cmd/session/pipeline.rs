@@ -33,24 +33,24 @@ struct Pending {
 }
 
 /// decode → classify → sinks, for each event the kernel sent.
-pub(super) struct Pipeline {
-    pub(super) decoder: Decoder,
-    pub(super) visibility: Visibility,
-    pub(super) classifier: Classifier,
+pub(crate) struct Pipeline {
+    pub(crate) decoder: Decoder,
+    pub(crate) visibility: Visibility,
+    pub(crate) classifier: Classifier,
     /// Kubernetes names for addresses, when resolution is on.
-    pub(super) resolver: Option<Resolver>,
-    pub(super) sinks: Vec<Box<dyn Sink>>,
-    pub(super) shown: u64,
+    pub(crate) resolver: Option<Resolver>,
+    pub(crate) sinks: Vec<Box<dyn Sink>>,
+    pub(crate) shown: u64,
     /// Node of each network namespace (node namespaces and their pods'), for multi-node traces.
-    pub(super) node_of: HashMap<u32, String>,
+    pub(crate) node_of: HashMap<u32, String>,
     /// Nodes were named (`--node-netns`): events in namespaces of none of them are another
     /// cluster's on this host and are left out, as the target summary leaves their counts out.
-    pub(super) nodes_given: bool,
+    pub(crate) nodes_given: bool,
     pending: VecDeque<Pending>,
 }
 
 impl Pipeline {
-    pub(super) fn new(decoder: Decoder, visibility: Visibility, classifier: Classifier) -> Self {
+    pub(crate) fn new(decoder: Decoder, visibility: Visibility, classifier: Classifier) -> Self {
         Self {
             decoder,
             visibility,
@@ -65,7 +65,7 @@ impl Pipeline {
     }
 
     /// Reads every waiting event, and writes out those whose classification is settled.
-    pub(super) fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
+    pub(crate) fn drain(&mut self, ring: &mut RingBuf<MapData>) -> anyhow::Result<()> {
         let mut written = 0;
         while let Some(item) = ring.next() {
             let ev = decode::parse_event(&item)?;
@@ -100,7 +100,7 @@ impl Pipeline {
     }
 
     /// At the end of the run: waits once for the sampler, then writes out every event.
-    pub(super) fn finish(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn finish(&mut self) -> anyhow::Result<()> {
         if self.pending.iter().any(|p| !p.classified) {
             self.classifier.sampler().sample_now(EVIDENCE_WAIT);
         }
