@@ -77,6 +77,17 @@ pub struct AddrKey {
 }
 
 /// `ADDR_FILTER` values: which part of a Service an address is.
+/// `Config::addr_filter`: what the kfree_skb program does with `ADDR_FILTER`.
+pub mod addr_mode {
+    /// Not consulted: every drop counts, untagged.
+    pub const OFF: u32 = 0;
+    /// Only packets from or to a listed address count, under its tag (`trace --svc` and the
+    /// other targets).
+    pub const FILTER: u32 = 1;
+    /// Every drop counts; packets from or to a listed address carry its tag (`agent`).
+    pub const TAG: u32 = 2;
+}
+
 pub mod tag {
     /// Backends are numbered from 1.
     pub const FIRST_BACKEND: u32 = 1;
@@ -377,7 +388,8 @@ pub struct Config {
     pub precise_conntrack: u32,
     /// This kernel's NETFILTER_DROP reason number ([`ABSENT`] without reasons).
     pub netfilter_drop_reason: u32,
-    /// 1: only packets from or to an address in `ADDR_FILTER` (the `--svc` set) count.
+    /// What `ADDR_FILTER` does ([`addr_mode`]): 1, only packets from or to an address in it
+    /// (the `--svc` set) count; 2, every drop counts and those packets carry its tag.
     pub addr_filter: u32,
     /// This kernel's NOT_SPECIFIED reason number (0 on kernels without reasons, where every
     /// drop is 0): such drops of TCP segments get [`class::TCP_FIN_OR_RST`] or

@@ -26,7 +26,7 @@ use aya_ebpf::{
 };
 use netdrop_common::{
     ABSENT, ANY_PROTO, AddrKey, Config, ConntrackTuple, DropEvent, DropKey, HEADER_BYTES, IFNAMSIZ, REASON_BITMAP_BITS,
-    RateWindow, class, ct, effect, mark, stat,
+    RateWindow, addr_mode, class, ct, effect, mark, stat,
 };
 
 mod tc;
@@ -262,7 +262,22 @@ fn on_drop(skb: *const u8, location: u64, reason: u32, rx_sk: *const u8) -> Resu
     let mut tag_from_src = false;
     // The L4 header once parsed, so that the classification below does not parse again.
     let mut l4: Option<L4> = None;
-    if want_proto != ANY_PROTO || want_port != 0 || want_family != 0 || want_addrs {
+    if conf!(addr_filter) == addr_mode::TAG {
+        // The agent: every drop counts; packets from or to a watched address carry its tag. No
+        // other filter is set in this mode. The other modes never reach this (the config is
+        // frozen: the verifier prunes it).
+        if has_l3 {
+            let head: *const u8 = read(skb, conf!(offsets.skb_head))?;
+            let th: u16 = read(skb, conf!(offsets.skb_transport_header))?;
+            let pkt = parse(head, nh, th, l3_proto)?;
+            l4 = Some(L4::of(&pkt));
+            tag = addr_tag(&pkt.daddr, pkt.dport, pkt.proto);
+            if tag == 0 {
+                tag = addr_tag(&pkt.saddr, pkt.sport, pkt.proto);
+                tag_from_src = tag != 0;
+            }
+        }
+    } else if want_proto != ANY_PROTO || want_port != 0 || want_family != 0 || want_addrs {
         if !has_l3 {
             return Ok(());
         }
