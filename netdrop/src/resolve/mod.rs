@@ -330,6 +330,12 @@ impl Resolver {
         self.shared.read().service_info(namespace, name)
     }
 
+    /// `(namespace, name)` of the Services annotated `netdrop.io/observe: "true"` (every
+    /// Service with `all`), sorted.
+    pub fn observed_services(&self, all: bool) -> Vec<(String, String)> {
+        self.shared.read().observed_services(all)
+    }
+
     /// Pods filtered by namespace, node and name, with their IPs (`--pod`, `-n`, `--node`).
     pub fn pods(&self, namespace: Option<&str>, node: Option<&str>, name: Option<&str>) -> Vec<(Peer, Vec<IpAddr>)> {
         self.shared.read().pods(namespace, node, name)

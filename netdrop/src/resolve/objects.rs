@@ -46,6 +46,8 @@ struct MetaWire {
     owner_references: Vec<OwnerRef>,
     #[serde(default)]
     labels: ServiceNameLabel,
+    #[serde(default)]
+    annotations: ObserveAnnotation,
 }
 
 impl MetaWire {
@@ -84,6 +86,41 @@ impl<'de> Deserialize<'de> for ServiceNameLabel {
                     }
                 }
                 Ok(ServiceNameLabel(found))
+            }
+        }
+        de.deserialize_any(V)
+    }
+}
+
+/// The annotation that asks `netdrop agent` to observe a Service.
+pub const OBSERVE_ANNOTATION: &str = "netdrop.io/observe";
+
+/// Keeps only whether [`OBSERVE_ANNOTATION`] is `"true"`; every other annotation is skipped
+/// unallocated.
+#[derive(Debug, Clone, Copy, Default)]
+struct ObserveAnnotation(bool);
+
+impl<'de> Deserialize<'de> for ObserveAnnotation {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ObserveAnnotation;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an annotation map")
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(ObserveAnnotation(false))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut found = false;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == OBSERVE_ANNOTATION {
+                        found = map.next_value::<Cow<'de, str>>()?.trim().eq_ignore_ascii_case("true");
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(ObserveAnnotation(found))
             }
         }
         de.deserialize_any(V)
@@ -246,6 +283,8 @@ pub struct SlimService {
     /// `spec.externalIPs` and `status.loadBalancer.ingress[].ip`.
     pub external_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePortWire>,
+    /// Annotated `netdrop.io/observe: "true"`.
+    pub observe: bool,
 }
 impl_resource!(SlimService, NamespaceResourceScope, "Service", "", "v1", "services");
 
@@ -311,6 +350,7 @@ impl From<ServiceWire> for SlimService {
                 .chain(w.status.load_balancer.ingress.iter().filter_map(|i| i.ip.as_deref())),
         );
         Self {
+            observe: w.metadata.annotations.0,
             metadata: w.metadata.object_meta(),
             type_: w.spec.type_,
             cluster_ips,
@@ -538,5 +578,21 @@ mod tests {
         .expect("service parses");
         assert!(s.cluster_ips.is_empty());
         assert_eq!(s.ports[0].port, 5432);
+    }
+
+    #[test]
+    fn observe_annotation_is_kept_and_others_skipped() {
+        let parse = |annotations: &str| {
+            let s: SlimService = serde_json::from_str(&format!(
+                r#"{{"metadata":{{"name":"web","namespace":"x","annotations":{annotations}}},"spec":{{"ports":[{{"port":80}}]}}}}"#
+            ))
+            .expect("service parses");
+            s.observe
+        };
+        assert!(parse(r#"{"a":"b","netdrop.io/observe":"true"}"#));
+        assert!(parse(r#"{"netdrop.io/observe":"True"}"#));
+        assert!(!parse(r#"{"netdrop.io/observe":"false"}"#));
+        assert!(!parse(r#"{"other":"true"}"#));
+        assert!(!parse("null"));
     }
 }

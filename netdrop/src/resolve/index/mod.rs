@@ -196,6 +196,19 @@ impl Index {
         self.pods.by_key.get(&(ns.clone(), name.clone())).map(|p| p.peer())
     }
 
+    /// `(namespace, name)` of the annotated Services (every one with `all`), sorted.
+    pub fn observed_services(&self, all: bool) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self
+            .services
+            .by_key
+            .values()
+            .filter(|s| all || s.observe)
+            .map(|s| (s.namespace.as_str().to_string(), s.name.as_str().to_string()))
+            .collect();
+        v.sort();
+        v
+    }
+
     pub fn service_info(&self, namespace: &str, name: &str) -> Option<ServiceInfo> {
         let key = (Name::new(namespace), Name::new(name));
         let svc = self.services.by_key.get(&key)?;

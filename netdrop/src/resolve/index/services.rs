@@ -27,6 +27,8 @@ pub(crate) struct SvcEntry {
     pub(super) cluster_ips: Box<[IpAddr]>,
     pub(super) external_ips: Box<[IpAddr]>,
     pub(super) ports: Box<[SvcPort]>,
+    /// Annotated `netdrop.io/observe: "true"`.
+    pub(super) observe: bool,
 }
 
 impl SvcEntry {
@@ -77,6 +79,7 @@ impl SvcTable {
             cluster_ips: s.cluster_ips.into_boxed_slice(),
             external_ips: s.external_ips.into_boxed_slice(),
             ports,
+            observe: s.observe,
         });
         let key = (entry.namespace.clone(), entry.name.clone());
         if let Some(old) = self.by_key.insert(key, entry.clone()) {
