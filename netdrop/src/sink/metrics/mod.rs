@@ -60,7 +60,7 @@ impl Default for MetricsOptions {
         Self {
             pod_names: false,
             max_series_per_family: 2000,
-            gone_after: Duration::from_secs(60),
+            gone_after: Duration::from_mins(1),
         }
     }
 }
@@ -540,7 +540,6 @@ impl MetricsState {
         let Some(node) = self.node.as_deref() else {
             return Scrape { families };
         };
-        let node_labels = || NodeLabels { node: node.into() };
         families.push(counter(
             "netdrop_drops",
             "Drops on this node by the pod they belong to (empty pod_namespace and workload: the node itself), the kernel's reason and netdrop's classification.",
@@ -556,6 +555,14 @@ impl MetricsState {
             "Packets (connection attempts) to an observed Service's backend, counted by the agent of the node where they were seen.",
             self.service_attempts.export(node),
         ));
+        self.node_families(node, &mut families);
+        Scrape { families }
+    }
+
+    /// The node-wide families: conntrack, lost events, what is attached, readiness, the
+    /// cardinality policy's and the exporter's own counts.
+    fn node_families(&self, node: &str, families: &mut Vec<Box<dyn EncodeFamily>>) {
+        let node_labels = || NodeLabels { node: node.into() };
         let ct = self.conntrack;
         families.push(gauge(
             "netdrop_conntrack_entries",
@@ -644,7 +651,6 @@ impl MetricsState {
             "Scrapes served from the previous snapshot because the agent did not answer in time.",
             vec![(node_labels(), self.stale_scrapes)],
         ));
-        Scrape { families }
     }
 }
 

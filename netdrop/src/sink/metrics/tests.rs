@@ -122,7 +122,7 @@ fn before_the_first_snapshot_only_the_build_info() {
 #[test]
 fn a_pods_series_stays_for_gone_after_then_goes() {
     let opts = MetricsOptions {
-        gone_after: Duration::from_secs(60),
+        gone_after: Duration::from_mins(1),
         ..MetricsOptions::default()
     };
     let mut s = state(opts);
@@ -198,7 +198,7 @@ fn a_workload_series_sums_its_pods_and_does_not_drop_when_one_goes() {
 fn beyond_the_cap_label_sets_go_to_one_counted_overflow_series() {
     let mut s = state(MetricsOptions {
         max_series_per_family: 3,
-        gone_after: Duration::from_secs(60),
+        gone_after: Duration::from_mins(1),
         ..MetricsOptions::default()
     });
     let t0 = Instant::now();
