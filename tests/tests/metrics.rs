@@ -24,7 +24,7 @@ use netdrop::{
     },
     enrich::classify::Classification,
     kernel::reasons::Reason,
-    sink::metrics::{Exporter, MetricsOptions, SnapshotRequest},
+    sink::metrics::{Exporter, Health, MetricsOptions, SnapshotRequest},
 };
 use serde_json::Value;
 use tokio::{
@@ -271,7 +271,7 @@ fn n_of(m: &NodeMetrics) -> u64 {
 struct Prometheus {
     child: Child,
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Prometheus {
@@ -300,11 +300,11 @@ impl Prometheus {
             .stderr(log)
             .spawn()
             .expect("start prometheus");
-        Self { child, addr, _dir: dir }
+        Self { child, addr, dir }
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("prometheus.log")).unwrap_or_default()
     }
 
     /// `/api/v1/query`: the result vector (or matrix), or `None` while Prometheus is not up.
@@ -350,16 +350,8 @@ impl Drop for Prometheus {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_endpoints_and_a_real_prometheus_scraping_them() {
-    let exporter = Exporter::new(MetricsOptions::default(), VERSION);
-    let health = exporter.health();
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (tx, rx) = mpsc::channel(4);
-    let agent = Agent::spawn(rx);
-    let server = tokio::spawn(exporter.serve(vec![listener], tx));
-
+/// Both formats by the `Accept` header, the probes, refused methods and paths.
+async fn endpoints(addr: SocketAddr, agent: &Agent, health: &Health) {
     // Classic without an Accept header, OpenMetrics when asked; each scrape takes a fresh
     // snapshot, so the second shows the grown counters.
     let (status, headers, classic) = http(addr, "GET", "/metrics", None).await;
@@ -417,18 +409,12 @@ async fn the_endpoints_and_a_real_prometheus_scraping_them() {
         requests,
         "probes, refused requests and HEAD took no snapshot"
     );
+}
 
-    // A real Prometheus scrapes every second.
-    if !netdrop_tools::available("prometheus") {
-        netdrop_tests::skip(
-            "the_endpoints_and_a_real_prometheus_scraping_them (Prometheus part)",
-            "prometheus is not installed (cargo xtask setup, or apt-get install prometheus)",
-        );
-        server.abort();
-        return;
-    }
+/// A real Prometheus scrapes every second: it stores the served series and values.
+async fn prometheus_stores_what_was_served(addr: SocketAddr, agent: &Agent) {
     let prometheus = Prometheus::start(addr);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     let up = loop {
         if let Some(up) = prometheus.query("up").await
             && let Some(v) = up.first()
@@ -491,16 +477,42 @@ async fn the_endpoints_and_a_real_prometheus_scraping_them() {
     assert!(values.windows(2).all(|w| w[0] <= w[1]), "monotonic: {values:?}");
     assert!(values.first() < values.last(), "it saw the counter grow: {values:?}");
     drop(prometheus);
+}
 
-    // The event reader goes silent: /healthz fails after 10 s, saying since when.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoints_and_a_real_prometheus_scraping_them() {
+    let exporter = Exporter::new(MetricsOptions::default(), VERSION);
+    let health = exporter.health();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, rx) = mpsc::channel(4);
+    let agent = Agent::spawn(rx);
+    let server = tokio::spawn(exporter.serve(vec![listener], tx));
+
+    endpoints(addr, &agent, &health).await;
+
+    // The event reader beats once more, then goes silent while Prometheus scrapes.
+    let last_beat = Instant::now();
     health.beat();
-    tokio::time::sleep(Duration::from_millis(10_500)).await;
+    if netdrop_tools::available("prometheus") {
+        prometheus_stores_what_was_served(addr, &agent).await;
+    } else {
+        netdrop_tests::skip(
+            "the_endpoints_and_a_real_prometheus_scraping_them (Prometheus part)",
+            "prometheus is not installed (cargo xtask setup, or apt-get install prometheus)",
+        );
+    }
+    // /healthz fails 10 s after the last beat, saying since when.
+    tokio::time::sleep(Duration::from_millis(10_500).saturating_sub(last_beat.elapsed())).await;
     let (status, _, body) = http(addr, "GET", "/healthz", None).await;
     assert_eq!(status, 503, "{body}");
-    assert!(
-        body.starts_with("event reader silent since 20") && body.ends_with(" (10 s)\n"),
-        "{body}"
-    );
+    let silent: u64 = body
+        .strip_prefix("event reader silent since 20")
+        .and_then(|b| b.rsplit_once(" ("))
+        .and_then(|(_, s)| s.strip_suffix(" s)\n"))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("one line saying since when: {body:?}"));
+    assert!(silent >= 10, "{body}");
     health.beat();
     assert_eq!(http(addr, "GET", "/healthz", None).await.0, 200);
     server.abort();
