@@ -174,6 +174,18 @@ fn expected(m: &NodeMetrics) -> Series {
         );
     }
     put("netdrop_ready", &node, u64::from(m.ready));
+    for family in [
+        "netdrop_drops_total",
+        "netdrop_service_drops_total",
+        "netdrop_service_attempts_total",
+        "netdrop_lost_events_total",
+    ] {
+        put(
+            "netdrop_series_overflow_total",
+            &[("node", NODE), ("family", family)],
+            0,
+        );
+    }
     put("netdrop_stale_scrapes_total", &node, 0);
     out
 }
@@ -515,5 +527,39 @@ async fn the_endpoints_and_a_real_prometheus_scraping_them() {
     assert!(silent >= 10, "{body}");
     health.beat();
     assert_eq!(http(addr, "GET", "/healthz", None).await.0, 200);
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_the_agent_does_not_answer_serves_the_last_snapshot() {
+    let exporter = Exporter::new(MetricsOptions::default(), VERSION);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, mut rx) = mpsc::channel::<SnapshotRequest>(4);
+    let server = tokio::spawn(exporter.serve(vec![listener], tx));
+    // The agent answers the first request, sits on the second (busy) and drops the third.
+    let agent = tokio::spawn(async move {
+        let first = rx.recv().await.expect("first request");
+        let _ = first.send(snapshot(1));
+        let busy = rx.recv().await.expect("second request");
+        let gone = rx.recv().await.expect("third request");
+        drop((busy, gone));
+        rx
+    });
+    let stale = |n: u64| format!("netdrop_stale_scrapes_total{{node=\"{NODE}\"}} {n}\n");
+    let (_, _, body) = http(addr, "GET", "/metrics", None).await;
+    assert!(body.contains(&drop_line(1)) && body.contains(&stale(0)), "{body}");
+    let t = Instant::now();
+    let (status, _, body) = http(addr, "GET", "/metrics", None).await;
+    let waited = t.elapsed();
+    assert_eq!(status, 200);
+    assert!(
+        (Duration::from_secs(2)..Duration::from_secs(4)).contains(&waited),
+        "waited {waited:?} for the busy agent"
+    );
+    assert!(body.contains(&drop_line(1)) && body.contains(&stale(1)), "{body}");
+    let (_, _, body) = http(addr, "GET", "/metrics", None).await;
+    assert!(body.contains(&drop_line(1)) && body.contains(&stale(2)), "{body}");
+    drop(agent.await.expect("agent"));
     server.abort();
 }

@@ -635,6 +635,7 @@ impl MetricsState {
         };
         families.push(counter(
             "netdrop_series_overflow",
+            // Always there (0 until a family overflows), so that `increase()` sees the first one.
             "Label sets beyond the per-family cap, whose values went into the family's overflow series (labels _overflow).",
             [
                 overflow(self.drops.name, self.drops.overflowed_sets),
@@ -642,9 +643,7 @@ impl MetricsState {
                 overflow(self.service_attempts.name, self.service_attempts.overflowed_sets),
                 overflow(self.lost_events.name, self.lost_events.overflowed_sets),
             ]
-            .into_iter()
-            .filter(|(_, sets)| *sets > 0)
-            .collect(),
+            .into(),
         ));
         families.push(counter(
             "netdrop_stale_scrapes",

@@ -69,6 +69,16 @@ fn a_small_snapshot_in_both_formats() {
     let drop_line =
         r#"{node="node-a",pod_namespace="",workload="",reason="NETFILTER_DROP",classification="netfilter_rule"} 3"#;
     let stale_help = "Scrapes served from the previous snapshot because the agent did not answer in time.";
+    let overflow_help =
+        "Label sets beyond the per-family cap, whose values went into the family's overflow series (labels _overflow).";
+    let overflow_lines = [
+        "netdrop_drops_total",
+        "netdrop_service_drops_total",
+        "netdrop_service_attempts_total",
+        "netdrop_lost_events_total",
+    ]
+    .map(|f| format!("netdrop_series_overflow_total{{node=\"node-a\",family=\"{f}\"}} 0\n"))
+    .concat();
     let classic = format!(
         "# HELP netdrop_build_info The running netdrop version (value 1).
 # TYPE netdrop_build_info gauge
@@ -82,7 +92,9 @@ netdrop_interfaces_attached{{node=\"node-a\"}} 2
 # HELP netdrop_ready 1 when the programs are attached and the Kubernetes caches synced (what /readyz says).
 # TYPE netdrop_ready gauge
 netdrop_ready{{node=\"node-a\"}} 1
-# HELP netdrop_stale_scrapes_total {stale_help}
+# HELP netdrop_series_overflow_total {overflow_help}
+# TYPE netdrop_series_overflow_total counter
+{overflow_lines}# HELP netdrop_stale_scrapes_total {stale_help}
 # TYPE netdrop_stale_scrapes_total counter
 netdrop_stale_scrapes_total{{node=\"node-a\"}} 0
 "
@@ -101,7 +113,9 @@ netdrop_interfaces_attached{{node=\"node-a\"}} 2
 # HELP netdrop_ready 1 when the programs are attached and the Kubernetes caches synced (what /readyz says).
 # TYPE netdrop_ready gauge
 netdrop_ready{{node=\"node-a\"}} 1
-# HELP netdrop_stale_scrapes {stale_help}
+# HELP netdrop_series_overflow {overflow_help}
+# TYPE netdrop_series_overflow counter
+{overflow_lines}# HELP netdrop_stale_scrapes {stale_help}
 # TYPE netdrop_stale_scrapes counter
 netdrop_stale_scrapes_total{{node=\"node-a\"}} 0
 # EOF
@@ -223,8 +237,8 @@ fn beyond_the_cap_label_sets_go_to_one_counted_overflow_series() {
     );
     assert_eq!(drops[3], format!("{overflow} 39"));
     assert_eq!(
-        samples(&text, "netdrop_series_overflow_total"),
-        [r#"netdrop_series_overflow_total{node="node-a",family="netdrop_drops_total"} 3"#]
+        samples(&text, "netdrop_series_overflow_total")[0],
+        r#"netdrop_series_overflow_total{node="node-a",family="netdrop_drops_total"} 3"#
     );
     // w0 goes; w3 counts on; a new workload takes w0's place; w3 stays in the overflow series.
     m.drops.remove(1);
@@ -251,8 +265,8 @@ fn beyond_the_cap_label_sets_go_to_one_counted_overflow_series() {
     );
     assert!(!text.contains("Deployment/w2"), "{text}");
     assert_eq!(
-        samples(&text, "netdrop_series_overflow_total"),
-        [r#"netdrop_series_overflow_total{node="node-a",family="netdrop_drops_total"} 4"#],
+        samples(&text, "netdrop_series_overflow_total")[0],
+        r#"netdrop_series_overflow_total{node="node-a",family="netdrop_drops_total"} 4"#,
         "w6 overflowed too (w2 had left room among the overflowed, not the admitted)"
     );
 }
@@ -432,7 +446,7 @@ fn every_family_of_the_contract_is_there() {
         ("netdrop_interfaces_attached", 1),
         ("netdrop_hook_info", 3),
         ("netdrop_ready", 1),
-        ("netdrop_series_overflow_total", 1),
+        ("netdrop_series_overflow_total", 4),
         ("netdrop_stale_scrapes_total", 1),
     ] {
         assert_eq!(samples(&text, name).len(), series, "{name}: {text}");
