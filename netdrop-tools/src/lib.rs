@@ -145,6 +145,8 @@ pub const TOOLS: &[Tool] = &[
     deb("zstd", "zstd", false),
     // Deployment checks (tests/tests/deploy.rs): manifests, alerts, the image.
     deb("promtool", "prometheus", false),
+    // A real Prometheus server scraping the agent's /metrics (tests/tests/metrics.rs).
+    deb("prometheus", "prometheus", false),
     deb("python3", "python3-venv", false),
     deb("buildah", "buildah", false),
     deb("podman", "podman", false),

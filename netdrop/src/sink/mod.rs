@@ -1,9 +1,10 @@
 //! Sinks: where drop events and summaries go. One pipeline feeds any number of sinks: the
-//! terminal ([`text`], [`live`]), JSON lines ([`json`]), pcapng capture files ([`pcapng`]); next,
-//! the agent's metrics. Sinks turn typed values into text; nothing here computes a count.
+//! terminal ([`text`], [`live`]), JSON lines ([`json`]), pcapng capture files ([`pcapng`]), the
+//! agent's Prometheus metrics ([`metrics`]). Sinks turn typed values into text; nothing here computes a count.
 
 pub mod json;
 pub mod live;
+pub mod metrics;
 pub mod pcapng;
 pub mod table;
 pub mod terminal;
