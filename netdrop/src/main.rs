@@ -26,6 +26,8 @@ fn main() -> ExitCode {
             Command::Interfaces(args) => netdrop::cmd::interfaces::run(args).await,
             Command::Capture(args) => netdrop::cmd::capture::run(args).await,
             Command::Report(args) => netdrop::cmd::report::run(&args),
+            Command::Agent(args) => netdrop::cmd::agent::run(*args).await,
+            Command::Cleanup(args) => netdrop::cmd::cleanup::run(&args),
         }
     });
     match result {

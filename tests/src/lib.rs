@@ -9,6 +9,7 @@
 pub mod apiserver;
 pub mod deploy;
 pub mod lab;
+pub mod prometheus;
 
 use std::{
     collections::HashMap,
@@ -452,6 +453,32 @@ impl Tracer {
             t.kill();
             panic!("netdrop did not attach:\n{err}");
         }
+    }
+
+    /// Starts `netdrop agent <args>` and waits until it says it is attached; stop it with
+    /// [`Tracer::terminate`].
+    pub fn start_agent(args: &[&str]) -> Self {
+        let mut cmd = netdrop_tools::project(netdrop_bin());
+        cmd.arg("agent")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Self::spawn(cmd)
+    }
+
+    /// SIGTERM, wait: whether it exited 0, and what it said on stderr.
+    pub fn terminate(mut self) -> (bool, Vec<String>) {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while child.try_wait().expect("wait").is_none() {
+            assert!(Instant::now() < deadline, "netdrop did not exit after SIGTERM");
+            thread::sleep(Duration::from_millis(20));
+        }
+        let status = child.wait().expect("wait");
+        thread::sleep(Duration::from_millis(50));
+        (status.success(), self.stderr.lock().expect("lock").clone())
     }
 
     /// The netdrop process's id.

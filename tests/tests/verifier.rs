@@ -71,3 +71,33 @@ fn service_filter() {
     );
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// The agent's mode (`addr_mode::TAG`): every drop counted, watched addresses tagged.
+#[test]
+fn agent_tag_mode() {
+    require_root!("agent_tag_mode");
+    let a = netdrop_tests::Tracer::start_agent(&[
+        "--log",
+        "debug",
+        "--no-kube",
+        "--node-name",
+        "verifier",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let (ok, stderr) = a.terminate();
+    for line in stderr
+        .iter()
+        .filter(|l| l.contains("the verifier processed") || l.starts_with("processed "))
+    {
+        let _ = writeln!(
+            std::io::stderr(),
+            "agent_tag_mode: {}",
+            line.rsplit("DEBUG ").next().unwrap_or(line)
+        );
+    }
+    assert!(ok, "netdrop agent failed:\n{}", stderr.join("\n"));
+    if let Some(line) = stderr.iter().find(|l| l.contains("drop effects off")) {
+        panic!("the verifier refused the full program in the agent's mode: {line}");
+    }
+}

@@ -1,6 +1,7 @@
 //! Command-line types: clap only, no logic. The only module that knows clap; the rest of the
 //! crate gets plain option types through the `From` impls and small methods here.
 
+mod agent;
 mod capture;
 mod interfaces;
 mod kube;
@@ -10,6 +11,7 @@ mod trace;
 use clap::{Parser, Subcommand};
 
 pub use self::{
+    agent::{AgentArgs, DEFAULT_LISTEN, EventsFormat},
     capture::{CaptureArgs, CaptureOptions, ReportArgs},
     interfaces::{InterfacesArgs, TcArgs, TcModeArg},
     kube::KubeArgs,
@@ -46,6 +48,20 @@ pub enum Command {
     /// Re-render a capture's summary offline (no BPF, no cluster), e.g.
     /// `netdrop report incident.pcapng`.
     Report(ReportArgs),
+    /// Run as a node's agent (a DaemonSet): count every drop, observe Services' backends, and
+    /// serve Prometheus metrics, e.g. `netdrop agent --node-name=$(NODE_NAME) --listen=0.0.0.0:9965`.
+    Agent(Box<AgentArgs>),
+    /// Remove netdrop's tc filters from every interface of the given node namespaces (after an
+    /// agent was killed or uninstalled), e.g. `netdrop cleanup --node-netns node-a=/run/netns/node-a`.
+    Cleanup(CleanupArgs),
+}
+
+/// `netdrop cleanup`.
+#[derive(Debug, clap::Args)]
+pub struct CleanupArgs {
+    /// A node's network namespace (repeatable); none: this process's own.
+    #[arg(long = "node-netns", value_name = "NAME=PATH")]
+    pub node_netns: Vec<crate::source::interfaces::NodeNetns>,
 }
 
 /// `-o text|json`, for every command.

@@ -76,6 +76,48 @@ pub enum InterfacesError {
     BadNodeNetns(String),
 }
 
+/// Removes, from every interface of each node namespace (none given: this process's own), the
+/// clsact filters netdrop runs that no longer exist left behind (`netdrop cleanup`: an agent
+/// killed or uninstalled). Filters of live runs and everyone else's stay; TCX links need nothing
+/// (they go with the process). Returns (node, filters removed).
+pub fn remove_leftovers_in(nodes: &[NodeNetns]) -> Result<Vec<(String, usize)>, InterfacesError> {
+    let nodes: Vec<NodeNetns> = if nodes.is_empty() {
+        vec![NodeNetns {
+            node: nix::unistd::gethostname().map_or_else(|_| "this host".into(), |h| h.to_string_lossy().into_owned()),
+            path: None,
+        }]
+    } else {
+        nodes.to_vec()
+    };
+    let mut out = Vec::new();
+    for spec in nodes {
+        let name = spec.node.clone();
+        // A thread of its own: setns changes the calling thread's namespace.
+        let worker = thread::spawn(move || -> Result<usize, InterfacesError> {
+            if let Some(path) = &spec.path {
+                let netns = |source| InterfacesError::Netns {
+                    node: spec.node.clone(),
+                    path: path.display().to_string(),
+                    source,
+                };
+                let file = fs::File::open(path).map_err(netns)?;
+                nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| netns(e.into()))?;
+            }
+            let mut sock = tc::RouteSocket::open().map_err(|source| InterfacesError::Watch {
+                node: spec.node.clone(),
+                source,
+            })?;
+            Ok(tc::remove_leftovers(&mut sock)?)
+        });
+        let removed = worker
+            .join()
+            .map_err(|_| InterfacesError::WatcherDied(name.clone()))??;
+        out.push((name, removed));
+    }
+    Ok(out)
+}
+
 /// How start-up went, per node.
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeReport {

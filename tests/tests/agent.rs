@@ -1,0 +1,220 @@
+//! `netdrop agent` end to end: one agent per lab node (each scoped to its node with
+//! `--node-netns`), a real Prometheus server scraping both every second while the lab runs the
+//! broken-backend fault, and PromQL answering "which backend, on which node" — checked against
+//! the DROP rule's own packet counter and the traffic generator's failures. Then `promtool check
+//! metrics` on a real scrape, and SIGTERM: exit 0 with nothing left attached.
+
+use std::{collections::BTreeMap, io::Write as _, net::SocketAddr, process::Stdio, time::Duration};
+
+use netdrop_tests::{
+    Tracer,
+    lab::{
+        Lab, LabOptions,
+        faults::{FaultKind, FaultRequest},
+        net::ns_cmd,
+        topology::Proto,
+        traffic::TrafficOptions,
+    },
+    prog_exists,
+    prometheus::{Prometheus, http_get},
+    require_root,
+};
+use serde_json::Value;
+
+/// A free local port for an agent's `--listen`.
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+}
+
+/// Ids of the BPF programs process `pid` holds (its fds' `prog_id`).
+fn prog_ids_of(pid: u32) -> Vec<u64> {
+    let mut ids: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .expect("fdinfo")
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let text = std::fs::read_to_string(e.path()).ok()?;
+            text.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// netdrop's tc programs (clsact or TCX) on the interfaces of a node namespace.
+fn netdrop_tc_programs(netns: &str) -> Vec<String> {
+    let text = ns_cmd(netns, "bpftool", &["-j", "net", "show"], None).expect("bpftool net show");
+    let v: Value = serde_json::from_str(&text).expect("bpftool json");
+    v[0]["tc"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["name"].as_str().is_some_and(|n| n.starts_with("netdrop")))
+        .map(|e| format!("{} {} {}", e["devname"], e["kind"], e["name"]))
+        .collect()
+}
+
+/// `sum by (backend_pod, backend_node) (expr)` as backend → (node, value).
+fn by_backend(p: &Prometheus, expr: &str) -> BTreeMap<String, (String, f64)> {
+    p.values(&format!("sum by (backend_pod, backend_node) ({expr})"))
+        .into_iter()
+        .map(|(l, v)| {
+            let s = |k: &str| l.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+            (s("backend_pod"), (s("backend_node"), v))
+        })
+        .collect()
+}
+
+#[test]
+fn prometheus_over_two_agents_names_the_bad_backend_and_its_node() {
+    require_root!("prometheus_over_two_agents_names_the_bad_backend_and_its_node");
+    if !netdrop_tools::available("prometheus") {
+        netdrop_tests::skip(
+            "prometheus_over_two_agents_names_the_bad_backend_and_its_node",
+            "prometheus is not installed (cargo xtask setup, or apt-get install prometheus)",
+        );
+        return;
+    }
+    let lab = Lab::up(&LabOptions::for_test()).unwrap_or_else(|e| panic!("lab up: {e}"));
+    let st = lab.status();
+    let fault = lab.fault(&FaultRequest::new(FaultKind::PolicyDrop)).expect("fault");
+    let bad = fault.backend.clone().expect("targets a backend");
+    let kubeconfig = st.kubeconfig.display().to_string();
+    let mut agents = Vec::new();
+    for n in &st.nodes {
+        let addr = free_addr();
+        let netns = format!("{}={}", n.name, n.netns_path.display());
+        let a = Tracer::start_agent(&[
+            "--node-name",
+            &n.name,
+            "--node-netns",
+            &netns,
+            "--listen",
+            &addr.to_string(),
+            "--observe",
+            "default/web",
+            "--kubeconfig",
+            &kubeconfig,
+        ]);
+        agents.push((n.name.clone(), n.netns.clone(), addr, a));
+    }
+    let addrs: Vec<SocketAddr> = agents.iter().map(|a| a.2).collect();
+    let prometheus = Prometheus::start(&addrs);
+    prometheus.wait_up(addrs.len());
+    for (node, _, addr, _) in &agents {
+        let ready = http_get(*addr, "/readyz", None).expect("readyz");
+        assert_eq!(ready.0, 200, "{node} ready: {}", ready.1);
+    }
+
+    let opts = TrafficOptions {
+        rate: 100,
+        duration: Duration::from_secs(5),
+        proto: Proto::Tcp,
+        // Below the first SYN retransmission (1 s): one dropped SYN per failed request.
+        timeout: Duration::from_millis(700),
+        ..TrafficOptions::default()
+    };
+    let report = lab
+        .traffic("default/web", &opts)
+        .unwrap_or_else(|e| panic!("traffic: {e}"));
+    // Two scrapes after the last drop.
+    std::thread::sleep(Duration::from_millis(2500));
+    let rule = lab.fault_packets(&fault).expect("rule counter");
+
+    let drops = by_backend(&prometheus, "netdrop_service_drops_total");
+    let attempts = by_backend(&prometheus, "netdrop_service_attempts_total");
+    let ratios = by_backend(
+        &prometheus,
+        "netdrop_service_drops_total) / sum by (backend_pod, backend_node) (netdrop_service_attempts_total",
+    );
+    println!(
+        "generator: {} attempts, {} failures ({:.3}); DROP rule counter {rule}; bad backend {} on {}",
+        report.attempts, report.failures, report.failure_ratio, bad.pod, bad.node
+    );
+    for (pod, (node, d)) in &drops {
+        let a = attempts.get(pod).map_or(f64::NAN, |x| x.1);
+        let r = ratios.get(pod).map_or(f64::NAN, |x| x.1);
+        println!("prometheus: backend {pod:?} on {node:?}: drops {d} attempts {a} ratio {r:.3}");
+    }
+    // The per-backend ratio names the bad backend and its node.
+    let worst = ratios
+        .iter()
+        .filter(|(_, (_, r))| r.is_finite())
+        .max_by(|a, b| a.1.1.total_cmp(&b.1.1))
+        .expect("a ratio");
+    assert_eq!(worst.0, &bad.pod, "the worst ratio is the bad backend's: {ratios:?}");
+    assert_eq!(worst.1.0, bad.node, "and names its node");
+    assert!(worst.1.1 > 0.99, "every attempt to it dropped: {}", worst.1.1);
+    // Its drops are the DROP rule's own packet counter.
+    assert_eq!(drops[&bad.pod].1, rule as f64, "drops = the DROP rule's counter");
+    // The healthy backends: series present, 0 drops; nothing without a backend.
+    for (pod, (_, d)) in &drops {
+        if pod != &bad.pod {
+            assert_eq!(*d, 0.0, "{pod:?} has no drops");
+        }
+    }
+    let healthy = drops.keys().filter(|p| !p.is_empty() && *p != &bad.pod).count();
+    assert_eq!(healthy, 2, "both healthy backends have series: {drops:?}");
+    // The Service's ratio over both agents matches the generator's failures.
+    let total = |m: &BTreeMap<String, (String, f64)>| m.values().map(|x| x.1).sum::<f64>();
+    let (d, a) = (total(&drops), total(&attempts));
+    let ratio = d / a;
+    println!(
+        "service ratio over both agents: {d} / {a} = {ratio:.3}; generator {:.3}",
+        report.failure_ratio
+    );
+    assert!(
+        (ratio - report.failure_ratio).abs() < 0.05,
+        "netdrop {ratio:.3} vs generator {:.3}",
+        report.failure_ratio
+    );
+    assert_eq!(a, report.attempts as f64, "attempts over both agents = requests made");
+    drop(prometheus);
+
+    // `promtool check metrics` on a real scrape in the classic text format.
+    let (status, body) = http_get(agents[0].2, "/metrics", Some("text/plain; version=0.0.4")).expect("scrape");
+    assert_eq!(status, 200);
+    let mut promtool = netdrop_tools::tool("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("write");
+    let out = promtool.wait_with_output().expect("promtool");
+    println!(
+        "promtool check metrics: {} ({} lines scraped) {}{}",
+        out.status,
+        body.lines().count(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "promtool check metrics failed:\n{body}");
+
+    // SIGTERM: exit 0, every program and tc filter gone.
+    for (node, netns, _, a) in agents {
+        let progs = prog_ids_of(a.pid());
+        assert!(!progs.is_empty(), "{node}: the agent holds its programs");
+        let (ok, stderr) = a.terminate();
+        assert!(ok, "{node}: exit 0 after SIGTERM:\n{}", stderr.join("\n"));
+        let left: Vec<u64> = progs.iter().copied().filter(|p| prog_exists(*p)).collect();
+        assert!(left.is_empty(), "{node}: programs left loaded: {left:?}");
+        let tc = netdrop_tc_programs(&netns);
+        assert!(tc.is_empty(), "{node}: tc programs left: {tc:?}");
+        println!(
+            "{node}: SIGTERM → exit 0; {} programs unloaded, no tc filters left",
+            progs.len()
+        );
+    }
+}
