@@ -26,7 +26,11 @@ pub fn http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Option<(u
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     let accept = accept.map_or_else(String::new, |a| format!("Accept: {a}\r\n"));
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{accept}Connection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).ok()?;
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -81,7 +85,11 @@ impl Prometheus {
         let p = Self { child, addr, dir };
         let start = Instant::now();
         while http_get(addr, "/-/ready", None).is_none_or(|(s, _)| s != 200) {
-            assert!(start.elapsed() < Duration::from_secs(30), "prometheus not ready: {}", p.log());
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "prometheus not ready: {}",
+                p.log()
+            );
             thread::sleep(Duration::from_millis(200));
         }
         p
@@ -101,13 +109,13 @@ impl Prometheus {
         v["data"]["result"].as_array().expect("result").clone()
     }
 
-    /// The query's samples as (labels, value).
-    pub fn values(&self, promql: &str) -> Vec<(serde_json::Map<String, Value>, f64)> {
+    /// The query's samples as (labels, value as Prometheus writes it: `"183"`, `"0.366"`, `"NaN"`).
+    pub fn values(&self, promql: &str) -> Vec<(serde_json::Map<String, Value>, String)> {
         self.query(promql)
             .into_iter()
             .map(|s| {
                 let labels = s["metric"].as_object().cloned().unwrap_or_default();
-                let v = s["value"][1].as_str().and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+                let v = s["value"][1].as_str().unwrap_or_default().to_string();
                 (labels, v)
             })
             .collect()
@@ -118,7 +126,7 @@ impl Prometheus {
         let start = Instant::now();
         loop {
             let up = self.values("up");
-            if up.len() == targets && up.iter().all(|(_, v)| *v == 1.0) {
+            if up.len() == targets && up.iter().all(|(_, v)| v == "1") {
                 return;
             }
             assert!(

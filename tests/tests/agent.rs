@@ -59,8 +59,8 @@ fn netdrop_tc_programs(netns: &str) -> Vec<String> {
         .collect()
 }
 
-/// `sum by (backend_pod, backend_node) (expr)` as backend → (node, value).
-fn by_backend(p: &Prometheus, expr: &str) -> BTreeMap<String, (String, f64)> {
+/// `sum by (backend_pod, backend_node) (expr)` as backend → (node, value as Prometheus writes it).
+fn by_backend(p: &Prometheus, expr: &str) -> BTreeMap<String, (String, String)> {
     p.values(&format!("sum by (backend_pod, backend_node) ({expr})"))
         .into_iter()
         .map(|(l, v)| {
@@ -70,7 +70,16 @@ fn by_backend(p: &Prometheus, expr: &str) -> BTreeMap<String, (String, f64)> {
         .collect()
 }
 
+/// A counter's value (Prometheus writes whole numbers without a point).
+fn count(v: &str) -> u64 {
+    v.parse().unwrap_or_else(|_| panic!("not a count: {v}"))
+}
+
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one lab run: agents, Prometheus, traffic, then each check in turn"
+)]
 fn prometheus_over_two_agents_names_the_bad_backend_and_its_node() {
     require_root!("prometheus_over_two_agents_names_the_bad_backend_and_its_node");
     if !netdrop_tools::available("prometheus") {
@@ -89,18 +98,23 @@ fn prometheus_over_two_agents_names_the_bad_backend_and_its_node() {
     for n in &st.nodes {
         let addr = free_addr();
         let netns = format!("{}={}", n.name, n.netns_path.display());
-        let a = Tracer::start_agent(&[
+        let listen = addr.to_string();
+        let mut args = vec![
             "--node-name",
             &n.name,
             "--node-netns",
             &netns,
             "--listen",
-            &addr.to_string(),
+            &listen,
             "--observe",
             "default/web",
             "--kubeconfig",
             &kubeconfig,
-        ]);
+        ];
+        if agents.is_empty() {
+            args.extend(["--observe", "default/not-yet"]);
+        }
+        let a = Tracer::start_agent(&args);
         agents.push((n.name.clone(), n.netns.clone(), addr, a));
     }
     let addrs: Vec<SocketAddr> = agents.iter().map(|a| a.2).collect();
@@ -126,20 +140,31 @@ fn prometheus_over_two_agents_names_the_bad_backend_and_its_node() {
     std::thread::sleep(Duration::from_millis(2500));
     let rule = lab.fault_packets(&fault).expect("rule counter");
 
-    let drops = by_backend(&prometheus, "netdrop_service_drops_total");
-    let attempts = by_backend(&prometheus, "netdrop_service_attempts_total");
-    let ratios = by_backend(
+    let drops: BTreeMap<String, (String, u64)> = by_backend(&prometheus, "netdrop_service_drops_total")
+        .into_iter()
+        .map(|(pod, (node, v))| (pod, (node, count(&v))))
+        .collect();
+    let attempts: BTreeMap<String, u64> = by_backend(&prometheus, "netdrop_service_attempts_total")
+        .into_iter()
+        .map(|(pod, (_, v))| (pod, count(&v)))
+        .collect();
+    let ratios: BTreeMap<String, (String, f64)> = by_backend(
         &prometheus,
         "netdrop_service_drops_total) / sum by (backend_pod, backend_node) (netdrop_service_attempts_total",
-    );
+    )
+    .into_iter()
+    .map(|(pod, (node, v))| (pod, (node, v.parse().unwrap_or(f64::NAN))))
+    .collect();
     println!(
         "generator: {} attempts, {} failures ({:.3}); DROP rule counter {rule}; bad backend {} on {}",
         report.attempts, report.failures, report.failure_ratio, bad.pod, bad.node
     );
     for (pod, (node, d)) in &drops {
-        let a = attempts.get(pod).map_or(f64::NAN, |x| x.1);
         let r = ratios.get(pod).map_or(f64::NAN, |x| x.1);
-        println!("prometheus: backend {pod:?} on {node:?}: drops {d} attempts {a} ratio {r:.3}");
+        println!(
+            "prometheus: backend {pod:?} on {node:?}: drops {d} attempts {} ratio {r:.3}",
+            attempts.get(pod).copied().unwrap_or_default()
+        );
     }
     // The per-backend ratio names the bad backend and its node.
     let worst = ratios
@@ -150,20 +175,33 @@ fn prometheus_over_two_agents_names_the_bad_backend_and_its_node() {
     assert_eq!(worst.0, &bad.pod, "the worst ratio is the bad backend's: {ratios:?}");
     assert_eq!(worst.1.0, bad.node, "and names its node");
     assert!(worst.1.1 > 0.99, "every attempt to it dropped: {}", worst.1.1);
-    // Its drops are the DROP rule's own packet counter.
-    assert_eq!(drops[&bad.pod].1, rule as f64, "drops = the DROP rule's counter");
+    // Its drops are the DROP rule's own packet counter, counted by the agent of the node where
+    // the rule dropped them.
+    assert_eq!(drops[&bad.pod].1, rule, "drops = the DROP rule's counter");
+    let by_agent: BTreeMap<String, u64> = prometheus
+        .values("sum by (node) (netdrop_service_drops_total)")
+        .into_iter()
+        .map(|(l, v)| (l["node"].as_str().unwrap_or_default().to_string(), count(&v)))
+        .collect();
+    println!("service drops by the agent that counted them: {by_agent:?}");
+    assert_eq!(
+        by_agent.get(&fault.node),
+        Some(&rule),
+        "counted where dropped: {by_agent:?}"
+    );
+    assert_eq!(by_agent.values().sum::<u64>(), rule, "and by no other agent");
     // The healthy backends: series present, 0 drops; nothing without a backend.
     for (pod, (_, d)) in &drops {
         if pod != &bad.pod {
-            assert_eq!(*d, 0.0, "{pod:?} has no drops");
+            assert_eq!(*d, 0, "{pod:?} has no drops");
         }
     }
     let healthy = drops.keys().filter(|p| !p.is_empty() && *p != &bad.pod).count();
     assert_eq!(healthy, 2, "both healthy backends have series: {drops:?}");
     // The Service's ratio over both agents matches the generator's failures.
-    let total = |m: &BTreeMap<String, (String, f64)>| m.values().map(|x| x.1).sum::<f64>();
-    let (d, a) = (total(&drops), total(&attempts));
-    let ratio = d / a;
+    let d: u64 = drops.values().map(|x| x.1).sum();
+    let a: u64 = attempts.values().sum();
+    let ratio = d as f64 / a as f64;
     println!(
         "service ratio over both agents: {d} / {a} = {ratio:.3}; generator {:.3}",
         report.failure_ratio
@@ -173,11 +211,22 @@ fn prometheus_over_two_agents_names_the_bad_backend_and_its_node() {
         "netdrop {ratio:.3} vs generator {:.3}",
         report.failure_ratio
     );
-    assert_eq!(a, report.attempts as f64, "attempts over both agents = requests made");
+    assert_eq!(a, report.attempts, "attempts over both agents = requests made");
     drop(prometheus);
 
-    // `promtool check metrics` on a real scrape in the classic text format.
-    let (status, body) = http_get(agents[0].2, "/metrics", Some("text/plain; version=0.0.4")).expect("scrape");
+    promtool_check(agents[0].2);
+    let stderr = sigterm_leaves_nothing(agents);
+    // A Service that does not exist (yet) is a warning, not the end of the agent.
+    assert!(
+        stderr[0].iter().any(|l| l.contains("--observe default/not-yet")),
+        "warned about the unknown Service: {}",
+        stderr[0].join("\n")
+    );
+}
+
+/// `promtool check metrics` on a real scrape of `addr` in the classic text format.
+fn promtool_check(addr: SocketAddr) {
+    let (status, body) = http_get(addr, "/metrics", Some("text/plain; version=0.0.4")).expect("scrape");
     assert_eq!(status, 200);
     let mut promtool = netdrop_tools::tool("promtool")
         .args(["check", "metrics"])
@@ -201,8 +250,12 @@ fn prometheus_over_two_agents_names_the_bad_backend_and_its_node() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "promtool check metrics failed:\n{body}");
+}
 
-    // SIGTERM: exit 0, every program and tc filter gone.
+/// SIGTERM to each agent: exit 0, every program it held unloaded, no netdrop tc program on its
+/// node's interfaces. Returns each agent's stderr.
+fn sigterm_leaves_nothing(agents: Vec<(String, String, SocketAddr, Tracer)>) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
     for (node, netns, _, a) in agents {
         let progs = prog_ids_of(a.pid());
         assert!(!progs.is_empty(), "{node}: the agent holds its programs");
@@ -216,5 +269,7 @@ fn prometheus_over_two_agents_names_the_bad_backend_and_its_node() {
             "{node}: SIGTERM → exit 0; {} programs unloaded, no tc filters left",
             progs.len()
         );
+        out.push(stderr);
     }
+    out
 }

@@ -434,6 +434,7 @@ mod tests {
     }
 
     #[test]
+    #[expect(clippy::too_many_lines, reason = "one snapshot's every part, checked in order")]
     fn builds_drops_by_owner_services_lost_events_and_hooks() {
         let (node_of, pods) = (node_of(), pods());
         let drops = [

@@ -53,6 +53,10 @@ pub enum AgentError {
     },
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "start-up, the select loop and the shutdown in the order they happen; the snapshot is Agent::metrics"
+)]
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // First: a SIGTERM while starting (a rollout) is seen once the loop runs, and ends it
     // cleanly, rather than killing the process half attached.
@@ -136,7 +140,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     eprintln!(
         "netdrop: agent on {} serving {}",
         agent.node,
-        args.listen.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        args.listen
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
     loop {
@@ -268,9 +276,7 @@ impl Agent {
         if let Some(snap) = targets.snapshot() {
             for i in &snap.interfaces {
                 let Some(netns) = i.peer_netns else { continue };
-                let peer = r
-                    .lookup_ifname(&i.name)
-                    .or_else(|| r.lookup_netns(u64::from(netns)));
+                let peer = r.lookup_ifname(&i.name).or_else(|| r.lookup_netns(u64::from(netns)));
                 if let Some(p) = peer
                     && let (Some(ns), Some(pod)) = (&p.namespace, &p.pod)
                 {
