@@ -3,7 +3,8 @@
 //! touching another dataplane's filter.
 
 use netdrop_tests::{
-    TcNode, TcWatch, add_foreign_clsact_dropper, links_of, prog_exists, require_root, require_tcx, sched_cls_prog_ids,
+    TcNode, TcWatch, Tracer, add_foreign_clsact_dropper, links_of, prog_exists, require_root, require_tcx,
+    sched_cls_prog_ids,
 };
 use nix::sys::signal::Signal;
 
@@ -113,6 +114,68 @@ fn tc_sigkill_clsact_then_restart_removes_leftovers_only() {
     assert!(w.signal(Signal::SIGINT));
     nothing_attached(&node, &names, &progs);
     // The other dataplane's filter is untouched.
+    let filters = node.ns.exec("tc", &["filter", "show", "dev", &names[0], "ingress"]);
+    assert!(
+        filters.contains("pref 7") && filters.contains("handle 0x7"),
+        "foreign filter kept: {filters}"
+    );
+}
+
+/// The agent killed (clsact mode): its filters stay; a restarted agent removes them as it
+/// starts; killed again, `netdrop cleanup` removes them (an agent uninstalled). Another
+/// dataplane's filter stays throughout.
+#[test]
+fn agent_sigkill_then_restart_and_cleanup_remove_leftovers_only() {
+    require_root!("agent_sigkill_then_restart_and_cleanup_remove_leftovers_only");
+    let (node, names, _pods) = setup();
+    add_foreign_clsact_dropper(&node.ns, &names[0], 7, 1);
+    let netns = node.arg("n1");
+    let args = [
+        "--no-kube",
+        "--node-name",
+        "n1",
+        "--node-netns",
+        &netns,
+        "--tc-mode",
+        "clsact",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    let ours = |node: &TcNode| -> Vec<String> {
+        node.bpftool_tc()
+            .into_iter()
+            .filter(|(_, _, n)| n.starts_with("netdrop_"))
+            .map(|(d, k, n)| format!("{d} {k} {n}"))
+            .collect()
+    };
+    let kill9 = |a: Tracer| {
+        let pid = nix::unistd::Pid::from_raw(a.pid() as i32);
+        nix::sys::signal::kill(pid, Signal::SIGKILL).expect("SIGKILL");
+        drop(a); // reaps it
+    };
+    let a = Tracer::start_agent(&args);
+    kill9(a);
+    assert_eq!(
+        ours(&node).len(),
+        6,
+        "a killed clsact agent leaves its 6 filters: {:?}",
+        ours(&node)
+    );
+
+    let a = Tracer::start_agent(&args);
+    let pid = a.pid();
+    let now = ours(&node);
+    assert_eq!(now.len(), 6, "{now:?}");
+    assert!(
+        now.iter().all(|f| f.contains(&format!("pid={pid}"))),
+        "only the new agent's filters: {now:?}"
+    );
+    kill9(a);
+    let (ok, out, err) = netdrop_tests::netdrop(&["cleanup", "--node-netns", &netns]);
+    println!("netdrop cleanup: {out}{err}");
+    assert!(ok, "cleanup failed: {err}");
+    assert!(out.contains("n1: removed 6 tc filter(s)"), "{out}");
+    assert!(ours(&node).is_empty(), "left after cleanup: {:?}", ours(&node));
     let filters = node.ns.exec("tc", &["filter", "show", "dev", &names[0], "ingress"]);
     assert!(
         filters.contains("pref 7") && filters.contains("handle 0x7"),

@@ -163,6 +163,19 @@ impl TargetMode {
     /// With nodes named, this process's own namespace is no node's.
     pub fn many(tc_args: &TcArgs, node: &str, report: &mut AttachReport) -> Self {
         let tc = start_tc(Some(tc_args), node, report);
+        if let Some(tc) = &tc {
+            let leftovers: usize = tc.reports().iter().map(|r| r.leftovers_removed).sum();
+            let interfaces: usize = tc.reports().iter().map(|r| r.interfaces).sum();
+            eprintln!(
+                "netdrop: tc counters ({}) on {interfaces} interfaces{}",
+                tc.mode().name(),
+                if leftovers > 0 {
+                    format!("; removed {leftovers} filters left by killed earlier runs")
+                } else {
+                    String::new()
+                }
+            );
+        }
         let nodes_given = !tc_args.node_netns.is_empty();
         let mut me = Self {
             watched: Vec::new(),
