@@ -106,17 +106,34 @@ fn prometheus_over_two_agents_names_the_bad_backend_and_its_node() {
             &netns,
             "--listen",
             &listen,
-            "--observe",
-            "default/web",
             "--kubeconfig",
             &kubeconfig,
         ];
+        // The first agent is told with --observe (and about a Service that does not exist); the
+        // second follows the Service's annotation, set once it runs.
         if agents.is_empty() {
-            args.extend(["--observe", "default/not-yet"]);
+            args.extend(["--observe", "default/web", "--observe", "default/not-yet"]);
         }
         let a = Tracer::start_agent(&args);
         agents.push((n.name.clone(), n.netns.clone(), addr, a));
     }
+    lab.annotate_service("default", "web", "netdrop.io/observe", "true")
+        .expect("annotate");
+    let follows = |addr: SocketAddr| {
+        http_get(addr, "/metrics", None).is_some_and(|(_, body)| {
+            body.lines()
+                .any(|l| l.starts_with("netdrop_service_attempts_total{") && l.contains(r#"service="web""#))
+        })
+    };
+    let start = std::time::Instant::now();
+    while !agents.iter().all(|a| follows(a.2)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the agents observe default/web (flag, annotation)"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("both agents observe default/web after {:?}", start.elapsed());
     let addrs: Vec<SocketAddr> = agents.iter().map(|a| a.2).collect();
     let prometheus = Prometheus::start(&addrs);
     prometheus.wait_up(addrs.len());

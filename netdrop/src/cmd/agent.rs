@@ -45,7 +45,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// `--listen` cannot be bound (in use, not an address of this host, no permission).
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
         #[source]

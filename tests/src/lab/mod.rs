@@ -651,6 +651,24 @@ impl Lab {
         Ok(())
     }
 
+    /// Sets an annotation on one of the lab's Services in the API stand-in (a MODIFIED event for
+    /// its watchers), e.g. `netdrop.io/observe: "true"` for the agent.
+    pub fn annotate_service(&self, namespace: &str, name: &str, key: &str, value: &str) -> Result<(), LabError> {
+        let mut obj = kube::objects(&self.topology)
+            .into_iter()
+            .find(|o| {
+                o["kind"] == "Service" && o["metadata"]["namespace"] == namespace && o["metadata"]["name"] == name
+            })
+            .ok_or_else(|| LabError::NoPod(format!("Service {namespace}/{name}")))?;
+        obj["metadata"]["annotations"][key] = serde_json::Value::from(value);
+        let standin = self.standin.lock().expect("lock");
+        let standin = standin
+            .as_ref()
+            .ok_or_else(|| LabError::NoPod("the API stand-in (lab not up in this process)".into()))?;
+        standin.cluster().apply(obj)?;
+        Ok(())
+    }
+
     /// The instance name (`default` for the default lab).
     pub fn instance(&self) -> &str {
         self.instance.as_deref().unwrap_or("default")
