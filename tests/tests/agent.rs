@@ -207,6 +207,20 @@ fn prometheus_over_two_agents_names_the_bad_backend_and_its_node() {
         "counted where dropped: {by_agent:?}"
     );
     assert_eq!(by_agent.values().sum::<u64>(), rule, "and by no other agent");
+    // The same drops in the node's own series: node-b itself (its FORWARD chain), classified
+    // as a firewall rule's.
+    let node_drops: u64 = prometheus
+        .values(&format!(
+            r#"sum(netdrop_drops_total{{node="{}",pod_namespace="",reason="NETFILTER_DROP",classification="netfilter_rule"}})"#,
+            fault.node
+        ))
+        .first()
+        .map_or(0, |(_, v)| count(v));
+    println!(
+        "netdrop_drops_total of {} itself, netfilter_rule: {node_drops}",
+        fault.node
+    );
+    assert_eq!(node_drops, rule, "the node's drops by reason and classification");
     // The healthy backends: series present, 0 drops; nothing without a backend.
     for (pod, (_, d)) in &drops {
         if pod != &bad.pod {
@@ -289,4 +303,42 @@ fn sigterm_leaves_nothing(agents: Vec<(String, String, SocketAddr, Tracer)>) -> 
         out.push(stderr);
     }
     out
+}
+
+/// Errors a user can hit are one line and a non-zero exit, before anything is attached: a port
+/// in use, an address that is none, no permission to load programs.
+#[test]
+fn user_errors_are_one_line() {
+    require_root!("user_errors_are_one_line");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let (ok, _, err) = netdrop_tests::netdrop(&["agent", "--no-kube", "--listen", &addr]);
+    println!("port in use: {err}");
+    assert!(!ok);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(&format!("cannot listen on {addr}")), "{err}");
+    assert_eq!(err.matches("in use").count(), 1, "said once: {err}");
+
+    let (ok, _, err) = netdrop_tests::netdrop(&["agent", "--listen", "nonsense"]);
+    println!("bad --listen: {err}");
+    assert!(!ok);
+    assert!(
+        err.lines()
+            .next()
+            .is_some_and(|l| l.contains("invalid value 'nonsense' for '--listen")),
+        "{err}"
+    );
+
+    // Without capabilities (nobody, none inherited): the first line names what is missing.
+    let out = netdrop_tools::tool("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(netdrop_tests::netdrop_bin())
+        .args(["agent", "--no-kube", "--listen", "127.0.0.1:0"])
+        .output()
+        .expect("setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("no permission: {err}");
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("CAP_BPF"), "{err}");
 }

@@ -44,13 +44,10 @@ use crate::{
 /// Errors of `netdrop agent` before it runs.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// `--listen` cannot be bound (in use, not an address of this host, no permission).
-    #[error("cannot listen on {addr}")]
-    Listen {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
+    /// `--listen` cannot be bound (in use, not an address of this host, no permission). The
+    /// reason is kept as text: tokio's error repeats itself as its own source.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen { addr: SocketAddr, reason: String },
 }
 
 #[expect(
@@ -65,9 +62,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // Before anything is attached: a port in use is one line and nothing to undo.
     let mut listeners = Vec::new();
     for addr in &args.listen {
-        let l = TcpListener::bind(addr)
-            .await
-            .map_err(|source| AgentError::Listen { addr: *addr, source })?;
+        let l = TcpListener::bind(addr).await.map_err(|e| AgentError::Listen {
+            addr: *addr,
+            reason: e.to_string(),
+        })?;
         listeners.push(l);
     }
     let exporter = Exporter::new(
