@@ -15,8 +15,9 @@
 //!   [`OVERFLOW`]. It stays in the overflow series while it appears (moving it out would count
 //!   its total twice); the overflow series keeps what its gone members had counted.
 //! - Counters are monotonic for a series that stays: a total lower than the last one seen for
-//!   the same source (which the agent should never send) is logged once per family and the
-//!   higher value kept.
+//!   the same source is taken as that source starting over (a StatefulSet pod recreated under
+//!   its name): the old total stays in the series, the new one adds to it (as Prometheus
+//!   handles a counter reset), and it is logged once per family.
 //!
 //! Never IPs, ports or interface names as labels, and no label named `namespace`, `pod`, `job`
 //! or `instance` (scrape configs and PodMonitors rewrite those): the opt-in pod label is
@@ -303,19 +304,22 @@ impl<L: Ord + Clone + fmt::Debug> Family<L> {
             Entry::Occupied(mut e) => {
                 let s = e.get_mut();
                 s.seen = now;
-                if total >= s.total {
-                    s.total = total;
-                } else if !self.warned_decrease {
-                    // A running total never goes down; keep the higher one so the exported
-                    // counter stays monotonic, and say so once (not at every scrape).
-                    self.warned_decrease = true;
-                    tracing::warn!(
-                        "metrics: {} went down from {} to {total} (source {source:?}); keeping {} (logged once per family)",
-                        self.name,
-                        s.total,
-                        s.total
-                    );
+                if total < s.total {
+                    // A running total went down: its source started over (a StatefulSet pod
+                    // recreated under the same name, a new network namespace). Its old total
+                    // stays in the series, which keeps counting from there: monotonic, and the
+                    // new source's drops are not hidden behind the old ones.
+                    series.retired = series.retired.saturating_add(s.total);
+                    if !self.warned_decrease {
+                        self.warned_decrease = true;
+                        tracing::warn!(
+                            "metrics: {} of {source:?} went down from {} to {total}: counted as a new source (logged once per family)",
+                            self.name,
+                            s.total
+                        );
+                    }
                 }
+                s.total = total;
             }
         }
     }

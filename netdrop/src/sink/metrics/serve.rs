@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     net::TcpListener,
     sync::{mpsc, oneshot},
@@ -30,6 +30,8 @@ pub type SnapshotRequest = oneshot::Sender<NodeMetrics>;
 pub const BEAT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A scrape waits this long for a fresh snapshot before serving the last one.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client may take to send its request header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the probes answer, shared between the agent (which updates it) and the server.
 #[derive(Debug)]
@@ -169,7 +171,11 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
                         let shared = Arc::clone(&shared);
                         async move { Ok::<_, Infallible>(handle(&shared, &req).await) }
                     });
+                    // A client that never finishes its request header does not hold a
+                    // connection for ever.
                     if let Err(e) = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
                         .serve_connection(TokioIo::new(stream), service)
                         .await
                     {

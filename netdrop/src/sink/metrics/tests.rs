@@ -192,11 +192,19 @@ fn a_workload_series_sums_its_pods_and_does_not_drop_when_one_goes() {
             "{after} s: web-2's 4 stay in the workload's total"
         );
     }
+    // web-1 is recreated under its name (a StatefulSet's pod): its new total counts on top.
+    m.drops[1].count = 2;
+    s.update(&m, t0 + Duration::from_secs(201));
+    assert_eq!(
+        samples(&s.encode(Exposition::Classic), "netdrop_drops_total")[1],
+        format!("{web} 12")
+    );
     // With pod names: one series per pod, labelled pod_name.
     let mut s = state(MetricsOptions {
         pod_names: true,
         ..MetricsOptions::default()
     });
+    m.drops[1].count = 6;
     m.drops.push(pod_drop("default", "Deployment/web", "web-2", 4));
     s.update(&m, t0);
     assert_eq!(
@@ -272,7 +280,7 @@ fn beyond_the_cap_label_sets_go_to_one_counted_overflow_series() {
 }
 
 #[test]
-fn a_counter_that_goes_down_keeps_its_higher_value() {
+fn a_total_that_goes_down_is_a_new_source_and_the_series_stays_monotonic() {
     let mut s = state(MetricsOptions::default());
     let t0 = Instant::now();
     let mut m = small();
@@ -281,7 +289,8 @@ fn a_counter_that_goes_down_keeps_its_higher_value() {
         count: 10,
     }];
     let lost = r#"netdrop_lost_events_total{node="node-a",source="ring"}"#;
-    for (i, (count, shown)) in [(10, 10), (7, 10), (9, 10), (12, 12)].into_iter().enumerate() {
+    // 10, then a reset to 7 (the old 10 kept), 9, 12: the series counts 10 + 12.
+    for (i, (count, shown)) in [(10, 10), (7, 17), (9, 19), (12, 22)].into_iter().enumerate() {
         m.lost_events[0].count = count;
         m.drops[0].count = count;
         s.update(&m, t0 + Duration::from_secs(i as u64));
