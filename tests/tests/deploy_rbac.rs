@@ -215,3 +215,49 @@ async fn a_missing_rule_is_named_in_one_line() {
         );
     }
 }
+
+/// `netdrop agent` itself under the deployed role: ready (caches synced), observing every
+/// Service (`--observe-all` lists nothing more than the resolver does), and not one request
+/// denied. Root: the agent loads its kernel programs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_syncs_and_observes_under_the_clusterrole() {
+    netdrop_tests::require_root!("the_agent_syncs_and_observes_under_the_clusterrole");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rbac = Rbac::from_yaml(&deploy::clusterrole_yaml()).expect("deploy/base/clusterrole.yaml");
+    let (server, rbac) = serve(rbac).await;
+    let kubeconfig = tmp.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let (ok, body) = tokio::task::block_in_place(|| {
+        let agent = netdrop_tests::Tracer::start_agent(&[
+            "--kubeconfig",
+            &kubeconfig.display().to_string(),
+            "--node-name",
+            "node-a",
+            "--listen",
+            &addr.to_string(),
+            "--observe-all",
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while netdrop_tests::prometheus::http_get(addr, "/readyz", None).is_none_or(|(s, _)| s != 200) {
+            assert!(Instant::now() < deadline, "the agent never became ready");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // The observed Services appear within a loop turn of readiness.
+        let mut body = String::new();
+        while !body.contains(r#"service="web""#) {
+            assert!(Instant::now() < deadline, "default/web never observed:\n{body}");
+            std::thread::sleep(Duration::from_millis(300));
+            body = netdrop_tests::prometheus::http_get(addr, "/metrics", None).map_or_else(String::new, |r| r.1);
+        }
+        let (ok, _) = agent.terminate();
+        (ok, body)
+    });
+    assert!(ok, "the agent exits 0 on SIGTERM");
+    assert!(body.contains("netdrop_ready{node=\"node-a\"} 1"), "{body}");
+    let denied = rbac.denied();
+    assert!(denied.is_empty(), "requests outside deploy/'s ClusterRole: {denied:?}");
+}
