@@ -5,7 +5,7 @@
 //! (`sink::metrics`) turns it into Prometheus series. Every count is a running total since the
 //! agent started (the kernel maps' values, evicted keys folded in): the sink never adds them up.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use netdrop_common::stat;
 
@@ -162,6 +162,10 @@ pub struct Scope<'a> {
     pub node_of: &'a HashMap<u32, String>,
     /// Network namespace → the pod that holds it.
     pub pods: &'a HashMap<u32, PodOwner>,
+    /// Network namespaces of this node's pods that are gone: their drops leave the drop series
+    /// with the pod (not moved to the node's), and stay in the Services' counts (running totals
+    /// that must not go down).
+    pub gone: &'a HashSet<u32>,
     /// This node's name.
     pub node: &'a str,
     /// The nodes' namespaces were named (`--node-netns`): only this node's and its pods'
@@ -170,8 +174,11 @@ pub struct Scope<'a> {
 }
 
 impl Scope<'_> {
-    /// The owner of drops in `netns`; `None` when they are another node's.
+    /// The owner of drops in `netns`; `None` when they are another node's or a gone pod's.
     pub fn owner(&self, netns: u32) -> Option<DropOwner> {
+        if self.gone.contains(&netns) && !self.pods.contains_key(&netns) {
+            return None;
+        }
         let node = self.node_of.get(&netns);
         if self.nodes_given && node.map(String::as_str) != Some(self.node) {
             return None;
@@ -189,9 +196,10 @@ impl Scope<'_> {
         })
     }
 
-    /// Whether drops in `netns` are this node's (the rows a Service's part is built from).
+    /// Whether drops in `netns` are this node's, gone pods' included (the rows a Service's
+    /// part is built from).
     pub fn holds(&self, netns: u32) -> bool {
-        self.owner(netns).is_some()
+        self.gone.contains(&netns) || self.owner(netns).is_some()
     }
 }
 
@@ -318,6 +326,7 @@ mod tests {
     const OTHER_NODE_NS: u32 = 200;
     const OTHER_POD_NS: u32 = 201;
     const STRAY_NS: u32 = 300;
+    const GONE_POD_NS: u32 = 102;
 
     fn node_of() -> HashMap<u32, String> {
         HashMap::from([
@@ -369,9 +378,11 @@ mod tests {
     #[test]
     fn with_nodes_named_only_this_nodes_namespaces_and_pods_count() {
         let (node_of, pods) = (node_of(), pods());
+        let gone = HashSet::new();
         let scope = Scope {
             node_of: &node_of,
             pods: &pods,
+            gone: &gone,
             node: "node-a",
             nodes_given: true,
         };
@@ -386,14 +397,22 @@ mod tests {
     fn without_nodes_named_everything_on_the_kernel_is_the_nodes() {
         let node_of = HashMap::from([(NODE_NS, "node-a".to_string()), (POD_NS, "node-a".to_string())]);
         let pods = pods();
+        let gone = HashSet::from([GONE_POD_NS]);
         let scope = Scope {
             node_of: &node_of,
             pods: &pods,
+            gone: &gone,
             node: "node-a",
             nodes_given: false,
         };
         assert_eq!(scope.owner(STRAY_NS), Some(DropOwner::Node), "unknown: the node's");
         assert_eq!(scope.owner(POD_NS), Some(client()));
+        assert_eq!(
+            scope.owner(GONE_POD_NS),
+            None,
+            "a gone pod's drops are not moved to the node"
+        );
+        assert!(scope.holds(GONE_POD_NS), "but its Service counts stay");
     }
 
     fn target_set() -> TargetSet {
@@ -452,9 +471,11 @@ mod tests {
             row(2, 50, OTHER_NODE_NS),
         ];
         let lookup = |n: u32| node_of.get(&n).cloned();
+        let gone = HashSet::new();
         let scope = Scope {
             node_of: &node_of,
             pods: &pods,
+            gone: &gone,
             node: "node-a",
             nodes_given: true,
         };

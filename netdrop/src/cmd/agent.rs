@@ -6,7 +6,7 @@
 //! every loop turn, `/readyz` once the programs are attached and the resolver synced.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     os::unix::fs::MetadataExt as _,
     time::{Duration, Instant},
@@ -122,6 +122,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         node_netns,
         kube_on,
         started: Instant::now(),
+        pod_netns: HashSet::new(),
     };
     agent.follow(&mut targets, &resolver, &mut probe);
     pipe.node_of = targets.node_of();
@@ -200,6 +201,8 @@ struct Agent {
     node_netns: u32,
     kube_on: bool,
     started: Instant,
+    /// Network namespaces seen as this node's pods', kept while the counters hold them.
+    pod_netns: HashSet<u32>,
 }
 
 impl Agent {
@@ -257,7 +260,7 @@ impl Agent {
 
     /// The node's snapshot from the counters just harvested.
     fn metrics(
-        &self,
+        &mut self,
         counts: &KernelCounts,
         pipe: &Pipeline,
         summarizer: &Summarizer,
@@ -289,9 +292,20 @@ impl Agent {
                 }
             }
         }
+        // Namespaces that were pods' and are gone, while the counters still hold them.
+        self.pod_netns.extend(pods.keys().copied());
+        let counted: HashSet<u32> = counts.drops.iter().map(|(k, _)| k.netns).collect();
+        self.pod_netns.retain(|n| pods.contains_key(n) || counted.contains(n));
+        let gone: HashSet<u32> = self
+            .pod_netns
+            .iter()
+            .copied()
+            .filter(|n| !pods.contains_key(n))
+            .collect();
         let scope = Scope {
             node_of,
             pods: &pods,
+            gone: &gone,
             node: &self.node,
             nodes_given: targets.nodes_given,
         };
