@@ -342,3 +342,47 @@ fn user_errors_are_one_line() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("CAP_BPF"), "{err}");
 }
+
+/// Until Kubernetes is synced the agent counts drops but is not ready, and says why; its reader
+/// is alive all the while.
+#[test]
+fn not_ready_with_the_reason_while_kubernetes_is_unreachable() {
+    require_root!("not_ready_with_the_reason_while_kubernetes_is_unreachable");
+    let dir = std::env::temp_dir().join(format!("netdrop-agent-dead-api-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kubeconfig = dir.join("kubeconfig");
+    // Nothing listens on port 1.
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters:\n- cluster: {server: \"https://127.0.0.1:1\", insecure-skip-tls-verify: true}\n  name: dead\ncontexts:\n- context: {cluster: dead, user: u}\n  name: dead\ncurrent-context: dead\nusers:\n- name: u\n  user: {token: x}\n",
+    )
+    .expect("kubeconfig");
+    let addr = free_addr();
+    let a = Tracer::start_agent(&[
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--node-name",
+        "node-x",
+        "--listen",
+        &addr.to_string(),
+    ]);
+    // "attached" is said a moment before readiness turns to Kubernetes'.
+    let start = std::time::Instant::now();
+    let (ready, why) = loop {
+        let (ready, why) = http_get(addr, "/readyz", None).expect("readyz");
+        if !why.contains("attaching") || start.elapsed() > Duration::from_secs(5) {
+            break (ready, why);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (alive, _) = http_get(addr, "/healthz", None).expect("healthz");
+    let (_, metrics) = http_get(addr, "/metrics", None).expect("metrics");
+    println!("readyz {ready}: {why}");
+    let (ok, stderr) = a.terminate();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(ready, 503);
+    assert!(why.contains("API unreachable"), "the reason: {why}");
+    assert_eq!(alive, 200, "the reader is alive");
+    assert!(metrics.contains(r#"netdrop_ready{node="node-x"} 0"#), "{metrics}");
+    assert!(ok, "exit 0 on SIGTERM:\n{}", stderr.join("\n"));
+}

@@ -113,6 +113,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             .map_or_else(crate::kernel::netns::own_netns, |m| m.ino() as u32),
         None => crate::kernel::netns::own_netns(),
     };
+    // Attached: from now on readiness is Kubernetes' (each loop second after this).
+    let (ready, why) = readiness(kube_on, &resolver);
+    health.set_ready(ready, &why);
     let mut agent = Agent {
         observe: args.observe_names(),
         observe_all: args.observe_all,
@@ -160,14 +163,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 pipe.node_of = targets.node_of();
                 // Folds the counts of evicted namespaces in between scrapes too.
                 counters.harvest(&mut probe);
-                let (ready, why) = agent.readiness(&resolver);
+                let (ready, why) = readiness(agent.kube_on, &resolver);
                 health.set_ready(ready, &why);
             }
             req = snapshots.recv() => {
                 let Some(reply) = req else { break };
                 targets.refresh(&resolver, &mut probe);
                 pipe.node_of = targets.node_of();
-                let (ready, why) = agent.readiness(&resolver);
+                let (ready, why) = readiness(agent.kube_on, &resolver);
                 health.set_ready(ready, &why);
                 let counts = counters.harvest(&mut probe).counts;
                 let m = agent.metrics(&counts, &pipe, &summarizer, &targets, &resolver, ready);
@@ -186,6 +189,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     drop(counters);
     eprintln!("netdrop: agent stopped; programs and tc filters detached");
     Ok(())
+}
+
+/// Ready once the programs are attached (they are, when this is asked) and the resolver synced
+/// (or resolution is off); otherwise not, and why.
+fn readiness(kube_on: bool, r: &Resolver) -> (bool, String) {
+    if !kube_on {
+        return (true, String::new());
+    }
+    match r.status().health {
+        // Stale: synced, then the API went away; names come from the last known state.
+        Health::Synced | Health::Snapshot | Health::Stale => (true, String::new()),
+        _ => (false, format!("kubernetes: {}", r.status())),
+    }
 }
 
 /// The agent's state between loop turns.
@@ -244,18 +260,6 @@ impl Agent {
             .map(|(namespace, name)| TargetSpec::Svc { namespace, name })
             .collect();
         targets.set_specs(&specs, r, probe);
-    }
-
-    /// Ready once the programs are attached (they are, by now) and the resolver synced (or
-    /// resolution is off).
-    fn readiness(&self, r: &Resolver) -> (bool, String) {
-        if !self.kube_on {
-            return (true, String::new());
-        }
-        match r.status().health {
-            Health::Synced | Health::Snapshot => (true, String::new()),
-            _ => (false, format!("kubernetes: {}", r.status())),
-        }
     }
 
     /// The node's snapshot from the counters just harvested.
