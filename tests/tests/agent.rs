@@ -386,3 +386,107 @@ fn not_ready_with_the_reason_while_kubernetes_is_unreachable() {
     assert!(metrics.contains(r#"netdrop_ready{node="node-x"} 0"#), "{metrics}");
     assert!(ok, "exit 0 on SIGTERM:\n{}", stderr.join("\n"));
 }
+
+/// The samples of `name` in a scrape (classic text format): labels and value.
+fn samples(body: &str, name: &str) -> Vec<(BTreeMap<String, String>, u64)> {
+    body.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?.strip_prefix('{')?;
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let labels = labels
+                .split("\",")
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once("=\"")?;
+                    Some((k.to_string(), v.trim_end_matches('"').to_string()))
+                })
+                .collect();
+            Some((labels, value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// A backend that does not listen: each refused SYN is a drop in the backend pod's own network
+/// namespace. Its node's agent counts it under the pod (namespace, workload), reason and
+/// classification, and as the Service backend's drop; the other node's agent has no series of
+/// that pod. Both equal the traffic generator's failures.
+#[test]
+fn a_pods_own_drops_are_its_series_on_its_node() {
+    require_root!("a_pods_own_drops_are_its_series_on_its_node");
+    let lab = Lab::up(&LabOptions::for_test()).unwrap_or_else(|e| panic!("lab up: {e}"));
+    let st = lab.status();
+    let fault = lab.fault(&FaultRequest::new(FaultKind::NotListening)).expect("fault");
+    let bad = fault.backend.clone().expect("targets a backend");
+    let kubeconfig = st.kubeconfig.display().to_string();
+    let agents: Vec<(String, SocketAddr, Tracer)> = st
+        .nodes
+        .iter()
+        .map(|n| {
+            let addr = free_addr();
+            let netns = format!("{}={}", n.name, n.netns_path.display());
+            let a = Tracer::start_agent(&[
+                "--node-name",
+                &n.name,
+                "--node-netns",
+                &netns,
+                "--listen",
+                &addr.to_string(),
+                "--observe",
+                "default/web",
+                "--kubeconfig",
+                &kubeconfig,
+            ]);
+            (n.name.clone(), addr, a)
+        })
+        .collect();
+    let opts = TrafficOptions {
+        rate: 100,
+        duration: Duration::from_secs(4),
+        proto: Proto::Tcp,
+        timeout: Duration::from_millis(700),
+        ..TrafficOptions::default()
+    };
+    let report = lab
+        .traffic("default/web", &opts)
+        .unwrap_or_else(|e| panic!("traffic: {e}"));
+    std::thread::sleep(Duration::from_millis(500));
+    let (ns, pod) = bad.pod.split_once('/').expect("ns/name");
+    println!(
+        "generator: {} attempts, {} failures; not listening: {} on {}",
+        report.attempts, report.failures, bad.pod, bad.node
+    );
+    for (node, addr, _) in &agents {
+        let (_, body) = http_get(*addr, "/metrics", Some("text/plain; version=0.0.4")).expect("scrape");
+        let of_pod: Vec<_> = samples(&body, "netdrop_drops_total")
+            .into_iter()
+            .filter(|(l, _)| {
+                l.get("pod_namespace").map(String::as_str) == Some(ns)
+                    && l.get("workload").map(String::as_str) == Some(pod)
+            })
+            .collect();
+        let svc: Vec<_> = samples(&body, "netdrop_service_drops_total")
+            .into_iter()
+            .filter(|(l, _)| l.get("backend_pod") == Some(&bad.pod))
+            .collect();
+        println!("{node}: drops of pod {}: {of_pod:?}; service drops: {svc:?}", bad.pod);
+        if *node == bad.node {
+            assert_eq!(of_pod.len(), 1, "one series: {of_pod:?}");
+            let (labels, n) = &of_pod[0];
+            assert_eq!(labels["reason"], "NO_SOCKET");
+            assert_eq!(labels["classification"], "no_socket");
+            assert_eq!(labels["node"], bad.node);
+            assert_eq!(*n, report.failures, "the pod's drops = the generator's failures");
+            assert_eq!(
+                svc.iter().map(|s| s.1).sum::<u64>(),
+                report.failures,
+                "and the backend's"
+            );
+        } else {
+            assert!(of_pod.is_empty(), "another node's pod has no series here: {of_pod:?}");
+            assert!(svc.iter().all(|s| s.1 == 0), "{svc:?}");
+        }
+    }
+    for (node, _, a) in agents {
+        let (ok, stderr) = a.terminate();
+        assert!(ok, "{node}: exit 0 after SIGTERM:\n{}", stderr.join("\n"));
+    }
+}
