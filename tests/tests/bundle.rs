@@ -231,7 +231,11 @@ fn policy_drop_bundle_holds_the_node_state_and_reports_offline() {
             .contains(&name)
             {
                 assert_eq!(it["exit_code"], 0, "{label}/{name}: {it}");
-                assert!(it["bytes"].as_u64().unwrap_or(0) > 0, "{label}/{name} is empty: {it}");
+                // This machine's own namespace may have no rules; the lab's nodes have kube-proxy's.
+                let rules = name == "iptables-save" || name == "nft-ruleset";
+                if label != "host" || !rules {
+                    assert!(it["bytes"].as_u64().unwrap_or(0) > 0, "{label}/{name} is empty: {it}");
+                }
             }
         }
         assert!(

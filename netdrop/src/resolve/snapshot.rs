@@ -86,7 +86,7 @@ pub async fn dump(args: &super::KubeOptions) -> Result<Option<Vec<u8>>, ResolveE
     };
     use kube::api::{Api, ListParams};
 
-    use super::source::{self, Source};
+    use crate::resolve::source::{self, Source};
 
     let src = source::choose(args);
     let (config, what) = match &src {

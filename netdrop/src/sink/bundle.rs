@@ -266,7 +266,8 @@ fn dir_size(d: &Path) -> u64 {
 pub struct RunRecord {
     /// Interfaces drops were seen on, per namespace inode.
     pub ifaces: BTreeMap<u32, BTreeSet<String>>,
-    /// Namespaces of the summary's counter rows (drops counted, with or without an event).
+    /// Namespaces of the summary's shown counter rows (drops counted, with or without an
+    /// event; not the benign frees: every pod that closes a socket has those).
     pub netns: BTreeSet<u32>,
     /// The final summary line (as `-o json` prints it).
     pub summary: String,
@@ -296,7 +297,7 @@ impl<W: Write + Send> BundleEvents<W> {
         let _ = tx.send(RunRecord {
             ifaces: std::mem::take(&mut self.ifaces),
             netns: drops
-                .map(|d| d.drops.iter().map(|r| r.netns).collect())
+                .map(|d| d.drops.iter().filter(|r| !r.hidden).map(|r| r.netns).collect())
                 .unwrap_or_default(),
             summary,
             attach: drops

@@ -485,13 +485,15 @@ pub fn collect_netns(
                 ..Limits::default()
             };
             let shown = format!("{program} {}", args.join(" "));
-            let made = command_in(ns, own, program, args).map_err(|e| {
-                if *program == "ipvsadm" {
-                    format!("ipvsadm is not installed: no IPVS state ({e})")
-                } else {
-                    e
-                }
-            });
+            let made = if *program == "ipvsadm"
+                && matches!(
+                    netdrop_tools::path(program),
+                    Err(netdrop_tools::ToolError::Missing { .. })
+                ) {
+                Err("ipvsadm is not installed (Debian package ipvsadm): no IPVS state".to_string())
+            } else {
+                command_in(ns, own, program, args)
+            };
             out(item(
                 format!("{dir}/{}/{name}", ns.label),
                 Some(ns),
