@@ -20,7 +20,7 @@ use std::{
 use netdrop_tests::{
     TraceOutput, Tracer,
     lab::{
-        Lab, LabOptions,
+        Lab, LabOptions, Status,
         faults::{FaultKind, FaultRequest},
         topology::Proto,
         traffic::TrafficOptions,
@@ -54,7 +54,7 @@ fn plant_cni(dir: &Path) {
 }
 
 /// The tarball's entries: name → (mode, bytes).
-fn untar(path: &Path) -> BTreeMap<String, (u32, Vec<u8>)> {
+fn untar(path: &Path) -> Files {
     let f = fs::File::open(path).expect("open bundle");
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(f));
     let mut out = BTreeMap::new();
@@ -69,7 +69,7 @@ fn untar(path: &Path) -> BTreeMap<String, (u32, Vec<u8>)> {
     out
 }
 
-fn text(files: &BTreeMap<String, (u32, Vec<u8>)>, name: &str) -> String {
+fn text(files: &Files, name: &str) -> String {
     let (_, data) = files
         .get(name)
         .unwrap_or_else(|| panic!("{name} missing from the bundle"));
@@ -96,6 +96,194 @@ fn report_unprivileged(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+type Files = BTreeMap<String, (u32, Vec<u8>)>;
+
+/// Every item the manifest lists is in the archive with its size; every node namespace has every
+/// item; the nodes' watched interfaces have their tc filters.
+fn check_node_state(files: &Files, items: &[Value], st: &Status) {
+    for it in items {
+        let file = it["file"].as_str().expect("file");
+        let (_, data) = files
+            .get(file)
+            .unwrap_or_else(|| panic!("{file} listed, not in the archive"));
+        assert_eq!(it["bytes"].as_u64(), Some(data.len() as u64), "{file}'s size");
+        if let Some(err) = it["stderr_file"].as_str() {
+            assert!(files.contains_key(err), "{err}");
+        }
+        for key in ["command", "phase", "truncated", "timed_out", "duration_ms", "exit_code"] {
+            assert!(it.get(key).is_some(), "{file} has no {key}: {it}");
+        }
+    }
+    let labels: Vec<String> = std::iter::once("host".to_string())
+        .chain(st.nodes.iter().map(|n| n.name.clone()))
+        .collect();
+    let item = |label: &str, name: &str| {
+        items
+            .iter()
+            .find(|i| i["file"] == format!("netns/{label}/{name}.out"))
+            .unwrap_or_else(|| panic!("no {name} for {label} in the manifest"))
+    };
+    for label in &labels {
+        for name in netdrop::source::node_state::netns_items() {
+            let it = item(label, name);
+            if name == "ipvsadm" && !netdrop_tools::available("ipvsadm") {
+                assert!(
+                    it["error"].as_str().is_some_and(|e| e.contains("not installed")),
+                    "{it}"
+                );
+                continue;
+            }
+            // Programs that ran; legacy iptables and IPv6 may have nothing to say, but they ran.
+            assert!(it["exit_code"].is_i64(), "{label}/{name} did not run: {it}");
+            if [
+                "iptables-save",
+                "nft-ruleset",
+                "ip-addr",
+                "ip-route",
+                "conntrack-stats",
+                "nstat",
+                "sysctl",
+            ]
+            .contains(&name)
+            {
+                assert_eq!(it["exit_code"], 0, "{label}/{name}: {it}");
+                // This machine's own namespace may have no rules; the lab's nodes have kube-proxy's.
+                let rules = name == "iptables-save" || name == "nft-ruleset";
+                if label != "host" || !rules {
+                    assert!(it["bytes"].as_u64().unwrap_or(0) > 0, "{label}/{name} is empty: {it}");
+                }
+            }
+        }
+        assert!(
+            items
+                .iter()
+                .any(|i| i["file"] == format!("start/netns/{label}/conntrack-stats.out") && i["exit_code"] == 0),
+            "the start's conntrack statistics of {label}"
+        );
+    }
+    // tc filters of the watched (cali*) interfaces of the nodes.
+    for n in &st.nodes {
+        for i in &n.workload_interfaces {
+            for dir in ["ingress", "egress"] {
+                let f = format!("netns/{}/tc-filter-{i}-{dir}.out", n.name);
+                assert!(files.contains_key(&f), "{f}");
+            }
+        }
+    }
+    assert!(
+        text(files, &format!("netns/{}/ip-addr.out", st.nodes[0].name)).contains(&st.nodes[0].underlay_ip.to_string())
+    );
+    assert!(text(files, "netns/host/sysctl.out").contains("net.ipv4.ip_forward"));
+    assert!(text(files, "node/kernel.out").contains(&netdrop_tests::run("uname", &["-r"]).trim().to_string()));
+    assert!(text(files, "node/btf.out").contains("present"));
+    assert!(!text(files, "node/softnet_stat.out").is_empty());
+}
+
+/// The CNI directory: secrets gone, the rest kept.
+fn check_cni(files: &Files, items: &[Value]) {
+    let kc = text(files, "node/cni/calico-kubeconfig");
+    let conf = text(files, "node/cni/10-calico.conflist");
+    for secret in [TOKEN, KEY_DATA, PASSWORD] {
+        assert!(
+            !files.values().any(|(_, d)| String::from_utf8_lossy(d).contains(secret)),
+            "{secret} leaked"
+        );
+    }
+    assert!(
+        kc.contains("    token: <redacted>") && kc.contains("client-key-data: <redacted>"),
+        "{kc}"
+    );
+    assert!(kc.contains("server: https://10.96.0.1:443"), "{kc}");
+    assert!(
+        conf.contains(r#""etcd_password":"<redacted>""#) && conf.contains("calico-ipam"),
+        "{conf}"
+    );
+    let redactions: u64 = items
+        .iter()
+        .filter(|i| i["file"].as_str().is_some_and(|f| f.starts_with("node/cni/")))
+        .map(|i| i["redactions"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(redactions, 3);
+}
+
+/// `netdrop report` on a copy elsewhere, as nobody: the live run's diagnosis and summary; cut or
+/// changed copies refused in one line.
+fn check_offline_report(tgz: &Path, out: &TraceOutput, fault_node: &str) {
+    // Offline: a copy elsewhere, read by nobody without capabilities.
+    let elsewhere = tempfile::tempdir().expect("temp dir");
+    fs::set_permissions(elsewhere.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let copy = elsewhere.path().join("copy.tar.gz");
+    fs::copy(tgz, &copy).expect("copy");
+    nix::unistd::chown(&copy, Some(65534.into()), Some(65534.into())).expect("chown");
+    let copy_s = copy.to_str().expect("utf-8");
+    let (ok, stdout, stderr) = report_unprivileged(&[copy_s]);
+    assert!(ok, "report as nobody: {stderr}");
+    let diagnosis = out.summary["diagnosis"].as_array().expect("diagnosis");
+    assert!(!diagnosis.is_empty());
+    for d in diagnosis {
+        let d = d.as_str().expect("line");
+        assert!(
+            stdout.contains(&format!("diagnosis: {d}\n")),
+            "missing {d:?} in\n{stdout}"
+        );
+    }
+    assert!(stdout.contains(&format!("netns {fault_node} ")), "{stdout}");
+    println!("report:\n{stdout}");
+    let (ok, json, stderr) = report_unprivileged(&["-o", "json", copy_s]);
+    assert!(ok, "{stderr}");
+    let lines: Vec<Value> = json.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    assert_eq!(lines[0], out.summary, "the same summary as the live run");
+    assert_eq!(lines[1]["packets"].as_u64(), Some(out.drops.len() as u64));
+    assert_eq!(lines[2]["type"], "bundle");
+
+    // Cut, or one byte changed: one line, non-zero, no panic.
+    let bytes = fs::read(&copy).expect("read copy");
+    let cut = elsewhere.path().join("cut.tar.gz");
+    fs::write(&cut, &bytes[..bytes.len() / 2]).expect("write");
+    let mut changed = bytes.clone();
+    let mid = changed.len() / 2;
+    changed[mid] ^= 0xff;
+    let bad_copy = elsewhere.path().join("changed.tar.gz");
+    fs::write(&bad_copy, &changed).expect("write");
+    for p in [&cut, &bad_copy] {
+        let (ok, _, err) = netdrop_tests::netdrop(&["report", p.to_str().expect("utf-8")]);
+        assert!(!ok, "{} is an error", p.display());
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains("truncated or corrupted") && !err.contains("panicked"),
+            "{err}"
+        );
+    }
+}
+
+/// The run's own files: its summary, events, attach report and capture; the Kubernetes objects.
+fn check_run_files(files: &Files, out: &TraceOutput, pcap: &Path, bad_name: &str) {
+    assert_eq!(
+        serde_json::from_str::<Value>(&text(files, "summary.json")).expect("summary"),
+        out.summary
+    );
+    let events: Vec<Value> = text(files, "events.ndjson")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .filter(|v: &Value| v["type"] == "drop")
+        .collect();
+    assert_eq!(events, out.drops, "the bundle's events are the run's");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text(files, "attach.json")).expect("attach"),
+        drop_summary(&out.summary)["attach"]
+    );
+    assert_eq!(files["capture.pcapng"].1, fs::read(pcap).expect("pcapng"));
+    let kube: Value = serde_json::from_str(&text(files, "kube/objects.json")).expect("kube objects");
+    assert!(
+        kube["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .any(|o| o["kind"] == "Pod" && o["metadata"]["name"] == bad_name),
+        "the bad backend's pod is in the snapshot"
+    );
 }
 
 fn drop_summary(s: &Value) -> &Value {
@@ -185,82 +373,7 @@ fn policy_drop_bundle_holds_the_node_state_and_reports_offline() {
     // The manifest lists every item of every node namespace, with its file in the archive.
     let manifest: Value = serde_json::from_str(&text(&files, "manifest.json")).expect("manifest JSON");
     let items = manifest["items"].as_array().expect("items");
-    for it in items {
-        let file = it["file"].as_str().expect("file");
-        let (_, data) = files
-            .get(file)
-            .unwrap_or_else(|| panic!("{file} listed, not in the archive"));
-        assert_eq!(it["bytes"].as_u64(), Some(data.len() as u64), "{file}'s size");
-        if let Some(err) = it["stderr_file"].as_str() {
-            assert!(files.contains_key(err), "{err}");
-        }
-        for key in ["command", "phase", "truncated", "timed_out", "duration_ms", "exit_code"] {
-            assert!(it.get(key).is_some(), "{file} has no {key}: {it}");
-        }
-    }
-    let labels: Vec<String> = std::iter::once("host".to_string())
-        .chain(st.nodes.iter().map(|n| n.name.clone()))
-        .collect();
-    let item = |label: &str, name: &str| {
-        items
-            .iter()
-            .find(|i| i["file"] == format!("netns/{label}/{name}.out"))
-            .unwrap_or_else(|| panic!("no {name} for {label} in the manifest"))
-    };
-    for label in &labels {
-        for name in netdrop::source::node_state::netns_items() {
-            let it = item(label, name);
-            if name == "ipvsadm" && !netdrop_tools::available("ipvsadm") {
-                assert!(
-                    it["error"].as_str().is_some_and(|e| e.contains("not installed")),
-                    "{it}"
-                );
-                continue;
-            }
-            // Programs that ran; legacy iptables and IPv6 may have nothing to say, but they ran.
-            assert!(it["exit_code"].is_i64(), "{label}/{name} did not run: {it}");
-            if [
-                "iptables-save",
-                "nft-ruleset",
-                "ip-addr",
-                "ip-route",
-                "conntrack-stats",
-                "nstat",
-                "sysctl",
-            ]
-            .contains(&name)
-            {
-                assert_eq!(it["exit_code"], 0, "{label}/{name}: {it}");
-                // This machine's own namespace may have no rules; the lab's nodes have kube-proxy's.
-                let rules = name == "iptables-save" || name == "nft-ruleset";
-                if label != "host" || !rules {
-                    assert!(it["bytes"].as_u64().unwrap_or(0) > 0, "{label}/{name} is empty: {it}");
-                }
-            }
-        }
-        assert!(
-            items
-                .iter()
-                .any(|i| i["file"] == format!("start/netns/{label}/conntrack-stats.out") && i["exit_code"] == 0),
-            "the start's conntrack statistics of {label}"
-        );
-    }
-    // tc filters of the watched (cali*) interfaces of the nodes.
-    for n in &st.nodes {
-        for i in &n.workload_interfaces {
-            for dir in ["ingress", "egress"] {
-                let f = format!("netns/{}/tc-filter-{i}-{dir}.out", n.name);
-                assert!(files.contains_key(&f), "{f}");
-            }
-        }
-    }
-    assert!(
-        text(&files, &format!("netns/{}/ip-addr.out", st.nodes[0].name)).contains(&st.nodes[0].underlay_ip.to_string())
-    );
-    assert!(text(&files, "netns/host/sysctl.out").contains("net.ipv4.ip_forward"));
-    assert!(text(&files, "node/kernel.out").contains(&netdrop_tests::run("uname", &["-r"]).trim().to_string()));
-    assert!(text(&files, "node/btf.out").contains("present"));
-    assert!(!text(&files, "node/softnet_stat.out").is_empty());
+    check_node_state(&files, items, &st);
 
     // The fault node's iptables-save: the DROP rule with the count netdrop saw.
     let saved = text(&files, &format!("netns/{}/iptables-save.out", fault.node));
@@ -276,100 +389,8 @@ fn policy_drop_bundle_holds_the_node_state_and_reports_offline() {
         .unwrap_or_else(|| panic!("no counter in {line}"));
     assert_eq!(packets, counted, "iptables-save -c's counter = netdrop's drops: {line}");
 
-    // The CNI directory: secrets gone, the rest kept.
-    let kc = text(&files, "node/cni/calico-kubeconfig");
-    let conf = text(&files, "node/cni/10-calico.conflist");
-    for secret in [TOKEN, KEY_DATA, PASSWORD] {
-        assert!(
-            !files.values().any(|(_, d)| String::from_utf8_lossy(d).contains(secret)),
-            "{secret} leaked"
-        );
-    }
-    assert!(
-        kc.contains("    token: <redacted>") && kc.contains("client-key-data: <redacted>"),
-        "{kc}"
-    );
-    assert!(kc.contains("server: https://10.96.0.1:443"), "{kc}");
-    assert!(
-        conf.contains(r#""etcd_password":"<redacted>""#) && conf.contains("calico-ipam"),
-        "{conf}"
-    );
-    let redactions: u64 = items
-        .iter()
-        .filter(|i| i["file"].as_str().is_some_and(|f| f.starts_with("node/cni/")))
-        .map(|i| i["redactions"].as_u64().unwrap_or(0))
-        .sum();
-    assert_eq!(redactions, 3);
+    check_cni(&files, items);
 
-    // The run's own files.
-    assert_eq!(
-        serde_json::from_str::<Value>(&text(&files, "summary.json")).expect("summary"),
-        out.summary
-    );
-    let events: Vec<Value> = text(&files, "events.ndjson")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .filter(|v: &Value| v["type"] == "drop")
-        .collect();
-    assert_eq!(events, out.drops, "the bundle's events are the run's");
-    assert_eq!(
-        serde_json::from_str::<Value>(&text(&files, "attach.json")).expect("attach"),
-        drop_summary(&out.summary)["attach"]
-    );
-    assert_eq!(files["capture.pcapng"].1, fs::read(&pcap).expect("pcapng"));
-    let kube: Value = serde_json::from_str(&text(&files, "kube/objects.json")).expect("kube objects");
-    assert!(
-        kube["items"]
-            .as_array()
-            .expect("items")
-            .iter()
-            .any(|o| o["kind"] == "Pod" && o["metadata"]["name"] == bad_name),
-        "the bad backend's pod is in the snapshot"
-    );
-
-    // Offline: a copy elsewhere, read by nobody without capabilities.
-    let elsewhere = tempfile::tempdir().expect("temp dir");
-    fs::set_permissions(elsewhere.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
-    let copy = elsewhere.path().join("copy.tar.gz");
-    fs::copy(&tgz, &copy).expect("copy");
-    nix::unistd::chown(&copy, Some(65534.into()), Some(65534.into())).expect("chown");
-    let copy_s = copy.to_str().expect("utf-8");
-    let (ok, stdout, stderr) = report_unprivileged(&[copy_s]);
-    assert!(ok, "report as nobody: {stderr}");
-    let diagnosis = out.summary["diagnosis"].as_array().expect("diagnosis");
-    assert!(!diagnosis.is_empty());
-    for d in diagnosis {
-        let d = d.as_str().expect("line");
-        assert!(
-            stdout.contains(&format!("diagnosis: {d}\n")),
-            "missing {d:?} in\n{stdout}"
-        );
-    }
-    assert!(stdout.contains(&format!("netns {} ", fault.node)), "{stdout}");
-    println!("report:\n{stdout}");
-    let (ok, json, stderr) = report_unprivileged(&["-o", "json", copy_s]);
-    assert!(ok, "{stderr}");
-    let lines: Vec<Value> = json.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
-    assert_eq!(lines[0], out.summary, "the same summary as the live run");
-    assert_eq!(lines[1]["packets"].as_u64(), Some(out.drops.len() as u64));
-    assert_eq!(lines[2]["type"], "bundle");
-
-    // Cut, or one byte changed: one line, non-zero, no panic.
-    let bytes = fs::read(&copy).expect("read copy");
-    let cut = elsewhere.path().join("cut.tar.gz");
-    fs::write(&cut, &bytes[..bytes.len() / 2]).expect("write");
-    let mut changed = bytes.clone();
-    let mid = changed.len() / 2;
-    changed[mid] ^= 0xff;
-    let bad_copy = elsewhere.path().join("changed.tar.gz");
-    fs::write(&bad_copy, &changed).expect("write");
-    for p in [&cut, &bad_copy] {
-        let (ok, _, err) = netdrop_tests::netdrop(&["report", p.to_str().expect("utf-8")]);
-        assert!(!ok, "{} is an error", p.display());
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(
-            err.contains("truncated or corrupted") && !err.contains("panicked"),
-            "{err}"
-        );
-    }
+    check_run_files(&files, &out, &pcap, bad_name);
+    check_offline_report(&tgz, &out, &fault.node);
 }

@@ -236,7 +236,10 @@ impl Bundle {
                 let gz = t.into_inner().map_err(err)?;
                 let mut w = gz.finish().map_err(werr(&path, end))?;
                 w.flush().map_err(werr(&path, end))?;
-                let f = w.into_inner().map_err(|e| e.into_error()).map_err(werr(&path, end))?;
+                let f = w
+                    .into_inner()
+                    .map_err(io::IntoInnerError::into_error)
+                    .map_err(werr(&path, end))?;
                 f.sync_all().map_err(werr(&path, end))?;
                 Ok(f.metadata().map_or(0, |m| m.len()))
             }

@@ -265,7 +265,7 @@ pub fn run_capped(mut cmd: Command, limits: Limits) -> RunOutput {
         thread::spawn(move || {
             let mut capped = Capped::new(limits.max_bytes, max_lines);
             let Some(mut pipe) = pipe else { return capped };
-            let mut buf = [0_u8; 64 * 1024];
+            let mut buf = vec![0_u8; 64 * 1024];
             loop {
                 match pipe.read(&mut buf) {
                     Ok(0) | Err(_) => break,
@@ -363,7 +363,7 @@ fn command_in(ns: &Netns, own: u32, program: &str, args: &[&str]) -> Result<(Com
 
 /// Runs one item and describes it.
 fn item(
-    file: String,
+    file: &str,
     ns: Option<&Netns>,
     phase: Phase,
     made: Result<(Command, String), String>,
@@ -495,7 +495,7 @@ pub fn collect_netns(
                 command_in(ns, own, program, args)
             };
             out(item(
-                format!("{dir}/{}/{name}", ns.label),
+                &format!("{dir}/{}/{name}", ns.label),
                 Some(ns),
                 phase,
                 made,
@@ -514,7 +514,7 @@ pub fn collect_netns(
                     let args = ["-s", "filter", "show", "dev", ifname.as_str(), dir_];
                     let made = command_in(ns, own, "tc", &args);
                     out(item(
-                        format!("{dir}/{}/tc-filter-{}-{dir_}", ns.label, sanitize(ifname)),
+                        &format!("{dir}/{}/tc-filter-{}-{dir_}", ns.label, sanitize(ifname)),
                         Some(ns),
                         phase,
                         made,
@@ -553,7 +553,7 @@ pub fn collect_node(
         let made = command_in(&host, own, program, args);
         let shown = format!("{program} {}", args.join(" "));
         out(item(
-            format!("node/{name}"),
+            &format!("node/{name}"),
             None,
             Phase::End,
             made,
@@ -855,7 +855,7 @@ fn redact_yaml(line: &str) -> Option<(String, bool)> {
         return None;
     }
     let block = value.starts_with('|') || value.starts_with('>');
-    Some((format!("{} {REDACTED}", &line[..lead + item + colon + 1]), block))
+    Some((format!("{} {REDACTED}", &line[..=lead + item + colon]), block))
 }
 
 #[cfg(test)]
@@ -996,7 +996,7 @@ current-context: calico-context
             why: "--node-netns".into(),
         };
         let c = item(
-            "netns/node-a/iptables-save".into(),
+            "netns/node-a/iptables-save",
             Some(&ns),
             Phase::End,
             Err("namespace gone".into()),
