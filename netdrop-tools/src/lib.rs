@@ -124,7 +124,7 @@ pub const TOOLS: &[Tool] = &[
     deb("cat", "coreutils", true),
     deb("uname", "coreutils", true),
     // A program that outlives its timeout (the bundle's per-item timeout, unit-tested).
-    deb("sleep", "coreutils", true),
+    deb("sleep", "coreutils", false),
     // BPF state (tc tests check links and programs with the kernel's own listing).
     deb("bpftool", "bpftool", true),
     // Benchmark baseline.
