@@ -23,7 +23,7 @@ use netdrop_tests::{
         Lab, LabOptions, Status,
         faults::{FaultKind, FaultRequest},
         topology::Proto,
-        traffic::TrafficOptions,
+        traffic::{TrafficOptions, TrafficReport},
     },
     require_root,
 };
@@ -286,6 +286,41 @@ fn check_run_files(files: &Files, out: &TraceOutput, pcap: &Path, bad_name: &str
     );
 }
 
+/// `capture --svc default/web --bundle BUNDLE` over both lab nodes during 5 s of TCP requests;
+/// returns the capture (still running, its last drops drained) and the generator's report.
+fn bundle_capture(lab: &Lab, pcap: &Path, bundle: &Path, cni: &Path) -> (Tracer, TrafficReport) {
+    let st = lab.status();
+    let mut args: Vec<String> = vec![
+        "--svc".into(),
+        "default/web".into(),
+        "--kubeconfig".into(),
+        st.kubeconfig.display().to_string(),
+        "--bundle".into(),
+        bundle.display().to_string(),
+        "--cni-dir".into(),
+        cni.display().to_string(),
+    ];
+    for n in &st.nodes {
+        args.push("--node-netns".into());
+        args.push(format!("{}={}", n.name, n.netns_path.display()));
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let capture = Tracer::start_capture(pcap, &refs);
+    let opts = TrafficOptions {
+        rate: 100,
+        duration: Duration::from_secs(5),
+        proto: Proto::Tcp,
+        // Below the first SYN retransmission (1 s): one dropped SYN per failed request.
+        timeout: Duration::from_millis(700),
+        ..TrafficOptions::default()
+    };
+    let traffic = lab
+        .traffic("default/web", &opts)
+        .unwrap_or_else(|e| panic!("traffic: {e}"));
+    std::thread::sleep(Duration::from_millis(1200));
+    (capture, traffic)
+}
+
 fn drop_summary(s: &Value) -> &Value {
     if s["detail"].is_object() { &s["detail"] } else { s }
 }
@@ -303,33 +338,7 @@ fn policy_drop_bundle_holds_the_node_state_and_reports_offline() {
     let tgz = tmp.path().join("incident.tar.gz");
 
     let st = lab.status();
-    let mut args: Vec<String> = vec![
-        "--svc".into(),
-        "default/web".into(),
-        "--kubeconfig".into(),
-        st.kubeconfig.display().to_string(),
-        "--bundle".into(),
-        tgz.display().to_string(),
-        "--cni-dir".into(),
-        cni.display().to_string(),
-    ];
-    for n in &st.nodes {
-        args.push("--node-netns".into());
-        args.push(format!("{}={}", n.name, n.netns_path.display()));
-    }
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    let capture = Tracer::start_capture(&pcap, &refs);
-    let opts = TrafficOptions {
-        rate: 100,
-        duration: Duration::from_secs(5),
-        proto: Proto::Tcp,
-        timeout: Duration::from_millis(700),
-        ..TrafficOptions::default()
-    };
-    let traffic = lab
-        .traffic("default/web", &opts)
-        .unwrap_or_else(|e| panic!("traffic: {e}"));
-    std::thread::sleep(Duration::from_millis(1200));
+    let (capture, traffic) = bundle_capture(&lab, &pcap, &tgz, &cni);
     let started = std::time::Instant::now();
     let out: TraceOutput = capture.stop();
     let stop_secs = started.elapsed().as_secs_f64();
@@ -393,4 +402,77 @@ fn policy_drop_bundle_holds_the_node_state_and_reports_offline() {
 
     check_run_files(&files, &out, &pcap, bad_name);
     check_offline_report(&tgz, &out, &fault.node);
+}
+
+/// A backend not listening: its NO_SOCKET drops are in the pod's own namespace, which no flag
+/// names: the bundle finds it by inode and collects it too. `--bundle DIR/`: a directory, 0700,
+/// its files 0600, which `netdrop report` reads as it reads a tarball.
+#[test]
+fn not_listening_bundle_directory_has_the_pods_namespace() {
+    require_root!("not_listening_bundle_directory_has_the_pods_namespace");
+    let lab = Lab::up(&LabOptions::for_test()).unwrap_or_else(|e| panic!("lab up: {e}"));
+    let fault = lab.fault(&FaultRequest::new(FaultKind::NotListening)).expect("fault");
+    let bad = fault.backend.clone().expect("targets a backend");
+    let st = lab.status();
+    let pod = st
+        .pods
+        .iter()
+        .find(|p| format!("{}/{}", p.namespace, p.name) == bad.pod)
+        .unwrap_or_else(|| panic!("{} not in the lab's status", bad.pod));
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let cni = tmp.path().join("no-cni-here");
+    let pcap = tmp.path().join("incident.pcapng");
+    let dir = tmp.path().join("bundle/");
+    let (capture, traffic) = bundle_capture(&lab, &pcap, &dir, &cni);
+    let out = capture.stop();
+    assert!(traffic.failures > 0, "{traffic:?}");
+    let in_pod = out
+        .drops
+        .iter()
+        .filter(|e| e["reason"] == "NO_SOCKET" && e["netns"].as_u64() == Some(pod.netns_inode))
+        .count() as u64;
+    assert_eq!(
+        in_pod, traffic.failures,
+        "one NO_SOCKET in the pod's namespace per refused request"
+    );
+
+    assert_eq!(fs::metadata(&dir).expect("bundle dir").mode() & 0o777, 0o700);
+    let manifest: Value =
+        serde_json::from_slice(&fs::read(dir.join("manifest.json")).expect("manifest")).expect("JSON");
+    let label = format!("netns-{}", pod.netns_inode);
+    let ns = manifest["namespaces"]
+        .as_array()
+        .expect("namespaces")
+        .iter()
+        .find(|n| n["label"] == label.as_str())
+        .unwrap_or_else(|| panic!("the pod's namespace {label} is not in {}", manifest["namespaces"]));
+    assert_eq!(ns["why"], "drops were seen in it");
+    let items = manifest["items"].as_array().expect("items");
+    for name in netdrop::source::node_state::netns_items() {
+        let file = format!("netns/{label}/{name}.out");
+        let it = items
+            .iter()
+            .find(|i| i["file"] == file.as_str())
+            .unwrap_or_else(|| panic!("no {file} in the manifest"));
+        let meta = fs::metadata(dir.join(&file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(meta.mode() & 0o777, 0o600, "{file}");
+        assert_eq!(it["bytes"].as_u64(), Some(meta.len()), "{file}");
+    }
+    // The pod's own address, seen from inside its namespace.
+    let addr = fs::read_to_string(dir.join(format!("netns/{label}/ip-addr.out"))).expect("ip-addr");
+    assert!(addr.contains(&pod.ip.to_string()), "{addr}");
+    // No CNI directory: one item says so.
+    let none = fs::read_to_string(dir.join("node/cni/.none")).expect("the CNI note");
+    assert!(none.contains("no CNI configuration"), "{none}");
+
+    let (ok, stdout, stderr) = netdrop_tests::netdrop(&["report", dir.to_str().expect("utf-8")]);
+    assert!(ok, "{stderr}");
+    for d in out.summary["diagnosis"].as_array().expect("diagnosis") {
+        let d = d.as_str().expect("line");
+        assert!(
+            stdout.contains(&format!("diagnosis: {d}\n")),
+            "missing {d:?} in\n{stdout}"
+        );
+    }
+    assert!(stdout.contains(&format!("netns {label} ")), "{stdout}");
 }
