@@ -103,6 +103,22 @@ type Files = BTreeMap<String, (u32, Vec<u8>)>;
 /// Every item the manifest lists is in the archive with its size; every node namespace has every
 /// item; the nodes' watched interfaces have their tc filters.
 fn check_node_state(files: &Files, items: &[Value], st: &Status) {
+    let mut slowest: Vec<(u64, &str)> = items
+        .iter()
+        .map(|i| {
+            (
+                i["duration_ms"].as_u64().unwrap_or(0),
+                i["command"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    slowest.sort_unstable();
+    println!(
+        "{} items, {} ms in all; slowest: {:?}",
+        items.len(),
+        slowest.iter().map(|s| s.0).sum::<u64>(),
+        &slowest[slowest.len().saturating_sub(3)..]
+    );
     for it in items {
         let file = it["file"].as_str().expect("file");
         let (_, data) = files
