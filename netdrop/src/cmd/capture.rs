@@ -61,7 +61,12 @@ pub async fn run(args: CaptureArgs) -> anyhow::Result<()> {
     let kube = KubeOptions::from(&trace.kube);
     let node = crate::resolve::node_name(&kube);
     let pattern = trace.tc.watch_options().pattern;
-    super::trace::run_with(trace, sinks).await?;
+    if let Err(e) = super::trace::run_with(trace, sinks).await {
+        if let Some(b) = bundle {
+            b.abandon();
+        }
+        return Err(e);
+    }
     match rx.try_recv() {
         Ok(stats) => eprintln!("netdrop: {}: {}", opts.file.display(), stats.describe()),
         Err(_) => eprintln!(
@@ -74,6 +79,10 @@ pub async fn run(args: CaptureArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// How long listing the Kubernetes objects may take, and the most bytes of them kept.
+const KUBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+const KUBE_MAX_BYTES: usize = 64 << 20;
 
 /// A bundle under way: the start's items are in; the run's sink reports at the end.
 struct BundleRun {
@@ -122,6 +131,14 @@ impl BundleRun {
         })
     }
 
+    /// The run failed: no bundle is left behind (a directory keeps what it got).
+    fn abandon(self) {
+        if self.events != self.bundle.path().join(bundle::EVENTS) {
+            let _ = std::fs::remove_file(&self.events);
+        }
+        self.bundle.abandon();
+    }
+
     /// The end: the node state of every namespace involved, the Kubernetes objects, the run's
     /// files, the manifest.
     async fn finish(
@@ -144,27 +161,7 @@ impl BundleRun {
             node_state::collect_netns(&namespaces, Phase::End, watched, &run.ifaces, out)
         })?;
         collect(&mut self.bundle, |out| node_state::collect_node(&opts.cni_dir, out))?;
-        let t = Instant::now();
-        let (bytes, error) = match crate::resolve::snapshot_dump(kube).await {
-            Ok(Some(json)) => (Some(json), None),
-            Ok(None) => (
-                None,
-                Some("no Kubernetes source (--no-kube, or none configured)".to_string()),
-            ),
-            Err(e) => (None, Some(e.to_string())),
-        };
-        let mut entry = bundle::run_file(
-            bundle::KUBE,
-            "list pods,services,endpointslices,nodes (all namespaces; pods slimmed to what resolution reads)",
-            bytes.as_ref().map_or(0, |b| b.len() as u64),
-            error,
-        );
-        entry.duration_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.bundle.add_collected(Collected {
-            entry,
-            stdout: bytes.unwrap_or_default(),
-            stderr: Vec::new(),
-        })?;
+        self.bundle.add_collected(kube_objects(kube).await)?;
         let file_len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
         self.bundle.add_file(bundle::CAPTURE, &opts.file)?;
         self.bundle.items.push(bundle::run_file(
@@ -218,6 +215,45 @@ impl BundleRun {
             end.elapsed().as_secs_f64(),
         );
         Ok(())
+    }
+}
+
+/// The Kubernetes objects as a `--kube-snapshot` (listed within [`KUBE_TIMEOUT`], kept up to
+/// [`KUBE_MAX_BYTES`]).
+async fn kube_objects(kube: &KubeOptions) -> Collected {
+    let t = Instant::now();
+    let listed = tokio::time::timeout(KUBE_TIMEOUT, crate::resolve::snapshot_dump(kube)).await;
+    let (bytes, error) = match listed {
+        Err(_) => (
+            None,
+            Some(format!("listing timed out after {} s", KUBE_TIMEOUT.as_secs())),
+        ),
+        Ok(Ok(Some(json))) if json.len() > KUBE_MAX_BYTES => (
+            None,
+            Some(format!(
+                "{} bytes of objects, over the cap of {} MiB: not kept (a cut list is no snapshot)",
+                json.len(),
+                KUBE_MAX_BYTES >> 20
+            )),
+        ),
+        Ok(Ok(Some(json))) => (Some(json), None),
+        Ok(Ok(None)) => (
+            None,
+            Some("no Kubernetes source (--no-kube, or none configured)".to_string()),
+        ),
+        Ok(Err(e)) => (None, Some(e.to_string())),
+    };
+    let mut entry = bundle::run_file(
+        bundle::KUBE,
+        "list pods,services,endpointslices,nodes (all namespaces; pods slimmed to what resolution reads)",
+        bytes.as_ref().map_or(0, |b| b.len() as u64),
+        error,
+    );
+    entry.duration_ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+    Collected {
+        entry,
+        stdout: bytes.unwrap_or_default(),
+        stderr: Vec::new(),
     }
 }
 

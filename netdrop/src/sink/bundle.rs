@@ -222,6 +222,14 @@ impl Bundle {
         Ok(())
     }
 
+    /// Gives up: a tarball is removed (it would be unreadable), a directory keeps what it got.
+    pub fn abandon(self) {
+        if let Out::Tar(t) = self.out {
+            drop(t);
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+
     /// Writes the manifest and closes the bundle; returns its size in bytes.
     pub fn finish(mut self, mut manifest: Manifest) -> Result<u64, BundleError> {
         manifest.items = std::mem::take(&mut self.items);
