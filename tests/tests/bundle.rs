@@ -175,8 +175,11 @@ fn check_node_state(files: &Files, items: &[Value], st: &Status) {
         assert!(
             items
                 .iter()
-                .any(|i| i["file"] == format!("start/netns/{label}/conntrack-stats.out") && i["exit_code"] == 0),
-            "the start's conntrack statistics of {label}"
+                .any(|i| i["file"] == format!("start/netns/{label}/conntrack-stats.out") && i["exit_code"] == 0)
+                && items
+                    .iter()
+                    .any(|i| i["file"] == format!("start/netns/{label}/nstat.out") && i["exit_code"] == 0),
+            "the start's conntrack statistics and SNMP counters of {label}"
         );
     }
     // tc filters of the watched (cali*) interfaces of the nodes.

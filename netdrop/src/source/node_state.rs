@@ -70,6 +70,9 @@ const PER_NETNS: &[(&str, &str, &[&str])] = &[
     ("nstat", "nstat", &["-asz"]),
 ];
 
+/// Items also taken before the trace attaches: counters, so the bundle has their rise.
+const START_ITEMS: &[&str] = &["conntrack-stats", "nstat"];
+
 /// Items of the node as a whole, run in this process's namespace.
 const PER_NODE: &[(&str, &str, &[&str])] = &[
     ("kernel", "uname", &["-a"]),
@@ -460,7 +463,7 @@ fn sanitize(s: &str) -> String {
     }
 }
 
-/// Collects from each namespace: the conntrack statistics only at [`Phase::Start`], everything
+/// Collects from each namespace: the counters of [`START_ITEMS`] at [`Phase::Start`], everything
 /// at [`Phase::End`] (tc filters of the interfaces matching `watched` or named in
 /// `drop_ifaces`), each item handed to `out` as it is taken.
 pub fn collect_netns(
@@ -477,7 +480,8 @@ pub fn collect_netns(
     };
     for ns in namespaces {
         for (name, program, args) in PER_NETNS {
-            if phase == Phase::Start && *name != "conntrack-stats" {
+            // Before the run: the counters whose rise during it matters.
+            if phase == Phase::Start && !START_ITEMS.contains(name) {
                 continue;
             }
             let limits = Limits {
