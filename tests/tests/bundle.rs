@@ -484,6 +484,23 @@ fn not_listening_bundle_directory_has_the_pods_namespace() {
     let none = fs::read_to_string(dir.join("node/cni/.none")).expect("the CNI note");
     assert!(none.contains("no CNI configuration"), "{none}");
 
+    // The Kubernetes objects replay offline: the backend's address resolves to its pod.
+    let snapshot = dir.join("kube/objects.json");
+    let ip = pod.ip.to_string();
+    let (ok, resolved, stderr) = netdrop_tests::netdrop(&[
+        "resolve",
+        "-o",
+        "json",
+        "--kube-snapshot",
+        snapshot.to_str().expect("utf-8"),
+        &ip,
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        resolved.contains(&format!("\"{}\"", pod.name)) && resolved.contains(&pod.node),
+        "{ip} in the bundle's snapshot: {resolved}"
+    );
+
     let (ok, stdout, stderr) = netdrop_tests::netdrop(&["report", dir.to_str().expect("utf-8")]);
     assert!(ok, "{stderr}");
     for d in out.summary["diagnosis"].as_array().expect("diagnosis") {
