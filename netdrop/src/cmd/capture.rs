@@ -197,12 +197,7 @@ impl BundleRun {
             ));
         }
         let items = self.bundle.items.len();
-        let failed = self
-            .bundle
-            .items
-            .iter()
-            .filter(|i| i.error.is_some() || i.exit_code.is_some_and(|c| c != 0))
-            .count();
+        let failed = self.bundle.items.iter().filter(|i| i.failed()).count();
         let truncated = self.bundle.items.iter().filter(|i| i.truncated).count();
         let path = self.bundle.path().to_path_buf();
         let n_ns = namespaces.len();

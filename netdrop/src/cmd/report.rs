@@ -316,12 +316,7 @@ impl<'a> BundleLine<'a> {
             created: &m.created,
             items: m.items.len(),
             namespaces: m.namespaces.iter().map(|n| n.label.as_str()).collect(),
-            failed: m
-                .items
-                .iter()
-                .filter(|i| i.error.is_some() || i.exit_code.is_some_and(|c| c != 0))
-                .map(|i| i.file.as_str())
-                .collect(),
+            failed: m.items.iter().filter(|i| i.failed()).map(|i| i.file.as_str()).collect(),
             truncated: m
                 .items
                 .iter()
@@ -355,8 +350,6 @@ fn bundle_listing(path: &Path, b: &BundleFiles) -> Vec<String> {
         m.created,
         m.command,
     )];
-    let failed =
-        |i: &crate::source::node_state::ManifestEntry| i.error.is_some() || i.exit_code.is_some_and(|c| c != 0);
     let why = |i: &crate::source::node_state::ManifestEntry| {
         let name = i.file.rsplit('/').next().unwrap_or(&i.file).trim_end_matches(".out");
         match (&i.error, i.exit_code) {
@@ -372,7 +365,7 @@ fn bundle_listing(path: &Path, b: &BundleFiles) -> Vec<String> {
             .filter(|i| i.netns.as_deref() == Some(ns.label.as_str()))
             .collect();
         let bytes: u64 = items.iter().map(|i| i.bytes + i.stderr_bytes).sum();
-        let bad: Vec<String> = items.iter().filter(|i| failed(i)).map(|i| why(i)).collect();
+        let bad: Vec<String> = items.iter().filter(|i| i.failed()).map(|i| why(i)).collect();
         let cut: Vec<&str> = items
             .iter()
             .filter(|i| i.truncated)
@@ -404,7 +397,7 @@ fn bundle_listing(path: &Path, b: &BundleFiles) -> Vec<String> {
         .collect();
     let cni: Vec<_> = node.iter().filter(|i| i.file.starts_with("node/cni/")).collect();
     let redacted: u64 = cni.iter().map(|i| i.redactions).sum();
-    let bad: Vec<String> = node.iter().filter(|i| failed(i)).map(|i| why(i)).collect();
+    let bad: Vec<String> = node.iter().filter(|i| i.failed()).map(|i| why(i)).collect();
     lines.push(format!(
         "  node: {} items (CNI: {} files, {redacted} secrets redacted){}",
         node.len(),

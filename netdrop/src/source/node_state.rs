@@ -158,6 +158,14 @@ pub struct ManifestEntry {
     pub duration_ms: u64,
 }
 
+impl ManifestEntry {
+    /// It did not run, or failed — not counting a program stopped because its output reached
+    /// the cap (that is `truncated`).
+    pub fn failed(&self) -> bool {
+        !self.truncated && (self.error.is_some() || self.exit_code.is_some_and(|c| c != 0))
+    }
+}
+
 #[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if signature")]
 fn is_zero(n: &u64) -> bool {
     *n == 0
@@ -424,8 +432,12 @@ pub fn namespaces(nodes: &[(String, Option<PathBuf>)], seen: &BTreeSet<u32>) -> 
         if out.iter().any(|n| n.inode == inode && inode != 0) {
             continue;
         }
+        let mut label = sanitize(name);
+        if out.iter().any(|n| n.label == label) {
+            label = format!("{label}-{inode}");
+        }
         out.push(Netns {
-            label: sanitize(name),
+            label,
             inode,
             path: path.clone(),
             why: "--node-netns".into(),
@@ -1028,6 +1040,35 @@ current-context: calico-context
             assert!(netdrop_tools::lookup(p).is_ok(), "{p} is not in netdrop-tools' table");
         }
         assert!(netns_items().any(|i| i == "iptables-save"));
+    }
+
+    #[test]
+    fn a_node_named_host_does_not_collide_with_this_namespace() {
+        let own = std::path::PathBuf::from("/proc/self/ns/net");
+        let ns = namespaces(
+            &[
+                ("host".into(), Some("/nonexistent".into())),
+                ("node-a".into(), Some(own)),
+            ],
+            &BTreeSet::new(),
+        );
+        let labels: Vec<&str> = ns.iter().map(|n| n.label.as_str()).collect();
+        assert_eq!(
+            labels,
+            ["host", "host-0"],
+            "a node called host gets its inode; this namespace given again is listed once"
+        );
+    }
+
+    #[test]
+    fn an_item_cut_at_the_cap_is_not_a_failure() {
+        let mut e = item("x", None, Phase::End, Err("gone".into()), Limits::default(), "x".into()).entry;
+        assert!(e.failed());
+        e.error = Some("stopped by signal 13 once its output reached the cap".into());
+        e.truncated = true;
+        assert!(!e.failed());
+        (e.error, e.truncated, e.exit_code) = (None, false, Some(1));
+        assert!(e.failed());
     }
 
     #[test]
