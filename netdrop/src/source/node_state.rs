@@ -1044,7 +1044,7 @@ current-context: calico-context
 
     #[test]
     fn a_node_named_host_does_not_collide_with_this_namespace() {
-        let own = std::path::PathBuf::from("/proc/self/ns/net");
+        let own = PathBuf::from("/proc/self/ns/net");
         let ns = namespaces(
             &[
                 ("host".into(), Some("/nonexistent".into())),
