@@ -100,6 +100,9 @@ pub const TOOLS: &[Tool] = &[
     // The kernel's conntrack statistics and table.
     deb("conntrack", "conntrack", true),
     deb("sysctl", "procps", true),
+    // IPVS state in `capture --bundle` (kube-proxy's ipvs mode); optional: the bundle says when
+    // it is not installed.
+    deb("ipvsadm", "ipvsadm", false),
     // Privileges and namespaces: the unprivileged-user and no-BTF tests.
     deb("setpriv", "util-linux", true),
     deb("unshare", "util-linux", true),
@@ -120,6 +123,8 @@ pub const TOOLS: &[Tool] = &[
     // Reading another namespace's /proc/net files (`ip netns exec NS cat ...`), kernel version.
     deb("cat", "coreutils", true),
     deb("uname", "coreutils", true),
+    // A program that outlives its timeout (the bundle's per-item timeout, unit-tested).
+    deb("sleep", "coreutils", false),
     // BPF state (tc tests check links and programs with the kernel's own listing).
     deb("bpftool", "bpftool", true),
     // Benchmark baseline.

@@ -28,6 +28,17 @@ pub struct CaptureArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size, help_heading = "Capture")]
     pub max_size: Option<u64>,
 
+    /// Also leave a bundle for the postmortem, e.g. `--bundle incident.tar.gz` (or `--bundle
+    /// DIR/`): the capture, the JSON events and summary, the attach report, the Kubernetes
+    /// objects, and the node's state per network namespace (conntrack, rules, routes, tc,
+    /// sysctls, counters) at the end, and conntrack statistics at the start. Mode 0600.
+    #[arg(long, value_name = "FILE.tar.gz|DIR/", help_heading = "Capture")]
+    pub bundle: Option<PathBuf>,
+
+    /// The CNI configuration directory the bundle copies (secrets redacted).
+    #[arg(long, value_name = "DIR", default_value = "/etc/cni/net.d", help_heading = "Capture")]
+    pub cni_dir: PathBuf,
+
     /// What is printed while capturing: `text` lines and summary, or `json` lines.
     #[arg(long, value_enum, help_heading = "Capture")]
     pub format: Option<Format>,
@@ -58,6 +69,8 @@ pub struct CaptureOptions {
     pub file: PathBuf,
     pub count: Option<u64>,
     pub max_size: Option<u64>,
+    pub bundle: Option<PathBuf>,
+    pub cni_dir: PathBuf,
 }
 
 impl CaptureArgs {
@@ -67,6 +80,8 @@ impl CaptureArgs {
             file: self.file,
             count: self.count,
             max_size: self.max_size,
+            bundle: self.bundle,
+            cni_dir: self.cni_dir,
         };
         let trace = TraceArgs {
             filter: self.filter,
@@ -85,8 +100,9 @@ impl CaptureArgs {
 /// `netdrop report`.
 #[derive(Debug, Args)]
 pub struct ReportArgs {
-    /// A capture written by `netdrop capture`, e.g. `incident.pcapng`.
-    #[arg(value_name = "FILE.pcapng")]
+    /// A capture written by `netdrop capture`, e.g. `incident.pcapng`, or a bundle
+    /// (`incident.tar.gz`, or its directory).
+    #[arg(value_name = "FILE.pcapng|BUNDLE")]
     pub file: PathBuf,
 
     /// Output format: the summary as `text`, or the `json` summary line `-o json` printed.

@@ -1,6 +1,8 @@
 //! `netdrop report FILE.pcapng`: the summary, per-target table and diagnosis of a capture,
 //! re-rendered offline (no BPF, no cluster) from what `netdrop capture` wrote into the file
-//! ([`crate::sink::pcapng`]), with what the file's packets say beside it.
+//! ([`crate::sink::pcapng`]), with what the file's packets say beside it. Given a bundle
+//! (`capture --bundle`, a tarball or its directory, [`crate::sink::bundle`]): the same from its
+//! summary and capture, and a listing of its node-state items.
 
 use std::{
     collections::BTreeMap,
@@ -16,6 +18,7 @@ use crate::{
     cli::{Format, ReportArgs},
     sink::{
         Sink as _, TextSink,
+        bundle::{self, BundleError, BundleFiles, Manifest},
         pcapng::{CaptureStats, KEPT_PREFIX, SUMMARY_PREFIX, VERDICT_PREFIX},
     },
 };
@@ -193,12 +196,41 @@ struct CaptureLine<'a> {
     finished: bool,
 }
 
+/// A bundle: a directory, or a file starting with gzip's magic bytes.
+fn is_bundle(path: &Path) -> bool {
+    path.is_dir()
+        || std::fs::File::open(path)
+            .and_then(|mut f| {
+                let mut magic = [0_u8; 2];
+                io::Read::read_exact(&mut f, &mut magic).map(|()| magic)
+            })
+            .is_ok_and(|m| m == [0x1f, 0x8b])
+}
+
 pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
-    let bytes = std::fs::read(&args.file).map_err(|source| ReportError::Read {
-        path: args.file.clone(),
-        source,
-    })?;
-    let file = read_capture(&bytes, &args.file)?;
+    let (file, bundle) = if is_bundle(&args.file) {
+        let b = bundle::read(&args.file)?;
+        let Some(capture) = b.capture.as_deref() else {
+            return Err(BundleError::Missing {
+                path: args.file.clone(),
+                name: bundle::CAPTURE,
+            }
+            .into());
+        };
+        let mut file = read_capture(capture, &args.file.join(bundle::CAPTURE))?;
+        // The bundle's summary.json is the run's final line; the capture's trailer carries the
+        // same when the capture finished.
+        if let Some(s) = &b.summary {
+            file.summary_json = Some(s.clone());
+        }
+        (file, Some(b))
+    } else {
+        let bytes = std::fs::read(&args.file).map_err(|source| ReportError::Read {
+            path: args.file.clone(),
+            source,
+        })?;
+        (read_capture(&bytes, &args.file)?, None)
+    };
     let summary = file
         .summary_json
         .as_deref()
@@ -220,6 +252,10 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
             };
             serde_json::to_writer(&mut out, &line)?;
             writeln!(out).map_err(ReportError::Write)?;
+            if let Some(m) = bundle.as_ref().and_then(|b| b.manifest.as_ref()) {
+                serde_json::to_writer(&mut out, &BundleLine::of(m))?;
+                writeln!(out).map_err(ReportError::Write)?;
+            }
             out.flush().map_err(ReportError::Write)?;
         }
         Format::Text => {
@@ -248,9 +284,141 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<()> {
                 },
             )
             .map_err(ReportError::Write)?;
+            if let Some(b) = &bundle {
+                for line in bundle_listing(&args.file, b) {
+                    writeln!(out, "{line}").map_err(ReportError::Write)?;
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// The `{"type":"bundle",...}` line of `report -o json` on a bundle.
+#[derive(Serialize)]
+struct BundleLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    node: &'a str,
+    created: &'a str,
+    items: usize,
+    namespaces: Vec<&'a str>,
+    /// Items that did not run, or exited non-zero.
+    failed: Vec<&'a str>,
+    truncated: Vec<&'a str>,
+}
+
+impl<'a> BundleLine<'a> {
+    fn of(m: &'a Manifest) -> Self {
+        Self {
+            kind: "bundle",
+            node: &m.node,
+            created: &m.created,
+            items: m.items.len(),
+            namespaces: m.namespaces.iter().map(|n| n.label.as_str()).collect(),
+            failed: m.items.iter().filter(|i| i.failed()).map(|i| i.file.as_str()).collect(),
+            truncated: m
+                .items
+                .iter()
+                .filter(|i| i.truncated)
+                .map(|i| i.file.as_str())
+                .collect(),
+        }
+    }
+}
+
+fn kib(bytes: u64) -> String {
+    if bytes < 10 * 1024 {
+        format!("{bytes} B")
+    } else {
+        format!("{} KiB", bytes / 1024)
+    }
+}
+
+/// A short listing of a bundle's node state: one line per namespace, the node's items, the
+/// Kubernetes objects.
+fn bundle_listing(path: &Path, b: &BundleFiles) -> Vec<String> {
+    let Some(m) = &b.manifest else { return Vec::new() };
+    let total: u64 = b.entries.values().sum();
+    let mut lines = vec![format!(
+        "bundle {}: {} items, {} in {} files, from {} on {} ({})",
+        path.display(),
+        m.items.len(),
+        kib(total),
+        b.entries.len(),
+        m.node,
+        m.created,
+        m.command,
+    )];
+    let why = |i: &crate::source::node_state::ManifestEntry| {
+        let name = i.file.rsplit('/').next().unwrap_or(&i.file).trim_end_matches(".out");
+        match (&i.error, i.exit_code) {
+            (Some(e), _) => format!("{name} ({e})"),
+            (None, Some(c)) => format!("{name} (exit {c})"),
+            (None, None) => name.to_string(),
+        }
+    };
+    for ns in &m.namespaces {
+        let items: Vec<_> = m
+            .items
+            .iter()
+            .filter(|i| i.netns.as_deref() == Some(ns.label.as_str()))
+            .collect();
+        let bytes: u64 = items.iter().map(|i| i.bytes + i.stderr_bytes).sum();
+        let bad: Vec<String> = items.iter().filter(|i| i.failed()).map(|i| why(i)).collect();
+        let cut: Vec<&str> = items
+            .iter()
+            .filter(|i| i.truncated)
+            .map(|i| i.file.rsplit('/').next().unwrap_or(&i.file))
+            .collect();
+        lines.push(format!(
+            "  netns {} (inode {}, {}): {} items, {}{}{}",
+            ns.label,
+            ns.inode,
+            ns.why,
+            items.len(),
+            kib(bytes),
+            if bad.is_empty() {
+                String::new()
+            } else {
+                format!("; failed: {}", bad.join(", "))
+            },
+            if cut.is_empty() {
+                String::new()
+            } else {
+                format!("; cut at the cap: {}", cut.join(", "))
+            },
+        ));
+    }
+    let node: Vec<_> = m
+        .items
+        .iter()
+        .filter(|i| i.netns.is_none() && i.file.starts_with("node/"))
+        .collect();
+    let cni: Vec<_> = node.iter().filter(|i| i.file.starts_with("node/cni/")).collect();
+    let redacted: u64 = cni.iter().map(|i| i.redactions).sum();
+    let bad: Vec<String> = node.iter().filter(|i| i.failed()).map(|i| why(i)).collect();
+    lines.push(format!(
+        "  node: {} items (CNI: {} files, {redacted} secrets redacted){}",
+        node.len(),
+        cni.len(),
+        if bad.is_empty() {
+            String::new()
+        } else {
+            format!("; failed: {}", bad.join(", "))
+        },
+    ));
+    if let Some(k) = m.items.iter().find(|i| i.file == bundle::KUBE) {
+        lines.push(match &k.error {
+            Some(e) => format!("  kubernetes objects: none ({e})"),
+            None => format!(
+                "  kubernetes objects: {} ({}; replay with --kube-snapshot)",
+                kib(k.bytes),
+                bundle::KUBE
+            ),
+        });
+    }
+    lines
 }
 
 #[cfg(test)]

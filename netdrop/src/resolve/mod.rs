@@ -36,6 +36,7 @@ pub use index::{IndexStats, Kind};
 pub use model::{
     Backend, Name, Peer, PeerKind, Proto, ServiceInfo, ServicePort, ns_name_arg, parse_addr_port_proto, parse_ns_name,
 };
+pub use snapshot::dump as snapshot_dump;
 use source::Source;
 pub use source::{KubeOptions, SERVICEACCOUNT_DIR, node_name, node_name_or_host};
 pub use status::{Health, KindStatus, Status};
@@ -79,6 +80,14 @@ pub enum ResolveError {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
+    },
+    /// Listing objects for a bundle's snapshot failed.
+    #[error("listing {kind} from {what} for the bundle's snapshot: {}", one_line(.source))]
+    List {
+        what: String,
+        kind: &'static str,
+        #[source]
+        source: kube::Error,
     },
 }
 

@@ -1,7 +1,9 @@
 //! Sinks: where drop events and summaries go. One pipeline feeds any number of sinks: the
 //! terminal ([`text`], [`live`]), JSON lines ([`json`]), pcapng capture files ([`pcapng`]), the
-//! agent's Prometheus metrics ([`metrics`]). Sinks turn typed values into text; nothing here computes a count.
+//! postmortem bundle ([`bundle`]), the agent's Prometheus metrics ([`metrics`]). Sinks turn
+//! typed values into text; nothing here computes a count.
 
+pub mod bundle;
 pub mod json;
 pub mod live;
 pub mod metrics;
