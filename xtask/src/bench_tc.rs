@@ -590,16 +590,30 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     // 1. Overhead, same run, in rounds: without, TCX, clsact, ..., without.
     let mut phases: Vec<(String, Overhead)> = Vec::new();
     println!(
-        "overhead: iperf3 TCP/UDP pod A → pod B through two cali veths and the node ({seconds} s each) + 1-byte TCP RR (3 s), {} rounds; load average {load_before}",
+        "overhead: `netdrop (MODE)` runs `netdrop interfaces` as `trace` attaches (attempts to the server's ports, no UDP flow table); iperf3 TCP/UDP pod A → pod B through two cali veths and the node ({seconds} s each) + 1-byte TCP RR (3 s), {} rounds; load average {load_before}",
         opts.rounds
     );
+    // `trace`'s configuration: attempts counted to the server's ports (as for a Service's
+    // backend), no UDP flow table; and `netdrop interfaces`' defaults (the flow table, no
+    // destinations), in one mode: the programs are the same in both.
+    let mut trace_config = vec!["--no-udp-flows"];
+    for d in ["10.123.2.2:5201/tcp", "10.123.2.2:5201/udp", "10.123.2.2:7007/tcp"] {
+        trace_config.extend(["--dest", d]);
+    }
+    let configs: [(&str, &str, &[&str]); 3] = [
+        ("netdrop (tcx)", "tcx", &trace_config),
+        ("netdrop (clsact)", "clsact", &trace_config),
+        ("netdrop interfaces (tcx, UDP flows)", "tcx", &[]),
+    ];
     for _round in 0..opts.rounds {
         phases.push(("no netdrop".into(), measure(seconds, &[])?));
-        for mode in ["tcx", "clsact"] {
-            let nd = Netdrop::start(&bin, &["--node-netns", &node_arg, "--tc-mode", mode])?;
+        for (name, mode, extra) in configs {
+            let mut args = vec!["--node-netns", &node_arg, "--tc-mode", mode];
+            args.extend_from_slice(extra);
+            let nd = Netdrop::start(&bin, &args)?;
             let m = measure(seconds, &nd.programs)?;
             nd.stop()?;
-            phases.push((format!("netdrop ({mode})"), m));
+            phases.push((name.to_string(), m));
         }
     }
     phases.push(("no netdrop".into(), measure(seconds, &[])?));
@@ -626,9 +640,9 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         }
     };
     let base = mean_of("no netdrop");
-    let means: Vec<(String, Overhead)> = ["netdrop (tcx)", "netdrop (clsact)"]
-        .into_iter()
-        .map(|n| (format!("mean: {n}"), mean_of(n)))
+    let means: Vec<(String, Overhead)> = configs
+        .iter()
+        .map(|(n, _, _)| (format!("mean: {n}"), mean_of(n)))
         .collect();
     phases.extend(means);
     phases.push(("mean: no netdrop".into(), base));
@@ -661,7 +675,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             100.0 * m.rr_mean_us / base.rr_mean_us
         );
         let mut programs = serde_json::Map::new();
-        if name.contains("netdrop (") {
+        if name.contains("netdrop") && !name.contains("no netdrop") {
             for (w, workload) in WORKLOADS.iter().enumerate() {
                 let per: serde_json::Map<String, Value> = PROGRAMS
                     .iter()
@@ -691,7 +705,10 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     );
     println!("| phase | workload | netdrop_ingress ns/run | netdrop_egress ns/run | sum (one packet pod → pod) |");
     println!("|---|---|---:|---:|---:|");
-    for (name, m) in phases.iter().filter(|(n, _)| n.contains("netdrop (")) {
+    for (name, m) in phases
+        .iter()
+        .filter(|(n, _)| n.contains("netdrop") && !n.contains("no netdrop"))
+    {
         for (w, workload) in WORKLOADS.iter().enumerate() {
             let [i, e] = m.cost[w];
             println!(
