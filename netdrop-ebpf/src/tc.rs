@@ -234,59 +234,70 @@ fn classify(ctx: &TcContext, ifindex: u32, ethertype: u16) -> Result<Option<(TcD
 /// flags byte — a segment of an established flow needs no address nor port.
 #[inline(always)]
 fn classify_from<H: Headers>(h: &H, ifindex: u32, ethertype: u16) -> Result<Option<(TcDestKey, bool)>, i64> {
-    let mut dest = TcDestKey {
-        addr: [0; 16],
-        port: 0,
-        proto: 0,
-        family: 0,
-    };
-    let mut saddr = [0u8; 16];
+    // Each read below takes only the bytes used right after it, so that the compiler cannot
+    // load (and spill) the addresses before the TCP flags have said whether they are needed.
+    let proto: u8;
+    let family: u8;
     let l4_off: usize;
-    // The addresses are copied only for attempts (below), from the header read here.
-    let v4: [u8; 20];
-    let v6: [u8; 40];
     if ethertype == ETH_P_IP {
-        v4 = h.get(ETH_HLEN)?;
-        v6 = [0; 40];
+        // The whole fixed header must be there; of it, version/IHL, fragment offset, protocol.
+        let ip: [u8; 20] = h.get(ETH_HLEN)?;
         // Only the first fragment (offset 0) carries the L4 header.
-        if u16::from_be_bytes([v4[6], v4[7]]) & 0x1fff != 0 {
+        if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
             return Ok(None);
         }
-        dest.proto = v4[9];
-        dest.family = 4;
-        l4_off = ETH_HLEN + usize::from(v4[0] & 0x0f) * 4;
+        proto = ip[9];
+        family = 4;
+        l4_off = ETH_HLEN + usize::from(ip[0] & 0x0f) * 4;
     } else if ethertype == ETH_P_IPV6 {
         // The first next-header only: with extension headers the packet is not classified.
-        v6 = h.get(ETH_HLEN)?;
-        v4 = [0; 20];
-        dest.proto = v6[6];
-        dest.family = 6;
+        let ip: [u8; 40] = h.get(ETH_HLEN)?;
+        proto = ip[6];
+        family = 6;
         l4_off = ETH_HLEN + 40;
     } else {
         return Ok(None);
     }
+    let port: u16;
     let mut sport = 0u16;
-    if dest.proto == IPPROTO_TCP {
+    if proto == IPPROTO_TCP {
         let tcp: [u8; 14] = h.get(l4_off)?;
         if tcp[13] & (TCP_SYN | TCP_ACK) != TCP_SYN {
             return Ok(None);
         }
-        dest.port = u16::from_be_bytes([tcp[2], tcp[3]]);
-    } else if dest.proto == IPPROTO_UDP {
+        port = u16::from_be_bytes([tcp[2], tcp[3]]);
+    } else if proto == IPPROTO_UDP {
         let udp: [u8; 4] = h.get(l4_off)?;
         sport = u16::from_be_bytes([udp[0], udp[1]]);
-        dest.port = u16::from_be_bytes([udp[2], udp[3]]);
+        port = u16::from_be_bytes([udp[2], udp[3]]);
     } else {
         return Ok(None);
     }
-    if dest.family == 4 {
-        saddr[..4].copy_from_slice(&v4[12..16]);
-        dest.addr[..4].copy_from_slice(&v4[16..20]);
+    let flows = proto == IPPROTO_UDP && tc_conf!(udp_flows) != 0;
+    // The addresses, now that this is an attempt (source and destination are adjacent).
+    let (saddr, daddr) = if family == 4 {
+        let a: [u8; 8] = h.get(ETH_HLEN + 12)?;
+        (
+            [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [a[4], a[5], a[6], a[7], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        )
+    } else if flows {
+        let a: [u8; 32] = h.get(ETH_HLEN + 8)?;
+        let mut s = [0u8; 16];
+        let mut d = [0u8; 16];
+        s.copy_from_slice(&a[..16]);
+        d.copy_from_slice(&a[16..]);
+        (s, d)
     } else {
-        saddr.copy_from_slice(&v6[8..24]);
-        dest.addr.copy_from_slice(&v6[24..40]);
-    }
-    let new_flow = dest.proto == IPPROTO_UDP && tc_conf!(udp_flows) != 0 && new_udp_flow(ifindex, &saddr, sport, &dest);
+        ([0u8; 16], h.get(ETH_HLEN + 24)?)
+    };
+    let dest = TcDestKey {
+        addr: daddr,
+        port,
+        proto,
+        family,
+    };
+    let new_flow = flows && new_udp_flow(ifindex, &saddr, sport, &dest);
     Ok(Some((dest, new_flow)))
 }
 
