@@ -669,6 +669,26 @@ pub struct TcDestKey {
     pub family: u8,
 }
 
+impl TcDestKey {
+    /// The [`tc_dest_kind`] of this entry: port 0 counts any port of the address.
+    pub const fn kind(&self) -> u32 {
+        if self.port == 0 {
+            tc_dest_kind::ANY_PORT
+        } else {
+            tc_dest_kind::PORT
+        }
+    }
+}
+
+/// Bits of `TC_DEST_KINDS`, the one-element array that says which kinds of `TC_DESTS` entries
+/// exist: the programs look up only those (with none, attempts cost no lookup at all).
+pub mod tc_dest_kind {
+    /// Entries with a port (a Service's frontends and backends).
+    pub const PORT: u32 = 1;
+    /// Entries with port 0: any port of the address (pods as targets).
+    pub const ANY_PORT: u32 = 2;
+}
+
 /// Per-CPU attempt counts of one destination, indexed by direction ([`TC_DIR_FROM_POD`]: a pod
 /// on a watched interface sent it; [`TC_DIR_TO_POD`]: it was delivered to a watched pod). An
 /// attempt is a TCP SYN without ACK (retransmissions included) or a UDP datagram — every one,
@@ -701,7 +721,8 @@ pub struct TcFlowKey {
 pub struct TcConfig {
     /// Inode of the network namespace this instance's interfaces live in (goes into [`TcKey`]).
     pub netns: u32,
-    /// 1: count the first packet of each UDP flow ([`TcCounters::udp_new`]).
+    /// 1: count the first packet of each UDP flow ([`TcCounters::udp_new`]); 0: leave it at 0
+    /// and skip the flow table (a lookup and a clock read per datagram) altogether.
     pub udp_flows: u32,
     /// A UDP flow idle this long starts anew (conntrack's own UDP timeout is 30 s).
     pub udp_flow_timeout_ns: u64,
@@ -722,7 +743,8 @@ pub mod tc_stat {
     pub const UNREGISTERED: u32 = 0;
     /// UDP flows that could not be recorded (LRU insert failed for a reason other than a race).
     pub const FLOW_INSERT_FAILED: u32 = 1;
-    /// IP packets whose headers could not be read (truncated).
+    /// IP packets whose headers could not be read (truncated: an IPv4 header under 20 bytes, an
+    /// IPv6 one under 40, or a TCP or UDP header cut short).
     pub const SHORT_PACKETS: u32 = 2;
     /// Number of slots.
     pub const COUNT: u32 = 4;

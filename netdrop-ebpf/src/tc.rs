@@ -10,6 +10,12 @@
 //! One instance is loaded per watched network namespace: a tc program cannot tell which
 //! namespace its `skb->ifindex` belongs to (before Linux 6.14 it has no `bpf_get_netns_cookie`),
 //! and ifindexes repeat across namespaces, so each instance carries its namespace in `TC_CONFIG`.
+//!
+//! Every packet pays for this, so the common path is short: one counter lookup, the headers read
+//! straight from the packet's linear data (no helper call), and for a TCP segment of an
+//! established flow (no SYN) nothing more. Destination lookups happen only when userspace has
+//! set destinations of that kind (`TC_DEST_KINDS`), UDP flow tracking only when the loader asked
+//! for it (`TcConfig::udp_flows`, frozen: the verifier removes the code when it is off).
 
 use core::ptr::read_volatile;
 
@@ -17,11 +23,12 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
 use netdrop_common::{
-    TC_DIR_FROM_POD, TC_DIR_TO_POD, TcConfig, TcCounters, TcDestCounters, TcDestKey, TcFlowKey, TcKey, tc_stat,
+    TC_DIR_FROM_POD, TC_DIR_TO_POD, TcConfig, TcCounters, TcDestCounters, TcDestKey, TcFlowKey, TcKey, tc_dest_kind,
+    tc_stat,
 };
 
 /// Settings of this instance; the loader overrides it before loading (`.rodata`, frozen).
@@ -37,6 +44,12 @@ static TC_COUNTERS: PerCpuHashMap<TcKey, TcCounters> = PerCpuHashMap::with_max_e
 /// targets); entries inserted by userspace only.
 #[map]
 static TC_DESTS: PerCpuHashMap<TcDestKey, TcDestCounters> = PerCpuHashMap::with_max_entries(4096, 0);
+
+/// Which kinds of `TC_DESTS` entries exist ([`tc_dest_kind`] bits), set by userspace around its
+/// changes to `TC_DESTS`: an attempt looks up only the kinds there are (with none, no lookup). A
+/// one-element array: the verifier inlines the lookup to a few instructions.
+#[map]
+static TC_DEST_KINDS: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Recently seen UDP flows → last-seen time (ns). An LRU evicts the least recently used flow when
 /// full; an evicted flow that speaks again counts as new, so the map is sized for a busy node.
@@ -129,10 +142,21 @@ fn account<const DIR: u32>(ctx: &TcContext) {
             (*counters).udp_new += 1;
         }
     }
-    count_dest::<DIR>(&dest);
+    let kinds = TC_DEST_KINDS.get(0).copied().unwrap_or(0);
+    if kinds == 0 {
+        return;
+    }
+    let own = if dest.port == 0 {
+        tc_dest_kind::ANY_PORT
+    } else {
+        tc_dest_kind::PORT
+    };
+    if kinds & own != 0 {
+        count_dest::<DIR>(&dest);
+    }
     // Pods as targets (`--pod`, `--node`, `-n`): an entry with port 0 counts attempts to the
     // address on any port. Only attempts pay this second lookup, not established flows.
-    if dest.port != 0 {
+    if dest.port != 0 && kinds & tc_dest_kind::ANY_PORT != 0 {
         let mut any = dest;
         any.port = 0;
         count_dest::<DIR>(&any);
@@ -147,56 +171,133 @@ fn count_dest<const DIR: u32>(dest: &TcDestKey) {
     }
 }
 
+/// Where [`classify`] reads the headers from.
+trait Headers {
+    /// `N` bytes of the packet at `off`; only the bytes a caller uses are loaded.
+    fn get<const N: usize>(&self, off: usize) -> Result<[u8; N], i64>;
+}
+
+/// `Headers::get` of [`Linear`]: the bytes are not in the linear data (not a helper's error:
+/// those are negative).
+const NOT_LINEAR: i64 = 1;
+
+/// The packet's linear data, read directly: a pointer the verifier checks against `data_end`,
+/// no helper call. On veths the headers are there (the sender's stack built them there).
+struct Linear {
+    data: usize,
+    end: usize,
+}
+
+impl Headers for Linear {
+    #[inline(always)]
+    fn get<const N: usize>(&self, off: usize) -> Result<[u8; N], i64> {
+        let start = self.data + off;
+        if start + N > self.end {
+            return Err(NOT_LINEAR);
+        }
+        // SAFETY: `start..start + N` lies within the packet's linear data, checked just above
+        // (and again by the verifier); `[u8; N]` has no alignment requirement.
+        Ok(unsafe { core::ptr::read_unaligned(start as *const [u8; N]) })
+    }
+}
+
+/// Any part of the packet, through `bpf_skb_load_bytes`: for headers in paged data.
+struct Loaded<'a>(&'a TcContext);
+
+impl Headers for Loaded<'_> {
+    #[inline(always)]
+    fn get<const N: usize>(&self, off: usize) -> Result<[u8; N], i64> {
+        self.0.load(off)
+    }
+}
+
+/// [`classify_from`] the linear data, or through the helper when the headers are not all there.
+#[inline(always)]
+fn classify(ctx: &TcContext, ifindex: u32, ethertype: u16) -> Result<Option<(TcDestKey, bool)>, i64> {
+    let linear = Linear {
+        data: ctx.data(),
+        end: ctx.data_end(),
+    };
+    match classify_from(&linear, ifindex, ethertype) {
+        // Nothing was counted yet (the flow table is updated only after every read succeeded):
+        // start again through the helper.
+        Err(NOT_LINEAR) => classify_from(&Loaded(ctx), ifindex, ethertype),
+        r => r,
+    }
+}
+
 /// The destination of an attempt (a TCP SYN without ACK, or a UDP datagram) and whether it
 /// starts a flow (always for a SYN; for UDP, a 5-tuple unseen for the flow timeout), `None` for
 /// any other packet. `Err` when the IP or L4 header cannot be read.
+///
+/// Read in the order that lets most packets go first: the IP protocol, then for TCP only the
+/// flags byte — a segment of an established flow needs no address nor port.
 #[inline(always)]
-fn classify(ctx: &TcContext, ifindex: u32, ethertype: u16) -> Result<Option<(TcDestKey, bool)>, i64> {
-    let mut dest = TcDestKey {
-        addr: [0; 16],
-        port: 0,
-        proto: 0,
-        family: 0,
-    };
-    let mut saddr = [0u8; 16];
+fn classify_from<H: Headers>(h: &H, ifindex: u32, ethertype: u16) -> Result<Option<(TcDestKey, bool)>, i64> {
+    // Each read below takes only the bytes used right after it, so that the compiler cannot
+    // load (and spill) the addresses before the TCP flags have said whether they are needed.
+    let proto: u8;
+    let family: u8;
     let l4_off: usize;
     if ethertype == ETH_P_IP {
-        let ip: [u8; 20] = ctx.load(ETH_HLEN)?;
+        // The whole fixed header must be there; of it, version/IHL, fragment offset, protocol.
+        let ip: [u8; 20] = h.get(ETH_HLEN)?;
         // Only the first fragment (offset 0) carries the L4 header.
         if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
             return Ok(None);
         }
-        dest.proto = ip[9];
-        dest.family = 4;
-        saddr[..4].copy_from_slice(&ip[12..16]);
-        dest.addr[..4].copy_from_slice(&ip[16..20]);
+        proto = ip[9];
+        family = 4;
         l4_off = ETH_HLEN + usize::from(ip[0] & 0x0f) * 4;
     } else if ethertype == ETH_P_IPV6 {
         // The first next-header only: with extension headers the packet is not classified.
-        let ip: [u8; 40] = ctx.load(ETH_HLEN)?;
-        dest.proto = ip[6];
-        dest.family = 6;
-        saddr.copy_from_slice(&ip[8..24]);
-        dest.addr.copy_from_slice(&ip[24..40]);
+        let ip: [u8; 40] = h.get(ETH_HLEN)?;
+        proto = ip[6];
+        family = 6;
         l4_off = ETH_HLEN + 40;
     } else {
         return Ok(None);
     }
-    if dest.proto == IPPROTO_TCP {
-        let tcp: [u8; 14] = ctx.load(l4_off)?;
+    let port: u16;
+    let mut sport = 0u16;
+    if proto == IPPROTO_TCP {
+        let tcp: [u8; 14] = h.get(l4_off)?;
         if tcp[13] & (TCP_SYN | TCP_ACK) != TCP_SYN {
             return Ok(None);
         }
-        dest.port = u16::from_be_bytes([tcp[2], tcp[3]]);
-        return Ok(Some((dest, true)));
-    }
-    if dest.proto != IPPROTO_UDP {
+        port = u16::from_be_bytes([tcp[2], tcp[3]]);
+    } else if proto == IPPROTO_UDP {
+        let udp: [u8; 4] = h.get(l4_off)?;
+        sport = u16::from_be_bytes([udp[0], udp[1]]);
+        port = u16::from_be_bytes([udp[2], udp[3]]);
+    } else {
         return Ok(None);
     }
-    let udp: [u8; 4] = ctx.load(l4_off)?;
-    let sport = u16::from_be_bytes([udp[0], udp[1]]);
-    dest.port = u16::from_be_bytes([udp[2], udp[3]]);
-    let new_flow = tc_conf!(udp_flows) != 0 && new_udp_flow(ifindex, &saddr, sport, &dest);
+    let flows = proto == IPPROTO_UDP && tc_conf!(udp_flows) != 0;
+    // The addresses, now that this is an attempt (source and destination are adjacent).
+    let (saddr, daddr) = if family == 4 {
+        let a: [u8; 8] = h.get(ETH_HLEN + 12)?;
+        (
+            [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [a[4], a[5], a[6], a[7], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        )
+    } else if flows {
+        let a: [u8; 32] = h.get(ETH_HLEN + 8)?;
+        let mut s = [0u8; 16];
+        let mut d = [0u8; 16];
+        s.copy_from_slice(&a[..16]);
+        d.copy_from_slice(&a[16..]);
+        (s, d)
+    } else {
+        ([0u8; 16], h.get(ETH_HLEN + 24)?)
+    };
+    let dest = TcDestKey {
+        addr: daddr,
+        port,
+        proto,
+        family,
+    };
+    let new_flow = flows && new_udp_flow(ifindex, &saddr, sport, &dest);
     Ok(Some((dest, new_flow)))
 }
 

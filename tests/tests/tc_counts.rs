@@ -219,3 +219,92 @@ fn tc_counts_are_exact_clsact() {
 fn tc_counts_are_exact_auto() {
     exact_counts(TcModeChoice::Auto, "tc_counts_are_exact_auto", 90);
 }
+
+/// `trace`'s configuration (no UDP flow table) counts attempts per destination as exactly, while
+/// the destinations change kind: the programs look up only the kinds of entries that exist
+/// (port 0 = any port of the address, a port), so each change must reach them before the next
+/// packet. `udp_new` stays 0 (nothing is tracked), SYNs still count per interface.
+#[test]
+fn tc_counts_follow_destination_kinds_without_flow_table() {
+    let test = "tc_counts_follow_destination_kinds_without_flow_table";
+    require_root!(test);
+    let node = TcNode::new("tcnode");
+    let pod = node.add_pod(88, 1);
+    let mut opts = WatchOptions::default();
+    opts.load.udp_flows = false;
+    let acct = TcAccounting::start(
+        &[NodeNetns {
+            node: "n1".into(),
+            path: Some(node.ns.path()),
+        }],
+        "unused",
+        &opts,
+        None,
+    )
+    .expect("start tc accounting");
+    let (node_ip, pod_ip) = (pod.node_ip, pod.pod_ip);
+    let dest = |port, proto| Destination {
+        ip: node_ip.into(),
+        port,
+        proto,
+    };
+    let (any_udp, any_tcp, udp_9000) = (dest(0, 17), dest(0, 6), dest(9000, 17));
+    // Datagrams to two closed ports and SYNs answered by RST, from the pod.
+    let send = |to_9000: usize, to_9001: usize, syns: usize| {
+        pod.ns.within(move || {
+            let s = UdpSocket::bind((pod_ip, 0)).expect("bind");
+            for _ in 0..to_9000 {
+                s.send_to(b"d", (node_ip, 9000)).expect("send");
+            }
+            for _ in 0..to_9001 {
+                s.send_to(b"d", (node_ip, 9001)).expect("send");
+            }
+            for _ in 0..syns {
+                assert!(
+                    TcpStream::connect_timeout(&SocketAddr::from((node_ip, 9001)), Duration::from_secs(2)).is_err()
+                );
+            }
+        });
+    };
+
+    // 1. Only any-port entries (pods as targets).
+    acct.set_destinations(&[any_udp, any_tcp]).expect("destinations");
+    send(10, 5, 4);
+    let snap = acct.snapshot();
+    assert_eq!(snap.attempts_to(&any_udp), (15, 0), "datagrams to any port");
+    assert_eq!(snap.attempts_to(&any_tcp), (4, 0), "SYNs to any port");
+
+    // 2. Only a port entry: the any-port entries are gone, the port entry starts at 0.
+    acct.set_destinations(&[udp_9000]).expect("destinations");
+    send(7, 3, 0);
+    let snap = acct.snapshot();
+    assert_eq!(snap.attempts_to(&udp_9000), (7, 0), "datagrams to port 9000");
+    assert_eq!(snap.attempts_to(&any_udp), (0, 0), "entry removed");
+
+    // 3. Both kinds: the kept entry goes on, the re-added one starts at 0.
+    acct.set_destinations(&[udp_9000, any_udp]).expect("destinations");
+    send(2, 1, 0);
+    let snap = acct.snapshot();
+    assert_eq!(
+        snap.attempts_to(&udp_9000),
+        (9, 0),
+        "datagrams to port 9000 since phase 2"
+    );
+    assert_eq!(
+        snap.attempts_to(&any_udp),
+        (3, 0),
+        "datagrams to any port since phase 3"
+    );
+
+    // 4. None: nothing is looked up, the interface still counts.
+    acct.set_destinations(&[]).expect("destinations");
+    send(1, 1, 1);
+    let snap = acct.snapshot();
+    assert!(snap.destinations.is_empty(), "{:?}", snap.destinations);
+    let i = snap.interface("n1", &pod.host_if).expect("pod interface watched");
+    assert_eq!(i.from_pod.tcp_syn, 5, "SYNs the pod sent");
+    assert_eq!(i.from_pod.udp_new, 0, "no flow table: no UDP flows counted");
+    assert_eq!(snap.stats.flow_insert_failed, 0);
+    assert_eq!(snap.stats.unregistered_packets, 0);
+    assert_eq!(acct.shutdown(), 1);
+}

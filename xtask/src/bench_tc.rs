@@ -2,8 +2,10 @@
 //!
 //! 1. Overhead: two pod namespaces joined by Calico-style veths to a node namespace that routes
 //!    between them; iperf3 TCP and UDP throughput and a TCP request/response latency probe,
-//!    without netdrop, with `netdrop interfaces` attached (TCX, then clsact), and without again,
-//!    in the same run. Ratios are against the mean of the two runs without.
+//!    without netdrop, with `netdrop interfaces` attached (TCX, then clsact), in rounds, and
+//!    without again at the end, in the same run. Ratios are against the mean of the runs without.
+//!    The kernel's own statistics of each netdrop tc program (run time and run count, enabled
+//!    with `BPF_ENABLE_STATS` for the run) give its cost in ns per run for each workload.
 //! 2. Attach time: 1,000 cali veths exist when netdrop starts (TCX and clsact).
 //! 3. Churn: link events offered at 100/s (creations and deletions through one `ip -batch`),
 //!    then a burst of 500 creations at once; every attach/forget is timed from netdrop's JSON
@@ -31,7 +33,20 @@ const NODE: &str = "nd-bench-tc-node";
 const POD_A: &str = "nd-bench-tc-a";
 const POD_B: &str = "nd-bench-tc-b";
 const MANY: &str = "nd-bench-tc-many";
-const SECONDS: u32 = 5;
+/// The tc programs' names as the kernel shows them.
+const PROGRAMS: [&str; 2] = ["netdrop_ingress", "netdrop_egress"];
+/// The workloads of one overhead phase, in order.
+const WORKLOADS: [&str; 3] = ["tcp", "udp", "rr"];
+
+/// `cargo xtask bench tc` settings.
+pub struct Options {
+    /// Rounds of (no netdrop, TCX, clsact); one closing no-netdrop phase follows.
+    pub rounds: u32,
+    /// Seconds per iperf3 run.
+    pub seconds: u32,
+    /// Skip the attach and churn parts.
+    pub overhead_only: bool,
+}
 
 /// Network namespaces made for the benchmark, deleted on drop (also on error).
 struct Namespaces(Vec<String>);
@@ -146,10 +161,73 @@ struct Netdrop {
     child: Child,
     lines: Arc<Mutex<Vec<Value>>>,
     attached_line: String,
+    /// Kernel ids of this process's tc programs with their names (loaded after it started;
+    /// other netdrops on the machine keep theirs out of the numbers).
+    programs: Vec<(u32, &'static str)>,
+}
+
+/// Ids of the loaded netdrop tc programs, by name.
+fn tc_programs() -> Vec<(u32, &'static str)> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter_map(|p| {
+            let name = PROGRAMS.into_iter().find(|n| p.name_as_str() == Some(n))?;
+            Some((p.id(), name))
+        })
+        .collect()
+}
+
+/// Run time and run count of a set of programs (the kernel's `bpf_stats`), or a difference.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cost {
+    ns: u64,
+    runs: u64,
+}
+
+impl Cost {
+    fn ns_per_run(self) -> f64 {
+        if self.runs == 0 {
+            f64::NAN
+        } else {
+            self.ns as f64 / self.runs as f64
+        }
+    }
+
+    fn add(&mut self, o: Self) {
+        self.ns += o.ns;
+        self.runs += o.runs;
+    }
+}
+
+/// Per program name (in [`PROGRAMS`] order), the run time and count of `ids` summed.
+fn costs(ids: &[(u32, &'static str)]) -> [Cost; 2] {
+    let mut out = [Cost::default(); 2];
+    for p in aya::programs::loaded_programs().filter_map(Result::ok) {
+        if let Some((_, name)) = ids.iter().find(|(id, _)| *id == p.id()) {
+            let i = PROGRAMS.iter().position(|n| n == name).unwrap_or(0);
+            out[i].add(Cost {
+                ns: u64::try_from(p.run_time().as_nanos()).unwrap_or(u64::MAX),
+                runs: p.run_count(),
+            });
+        }
+    }
+    out
+}
+
+fn cost_delta(before: [Cost; 2], after: [Cost; 2]) -> [Cost; 2] {
+    let mut out = [Cost::default(); 2];
+    for i in 0..2 {
+        out[i] = Cost {
+            ns: after[i].ns.saturating_sub(before[i].ns),
+            runs: after[i].runs.saturating_sub(before[i].runs),
+        };
+    }
+    out
 }
 
 impl Netdrop {
     fn start(bin: &PathBuf, args: &[&str]) -> anyhow::Result<Self> {
+        let before: Vec<u32> = tc_programs().into_iter().map(|(id, _)| id).collect();
         let mut child = netdrop_tools::project(bin)
             .args(["interfaces", "-o", "json", "--interval", "1h"])
             .args(args)
@@ -183,10 +261,15 @@ impl Netdrop {
         if !attached_line.starts_with("netdrop: attached") {
             bail!("netdrop failed: {attached_line}");
         }
+        let programs = tc_programs()
+            .into_iter()
+            .filter(|(id, _)| !before.contains(id))
+            .collect();
         Ok(Self {
             child,
             lines,
             attached_line,
+            programs,
         })
     }
 
@@ -208,14 +291,14 @@ impl Drop for Netdrop {
 }
 
 /// iperf3 from pod A to pod B: Gbit/s received (TCP) or (Gbit/s, loss %) for UDP.
-fn iperf(udp: bool) -> anyhow::Result<(f64, f64)> {
+fn iperf(udp: bool, seconds: u32) -> anyhow::Result<(f64, f64)> {
     let mut server = netdrop_tools::try_tool("ip")?
         .args(["netns", "exec", POD_B, "iperf3", "-s", "-1", "-B", "10.123.2.2"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
     thread::sleep(Duration::from_millis(300));
-    let secs = SECONDS.to_string();
+    let secs = seconds.to_string();
     let mut args = vec!["-c", "10.123.2.2", "-t", &secs, "-J"];
     if udp {
         // Unlimited rate, 1400-byte datagrams: the sender's CPU is the limit, as for TCP.
@@ -282,19 +365,41 @@ struct Overhead {
     udp_loss: f64,
     rr_mean_us: f64,
     rr_p99_us: f64,
+    /// Per workload ([`WORKLOADS`]), per program ([`PROGRAMS`]): the kernel's run time and count.
+    cost: [[Cost; 2]; 3],
 }
 
-fn measure() -> anyhow::Result<Overhead> {
-    let tcp = iperf(false)?.0;
-    let (udp, loss) = iperf(true)?;
+/// The three workloads; with `programs` (a running netdrop's), their cost per workload.
+fn measure(seconds: u32, programs: &[(u32, &'static str)]) -> anyhow::Result<Overhead> {
+    let mut cost = [[Cost::default(); 2]; 3];
+    let timed = |i: usize| {
+        let before = costs(programs);
+        move |cost: &mut [[Cost; 2]; 3]| cost[i] = cost_delta(before, costs(programs))
+    };
+    let done = timed(0);
+    let tcp = iperf(false, seconds)?.0;
+    done(&mut cost);
+    let done = timed(1);
+    let (udp, loss) = iperf(true, seconds)?;
+    done(&mut cost);
+    let done = timed(2);
     let (mean, p99) = latency()?;
+    done(&mut cost);
     Ok(Overhead {
         tcp_gbps: tcp,
         udp_gbps: udp,
         udp_loss: loss,
         rr_mean_us: mean,
         rr_p99_us: p99,
+        cost,
     })
+}
+
+/// The 1-, 5- and 15-minute load averages (`/proc/loadavg`).
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// Creates `names` (with peers in the same namespace) through one `ip -batch`.
@@ -461,7 +566,8 @@ fn attach_ms(line: &str) -> (f64, f64) {
 }
 
 #[expect(clippy::too_many_lines, reason = "one measurement, read top to bottom")]
-pub fn run() -> anyhow::Result<()> {
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    let seconds = opts.seconds;
     setup::run()?;
     let root = setup::workspace_root();
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
@@ -475,74 +581,82 @@ pub fn run() -> anyhow::Result<()> {
     let mut ns = Namespaces(Vec::new());
     topology(&mut ns)?;
     let node_arg = format!("n={}", PathBuf::from("/run/netns").join(NODE).display());
+    // The kernel keeps run time and count per program while this fd is open (the same switch as
+    // `kernel.bpf_stats_enabled`, counted separately from the sysctl): closed when this process
+    // ends, however it ends, so the machine is never left with statistics on.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF run-time statistics")?;
+    let load_before = loadavg();
 
-    // 1. Overhead, same run, interleaved twice: without, TCX, clsact, ..., without.
+    // 1. Overhead, same run, in rounds: without, TCX, clsact, ..., without.
     let mut phases: Vec<(String, Overhead)> = Vec::new();
     println!(
-        "overhead: iperf3 TCP/UDP pod A → pod B through two cali veths and the node ({SECONDS} s each) + 1-byte TCP RR (3 s)"
+        "overhead: `netdrop (MODE)` runs `netdrop interfaces` as `trace` attaches (attempts to the server's ports, no UDP flow table); iperf3 TCP/UDP pod A → pod B through two cali veths and the node ({seconds} s each) + 1-byte TCP RR (3 s), {} rounds; load average {load_before}",
+        opts.rounds
     );
-    for _round in 0..2 {
-        phases.push(("no netdrop".into(), measure()?));
-        for mode in ["tcx", "clsact"] {
-            let nd = Netdrop::start(&bin, &["--node-netns", &node_arg, "--tc-mode", mode])?;
-            let m = measure()?;
+    // `trace`'s configuration: attempts counted to the server's ports (as for a Service's
+    // backend), no UDP flow table; and `netdrop interfaces`' defaults (the flow table, no
+    // destinations), in one mode: the programs are the same in both.
+    let mut trace_config = vec!["--no-udp-flows"];
+    for d in ["10.123.2.2:5201/tcp", "10.123.2.2:5201/udp", "10.123.2.2:7007/tcp"] {
+        trace_config.extend(["--dest", d]);
+    }
+    let configs: [(&str, &str, &[&str]); 3] = [
+        ("netdrop (tcx)", "tcx", &trace_config),
+        ("netdrop (clsact)", "clsact", &trace_config),
+        ("netdrop interfaces (tcx, UDP flows)", "tcx", &[]),
+    ];
+    for _round in 0..opts.rounds {
+        phases.push(("no netdrop".into(), measure(seconds, &[])?));
+        for (name, mode, extra) in configs {
+            let mut args = vec!["--node-netns", &node_arg, "--tc-mode", mode];
+            args.extend_from_slice(extra);
+            let nd = Netdrop::start(&bin, &args)?;
+            let m = measure(seconds, &nd.programs)?;
             nd.stop()?;
-            phases.push((format!("netdrop ({mode})"), m));
+            phases.push((name.to_string(), m));
         }
     }
-    phases.push(("no netdrop".into(), measure()?));
+    phases.push(("no netdrop".into(), measure(seconds, &[])?));
+    let load_after = loadavg();
     let mean_of = |name: &str| -> Overhead {
         let sel: Vec<Overhead> = phases.iter().filter(|(n, _)| n == name).map(|(_, m)| *m).collect();
         let k = sel.len().max(1) as f64;
+        // Costs add up over the phases: the mean per run is total time over total runs.
+        let mut cost = [[Cost::default(); 2]; 3];
+        for m in &sel {
+            for (w, per_prog) in m.cost.iter().enumerate() {
+                for (p, c) in per_prog.iter().enumerate() {
+                    cost[w][p].add(*c);
+                }
+            }
+        }
         Overhead {
             tcp_gbps: sel.iter().map(|m| m.tcp_gbps).sum::<f64>() / k,
             udp_gbps: sel.iter().map(|m| m.udp_gbps).sum::<f64>() / k,
             udp_loss: sel.iter().map(|m| m.udp_loss).sum::<f64>() / k,
             rr_mean_us: sel.iter().map(|m| m.rr_mean_us).sum::<f64>() / k,
             rr_p99_us: sel.iter().map(|m| m.rr_p99_us).sum::<f64>() / k,
+            cost,
         }
     };
     let base = mean_of("no netdrop");
-    let means: Vec<(String, Overhead)> = ["netdrop (tcx)", "netdrop (clsact)"]
-        .into_iter()
-        .map(|n| (format!("mean: {n}"), mean_of(n)))
+    let means: Vec<(String, Overhead)> = configs
+        .iter()
+        .map(|(n, _, _)| (format!("mean: {n}"), mean_of(n)))
         .collect();
     phases.extend(means);
     phases.push(("mean: no netdrop".into(), base));
 
-    // 2. Attach time for 1,000 cali veths present at start-up.
-    ns.add(MANY)?;
-    let names: Vec<String> = (0..1000).map(|i| cali(0x100_0000 + i)).collect();
-    create_veths(MANY, &names)?;
-    let many_arg = format!("n={}", PathBuf::from("/run/netns").join(MANY).display());
     let mut attach = Vec::new();
-    for mode in ["tcx", "clsact"] {
-        let t = Instant::now();
-        let nd = Netdrop::start(&bin, &["--node-netns", &many_arg, "--tc-mode", mode])?;
-        let wall = t.elapsed().as_secs_f64() * 1e3;
-        let (phase_ms, since_start_ms) = attach_ms(&nd.attached_line);
-        let t = Instant::now();
-        nd.stop()?;
-        attach.push((mode, phase_ms, since_start_ms, wall, t.elapsed().as_secs_f64() * 1e3));
-    }
-    sh("ip", &["netns", "del", MANY])?;
-    ns.0.retain(|n| n != MANY);
-
-    // 3. Churn: 100 events/s for 10 s (creations, each deleted 50 events later), then a burst,
-    // in both modes (a fresh namespace each time).
     let mut churns = Vec::new();
-    for (i, mode) in ["tcx", "clsact"].into_iter().enumerate() {
-        ns.add(MANY)?;
-        let base_id = 0x200_0000 + i * 0x10_0000;
-        let paced = churn(&bin, MANY, base_id, 500, 100, Some(50), mode)?;
-        let burst = churn(&bin, MANY, base_id + 0x8_0000, 500, 0, None, mode)?;
-        churns.push((format!("{mode}: paced 100/s (create + delete)"), paced));
-        churns.push((format!("{mode}: burst of 500 creations"), burst));
-        sh("ip", &["netns", "del", MANY])?;
-        ns.0.retain(|n| n != MANY);
+    if !opts.overhead_only {
+        attach_and_churn(&bin, &mut ns, &mut attach, &mut churns)?;
     }
 
-    println!("\nkernel {kernel}, {} CPUs", aya::util::nr_cpus().map_or(0, |n| n));
+    println!(
+        "\nkernel {kernel}, {} CPUs, load average {load_before} before, {load_after} after the overhead part",
+        aya::util::nr_cpus().map_or(0, |n| n)
+    );
     println!(
         "| phase | TCP Gbit/s | vs none | UDP Gbit/s (loss) | vs none | RR mean µs | RR p99 µs | RR mean vs none |"
     );
@@ -560,11 +674,52 @@ pub fn run() -> anyhow::Result<()> {
             m.rr_p99_us,
             100.0 * m.rr_mean_us / base.rr_mean_us
         );
+        let mut programs = serde_json::Map::new();
+        if name.contains("netdrop") && !name.contains("no netdrop") {
+            for (w, workload) in WORKLOADS.iter().enumerate() {
+                let per: serde_json::Map<String, Value> = PROGRAMS
+                    .iter()
+                    .enumerate()
+                    .map(|(p, prog)| {
+                        let c = m.cost[w][p];
+                        let ns = c.ns_per_run();
+                        (
+                            (*prog).to_string(),
+                            json!({"ns_per_run": if ns.is_finite() { json!(ns) } else { Value::Null },
+                                "runs": c.runs, "run_time_ns": c.ns}),
+                        )
+                    })
+                    .collect();
+                programs.insert((*workload).to_string(), Value::Object(per));
+            }
+        }
         jphases.push(
             json!({"phase": name, "tcp_gbps": m.tcp_gbps, "tcp_ratio": m.tcp_gbps / base.tcp_gbps,
             "udp_gbps": m.udp_gbps, "udp_loss_percent": m.udp_loss, "udp_ratio": m.udp_gbps / base.udp_gbps,
-            "rr_mean_us": m.rr_mean_us, "rr_p99_us": m.rr_p99_us, "rr_mean_ratio": m.rr_mean_us / base.rr_mean_us}),
+            "rr_mean_us": m.rr_mean_us, "rr_p99_us": m.rr_p99_us, "rr_mean_ratio": m.rr_mean_us / base.rr_mean_us,
+            "programs": programs}),
         );
+    }
+    println!(
+        "\nper-program cost (the kernel's bpf_stats: run time / run count over each workload; runs in parentheses)"
+    );
+    println!("| phase | workload | netdrop_ingress ns/run | netdrop_egress ns/run | sum (one packet pod → pod) |");
+    println!("|---|---|---:|---:|---:|");
+    for (name, m) in phases
+        .iter()
+        .filter(|(n, _)| n.contains("netdrop") && !n.contains("no netdrop"))
+    {
+        for (w, workload) in WORKLOADS.iter().enumerate() {
+            let [i, e] = m.cost[w];
+            println!(
+                "| {name} | {workload} | {:.1} ({}) | {:.1} ({}) | {:.1} |",
+                i.ns_per_run(),
+                i.runs,
+                e.ns_per_run(),
+                e.runs,
+                i.ns_per_run() + e.ns_per_run()
+            );
+        }
     }
     println!(
         "\n| attach 1,000 cali veths | attach phase (ms) | process start → attached (ms) | wall incl. exec (ms) | detach + exit (ms) |"
@@ -591,11 +746,54 @@ pub fn run() -> anyhow::Result<()> {
     }
     let dir = target.join("bench");
     fs::create_dir_all(&dir)?;
-    let doc = json!({"kernel": kernel, "overhead": jphases,
+    let doc = json!({"kernel": kernel, "cpus": aya::util::nr_cpus().map_or(0, |n| n),
+        "rounds": opts.rounds, "seconds": seconds, "load_average_before": load_before, "load_average_after": load_after,
+        "overhead": jphases,
         "attach_1000": attach.iter().map(|(m, p, s, w, d)| json!({"mode": m, "attach_ms": p, "start_to_attached_ms": s, "wall_ms": w, "detach_ms": d})).collect::<Vec<_>>(),
         "churn": churns.iter().map(|(n, c)| json!({"name": n, "offered": c.offered, "seconds": c.seconds, "missed": c.missed,
             "p50_ms": c.p50_ms, "p99_ms": c.p99_ms, "max_ms": c.max_ms})).collect::<Vec<_>>()});
     fs::write(dir.join("tc.json"), serde_json::to_string_pretty(&doc)?)?;
     println!("(also in {})", dir.join("tc.json").display());
+    Ok(())
+}
+
+type Attach = (&'static str, f64, f64, f64, f64);
+
+/// 2. Attach time for 1,000 cali veths present at start-up; 3. churn.
+fn attach_and_churn(
+    bin: &PathBuf,
+    ns: &mut Namespaces,
+    attach: &mut Vec<Attach>,
+    churns: &mut Vec<(String, ChurnResult)>,
+) -> anyhow::Result<()> {
+    ns.add(MANY)?;
+    let names: Vec<String> = (0..1000).map(|i| cali(0x100_0000 + i)).collect();
+    create_veths(MANY, &names)?;
+    let many_arg = format!("n={}", PathBuf::from("/run/netns").join(MANY).display());
+    for mode in ["tcx", "clsact"] {
+        let t = Instant::now();
+        let nd = Netdrop::start(bin, &["--node-netns", &many_arg, "--tc-mode", mode])?;
+        let wall = t.elapsed().as_secs_f64() * 1e3;
+        let (phase_ms, since_start_ms) = attach_ms(&nd.attached_line);
+        let t = Instant::now();
+        nd.stop()?;
+        attach.push((mode, phase_ms, since_start_ms, wall, t.elapsed().as_secs_f64() * 1e3));
+    }
+    sh("ip", &["netns", "del", MANY])?;
+    ns.0.retain(|n| n != MANY);
+
+    // 3. Churn: 100 events/s for 10 s (creations, each deleted 50 events later), then a burst,
+    // in both modes (a fresh namespace each time).
+    for (i, mode) in ["tcx", "clsact"].into_iter().enumerate() {
+        ns.add(MANY)?;
+        let base_id = 0x200_0000 + i * 0x10_0000;
+        let paced = churn(bin, MANY, base_id, 500, 100, Some(50), mode)?;
+        let burst = churn(bin, MANY, base_id + 0x8_0000, 500, 0, None, mode)?;
+        churns.push((format!("{mode}: paced 100/s (create + delete)"), paced));
+        churns.push((format!("{mode}: burst of 500 creations"), burst));
+        sh("ip", &["netns", "del", MANY])?;
+        ns.0.retain(|n| n != MANY);
+    }
+
     Ok(())
 }

@@ -60,6 +60,15 @@ enum Cmd {
         /// every round, so a change is compared with its predecessor in the same run.
         #[arg(long, value_name = "NETDROP_BINARY")]
         compare: Option<std::path::PathBuf>,
+        /// tc: rounds of (no netdrop, TCX, clsact), plus a closing no-netdrop phase.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// tc: seconds per iperf3 run (the request/response probe runs 3 s).
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// tc: the overhead part only (skip attaching to 1,000 veths and the churn).
+        #[arg(long)]
+        overhead_only: bool,
     },
 }
 
@@ -72,10 +81,20 @@ fn main() -> anyhow::Result<()> {
         Cmd::Image => image::run(),
         Cmd::Demo { fault, seconds } => demo::run(&fault, seconds),
         Cmd::Lab { args } => lab::run(&args),
-        Cmd::Bench { which, compare } => match which.as_str() {
+        Cmd::Bench {
+            which,
+            compare,
+            rounds,
+            seconds,
+            overhead_only,
+        } => match which.as_str() {
             "drop-storm" => bench::drop_storm(compare.as_deref()),
             "kube" => bench_kube::run(),
-            "tc" => bench_tc::run(),
+            "tc" => bench_tc::run(&bench_tc::Options {
+                rounds,
+                seconds,
+                overhead_only,
+            }),
             "snat-race" | "svc" => bench::lab_bench(&which),
             other => anyhow::bail!("unknown benchmark {other:?}: drop-storm, snat-race, svc, kube, tc"),
         },

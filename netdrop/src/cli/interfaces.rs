@@ -38,13 +38,17 @@ pub struct TcArgs {
 }
 
 impl TcArgs {
+    /// What `trace` (and the commands built like it) attach with: attempts per destination only,
+    /// no UDP flow table (`udp_new` is `netdrop interfaces`' column; it sets its own load options).
     pub fn watch_options(&self) -> WatchOptions {
-        WatchOptions {
+        let mut opts = WatchOptions {
             pattern: IfacePattern::new(&self.iface_patterns),
             mode: self.tc_mode.into(),
             priority: self.tc_priority,
             ..WatchOptions::default()
-        }
+        };
+        opts.load.udp_flows = false;
+        opts
     }
 
     /// `--tc-mode` as typed when it forces a mode, for the attach report.
@@ -75,6 +79,11 @@ pub struct InterfacesArgs {
     /// Most interfaces per namespace the counters can hold.
     #[arg(long, default_value_t = 4096, help_heading = "Counters")]
     pub max_interfaces: u32,
+
+    /// Leave the UDP-flow column at 0 and skip the flow table (a lookup and a clock read per UDP
+    /// datagram): what `trace` attaches with, for a busy node.
+    #[arg(long, help_heading = "Counters")]
+    pub no_udp_flows: bool,
 
     /// Print the table every this long, e.g. `5s` (also at exit).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", help_heading = "Output")]

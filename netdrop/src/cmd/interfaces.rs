@@ -20,6 +20,8 @@ pub async fn run(args: InterfacesArgs) -> anyhow::Result<()> {
     let opts = WatchOptions {
         load: LoadOptions {
             max_interfaces: args.max_interfaces,
+            // The `udp_new` column is this command's.
+            udp_flows: !args.no_udp_flows,
             ..LoadOptions::default()
         },
         ..args.tc.watch_options()

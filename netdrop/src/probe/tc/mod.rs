@@ -24,7 +24,7 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     programs::{ProgramError, SchedClassifier},
 };
 use netdrop_common::{TcConfig, TcCounters, TcDestCounters, TcDestKey, TcKey, tc_stat};
@@ -142,6 +142,8 @@ pub struct TcInstance {
     pub netns: u32,
     pub counters: PerCpuHashMap<MapData, TcKey, TcCounters>,
     pub dests: PerCpuHashMap<MapData, TcDestKey, TcDestCounters>,
+    /// Which kinds of `dests` entries exist (`netdrop_common::tc_dest_kind` bits).
+    dest_kinds: Array<MapData, u32>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -152,7 +154,8 @@ pub struct LoadOptions {
     pub max_interfaces: u32,
     /// Destinations whose attempts can be counted.
     pub max_destinations: u32,
-    /// Count first UDP packets of flows.
+    /// Count first UDP packets of flows (`udp_new`): a flow-table lookup and a clock read per
+    /// UDP datagram. Only `netdrop interfaces` shows them; attempts per destination do not need it.
     pub udp_flows: bool,
 }
 
@@ -205,6 +208,7 @@ impl TcInstance {
         let egress = load_program(&mut ebpf, EGRESS_PROGRAM)?;
         let counters = take_map(&mut ebpf, "TC_COUNTERS", PerCpuHashMap::try_from)?;
         let dests = take_map(&mut ebpf, "TC_DESTS", PerCpuHashMap::try_from)?;
+        let dest_kinds = take_map(&mut ebpf, "TC_DEST_KINDS", Array::try_from)?;
         let stats = take_map(&mut ebpf, "TC_STATS", PerCpuArray::try_from)?;
         Ok(Self {
             _ebpf: ebpf,
@@ -213,6 +217,7 @@ impl TcInstance {
             netns,
             counters,
             dests,
+            dest_kinds,
             stats,
         })
     }
@@ -223,6 +228,15 @@ impl TcInstance {
 
     pub fn egress_fd(&self) -> BorrowedFd<'_> {
         self.egress.as_fd()
+    }
+
+    /// Tells the programs which kinds of destination entries exist (`tc_dest_kind` bits): they
+    /// look up only those. Set it to cover an entry before inserting it and after removing it.
+    pub fn set_dest_kinds(&mut self, kinds: u32) -> Result<(), TcError> {
+        self.dest_kinds.set(0, kinds, 0).map_err(|source| TcError::Map {
+            name: "TC_DEST_KINDS",
+            source,
+        })
     }
 
     /// `TC_STATS`, summed over CPUs.

@@ -363,6 +363,10 @@ impl TcAccounting {
         for node in &self.nodes {
             let mut instance = node.instance.lock().unwrap_or_else(PoisonError::into_inner);
             let present: HashSet<TcDestKey> = instance.dests.keys().filter_map(Result::ok).collect();
+            let kinds = |keys: &HashSet<TcDestKey>| keys.iter().fold(0, |k, d| k | d.kind());
+            // The programs look up only the kinds of entries there are: cover the new ones
+            // before they count, and forget the old ones once they are gone.
+            instance.set_dest_kinds(kinds(&present) | kinds(&wanted))?;
             for k in present.difference(&wanted) {
                 let _ = instance.dests.remove(k);
             }
@@ -386,6 +390,7 @@ impl TcAccounting {
                     .into());
                 }
             }
+            instance.set_dest_kinds(kinds(&wanted))?;
         }
         Ok(())
     }
