@@ -184,7 +184,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     r.write_file(cause, r.dump(cause, Some(&summary)));
                 }
             }
-            Some(reply) = dumps.recv() => {
+            Some(reply) = dumps.recv(), if recorder.is_some() => {
                 if let Some(r) = &recorder {
                     let counts = counters.harvest(&mut probe).counts;
                     let summary = summarizer.summary_of(&counts, &pipe, agent.started);

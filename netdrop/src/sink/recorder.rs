@@ -7,7 +7,7 @@
 //! `netdrop report` and tshark read a dump as they read a capture.
 //!
 //! Owns the ring and the dump's bytes; when and where a dump is written (HTTP, SIGUSR1, a
-//! drop-rate trigger) is the agent's ([`crate::cmd`]).
+//! drop-rate trigger) is `netdrop agent`'s.
 
 use std::{
     collections::VecDeque,
