@@ -124,6 +124,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             .map_or_else(crate::kernel::netns::own_netns, |m| m.ino() as u32),
         None => crate::kernel::netns::own_netns(),
     };
+    if !kube_on && (!args.observe.is_empty() || args.observe_all) {
+        warn!(
+            "--observe and --observe-all need Kubernetes (in-cluster, --kubeconfig or --kube-snapshot): no Service is observed"
+        );
+    }
     // Attached: from now on readiness is Kubernetes' (each loop second after this).
     let (ready, why) = readiness(kube_on, &resolver);
     health.set_ready(ready, &why);
