@@ -191,6 +191,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
             Some(reply) = dumps.recv(), if recorder.is_some() => {
                 if let Some(r) = &recorder {
+                    // Up to the request: what the kernel sent and is not read yet.
+                    pipe.drain(ring.get_mut())?;
                     let counts = counters.harvest(&mut probe).counts;
                     let summary = summarizer.summary_of(&counts, &pipe, agent.started);
                     let _ = reply.send(r.dump(Cause::Http, Some(&summary)));
@@ -198,6 +200,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
             _ = sigusr1.recv() => match &recorder {
                 Some(r) => {
+                    pipe.drain(ring.get_mut())?;
                     let counts = counters.harvest(&mut probe).counts;
                     let summary = summarizer.summary_of(&counts, &pipe, agent.started);
                     r.write_file(Cause::Signal, r.dump(Cause::Signal, Some(&summary)));
