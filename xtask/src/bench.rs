@@ -312,6 +312,167 @@ pub fn drop_storm(compare: Option<&std::path::Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One `netdrop capture` phase of the capture benchmark.
+#[derive(Clone)]
+struct CapturePhase {
+    name: String,
+    rate: f64,
+    noports: u64,
+    /// Packets in the file (`netdrop report`).
+    packets: u64,
+    /// Packets the file says it did not keep (ring full, --event-rate, ...).
+    not_kept: u64,
+    /// netdrop's exact NO_SOCKET count (the run's summary).
+    counted: u64,
+    bytes: u64,
+    cpu: f64,
+}
+
+fn capture_phase(bin: &str, name: &str, extra: &[&str]) -> anyhow::Result<CapturePhase> {
+    let dir = std::env::temp_dir();
+    let file = dir.join("netdrop-bench-capture.pcapng");
+    let out = dir.join("netdrop-bench-capture.json");
+    let mut child = netdrop_tools::project(bin)
+        .args(["capture", "--format", "json", "--netns", NS, "-o"])
+        .arg(&file)
+        .args(extra)
+        .stdout(fs::File::create(&out)?)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    wait_attached(&mut child, "netdrop: attached")?;
+    let before = noports()?;
+    let cpu0 = cpu_seconds(child.id());
+    let (rate, _) = storm()?;
+    thread::sleep(Duration::from_millis(300));
+    let cpu = (cpu_seconds(child.id()) - cpu0) / SECONDS as f64;
+    let noports = noports()? - before;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )?;
+    child.wait()?;
+    let text = fs::read_to_string(&out)?;
+    let summary: serde_json::Value = serde_json::from_str(text.lines().last().context("no summary")?)?;
+    let counted = summary["by_reason"]["NO_SOCKET"].as_u64().unwrap_or(0);
+    let report = netdrop_tools::project(bin)
+        .args(["report", "-o", "json"])
+        .arg(&file)
+        .output()?;
+    anyhow::ensure!(
+        report.status.success(),
+        "netdrop report: {}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let line = String::from_utf8_lossy(&report.stdout)
+        .lines()
+        .map(serde_json::from_str::<serde_json::Value>)
+        .filter_map(Result::ok)
+        .find(|v| v["type"] == "capture")
+        .context("no capture line in netdrop report")?;
+    let bytes = fs::metadata(&file)?.len();
+    let _ = fs::remove_file(&file);
+    Ok(CapturePhase {
+        name: name.into(),
+        rate,
+        noports,
+        packets: line["packets"].as_u64().unwrap_or(0),
+        not_kept: line["not_kept"]["not_kept"].as_u64().unwrap_or_else(|| {
+            ["ring_full", "rate_limited", "size_cap", "count_reached", "no_ip_header"]
+                .iter()
+                .filter_map(|k| line["not_kept"][k].as_u64())
+                .sum()
+        }),
+        counted,
+        bytes,
+        cpu,
+    })
+}
+
+/// `cargo xtask bench capture`: `netdrop capture` during the drop storm: packets written per
+/// second, packets not kept (the file's own count), file size per million packets, and the
+/// storm's rate against no netdrop in the same run. Exactness: packets + not kept = the
+/// kernel's `Udp: NoPorts` delta (every drop in the namespace is one of the storm's).
+pub fn capture() -> anyhow::Result<()> {
+    setup::run()?;
+    let root = setup::workspace_root();
+    let status = netdrop_tools::try_tool("cargo")?
+        .args(["build", "--release", "-p", "netdrop"])
+        .current_dir(&root)
+        .status()?;
+    anyhow::ensure!(status.success(), "building netdrop failed");
+    let bin = root.join("target/release/netdrop").display().to_string();
+    let _ns = Ns::new()?;
+    let kernel = sh("uname", &["-r"])?.trim().to_string();
+    let names = [
+        "no netdrop",
+        "capture (defaults: --event-rate 10000)",
+        "capture --event-rate 0 (every event)",
+    ];
+    let mut base = Vec::new();
+    let mut rounds: Vec<Vec<CapturePhase>> = vec![Vec::new(); 2];
+    for _ in 0..ROUNDS {
+        let before = noports()?;
+        let (rate, _) = storm()?;
+        base.push((rate, noports()? - before));
+        rounds[0].push(capture_phase(&bin, names[1], &[])?);
+        rounds[1].push(capture_phase(&bin, names[2], &["--event-rate", "0"])?);
+    }
+    base.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (baseline, base_noports) = base[base.len() / 2];
+    println!(
+        "\ncapture during the drop storm: {SENDERS} senders → closed UDP port, {SECONDS} s per phase, {ROUNDS} rounds (median), kernel {kernel}"
+    );
+    println!(
+        "| phase | sender rate (pkt/s) | vs no netdrop | NoPorts delta | written | written/s | not kept | written + not kept = NoPorts (all rounds) | count exact | file MB | MB per 1M written | netdrop CPU (cores) |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|");
+    println!(
+        "| {} | {baseline:.0} | 100% | {base_noports} | - | - | - | - | - | - | - | - |",
+        names[0]
+    );
+    let mut json = vec![serde_json::json!({"phase": names[0], "rate": baseline, "noports": base_noports})];
+    for r in rounds {
+        let whole = r.iter().all(|p| p.packets + p.not_kept == p.noports);
+        let exact = r.iter().all(|p| p.counted == p.noports);
+        let mut r = r;
+        r.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+        let p = r.swap_remove(r.len() / 2);
+        let mb = p.bytes as f64 / 1e6;
+        let per_m = if p.packets > 0 {
+            mb * 1e6 / p.packets as f64
+        } else {
+            0.0
+        };
+        println!(
+            "| {} | {:.0} | {:.1}% | {} | {} | {:.0} | {} | {} | {} | {mb:.1} | {per_m:.0} | {:.3} |",
+            p.name,
+            p.rate,
+            100.0 * p.rate / baseline,
+            p.noports,
+            p.packets,
+            p.packets as f64 / SECONDS as f64,
+            p.not_kept,
+            if whole { "yes" } else { "no" },
+            if exact { "yes" } else { "no" },
+            p.cpu,
+        );
+        json.push(
+            serde_json::json!({"phase": p.name, "rate": p.rate, "ratio": p.rate / baseline,
+            "noports": p.noports, "written": p.packets, "not_kept": p.not_kept, "bytes": p.bytes,
+            "mb_per_million_written": per_m, "whole_all_rounds": whole, "exact_all_rounds": exact,
+            "cpu_cores": p.cpu}),
+        );
+    }
+    let dir = root.join("target/bench");
+    fs::create_dir_all(&dir)?;
+    fs::write(
+        dir.join("capture.json"),
+        serde_json::to_string_pretty(&serde_json::json!({"kernel": kernel, "phases": json}))?,
+    )?;
+    println!("(also in target/bench/capture.json)");
+    Ok(())
+}
+
 /// `snat-race` and `svc`: they need the test labs, so they live in the netdrop-tests crate's
 /// `netdrop-bench` binary; both run against a release build of netdrop.
 pub fn lab_bench(which: &str) -> anyhow::Result<()> {

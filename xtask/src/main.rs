@@ -51,10 +51,11 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks: `drop-storm` (kfree_skb overhead and exactness), `snat-race` (conntrack
+    /// Benchmarks: `drop-storm` (kfree_skb overhead and exactness), `capture` (netdrop capture
+    /// during the drop storm), `snat-race` (conntrack
     /// classification at full speed), `svc` (trace --svc on the lab), `kube` (the resolver), `tc`.
     Bench {
-        /// Which benchmark: drop-storm, snat-race, svc, kube, tc.
+        /// Which benchmark: drop-storm, capture, snat-race, svc, kube, tc.
         which: String,
         /// drop-storm: also run this netdrop binary (e.g. one built from an older commit) in
         /// every round, so a change is compared with its predecessor in the same run.
@@ -89,6 +90,7 @@ fn main() -> anyhow::Result<()> {
             overhead_only,
         } => match which.as_str() {
             "drop-storm" => bench::drop_storm(compare.as_deref()),
+            "capture" => bench::capture(),
             "kube" => bench_kube::run(),
             "tc" => bench_tc::run(&bench_tc::Options {
                 rounds,
@@ -96,7 +98,7 @@ fn main() -> anyhow::Result<()> {
                 overhead_only,
             }),
             "snat-race" | "svc" => bench::lab_bench(&which),
-            other => anyhow::bail!("unknown benchmark {other:?}: drop-storm, snat-race, svc, kube, tc"),
+            other => anyhow::bail!("unknown benchmark {other:?}: drop-storm, capture, snat-race, svc, kube, tc"),
         },
     }
 }

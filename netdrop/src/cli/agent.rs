@@ -1,6 +1,6 @@
 //! `netdrop agent` flags.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::Args;
 
@@ -41,6 +41,9 @@ pub struct AgentArgs {
     pub events: Option<EventsFormat>,
 
     #[command(flatten)]
+    pub recorder: RecorderArgs,
+
+    #[command(flatten)]
     pub tc: TcArgs,
 
     #[command(flatten)]
@@ -64,5 +67,69 @@ impl AgentArgs {
             .iter()
             .filter_map(|s| crate::resolve::parse_ns_name(s, None).ok())
             .collect()
+    }
+}
+
+/// The flight recorder's flags (`netdrop agent`).
+#[derive(Debug, Clone, Args)]
+pub struct RecorderArgs {
+    /// Keep the last N drops in memory for a dump (`GET /debug/recorder.pcapng`, SIGUSR1,
+    /// --recorder-trigger), e.g. `--recorder-events 50000`; 0 turns the recorder off.
+    #[arg(long, value_name = "N", default_value_t = 10_000, help_heading = "Flight recorder")]
+    pub recorder_events: usize,
+
+    /// And at most this much memory for them, e.g. `--recorder-bytes 64M` (K, M, G: powers of
+    /// 1024); 0 turns the recorder off.
+    #[arg(long, value_name = "SIZE", default_value = "16M", value_parser = parse_size_or_zero, help_heading = "Flight recorder")]
+    pub recorder_bytes: u64,
+
+    /// Where SIGUSR1 and --recorder-trigger write their dumps (created, mode 0700; files 0600),
+    /// e.g. `--recorder-dir /var/lib/netdrop/recorder`.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/netdrop/recorder",
+        help_heading = "Flight recorder"
+    )]
+    pub recorder_dir: PathBuf,
+
+    /// Also dump when the drops seen reach this rate, e.g. `--recorder-trigger 1000/s`: the
+    /// recorder's content up to that second (the time before the trigger); at most one such
+    /// dump a minute.
+    #[arg(long, value_name = "RATE/s", value_parser = parse_rate, help_heading = "Flight recorder")]
+    pub recorder_trigger: Option<u64>,
+}
+
+/// `16M`, or `0` (off).
+fn parse_size_or_zero(s: &str) -> Result<u64, String> {
+    if s.trim() == "0" {
+        Ok(0)
+    } else {
+        super::capture::parse_size(s)
+    }
+}
+
+/// `1000/s` or `1000`: drops per second, more than 0.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let n = t.strip_suffix("/s").unwrap_or(t);
+    match n.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("{s:?} is not a rate (e.g. 1000/s)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_rate, parse_size_or_zero};
+
+    #[test]
+    fn rates_and_sizes_of_the_recorder_parse() {
+        assert_eq!(parse_rate("1000/s"), Ok(1000));
+        assert_eq!(parse_rate("5"), Ok(5));
+        assert!(parse_rate("0/s").is_err());
+        assert!(parse_rate("fast").is_err());
+        assert_eq!(parse_size_or_zero("0"), Ok(0));
+        assert_eq!(parse_size_or_zero("16M"), Ok(16 << 20));
     }
 }

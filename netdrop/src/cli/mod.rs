@@ -11,7 +11,7 @@ mod trace;
 use clap::{Parser, Subcommand};
 
 pub use self::{
-    agent::{AgentArgs, DEFAULT_LISTEN, EventsFormat},
+    agent::{AgentArgs, DEFAULT_LISTEN, EventsFormat, RecorderArgs},
     capture::{CaptureArgs, CaptureOptions, ReportArgs},
     interfaces::{InterfacesArgs, TcArgs, TcModeArg},
     kube::KubeArgs,

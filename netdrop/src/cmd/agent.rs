@@ -23,6 +23,7 @@ use tokio::{
 use tracing::warn;
 
 use super::{
+    recorder::{Cause, FlightRecorder},
     session::{Session, SessionArgs, pipeline::Pipeline, summarizer::Summarizer},
     targets::TargetMode,
     trace::DRAIN_INTERVAL,
@@ -37,7 +38,7 @@ use crate::{
     resolve::{Health, Resolver},
     sink::{
         JsonSink,
-        metrics::{Exporter, MetricsOptions, SnapshotRequest},
+        metrics::{DumpRequest, Exporter, MetricsOptions, SnapshotRequest},
     },
 };
 
@@ -59,6 +60,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // cleanly, rather than killing the process half attached.
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigusr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     // Before anything is attached: a port in use is one line and nothing to undo.
     let mut listeners = Vec::new();
     for addr in &args.listen {
@@ -68,7 +70,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         })?;
         listeners.push(l);
     }
-    let exporter = Exporter::new(
+    let mut exporter = Exporter::new(
         MetricsOptions {
             pod_names: args.pod_names,
             ..MetricsOptions::default()
@@ -78,6 +80,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let health = exporter.health();
     health.set_ready(false, "attaching the kernel programs");
     let (snapshots_tx, mut snapshots) = mpsc::channel::<SnapshotRequest>(8);
+    let (dumps_tx, mut dumps) = mpsc::channel::<DumpRequest>(4);
+    let node_name = crate::resolve::node_name(&crate::resolve::KubeOptions::from(&args.kube));
+    let mut recorder = FlightRecorder::new(&args.recorder, &node_name);
+    if recorder.is_some() {
+        exporter = exporter.with_recorder(dumps_tx);
+    }
     let server = tokio::spawn(exporter.serve(listeners, snapshots_tx));
 
     let filter = FilterArgs::default();
@@ -104,6 +112,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if args.events == Some(EventsFormat::Json) {
         let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
         pipe.sinks.push(Box::new(JsonSink::new(stdout)));
+    }
+    if let Some(r) = &recorder {
+        pipe.sinks.push(Box::new(r.recorder.sink()));
     }
     let node_netns = match args.tc.node_netns.iter().find(|n| n.node == node) {
         Some(n) => n
@@ -170,7 +181,32 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 counters.harvest(&mut probe);
                 let (ready, why) = readiness(agent.kube_on, &resolver);
                 health.set_ready(ready, &why);
+                if let Some(r) = &mut recorder
+                    && let Some(cause) = r.check_trigger()
+                {
+                    let counts = counters.harvest(&mut probe).counts;
+                    let summary = summarizer.summary_of(&counts, &pipe, agent.started);
+                    r.write_file(cause, r.dump(cause, Some(&summary)));
+                }
             }
+            Some(reply) = dumps.recv(), if recorder.is_some() => {
+                if let Some(r) = &recorder {
+                    // Up to the request: what the kernel sent and is not read yet.
+                    pipe.drain(ring.get_mut())?;
+                    let counts = counters.harvest(&mut probe).counts;
+                    let summary = summarizer.summary_of(&counts, &pipe, agent.started);
+                    let _ = reply.send(r.dump(Cause::Http, Some(&summary)));
+                }
+            }
+            _ = sigusr1.recv() => match &recorder {
+                Some(r) => {
+                    pipe.drain(ring.get_mut())?;
+                    let counts = counters.harvest(&mut probe).counts;
+                    let summary = summarizer.summary_of(&counts, &pipe, agent.started);
+                    r.write_file(Cause::Signal, r.dump(Cause::Signal, Some(&summary)));
+                }
+                None => warn!("SIGUSR1: the flight recorder is off (--recorder-events 0 or --recorder-bytes 0)"),
+            },
             req = snapshots.recv() => {
                 let Some(reply) = req else { break };
                 targets.refresh(&resolver, &mut probe);

@@ -6,6 +6,7 @@ pub mod capture;
 pub mod cleanup;
 pub mod interfaces;
 pub mod reasons;
+pub mod recorder;
 pub mod report;
 pub mod resolve;
 pub(crate) mod session;

@@ -8,6 +8,7 @@ pub mod json;
 pub mod live;
 pub mod metrics;
 pub mod pcapng;
+pub mod recorder;
 pub mod table;
 pub mod terminal;
 pub mod text;

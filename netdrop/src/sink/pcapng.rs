@@ -229,17 +229,29 @@ pub struct CaptureStats {
     pub count_reached: u64,
     /// Drops without an IP header (ARP, non-IP frames): `LINKTYPE_RAW` cannot hold them.
     pub no_ip_header: u64,
+    /// A flight recorder's dump ([`super::recorder`]): records pushed out of the recorder by
+    /// newer ones before the dump. `None` in a capture (and not in its trailer line).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overwritten: Option<u64>,
 }
 
 impl CaptureStats {
     pub fn not_kept(&self) -> u64 {
-        self.ring_full + self.rate_limited + self.size_cap + self.count_reached + self.no_ip_header
+        self.ring_full
+            + self.rate_limited
+            + self.size_cap
+            + self.count_reached
+            + self.no_ip_header
+            + self.overwritten.unwrap_or(0)
     }
 
     /// The trailer's line; `netdrop report` parses it back ([`CaptureStats::parse`]).
     pub fn line(&self) -> String {
+        let overwritten = self
+            .overwritten
+            .map_or_else(String::new, |n| format!(" overwritten={n}"));
         format!(
-            "{KEPT_PREFIX}packets={} not_kept={} ring_full={} rate_limited={} size_cap={} count_reached={} no_ip_header={}",
+            "{KEPT_PREFIX}packets={} not_kept={} ring_full={} rate_limited={} size_cap={} count_reached={} no_ip_header={}{overwritten}",
             self.packets,
             self.not_kept(),
             self.ring_full,
@@ -264,6 +276,7 @@ impl CaptureStats {
                 "size_cap" => s.size_cap = v,
                 "count_reached" => s.count_reached = v,
                 "no_ip_header" => s.no_ip_header = v,
+                "overwritten" => s.overwritten = Some(v),
                 _ => {}
             }
         }
@@ -278,6 +291,7 @@ impl CaptureStats {
             (self.size_cap, "over --max-size"),
             (self.count_reached, "after --count"),
             (self.no_ip_header, "no IP header"),
+            (self.overwritten.unwrap_or(0), "overwritten by newer drops"),
         ]
         .iter()
         .filter(|(n, _)| *n > 0)
@@ -415,6 +429,12 @@ impl<W: Write + Send> PcapngSink<W> {
         self.writer.write_pcapng_block(epb).map_err(PcapngError::Write)?;
         self.stats.packets += 1;
         Ok(())
+    }
+
+    /// A flight recorder's dump: how many records newer ones pushed out before it (said in the
+    /// trailer even when 0).
+    pub fn set_overwritten(&mut self, n: u64) {
+        self.stats.overwritten = Some(n);
     }
 
     /// Ends the file: a second section whose header says what was not kept and carries the

@@ -38,7 +38,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-pub use self::serve::{Exporter, Health, SnapshotRequest};
+pub use self::serve::{DumpRequest, Exporter, Health, RECORDER_PATH, SnapshotRequest};
 use crate::aggregate::node_metrics::{DropOwner, NodeMetrics};
 
 /// The value of every label but `node` in a family's overflow series.

@@ -1,7 +1,8 @@
 //! The agent's HTTP endpoints (hyper 1, HTTP/1.1): `/metrics` (a fresh snapshot from the agent
 //! per scrape, OpenMetrics or the classic format by the `Accept` header), `/healthz` (the event
 //! reader is alive) and `/readyz` (programs attached, caches synced). The probes answer from
-//! [`Health`] alone and never ask the agent for a snapshot.
+//! [`Health`] alone and never ask the agent for a snapshot. With the flight recorder on,
+//! `/debug/recorder.pcapng`: its dump ([`crate::sink::recorder`]), streamed as it is written.
 
 use std::{
     convert::Infallible,
@@ -11,7 +12,8 @@ use std::{
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{Either, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
@@ -21,10 +23,17 @@ use tokio::{
 };
 
 use super::{Exposition, MetricsOptions, MetricsState};
-use crate::aggregate::node_metrics::NodeMetrics;
+use crate::{aggregate::node_metrics::NodeMetrics, sink::recorder::Dump};
 
 /// How the agent is asked for a snapshot: it answers on the sender it receives.
 pub type SnapshotRequest = oneshot::Sender<NodeMetrics>;
+/// How the agent is asked for the flight recorder's dump.
+pub type DumpRequest = oneshot::Sender<Dump>;
+/// The flight recorder's path.
+pub const RECORDER_PATH: &str = "/debug/recorder.pcapng";
+
+/// A response: whole, or a dump streamed in chunks as it is written.
+type Body = Either<Full<Bytes>, StreamBody<futures::stream::BoxStream<'static, Result<Frame<Bytes>, std::io::Error>>>>;
 
 /// `/healthz` fails when the event reader has not beaten for this long.
 pub const BEAT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -111,6 +120,7 @@ impl Health {
 pub struct Exporter {
     state: MetricsState,
     health: Arc<Health>,
+    recorder: Option<mpsc::Sender<DumpRequest>>,
 }
 
 /// What every connection shares.
@@ -120,6 +130,7 @@ struct Shared {
     state: tokio::sync::Mutex<MetricsState>,
     health: Arc<Health>,
     snapshots: mpsc::Sender<SnapshotRequest>,
+    recorder: Option<mpsc::Sender<DumpRequest>>,
 }
 
 impl Exporter {
@@ -127,7 +138,15 @@ impl Exporter {
         Self {
             state: MetricsState::new(opts, version),
             health: Arc::new(Health::new()),
+            recorder: None,
         }
+    }
+
+    /// Serves the flight recorder's dump at [`RECORDER_PATH`], asking the agent on `dumps`.
+    #[must_use]
+    pub fn with_recorder(mut self, dumps: mpsc::Sender<DumpRequest>) -> Self {
+        self.recorder = Some(dumps);
+        self
     }
 
     /// What the agent beats and sets ready on.
@@ -147,6 +166,7 @@ impl Exporter {
             state: tokio::sync::Mutex::new(self.state),
             health: self.health,
             snapshots,
+            recorder: self.recorder,
         });
         let mut accepting = JoinSet::new();
         for l in listeners {
@@ -191,7 +211,7 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
-async fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Body> {
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into(), false);
@@ -219,9 +239,10 @@ async fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes
             };
             response(StatusCode::OK, format.content_type(), body)
         }
+        RECORDER_PATH => recorder(shared, head).await,
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: /metrics, /healthz, /readyz\n".into(),
+            "not found: /metrics, /healthz, /readyz, /debug/recorder.pcapng\n".into(),
             head,
         ),
     }
@@ -254,7 +275,99 @@ async fn scrape(shared: &Shared, format: Exposition) -> String {
     state.encode(format)
 }
 
-fn text(status: StatusCode, body: String, head: bool) -> Response<Full<Bytes>> {
+/// The flight recorder's dump, streamed: the agent hands over the records (within
+/// [`SNAPSHOT_TIMEOUT`]) and a blocking thread writes the pcapng into the response in chunks, so
+/// the dump is never whole in memory twice.
+async fn recorder(shared: &Shared, head: bool) -> Response<Body> {
+    let Some(dumps) = &shared.recorder else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "the flight recorder is off (--recorder-events 0 or --recorder-bytes 0)\n".into(),
+            head,
+        );
+    };
+    let dump = tokio::time::timeout(SNAPSHOT_TIMEOUT, async {
+        let (tx, rx) = oneshot::channel();
+        dumps.send(tx).await.ok()?;
+        rx.await.ok()
+    })
+    .await;
+    let Ok(Some(dump)) = dump else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the agent did not hand over the recorder within {} s\n",
+                SNAPSHOT_TIMEOUT.as_secs()
+            ),
+            head,
+        );
+    };
+    let mut r = if head {
+        Response::new(Either::Left(Full::new(Bytes::new())))
+    } else {
+        let (tx, rx) = mpsc::channel::<Bytes>(4);
+        tokio::task::spawn_blocking(move || {
+            // A client that goes away ends the write (the channel is closed): nothing to report.
+            if let Err(e) = dump.write(ChunkWriter {
+                tx,
+                buf: Vec::with_capacity(CHUNK),
+            }) {
+                tracing::debug!("flight recorder: dump over HTTP: {e}");
+            }
+        });
+        let chunks = futures::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|b| (Ok(Frame::data(b)), rx)) },
+        );
+        Response::new(Either::Right(StreamBody::new(Box::pin(chunks) as _)))
+    };
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-pcapng"),
+    );
+    r.headers_mut().insert(
+        header::CONTENT_DISPOSITION,
+        header::HeaderValue::from_static("attachment; filename=\"netdrop-recorder.pcapng\""),
+    );
+    r
+}
+
+/// The size of the chunks a dump is sent in.
+const CHUNK: usize = 64 * 1024;
+
+/// Sends what is written to it in chunks of [`CHUNK`] bytes, on a blocking thread.
+struct ChunkWriter {
+    tx: mpsc::Sender<Bytes>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let b = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.tx
+            .blocking_send(b)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away"))
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+fn text(status: StatusCode, body: String, head: bool) -> Response<Body> {
     response(
         status,
         "text/plain; charset=utf-8",
@@ -262,8 +375,8 @@ fn text(status: StatusCode, body: String, head: bool) -> Response<Full<Bytes>> {
     )
 }
 
-fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(Either::Left(Full::new(Bytes::from(body))));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
