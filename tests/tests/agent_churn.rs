@@ -4,7 +4,8 @@
 //! `Udp NoPorts` in its namespace) and known attempts (TCP connections to `default/web`, an
 //! observed Service) while it exists. Checked against the kernel and the generator:
 //! - every drop of every pod was counted under that pod (its series = its namespace's NoPorts),
-//!   and every attempt (the Service's attempts grew by the connections made);
+//!   and every attempt (the Service's attempts, summed over node-a's agent and node-b's — an
+//!   attempt delivered to web-2 is counted by node-b's — grew by the connections made);
 //! - counters never go down from one scrape to the next, gone pods' series included until they
 //!   are removed;
 //! - after `--gone-after` the gone pods' series are gone and the series count is the baseline's;
@@ -131,6 +132,9 @@ fn pod_traffic(pod: &PodSpec, path: &std::path::Path, web: SocketAddr) -> (usize
 struct Churn<'a> {
     lab: &'a Lab,
     addr: SocketAddr,
+    /// node-b's agent: an attempt delivered to web-2 (on node-b) is counted there (an attempt
+    /// is counted by the agent whose tc saw it; the sum over agents is the Service's).
+    other: SocketAddr,
     web: SocketAddr,
     last: Scrape,
     scrapes: u64,
@@ -159,7 +163,7 @@ impl Churn<'_> {
             .collect();
         self.next += n;
         self.lab.add_pods(&pods).unwrap_or_else(|e| panic!("add pods: {e}"));
-        let before = attempts(&self.scrape());
+        let before = self.attempts();
         let mut noports = Vec::new();
         let mut made = 0;
         for p in &pods {
@@ -177,7 +181,7 @@ impl Churn<'_> {
             let s = self.scrape();
             let counted: Vec<f64> = pods.iter().map(|p| pod_drops(&s, p, "NO_SOCKET")).collect();
             let all = counted.iter().zip(&noports).all(|(c, n)| *c == *n as f64);
-            let att = attempts(&s) - before;
+            let att = self.attempts() - before;
             if all && att == made as f64 {
                 break;
             }
@@ -189,6 +193,11 @@ impl Churn<'_> {
             std::thread::sleep(Duration::from_millis(200));
         }
         self.lab.remove_pods(&pods).unwrap_or_else(|e| panic!("remove pods: {e}"));
+    }
+
+    /// The Service's attempts summed over both agents.
+    fn attempts(&self) -> f64 {
+        attempts(&scrape(self.addr)) + attempts(&scrape(self.other))
     }
 
     /// Waits until no churn pod has a series any more and `maps` are back to `sizes`; returns
@@ -238,8 +247,29 @@ fn churn(test: &str, cycles: usize) {
         "--gone-after",
         &gone,
     ]);
+    let node_b = st.nodes.iter().find(|n| n.name == "node-b").expect("node-b");
+    let other = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let netns_b = format!("node-b={}", node_b.netns_path.display());
+    let agent_b = Tracer::start_agent(&[
+        "--node-name",
+        "node-b",
+        "--node-netns",
+        &netns_b,
+        "--listen",
+        &other.to_string(),
+        "--kubeconfig",
+        &st.kubeconfig.display().to_string(),
+        "--observe",
+        "default/web",
+    ]);
     let start = Instant::now();
-    while http_get(addr, "/readyz", None).is_none_or(|r| r.0 != 200) {
+    while [addr, other]
+        .iter()
+        .any(|a| http_get(*a, "/readyz", None).is_none_or(|r| r.0 != 200))
+    {
         assert!(start.elapsed() < Duration::from_secs(30), "agent ready");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -251,6 +281,7 @@ fn churn(test: &str, cycles: usize) {
     let mut c = Churn {
         lab: &lab,
         addr,
+        other,
         web,
         last: Scrape::new(),
         scrapes: 0,
@@ -258,7 +289,7 @@ fn churn(test: &str, cycles: usize) {
         attempts_made: 0,
     };
     let first = c.scrape();
-    let attempts0 = attempts(&first);
+    let attempts0 = c.attempts();
     let rss_start = rss_kib(pid);
 
     // Warm-up: one batch, then settled; this is the baseline.
@@ -295,7 +326,7 @@ fn churn(test: &str, cycles: usize) {
     .iter()
     .filter_map(|e| e["devname"].as_str().map(str::to_string))
     .collect();
-    let total_attempts = attempts(&after) - attempts0;
+    let total_attempts = c.attempts() - attempts0;
 
     println!(
         "{cycles} pod cycles (+{BATCH} warm-up) in batches of {BATCH}: {:.1} s ({:.1} ms/pod), {} scrapes; \
@@ -320,6 +351,8 @@ fn churn(test: &str, cycles: usize) {
         c.attempts_made,
         rss_after.cast_signed() - rss_warm.cast_signed()
     );
+    let (ok_b, stderr_b) = agent_b.terminate();
+    assert!(ok_b, "node-b's agent: exit 0 after SIGTERM:\n{}", stderr_b.join("\n"));
     let (ok, stderr) = agent.terminate();
     assert!(ok, "exit 0 after SIGTERM:\n{}", stderr.join("\n"));
 
