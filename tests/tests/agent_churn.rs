@@ -192,7 +192,9 @@ impl Churn<'_> {
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        self.lab.remove_pods(&pods).unwrap_or_else(|e| panic!("remove pods: {e}"));
+        self.lab
+            .remove_pods(&pods)
+            .unwrap_or_else(|e| panic!("remove pods: {e}"));
     }
 
     /// The Service's attempts summed over both agents.
@@ -226,7 +228,9 @@ fn churn(test: &str, cycles: usize) {
     let lab = Lab::up(&LabOptions::for_test()).unwrap_or_else(|e| panic!("lab up: {e}"));
     let st = lab.status();
     let node = st.nodes.iter().find(|n| n.name == "node-a").expect("node-a");
-    let web = st.target("default/web", netdrop_tests::lab::topology::Proto::Tcp).expect("web");
+    let web = st
+        .target("default/web", netdrop_tests::lab::topology::Proto::Tcp)
+        .expect("web");
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
@@ -313,19 +317,15 @@ fn churn(test: &str, cycles: usize) {
     let after = c.scrape();
     let sizes_after: Vec<usize> = maps.iter().map(|(_, id)| map_entries(*id)).collect();
     let rss_after = rss_kib(pid);
-    let tc_left: Vec<String> = netdrop_tests::lab::net::ns_cmd(
-        &lab.node_netns("node-a"),
-        "bpftool",
-        &["-j", "net", "show"],
-        None,
-    )
-    .ok()
-    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-    .and_then(|v| v[0]["tc"].as_array().cloned())
-    .unwrap_or_default()
-    .iter()
-    .filter_map(|e| e["devname"].as_str().map(str::to_string))
-    .collect();
+    let tc_left: Vec<String> =
+        netdrop_tests::lab::net::ns_cmd(&lab.node_netns("node-a"), "bpftool", &["-j", "net", "show"], None)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v[0]["tc"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|e| e["devname"].as_str().map(str::to_string))
+            .collect();
     let total_attempts = c.attempts() - attempts0;
 
     println!(
@@ -364,10 +364,15 @@ fn churn(test: &str, cycles: usize) {
         "kernel maps back to the baseline: {sizes_after:?} vs {base_sizes:?}"
     );
     assert!(
-        tc_left.iter().all(|d| !d.starts_with("cali") || st.pods.iter().any(|p| &p.interface == d)),
+        tc_left
+            .iter()
+            .all(|d| !d.starts_with("cali") || st.pods.iter().any(|p| &p.interface == d)),
         "no tc program left on a deleted pod's interface: {tc_left:?}"
     );
-    assert_eq!(total_attempts, c.attempts_made as f64, "every attempt counted, gone pods' too");
+    assert_eq!(
+        total_attempts, c.attempts_made as f64,
+        "every attempt counted, gone pods' too"
+    );
     assert!(
         rss_after <= rss_warm + RSS_BOUND_KIB,
         "RSS grew {rss_warm} → {rss_after} KiB over {cycles} cycles"

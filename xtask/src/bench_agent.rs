@@ -169,7 +169,10 @@ pub fn run() -> anyhow::Result<()> {
     bench_kube::cargo(&["build", "--release", "-p", "netdrop-tests", "--bin", "kube-standin"])?;
     let bin = bench_kube::target_dir().join("release/netdrop");
     let mut report = serde_json::Map::new();
-    println!("netdrop agent benchmark (release build); load average at start {}", loadavg());
+    println!(
+        "netdrop agent benchmark (release build); load average at start {}",
+        loadavg()
+    );
 
     // 1. Idle with 100k pods, then scrapes.
     let tmp = std::env::temp_dir().join(format!("netdrop-bench-agent-{}", std::process::id()));
@@ -266,7 +269,11 @@ pub fn run() -> anyhow::Result<()> {
         bench::SECONDS,
         bench::SENDERS,
         100.0 * rate_with / rate_without,
-        if counted == noports as f64 { "exact" } else { "NOT exact" }
+        if counted == noports as f64 {
+            "exact"
+        } else {
+            "NOT exact"
+        }
     );
     report.insert(
         "storm".into(),
@@ -313,8 +320,10 @@ pub fn run() -> anyhow::Result<()> {
              every interface attached {counted:.2} s; RSS {rss:.1} MiB; SIGTERM → exit {} in {stop:.2} s",
             if ok { 0 } else { 1 }
         );
-        modes.push(json!({"mode": mode, "live_s": live, "all_attached_s": counted, "rss_mib": rss,
-                          "stop_s": stop, "exit_ok": ok}));
+        modes.push(
+            json!({"mode": mode, "live_s": live, "all_attached_s": counted, "rss_mib": rss,
+                          "stop_s": stop, "exit_ok": ok}),
+        );
     }
     drop(nss);
     report.insert("start".into(), json!(modes));

@@ -15,8 +15,8 @@ use std::{
 use super::{
     LabError,
     topology::{
-        CALI_MAC, CLUSTER_CIDR, EXTERNAL_IP, Names, NodeSpec, POD_GATEWAY, PodSpec, Topology, UNDERLAY_PREFIX, sep_chain,
-        svc_chain,
+        CALI_MAC, CLUSTER_CIDR, EXTERNAL_IP, Names, NodeSpec, POD_GATEWAY, PodSpec, Topology, UNDERLAY_PREFIX,
+        sep_chain, svc_chain,
     },
 };
 

@@ -50,9 +50,7 @@ impl Lab {
         }
         let created = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
         let standin = self.standin.lock().expect("lock");
-        let standin = standin
-            .as_ref()
-            .ok_or(LabError::NoStandIn)?;
+        let standin = standin.as_ref().ok_or(LabError::NoStandIn)?;
         for p in pods {
             standin.cluster().apply(kube::pod(&self.topology, p, &created))?;
         }
@@ -67,9 +65,7 @@ impl Lab {
             return Err(LabError::PodNotDeleted(left.clone()));
         }
         let standin = self.standin.lock().expect("lock");
-        let standin = standin
-            .as_ref()
-            .ok_or(LabError::NoStandIn)?;
+        let standin = standin.as_ref().ok_or(LabError::NoStandIn)?;
         for p in pods {
             standin.cluster().delete(ResKind::Pods, &p.namespace, &p.name)?;
         }
