@@ -21,15 +21,15 @@ use anyhow::{Context as _, bail};
 
 use crate::setup;
 
-const SECONDS: u64 = 10;
+pub(crate) const SECONDS: u64 = 10;
 const ROUNDS: usize = 3;
-const SENDERS: usize = 2;
-const NS: &str = "nd-bench-storm";
+pub(crate) const SENDERS: usize = 2;
+pub(crate) const NS: &str = "nd-bench-storm";
 
-struct Ns;
+pub(crate) struct Ns;
 
 impl Ns {
-    fn new() -> anyhow::Result<Self> {
+    pub(crate) fn new() -> anyhow::Result<Self> {
         let _ = netdrop_tools::tool("ip").args(["netns", "del", NS]).status();
         sh("ip", &["netns", "add", NS])?;
         let ns = Self;
@@ -59,7 +59,7 @@ fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn noports() -> anyhow::Result<u64> {
+pub(crate) fn noports() -> anyhow::Result<u64> {
     let text = sh("ip", &["netns", "exec", NS, "cat", "/proc/net/snmp"])?;
     let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("Udp:")).collect();
     let [names, values] = lines[..] else {
@@ -73,7 +73,7 @@ fn noports() -> anyhow::Result<u64> {
 }
 
 /// Packets per second over `SENDERS` threads for `SECONDS`.
-fn storm() -> anyhow::Result<(f64, u64)> {
+pub(crate) fn storm() -> anyhow::Result<(f64, u64)> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::new();
     for _ in 0..SENDERS {

@@ -24,7 +24,7 @@ const CHURN_RATE: u64 = 1_000;
 const CHURN_SECS: u64 = 10;
 
 /// A child process speaking JSON lines; killed on drop.
-struct Proc {
+pub(crate) struct Proc {
     name: &'static str,
     child: Child,
     stdin: ChildStdin,
@@ -32,7 +32,7 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(name: &'static str, mut cmd: Command) -> anyhow::Result<Self> {
+    pub(crate) fn spawn(name: &'static str, mut cmd: Command) -> anyhow::Result<Self> {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -58,7 +58,7 @@ impl Proc {
     }
 
     /// Next JSON line (non-JSON lines, e.g. the test harness's, are skipped).
-    fn next(&self, timeout: Duration) -> anyhow::Result<Value> {
+    pub(crate) fn next(&self, timeout: Duration) -> anyhow::Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -94,18 +94,18 @@ impl Drop for Proc {
     }
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
         .to_owned()
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
 }
 
-fn cargo(args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<String> {
     let out = netdrop_tools::try_tool("cargo")?
         .args(args)
         .current_dir(root())

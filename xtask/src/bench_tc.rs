@@ -49,10 +49,11 @@ pub struct Options {
 }
 
 /// Network namespaces made for the benchmark, deleted on drop (also on error).
-struct Namespaces(Vec<String>);
+#[derive(Default)]
+pub(crate) struct Namespaces(Vec<String>);
 
 impl Namespaces {
-    fn add(&mut self, name: &str) -> anyhow::Result<()> {
+    pub(crate) fn add(&mut self, name: &str) -> anyhow::Result<()> {
         let _ = netdrop_tools::try_tool("ip")?.args(["netns", "del", name]).status();
         sh("ip", &["netns", "add", name])?;
         self.0.push(name.to_string());
@@ -69,7 +70,7 @@ impl Drop for Namespaces {
     }
 }
 
-fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn sh(cmd: &str, args: &[&str]) -> anyhow::Result<String> {
     let out = netdrop_tools::try_tool(cmd)?
         .args(args)
         .output()
@@ -403,7 +404,7 @@ fn loadavg() -> String {
 }
 
 /// Creates `names` (with peers in the same namespace) through one `ip -batch`.
-fn create_veths(ns: &str, names: &[String]) -> anyhow::Result<()> {
+pub(crate) fn create_veths(ns: &str, names: &[String]) -> anyhow::Result<()> {
     let mut child = netdrop_tools::try_tool("ip")?
         .args(["-n", ns, "-force", "-batch", "-"])
         .stdin(Stdio::piped())
@@ -417,7 +418,7 @@ fn create_veths(ns: &str, names: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cali(i: usize) -> String {
+pub(crate) fn cali(i: usize) -> String {
     format!("cali{i:011x}")
 }
 

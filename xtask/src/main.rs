@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_agent;
 mod bench_kube;
 mod bench_tc;
 mod demo;
@@ -55,7 +56,7 @@ enum Cmd {
     /// during the drop storm), `snat-race` (conntrack
     /// classification at full speed), `svc` (trace --svc on the lab), `kube` (the resolver), `tc`.
     Bench {
-        /// Which benchmark: drop-storm, capture, snat-race, svc, kube, tc.
+        /// Which benchmark: drop-storm, capture, snat-race, svc, kube, tc, agent.
         which: String,
         /// drop-storm: also run this netdrop binary (e.g. one built from an older commit) in
         /// every round, so a change is compared with its predecessor in the same run.
@@ -92,13 +93,14 @@ fn main() -> anyhow::Result<()> {
             "drop-storm" => bench::drop_storm(compare.as_deref()),
             "capture" => bench::capture(),
             "kube" => bench_kube::run(),
+            "agent" => bench_agent::run(),
             "tc" => bench_tc::run(&bench_tc::Options {
                 rounds,
                 seconds,
                 overhead_only,
             }),
             "snat-race" | "svc" => bench::lab_bench(&which),
-            other => anyhow::bail!("unknown benchmark {other:?}: drop-storm, capture, snat-race, svc, kube, tc"),
+            other => anyhow::bail!("unknown benchmark {other:?}: drop-storm, capture, snat-race, svc, kube, tc, agent"),
         },
     }
 }

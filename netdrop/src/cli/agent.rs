@@ -36,6 +36,11 @@ pub struct AgentArgs {
     #[arg(long, help_heading = "Metrics")]
     pub pod_names: bool,
 
+    /// Remove a pod's (or Service's) series this long after it is gone: a last scrape shows
+    /// its final value first, e.g. `--gone-after 5m`.
+    #[arg(long, value_name = "DURATION", default_value = "1m", value_parser = humantime::parse_duration, help_heading = "Metrics")]
+    pub gone_after: std::time::Duration,
+
     /// Also write every drop event to stdout in this format (for log shippers); none by default.
     #[arg(long, value_enum, value_name = "FORMAT", help_heading = "Output")]
     pub events: Option<EventsFormat>,

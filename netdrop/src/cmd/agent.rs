@@ -73,6 +73,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut exporter = Exporter::new(
         MetricsOptions {
             pod_names: args.pod_names,
+            gone_after: args.gone_after,
             ..MetricsOptions::default()
         },
         env!("CARGO_PKG_VERSION"),

@@ -23,7 +23,7 @@ fn node(n: &super::topology::NodeSpec, created: &str) -> Value {
     })
 }
 
-fn pod(topo: &Topology, p: &PodSpec, created: &str) -> Value {
+pub(super) fn pod(topo: &Topology, p: &PodSpec, created: &str) -> Value {
     let host_ip = topo
         .node(&p.node)
         .map(|n| n.underlay_ip.to_string())

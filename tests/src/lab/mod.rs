@@ -32,6 +32,7 @@ pub mod control;
 pub mod faults;
 pub mod kube;
 pub mod net;
+pub mod pods;
 pub mod servers;
 pub mod topology;
 pub mod traffic;
@@ -120,6 +121,14 @@ pub enum LabError {
     NoPod(String),
     #[error("no Service {0} in the lab (`lab status` lists them)")]
     NoService(String),
+    #[error("no node {0} in the lab (`lab status` lists them)")]
+    NoNode(String),
+    /// A churned pod's namespace is still there after `ip netns del`.
+    #[error("pod namespace {0} could not be deleted")]
+    PodNotDeleted(String),
+    /// The lab's API stand-in runs in another process (`lab up` from the CLI).
+    #[error("the lab's API stand-in runs in another process")]
+    NoStandIn,
     #[error("Service {service} has no {proto} port")]
     NoPort { service: String, proto: String },
     #[error("no column {0:?} in /proc/net/stat/nf_conntrack")]

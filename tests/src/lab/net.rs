@@ -15,8 +15,8 @@ use std::{
 use super::{
     LabError,
     topology::{
-        CALI_MAC, CLUSTER_CIDR, EXTERNAL_IP, Names, NodeSpec, POD_GATEWAY, Topology, UNDERLAY_PREFIX, sep_chain,
-        svc_chain,
+        CALI_MAC, CLUSTER_CIDR, EXTERNAL_IP, Names, NodeSpec, POD_GATEWAY, PodSpec, Topology, UNDERLAY_PREFIX,
+        sep_chain, svc_chain,
     },
 };
 
@@ -153,7 +153,7 @@ pub fn delete_netns(names: &[String]) -> Vec<String> {
 
 /// Sysctls of every lab namespace, before any link is created: no IPv6 (no ND/MLD/RS packets
 /// disturbing exact counts), and new links inherit it from `default`.
-const QUIET: [(&str, &str); 2] = [
+pub(super) const QUIET: [(&str, &str); 2] = [
     ("net.ipv6.conf.all.disable_ipv6", "1"),
     ("net.ipv6.conf.default.disable_ipv6", "1"),
 ];
@@ -298,10 +298,14 @@ fn uplinks(topo: &Topology, names: &Names) -> Result<(), LabError> {
 /// The node side of each of its pods: `cali…` veth (peer `eth0` in the pod), the /32 route and a
 /// static neighbour entry, proxy-ARP, as Calico's CNI plugin and Felix set them up.
 fn workloads(topo: &Topology, names: &Names, node: &NodeSpec) -> Result<(), LabError> {
-    let ns = names.node_ns(&node.name);
     let pods: Vec<_> = topo.pods.iter().filter(|p| p.node == node.name).collect();
+    node_side(names, &names.node_ns(&node.name), &pods)
+}
+
+/// [`workloads`] for these pods of the node whose namespace is `ns` (their namespaces exist).
+pub(super) fn node_side(names: &Names, ns: &str, pods: &[&PodSpec]) -> Result<(), LabError> {
     let mut s = String::new();
-    for p in &pods {
+    for p in pods {
         let cali = p.cali();
         let _ = writeln!(
             s,
@@ -313,7 +317,7 @@ fn workloads(topo: &Topology, names: &Names, node: &NodeSpec) -> Result<(), LabE
         let _ = writeln!(s, "route add {}/32 dev {cali} scope link", p.ip);
         let _ = writeln!(s, "neigh replace {} lladdr {} dev {cali} nud permanent", p.ip, p.mac());
     }
-    ip_batch(Some(&ns), &s)?;
+    ip_batch(Some(ns), &s)?;
     let keys: Vec<(String, &str)> = pods
         .iter()
         .flat_map(|p| {
@@ -325,12 +329,12 @@ fn workloads(topo: &Topology, names: &Names, node: &NodeSpec) -> Result<(), LabE
         })
         .collect();
     let kv: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    ns_sysctls(&ns, &kv)
+    ns_sysctls(ns, &kv)
 }
 
 /// The pod side: the pod IP as /32, a default route via 169.254.1.1 (Calico's), and a static
 /// neighbour for the gateway so that no ARP crosses (proxy-ARP on the node would answer too).
-fn pod_side(names: &Names, pod: &super::topology::PodSpec) -> Result<(), LabError> {
+pub(super) fn pod_side(names: &Names, pod: &PodSpec) -> Result<(), LabError> {
     let s = format!(
         "link set lo up\naddr add {ip}/32 dev eth0\nlink set eth0 up\nroute add {POD_GATEWAY} dev eth0 scope link\n\
          route add default via {POD_GATEWAY} dev eth0\nneigh replace {POD_GATEWAY} lladdr {CALI_MAC} dev eth0 nud permanent\n",
