@@ -180,9 +180,9 @@ impl Churn<'_> {
         loop {
             let s = self.scrape();
             let counted: Vec<f64> = pods.iter().map(|p| pod_drops(&s, p, "NO_SOCKET")).collect();
-            let all = counted.iter().zip(&noports).all(|(c, n)| *c == *n as f64);
+            let all = counted.iter().zip(&noports).all(|(c, n)| same(*c, *n as f64));
             let att = self.attempts() - before;
-            if all && att == made as f64 {
+            if all && same(att, made as f64) {
                 break;
             }
             assert!(
@@ -223,6 +223,15 @@ impl Churn<'_> {
     }
 }
 
+/// Metric values are floats; counts this size are exact in an f64.
+fn same(a: f64, b: f64) -> bool {
+    (a - b).abs() < 0.5
+}
+
+#[expect(
+    clippy::too_many_lines,
+    reason = "one churn run: warm-up, batches, settle, then each baseline checked in turn"
+)]
 fn churn(test: &str, cycles: usize) {
     require_root!(test);
     let lab = Lab::up(&LabOptions::for_test()).unwrap_or_else(|e| panic!("lab up: {e}"));
@@ -369,9 +378,10 @@ fn churn(test: &str, cycles: usize) {
             .all(|d| !d.starts_with("cali") || st.pods.iter().any(|p| &p.interface == d)),
         "no tc program left on a deleted pod's interface: {tc_left:?}"
     );
-    assert_eq!(
-        total_attempts, c.attempts_made as f64,
-        "every attempt counted, gone pods' too"
+    assert!(
+        same(total_attempts, c.attempts_made as f64),
+        "every attempt counted, gone pods' too: {total_attempts} counted, {} made",
+        c.attempts_made
     );
     assert!(
         rss_after <= rss_warm + RSS_BOUND_KIB,

@@ -199,10 +199,6 @@ fn wait_for(dir: &Path, suffix: &str, n: usize) -> Vec<PathBuf> {
 }
 
 #[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one agent run: two bursts, each dump checked in turn"
-)]
 fn the_recorder_keeps_the_newest_drops_and_counts_the_overwritten() {
     require_root!("the_recorder_keeps_the_newest_drops_and_counts_the_overwritten");
     netdrop_tests::require_reasons!("the_recorder_keeps_the_newest_drops_and_counts_the_overwritten");

@@ -199,15 +199,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     let _ = reply.send(r.dump(Cause::Http, Some(&summary)));
                 }
             }
-            _ = sigusr1.recv() => match &recorder {
-                Some(r) => {
+            _ = sigusr1.recv() => {
+                if let Some(r) = &recorder {
                     pipe.drain(ring.get_mut())?;
                     let counts = counters.harvest(&mut probe).counts;
                     let summary = summarizer.summary_of(&counts, &pipe, agent.started);
                     r.write_file(Cause::Signal, r.dump(Cause::Signal, Some(&summary)));
+                } else {
+                    warn!("SIGUSR1: the flight recorder is off (--recorder-events 0 or --recorder-bytes 0)");
                 }
-                None => warn!("SIGUSR1: the flight recorder is off (--recorder-events 0 or --recorder-bytes 0)"),
-            },
+            }
             req = snapshots.recv() => {
                 let Some(reply) = req else { break };
                 targets.refresh(&resolver, &mut probe);

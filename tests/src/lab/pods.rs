@@ -35,10 +35,12 @@ impl Lab {
     /// Creates these pods (all on one node): namespaces, veths, routes, then the Pod objects.
     pub fn add_pods(&self, pods: &[PodSpec]) -> Result<(), LabError> {
         let Some(first) = pods.first() else { return Ok(()) };
-        let add: String = pods
-            .iter()
-            .map(|p| format!("netns add {}\n", self.names.pod_ns(p)))
-            .collect();
+        let add = pods.iter().fold(String::new(), |mut s, p| {
+            s.push_str("netns add ");
+            s.push_str(&self.names.pod_ns(p));
+            s.push('\n');
+            s
+        });
         net::ip_batch(None, &add)?;
         for p in pods {
             net::ns_sysctls(&self.names.pod_ns(p), &QUIET)?;
