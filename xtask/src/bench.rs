@@ -139,14 +139,19 @@ struct Phase {
     cpu: Option<f64>,
 }
 
-fn netdrop_phase(bin: &str, name: &str, extra: &[&str]) -> anyhow::Result<Phase> {
-    let out = std::env::temp_dir().join("netdrop-bench.json");
-    let mut child = netdrop_tools::project(bin)
-        .args(["trace", "-o", "json", "--netns", NS])
-        .args(extra)
-        .stdout(fs::File::create(&out)?)
-        .stderr(Stdio::piped())
-        .spawn()?;
+/// The storm while a netdrop runs: netdrop started with `cmd` (its JSON lines to `out`), the
+/// storm once it has attached, netdrop stopped with SIGINT; its last line is the summary.
+struct UnderNetdrop {
+    rate: f64,
+    sent: u64,
+    noports: u64,
+    /// netdrop's CPU (cores) during the storm.
+    cpu: f64,
+    summary: serde_json::Value,
+}
+
+fn storm_under(mut cmd: std::process::Command, out: &std::path::Path) -> anyhow::Result<UnderNetdrop> {
+    let mut child = cmd.stdout(fs::File::create(out)?).stderr(Stdio::piped()).spawn()?;
     wait_attached(&mut child, "netdrop: attached")?;
     let before = noports()?;
     let cpu0 = cpu_seconds(child.id());
@@ -159,8 +164,28 @@ fn netdrop_phase(bin: &str, name: &str, extra: &[&str]) -> anyhow::Result<Phase>
         nix::sys::signal::Signal::SIGINT,
     )?;
     child.wait()?;
-    let text = fs::read_to_string(&out)?;
-    let summary: serde_json::Value = serde_json::from_str(text.lines().last().context("no summary")?)?;
+    let text = fs::read_to_string(out)?;
+    let summary = serde_json::from_str(text.lines().last().context("no summary")?)?;
+    Ok(UnderNetdrop {
+        rate,
+        sent,
+        noports,
+        cpu,
+        summary,
+    })
+}
+
+fn netdrop_phase(bin: &str, name: &str, extra: &[&str]) -> anyhow::Result<Phase> {
+    let out = std::env::temp_dir().join("netdrop-bench.json");
+    let mut cmd = netdrop_tools::project(bin);
+    cmd.args(["trace", "-o", "json", "--netns", NS]).args(extra);
+    let UnderNetdrop {
+        rate,
+        sent,
+        noports,
+        cpu,
+        summary,
+    } = storm_under(cmd, &out)?;
     let counted = summary["by_reason"]["NO_SOCKET"].as_u64().unwrap_or(0);
     let events = summary["events_shown"].as_u64().unwrap_or(0);
     Ok(Phase {
@@ -332,27 +357,17 @@ fn capture_phase(bin: &str, name: &str, extra: &[&str]) -> anyhow::Result<Captur
     let dir = std::env::temp_dir();
     let file = dir.join("netdrop-bench-capture.pcapng");
     let out = dir.join("netdrop-bench-capture.json");
-    let mut child = netdrop_tools::project(bin)
-        .args(["capture", "--format", "json", "--netns", NS, "-o"])
+    let mut cmd = netdrop_tools::project(bin);
+    cmd.args(["capture", "--format", "json", "--netns", NS, "-o"])
         .arg(&file)
-        .args(extra)
-        .stdout(fs::File::create(&out)?)
-        .stderr(Stdio::piped())
-        .spawn()?;
-    wait_attached(&mut child, "netdrop: attached")?;
-    let before = noports()?;
-    let cpu0 = cpu_seconds(child.id());
-    let (rate, _) = storm()?;
-    thread::sleep(Duration::from_millis(300));
-    let cpu = (cpu_seconds(child.id()) - cpu0) / SECONDS as f64;
-    let noports = noports()? - before;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )?;
-    child.wait()?;
-    let text = fs::read_to_string(&out)?;
-    let summary: serde_json::Value = serde_json::from_str(text.lines().last().context("no summary")?)?;
+        .args(extra);
+    let UnderNetdrop {
+        rate,
+        noports,
+        cpu,
+        summary,
+        ..
+    } = storm_under(cmd, &out)?;
     let counted = summary["by_reason"]["NO_SOCKET"].as_u64().unwrap_or(0);
     let report = netdrop_tools::project(bin)
         .args(["report", "-o", "json"])
