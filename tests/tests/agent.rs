@@ -142,14 +142,7 @@ fn prometheus_over_two_agents_names_the_bad_backend_and_its_node() {
         assert_eq!(ready.0, 200, "{node} ready: {}", ready.1);
     }
 
-    let opts = TrafficOptions {
-        rate: 100,
-        duration: Duration::from_secs(5),
-        proto: Proto::Tcp,
-        // Below the first SYN retransmission (1 s): one dropped SYN per failed request.
-        timeout: Duration::from_millis(700),
-        ..TrafficOptions::default()
-    };
+    let opts = TrafficOptions::one_syn_per_request(Duration::from_secs(5));
     let report = lab
         .traffic("default/web", &opts)
         .unwrap_or_else(|e| panic!("traffic: {e}"));

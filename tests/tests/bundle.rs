@@ -22,7 +22,6 @@ use netdrop_tests::{
     lab::{
         Lab, LabOptions, Status,
         faults::{FaultKind, FaultRequest},
-        topology::Proto,
         traffic::{TrafficOptions, TrafficReport},
     },
     require_root,
@@ -325,14 +324,7 @@ fn bundle_capture(lab: &Lab, pcap: &Path, bundle: &Path, cni: &Path) -> (Tracer,
     }
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let capture = Tracer::start_capture(pcap, &refs);
-    let opts = TrafficOptions {
-        rate: 100,
-        duration: Duration::from_secs(5),
-        proto: Proto::Tcp,
-        // Below the first SYN retransmission (1 s): one dropped SYN per failed request.
-        timeout: Duration::from_millis(700),
-        ..TrafficOptions::default()
-    };
+    let opts = TrafficOptions::one_syn_per_request(Duration::from_secs(5));
     let traffic = lab
         .traffic("default/web", &opts)
         .unwrap_or_else(|e| panic!("traffic: {e}"));

@@ -23,7 +23,6 @@ use netdrop_tests::{
     lab::{
         Lab, LabOptions,
         faults::{FaultKind, FaultRequest},
-        topology::Proto,
         traffic::{TrafficOptions, TrafficReport},
     },
     require_root,
@@ -70,14 +69,7 @@ fn captured(lab: &Lab, file: &Path, secs: u64) -> (TrafficReport, TraceOutput) {
     }
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let capture = Tracer::start_capture(file, &refs);
-    let opts = TrafficOptions {
-        rate: 100,
-        duration: Duration::from_secs(secs),
-        proto: Proto::Tcp,
-        // Below the first SYN retransmission (1 s): one dropped SYN per failed request.
-        timeout: Duration::from_millis(700),
-        ..TrafficOptions::default()
-    };
+    let opts = TrafficOptions::one_syn_per_request(Duration::from_secs(secs));
     let report = lab
         .traffic("default/web", &opts)
         .unwrap_or_else(|e| panic!("traffic: {e}"));

@@ -59,14 +59,7 @@ fn target_args(lab: &Lab, target: &[&str]) -> Vec<String> {
 }
 
 fn traffic(lab: &Lab, svc: &str, secs: u64) -> TrafficReport {
-    let opts = TrafficOptions {
-        rate: 100,
-        duration: Duration::from_secs(secs),
-        proto: Proto::Tcp,
-        // Below the first SYN retransmission (1 s): one dropped SYN per failed request.
-        timeout: Duration::from_millis(700),
-        ..TrafficOptions::default()
-    };
+    let opts = TrafficOptions::one_syn_per_request(Duration::from_secs(secs));
     lab.traffic(svc, &opts).unwrap_or_else(|e| panic!("traffic: {e}"))
 }
 

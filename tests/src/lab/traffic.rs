@@ -54,6 +54,20 @@ impl Default for TrafficOptions {
     }
 }
 
+impl TrafficOptions {
+    /// 100 TCP requests a second for `duration`, each timing out below the first SYN
+    /// retransmission (1 s): one dropped SYN per failed request, so drops equal failures.
+    pub fn one_syn_per_request(duration: Duration) -> Self {
+        Self {
+            rate: 100,
+            duration,
+            proto: Proto::Tcp,
+            timeout: Duration::from_millis(700),
+            ..Self::default()
+        }
+    }
+}
+
 /// What each request looks like beyond [`TrafficOptions`] (kept apart so that callers building
 /// `TrafficOptions` literally stay as they are).
 #[derive(Clone, Copy, Debug, Default)]
