@@ -201,14 +201,7 @@ fn netdrop_phase(bin: &str, name: &str, extra: &[&str]) -> anyhow::Result<Phase>
 
 #[expect(clippy::too_many_lines, reason = "one measurement, read top to bottom")]
 pub fn drop_storm(compare: Option<&std::path::Path>) -> anyhow::Result<()> {
-    setup::run()?;
-    let root = setup::workspace_root();
-    let status = netdrop_tools::try_tool("cargo")?
-        .args(["build", "--release", "-p", "netdrop"])
-        .current_dir(&root)
-        .status()?;
-    anyhow::ensure!(status.success(), "building netdrop failed");
-    let bin = root.join("target/release/netdrop").display().to_string();
+    let bin = setup::release_netdrop()?.display().to_string();
     let _ns = Ns::new()?;
     let kernel = sh("uname", &["-r"])?.trim().to_string();
     let base = |name: &str| -> anyhow::Result<Phase> {
@@ -327,7 +320,7 @@ pub fn drop_storm(compare: Option<&std::path::Path>) -> anyhow::Result<()> {
             "noports": p.noports, "counted": p.counted, "events": p.events, "cpu_cores": p.cpu}),
         );
     }
-    let dir = root.join("target/bench");
+    let dir = setup::workspace_root().join("target/bench");
     fs::create_dir_all(&dir)?;
     fs::write(
         dir.join("drop-storm.json"),
@@ -408,14 +401,7 @@ fn capture_phase(bin: &str, name: &str, extra: &[&str]) -> anyhow::Result<Captur
 /// storm's rate against no netdrop in the same run. Exactness: packets + not kept = the
 /// kernel's `Udp: NoPorts` delta (every drop in the namespace is one of the storm's).
 pub fn capture() -> anyhow::Result<()> {
-    setup::run()?;
-    let root = setup::workspace_root();
-    let status = netdrop_tools::try_tool("cargo")?
-        .args(["build", "--release", "-p", "netdrop"])
-        .current_dir(&root)
-        .status()?;
-    anyhow::ensure!(status.success(), "building netdrop failed");
-    let bin = root.join("target/release/netdrop").display().to_string();
+    let bin = setup::release_netdrop()?.display().to_string();
     let _ns = Ns::new()?;
     let kernel = sh("uname", &["-r"])?.trim().to_string();
     let names = [
@@ -478,7 +464,7 @@ pub fn capture() -> anyhow::Result<()> {
             "cpu_cores": p.cpu}),
         );
     }
-    let dir = root.join("target/bench");
+    let dir = setup::workspace_root().join("target/bench");
     fs::create_dir_all(&dir)?;
     fs::write(
         dir.join("capture.json"),
@@ -491,13 +477,8 @@ pub fn capture() -> anyhow::Result<()> {
 /// `snat-race` and `svc`: they need the test labs, so they live in the netdrop-tests crate's
 /// `netdrop-bench` binary; both run against a release build of netdrop.
 pub fn lab_bench(which: &str) -> anyhow::Result<()> {
-    setup::run()?;
+    setup::release_netdrop()?;
     let root = setup::workspace_root();
-    let status = netdrop_tools::try_tool("cargo")?
-        .args(["build", "--release", "-p", "netdrop"])
-        .current_dir(&root)
-        .status()?;
-    anyhow::ensure!(status.success(), "building netdrop failed");
     let status = netdrop_tools::try_tool("cargo")?
         .args([
             "run",

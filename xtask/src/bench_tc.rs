@@ -569,15 +569,7 @@ fn attach_ms(line: &str) -> (f64, f64) {
 #[expect(clippy::too_many_lines, reason = "one measurement, read top to bottom")]
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     let seconds = opts.seconds;
-    setup::run()?;
-    let root = setup::workspace_root();
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let status = netdrop_tools::try_tool("cargo")?
-        .args(["build", "--release", "-p", "netdrop"])
-        .current_dir(&root)
-        .status()?;
-    anyhow::ensure!(status.success(), "building netdrop failed");
-    let bin = target.join("release/netdrop");
+    let bin = setup::release_netdrop()?;
     let kernel = sh("uname", &["-r"])?.trim().to_string();
     let mut ns = Namespaces(Vec::new());
     topology(&mut ns)?;
@@ -745,7 +737,11 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
             c.max_ms
         );
     }
-    let dir = target.join("bench");
+    let dir = bin
+        .parent()
+        .and_then(std::path::Path::parent)
+        .map_or_else(|| setup::workspace_root().join("target"), std::path::Path::to_path_buf)
+        .join("bench");
     fs::create_dir_all(&dir)?;
     let doc = json!({"kernel": kernel, "cpus": aya::util::nr_cpus().map_or(0, |n| n),
         "rounds": opts.rounds, "seconds": seconds, "load_average_before": load_before, "load_average_after": load_after,

@@ -2,24 +2,13 @@
 //! pulled), committed as `localhost/netdrop:<version>` (deploy/base's image) and saved as an OCI
 //! archive under target/image/ (`podman load -i`, `skopeo copy oci-archive:...` to publish).
 
-use anyhow::{Context as _, bail};
-
 use crate::setup;
 
 pub fn run() -> anyhow::Result<()> {
-    setup::run()?;
+    let binary = setup::release_netdrop()?;
     let root = setup::workspace_root();
-    let status = netdrop_tools::try_tool("cargo")?
-        .args(["build", "--release", "-p", "netdrop"])
-        .current_dir(&root)
-        .status()
-        .context("cargo build --release")?;
-    if !status.success() {
-        bail!("building netdrop failed");
-    }
     let version = env!("CARGO_PKG_VERSION");
     let tag = format!("localhost/netdrop:{version}");
-    let binary = root.join("target/release/netdrop");
     let image = netdrop_tools::image::build(&binary, &tag, version)?;
     let dir = root.join("target/image");
     std::fs::create_dir_all(&dir)?;

@@ -240,6 +240,23 @@ fn pip_tools() -> anyhow::Result<()> {
 }
 
 /// The workspace root (xtask's parent).
+/// Runs setup, builds netdrop in release mode and returns the binary's path (under
+/// `$CARGO_TARGET_DIR` when set): what the benchmarks and the image run.
+pub fn release_netdrop() -> anyhow::Result<PathBuf> {
+    run()?;
+    let root = workspace_root();
+    let status = netdrop_tools::try_tool("cargo")?
+        .args(["build", "--release", "-p", "netdrop"])
+        .current_dir(&root)
+        .status()
+        .context("cargo build --release -p netdrop")?;
+    if !status.success() {
+        bail!("building netdrop failed ({status})");
+    }
+    let target = env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    Ok(target.join("release/netdrop"))
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
